@@ -1,0 +1,39 @@
+"""Raise the default-domain opset when a tier needs it (INT4 and blocked scales: 21; INT2: 25)."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import version_converter
+
+from tqs_onnx.errors import TqsError
+from tqs_onnx.passes.base import PassResult
+
+# IR version each opset needs; ONNX Runtime 1.31 loads IR <= 13, onnx 1.23 would write 14.
+_IR_FOR_OPSET = [(25, 11), (23, 11), (21, 10), (19, 9), (15, 8), (13, 7)]
+
+
+def ir_for_opset(opset: int) -> int:
+    return next((ir for op, ir in _IR_FOR_OPSET if opset >= op), 7)
+
+
+class UpgradeOpset:
+    name = "upgrade-opset"
+
+    def __init__(self, min_opset: int):
+        self.min_opset = min_opset
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if current >= self.min_opset:
+            return PassResult(model, False, {"opset": current})
+        try:
+            out = version_converter.convert_version(model, self.min_opset)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise TqsError(f"cannot convert the model from opset {current} to {self.min_opset} "
+                           f"(needed by the chosen tiers): {msg}") from None
+        # The converter leaves inferred shapes behind; keep only what the input model declared.
+        del out.graph.value_info[:]
+        out.graph.value_info.extend(model.graph.value_info)
+        out.ir_version = min(max(model.ir_version, ir_for_opset(self.min_opset)), 13)
+        return PassResult(out, True, {"opset": self.min_opset, "from": current})

@@ -1,0 +1,58 @@
+"""Write weights at their tiers: integers + scales behind DequantizeLinear, or fp16/bf16 behind Cast.
+
+The rewritten tensor keeps its name as the output of the new DequantizeLinear/Cast node, so every
+consumer (including subgraphs reading it from the outer scope) is unchanged.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper
+
+from tqs_onnx.passes.base import PassResult
+from tqs_onnx.quant import quantize, to_storage
+from tqs_onnx.tiers import Tier, rewrite_node, stored_names
+
+
+class WriteTiers:
+    """Rewrite each named initializer at its tier (fp32 entries are left as they are)."""
+
+    name = "write-tiers"
+
+    def __init__(self, tiers: dict[str, Tier], axes: dict[str, tuple[int | None, int | None]]):
+        self.tiers = {n: t for n, t in tiers.items() if not t.is_identity}
+        self.axes = axes
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        graph = model.graph
+        new_nodes, new_inits, keep = [], [], []
+        done: dict[str, str] = {}
+        for init in graph.initializer:
+            tier = self.tiers.get(init.name)
+            if tier is None:
+                keep.append(init)
+                continue
+            w = numpy_helper.to_array(init)
+            if tier.is_int:
+                q, scale = quantize(w, tier, *self.axes[init.name])
+                qn, sn = stored_names(init.name)
+                new_inits += [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)]
+                new_nodes.append(rewrite_node(init.name, tier, scale.ndim, self.axes[init.name]))
+            else:
+                low = f"{init.name}__{tier.fmt}"
+                new_inits.append(numpy_helper.from_array(to_storage(w, tier), low))
+                new_nodes.append(rewrite_node(init.name, tier, 0, self.axes[init.name], init.data_type))
+            done[init.name] = str(tier)
+        missing = set(self.tiers) - set(done)
+        if missing:
+            raise KeyError(f"weights not found as initializers: {sorted(missing)[:5]}")
+        del graph.initializer[:]
+        graph.initializer.extend(keep + new_inits)
+        # Old IRs list initializers as inputs too; a rewritten weight is no longer an input.
+        kept_inputs = [i for i in graph.input if i.name not in done]
+        del graph.input[:]
+        graph.input.extend(kept_inputs)
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(new_nodes + nodes)
+        return PassResult(model, bool(done), {"rewritten": done})

@@ -1,0 +1,298 @@
+"""Allocation: tiers per block under a storage budget.
+
+Two objectives:
+- ``paper``: the TQS paper's Algorithm 2 (dead-block rule, FP32 share, MCKP on gamma' 2^-b or greedy).
+- ``measured`` (default): knapsack on the measured trajectory damage D[l, k] of each block at each
+  tier; then (refine.py) a joint-rollout check against uniform quantization and a bounded local search.
+Budgets count true storage (packed integers, scales, node headers) against the original file, so
+planned compression is what lands on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulp
+
+from tqs_onnx import SCHEMA_VERSION, __version__
+from tqs_onnx.errors import TqsError
+from tqs_onnx.tiers import Tier, overhead_bytes, parse_tier, parse_tiers
+
+
+@dataclass
+class BlockInfo:
+    """What the allocator knows of a block: its weights' shapes and its scores."""
+
+    id: int
+    name: str
+    weights: list[str]
+    size: int
+    gamma: float
+    dead: bool
+    damage: dict[str, float]
+
+
+@dataclass
+class Problem:
+    """A budgeted tier assignment: costs[l][k] bytes, blocks, tiers, fixed bytes and the target."""
+
+    blocks: list[BlockInfo]
+    tiers: list[Tier]
+    costs: list[list[int]]  # bytes of block l at tier k
+    fixed_bytes: int  # bytes of everything no tier touches
+    file_bytes: int
+    target: float
+
+    @property
+    def budget(self) -> int:
+        return int(self.file_bytes / self.target) - self.fixed_bytes
+
+    def bytes_of(self, assign: list[int]) -> int:
+        return sum(self.costs[l][k] for l, k in enumerate(assign))
+
+    def achievable(self) -> tuple[float, float]:
+        lo = self.fixed_bytes + sum(min(c) for c in self.costs)
+        hi = self.fixed_bytes + sum(max(c) for c in self.costs)
+        return self.file_bytes / hi, self.file_bytes / lo
+
+
+@dataclass
+class Allocation:
+    assign: list[int]  # tier index per block
+    objective: str
+    solver: str
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+def load_scores(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TqsError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise TqsError(f"{path}: not a readable scores JSON ({type(exc).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "tqs-scores":
+        raise TqsError(f"{path}: not a tqs-onnx scores file")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise TqsError(f"{path}: scores schema {doc.get('schema_version')} is not {SCHEMA_VERSION}")
+    return doc
+
+
+def block_gamma(block: dict[str, Any], probe: str) -> float:
+    chosen = block.get(probe) or block.get("quant") or block.get("gauss")
+    if chosen is None:
+        raise TqsError(f"block {block['id']}: no {probe} score in the scores file")
+    return float(chosen["gamma_task"])
+
+
+def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, probe: str = "quant") -> Problem:
+    """Costs per block and tier from the scores file's weight table."""
+    if not target or target <= 0 or not math.isfinite(target):
+        raise TqsError(f"compression target must be a positive number, not {target}")
+    winfo = scores["weights"]
+    blocks, costs = [], []
+    for b in scores["blocks"]:
+        blocks.append(BlockInfo(b["id"], b["name"], b["weights"], b["size"], block_gamma(b, probe),
+                                bool(b.get("dead")), b.get("damage", {})))
+        costs.append([sum(_weight_cost(n, winfo[n], t) for n in b["weights"]) for t in tiers])
+    quantizable = sum(math.prod(w["shape"]) * w["bits"] // 8 for w in winfo.values())
+    fixed = scores["model"]["file_bytes"] - quantizable
+    return Problem(blocks, tiers, costs, fixed, scores["model"]["file_bytes"], target)
+
+
+def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:
+    shape = tuple(w["shape"])
+    axes = (w["channel_axis"], w["block_axis"])
+    return tier.storage_bytes(shape, *axes, w["bits"]) + overhead_bytes(name, tier, shape, axes, w["bits"])
+
+
+def check_feasible(p: Problem) -> None:
+    lo, hi = p.achievable()
+    if p.budget < sum(min(c) for c in p.costs):
+        raise TqsError(f"compression {p.target:g}x is not reachable with tiers "
+                       f"{','.join(map(str, p.tiers))}: achievable {lo:.2f}x to {hi:.2f}x")
+
+
+# ----------------------------------------------------------------------------------------- solvers
+
+def solve_mckp(values: list[list[float]], costs: list[list[int]], budget: int,
+               allowed: list[list[bool]] | None = None) -> list[int]:
+    """Multiple-choice knapsack: one option per group, minimise value, total cost <= budget (pulp/CBC)."""
+    prob = pulp.LpProblem("mckp", pulp.LpMinimize)
+    x = {(l, k): pulp.LpVariable(f"x_{l}_{k}", cat="Binary")
+         for l in range(len(costs)) for k in range(len(costs[l]))
+         if allowed is None or allowed[l][k]}
+    top = max((abs(v) for row in values for v in row if math.isfinite(v)), default=1.0) or 1.0
+    prob += pulp.lpSum((values[l][k] / top) * var for (l, k), var in x.items())
+    for l in range(len(costs)):
+        prob += pulp.lpSum(var for (m, _), var in x.items() if m == l) == 1
+    prob += pulp.lpSum(costs[l][k] * var for (l, k), var in x.items()) <= budget
+    status = prob.solve(pulp.PULP_CBC_CMD(msg=False, threads=1))
+    if pulp.LpStatus[status] != "Optimal":
+        raise TqsError(f"knapsack found no feasible assignment (status {pulp.LpStatus[status]})")
+    assign = [next(k for (m, k), var in x.items() if m == l and var.value() > 0.5) for l in range(len(costs))]
+    if sum(costs[l][k] for l, k in enumerate(assign)) > budget:
+        raise TqsError("knapsack solution exceeds the budget (solver tolerance); lower the target slightly")
+    return assign
+
+
+def _cheapest(costs: list[int]) -> int:
+    return min(range(len(costs)), key=lambda k: costs[k])
+
+
+def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float) -> Allocation:
+    """Algorithm 2 of the paper, step by step (budgets in true bytes)."""
+    n = len(p.blocks)
+    assign: list[int | None] = [None] * n
+    bottom = [_cheapest(c) for c in p.costs]
+    for l, b in enumerate(p.blocks):  # step 2: dead blocks to the bottom tier
+        if b.dead or b.gamma <= gamma_min:
+            assign[l] = bottom[l]
+    fp32 = next((k for k, t in enumerate(p.tiers) if t.is_identity), None)
+    live = sorted((l for l in range(n) if assign[l] is None), key=lambda l: -_finite(p.blocks[l].gamma))
+    if fp32 is not None and fp32_share > 0:  # steps 3-4: top-ranked blocks to FP32 up to B*
+        b_star = fp32_share * sum(b.size * 4 for b in p.blocks)
+        used = 0
+        for l in live:
+            if used + p.costs[l][fp32] > b_star:
+                break
+            assign[l], used = fp32, used + p.costs[l][fp32]
+    rest = [l for l in range(n) if assign[l] is None]
+    budget = p.budget - sum(p.costs[l][k] for l, k in enumerate(assign) if k is not None)
+    if budget < sum(min(p.costs[l]) for l in rest):
+        raise TqsError(f"compression {p.target:g}x: the FP32 share {fp32_share} leaves too little budget; lower it")
+    if rest:
+        gammas = [_finite(p.blocks[l].gamma) for l in rest]
+        g0 = min(gammas)
+        if solver == "mckp":  # step 7: min sum gamma' 2^-b
+            values = [[(g - g0) * 2.0 ** -t.bits for t in p.tiers] for g in gammas]
+            picks = solve_mckp(values, [p.costs[l] for l in rest], budget)
+        else:
+            picks = _greedy_promotion([p.costs[l] for l in rest], gammas, budget)
+        for l, k in zip(rest, picks):
+            assign[l] = k
+    return Allocation([int(k) for k in assign], "paper", solver)
+
+
+def _finite(g: float) -> float:
+    return 1e6 if math.isinf(g) and g > 0 else (-1e6 if math.isinf(g) else g)
+
+
+def _greedy_promotion(costs: list[list[int]], gammas: list[float], budget: int) -> list[int]:
+    """The paper's greedy: from the bottom tier, the most sensitive block takes the highest tier that fits."""
+    assign = [_cheapest(c) for c in costs]
+    left = budget - sum(c[k] for c, k in zip(costs, assign))
+    for l in sorted(range(len(costs)), key=lambda i: -gammas[i]):
+        options = sorted(range(len(costs[l])), key=lambda k: -costs[l][k])
+        for k in options:
+            extra = costs[l][k] - costs[l][assign[l]]
+            if extra <= left:
+                left -= extra
+                assign[l] = k
+                break
+    return assign
+
+
+def allocate_measured(p: Problem, solver: str) -> Allocation:
+    """Minimise the sum of measured damage D[l, k] under the budget; dead blocks to the bottom tier."""
+    values, allowed = [], []
+    for l, b in enumerate(p.blocks):
+        row = []
+        for t in p.tiers:
+            if t.is_identity:
+                row.append(0.0)
+            elif str(t) in b.damage:
+                row.append(b.damage[str(t)])
+            else:
+                raise TqsError(f"scores lack the measured damage of tier {t} (block '{b.name}'); "
+                               f"rerun sweep with --tiers including it, or use --objective paper")
+        bottom = _cheapest(p.costs[l])
+        allowed.append([(k == bottom) if b.dead else math.isfinite(v) for k, v in enumerate(row)])
+        if not any(allowed[-1]):
+            allowed[-1][next(k for k, t in enumerate(p.tiers) if t.is_identity) if any(t.is_identity for t in p.tiers) else bottom] = True
+        values.append([v if math.isfinite(v) else 0.0 for v in row])
+    if solver == "mckp":
+        assign = solve_mckp(values, p.costs, p.budget, allowed)
+    else:
+        assign = _greedy_ratio(values, p.costs, p.budget, allowed)
+    return Allocation(assign, "measured", solver)
+
+
+def _greedy_ratio(values: list[list[float]], costs: list[list[int]], budget: int,
+                  allowed: list[list[bool]]) -> list[int]:
+    """Greedy on damage saved per extra byte, starting from each block's cheapest allowed tier."""
+    assign = [min((k for k in range(len(c)) if allowed[l][k]), key=lambda k: c[k]) for l, c in enumerate(costs)]
+    left = budget - sum(c[k] for c, k in zip(costs, assign))
+    while True:
+        best, best_ratio = None, 0.0
+        for l, c in enumerate(costs):
+            for k in range(len(c)):
+                extra = c[k] - c[assign[l]]
+                gain = values[l][assign[l]] - values[l][k]
+                if allowed[l][k] and 0 < extra <= left and gain > 0 and gain / extra > best_ratio:
+                    best, best_ratio = (l, k, extra), gain / extra
+        if best is None:
+            return assign
+        l, k, extra = best
+        assign[l], left = k, left - extra
+
+
+# ------------------------------------------------------------------------------------------- plan
+
+def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict[str, Any]:
+    planned = p.fixed_bytes + p.bytes_of(alloc.assign)
+    weights, blocks = {}, []
+    for l, (b, k) in enumerate(zip(p.blocks, alloc.assign)):
+        tier = p.tiers[k]
+        blocks.append({"id": b.id, "name": b.name, "tier": str(tier), "bytes": p.costs[l][k],
+                       "gamma": b.gamma, "dead": b.dead, "damage": b.damage.get(str(tier), 0.0)})
+        for n in b.weights:
+            weights[n] = str(tier)
+    winfo = scores["weights"]
+    orig_bits = sum(math.prod(w["shape"]) * w["bits"] for w in winfo.values())
+    new_bits = sum(math.prod(winfo[n]["shape"]) * parse_tier(t).bits if not parse_tier(t).is_identity
+                   else math.prod(winfo[n]["shape"]) * winfo[n]["bits"] for n, t in weights.items())
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "tqs-plan", "tool_version": __version__,
+        "model": {k: scores["model"][k] for k in ("path", "sha256", "file_bytes")},
+        "objective": alloc.objective, "solver": alloc.solver, "notes": alloc.notes,
+        "tiers": [str(t) for t in p.tiers], "compression_target": p.target,
+        "budget_bytes": p.budget + p.fixed_bytes, "planned_bytes": planned,
+        "planned_compression": p.file_bytes / planned,
+        "param_compression": orig_bits / new_bits if new_bits else math.inf,
+        "blocks": blocks, "weights": weights,
+        "weight_info": {n: winfo[n] for n in weights},
+    }
+
+
+def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = None,
+             objective: str = "measured", solver: str = "mckp", fp32_share: float = 0.0,
+             probe: str = "quant", gamma_min: float = -50.0) -> tuple[Problem, Allocation]:
+    """Build the problem from a scores document and solve it with the chosen objective."""
+    if objective not in ("measured", "paper"):
+        raise TqsError(f"--objective must be measured or paper, not '{objective}'")
+    if solver not in ("mckp", "greedy"):
+        raise TqsError(f"--solver must be mckp or greedy, not '{solver}'")
+    if not 0 <= fp32_share < 1:
+        raise TqsError("--fp32-share must be in [0, 1)")
+    tiers = parse_tiers(tiers_text) if tiers_text else default_tiers(scores, objective)
+    p = build_problem(scores, tiers, target, probe)
+    check_feasible(p)
+    if objective == "paper":
+        return p, allocate_paper(p, solver, fp32_share, gamma_min)
+    return p, allocate_measured(p, solver)
+
+
+def default_tiers(scores: dict[str, Any], objective: str) -> list[Tier]:
+    measured = scores["config"].get("tiers") or []
+    if objective == "measured" and measured:
+        return parse_tiers(",".join(["fp32", *measured]))
+    return parse_tiers("fp32,bf16,int8,int4,int2")

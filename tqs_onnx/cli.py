@@ -1,0 +1,317 @@
+"""Command line: argument parsing only; each subcommand calls into the library.
+
+Errors in the user's input are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from tqs_onnx import __version__
+from tqs_onnx.errors import TqsError
+
+
+# ------------------------------------------------------------------------------------ option groups
+
+def _rollout_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("rollout")
+    g.add_argument("--rollout", required=required, metavar="SPEC",
+                   help="rollout spec (JSON/YAML): feedback pairs, inputs from data, trajectory outputs, horizon")
+    g.add_argument("--contexts", required=required, metavar="DATA.npz",
+                   help="starting states and per-step data, arrays with a leading context axis")
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="ONNX Runtime provider: cpu (default), cuda, or auto (cuda only when a GPU really works)")
+
+
+def _output_args(p: argparse.ArgumentParser, required: bool = True, what: str = "JSON") -> None:
+    p.add_argument("-o", "--output", required=required, metavar="PATH", help=f"where to write the {what} (atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+
+
+def _write_json(path: str | None, doc: dict[str, Any]) -> None:
+    from tqs_onnx.util import atomic_write_json
+
+    if path:
+        atomic_write_json(path, doc)
+
+
+# -------------------------------------------------------------------------------------- commands
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from tqs_onnx.graph import load_model
+    from tqs_onnx.summary import format_inspect, inspect_model
+
+    doc = inspect_model(load_model(a.model), a.blocks, a.min_size)
+    _write_json(a.output, doc)
+    print(json.dumps(doc, indent=1) if a.json else format_inspect(doc))
+    return 0
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from tqs_onnx.graph import load_model
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import resolve_device
+    from tqs_onnx.sweep import SweepConfig, run_sweep
+    from tqs_onnx.tiers import parse_tiers
+
+    tiers = [str(t) for t in parse_tiers(a.tiers) if not t.is_identity] if a.tiers else []
+    config = SweepConfig(a.probe, a.bits, a.probes, a.horizon, a.seed, a.blocks, a.min_size, a.gamma_min, tiers)
+    spec = RolloutSpec.load(a.rollout)
+    loaded = load_model(a.model)
+    contexts = Contexts.load(a.contexts, spec)
+    ckpt = Path(a.checkpoint or f"{a.output}.ckpt.jsonl")
+    doc = run_sweep(loaded, spec, contexts, resolve_device(a.device), config, ckpt, a.resume, a.quiet)
+    _write_json(a.output, doc)
+    ckpt.unlink(missing_ok=True)
+    if not a.quiet:
+        print(format_ranking(doc))
+    return 0
+
+
+def format_ranking(doc: dict[str, Any]) -> str:
+    rows = sorted(doc["blocks"], key=lambda b: -(b["quant"] or b["gauss"])["gamma_task"])
+    lines = [f"{len(rows)} blocks, {doc['forward_passes']:,} forward passes, {doc['seconds']:.1f} s",
+             f"{'rank':>4} {'block':32s} {'params':>10} {'gamma_quant':>12} {'gamma_gauss':>12} {'A_max':>10}  flags"]
+    for r, b in enumerate(rows, 1):
+        gq = f"{b['quant']['gamma_task']:.4f}" if b["quant"] else "-"
+        gg = f"{b['gauss']['gamma_task']:.4f}" if b["gauss"] else "-"
+        am = (b["quant"] or b["gauss"])["a_max"]
+        flags = ",".join(f for f, on in (("dead", b["dead"]), ("non-finite", b["nonfinite"])) if on)
+        lines.append(f"{r:4d} {b['name'][:32]:32s} {b['size']:>10,} {gq:>12} {gg:>12} {am:>10.3g}  {flags}")
+    return "\n".join(lines)
+
+
+def cmd_allocate(a: argparse.Namespace) -> int:
+    from tqs_onnx.allocate import allocate, load_scores, plan_document
+
+    scores = load_scores(a.scores)
+    problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
+                              a.gamma_min)
+    refinement = None
+    if a.verify_model:
+        refinement = verify_allocation(a, scores, problem, alloc)
+        alloc = refinement.allocation
+    plan = plan_document(scores, problem, alloc)
+    if refinement is not None:
+        plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
+                                "uniform": refinement.uniform, "rollouts": refinement.rollouts,
+                                "accepted_moves": refinement.accepted_moves}
+    _write_json(a.output, plan)
+    if not a.quiet:
+        print(format_plan(plan))
+    return 0
+
+
+def verify_allocation(a: argparse.Namespace, scores, problem, alloc):
+    from tqs_onnx.graph import load_model
+    from tqs_onnx.refine import refine
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import resolve_device
+    from tqs_onnx.sweep import joint_divergence, setup_for_scores
+
+    if not (a.rollout and a.contexts):
+        raise TqsError("--verify-model needs --rollout and --contexts (the sweep contexts)")
+    spec = RolloutSpec.load(a.rollout)
+    setup = setup_for_scores(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
+                             resolve_device(a.device), scores)
+    joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
+    return refine(problem, alloc, joint, a.max_rollouts)
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lines = [f"plan: objective {plan['objective']}, solver {plan['solver']}, target {plan['compression_target']:g}x, "
+             f"planned {plan['planned_compression']:.2f}x on disk ({plan['planned_bytes']:,} bytes), "
+             f"{plan['param_compression']:.2f}x parameter-level"]
+    for b in plan["blocks"]:
+        lines.append(f"  {b['id']:3d} {b['name'][:36]:36s} {b['tier']:18s} {b['bytes']:>10,} B"
+                     + ("  dead" if b["dead"] else ""))
+    lines += [f"  note: {n}" for n in plan.get("notes", [])]
+    return "\n".join(lines)
+
+
+def cmd_apply(a: argparse.Namespace) -> int:
+    from tqs_onnx.graph import load_model
+    from tqs_onnx.evaluate import verify_written
+    from tqs_onnx.rewrite import load_plan, rewrite_model, save_model
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import resolve_device
+
+    plan = load_plan(a.plan)
+    loaded = load_model(a.model)
+    if plan["model"].get("sha256") not in (None, loaded.sha256) and not a.force:
+        raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
+    model, reports = rewrite_model(loaded, plan, a.plan)
+    out = Path(a.output)
+    if out.resolve() == loaded.path.resolve():
+        raise TqsError(f"{out}: refusing to overwrite the input model")
+    spec = RolloutSpec.load(a.rollout) if a.rollout else None
+    contexts = Contexts.load(a.contexts, spec) if spec and a.contexts else None
+    save_model(model, out, a.external_data or None)
+    try:
+        checks = verify_written(out, resolve_device(a.device), spec, contexts)
+    except TqsError:
+        out.unlink(missing_ok=True)
+        Path(f"{out}.data").unlink(missing_ok=True)
+        raise
+    written = load_model(out)
+    report = {"output": str(out), "on_disk_bytes": written.file_bytes,
+              "on_disk_compression": loaded.file_bytes / written.file_bytes,
+              "planned_compression": plan.get("planned_compression"), "checks": checks,
+              "passes": {k: {kk: vv for kk, vv in v.items() if kk != "rewritten"} for k, v in reports.items()}}
+    if not a.quiet:
+        print(f"wrote {out}: {written.file_bytes:,} bytes, {report['on_disk_compression']:.2f}x on disk "
+              f"(planned {report['planned_compression']:.2f}x); onnx.checker ok, ORT loads, outputs finite")
+    if a.report:
+        _write_json(a.report, report)
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from tqs_onnx.evaluate import evaluate
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import resolve_device
+
+    spec = RolloutSpec.load(a.rollout)
+    doc = evaluate(a.reference, a.candidate, spec, Contexts.load(a.contexts, spec), resolve_device(a.device))
+    _write_json(a.output, doc)
+    if a.json:
+        print(json.dumps(doc, indent=1))
+    elif not a.quiet:
+        print(format_eval(doc))
+    return 0
+
+
+def format_eval(doc: dict[str, Any]) -> str:
+    c = doc["compression"]
+    lines = [f"{doc['candidate']} vs {doc['reference']}: {c['on_disk']:.2f}x on disk, "
+             f"{c['param_level']:.2f}x parameter-level; {doc['contexts']} contexts x {doc['horizon']} steps"]
+    for k, e in doc["outputs"].items():
+        line = f"  {k}: MAE vs FP32 {e['mae_vs_fp32']:.4g}, RMSE {e['rmse_vs_fp32']:.4g}, finite {e['finite']}"
+        if "mae_vs_truth" in e:
+            line += f"; MAE vs truth {e['mae_vs_truth']:.4g} (FP32 {e['mae_fp32_vs_truth']:.4g}, {e['degradation_pct']:+.2f}%)"
+        lines.append(line)
+        per = e["mae_vs_fp32_per_channel"]
+        if len(per) > 1:
+            lines.append(f"    per channel MAE vs FP32: min {min(per):.3g}, max {max(per):.3g} over {len(per)} channels")
+    return "\n".join(lines)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from tqs_onnx.demo import run_demo
+
+    run_demo(Path(a.out), a.compression, a.device, a.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tqs-onnx", description=(
+        "Trajectory-based quantization sensitivity (TQS) for frozen ONNX models: score each block of weights "
+        "by how a perturbation grows over a rollout, allocate precision tiers under a size budget, and write "
+        "a verified mixed-precision ONNX graph."))
+    p.add_argument("--version", action="version", version=f"tqs-onnx {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("inspect", help="what the model holds: I/O, ops, weights, blocks, a proposed rollout spec")
+    s.add_argument("model", help="ONNX file (external data must sit in its folder)")
+    s.add_argument("--blocks", default="layer", help="grouping: tensor | layer | scope[:DEPTH] | fixed:K (default layer)")
+    s.add_argument("--min-size", type=int, default=256, help="smallest float tensor (elements) that is quantized")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("-o", "--output", help="also write the JSON here")
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("sweep", help="TQS scores per block from perturbed rollouts (one ORT session)")
+    s.add_argument("model")
+    _rollout_args(s)
+    _output_args(s, what="scores JSON")
+    s.add_argument("--probe", default="both", choices=["quant", "gauss", "both"],
+                   help="quant: per-tensor b-bit residual; gauss: norm-matched Gaussian draws; both (default)")
+    s.add_argument("--bits", type=int, default=8, help="bit-width of the quant probe (default 8)")
+    s.add_argument("--probes", type=int, default=8, help="Gaussian draws per block (default 8)")
+    s.add_argument("--horizon", type=int, help="rollout steps T_max (default: the spec's horizon)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the Gaussian probes (default 0)")
+    s.add_argument("--blocks", default="layer", help="grouping: tensor | layer | scope[:DEPTH] | fixed:K")
+    s.add_argument("--min-size", type=int, default=256, help="smallest float tensor (elements) that is quantized")
+    s.add_argument("--gamma-min", type=float, default=-50.0, help="blocks with gamma <= this are flagged dead")
+    s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,
+                   help="tiers whose measured damage is recorded for `allocate --objective measured` "
+                        f"(default {DEFAULT_SWEEP_TIERS}; '' to skip)")
+    s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint after an interruption")
+    _device_args(s)
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("allocate", help="precision tiers per block under a compression target")
+    s.add_argument("scores", help="scores JSON written by `sweep`")
+    s.add_argument("--compression", type=float, required=True, help="target compression C of the file on disk")
+    s.add_argument("--objective", default="measured", choices=["measured", "paper"],
+                   help="measured (default): knapsack on measured per-tier damage; paper: Algorithm 2 on gamma")
+    s.add_argument("--tiers", help="comma list, e.g. fp32,bf16,int8,int4,int2 or int4/channel, int4/block32, "
+                                   "int8/channel/fp16 (default: fp32 + the tiers the sweep measured)")
+    s.add_argument("--fp32-share", type=float, default=0.0, help="paper objective: share of FP32 bits kept for top blocks")
+    s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="multiple-choice knapsack (pulp) or greedy")
+    s.add_argument("--probe", default="quant", choices=["quant", "gauss"], help="paper objective: which gamma ranks blocks")
+    s.add_argument("--gamma-min", type=float, default=-50.0, help="paper objective: dead-block threshold")
+    s.add_argument("--verify-model", metavar="MODEL",
+                   help="check the allocation by joint rollouts against uniform and refine it (needs --rollout/--contexts)")
+    s.add_argument("--max-rollouts", type=int, default=30, help="cap on joint rollouts of the refinement (default 30)")
+    _rollout_args(s, required=False)
+    _device_args(s)
+    _output_args(s, what="plan JSON")
+    s.set_defaults(func=cmd_allocate)
+
+    s = sub.add_parser("apply", help="write the model with the plan's tiers (QDQ / Cast), then verify it")
+    s.add_argument("model")
+    s.add_argument("plan", help="plan JSON written by `allocate`")
+    _output_args(s, what="ONNX model")
+    s.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 1.5 GB)")
+    s.add_argument("--force", action="store_true", help="apply a plan whose model checksum differs")
+    s.add_argument("--report", metavar="JSON", help="write the apply report here")
+    _rollout_args(s, required=False)
+    _device_args(s)
+    s.set_defaults(func=cmd_apply)
+
+    s = sub.add_parser("eval", help="rollout errors of a written model against the FP32 one, and compression")
+    s.add_argument("reference", help="the original (FP32) model")
+    s.add_argument("candidate", help="the written model")
+    _rollout_args(s)
+    s.add_argument("-o", "--output", help="write the JSON report here")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--quiet", action="store_true")
+    _device_args(s)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("demo", help="the whole pipeline on the bundled Lorenz-96 forecaster")
+    s.add_argument("--out", default="tqs-demo-out", help="folder for scores, plans and models (default ./tqs-demo-out)")
+    s.add_argument("--compression", type=float, default=8.0, help="target compression (default 8)")
+    s.add_argument("--quiet", action="store_true")
+    _device_args(s)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+DEFAULT_SWEEP_TIERS = "bf16,int8,int8/channel,int4,int4/channel,int2,int2/channel"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TqsError as exc:
+        print(f"tqs-onnx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tqs-onnx {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Verify a written model and measure it: rollout errors against FP32 (and truth), compression."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tqs_onnx import SCHEMA_VERSION, __version__
+from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import LoadedModel, load_model
+from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
+from tqs_onnx.runtime import Device, io_signature, make_session
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def stored_bits(model: onnx.ModelProto) -> int:
+    """Bits held by all initializers (values, scales, indices), as stored."""
+    total = 0
+    for init in model.graph.initializer:
+        n = math.prod(init.dims)
+        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(init.data_type)
+        if bits is None and hasattr(onnx.TensorProto, "INT2") and init.data_type in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2):
+            bits = 2
+        if bits is None:
+            bits = 8 * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        total += n * bits
+    return total
+
+
+def _synthetic_feeds(session) -> dict[str, np.ndarray]:
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        dtype = _NP.get(i.type, np.float32)
+        feeds[i.name] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
+                         if np.dtype(dtype).kind == "f" else np.ones(shape, dtype))
+    return feeds
+
+
+def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
+                   contexts: Contexts | None = None) -> dict[str, Any]:
+    """onnx.checker, ORT load, finite outputs (one rollout step per context if a spec is given)."""
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise TqsError(f"{path}: written model fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+    session = make_session(str(path), device)
+    if spec is not None and contexts is not None:
+        rollout = Rollout(session, spec, contexts, device, str(path))
+        outs = [step for s in range(contexts.count) for step in rollout.steps(s)]
+        finite = all(np.all(np.isfinite(v)) for o in outs for v in o.values())
+    else:
+        finite = all(np.all(np.isfinite(v)) for v in session.run(None, _synthetic_feeds(session))
+                     if np.asarray(v).dtype.kind == "f")
+    if not finite:
+        raise TqsError(f"{path}: written model gives non-finite outputs")
+    return {"checker": True, "ort_load": True, "finite": True}
+
+
+def rollouts(path_or_session, spec: RolloutSpec, contexts: Contexts, device: Device,
+             horizon: int | None = None) -> dict[str, np.ndarray]:
+    """Trajectory outputs stacked as (S, T, *shape) per output."""
+    session = make_session(str(path_or_session), device) if isinstance(path_or_session, (str, Path)) else path_or_session
+    rollout = Rollout(session, spec, contexts, device, str(path_or_session))
+    trajs = [rollout.trajectory(s, horizon=horizon) for s in range(contexts.count)]
+    return {k: np.stack([np.stack([step[k] for step in traj]) for traj in trajs]) for k in spec.trajectory}
+
+
+def _per_channel(err: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over everything but the channel axis; err has leading (S, T) axes."""
+    axis = axis % (err.ndim - 2) + 2
+    return np.moveaxis(err, axis, -1).reshape(-1, err.shape[axis]).mean(axis=0)
+
+
+def compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], spec: RolloutSpec,
+            truth: dict[str, np.ndarray]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in spec.trajectory:
+        axis = spec.channel_axis.get(k, -1)
+        a, b = ref[k].astype(np.float64), cand[k].astype(np.float64)
+        d = b - a
+        entry: dict[str, Any] = {
+            "finite": bool(np.all(np.isfinite(b))),
+            "mae_vs_fp32": float(np.mean(np.abs(d))), "rmse_vs_fp32": float(np.sqrt(np.mean(d ** 2))),
+            "mae_vs_fp32_per_channel": _per_channel(np.abs(d), axis).tolist(),
+            "rmse_vs_fp32_per_channel": np.sqrt(_per_channel(d ** 2, axis)).tolist(),
+            "mae_vs_fp32_per_step": np.abs(d).reshape(d.shape[0], d.shape[1], -1).mean(axis=(0, 2)).tolist(),
+        }
+        if k in truth:
+            tr = truth[k][:, : a.shape[1]].astype(np.float64)
+            mae_ref, mae_q = np.mean(np.abs(a - tr)), np.mean(np.abs(b - tr))
+            entry.update({"mae_fp32_vs_truth": float(mae_ref), "mae_vs_truth": float(mae_q),
+                          "mae_vs_truth_per_channel": _per_channel(np.abs(b - tr), axis).tolist(),
+                          "mae_fp32_vs_truth_per_channel": _per_channel(np.abs(a - tr), axis).tolist(),
+                          "degradation_pct": float(100 * (mae_q - mae_ref) / mae_ref) if mae_ref else 0.0})
+        out[k] = entry
+    return out
+
+
+def evaluate(ref_path: str | Path, cand_path: str | Path, spec: RolloutSpec, contexts: Contexts,
+             device: Device) -> dict[str, Any]:
+    """Rollout errors of the candidate against the reference (and truth), plus both compressions."""
+    ref, cand = load_model(ref_path), load_model(cand_path)
+    t0 = time.perf_counter()
+    a = rollouts(ref.path, spec, contexts, device)
+    b = rollouts(cand.path, spec, contexts, device)
+    truth = {k: contexts.arrays[key] for k, key in spec.truth.items() if key in contexts.arrays}
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "tqs-eval", "tool_version": __version__,
+        "reference": str(ref.path), "candidate": str(cand.path), "contexts": contexts.count,
+        "horizon": spec.horizon,
+        "outputs": compare(a, b, spec, truth),
+        "compression": compression(ref, cand),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def compression(ref: LoadedModel, cand: LoadedModel) -> dict[str, float]:
+    return {"on_disk": ref.file_bytes / cand.file_bytes, "param_level": stored_bits(ref.model) / stored_bits(cand.model),
+            "reference_bytes": ref.file_bytes, "candidate_bytes": cand.file_bytes}

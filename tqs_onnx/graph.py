@@ -1,0 +1,405 @@
+"""Graph analysis: safe loading, the weight table, networkx views, and blocks of weights.
+
+A *weight* is a float initializer (after Constant nodes and subgraph initializers are lifted into
+the main graph) with at least `min_size` elements. Weights are grouped into *blocks*, the units the
+sweep perturbs and the allocator assigns tiers to. Grouping follows the ops that consume a weight,
+looking through data-movement ops (Slice, Concat, Reshape, ...), never the names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from tqs_onnx.errors import TqsError
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16,
+               onnx.TensorProto.BFLOAT16: 16, onnx.TensorProto.DOUBLE: 64}
+# Ops that only move or reshape data: a weight reaching a compute op through them belongs to that op.
+DATA_MOVEMENT = {"Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Identity",
+                 "Cast", "Flatten", "Expand", "Gather", "Tile", "Pad", "DequantizeLinear"}
+DEFAULT_MIN_SIZE = 256
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def _iter_graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graphs(g)
+
+
+def _iter_tensors(model: onnx.ModelProto):
+    for g in _iter_graphs(model.graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Reject external-data references that leave the model's folder; return the files used."""
+    base = path.parent.resolve()
+    files: set[Path] = set()
+    for t in _iter_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts:
+            raise TqsError(f"{path}: tensor '{t.name}' has external data outside the model folder ('{loc}')")
+        target = (base / loc).resolve()
+        if base not in target.parents:
+            raise TqsError(f"{path}: tensor '{t.name}' external data '{loc}' resolves outside the model folder")
+        if not target.is_file():
+            raise TqsError(f"{path}: external data file '{loc}' for tensor '{t.name}' is missing")
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        if length is not None and offset + int(length) > target.stat().st_size:
+            raise TqsError(f"{path}: external data file '{loc}' is truncated (tensor '{t.name}')")
+        files.add(target)
+    return sorted(files)
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk with its external data, plus where it came from."""
+
+    path: Path
+    model: onnx.ModelProto
+    file_bytes: int  # the .onnx file plus its external-data files
+    sha256: str
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Read an ONNX file as untrusted input; any problem becomes a one-line TqsError."""
+    path = Path(path)
+    if not path.is_file():
+        raise TqsError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise TqsError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several unrelated types
+        raise TqsError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise TqsError(f"{path}: not an ONNX model (no graph)")
+    data_files = _check_external_data(model, path)
+    if data_files:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise TqsError(f"{path}: cannot read external data ({exc})") from None
+    total = path.stat().st_size + sum(f.stat().st_size for f in data_files)
+    return LoadedModel(path, model, total, file_digest(path))
+
+
+def main_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+@dataclass
+class Weight:
+    """One float tensor of the main graph that may be quantized."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bits: int  # storage bits per element in the original file
+    origin: str  # 'initializer', 'constant', 'subgraph'
+    consumers: list[str] = field(default_factory=list)  # effective consumer node names
+    consumer_ops: list[str] = field(default_factory=list)
+    quantizable: bool = True
+    reason: str = ""
+    channel_axis: int | None = None
+    block_axis: int | None = None
+    scope: str = ""
+    order: int = 0  # position of the first effective consumer in topological order
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.bits // 8
+
+
+def _node_names(graph: onnx.GraphProto) -> list[str]:
+    """Stable unique names for the main graph's nodes (exports often leave names empty)."""
+    seen: Counter[str] = Counter()
+    names = []
+    for i, node in enumerate(graph.node):
+        base = node.name or f"{node.op_type}_{i}"
+        seen[base] += 1
+        names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return names
+
+
+def _subgraph_refs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope."""
+    refs: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for sub in _iter_graphs(g):
+                for n in sub.node:
+                    refs.update(i for i in n.input if i)
+    return refs
+
+
+def data_graph(graph: onnx.GraphProto) -> tuple[nx.DiGraph, list[str]]:
+    """networkx view: node i -> node j when j reads an output of i (subgraph reads included)."""
+    names = _node_names(graph)
+    producer: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for o in node.output:
+            if o:
+                producer[o] = i
+    g = nx.DiGraph()
+    for i, node in enumerate(graph.node):
+        g.add_node(i, op=node.op_type, name=names[i])
+        for inp in set(node.input) | _subgraph_refs(node):
+            if inp in producer and producer[inp] != i:
+                g.add_edge(producer[inp], i)
+    return g, names
+
+
+def readers(graph: onnx.GraphProto) -> dict[str, list[tuple[int, int]]]:
+    """value name -> [(node index, input slot)]; slot -1 means read inside a subgraph."""
+    out: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i, node in enumerate(graph.node):
+        for slot, inp in enumerate(node.input):
+            if inp:
+                out[inp].append((i, slot))
+        for ref in _subgraph_refs(node) - set(node.input):
+            out[ref].append((i, -1))
+    return out
+
+
+def _effective_consumers(name: str, graph: onnx.GraphProto, rd: dict) -> list[tuple[int, int]]:
+    """Follow data-movement ops from a weight to the compute ops that use it."""
+    found, stack, seen = [], [name], set()
+    while stack:
+        v = stack.pop()
+        for i, slot in rd.get(v, []):
+            if (i, slot) in seen:
+                continue
+            seen.add((i, slot))
+            node = graph.node[i]
+            if node.op_type in DATA_MOVEMENT and slot == 0 and len(node.output) >= 1:
+                stack.extend(o for o in node.output if o)
+            else:
+                found.append((i, slot))
+    return found
+
+
+def _axes_for(op: str, slot: int, node: onnx.NodeProto, ndim: int) -> tuple[int | None, int | None]:
+    """(channel axis, block axis) for a weight read by `op` at input `slot`."""
+    if ndim == 0:
+        return None, None
+    if ndim == 1:
+        return 0, 0
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if op == "MatMul" and slot == 1:
+        return ndim - 1, ndim - 2  # (K, N): scale per output column, blocks along K
+    if op == "Gemm" and slot == 1:
+        return (0, 1) if attrs.get("transB", 0) else (1, 0)
+    if op in ("Conv", "ConvTranspose") and slot == 1:
+        return (0, 1) if op == "Conv" else (1, 0)
+    if op in ("LSTM", "GRU", "RNN") and slot in (1, 2):
+        return 1, 2
+    if op == "Gather" and slot == 0:
+        return 0, ndim - 1
+    return ndim - 1, 0 if ndim > 1 else ndim - 1
+
+
+def scope_of(node_name: str, weight_name: str, depth: int = 0) -> str:
+    """Exporter name scope: '/b1/layers.0/MatMul' -> '/b1/layers.0'; 'b1.fc.weight' -> 'b1.fc'."""
+    if "/" in node_name.strip("/"):
+        parts = node_name.strip("/").split("/")[:-1]
+    elif "." in weight_name and not weight_name.startswith("onnx::"):
+        parts = weight_name.split(".")[:-1]
+    else:
+        return ""
+    return "/".join(parts[:depth] if depth else parts)
+
+
+def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
+                 origins: dict[str, str] | None = None) -> list[Weight]:
+    """Every float initializer of the main graph, its consumers, axes and whether it is quantizable."""
+    graph = model.graph
+    names = _node_names(graph)
+    rd = readers(graph)
+    topo = {n: k for k, n in enumerate(nx.topological_sort(data_graph(graph)[0]))}
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    weights = []
+    for init in graph.initializer:
+        if init.data_type not in FLOAT_TYPES:
+            continue
+        shape = tuple(int(d) for d in init.dims)
+        w = Weight(init.name, shape, onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name,
+                   FLOAT_TYPES[init.data_type], (origins or {}).get(init.name, "initializer"))
+        eff = _effective_consumers(init.name, graph, rd)
+        w.consumers = [names[i] for i, _ in eff]
+        w.consumer_ops = [graph.node[i].op_type for i, _ in eff]
+        if eff:
+            i, slot = min(eff, key=lambda e: topo.get(e[0], 0))
+            w.order = topo.get(i, 0)
+            if any(j == i for j, _ in rd.get(init.name, [])):
+                w.channel_axis, w.block_axis = _axes_for(graph.node[i].op_type, slot, graph.node[i], len(shape))
+            else:
+                # Reached through reshaping ops: the consumer's axes do not describe the stored layout.
+                w.channel_axis, w.block_axis = _axes_for("", 0, graph.node[i], len(shape))
+            w.scope = scope_of(names[i], init.name)
+        w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model)
+        weights.append(w)
+    weights.sort(key=lambda w: (w.order, w.name))
+    return weights
+
+
+def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
+                 model: onnx.ModelProto) -> tuple[bool, str]:
+    if w.size < min_size:
+        return False, f"below size floor ({w.size} < {min_size})"
+    if w.name in outputs:
+        return False, "graph output"
+    if w.name in inputs and model.ir_version >= 4:
+        return False, "also a graph input (overridable)"
+    if not w.consumers:
+        return False, "unused"
+    return True, ""
+
+
+def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------- blocks
+
+@dataclass
+class Block:
+    """A set of weights scored and assigned a tier together."""
+
+    id: int
+    name: str
+    weights: list[str]
+    size: int
+
+
+_BLOCK_MODES = re.compile(r"^(tensor|layer|scope(:\d+)?|fixed:\d+)$")
+
+
+def make_blocks(weights: list[Weight], mode: str = "layer") -> list[Block]:
+    """Group quantizable weights into blocks: tensor | layer | scope[:depth] | fixed:K."""
+    if not _BLOCK_MODES.match(mode):
+        raise TqsError(f"unknown block mode '{mode}' (tensor, layer, scope[:DEPTH], fixed:K)")
+    qw = [w for w in weights if w.quantizable]
+    if mode == "tensor":
+        groups = [[w] for w in qw]
+    elif mode == "layer":
+        groups = _layer_groups(qw)
+    elif mode.startswith("scope"):
+        depth = int(mode.split(":")[1]) if ":" in mode else 0
+        groups = _keyed_groups(qw, lambda w: _scope_key(w, depth))
+    else:
+        k = int(mode.split(":")[1])
+        if k < 1:
+            raise TqsError("fixed:K needs K >= 1")
+        groups = [qw[i:i + k] for i in range(0, len(qw), k)]
+    groups.sort(key=lambda g: min(w.order for w in g))
+    return [Block(i, _block_name(g), [w.name for w in g], sum(w.size for w in g)) for i, g in enumerate(groups)]
+
+
+def _scope_key(w: Weight, depth: int) -> str:
+    if not w.scope:
+        return w.name
+    return "/".join(w.scope.split("/")[:depth]) if depth else w.scope
+
+
+def _layer_groups(qw: list[Weight]) -> list[list[Weight]]:
+    """Weights sharing an effective consumer form one layer (a MatMul and its bias Add, LSTM W/R/B)."""
+    g = nx.Graph()
+    by_consumer: dict[str, list[str]] = defaultdict(list)
+    for w in qw:
+        g.add_node(w.name)
+        for c in w.consumers:
+            by_consumer[c].append(w.name)
+    for members in by_consumer.values():
+        nx.add_path(g, members)
+    index = {w.name: w for w in qw}
+    groups = [[index[n] for n in comp] for comp in nx.connected_components(g)]
+    return _merge_biases(groups)
+
+
+def _merge_biases(groups: list[list[Weight]]) -> list[list[Weight]]:
+    """A 1-D tensor (bias, norm scale) joins the group whose first consumer comes just before it."""
+    big = [grp for grp in groups if any(len(w.shape) > 1 for w in grp)]
+    small = [grp for grp in groups if all(len(w.shape) <= 1 for w in grp)]
+    if not big:
+        return groups
+    for grp in small:
+        order = min(w.order for w in grp)
+        host = max((b for b in big if min(w.order for w in b) <= order), key=lambda b: min(w.order for w in b),
+                   default=None)
+        if host is None or order - min(w.order for w in host) > 2:
+            big.append(grp)
+        else:
+            host.extend(grp)
+    return big
+
+
+def _keyed_groups(qw: list[Weight], key) -> list[list[Weight]]:
+    out: dict[str, list[Weight]] = defaultdict(list)
+    for w in qw:
+        out[key(w)].append(w)
+    return list(out.values())
+
+
+def _block_name(group: list[Weight]) -> str:
+    scopes = {w.scope for w in group if w.scope}
+    if len(scopes) == 1:
+        return scopes.pop()
+    first = min(group, key=lambda w: w.order)
+    return first.name if len(group) == 1 else f"{first.name}+{len(group) - 1}"
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    hist: Counter[str] = Counter()
+    for g in _iter_graphs(model.graph):
+        hist.update(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in g.node)
+    return dict(sorted(hist.items(), key=lambda kv: -kv[1]))

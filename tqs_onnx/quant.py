@@ -1,0 +1,101 @@
+"""Round-to-nearest symmetric quantization shared by the probes and the writer.
+
+The sweep's measured damage and the written graph must see the same values, so both call
+`quantize` / `dequantize` here; DequantizeLinear computes q * scale in the scale's float type,
+which `dequantize` reproduces bit for bit.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from tqs_onnx.tiers import Tier
+
+_STORAGE = {"int8": np.int8, "int4": ml_dtypes.int4, "int2": ml_dtypes.int2}
+_FLOAT_STORAGE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+
+
+def _group_view(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Absolute max per scale group, shaped to broadcast against `w` after `_expand`."""
+    a = np.abs(w.astype(np.float32, copy=False))
+    if tier.granularity == "tensor" or w.ndim == 0 or (tier.granularity == "channel" and channel_axis is None) \
+            or (tier.granularity == "block" and block_axis is None):
+        return a.max(keepdims=True) if a.size else np.zeros([1] * w.ndim, np.float32), ()
+    if tier.granularity == "channel":
+        axes = tuple(i for i in range(w.ndim) if i != channel_axis)
+        return a.max(axis=axes, keepdims=True), ()
+    bs = tier.block_size
+    d = w.shape[block_axis]
+    nblocks = -(-d // bs)
+    pad = nblocks * bs - d
+    if pad:
+        widths = [(0, 0)] * w.ndim
+        widths[block_axis] = (0, pad)
+        a = np.pad(a, widths)
+    shape = a.shape[:block_axis] + (nblocks, bs) + a.shape[block_axis + 1:]
+    return a.reshape(shape).max(axis=block_axis + 1), (block_axis, bs, d)
+
+
+def scales_for(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> np.ndarray:
+    """Scales with the shape DequantizeLinear expects (scalar, 1-D per axis, or blocked)."""
+    amax, _ = _group_view(w, tier, channel_axis, block_axis)
+    scale = np.where(amax > 0, amax / np.float32(tier.qmax), np.float32(1.0)).astype(np.float32)
+    if tier.scale_fmt == "fp16":
+        scale = np.maximum(scale.astype(np.float16), np.float16(6.2e-5))
+    scale = scale.astype(_scale_dtype(w, tier))
+    if tier.granularity == "tensor" or scale.size == 1 and tier.granularity != "block":
+        return scale.reshape(())
+    if tier.granularity == "channel":
+        return scale.reshape(-1)
+    return scale
+
+
+def _scale_dtype(w: np.ndarray, tier: Tier) -> np.dtype:
+    if w.dtype == np.float16 or tier.scale_fmt == "fp16":
+        return np.dtype(np.float16)
+    return np.dtype(np.float32)
+
+
+def _broadcast_scale(scale: np.ndarray, w_shape: tuple[int, ...], tier: Tier,
+                     channel_axis: int | None, block_axis: int | None) -> np.ndarray:
+    if scale.ndim == 0:
+        return scale
+    if tier.granularity == "channel":
+        shape = [1] * len(w_shape)
+        shape[channel_axis] = -1
+        return scale.reshape(shape)
+    rep = np.repeat(scale, tier.block_size, axis=block_axis)
+    return np.take(rep, np.arange(w_shape[block_axis]), axis=block_axis)
+
+
+def quantize(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
+             block_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Integer tier: (q in the storage dtype, scale). Symmetric grid [-qmax, qmax], zero point 0."""
+    scale = scales_for(w, tier, channel_axis, block_axis)
+    s = _broadcast_scale(scale, w.shape, tier, channel_axis, block_axis).astype(np.float32)
+    q = np.clip(np.rint(w.astype(np.float32) / s), -tier.qmax, tier.qmax).astype(np.int8)
+    return q.astype(_STORAGE[tier.fmt]), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, tier: Tier, channel_axis: int | None = None,
+               block_axis: int | None = None) -> np.ndarray:
+    """What DequantizeLinear returns: q * scale in the scale's float type."""
+    s = _broadcast_scale(scale, q.shape, tier, channel_axis, block_axis)
+    return (q.astype(np.int8).astype(s.dtype) * s).astype(s.dtype)
+
+
+def to_storage(w: np.ndarray, tier: Tier) -> np.ndarray:
+    """Float tier: the stored low-precision array (fp16 / bf16)."""
+    return w.astype(_FLOAT_STORAGE[tier.fmt])
+
+
+def apply_tier(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
+               block_axis: int | None = None) -> np.ndarray:
+    """The values the written graph computes with for `w` at `tier`, in w's dtype."""
+    if tier.is_identity:
+        return w
+    if not tier.is_int:
+        return to_storage(w, tier).astype(w.dtype)
+    q, scale = quantize(w, tier, channel_axis, block_axis)
+    return dequantize(q, scale, tier, channel_axis, block_axis).astype(w.dtype)

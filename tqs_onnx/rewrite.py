@@ -1,0 +1,80 @@
+"""Apply a plan: lift hidden weights, raise the opset if a tier needs it, write tiers, save atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import LoadedModel, weight_table
+from tqs_onnx.passes.base import run_passes
+from tqs_onnx.passes.lift import LiftWeights
+from tqs_onnx.passes.opset import UpgradeOpset
+from tqs_onnx.passes.qdq import WriteTiers
+from tqs_onnx.tiers import parse_tier
+
+EXTERNAL_THRESHOLD = 1_500_000_000  # bytes; protobuf cannot hold more than 2 GB
+
+
+def load_plan(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TqsError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise TqsError(f"{path}: not a readable plan JSON ({type(exc).__name__})") from None
+    if not isinstance(plan, dict) or plan.get("kind") != "tqs-plan" or not isinstance(plan.get("weights"), dict):
+        raise TqsError(f"{path}: not a tqs-onnx plan")
+    return plan
+
+
+def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan") -> tuple[onnx.ModelProto, dict]:
+    """The model with every planned weight at its tier (in memory)."""
+    lifted = LiftWeights().run(loaded.model)
+    table = {w.name: w for w in weight_table(lifted.model, min_size=1)}
+    tiers, axes = {}, {}
+    for name, tier_text in plan["weights"].items():
+        w = table.get(name)
+        info = plan.get("weight_info", {}).get(name, {})
+        if w is None or (info and list(w.shape) != list(info.get("shape", w.shape))):
+            raise TqsError(f"{where}: plan is for another model (weight '{name}' "
+                           f"{'missing' if w is None else 'has another shape'} in {loaded.path})")
+        tiers[name] = parse_tier(tier_text)
+        axes[name] = (info.get("channel_axis", w.channel_axis), info.get("block_axis", w.block_axis))
+    need = max([t.min_opset for t in tiers.values() if not t.is_identity], default=0)
+    model, reports = run_passes(lifted.model, [UpgradeOpset(need), WriteTiers(tiers, axes)])
+    reports["lift-weights"] = {k: v for k, v in lifted.report.items() if k != "origins"}
+    return model, reports
+
+
+def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None) -> list[Path]:
+    """Write atomically: into a temp folder beside `out`, then rename data file and model into place."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if external is None:
+        external = model.ByteSize() > EXTERNAL_THRESHOLD
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        data_name = f"{out.name}.data"
+        tmp_model = tmpdir / out.name
+        if external:
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        written = []
+        for f in sorted(tmpdir.iterdir(), key=lambda p: p.name == out.name):  # data first, model last
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(f, out.parent / f.name)
+            written.append(out.parent / f.name)
+        return written
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

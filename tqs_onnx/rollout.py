@@ -1,0 +1,255 @@
+"""The rollout spec and stepping an ONNX Runtime session as a discrete-time dynamical system."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from tqs_onnx.errors import TqsError
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+@dataclass
+class RolloutSpec:
+    """How to step a model: feedback pairs, inputs from data, trajectory outputs, horizon."""
+
+    horizon: int
+    feedback: dict[str, str]  # output -> input
+    trajectory: list[str] = field(default_factory=list)
+    initial: dict[str, str] = field(default_factory=dict)  # feedback input -> contexts key, (S, *shape)
+    per_step: dict[str, str] = field(default_factory=dict)  # input -> key, (S, T, *shape)
+    fixed: dict[str, str] = field(default_factory=dict)  # input -> key, (S, *shape)
+    constants: dict[str, Any] = field(default_factory=dict)  # input -> literal
+    truth: dict[str, str] = field(default_factory=dict)  # output -> key, (S, T, *shape)
+    channel_axis: dict[str, int] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.trajectory:
+            self.trajectory = list(self.feedback)
+        for inp in self.feedback.values():
+            self.initial.setdefault(inp, inp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RolloutSpec":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise TqsError(f"{path}: cannot read rollout spec ({exc.strerror})") from None
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+                raw = yaml.safe_load(text)
+            else:
+                raw = json.loads(text)
+        except Exception as exc:
+            raise TqsError(f"{path}: rollout spec is not valid JSON/YAML ({exc})") from None
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = "rollout spec") -> "RolloutSpec":
+        if not isinstance(raw, dict):
+            raise TqsError(f"{where}: expected a mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise TqsError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        if "horizon" not in raw or "feedback" not in raw:
+            raise TqsError(f"{where}: 'horizon' and 'feedback' are required")
+        try:
+            horizon = int(raw["horizon"])
+        except (TypeError, ValueError):
+            raise TqsError(f"{where}: horizon must be an integer") from None
+        if horizon < 1:
+            raise TqsError(f"{where}: horizon must be >= 1")
+        for key in ("feedback", "initial", "per_step", "fixed", "constants", "truth", "channel_axis"):
+            if not isinstance(raw.get(key, {}), dict):
+                raise TqsError(f"{where}: '{key}' must be a mapping")
+        raw = {**raw, "horizon": horizon}
+        return cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def check_against(self, inputs: dict[str, tuple], outputs: dict[str, tuple], where: str) -> None:
+        """Every model input covered exactly once; named outputs exist; feedback shapes agree."""
+        sources = [*self.feedback.values(), *self.per_step, *self.fixed, *self.constants]
+        for name in set(sources) - set(inputs):
+            raise TqsError(f"{where}: rollout spec names input '{name}' the model does not have")
+        for name in [*self.feedback, *self.trajectory, *self.truth]:
+            if name not in outputs:
+                raise TqsError(f"{where}: rollout spec names output '{name}' the model does not have "
+                               f"(outputs: {', '.join(outputs)})")
+        dup = {n for n in sources if sources.count(n) > 1}
+        if dup:
+            raise TqsError(f"{where}: inputs {sorted(dup)} are given more than once in the rollout spec")
+        missing = set(inputs) - set(sources)
+        if missing:
+            raise TqsError(f"{where}: rollout spec does not say how to feed inputs {sorted(missing)}")
+        for out, inp in self.feedback.items():
+            (s_out, t_out), (s_in, t_in) = outputs[out], inputs[inp]
+            if t_out != t_in or not _shapes_compatible(s_out, s_in):
+                raise TqsError(f"{where}: feedback '{out}' {t_out}{list(s_out)} does not fit input "
+                               f"'{inp}' {t_in}{list(s_in)}")
+
+
+def _shapes_compatible(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(not isinstance(x, int) or not isinstance(y, int) or x == y for x, y in zip(a, b))
+
+
+@dataclass
+class Contexts:
+    """Starting states and per-step data: arrays with a leading context axis S."""
+
+    arrays: dict[str, np.ndarray]
+    count: int
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, spec: RolloutSpec) -> "Contexts":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise TqsError(f"{path}: no such file") from None
+        except Exception as exc:
+            raise TqsError(f"{path}: not a readable .npz contexts file ({type(exc).__name__})") from None
+        return cls.from_arrays(arrays, spec, str(path))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], spec: RolloutSpec, where: str = "contexts") -> "Contexts":
+        needed = [*spec.initial.values(), *spec.per_step.values(), *spec.fixed.values()]
+        for key in needed:
+            if key not in arrays:
+                raise TqsError(f"{where}: missing array '{key}' named by the rollout spec "
+                               f"(has: {', '.join(arrays) or 'nothing'})")
+        counts = {arrays[k].shape[0] if arrays[k].ndim else -1 for k in needed}
+        if len(counts) != 1 or -1 in counts:
+            raise TqsError(f"{where}: arrays disagree on the number of contexts (leading axis)")
+        count = counts.pop() if needed else 1
+        for inp, key in spec.per_step.items():
+            if arrays[key].ndim < 2 or arrays[key].shape[1] < spec.horizon:
+                raise TqsError(f"{where}: per-step array '{key}' needs shape (S, T>={spec.horizon}, ...)")
+        return cls(arrays, count)
+
+    def subset(self, index: slice | list[int]) -> "Contexts":
+        arrays = {k: v[index] if v.ndim else v for k, v in self.arrays.items()}
+        n = len(range(self.count)[index]) if isinstance(index, slice) else len(index)
+        return Contexts(arrays, n)
+
+
+class Rollout:
+    """Steps one ORT session: feedback outputs become the next step's inputs, on the session's device.
+
+    Inputs, weights and fed-back states are bound as device OrtValues through IOBinding, so a
+    feedback state never leaves the device between steps; only trajectory outputs come to the host.
+    """
+
+    def __init__(self, session, spec: RolloutSpec, contexts: Contexts, device, where: str = "model"):
+        self.session = session
+        self.spec = spec
+        self.contexts = contexts
+        self.device = device
+        self.inputs = {i.name: (tuple(i.shape), i.type) for i in session.get_inputs()}
+        self.outputs = {o.name: (tuple(o.shape), o.type) for o in session.get_outputs()}
+        self.fetch = list(dict.fromkeys([*spec.trajectory, *spec.feedback]))
+        self.forward_passes = 0
+        self._check_contexts(where)
+
+    def _check_contexts(self, where: str) -> None:
+        for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items()]:
+            self._check_array(inp, self.contexts.arrays[key][0], key, where)
+        for inp, key in self.spec.per_step.items():
+            self._check_array(inp, self.contexts.arrays[key][0, 0], key, where)
+
+    def _check_array(self, inp: str, a: np.ndarray, key: str, where: str) -> None:
+        shape, typ = self.inputs[inp]
+        if not _shapes_compatible(tuple(a.shape), shape):
+            raise TqsError(f"{where}: contexts array '{key}' has per-context shape {list(a.shape)}, "
+                           f"input '{inp}' needs {list(shape)}")
+        want = _ORT_TYPES.get(typ)
+        if want is not None and np.dtype(a.dtype).kind != np.dtype(want).kind:
+            raise TqsError(f"{where}: contexts array '{key}' is {a.dtype}, input '{inp}' needs {typ}")
+
+    def _dtype(self, inp: str) -> Any:
+        return _ORT_TYPES.get(self.inputs[inp][1], np.float32)
+
+    def _host_initial(self, s: int) -> dict[str, np.ndarray]:
+        feeds = {}
+        for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items()]:
+            feeds[inp] = np.ascontiguousarray(self.contexts.arrays[key][s], dtype=self._dtype(inp))
+        for inp, value in self.spec.constants.items():
+            shape = self.inputs[inp][0]
+            arr = np.asarray(value, dtype=self._dtype(inp))
+            if arr.size == 1 and shape:
+                arr = arr.reshape([d if isinstance(d, int) else 1 for d in shape])
+            feeds[inp] = arr
+        return feeds
+
+    def steps(self, s: int, weights: dict[str, Any] | None = None,
+              horizon: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the trajectory outputs (host arrays) of steps 1..horizon for context s.
+
+        `weights` maps exposed weight inputs to device OrtValues; they stay bound for the rollout.
+        """
+        binding = self.session.io_binding()
+        for name, value in (weights or {}).items():
+            binding.bind_ortvalue_input(name, value)
+        feeds = {k: self.device.to_device(v) for k, v in self._host_initial(s).items()}
+        for t in range(horizon or self.spec.horizon):
+            for inp, key in self.spec.per_step.items():
+                feeds[inp] = self.device.to_device(self.contexts.arrays[key][s, t].astype(self._dtype(inp)))
+            for name, value in feeds.items():
+                binding.bind_ortvalue_input(name, value)
+            # Rebind outputs every step: a pre-bound output fails when the next shape differs.
+            binding.clear_binding_outputs()
+            for o in self.fetch:
+                binding.bind_output(o, self.device.kind)
+            self.session.run_with_iobinding(binding)
+            self.forward_passes += 1
+            out = dict(zip(self.fetch, binding.get_outputs()))
+            for o, inp in self.spec.feedback.items():
+                feeds[inp] = out[o]
+            yield {k: out[k].numpy() for k in self.spec.trajectory}
+
+    def trajectory(self, s: int, weights: dict[str, Any] | None = None,
+                   horizon: int | None = None) -> list[dict[str, np.ndarray]]:
+        return list(self.steps(s, weights, horizon))
+
+
+def squared_divergence(traj: list[dict[str, np.ndarray]], nominal: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """||Y_t - Y0_t||^2 per step (summed over trajectory outputs), float64; inf when non-finite."""
+    d = np.empty(len(traj))
+    for t, (a, b) in enumerate(zip(traj, nominal)):
+        d[t] = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in a)
+    d[~np.isfinite(d)] = np.inf
+    return d
+
+
+def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[str, Any] | None:
+    """A spec for models whose outputs match inputs in shape and dtype (pairs by order, then name)."""
+    feedback: dict[str, str] = {}
+    free = dict(inputs)
+    for out, (shape, typ) in outputs.items():
+        match = [i for i, (s, t) in free.items() if t == typ and _shapes_compatible(s, shape)]
+        if match:
+            pick = next((i for i in match if i in out or out in i), match[0])
+            feedback[out] = pick
+            free.pop(pick)
+    if not feedback:
+        return None
+    return {"horizon": 10, "feedback": feedback, "trajectory": list(feedback),
+            "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
+            "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: -1 for o in feedback}}
+

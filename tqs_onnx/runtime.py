@@ -1,0 +1,96 @@
+"""ONNX Runtime sessions: provider choice, quiet logs, device-resident values."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tqs_onnx.errors import TqsError
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def _ort():
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # ORT's warnings are not for our users
+    return ort
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> bool:
+    """True only when the CUDA provider really runs here (onnxruntime-gpu also installs without a GPU)."""
+    ort = _ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    g = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
+    try:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        return "CUDAExecutionProvider" in s.get_providers()
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where sessions run: ORT provider list plus the OrtValue device name."""
+
+    kind: str  # 'cpu' or 'cuda'
+
+    @property
+    def providers(self) -> list[str]:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.kind == "cuda" else ["CPUExecutionProvider"]
+
+    def to_device(self, array: np.ndarray) -> Any:
+        return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.kind, 0)
+
+
+def resolve_device(name: str) -> Device:
+    if name not in DEVICES:
+        raise TqsError(f"unknown device '{name}' (cpu, cuda, auto)")
+    if name == "cuda" and not cuda_usable():
+        raise TqsError("--device cuda: the CUDA provider is not usable here (no GPU or no onnxruntime-gpu)")
+    if name == "auto":
+        return Device("cuda" if cuda_usable() else "cpu")
+    return Device(name)
+
+
+def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0):
+    """One ORT session; optimisations on, logging off. `model` may be a proto, bytes or a path."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto):
+        if model.ByteSize() > 1_800_000_000:
+            raise TqsError("model too large to hand to ORT in memory; save it with external data first")
+        model = model.SerializeToString()
+    try:
+        return ort.InferenceSession(model, so, providers=device.providers)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TqsError(f"ONNX Runtime cannot load the model: {first[:300]}") from None
+
+
+def io_signature(session) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    inputs = {i.name: (tuple(i.shape), i.type) for i in session.get_inputs()}
+    outputs = {o.name: (tuple(o.shape), o.type) for o in session.get_outputs()}
+    return inputs, outputs
+
+
+def default_threads() -> int:
+    return int(os.environ.get("TQS_THREADS", "0"))

@@ -1,0 +1,84 @@
+"""`inspect`: what a model holds, which weights tqs-onnx can quantize, and the blocks it would score."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from tqs_onnx import SCHEMA_VERSION, __version__
+from tqs_onnx.graph import DEFAULT_MIN_SIZE, LoadedModel, main_opset, make_blocks, op_histogram, weight_table
+from tqs_onnx.passes.lift import LiftWeights
+from tqs_onnx.rollout import propose_spec
+from tqs_onnx.sweep import weight_entry
+
+
+def _io(values) -> dict[str, Any]:
+    out = {}
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+        import onnx
+
+        out[v.name] = {"dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?",
+                       "shape": dims}
+    return out
+
+
+def inspect_model(loaded: LoadedModel, blocks: str = "layer", min_size: int = DEFAULT_MIN_SIZE) -> dict[str, Any]:
+    model = loaded.model
+    lifted = LiftWeights().run(model)
+    weights = weight_table(lifted.model, min_size, lifted.report.get("origins", {}))
+    inits = {i.name for i in model.graph.initializer}
+    inputs = _io([i for i in model.graph.input if i.name not in inits])
+    outputs = _io(model.graph.output)
+    total = sum(w.size for w in weights)
+    qsize = sum(w.size for w in weights if w.quantizable)
+    by_op: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for w in weights:
+        key = "/".join(sorted(set(w.consumer_ops))) or "(unused)"
+        by_op[key][0] += w.size
+        by_op[key][1] += w.size if w.quantizable else 0
+    sig = ({k: (tuple(v["shape"]), f"tensor({_ort_name(v['dtype'])})") for k, v in inputs.items()},
+           {k: (tuple(v["shape"]), f"tensor({_ort_name(v['dtype'])})") for k, v in outputs.items()})
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "tqs-inspect", "tool_version": __version__,
+        "path": str(loaded.path), "file_bytes": loaded.file_bytes, "ir_version": model.ir_version,
+        "opset": main_opset(model), "producer": model.producer_name,
+        "inputs": inputs, "outputs": outputs, "op_histogram": op_histogram(model),
+        "parameters": total, "quantizable_parameters": qsize,
+        "quantizable_share": qsize / total if total else 0.0,
+        "by_consumer_op": {k: {"parameters": v[0], "quantizable": v[1]} for k, v in by_op.items()},
+        "weights": [{"name": w.name, **weight_entry(w), "size": w.size, "consumers": w.consumers[:4],
+                     "quantizable": w.quantizable, "reason": w.reason} for w in weights],
+        "blocks": [{"id": b.id, "name": b.name, "weights": b.weights, "size": b.size}
+                   for b in make_blocks(weights, blocks)],
+        "block_mode": blocks,
+        "proposed_rollout_spec": propose_spec(*sig),
+    }
+
+
+def _ort_name(dtype: str) -> str:
+    return {"float32": "float", "float64": "double", "float16": "float16"}.get(dtype, dtype)
+
+
+def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
+    lines = [f"{doc['path']}: IR {doc['ir_version']}, opset {doc['opset']}, {doc['file_bytes']:,} bytes",
+             "inputs:  " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in doc["inputs"].items()),
+             "outputs: " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in doc["outputs"].items()),
+             "ops:     " + ", ".join(f"{k} {v}" for k, v in list(doc["op_histogram"].items())[:12]),
+             f"weights: {len(doc['weights'])} float tensors, {doc['parameters']:,} parameters, "
+             f"{doc['quantizable_share']:.1%} quantizable",
+             "", f"{'weight':40s} {'shape':18s} {'origin':11s} {'consumers':18s} quantizable"]
+    for w in doc["weights"][:max_rows]:
+        lines.append(f"{w['name'][:40]:40s} {str(w['shape'])[:18]:18s} {w['origin'][:11]:11s} "
+                     f"{','.join(w['consumer_ops'])[:18]:18s} {'yes' if w['quantizable'] else 'no: ' + w['reason']}")
+    if len(doc["weights"]) > max_rows:
+        lines.append(f"... {len(doc['weights']) - max_rows} more (--json for all)")
+    lines += ["", f"blocks ({doc['block_mode']}): {len(doc['blocks'])}"]
+    for b in doc["blocks"][:max_rows]:
+        lines.append(f"  {b['id']:3d} {b['name'][:40]:40s} {b['size']:>12,} params  {len(b['weights'])} tensors")
+    if doc["proposed_rollout_spec"]:
+        fb = doc["proposed_rollout_spec"]["feedback"]
+        lines += ["", "proposed rollout spec (--json for all of it): feedback " +
+                  ", ".join(f"{o} -> {i}" for o, i in fb.items())]
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""The sweep engine: one ORT session, probes in, gamma out, a checkpoint line per block.
+
+The probed weights are exposed as graph inputs of a single session and bound as device OrtValues;
+a probe rebinds only its block's tensors. Nominal trajectories are computed once per context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tqs_onnx import SCHEMA_VERSION, __version__
+from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import Block, LoadedModel, Weight, make_blocks, weight_table
+from tqs_onnx.passes.expose_weights import ExposeWeights
+from tqs_onnx.passes.lift import LiftWeights
+from tqs_onnx.probes import frob_norm, gauss_deltas, perturbed, quant_residuals, tier_values
+from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec, squared_divergence
+from tqs_onnx.runtime import Device, io_signature, make_session
+from tqs_onnx.tiers import Tier, parse_tier
+from tqs_onnx.util import progress
+
+EPS = 1e-12
+
+
+@dataclass
+class SweepConfig:
+    probe: str = "both"  # quant | gauss | both
+    bits: int = 8  # quant probe bit-width
+    probes: int = 8  # Gaussian draws per block
+    horizon: int | None = None  # defaults to the spec's horizon
+    seed: int = 0
+    blocks: str = "layer"
+    min_size: int = 256
+    gamma_min: float = -50.0
+    tiers: list[str] = field(default_factory=list)  # tiers whose measured damage D[l,k] is recorded
+
+    def __post_init__(self) -> None:
+        if self.probe not in ("quant", "gauss", "both"):
+            raise TqsError(f"--probe must be quant, gauss or both, not '{self.probe}'")
+        if not 2 <= self.bits <= 16:
+            raise TqsError("--bits must be between 2 and 16")
+        if self.probes < 1:
+            raise TqsError("--probes must be >= 1")
+
+
+@dataclass
+class ProbeScore:
+    """Eq. 1 / Eq. 2 at every horizon from one set of rollouts, plus A_max."""
+
+    gamma_task: float  # Eq. 1 at T_max
+    gamma_task_t: list[float]  # Eq. 1 at T = 1..T_max
+    gamma_eq2_t: list[float]  # Eq. 2 at T = 1..T_max
+    a_max: float
+    divergence: float  # mean_s ||dY_s||^2 at T_max (Eq. 1's numerator)
+    nonfinite: bool
+
+
+def score_divergence(div: np.ndarray, norm: float) -> ProbeScore:
+    """div: squared divergence per step, shape (..., T) over probes/contexts; norm = ||d_theta||_F."""
+    cum = np.cumsum(div.reshape(-1, div.shape[-1]), axis=-1).mean(axis=0)
+    t = np.arange(1, cum.size + 1)
+    nonfinite = not np.all(np.isfinite(cum))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eq1 = np.log(cum / (norm ** 2 + EPS)) / t
+        eq2 = np.log(np.sqrt(cum) / (norm + EPS)) / t
+        amax = float(np.max(np.sqrt(cum) / (norm + EPS)))
+    if nonfinite:
+        eq1 = np.where(np.isfinite(cum), eq1, np.inf)
+        eq2 = np.where(np.isfinite(cum), eq2, np.inf)
+    return ProbeScore(float(eq1[-1]), eq1.tolist(), eq2.tolist(), amax, float(cum[-1]), nonfinite)
+
+
+@dataclass
+class BlockScore:
+    id: int
+    name: str
+    weights: list[str]
+    size: int
+    norm: float  # ||d_theta||_F of the quant residual (Gaussian probes share it)
+    quant: ProbeScore | None = None
+    gauss: ProbeScore | None = None
+    damage: dict[str, float] = field(default_factory=dict)  # tier -> mean_s ||dY_s||^2 at T_max
+    dead: bool = False
+    nonfinite: bool = False
+    forward_passes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def gamma(self) -> float:
+        return (self.quant or self.gauss).gamma_task
+
+
+@dataclass
+class SweepSetup:
+    """Everything a sweep needs, built once: lifted model, weights, blocks, the one session."""
+
+    loaded: LoadedModel
+    weights: list[Weight]
+    blocks: list[Block]
+    rollout: Rollout
+    values: dict[str, np.ndarray]  # nominal weight values (host)
+    bound: dict[str, Any]  # nominal weight values (device)
+    nominal: list[list[dict[str, np.ndarray]]]
+    horizon: int
+
+
+def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
+            config: SweepConfig) -> SweepSetup:
+    """Lift hidden weights, expose the quantizable ones as inputs, open the session, roll out Y0."""
+    lifted = LiftWeights().run(loaded.model)
+    origins = lifted.report.get("origins", {})
+    weights = weight_table(lifted.model, config.min_size, origins)
+    blocks = make_blocks(weights, config.blocks)
+    if not blocks:
+        raise TqsError(f"{loaded.path}: no quantizable weights (>= {config.min_size} float elements)")
+    names = [n for b in blocks for n in b.weights]
+    exposed = ExposeWeights(names).run(lifted.model)
+    session = make_session(exposed.model, device)
+    inputs, outputs = io_signature(session)
+    weight_inputs = set(names)
+    spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs}, outputs, str(loaded.path))
+    rollout = Rollout(session, spec, contexts, device, str(loaded.path))
+    values = exposed.report["values"]
+    bound = {n: device.to_device(v) for n, v in values.items()}
+    horizon = config.horizon or spec.horizon
+    nominal = [rollout.trajectory(s, bound, horizon) for s in range(contexts.count)]
+    for traj in nominal:
+        if not all(np.all(np.isfinite(v)) for step in traj for v in step.values()):
+            raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; check the contexts")
+    return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon)
+
+
+def divergence(setup: SweepSetup, replaced: dict[str, np.ndarray]) -> np.ndarray:
+    """Squared trajectory divergence per (context, step) with `replaced` swapped into the session."""
+    dev = setup.rollout.device
+    bound = {**setup.bound, **{n: dev.to_device(v) for n, v in replaced.items()}}
+    rows = []
+    for s, nominal in enumerate(setup.nominal):
+        rows.append(squared_divergence(setup.rollout.trajectory(s, bound, setup.horizon), nominal))
+    return np.stack(rows)
+
+
+def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: list[Tier]) -> BlockScore:
+    """All probes of one block: quant residual, Gaussian draws of the same norm, tier damage."""
+    t0, passes0 = time.perf_counter(), setup.rollout.forward_passes
+    w = {n: setup.values[n] for n in block.weights}
+    residual = quant_residuals(w, config.bits)
+    norm = frob_norm(residual)
+    score = BlockScore(block.id, block.name, block.weights, block.size, norm)
+    if config.probe in ("quant", "both"):
+        score.quant = score_divergence(divergence(setup, perturbed(w, residual)), norm)
+    if config.probe in ("gauss", "both"):
+        divs = [divergence(setup, perturbed(w, gauss_deltas(w, norm, config.seed, block.id, p)))
+                for p in range(config.probes)]
+        score.gauss = score_divergence(np.stack(divs), norm)
+    axes = {x.name: (x.channel_axis, x.block_axis) for x in setup.weights if x.name in w}
+    for tier in tiers:
+        if not tier.is_identity:
+            d = divergence(setup, tier_values(w, tier, axes)).sum(axis=-1)
+            score.damage[str(tier)] = float(d.mean()) if np.all(np.isfinite(d)) else math.inf
+    score.nonfinite = any(p is not None and p.nonfinite for p in (score.quant, score.gauss))
+    score.dead = not score.nonfinite and score.gamma <= config.gamma_min
+    score.forward_passes = setup.rollout.forward_passes - passes0
+    score.seconds = time.perf_counter() - t0
+    return score
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+class Checkpoint:
+    """Append-only JSON lines, fsync'd per block; the first line fingerprints the sweep."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path = path
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict[int, dict]:
+        if not self.path.exists():
+            return {}
+        lines = self.path.read_text().splitlines()
+        try:
+            head = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            head = {}
+        if head.get("fingerprint") != self.fingerprint:
+            raise TqsError(f"{self.path}: checkpoint belongs to another sweep (model, spec, contexts or options differ)")
+        done = {}
+        for line in lines[1:]:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the block in flight when the run was killed
+            done[row["id"]] = row
+        return done
+
+    def start(self, resume: bool) -> dict[int, dict]:
+        if self.path.exists() and not resume:
+            raise TqsError(f"{self.path}: a checkpoint exists; pass --resume to continue it or delete it")
+        done = self.load() if resume else {}
+        if not self.path.exists():
+            self._append({"fingerprint": self.fingerprint, "schema_version": SCHEMA_VERSION})
+        elif done or resume:
+            self._truncate_partial_tail()
+        return done
+
+    def _truncate_partial_tail(self) -> None:
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, score: BlockScore) -> None:
+        self._append(asdict(score))
+
+    def _append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, config: SweepConfig) -> str:
+    h = hashlib.sha256()
+    h.update(loaded.sha256.encode())
+    h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(asdict(config), sort_keys=True).encode())
+    for k in sorted(contexts.arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(contexts.arrays[k]).tobytes())
+    return h.hexdigest()
+
+
+def _from_row(row: dict) -> BlockScore:
+    row = dict(row)
+    for key in ("quant", "gauss"):
+        if row.get(key) is not None:
+            row[key] = ProbeScore(**row[key])
+    return BlockScore(**row)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
+              config: SweepConfig, checkpoint: Path | None = None, resume: bool = False,
+              quiet: bool = False) -> dict[str, Any]:
+    """Score every block; return the scores document (also what `sweep -o` writes)."""
+    t0 = time.perf_counter()
+    tiers = [parse_tier(t) for t in config.tiers]
+    setup = prepare(loaded, spec, contexts, device, config)
+    ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config)) if checkpoint else None
+    done = {i: _from_row(r) for i, r in (ckpt.start(resume) if ckpt else {}).items()}
+    scores: list[BlockScore] = []
+    for block in progress(setup.blocks, "sweep", quiet, unit="block"):
+        if block.id in done:
+            scores.append(done[block.id])
+            continue
+        score = score_block(setup, block, config, tiers)
+        scores.append(score)
+        if ckpt:
+            ckpt.append(score)
+    doc = scores_document(setup, spec, config, scores, device, time.perf_counter() - t0)
+    return doc
+
+
+def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, scores: list[BlockScore],
+                    device: Device, seconds: float) -> dict[str, Any]:
+    quantizable = [w for w in setup.weights if w.quantizable]
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
+        "model": model_summary(setup.loaded, setup.weights),
+        "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
+        "horizon": setup.horizon, "device": device.kind,
+        "weights": {w.name: weight_entry(w) for w in quantizable},
+        "blocks": [asdict(s) for s in scores],
+        "forward_passes": setup.rollout.forward_passes,
+        "nominal_forward_passes": setup.rollout.contexts.count * setup.horizon,
+        "seconds": round(seconds, 3),
+    }
+
+
+def weight_entry(w: Weight) -> dict[str, Any]:
+    return {"shape": list(w.shape), "dtype": w.dtype, "bits": w.bits, "channel_axis": w.channel_axis,
+            "block_axis": w.block_axis, "origin": w.origin, "consumer_ops": sorted(set(w.consumer_ops))}
+
+
+def model_summary(loaded: LoadedModel, weights: list[Weight]) -> dict[str, Any]:
+    float_bytes = sum(w.nbytes for w in weights)
+    q_bytes = sum(w.nbytes for w in weights if w.quantizable)
+    return {"path": str(loaded.path), "sha256": loaded.sha256, "file_bytes": loaded.file_bytes,
+            "float_weight_bytes": float_bytes, "quantizable_bytes": q_bytes,
+            "fixed_bytes": loaded.file_bytes - q_bytes,
+            "parameters": sum(w.size for w in weights),
+            "quantizable_parameters": sum(w.size for w in weights if w.quantizable)}
+
+
+def setup_for_scores(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
+                     scores: dict[str, Any]) -> SweepSetup:
+    """A sweep setup whose blocks are those of an earlier sweep (same model, same grouping)."""
+    if scores["model"]["sha256"] != loaded.sha256:
+        raise TqsError(f"{loaded.path}: not the model these scores were computed on (sha256 differs)")
+    raw = {k: v for k, v in scores["config"].items() if k in SweepConfig.__dataclass_fields__}
+    return prepare(loaded, spec, contexts, device, SweepConfig(**raw))
+
+
+def joint_divergence(setup: SweepSetup, blocks: list[list[str]], tiers: list[Tier]):
+    """A function assign -> mean_s ||dY_s||^2 with every block at its tier at once."""
+    axes = {w.name: (w.channel_axis, w.block_axis) for w in setup.weights}
+
+    def run(assign: list[int]) -> float:
+        replaced: dict[str, np.ndarray] = {}
+        for names, k in zip(blocks, assign):
+            if not tiers[k].is_identity:
+                replaced.update(tier_values({n: setup.values[n] for n in names}, tiers[k], axes))
+        d = divergence(setup, replaced).sum(axis=-1)
+        return float(d.mean()) if np.all(np.isfinite(d)) else math.inf
+
+    return run

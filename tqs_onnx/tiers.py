@@ -1,0 +1,187 @@
+"""Precision tiers: (format, scale granularity) pairs with their true storage cost.
+
+Tier strings:  fp32 | fp16 | bf16 | int8 | int4 | int2, optionally followed by a granularity and a
+scale type: ``int8`` (per-tensor, as the paper), ``int4/channel``, ``int4/block32``,
+``int8/channel/fp16`` (fp16 scales). Storage counts the packed integers and every scale, so a plan's
+planned size is what the written file holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tqs_onnx.errors import TqsError
+
+FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16}
+INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+# Lowest opset whose DequantizeLinear accepts the storage type (and blocked scales, opset 21).
+INT_MIN_OPSET = {"int8": 13, "int4": 21, "int2": 25}
+BLOCKED_MIN_OPSET = 21
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One precision tier. `granularity` is 'tensor', 'channel' or 'block' (int formats only)."""
+
+    fmt: str
+    granularity: str = "tensor"
+    block_size: int = 0
+    scale_fmt: str = "fp32"
+
+    @property
+    def bits(self) -> int:
+        return FLOAT_BITS.get(self.fmt) or INT_BITS[self.fmt]
+
+    @property
+    def is_int(self) -> bool:
+        return self.fmt in INT_BITS
+
+    @property
+    def is_identity(self) -> bool:
+        return self.fmt == "fp32"
+
+    @property
+    def qmax(self) -> int:
+        """Largest magnitude of the symmetric integer grid [-qmax, qmax]."""
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def min_opset(self) -> int:
+        if not self.is_int:
+            return 13
+        base = INT_MIN_OPSET[self.fmt]
+        return max(base, BLOCKED_MIN_OPSET) if self.granularity == "block" else base
+
+    def __str__(self) -> str:
+        if not self.is_int:
+            return self.fmt
+        parts = [self.fmt]
+        if self.granularity == "channel":
+            parts.append("channel")
+        elif self.granularity == "block":
+            parts.append(f"block{self.block_size}")
+        if self.scale_fmt != "fp32":
+            parts.append(self.scale_fmt)
+        return "/".join(parts)
+
+    def scale_count(self, shape: tuple[int, ...], channel_axis: int | None, block_axis: int | None) -> int:
+        """Number of scales this tier stores for a tensor of `shape`."""
+        if self.granularity == "tensor" or not shape:
+            return 1
+        if self.granularity == "channel":
+            return shape[channel_axis] if channel_axis is not None else 1
+        if block_axis is None:
+            return 1
+        n = math.prod(shape) // shape[block_axis]
+        return n * math.ceil(shape[block_axis] / self.block_size)
+
+    def storage_bytes(self, shape: tuple[int, ...], channel_axis: int | None = None,
+                      block_axis: int | None = None, orig_bits: int = 32) -> int:
+        """Bytes this tier stores for one tensor: packed values plus scales (as ONNX packs them)."""
+        n = math.prod(shape)
+        if self.fmt == "fp32":
+            return n * orig_bits // 8
+        if not self.is_int:
+            return n * 2
+        scale_bytes = 2 if self.scale_fmt == "fp16" else 4
+        return math.ceil(n * self.bits / 8) + self.scale_count(shape, channel_axis, block_axis) * scale_bytes
+
+
+def parse_tier(text: str) -> Tier:
+    """Parse a tier string such as 'int4/block32/fp16'; raise TqsError on anything else."""
+    parts = [p for p in text.strip().lower().split("/") if p]
+    if not parts:
+        raise TqsError("empty tier name")
+    fmt = parts[0]
+    if fmt in FLOAT_BITS:
+        if len(parts) > 1:
+            raise TqsError(f"tier '{text}': float tiers take no granularity")
+        return Tier(fmt)
+    if fmt not in INT_BITS:
+        raise TqsError(f"unknown tier '{text}' (formats: {', '.join([*FLOAT_BITS, *INT_BITS])})")
+    granularity, block, scale_fmt = "tensor", 0, "fp32"
+    for p in parts[1:]:
+        if p in ("tensor", "channel"):
+            granularity = p
+        elif p.startswith("block") and p[5:].isdigit() and int(p[5:]) >= 2:
+            granularity, block = "block", int(p[5:])
+        elif p in ("fp16", "fp32"):
+            scale_fmt = p
+        else:
+            raise TqsError(f"tier '{text}': unknown option '{p}' (tensor, channel, blockN, fp16, fp32)")
+    return Tier(fmt, granularity, block, scale_fmt)
+
+
+def parse_tiers(text: str) -> list[Tier]:
+    """Parse a comma-separated tier list, highest precision first by storage bits."""
+    tiers = [parse_tier(t) for t in text.split(",") if t.strip()]
+    if not tiers:
+        raise TqsError("no tiers given")
+    if len(set(tiers)) != len(tiers):
+        raise TqsError(f"duplicate tiers in '{text}'")
+    return sorted(tiers, key=lambda t: (-t.bits, t.granularity == "tensor"))
+
+
+def stored_names(name: str) -> tuple[str, str]:
+    """Names the writer gives a quantized weight's integer tensor and its scale."""
+    return f"{name}__q", f"{name}__scale"
+
+
+def rewrite_node(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None, int | None],
+                 orig_type: int = 1):
+    """The node that recreates weight `name` from its stored form (shared by the writer and the planner)."""
+    import onnx
+
+    if not tier.is_int:
+        return onnx.helper.make_node("Cast", [f"{name}__{tier.fmt}"], [name], name=f"{name}/Cast", to=orig_type)
+    q, s = stored_names(name)
+    attrs = {}
+    if tier.granularity == "channel" and scale_rank == 1:
+        attrs["axis"] = axes[0]
+    elif tier.granularity == "block" and scale_rank > 0:
+        attrs["axis"], attrs["block_size"] = axes[1], tier.block_size
+    return onnx.helper.make_node("DequantizeLinear", [q, s], [name], name=f"{name}/DequantizeLinear", **attrs)
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _field_bytes(body: int) -> int:
+    """A length-delimited protobuf field: tag, length, body."""
+    return 1 + _varint_len(body) + body
+
+
+def _tensor_header(name: str, dtype: int, dims: list[int], nbytes: int) -> int:
+    """Bytes of an initializer in the graph, apart from its `nbytes` of raw data."""
+    import onnx
+
+    meta = onnx.TensorProto(name=name, data_type=dtype, dims=dims).ByteSize()
+    return _field_bytes(meta + _field_bytes(nbytes)) - nbytes
+
+
+def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None],
+                   orig_bits: int = 32) -> int:
+    """Protobuf bytes a rewritten weight adds beyond its data: the new node and tensor headers.
+
+    Built from the very protos the writer emits (minus the original tensor's header), so planned
+    size and on-disk size agree even for small models where headers matter.
+    """
+    import onnx
+
+    if tier.is_identity:
+        return 0
+    n = math.prod(shape)
+    rank = 0 if tier.granularity == "tensor" else (1 if tier.granularity == "channel" else len(shape))
+    added = _field_bytes(rewrite_node(name, tier, rank, axes).ByteSize())
+    if tier.is_int:
+        q, s = stored_names(name)
+        count = tier.scale_count(shape, *axes)
+        sdims = [] if rank == 0 else [count] if rank == 1 else \
+            [shape[i] if i != axes[1] else -(-shape[i] // tier.block_size) for i in range(len(shape))]
+        added += _tensor_header(q, onnx.TensorProto.INT8, list(shape), math.ceil(n * tier.bits / 8))
+        added += _tensor_header(s, onnx.TensorProto.FLOAT, sdims, count * (2 if tier.scale_fmt == "fp16" else 4))
+    else:
+        added += _tensor_header(f"{name}__{tier.fmt}", onnx.TensorProto.FLOAT16, list(shape), n * 2)
+    return added - _tensor_header(name, onnx.TensorProto.FLOAT, list(shape), n * orig_bits // 8)
