@@ -103,9 +103,7 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
         blocks.append(BlockInfo(b["id"], b["name"], b["weights"], b["size"], block_gamma(b, probe),
                                 bool(b.get("dead")), b.get("damage", {})))
         costs.append([sum(_weight_cost(n, winfo[n], t) for n in b["weights"]) for t in tiers])
-    quantizable = sum(math.prod(w["shape"]) * w["bits"] // 8 for w in winfo.values())
-    fixed = scores["model"]["file_bytes"] - quantizable
-    return Problem(blocks, tiers, costs, fixed, scores["model"]["file_bytes"], target)
+    return Problem(blocks, tiers, costs, scores["model"]["fixed_bytes"], scores["model"]["file_bytes"], target)
 
 
 def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:
@@ -263,6 +261,7 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-plan", "tool_version": __version__,
         "model": {k: scores["model"][k] for k in ("path", "sha256", "file_bytes")},
+        "factor": scores["config"].get("factor", True),
         "objective": alloc.objective, "solver": alloc.solver, "notes": alloc.notes,
         "tiers": [str(t) for t in p.tiers], "compression_target": p.target,
         "budget_bytes": p.budget + p.fixed_bytes, "planned_bytes": planned,

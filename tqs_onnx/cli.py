@@ -48,7 +48,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from tqs_onnx.graph import load_model
     from tqs_onnx.summary import format_inspect, inspect_model
 
-    doc = inspect_model(load_model(a.model), a.blocks, a.min_size)
+    doc = inspect_model(load_model(a.model), a.blocks, a.min_size, factor=not a.no_factor)
     _write_json(a.output, doc)
     print(json.dumps(doc, indent=1) if a.json else format_inspect(doc))
     return 0
@@ -62,7 +62,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from tqs_onnx.tiers import parse_tiers
 
     tiers = [str(t) for t in parse_tiers(a.tiers) if not t.is_identity] if a.tiers else []
-    config = SweepConfig(a.probe, a.bits, a.probes, a.horizon, a.seed, a.blocks, a.min_size, a.gamma_min, tiers)
+    config = SweepConfig(a.probe, a.bits, a.probes, a.horizon, a.seed, a.blocks, a.min_size, a.gamma_min, tiers,
+                         factor=not a.no_factor)
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
     contexts = Contexts.load(a.contexts, spec)
@@ -144,6 +145,8 @@ def cmd_apply(a: argparse.Namespace) -> int:
     from tqs_onnx.runtime import resolve_device
 
     plan = load_plan(a.plan)
+    if a.no_factor:
+        plan["factor"] = False
     loaded = load_model(a.model)
     if plan["model"].get("sha256") not in (None, loaded.sha256) and not a.force:
         raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
@@ -224,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="ONNX file (external data must sit in its folder)")
     s.add_argument("--blocks", default="layer", help="grouping: tensor | layer | scope[:DEPTH] | fixed:K (default layer)")
     s.add_argument("--min-size", type=int, default=256, help="smallest float tensor (elements) that is quantized")
+    s.add_argument("--no-factor", action="store_true",
+                   help="do not factor expanded lookup tables (exact, on by default) before listing weights")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("-o", "--output", help="also write the JSON here")
     s.set_defaults(func=cmd_inspect)
@@ -244,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,
                    help="tiers whose measured damage is recorded for `allocate --objective measured` "
                         f"(default {DEFAULT_SWEEP_TIERS}; '' to skip)")
+    s.add_argument("--no-factor", action="store_true",
+                   help="do not factor expanded lookup tables (exact, on by default) before scoring")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint after an interruption")
     _device_args(s)
@@ -273,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("plan", help="plan JSON written by `allocate`")
     _output_args(s, what="ONNX model")
     s.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 1.5 GB)")
+    s.add_argument("--no-factor", action="store_true",
+                   help="do not factor expanded lookup tables (exact, on by default) before writing (the plan must then name no factored table)")
     s.add_argument("--force", action="store_true", help="apply a plan whose model checksum differs")
     s.add_argument("--report", metavar="JSON", help="write the apply report here")
     _rollout_args(s, required=False)

@@ -14,8 +14,8 @@ import onnx
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import LoadedModel, weight_table
 from tqs_onnx.passes.base import run_passes
-from tqs_onnx.passes.lift import LiftWeights
 from tqs_onnx.passes.opset import UpgradeOpset
+from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.passes.qdq import WriteTiers
 from tqs_onnx.tiers import parse_tier
 
@@ -37,8 +37,8 @@ def load_plan(path: str | os.PathLike) -> dict[str, Any]:
 
 def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan") -> tuple[onnx.ModelProto, dict]:
     """The model with every planned weight at its tier (in memory)."""
-    lifted = LiftWeights().run(loaded.model)
-    table = {w.name: w for w in weight_table(lifted.model, min_size=1)}
+    prepared = prepare_graph(loaded.model, plan.get("factor", True))
+    table = {w.name: w for w in weight_table(prepared.model, min_size=1)}
     tiers, axes = {}, {}
     for name, tier_text in plan["weights"].items():
         w = table.get(name)
@@ -49,9 +49,8 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
         tiers[name] = parse_tier(tier_text)
         axes[name] = (info.get("channel_axis", w.channel_axis), info.get("block_axis", w.block_axis))
     need = max([t.min_opset for t in tiers.values() if not t.is_identity], default=0)
-    model, reports = run_passes(lifted.model, [UpgradeOpset(need), WriteTiers(tiers, axes)])
-    reports["lift-weights"] = {k: v for k, v in lifted.report.items() if k != "origins"}
-    return model, reports
+    model, reports = run_passes(prepared.model, [UpgradeOpset(need), WriteTiers(tiers, axes)])
+    return model, {**prepared.reports, **reports}
 
 
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None) -> list[Path]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.graph import DEFAULT_MIN_SIZE, LoadedModel, main_opset, make_blocks, op_histogram, weight_table
-from tqs_onnx.passes.lift import LiftWeights
+from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.rollout import propose_spec
 from tqs_onnx.sweep import weight_entry
 
@@ -24,10 +24,11 @@ def _io(values) -> dict[str, Any]:
     return out
 
 
-def inspect_model(loaded: LoadedModel, blocks: str = "layer", min_size: int = DEFAULT_MIN_SIZE) -> dict[str, Any]:
+def inspect_model(loaded: LoadedModel, blocks: str = "layer", min_size: int = DEFAULT_MIN_SIZE,
+                  factor: bool = True) -> dict[str, Any]:
     model = loaded.model
-    lifted = LiftWeights().run(model)
-    weights = weight_table(lifted.model, min_size, lifted.report.get("origins", {}))
+    prepared = prepare_graph(model, factor)
+    weights = weight_table(prepared.model, min_size, prepared.origins)
     inits = {i.name for i in model.graph.initializer}
     inputs = _io([i for i in model.graph.input if i.name not in inits])
     outputs = _io(model.graph.output)
@@ -54,6 +55,7 @@ def inspect_model(loaded: LoadedModel, blocks: str = "layer", min_size: int = DE
                    for b in make_blocks(weights, blocks)],
         "block_mode": blocks,
         "proposed_rollout_spec": propose_spec(*sig),
+        "lossless": prepared.reports,
     }
 
 
@@ -77,6 +79,10 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
     lines += ["", f"blocks ({doc['block_mode']}): {len(doc['blocks'])}"]
     for b in doc["blocks"][:max_rows]:
         lines.append(f"  {b['id']:3d} {b['name'][:40]:40s} {b['size']:>12,} params  {len(b['weights'])} tensors")
+    fac = doc.get("lossless", {}).get("factor-tables", {})
+    if fac.get("tensors"):
+        lines += ["", f"lossless factoring: {len(fac['tensors'])} expanded lookup tables, "
+                      f"{fac.get('bytes_before', 0):,} -> {fac.get('bytes_after', 0):,} bytes (exact; apply does it by default)"]
     if doc["proposed_rollout_spec"]:
         fb = doc["proposed_rollout_spec"]["feedback"]
         lines += ["", "proposed rollout spec (--json for all of it): feedback " +

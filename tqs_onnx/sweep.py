@@ -21,7 +21,7 @@ from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import Block, LoadedModel, Weight, make_blocks, weight_table
 from tqs_onnx.passes.expose_weights import ExposeWeights
-from tqs_onnx.passes.lift import LiftWeights
+from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.probes import frob_norm, gauss_deltas, perturbed, quant_residuals, tier_values
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec, squared_divergence
 from tqs_onnx.runtime import Device, io_signature, make_session
@@ -42,6 +42,7 @@ class SweepConfig:
     min_size: int = 256
     gamma_min: float = -50.0
     tiers: list[str] = field(default_factory=list)  # tiers whose measured damage D[l,k] is recorded
+    factor: bool = True  # factor expanded lookup tables (exact) before scoring
 
     def __post_init__(self) -> None:
         if self.probe not in ("quant", "gauss", "both"):
@@ -111,19 +112,19 @@ class SweepSetup:
     bound: dict[str, Any]  # nominal weight values (device)
     nominal: list[list[dict[str, np.ndarray]]]
     horizon: int
+    prepared_bytes: int  # serialized size of the lifted + factored graph, before quantization
 
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
             config: SweepConfig) -> SweepSetup:
     """Lift hidden weights, expose the quantizable ones as inputs, open the session, roll out Y0."""
-    lifted = LiftWeights().run(loaded.model)
-    origins = lifted.report.get("origins", {})
-    weights = weight_table(lifted.model, config.min_size, origins)
+    prepared = prepare_graph(loaded.model, config.factor)
+    weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
     if not blocks:
         raise TqsError(f"{loaded.path}: no quantizable weights (>= {config.min_size} float elements)")
     names = [n for b in blocks for n in b.weights]
-    exposed = ExposeWeights(names).run(lifted.model)
+    exposed = ExposeWeights(names).run(prepared.model)
     session = make_session(exposed.model, device)
     inputs, outputs = io_signature(session)
     weight_inputs = set(names)
@@ -136,7 +137,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     for traj in nominal:
         if not all(np.all(np.isfinite(v)) for step in traj for v in step.values()):
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; check the contexts")
-    return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon)
+    return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon, prepared.model.ByteSize())
 
 
 def divergence(setup: SweepSetup, replaced: dict[str, np.ndarray]) -> np.ndarray:
@@ -276,7 +277,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
     quantizable = [w for w in setup.weights if w.quantizable]
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
-        "model": model_summary(setup.loaded, setup.weights),
+        "model": model_summary(setup.loaded, setup.weights, setup.prepared_bytes),
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
         "horizon": setup.horizon, "device": device.kind,
         "weights": {w.name: weight_entry(w) for w in quantizable},
@@ -292,12 +293,13 @@ def weight_entry(w: Weight) -> dict[str, Any]:
             "block_axis": w.block_axis, "origin": w.origin, "consumer_ops": sorted(set(w.consumer_ops))}
 
 
-def model_summary(loaded: LoadedModel, weights: list[Weight]) -> dict[str, Any]:
+def model_summary(loaded: LoadedModel, weights: list[Weight], prepared_bytes: int) -> dict[str, Any]:
+    """Sizes: the original file, and what of the prepared graph no tier touches (`fixed_bytes`)."""
     float_bytes = sum(w.nbytes for w in weights)
     q_bytes = sum(w.nbytes for w in weights if w.quantizable)
     return {"path": str(loaded.path), "sha256": loaded.sha256, "file_bytes": loaded.file_bytes,
             "float_weight_bytes": float_bytes, "quantizable_bytes": q_bytes,
-            "fixed_bytes": loaded.file_bytes - q_bytes,
+            "fixed_bytes": prepared_bytes - q_bytes,
             "parameters": sum(w.size for w in weights),
             "quantizable_parameters": sum(w.size for w in weights if w.quantizable)}
 

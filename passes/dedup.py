@@ -1,0 +1,153 @@
+"""Merge identical constant tensors (same dtype, shape and bytes) into one.
+
+Built on onnx_ir: values are objects, so rewiring every consumer (including nodes of
+subgraphs that capture an outer-scope value) is ``Value.replace_all_uses_with``.
+
+onnx_ir's own ``DeduplicateInitializersPass`` is not used directly because its
+``size_limit`` is a ceiling (it dedups only tensors *up to* that many elements, the opposite
+of a floor), it ignores Constant nodes, and it never lets a subgraph reuse an identical
+outer-scope tensor. This pass keeps its rules otherwise: graph inputs and graph outputs are
+never removed, and bytes are compared exactly after a digest match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from tqs_onnx.passes.base import PassResult
+
+__all__ = ["DeduplicateTensors"]
+
+log = logging.getLogger("tqs_onnx.passes.dedup")
+
+DEFAULT_SIZE_FLOOR = 1024
+
+_Key = tuple[ir.DataType, tuple[int, ...], bytes]
+
+
+@dataclass
+class _Scope:
+    """Canonical values visible in one graph: its own plus those of enclosing graphs (defined earlier)."""
+
+    canonical: dict[_Key, ir.Value] = field(default_factory=dict)
+
+    def child(self) -> "_Scope":
+        return _Scope(dict(self.canonical))
+
+
+@dataclass
+class _Merge:
+    removed: str
+    kept: str
+    graph: str
+    nbytes: int
+
+
+class DeduplicateTensors:
+    """Replace every constant tensor identical to an earlier visible one by a reference to it.
+
+    Considers initializers and ``Constant(value=...)`` nodes of at least ``size_floor``
+    elements, in the main graph and all subgraphs. A subgraph may reuse an identical tensor
+    of an enclosing graph; sibling subgraphs do not share. Tensors that are graph inputs
+    (overridable) or graph outputs (their name is part of the interface) are kept, though
+    they may serve as the canonical copy.
+    """
+
+    name = "deduplicate_tensors"
+
+    def __init__(self, size_floor: int = DEFAULT_SIZE_FLOOR):
+        self.size_floor = size_floor
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        """Deduplicate; the report lists each merged tensor, the kept name, and bytes saved."""
+        ir_model = ir.from_proto(model)
+        merges: list[_Merge] = []
+        self._dedup_graph(ir_model.graph, "main", _Scope(), merges)
+        if not merges:
+            return PassResult(model=model, modified=False, report=_report(merges))
+        return PassResult(model=ir.to_proto(ir_model), modified=True, report=_report(merges))
+
+    def _dedup_graph(self, graph: ir.Graph, path: str, scope: _Scope, merges: list[_Merge]) -> None:
+        """Initializers first (visible to the whole graph), then nodes in order, recursing into subgraphs."""
+        for value in tuple(graph.initializers.values()):
+            if self._merge_into_scope(value, scope, path, merges):
+                assert value.name is not None
+                graph.initializers.pop(value.name)
+        for node in tuple(graph):
+            if _is_constant_tensor_node(node) and self._merge_into_scope(node.outputs[0], scope, path, merges):
+                graph.remove(node, safe=True)
+                continue
+            for attr_name, sub, label in _subgraphs(node):
+                self._dedup_graph(sub, f"{path}/{node.name or node.op_type}.{attr_name}{label}", scope.child(), merges)
+
+    def _merge_into_scope(self, value: ir.Value, scope: _Scope, path: str, merges: list[_Merge]) -> bool:
+        """Rewire ``value`` to an identical canonical value and return True, or register it as canonical."""
+        tensor = _constant_of(value)
+        if tensor is None or tensor.size < self.size_floor or tensor.dtype == ir.DataType.STRING:
+            return False
+        if value.is_graph_input():
+            # Overridable at run time: neither removable nor a safe stand-in for others.
+            return False
+        data = tensor.tobytes()
+        key: _Key = (tensor.dtype, tuple(tensor.shape.numpy()), hashlib.sha256(data).digest())
+        kept = scope.canonical.get(key)
+        if kept is None or not _same_bytes(kept, data):
+            scope.canonical.setdefault(key, value)
+            return False
+        if value.is_graph_output():
+            return False
+        value.replace_all_uses_with(kept)
+        merges.append(_Merge(removed=str(value.name), kept=str(kept.name), graph=path, nbytes=len(data)))
+        log.debug("dedup: %s -> %s (%d bytes)", value.name, kept.name, len(data))
+        return True
+
+
+def _constant_of(value: ir.Value) -> ir.TensorProtocol | None:
+    """The tensor held by an initializer or by the Constant node producing ``value``."""
+    if value.is_initializer():
+        return value.const_value
+    producer = value.producer()
+    if producer is not None and _is_constant_tensor_node(producer):
+        return producer.attributes["value"].as_tensor()
+    return None
+
+
+def _same_bytes(kept: ir.Value, data: bytes) -> bool:
+    """Guard against digest collisions with an exact comparison."""
+    tensor = _constant_of(kept)
+    return tensor is not None and tensor.tobytes() == data
+
+
+def _is_constant_tensor_node(node: ir.Node) -> bool:
+    return (
+        node.op_type == "Constant"
+        and node.domain in ("", "ai.onnx")
+        and set(node.attributes) == {"value"}
+        and node.attributes["value"].type == ir.AttributeType.TENSOR
+    )
+
+
+def _subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph, str]]:
+    """(attribute name, subgraph, "[i]" label for GRAPHS attributes) for each subgraph of ``node``."""
+    found: list[tuple[str, ir.Graph, str]] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append((attr.name, attr.as_graph(), ""))
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found.extend((attr.name, g, f"[{i}]") for i, g in enumerate(attr.as_graphs()))
+    return found
+
+
+def _report(merges: list[_Merge]) -> dict[str, Any]:
+    return {
+        "merged": [m.__dict__ for m in merges],
+        "tensors_removed": len(merges),
+        "bytes_saved": int(np.sum([m.nbytes for m in merges], dtype=np.int64)),
+    }

@@ -1,0 +1,112 @@
+"""Allocation: the knapsack respects the budget and is optimal; Algorithm 2's rules hold."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from tqs_onnx.allocate import Allocation, BlockInfo, Problem, allocate_measured, allocate_paper, solve_mckp
+from tqs_onnx.errors import TqsError
+from tqs_onnx.refine import refine
+from tqs_onnx.tiers import parse_tier, parse_tiers
+
+
+def brute_force(values, costs, budget):
+    best, best_v = None, math.inf
+    for choice in itertools.product(*[range(len(c)) for c in costs]):
+        if sum(c[k] for c, k in zip(costs, choice)) <= budget:
+            v = sum(vals[k] for vals, k in zip(values, choice))
+            if v < best_v - 1e-12:
+                best, best_v = choice, v
+    return best, best_v
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_mckp_matches_brute_force_and_respects_budget(seed):
+    r = np.random.default_rng(seed)
+    n, k = r.integers(2, 6), r.integers(2, 5)
+    costs = [sorted(r.integers(1, 50, size=k).tolist(), reverse=True) for _ in range(n)]
+    values = [sorted(r.random(k).tolist()) for _ in range(n)]
+    lo, hi = sum(min(c) for c in costs), sum(max(c) for c in costs)
+    budget = int(r.integers(lo, hi + 1))
+    assign = solve_mckp(values, costs, budget)
+    assert sum(c[a] for c, a in zip(costs, assign)) <= budget
+    _, best_v = brute_force(values, costs, budget)
+    assert sum(v[a] for v, a in zip(values, assign)) == pytest.approx(best_v, rel=1e-6, abs=1e-9)
+
+
+def _problem(gammas, sizes, tiers="fp32,bf16,int8,int4,int2", target=4.0, damage=None, dead=None):
+    ts = parse_tiers(tiers)
+    blocks = [BlockInfo(i, f"b{i}", [f"w{i}"], n, g, bool(dead and dead[i]), (damage or {}).get(i, {}))
+              for i, (g, n) in enumerate(zip(gammas, sizes))]
+    costs = [[t.storage_bytes((n,)) for t in ts] for n in sizes]
+    return Problem(blocks, ts, costs, 0, sum(n * 4 for n in sizes), target)
+
+
+def test_paper_dead_blocks_go_to_bottom_and_fp32_share_goes_to_top():
+    p = _problem([-60.0, 0.5, 0.1, 0.3], [1000] * 4, target=3.0)
+    a = allocate_paper(p, "mckp", fp32_share=0.25, gamma_min=-50)
+    names = [str(p.tiers[k]) for k in a.assign]
+    assert names[0] == "int2" and names[1] == "fp32"
+    assert p.bytes_of(a.assign) <= p.budget
+
+
+@pytest.mark.parametrize("solver", ["mckp", "greedy"])
+def test_paper_allocation_never_exceeds_budget(solver):
+    r = np.random.default_rng(0)
+    for target in (2, 3.57, 4, 8, 12):
+        p = _problem(r.normal(size=8).tolist(), r.integers(100, 5000, 8).tolist(), target=target)
+        a = allocate_paper(p, solver, 0.05, -50)
+        assert p.bytes_of(a.assign) <= p.budget
+
+
+def test_measured_knapsack_uses_damage_and_granularity_tiers():
+    tiers = "fp32,int8/channel,int4,int4/channel,int2/channel"
+    dmg = {0: {"int8/channel": 1.0, "int4": 50.0, "int4/channel": 5.0, "int2/channel": 100.0},
+           1: {"int8/channel": 0.1, "int4": 0.2, "int4/channel": 0.15, "int2/channel": 0.3}}
+    p = _problem([0, 0], [4096, 4096], tiers, target=6.0, damage=dmg)
+    a = allocate_measured(p, "mckp")
+    chosen = [str(p.tiers[k]) for k in a.assign]
+    assert p.bytes_of(a.assign) <= p.budget
+    # Brute force over the same table
+    values = [[0.0 if t.is_identity else dmg[l][str(t)] for t in p.tiers] for l in range(2)]
+    best, _ = brute_force(values, p.costs, p.budget)
+    assert chosen == [str(p.tiers[k]) for k in best]
+
+
+def test_infeasible_target_names_the_achievable_range():
+    from tqs_onnx.allocate import check_feasible
+
+    p = _problem([0.1, 0.2], [1000, 1000], "fp32,int8", target=40)
+    with pytest.raises(TqsError, match=r"achievable 1\.00x to 3\.9\dx"):
+        check_feasible(p)
+
+
+def test_refine_catches_blocks_harmless_alone_harmful_together():
+    # Two blocks whose single-block damage is tiny at int2, but jointly the model breaks.
+    tiers = "fp32,int8,int2"
+    dmg = {i: {"int8": 1.0, "int2": 2.0} for i in range(3)}
+    p = _problem([0, 0, 0], [1000, 1000, 1000], tiers, target=5.0, damage=dmg)
+    alloc = allocate_measured(p, "mckp")
+
+    def joint(assign):  # true joint damage: blocks 0 and 1 both at int2 is catastrophic
+        names = [str(p.tiers[k]) for k in assign]
+        base = sum({"fp32": 0, "int8": 1, "int2": 2}[n] for n in names)
+        return base + (1000.0 if names[0] == names[1] == "int2" else 0.0)
+
+    r = refine(p, alloc, joint, max_rollouts=20)
+    names = [str(p.tiers[k]) for k in r.allocation.assign]
+    assert not (names[0] == names[1] == "int2")
+    assert p.bytes_of(r.allocation.assign) <= p.budget
+    assert r.joint <= joint(alloc.assign) and r.joint <= min(r.uniform.values(), default=math.inf)
+    assert r.rollouts <= 20
+
+
+def test_tier_parsing_and_storage():
+    t = parse_tier("int4/block32/fp16")
+    assert (t.fmt, t.granularity, t.block_size, t.scale_fmt) == ("int4", "block", 32, "fp16")
+    assert t.storage_bytes((64, 10), channel_axis=1, block_axis=0) == 64 * 10 // 2 + 2 * 10 * 2
+    assert parse_tier("int2/channel").storage_bytes((8, 3), 1, 0) == 6 + 3 * 4
+    with pytest.raises(TqsError):
+        parse_tier("int3")

@@ -1,0 +1,96 @@
+"""The sweep engine: scores that mean what the method says, checkpoints, determinism."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tiny import recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
+from tqs_onnx.graph import load_model
+from tqs_onnx.rollout import Contexts, RolloutSpec
+from tqs_onnx.runtime import Device
+from tqs_onnx.sweep import SweepConfig, run_sweep, score_divergence
+
+CPU = Device("cpu")
+
+
+def sweep(paths, **kw):
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    config = SweepConfig(**{"probes": 2, "min_size": 16, "blocks": "tensor", **kw})
+    return run_sweep(load_model(paths["model"]), spec, ctx, CPU, config, quiet=True)
+
+
+def by_weight(doc):
+    return {b["weights"][0]: b for b in doc["blocks"]}
+
+
+def test_planted_insensitive_branch_is_flagged_dead(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(dead_branch=True), recurrent_spec(), recurrent_contexts())
+    blocks = by_weight(sweep(paths))
+    assert blocks["Wd"]["dead"] and blocks["Wd"]["quant"]["gamma_task"] == -math.inf
+    assert not blocks["W1"]["dead"] and not blocks["W2"]["dead"]
+
+
+def test_block_feeding_output_outranks_damped_block(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(damp=1e-3), recurrent_spec(), recurrent_contexts())
+    blocks = by_weight(sweep(paths))
+    for probe in ("quant", "gauss"):
+        assert blocks["W2"][probe]["gamma_task"] > blocks["Wm"][probe]["gamma_task"]
+
+
+def test_eq1_eq2_and_amax_from_one_rollout():
+    # Divergence growing like e^{2 lambda t}: Eq. 2 at T recovers the rate of the cumulative norm.
+    t = np.arange(1, 21)
+    div = np.exp(2 * 0.3 * t)[None, :]
+    s = score_divergence(div, 1.0)
+    cum = np.cumsum(div[0])
+    assert s.gamma_task_t[4] == pytest.approx(np.log(cum[4]) / 5)
+    assert s.gamma_eq2_t[-1] == pytest.approx(np.log(np.sqrt(cum[-1])) / 20)
+    assert s.a_max == pytest.approx(np.sqrt(cum[-1]))
+    assert len(s.gamma_task_t) == 20 and not s.nonfinite
+
+
+def test_nonfinite_probe_is_recorded_not_raised():
+    div = np.array([[1.0, np.inf, np.inf]])
+    s = score_divergence(div, 1.0)
+    assert s.nonfinite and s.gamma_task == math.inf
+
+
+def test_same_seed_gives_identical_scores(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    a, b = sweep(paths, seed=3), sweep(paths, seed=3)
+    strip = lambda d: json.dumps([{k: v for k, v in x.items() if k != "seconds"} for x in d["blocks"]])
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(sweep(paths, seed=4))
+
+
+def test_resume_after_interruption_gives_same_scores(tmp_path):
+    from tqs_onnx.sweep import Checkpoint
+
+    paths = save_case(tmp_path, recurrent_mlp(dead_branch=True), recurrent_spec(), recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    config = SweepConfig(probes=2, min_size=16, blocks="tensor", tiers=["int8", "int4"])
+    model = load_model(paths["model"])
+    full = run_sweep(model, spec, ctx, CPU, config, quiet=True)
+    ckpt = tmp_path / "ck.jsonl"
+    run_sweep(model, spec, ctx, CPU, config, ckpt, quiet=True)
+    lines = ckpt.read_text().splitlines()
+    # Keep the header and the first block, then half a line: as if killed while writing block 2.
+    ckpt.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
+    with pytest.raises(Exception, match="--resume"):
+        run_sweep(model, spec, ctx, CPU, config, ckpt, quiet=True)
+    resumed = run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)
+    strip = lambda d: [{k: v for k, v in x.items() if k not in ("seconds", "forward_passes")} for x in d["blocks"]]
+    assert strip(resumed) == strip(full)
+    assert len(Checkpoint(ckpt, "x").path.read_text().splitlines()) == 1 + len(full["blocks"])
+
+
+def test_one_session_and_forward_pass_count(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(horizon=5), recurrent_contexts(s=2))
+    doc = sweep(paths, probe="both", probes=3, tiers=["int8"])
+    blocks = len(doc["blocks"])
+    # nominal + per block (1 quant + 3 gauss + 1 tier) rollouts of 2 contexts x 5 steps
+    assert doc["forward_passes"] == 2 * 5 * (1 + blocks * 5)
