@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="the whole pipeline on the bundled Lorenz-96 forecaster")
     s.add_argument("--out", default="tqs-demo-out", help="folder for scores, plans and models (default ./tqs-demo-out)")
-    s.add_argument("--compression", type=float, default=8.0, help="target compression (default 8)")
+    s.add_argument("--compression", type=float, default=4.0, help="target compression (default 4)")
     s.add_argument("--quiet", action="store_true")
     _device_args(s)
     s.set_defaults(func=cmd_demo)

@@ -37,7 +37,7 @@ def _say(quiet: bool, text: str = "") -> None:
         print(text, flush=True)
 
 
-def run_demo(out: Path, compression: float = 8.0, device_name: str = "cpu", quiet: bool = False) -> list[dict]:
+def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quiet: bool = False) -> list[dict]:
     """Run the pipeline; return one row per written model (the before/after table)."""
     t0 = time.perf_counter()
     f = demo_files()

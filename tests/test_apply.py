@@ -1,0 +1,157 @@
+"""The writer: outputs equal the FP32 graph run with independently dequantized weights; every
+weight class (Constant nodes, subgraph weights, Conv/Gemm/Gather) is reachable; INT4/INT2 stay finite;
+planned size equals the file on disk."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tiny import init, model, recurrent_contexts, recurrent_mlp, recurrent_spec, save_case, vec
+from tqs_onnx.cli import main
+from tqs_onnx.graph import load_model
+from tqs_onnx.rewrite import rewrite_model, save_model
+
+
+def run(m_or_path, feeds):
+    src = m_or_path if isinstance(m_or_path, str) else m_or_path.SerializeToString()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def reference_dequant(w, bits, axis=None):
+    """Independent symmetric RTN: scale = max|w| / (2^(b-1)-1) per tensor or per slice along axis."""
+    qmax = 2 ** (bits - 1) - 1
+    if axis is None:
+        amax = np.abs(w).max()
+    else:
+        amax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis), keepdims=True)
+    scale = (np.where(amax > 0, amax / qmax, 1.0)).astype(np.float32)
+    return (np.clip(np.rint(w / scale), -qmax, qmax) * scale).astype(np.float32)
+
+
+def substitute(m, values):
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
+    return out
+
+
+def mixed_model():
+    r = np.random.default_rng(0)
+    W = r.standard_normal((16, 24)).astype(np.float32)
+    G = r.standard_normal((24, 16)).astype(np.float32)
+    K = r.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]),
+             helper.make_node("Gemm", ["a", "G"], ["b"]),
+             helper.make_node("Reshape", ["b", "shp"], ["img"]),
+             helper.make_node("Conv", ["img", "K"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Flatten", ["c"], ["y"])]
+    inits = [init("W", W), init("G", G), init("K", K), init("shp", np.array([1, 1, 4, 4], np.int64))]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])
+    return model(nodes, inits, [vec("x", 16)], [out]), {"W": W, "G": G, "K": K}
+
+
+def plan_for(weights: dict[str, str], info: dict[str, dict]) -> dict:
+    return {"kind": "tqs-plan", "schema_version": 1, "model": {}, "weights": weights, "weight_info": info}
+
+
+@pytest.mark.parametrize("tiers,bits", [({"W": "int8", "G": "int8/channel", "K": "int4/channel"}, None),
+                                        ({"W": "int2/channel", "G": "int4", "K": "int8"}, None)])
+def test_written_graph_equals_fp32_graph_with_dequantized_weights(tmp_path, tiers, bits):
+    m, ws = mixed_model()
+    onnx.save(m, tmp_path / "m.onnx")
+    axes = {"W": 1, "G": 1, "K": 0}
+    plan = plan_for(tiers, {})
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan)
+    save_model(out, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    expected = {}
+    for name, t in tiers.items():
+        b = int(t[3])
+        expected[name] = reference_dequant(ws[name], b, axes[name] if "channel" in t else None)
+    x = {"x": np.random.default_rng(1).standard_normal((1, 16)).astype(np.float32)}
+    got = run(str(tmp_path / "q.onnx"), x)[0]
+    want = run(substitute(m, expected), x)[0]
+    np.testing.assert_allclose(got, want, rtol=3e-5, atol=1e-5)
+    assert np.all(np.isfinite(got))
+
+
+def test_bf16_and_blocked_int4_write_and_match(tmp_path):
+    m, ws = mixed_model()
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": "bf16", "G": "int4/block8"}, {}))
+    assert any(n.op_type == "Cast" for n in out.graph.node)
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"][0]
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 8}
+    save_model(out, tmp_path / "q.onnx")
+    G = ws["G"]
+    blocks = G.reshape(3, 8, 16)
+    scale = np.abs(blocks).max(axis=1, keepdims=True) / 7
+    g_deq = (np.clip(np.rint(blocks / scale), -7, 7) * scale).reshape(24, 16).astype(np.float32)
+    w_bf = ws["W"].astype(ml_dtypes.bfloat16).astype(np.float32)
+    x = {"x": np.ones((1, 16), np.float32)}
+    np.testing.assert_allclose(run(str(tmp_path / "q.onnx"), x)[0],
+                               run(substitute(m, {"W": w_bf, "G": g_deq}), x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_weights_in_constant_nodes_and_if_subgraphs_are_found_and_quantized(tmp_path):
+    r = np.random.default_rng(2)
+    Wc = r.standard_normal((16, 16)).astype(np.float32)
+    Ws = r.standard_normal((16, 16)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["a", "Ws"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 16])], [init("Ws", Ws)])
+    else_g = helper.make_graph([helper.make_node("Identity", ["a"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 16])])
+    nodes = [helper.make_node("Constant", [], ["Wc"], value=numpy_helper.from_array(Wc)),
+             helper.make_node("MatMul", ["x", "Wc"], ["a"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    m = model(nodes, [init("cond", np.array(True))], [vec("x", 16)], [vec("y", 16)])
+    onnx.save(m, tmp_path / "m.onnx")
+    assert main(["inspect", str(tmp_path / "m.onnx"), "--json", "--min-size", "16", "-o", str(tmp_path / "i.json")]) == 0
+    doc = json.loads((tmp_path / "i.json").read_text())
+    found = {w["name"]: w["origin"] for w in doc["weights"] if w["quantizable"]}
+    assert found == {"Wc": "constant", "Ws": "subgraph"}
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"Wc": "int8", "Ws": "int4"}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    x = {"x": r.standard_normal((1, 16)).astype(np.float32)}
+    want = x["x"] @ reference_dequant(Wc, 8) @ reference_dequant(Ws, 4)
+    np.testing.assert_allclose(run(str(tmp_path / "q.onnx"), x)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_pipeline_on_demo_planned_equals_on_disk(tmp_path, capsys):
+    from tqs_onnx.demo import demo_files
+
+    f = demo_files()
+    scores, plan, out = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "q.onnx"
+    assert main(["sweep", str(f["model"]), "--rollout", str(f["spec"]), "--contexts", str(f["sweep"]),
+                 "-o", str(scores), "--probes", "2", "--horizon", "20", "--quiet"]) == 0
+    for target in (3, 6, 10):
+        assert main(["allocate", str(scores), "--compression", str(target), "-o", str(plan), "--quiet"]) == 0
+        assert main(["apply", str(f["model"]), str(plan), "-o", str(out), "--quiet",
+                     "--rollout", str(f["spec"]), "--contexts", str(f["eval"])]) == 0
+        planned = json.loads(plan.read_text())["planned_compression"]
+        on_disk = load_model(f["model"]).file_bytes / load_model(out).file_bytes
+        assert on_disk == pytest.approx(planned, rel=0.005)
+        assert planned >= target
+    assert main(["eval", str(f["model"]), str(out), "--rollout", str(f["spec"]), "--contexts", str(f["eval"]),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["outputs"]["x_next"]["finite"] and len(report["outputs"]["x_next"]["mae_vs_fp32_per_channel"]) == 40
+
+
+def test_external_data_written_and_checked(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(n=64, h=128), recurrent_spec(), recurrent_contexts(n=64))
+    plan = plan_for({"W1": "int4/channel", "W2": "int8"}, {})
+    out, _ = rewrite_model(load_model(paths["model"]), plan)
+    written = save_model(out, tmp_path / "ext" / "q.onnx", external=True)
+    assert {p.name for p in written} == {"q.onnx", "q.onnx.data"}
+    onnx.checker.check_model(str(tmp_path / "ext" / "q.onnx"))
+    assert not list((tmp_path / "ext").glob(".*"))  # no temp files left behind

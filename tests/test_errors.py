@@ -1,0 +1,99 @@
+"""Bad input gets one clear line naming the problem, exit code 2, and nothing written."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from tiny import recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
+from tqs_onnx.cli import main
+
+
+@pytest.fixture
+def case(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    scores = tmp_path / "s.json"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "-o", str(scores), "--probes", "1", "--min-size", "16", "--quiet", "--tiers", "int8,int4"]) == 0
+    return {**paths, "scores": scores, "dir": tmp_path}
+
+
+def one_line_error(capsys, argv, *needles):
+    before = set(os.listdir(argv_dir(argv)))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    assert set(os.listdir(argv_dir(argv))) == before  # nothing written
+    return err
+
+
+def argv_dir(argv):
+    return next(os.path.dirname(a) for a in argv if os.path.isabs(a))
+
+
+def sweep_argv(case, **over):
+    p = {**case, **over}
+    return ["sweep", str(p["model"]), "--rollout", str(p["spec"]), "--contexts", str(p["contexts"]),
+            "-o", str(case["dir"] / "out.json"), "--quiet", "--min-size", "16"]
+
+
+def test_missing_model_file(case, capsys):
+    one_line_error(capsys, ["inspect", str(case["dir"] / "nope.onnx")], "nope.onnx", "no such file")
+
+
+def test_non_onnx_bytes(case, capsys):
+    bad = case["dir"] / "bad.onnx"
+    bad.write_bytes(b"\x00\xffnot a model" * 10)
+    one_line_error(capsys, ["inspect", str(bad)], "bad.onnx", "ONNX")
+
+
+def test_spec_naming_a_missing_output(case, capsys):
+    spec = case["dir"] / "bad.rollout.json"
+    spec.write_text(json.dumps({**recurrent_spec(), "feedback": {"nope": "x"}}))
+    one_line_error(capsys, sweep_argv(case, spec=spec), "output 'nope'")
+
+
+def test_contexts_of_the_wrong_shape(case, capsys):
+    ctx = case["dir"] / "bad.npz"
+    np.savez(ctx, x0=np.zeros((3, 1, 5), np.float32))
+    one_line_error(capsys, sweep_argv(case, contexts=ctx), "x0", "shape")
+
+
+def test_infeasible_compression(case, capsys):
+    one_line_error(capsys, ["allocate", str(case["scores"]), "--compression", "1000", "-o",
+                            str(case["dir"] / "p.json")], "not reachable", "achievable")
+
+
+def test_plan_for_another_model(case, capsys):
+    assert main(["allocate", str(case["scores"]), "--compression", "2", "-o", str(case["dir"] / "p.json"),
+                 "--quiet"]) == 0
+    other = case["dir"] / "other"
+    other.mkdir()
+    save_case(other, recurrent_mlp(n=8, h=8, seed=5), recurrent_spec(), recurrent_contexts(n=8))
+    one_line_error(capsys, ["apply", str(other / "m.onnx"), str(case["dir"] / "p.json"), "-o",
+                            str(other / "q.onnx")], "another model")
+
+
+def test_external_data_escaping_the_model_folder(case, capsys, tmp_path):
+    m = onnx.load(case["model"])
+    for t in m.graph.initializer:
+        if t.name == "W1":
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="../../etc/passwd")
+    evil = case["dir"] / "evil.onnx"
+    onnx.save(m, evil)
+    one_line_error(capsys, ["inspect", str(evil)], "outside the model folder")
+
+
+def test_unreadable_scores_and_plan(case, capsys):
+    junk = case["dir"] / "junk.json"
+    junk.write_text("{not json")
+    one_line_error(capsys, ["allocate", str(junk), "--compression", "2", "-o", str(case["dir"] / "p.json")],
+                   "junk.json")
+    one_line_error(capsys, ["apply", str(case["model"]), str(junk), "-o", str(case["dir"] / "q.onnx")], "junk.json")
