@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Sweep efficiency, measured in one run on one model.
+
+Prints: the plain forward pass (the floor: the original model, its own session, weights as
+initializers), the sweep's cost per forward pass and per probe, and a naive sweep that builds a
+session per probe. efficiency = (forward passes done x floor time) / sweep time.
+
+    python tools/bench_sweep.py models/lorenz96_mlp.onnx [--device cpu|cuda] [--blocks layer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from tqs_onnx.graph import load_model
+from tqs_onnx.probes import perturbed, quant_residuals
+from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
+from tqs_onnx.runtime import make_session, resolve_device
+from tqs_onnx.sweep import SweepConfig, prepare, score_block
+
+
+def companion(model: Path, suffix: str) -> Path:
+    stem = model.name[: -len(".onnx")]
+    for cand in (model.with_name(f"{stem}{suffix}"), model.with_name(f"{stem.split('_')[0]}{suffix}")):
+        if cand.exists():
+            return cand
+    raise SystemExit(f"{model}: cannot find {suffix} beside it; pass --spec/--contexts")
+
+
+def floor_time(path: Path, spec, contexts, device, repeats: int) -> tuple[float, int]:
+    """Seconds per forward pass of the original model rolled out on every context."""
+    rollout = Rollout(make_session(str(path), device), spec, contexts, device)
+    for s in range(contexts.count):  # warm-up
+        rollout.trajectory(s)
+    t0, n0 = time.perf_counter(), rollout.forward_passes
+    for _ in range(repeats):
+        for s in range(contexts.count):
+            rollout.trajectory(s)
+    return (time.perf_counter() - t0) / (rollout.forward_passes - n0), rollout.forward_passes - n0
+
+
+def naive_probe_time(loaded, setup, spec, contexts, device, bits: int, probes: int) -> float:
+    """Seconds per probe when each probe writes a perturbed model and opens a new session."""
+    t0 = time.perf_counter()
+    blocks = setup.blocks[:probes]
+    for block in blocks:
+        w = {n: setup.values[n] for n in block.weights}
+        values = perturbed(w, quant_residuals(w, bits))
+        m = onnx.ModelProto()
+        m.CopyFrom(loaded.model)
+        for t in m.graph.initializer:
+            if t.name in values:
+                t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
+        rollout = Rollout(make_session(m, device), spec, contexts, device)
+        for s in range(contexts.count):
+            rollout.trajectory(s)
+    return (time.perf_counter() - t0) / len(blocks)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--spec", type=Path)
+    ap.add_argument("--contexts", type=Path)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--blocks", default="layer")
+    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    a = ap.parse_args()
+    spec = RolloutSpec.load(a.spec or companion(a.model, ".rollout.json"))
+    contexts = Contexts.load(a.contexts or companion(a.model, "_sweep.npz"), spec)
+    device = resolve_device(a.device)
+    loaded = load_model(a.model)
+
+    floor, _ = floor_time(a.model, spec, contexts, device, a.repeats)
+    config = SweepConfig(probe="both", probes=a.probes, blocks=a.blocks)
+    t_setup = time.perf_counter()
+    setup = prepare(loaded, spec, contexts, device, config)
+    t_setup = time.perf_counter() - t_setup
+    n0, t0 = setup.rollout.forward_passes, time.perf_counter()
+    for block in setup.blocks:
+        score_block(setup, block, config, [])
+    sweep_s = time.perf_counter() - t0
+    passes = setup.rollout.forward_passes - n0
+    probes = len(setup.blocks) * (1 + a.probes)
+    naive = naive_probe_time(loaded, setup, spec, contexts, device, config.bits, min(3, len(setup.blocks)))
+    per_probe = sweep_s / probes
+    res = {
+        "model": str(a.model), "device": device.kind, "blocks": len(setup.blocks), "probes": probes,
+        "contexts": contexts.count, "horizon": spec.horizon,
+        "floor_ms_per_forward": floor * 1e3,
+        "sweep_ms_per_forward": sweep_s / passes * 1e3,
+        "sweep_s": sweep_s, "setup_s": t_setup, "forward_passes": passes,
+        "efficiency": passes * floor / sweep_s,
+        "sweep_ms_per_probe": per_probe * 1e3, "naive_ms_per_probe": naive * 1e3,
+        "naive_over_sweep": naive / per_probe,
+    }
+    print(f"{a.model.name} on {device.kind}: {res['blocks']} blocks, {probes} probes x {contexts.count} contexts "
+          f"x {spec.horizon} steps = {passes:,} forward passes")
+    print(f"  floor (plain forward)       {res['floor_ms_per_forward']:.4f} ms")
+    print(f"  sweep per forward           {res['sweep_ms_per_forward']:.4f} ms   (setup {t_setup:.2f} s, once)")
+    print(f"  efficiency                  {res['efficiency']:.3f}   (forward passes x floor / sweep time)")
+    print(f"  per probe: sweep {res['sweep_ms_per_probe']:.2f} ms, naive session-per-probe "
+          f"{res['naive_ms_per_probe']:.2f} ms ({res['naive_over_sweep']:.1f}x)")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
