@@ -155,3 +155,18 @@ def test_external_data_written_and_checked(tmp_path):
     assert {p.name for p in written} == {"q.onnx", "q.onnx.data"}
     onnx.checker.check_model(str(tmp_path / "ext" / "q.onnx"))
     assert not list((tmp_path / "ext").glob(".*"))  # no temp files left behind
+
+
+@pytest.mark.parametrize("tier", ["int4/block32", "int8/channel", "int4/channel", "int8"])
+def test_matmul_forms_are_fused_by_onnxruntime(tmp_path, tier):
+    """The written DQ -> MatMul is fused (MatMulNBits): no weight is dequantized per call."""
+    W = np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32)
+    m = model([helper.make_node("MatMul", ["x", "W"], ["y"])], [init("W", W)], [vec("x", 128)], [vec("y", 64)])
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": tier}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node}
+    assert "MatMulNBits" in ops and "DequantizeLinear" not in ops, ops
