@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from tqs_onnx.passes.base import PassResult
 from tqs_onnx.quant import quantize, to_storage
-from tqs_onnx.tiers import Tier, rewrite_node, stored_names
+from tqs_onnx.tiers import Tier, rewrite_nodes, stored_names
 
 
 class WriteTiers:
@@ -37,11 +37,11 @@ class WriteTiers:
                 q, scale = quantize(w, tier, *self.axes[init.name])
                 qn, sn = stored_names(init.name)
                 new_inits += [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)]
-                new_nodes.append(rewrite_node(init.name, tier, scale.ndim, self.axes[init.name]))
+                new_nodes += rewrite_nodes(init.name, tier, scale.ndim, self.axes[init.name], init.data_type)
             else:
                 low = f"{init.name}__{tier.fmt}"
                 new_inits.append(numpy_helper.from_array(to_storage(w, tier), low))
-                new_nodes.append(rewrite_node(init.name, tier, 0, self.axes[init.name], init.data_type))
+                new_nodes += rewrite_nodes(init.name, tier, 0, self.axes[init.name], init.data_type)
             done[init.name] = str(tier)
         missing = set(self.tiers) - set(done)
         if missing:

@@ -20,10 +20,11 @@ import onnx
 from onnx import numpy_helper
 
 from tqs_onnx.graph import load_model
-from tqs_onnx.probes import perturbed, quant_residuals
+from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import make_session, resolve_device
 from tqs_onnx.sweep import SweepConfig, prepare, score_block
+from tqs_onnx.tiers import Tier
 
 
 def companion(model: Path, suffix: str) -> Path:
@@ -46,13 +47,13 @@ def floor_time(path: Path, spec, contexts, device, repeats: int) -> tuple[float,
     return (time.perf_counter() - t0) / (rollout.forward_passes - n0), rollout.forward_passes - n0
 
 
-def naive_probe_time(loaded, setup, spec, contexts, device, bits: int, probes: int) -> float:
+def naive_probe_time(loaded, setup, spec, contexts, device, probes: int) -> float:
     """Seconds per probe when each probe writes a perturbed model and opens a new session."""
     t0 = time.perf_counter()
     blocks = setup.blocks[:probes]
     for block in blocks:
         w = {n: setup.values[n] for n in block.weights}
-        values = perturbed(w, quant_residuals(w, bits))
+        values = {n: apply_tier(v, Tier("int8"), None, None) for n, v in w.items()}  # host-made quant probe
         m = onnx.ModelProto()
         m.CopyFrom(loaded.model)
         for t in m.graph.initializer:
@@ -91,7 +92,7 @@ def main() -> None:
     sweep_s = time.perf_counter() - t0
     passes = setup.rollout.forward_passes - n0
     probes = len(setup.blocks) * (1 + a.probes)
-    naive = naive_probe_time(loaded, setup, spec, contexts, device, config.bits, min(3, len(setup.blocks)))
+    naive = naive_probe_time(loaded, setup, spec, contexts, device, min(3, len(setup.blocks)))
     per_probe = sweep_s / probes
     res = {
         "model": str(a.model), "device": device.kind, "blocks": len(setup.blocks), "probes": probes,

@@ -54,7 +54,7 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
     session = make_session(str(path), device)
     if spec is not None and contexts is not None:
         rollout = Rollout(session, spec, contexts, device, str(path))
-        outs = [step for s in range(contexts.count) for step in rollout.steps(s)]
+        outs = [step for s in range(contexts.count) for step in rollout.trajectory_host(s)]
         finite = all(np.all(np.isfinite(v)) for o in outs for v in o.values())
     else:
         finite = all(np.all(np.isfinite(v)) for v in session.run(None, _synthetic_feeds(session))
@@ -69,7 +69,7 @@ def rollouts(path_or_session, spec: RolloutSpec, contexts: Contexts, device: Dev
     """Trajectory outputs stacked as (S, T, *shape) per output."""
     session = make_session(str(path_or_session), device) if isinstance(path_or_session, (str, Path)) else path_or_session
     rollout = Rollout(session, spec, contexts, device, str(path_or_session))
-    trajs = [rollout.trajectory(s, horizon=horizon) for s in range(contexts.count)]
+    trajs = [rollout.trajectory_host(s, horizon=horizon) for s in range(contexts.count)]
     return {k: np.stack([np.stack([step[k] for step in traj]) for traj in trajs]) for k in spec.trajectory}
 
 

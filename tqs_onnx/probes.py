@@ -1,48 +1,238 @@
-"""Weight perturbations for one block: quantization residual, norm-matched Gaussian, tier values.
+"""Weight perturbations made where the session runs: small ONNX Runtime graphs on the same device.
 
-All probes are seeded from (seed, block id, probe index) alone, so a resumed or distributed sweep
-draws exactly the same numbers as an uninterrupted one.
+A probe never builds a tensor on the host: the quantization residual, every tier's values and the
+seeded Gaussian are computed by tiny ORT graphs from the device-resident nominal weights, and the
+trajectory divergence is reduced on the device too. The same graphs run on the CPU provider, so the
+CPU tests exercise the CUDA path's code.
+
+The Gaussian comes from a counter-based generator (a quadratic hash of the element index mod
+2^31-1, then Box-Muller), because RandomNormalLike on CUDA is not reproducible even with a seed.
+Each (seed, block, probe, tensor) gets its own counter offset, so a resumed or distributed sweep
+draws the same numbers as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+from typing import Any
 
-from tqs_onnx.quant import apply_tier
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
 from tqs_onnx.tiers import Tier
 
-
-def quant_residuals(weights: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
-    """d_theta = Q_b(theta) - theta, symmetric per-tensor b-bit rounding (the paper's probe)."""
-    out = {}
-    for name, w in weights.items():
-        w32 = w.astype(np.float32)
-        amax = float(np.max(np.abs(w32))) if w32.size else 0.0
-        qmax = 2 ** (bits - 1) - 1
-        scale = amax / qmax if amax > 0 else 1.0
-        out[name] = (np.clip(np.rint(w32 / scale), -qmax, qmax) * scale - w32).astype(np.float32)
-    return out
+P = 2147483647  # 2^31 - 1: products of two residues stay below 2^62 in int64
+_ROUNDS = [(1103515245 % P, 12345), (48271, 2654435761 % P), (69621, 40014), (16807, 40692)]
+_OPSET = 17
 
 
-def frob_norm(deltas: dict[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in deltas.values())))
+# ------------------------------------------------------------------------------- reference (numpy)
+
+def counter_uniform(counter: np.ndarray) -> np.ndarray:
+    """Uniform (0, 1) from int64 counters; the same integer hash the device graph computes."""
+    x = counter % P
+    for a, c in _ROUNDS:
+        x = (x * x % P + x * a % P + c) % P
+    return ((x.astype(np.float32) + np.float32(0.5)) / np.float32(P)).astype(np.float32)
 
 
-def gauss_deltas(weights: dict[str, np.ndarray], norm: float, seed: int, block_id: int,
-                 probe: int) -> dict[str, np.ndarray]:
-    """Isotropic Gaussian over the block with ||d_theta||_F = norm, seeded per (block, probe)."""
-    rng = np.random.Generator(np.random.PCG64([seed, block_id, probe]))
-    raw = {name: rng.standard_normal(w.shape, dtype=np.float32) for name, w in weights.items()}
-    n = frob_norm(raw)
-    k = np.float32(norm / n) if n > 0 else np.float32(0)
-    return {name: r * k for name, r in raw.items()}
+def counter_normal(n: int, offset: int) -> np.ndarray:
+    """Standard normal draws for counters offset + [0, 2n): numpy reference of the device graph."""
+    i = np.arange(n, dtype=np.int64) * 2 + offset
+    u1, u2 = counter_uniform(i), counter_uniform(i + 1)
+    return (np.sqrt(np.float32(-2) * np.log(u1)) * np.cos(np.float32(2 * np.pi) * u2)).astype(np.float32)
 
 
-def perturbed(weights: dict[str, np.ndarray], deltas: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {name: (w.astype(np.float32) + deltas[name]).astype(w.dtype) for name, w in weights.items()}
+def probe_offset(seed: int, block: int, probe: int, tensor: int) -> int:
+    """Counter offset of one tensor of one Gaussian probe."""
+    return int(np.random.Generator(np.random.PCG64([seed, block, probe, tensor])).integers(0, P))
 
 
-def tier_values(weights: dict[str, np.ndarray], tier: Tier,
-                axes: dict[str, tuple[int | None, int | None]]) -> dict[str, np.ndarray]:
-    """The block's weights as the written graph will compute with them at `tier`."""
-    return {name: apply_tier(w, tier, *axes[name]) for name, w in weights.items()}
+# --------------------------------------------------------------------------------- graph builders
+
+def _model(nodes, inputs, outputs, inits=()) -> bytes:
+    g = helper.make_graph(nodes, "probe", inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", _OPSET)])
+    m.ir_version = 8
+    return m.SerializeToString()
+
+
+def _f(name: str, shape=None):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _const(name: str, value, dtype=np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def _rtn_nodes(src: str, scale_src: str, qmax_name: str, out: str, tag: str) -> list:
+    """out = Clip(Round(src / s), -qmax, qmax) * s with s = amax/qmax (1 where amax == 0)."""
+    n = helper.make_node
+    return [
+        n("Greater", [scale_src, "zero"], [f"{tag}pos"]),
+        n("Div", [scale_src, qmax_name], [f"{tag}s0"]),
+        n("Where", [f"{tag}pos", f"{tag}s0", "one"], [f"{tag}s"]),
+        n("Div", [src, f"{tag}s"], [f"{tag}r"]),
+        n("Round", [f"{tag}r"], [f"{tag}rr"]),
+        n("Neg", [qmax_name], [f"{tag}nq"]),
+        n("Clip", [f"{tag}rr", f"{tag}nq", qmax_name], [f"{tag}q"]),
+        n("Mul", [f"{tag}q", f"{tag}s"], [out]),
+    ]
+
+
+def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None],
+                qmax: int | None = None) -> bytes:
+    """W -> the values the written graph computes with at an integer tier (bit-identical to DQ).
+
+    `qmax` overrides the tier's grid, for the paper's b-bit probe at widths no tier stores (e.g. 6).
+    """
+    n = helper.make_node
+    rank = len(shape)
+    inits = [_const("zero", 0.0), _const("one", 1.0), _const("qmax", float(qmax or tier.qmax))]
+    nodes = [n("Abs", ["W"], ["A"])]
+    gran = tier.granularity
+    if gran == "channel" and axes[0] is None or gran == "block" and axes[1] is None or rank == 0:
+        gran = "tensor"
+    if gran == "tensor":
+        nodes.append(n("ReduceMax", ["A"], ["amax"], keepdims=1))
+        src = "W"
+    elif gran == "channel":
+        others = [i for i in range(rank) if i != axes[0]]
+        nodes.append(n("ReduceMax", ["A"], ["amax"], axes=others, keepdims=1) if others
+                     else n("Identity", ["A"], ["amax"]))
+        src = "W"
+    else:
+        b, bs = axes[1], tier.block_size
+        nb = -(-shape[b] // bs)
+        pads = [0] * (2 * rank)
+        pads[rank + b] = nb * bs - shape[b]
+        blocked = list(shape[:b]) + [nb, bs] + list(shape[b + 1:])
+        inits += [_const("pads", pads, np.int64), _const("bshape", blocked, np.int64),
+                  _const("pshape", list(shape[:b]) + [nb * bs] + list(shape[b + 1:]), np.int64),
+                  _const("st", [0], np.int64), _const("en", [shape[b]], np.int64), _const("ax", [b], np.int64)]
+        nodes = [n("Pad", ["W", "pads"], ["Wp"]), n("Reshape", ["Wp", "bshape"], ["Wb"]),
+                 n("Abs", ["Wb"], ["A"]), n("ReduceMax", ["A"], ["amax"], axes=[b + 1], keepdims=1)]
+        src = "Wb"
+    scale_in = "amax"
+    if tier.scale_fmt == "fp16":
+        inits.append(_const("smin", 6.2e-5))
+        nodes += [n("Div", ["amax", "qmax"], ["s16a"]), n("Cast", ["s16a"], ["s16b"], to=TensorProto.FLOAT16),
+                  n("Cast", ["s16b"], ["s16c"], to=TensorProto.FLOAT), n("Max", ["s16c", "smin"], ["s16"]),
+                  n("Mul", ["s16", "qmax"], ["amax16"])]
+        scale_in = "amax16"
+    out = "Yq"
+    nodes += _rtn_nodes(src, scale_in, "qmax", out, "t")
+    if tier.scale_fmt == "fp16":  # DequantizeLinear multiplies in the fp16 scale's type
+        nodes += [n("Cast", [out], [f"{out}16"], to=TensorProto.FLOAT16), n("Cast", [f"{out}16"], [f"{out}r"], to=TensorProto.FLOAT)]
+        out = f"{out}r"
+    if gran == "block":
+        nodes += [n("Reshape", [out, "pshape"], ["Yp"]), n("Slice", ["Yp", "st", "en", "ax"], ["Y"])]
+    else:
+        nodes.append(n("Identity", [out], ["Y"]))
+    return _model(nodes, [_f("W", list(shape))], [_f("Y", list(shape))], inits)
+
+
+def cast_graph(fmt: str) -> bytes:
+    to = TensorProto.FLOAT16 if fmt == "fp16" else TensorProto.BFLOAT16
+    nodes = [helper.make_node("Cast", ["W"], ["L"], to=to), helper.make_node("Cast", ["L"], ["Y"], to=TensorProto.FLOAT)]
+    return _model(nodes, [_f("W")], [_f("Y")])
+
+
+def gauss_graph() -> bytes:
+    """(W, offset, sigma) -> W + sigma * N(0, 1), N from the counter hash of each element's index."""
+    n = helper.make_node
+    inits = [_const("zero_i", 0, np.int64), _const("one_i", 1, np.int64), _const("two_i", 2, np.int64),
+             _const("p", P, np.int64), _const("half", 0.5), _const("pf", float(P)), _const("m2", -2.0),
+             _const("tau", 2 * np.pi)]
+    nodes = [n("Size", ["W"], ["size"]), n("Range", ["zero_i", "size", "one_i"], ["i"]),
+             n("Mul", ["i", "two_i"], ["i2"]), n("Add", ["i2", "offset"], ["c1"]), n("Add", ["c1", "one_i"], ["c2"])]
+    for tag in ("c1", "c2"):
+        nodes.append(n("Mod", [tag, "p"], [f"{tag}x0"]))
+        for r, (a, c) in enumerate(_ROUNDS):
+            inits += [_const(f"a{r}", a, np.int64), _const(f"k{r}", c, np.int64)] if tag == "c1" else []
+            x = f"{tag}x{r}"
+            nodes += [n("Mul", [x, x], [f"{x}sq"]), n("Mod", [f"{x}sq", "p"], [f"{x}sqm"]),
+                      n("Mul", [x, f"a{r}"], [f"{x}ax"]), n("Mod", [f"{x}ax", "p"], [f"{x}axm"]),
+                      n("Add", [f"{x}sqm", f"{x}axm"], [f"{x}s1"]), n("Add", [f"{x}s1", f"k{r}"], [f"{x}s2"]),
+                      n("Mod", [f"{x}s2", "p"], [f"{tag}x{r + 1}"])]
+        last = f"{tag}x{len(_ROUNDS)}"
+        nodes += [n("Cast", [last], [f"{tag}f"], to=TensorProto.FLOAT), n("Add", [f"{tag}f", "half"], [f"{tag}h"]),
+                  n("Div", [f"{tag}h", "pf"], [f"{tag}u"])]
+    nodes += [n("Log", ["c1u"], ["lg"]), n("Mul", ["lg", "m2"], ["lg2"]), n("Sqrt", ["lg2"], ["rad"]),
+              n("Mul", ["c2u", "tau"], ["ang"]), n("Cos", ["ang"], ["cs"]), n("Mul", ["rad", "cs"], ["z"]),
+              n("Shape", ["W"], ["shp"]), n("Reshape", ["z", "shp"], ["zr"]), n("Mul", ["zr", "sigma"], ["dz"]),
+              n("Add", ["W", "dz"], ["Y"])]
+    ins = [_f("W"), helper.make_tensor_value_info("offset", TensorProto.INT64, []), _f("sigma", [])]
+    return _model(nodes, ins, [_f("Y")], inits)
+
+
+def sqdiff_graph() -> bytes:
+    """(a, b) -> sum((a - b)^2), the squared divergence of one output at one step."""
+    n = helper.make_node
+    nodes = [n("Cast", ["a"], ["af"], to=TensorProto.FLOAT), n("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+             n("Sub", ["af", "bf"], ["d"]), n("ReduceSumSquare", ["d"], ["Y"], keepdims=0)]
+    any_f = [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in ("a", "b")]
+    return _model(nodes, any_f, [_f("Y", [])])
+
+
+# ------------------------------------------------------------------------------------- the device
+
+class DeviceProbes:
+    """Runs the probe graphs on the sweep's device; inputs and outputs stay device OrtValues."""
+
+    def __init__(self, device):
+        from tqs_onnx.runtime import make_session
+
+        self.device = device
+        self._make = lambda blob: make_session(blob, device)
+        self._sessions: dict[Any, Any] = {}
+
+    def _session(self, key, build):
+        if key not in self._sessions:
+            self._sessions[key] = self._make(build())
+        return self._sessions[key]
+
+    def _run(self, session, feeds: dict[str, Any]) -> Any:
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(session.get_outputs()[0].name, self.device.kind)
+        session.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def tier(self, w, tier: Tier, axes: tuple[int | None, int | None]):
+        """The weight as the written graph computes with it at `tier` (device in, device out)."""
+        if tier.is_identity:
+            return w
+        shape = tuple(w.shape())
+        if tier.is_int:
+            s = self._session(("q", tier, shape, axes), lambda: quant_graph(tier, shape, axes))
+        else:
+            s = self._session(("cast", tier.fmt), lambda: cast_graph(tier.fmt))
+        return self._run(s, {"W": w})
+
+    def quant_probe(self, w, bits: int):
+        """Q_b(w): the paper's symmetric per-tensor b-bit rounding."""
+        shape = tuple(w.shape())
+        s = self._session(("probe", bits, shape), lambda: quant_graph(Tier("int8"), shape, (None, None),
+                                                                       2 ** (bits - 1) - 1))
+        return self._run(s, {"W": w})
+
+    def gauss(self, w, offset: int, sigma: float):
+        s = self._session("gauss", gauss_graph)
+        return self._run(s, {"W": w, "offset": self.device.to_device(np.array(offset, np.int64)),
+                             "sigma": self.device.to_device(np.array(sigma, np.float32))})
+
+    def sqdiff(self, a, b) -> float:
+        """sum((a - b)^2); on the CPU provider device memory is host memory, so numpy reads it in place."""
+        if self.device.kind == "cpu":
+            d = a.numpy().astype(np.float64) - b.numpy()
+            return float(np.einsum("i,i->", d.ravel(), d.ravel()))
+        s = self._session("sqdiff", sqdiff_graph)
+        return float(self._run(s, {"a": a, "b": b}).numpy())
+
+
+def gauss_sigma(norm: float, size: int) -> float:
+    """sigma of an isotropic draw whose expected squared norm over `size` elements is norm^2."""
+    return norm / math.sqrt(size) if size else 0.0

@@ -199,7 +199,7 @@ class Rollout:
 
     def steps(self, s: int, weights: dict[str, Any] | None = None,
               horizon: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield the trajectory outputs (host arrays) of steps 1..horizon for context s.
+        """Yield the trajectory outputs (device OrtValues) of steps 1..horizon for context s.
 
         `weights` maps exposed weight inputs to device OrtValues; they stay bound for the rollout.
         """
@@ -221,20 +221,16 @@ class Rollout:
             out = dict(zip(self.fetch, binding.get_outputs()))
             for o, inp in self.spec.feedback.items():
                 feeds[inp] = out[o]
-            yield {k: out[k].numpy() for k in self.spec.trajectory}
+            yield {k: out[k] for k in self.spec.trajectory}
 
     def trajectory(self, s: int, weights: dict[str, Any] | None = None,
-                   horizon: int | None = None) -> list[dict[str, np.ndarray]]:
+                   horizon: int | None = None) -> list[dict[str, Any]]:
+        """Trajectory outputs per step, left on the device."""
         return list(self.steps(s, weights, horizon))
 
-
-def squared_divergence(traj: list[dict[str, np.ndarray]], nominal: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """||Y_t - Y0_t||^2 per step (summed over trajectory outputs), float64; inf when non-finite."""
-    d = np.empty(len(traj))
-    for t, (a, b) in enumerate(zip(traj, nominal)):
-        d[t] = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in a)
-    d[~np.isfinite(d)] = np.inf
-    return d
+    def trajectory_host(self, s: int, weights: dict[str, Any] | None = None,
+                        horizon: int | None = None) -> list[dict[str, np.ndarray]]:
+        return [{k: v.numpy() for k, v in step.items()} for step in self.steps(s, weights, horizon)]
 
 
 def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[str, Any] | None:

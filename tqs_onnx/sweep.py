@@ -22,8 +22,8 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import Block, LoadedModel, Weight, make_blocks, weight_table
 from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.prepare import prepare_graph
-from tqs_onnx.probes import frob_norm, gauss_deltas, perturbed, quant_residuals, tier_values
-from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec, squared_divergence
+from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
+from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session
 from tqs_onnx.tiers import Tier, parse_tier
 from tqs_onnx.util import progress
@@ -110,9 +110,10 @@ class SweepSetup:
     rollout: Rollout
     values: dict[str, np.ndarray]  # nominal weight values (host)
     bound: dict[str, Any]  # nominal weight values (device)
-    nominal: list[list[dict[str, np.ndarray]]]
+    nominal: list[list[dict[str, Any]]]  # per context, per step: trajectory outputs on the device
     horizon: int
     prepared_bytes: int  # serialized size of the lifted + factored graph, before quantization
+    ops: DeviceProbes  # probe graphs on the same device
 
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -134,39 +135,47 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     bound = {n: device.to_device(v) for n, v in values.items()}
     horizon = config.horizon or spec.horizon
     nominal = [rollout.trajectory(s, bound, horizon) for s in range(contexts.count)]
+    ops = DeviceProbes(device)
     for traj in nominal:
-        if not all(np.all(np.isfinite(v)) for step in traj for v in step.values()):
+        if not all(math.isfinite(ops.sqdiff(v, v)) for step in traj for v in step.values()):
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; check the contexts")
-    return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon, prepared.model.ByteSize())
+    return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon, prepared.model.ByteSize(), ops)
 
 
-def divergence(setup: SweepSetup, replaced: dict[str, np.ndarray]) -> np.ndarray:
-    """Squared trajectory divergence per (context, step) with `replaced` swapped into the session."""
-    dev = setup.rollout.device
-    bound = {**setup.bound, **{n: dev.to_device(v) for n, v in replaced.items()}}
-    rows = []
+def divergence(setup: SweepSetup, replaced: dict[str, Any]) -> np.ndarray:
+    """Squared trajectory divergence per (context, step) with `replaced` (device values) swapped in."""
+    bound = {**setup.bound, **replaced}
+    out = np.empty((len(setup.nominal), setup.horizon))
     for s, nominal in enumerate(setup.nominal):
-        rows.append(squared_divergence(setup.rollout.trajectory(s, bound, setup.horizon), nominal))
-    return np.stack(rows)
+        for t, step in enumerate(setup.rollout.steps(s, bound, setup.horizon)):
+            out[s, t] = sum(setup.ops.sqdiff(step[k], nominal[t][k]) for k in step)
+    out[~np.isfinite(out)] = np.inf
+    return out
 
 
 def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: list[Tier]) -> BlockScore:
-    """All probes of one block: quant residual, Gaussian draws of the same norm, tier damage."""
+    """All probes of one block: quant residual, Gaussian draws of the same norm, tier damage.
+
+    Every perturbed tensor is made on the device from the bound nominal weights.
+    """
     t0, passes0 = time.perf_counter(), setup.rollout.forward_passes
-    w = {n: setup.values[n] for n in block.weights}
-    residual = quant_residuals(w, config.bits)
-    norm = frob_norm(residual)
+    ops = setup.ops
+    w = {n: setup.bound[n] for n in block.weights}
+    quantized = {n: ops.quant_probe(v, config.bits) for n, v in w.items()}
+    norm = math.sqrt(sum(ops.sqdiff(quantized[n], v) for n, v in w.items()))
     score = BlockScore(block.id, block.name, block.weights, block.size, norm)
     if config.probe in ("quant", "both"):
-        score.quant = score_divergence(divergence(setup, perturbed(w, residual)), norm)
+        score.quant = score_divergence(divergence(setup, quantized), norm)
     if config.probe in ("gauss", "both"):
-        divs = [divergence(setup, perturbed(w, gauss_deltas(w, norm, config.seed, block.id, p)))
+        sigma = gauss_sigma(norm, block.size)
+        divs = [divergence(setup, {n: ops.gauss(v, probe_offset(config.seed, block.id, p, j), sigma)
+                                   for j, (n, v) in enumerate(w.items())})
                 for p in range(config.probes)]
         score.gauss = score_divergence(np.stack(divs), norm)
     axes = {x.name: (x.channel_axis, x.block_axis) for x in setup.weights if x.name in w}
     for tier in tiers:
         if not tier.is_identity:
-            d = divergence(setup, tier_values(w, tier, axes)).sum(axis=-1)
+            d = divergence(setup, {n: ops.tier(v, tier, axes[n]) for n, v in w.items()}).sum(axis=-1)
             score.damage[str(tier)] = float(d.mean()) if np.all(np.isfinite(d)) else math.inf
     score.nonfinite = any(p is not None and p.nonfinite for p in (score.quant, score.gauss))
     score.dead = not score.nonfinite and score.gamma <= config.gamma_min
@@ -318,10 +327,10 @@ def joint_divergence(setup: SweepSetup, blocks: list[list[str]], tiers: list[Tie
     axes = {w.name: (w.channel_axis, w.block_axis) for w in setup.weights}
 
     def run(assign: list[int]) -> float:
-        replaced: dict[str, np.ndarray] = {}
+        replaced: dict[str, Any] = {}
         for names, k in zip(blocks, assign):
             if not tiers[k].is_identity:
-                replaced.update(tier_values({n: setup.values[n] for n in names}, tiers[k], axes))
+                replaced.update({n: setup.ops.tier(setup.bound[n], tiers[k], axes[n]) for n in names})
         d = divergence(setup, replaced).sum(axis=-1)
         return float(d.mean()) if np.all(np.isfinite(d)) else math.inf
 

@@ -128,20 +128,28 @@ def stored_names(name: str) -> tuple[str, str]:
     return f"{name}__q", f"{name}__scale"
 
 
-def rewrite_node(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None, int | None],
-                 orig_type: int = 1):
-    """The node that recreates weight `name` from its stored form (shared by the writer and the planner)."""
+def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None, int | None],
+                  orig_type: int = 1) -> list:
+    """Nodes that recreate weight `name` from its stored form (shared by the writer and the planner).
+
+    DequantizeLinear returns the scale's type, so fp16 scales on a float32 weight need a Cast back.
+    """
     import onnx
 
     if not tier.is_int:
-        return onnx.helper.make_node("Cast", [f"{name}__{tier.fmt}"], [name], name=f"{name}/Cast", to=orig_type)
+        return [onnx.helper.make_node("Cast", [f"{name}__{tier.fmt}"], [name], name=f"{name}/Cast", to=orig_type)]
     q, s = stored_names(name)
     attrs = {}
     if tier.granularity == "channel" and scale_rank == 1:
         attrs["axis"] = axes[0]
     elif tier.granularity == "block" and scale_rank > 0:
         attrs["axis"], attrs["block_size"] = axes[1], tier.block_size
-    return onnx.helper.make_node("DequantizeLinear", [q, s], [name], name=f"{name}/DequantizeLinear", **attrs)
+    recast = tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16
+    dq_out = f"{name}__dq" if recast else name
+    nodes = [onnx.helper.make_node("DequantizeLinear", [q, s], [dq_out], name=f"{name}/DequantizeLinear", **attrs)]
+    if recast:
+        nodes.append(onnx.helper.make_node("Cast", [dq_out], [name], name=f"{name}/Cast", to=orig_type))
+    return nodes
 
 
 def _varint_len(n: int) -> int:
@@ -174,14 +182,15 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
         return 0
     n = math.prod(shape)
     rank = 0 if tier.granularity == "tensor" else (1 if tier.granularity == "channel" else len(shape))
-    added = _field_bytes(rewrite_node(name, tier, rank, axes).ByteSize())
+    added = sum(_field_bytes(node.ByteSize()) for node in rewrite_nodes(name, tier, rank, axes))
     if tier.is_int:
         q, s = stored_names(name)
         count = tier.scale_count(shape, *axes)
         sdims = [] if rank == 0 else [count] if rank == 1 else \
             [shape[i] if i != axes[1] else -(-shape[i] // tier.block_size) for i in range(len(shape))]
         added += _tensor_header(q, onnx.TensorProto.INT8, list(shape), math.ceil(n * tier.bits / 8))
-        added += _tensor_header(s, onnx.TensorProto.FLOAT, sdims, count * (2 if tier.scale_fmt == "fp16" else 4))
+        stype = onnx.TensorProto.FLOAT16 if tier.scale_fmt == "fp16" else onnx.TensorProto.FLOAT
+        added += _tensor_header(s, stype, sdims, count * (2 if tier.scale_fmt == "fp16" else 4))
     else:
         added += _tensor_header(f"{name}__{tier.fmt}", onnx.TensorProto.FLOAT16, list(shape), n * 2)
     return added - _tensor_header(name, onnx.TensorProto.FLOAT, list(shape), n * orig_bits // 8)
