@@ -49,7 +49,10 @@ class LiftWeights:
         origins = hidden_weight_origins(model, self.size_floor)
         if not origins:
             return PassResult(model, False, {"lifted": 0})
-        irm = ir.serde.deserialize_model(model)
+        # onnx-ir wraps the proto's tensors and its passes edit them: work on a copy of the caller's model.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        irm = ir.serde.deserialize_model(copy)
         LiftConstantsToInitializersPass(size_limit=self.size_floor)(irm)
         # Lift twice: a Constant inside a subgraph first becomes that subgraph's initializer.
         LiftSubgraphInitializersToMainGraphPass()(irm)

@@ -29,6 +29,7 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16,
 DATA_MOVEMENT = {"Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Identity",
                  "Cast", "Flatten", "Expand", "Gather", "Tile", "Pad", "DequantizeLinear"}
 DEFAULT_MIN_SIZE = 256
+NONFINITE_REASON = "holds NaN/inf values"
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -64,6 +65,8 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
             continue
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
+        if "\x00" in loc:
+            raise TqsError(f"{path}: tensor '{t.name}' has an unusable external data location {loc!r}")
         if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts:
             raise TqsError(f"{path}: tensor '{t.name}' has external data outside the model folder ('{loc}')")
         target = (base / loc).resolve()
@@ -71,11 +74,75 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
             raise TqsError(f"{path}: tensor '{t.name}' external data '{loc}' resolves outside the model folder")
         if not target.is_file():
             raise TqsError(f"{path}: external data file '{loc}' for tensor '{t.name}' is missing")
-        offset, length = int(info.get("offset", 0) or 0), info.get("length")
-        if length is not None and offset + int(length) > target.stat().st_size:
+        try:
+            offset = int(info.get("offset") or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            offset, length = -1, None
+        if offset < 0 or (length is not None and length < 0):
+            raise TqsError(f"{path}: tensor '{t.name}' external data offset and length must be non-negative "
+                           f"integers (offset {info.get('offset')!r}, length {info.get('length')!r})")
+        if offset + (length or 0) > target.stat().st_size:
             raise TqsError(f"{path}: external data file '{loc}' is truncated (tensor '{t.name}')")
         files.add(target)
     return sorted(files)
+
+
+_PACKED_BITS = {getattr(onnx.TensorProto, n): b for n, b in
+                (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, n)}
+# Typed-field tensors whose field holds exactly one entry per element.
+_ONE_PER_ELEMENT = {"float_data", "double_data", "int64_data", "uint64_data", "string_data"}
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Every tensor holds exactly the data its dims promise (before anything converts it to numpy)."""
+    for t in _iter_tensors(model):
+        if any(d < 0 for d in t.dims):
+            raise TqsError(f"{path}: tensor '{t.name}' has negative dims {list(t.dims)}")
+        if t.HasField("segment") or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        n = math.prod(t.dims)
+        if t.raw_data:
+            bits = _PACKED_BITS.get(t.data_type)
+            try:
+                need = math.ceil(n * bits / 8) if bits else \
+                    n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            except Exception:
+                raise TqsError(f"{path}: tensor '{t.name}' has unknown data type {t.data_type}") from None
+            if len(t.raw_data) != need:
+                raise TqsError(f"{path}: tensor '{t.name}' holds {len(t.raw_data):,} bytes but its dims "
+                               f"{list(t.dims)} need {need:,} bytes (truncated or corrupt)")
+            continue
+        try:
+            field = onnx.helper.tensor_dtype_to_field(t.data_type)
+        except Exception:
+            continue
+        held = len(getattr(t, field))
+        if (field in _ONE_PER_ELEMENT and held != n) or (n and not held):
+            raise TqsError(f"{path}: tensor '{t.name}' holds {held:,} values but its dims {list(t.dims)} "
+                           f"need {n:,} (truncated or corrupt)")
+
+
+def _check_acyclic(model: onnx.ModelProto, path: Path) -> None:
+    """Exports must be DAGs: a cycle would hang or crash every later stage."""
+    for g in _iter_graphs(model.graph):
+        dg, names = data_graph(g)
+        if not nx.is_directed_acyclic_graph(dg):
+            cycle = [names[u] for u, _ in nx.find_cycle(dg)]
+            raise TqsError(f"{path}: graph '{g.name}' has a cycle through nodes {' -> '.join(cycle[:6])}"
+                           f"{' ...' if len(cycle) > 6 else ''}")
+
+
+def tensor_is_finite(t: onnx.TensorProto) -> bool:
+    """No NaN or inf in a float tensor (checked in chunks, without copying raw data)."""
+    if t.data_type not in FLOAT_TYPES:
+        return True
+    if t.raw_data:
+        a = np.frombuffer(t.raw_data, onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    else:
+        a = numpy_helper.to_array(t).reshape(-1)
+    step = 1 << 22
+    return all(np.isfinite(a[i:i + step]).all() for i in range(0, a.size, step))
 
 
 @dataclass
@@ -99,6 +166,8 @@ def file_digest(path: Path) -> str:
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Read an ONNX file as untrusted input; any problem becomes a one-line TqsError."""
     path = Path(path)
+    if path.is_dir():
+        raise TqsError(f"{path}: is a folder, not an ONNX file")
     if not path.is_file():
         raise TqsError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -106,7 +175,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
-        raise TqsError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        raise TqsError(f"{path}: not a readable ONNX model, truncated or not ONNX ({type(exc).__name__})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise TqsError(f"{path}: not an ONNX model (no graph)")
     data_files = _check_external_data(model, path)
@@ -115,6 +184,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise TqsError(f"{path}: cannot read external data ({exc})") from None
+    _check_tensor_sizes(model, path)
+    _check_acyclic(model, path)
     total = path.stat().st_size + sum(f.stat().st_size for f in data_files)
     return LoadedModel(path, model, total, file_digest(path))
 
@@ -283,22 +354,28 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
                 # Reached through reshaping ops: the consumer's axes do not describe the stored layout.
                 w.channel_axis, w.block_axis = _axes_for("", 0, graph.node[i], len(shape))
             w.scope = scope_of(names[i], init.name)
-        w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model)
+        w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init)
         weights.append(w)
     weights.sort(key=lambda w: (w.order, w.name))
     return weights
 
 
 def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
-                 model: onnx.ModelProto) -> tuple[bool, str]:
+                 model: onnx.ModelProto, init: onnx.TensorProto | None = None) -> tuple[bool, str]:
+    if w.size == 0:
+        return False, "empty tensor"
     if w.size < min_size:
         return False, f"below size floor ({w.size} < {min_size})"
+    if w.dtype == "bfloat16":
+        return False, "already stored as bfloat16"
     if w.name in outputs:
         return False, "graph output"
     if w.name in inputs and model.ir_version >= 4:
         return False, "also a graph input (overridable)"
     if not w.consumers:
         return False, "unused"
+    if init is not None and not tensor_is_finite(init):
+        return False, NONFINITE_REASON
     return True, ""
 
 

@@ -66,19 +66,28 @@ def _const(name: str, value, dtype=np.float32) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
-def _rtn_nodes(src: str, scale_src: str, qmax_name: str, out: str, tag: str) -> list:
-    """out = Clip(Round(src / s), -qmax, qmax) * s with s = amax/qmax (1 where amax == 0)."""
+def _rtn_nodes(src: str, scale: str, qmax_name: str, out: str, tag: str) -> list:
+    """out = Clip(Round(src / scale), -qmax, qmax) * scale."""
     n = helper.make_node
     return [
-        n("Greater", [scale_src, "zero"], [f"{tag}pos"]),
-        n("Div", [scale_src, qmax_name], [f"{tag}s0"]),
-        n("Where", [f"{tag}pos", f"{tag}s0", "one"], [f"{tag}s"]),
-        n("Div", [src, f"{tag}s"], [f"{tag}r"]),
+        n("Div", [src, scale], [f"{tag}r"]),
         n("Round", [f"{tag}r"], [f"{tag}rr"]),
         n("Neg", [qmax_name], [f"{tag}nq"]),
         n("Clip", [f"{tag}rr", f"{tag}nq", qmax_name], [f"{tag}q"]),
-        n("Mul", [f"{tag}q", f"{tag}s"], [out]),
+        n("Mul", [f"{tag}q", scale], [out]),
     ]
+
+
+def _scale_nodes(tier: Tier) -> tuple[list, list, str]:
+    """scale = amax / qmax (1 where amax == 0), rounded to fp16 with its floor for fp16 scales."""
+    n = helper.make_node
+    nodes = [n("Greater", ["amax", "zero"], ["pos"]), n("Div", ["amax", "qmax"], ["s0"]),
+             n("Where", ["pos", "s0", "one"], ["s"])]
+    if tier.scale_fmt != "fp16":
+        return nodes, [], "s"
+    nodes += [n("Cast", ["s"], ["s16"], to=TensorProto.FLOAT16), n("Cast", ["s16"], ["s32"], to=TensorProto.FLOAT),
+              n("Max", ["s32", "smin"], ["sf"])]
+    return nodes, [_const("smin", float(np.float16(6.2e-5)))], "sf"
 
 
 def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None],
@@ -114,15 +123,11 @@ def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int 
         nodes = [n("Pad", ["W", "pads"], ["Wp"]), n("Reshape", ["Wp", "bshape"], ["Wb"]),
                  n("Abs", ["Wb"], ["A"]), n("ReduceMax", ["A"], ["amax"], axes=[b + 1], keepdims=1)]
         src = "Wb"
-    scale_in = "amax"
-    if tier.scale_fmt == "fp16":
-        inits.append(_const("smin", 6.2e-5))
-        nodes += [n("Div", ["amax", "qmax"], ["s16a"]), n("Cast", ["s16a"], ["s16b"], to=TensorProto.FLOAT16),
-                  n("Cast", ["s16b"], ["s16c"], to=TensorProto.FLOAT), n("Max", ["s16c", "smin"], ["s16"]),
-                  n("Mul", ["s16", "qmax"], ["amax16"])]
-        scale_in = "amax16"
+    scale_nodes, scale_inits, scale = _scale_nodes(tier)
+    nodes += scale_nodes
+    inits += scale_inits
     out = "Yq"
-    nodes += _rtn_nodes(src, scale_in, "qmax", out, "t")
+    nodes += _rtn_nodes(src, scale, "qmax", out, "t")
     if tier.scale_fmt == "fp16":  # DequantizeLinear multiplies in the fp16 scale's type
         nodes += [n("Cast", [out], [f"{out}16"], to=TensorProto.FLOAT16), n("Cast", [f"{out}16"], [f"{out}r"], to=TensorProto.FLOAT)]
         out = f"{out}r"

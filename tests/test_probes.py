@@ -1,0 +1,44 @@
+"""Probe graphs: tier values bit-identical to what the writer stores; a seeded, reproducible Gaussian."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from tqs_onnx.probes import DeviceProbes, counter_normal, probe_offset
+from tqs_onnx.quant import apply_tier
+from tqs_onnx.runtime import Device
+from tqs_onnx.tiers import parse_tier
+
+CPU = Device("cpu")
+
+
+@pytest.mark.parametrize("tier", ["int8", "int8/channel", "int4/channel", "int4/block32", "int2/block8",
+                                  "int2", "int4/block16/fp16", "int8/channel/fp16", "bf16", "fp16"])
+@pytest.mark.parametrize("shape,axes", [((70, 33), (1, 0)), ((8, 3, 3, 5), (0, 1)), ((300,), (0, 0))])
+def test_device_tier_values_are_bit_identical_to_the_writer(tier, shape, axes):
+    w = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    w.flat[3] = 0.0
+    got = DeviceProbes(CPU).tier(CPU.to_device(w), parse_tier(tier), axes).numpy()
+    assert np.array_equal(got, apply_tier(w, parse_tier(tier), *axes))
+
+
+def test_quant_probe_rounds_to_b_bits_per_tensor():
+    w = np.linspace(-1, 1, 101, dtype=np.float32)
+    q = DeviceProbes(CPU).quant_probe(CPU.to_device(w), 6).numpy()
+    assert len(np.unique(q)) <= 2 * 31 + 1 and np.abs(q - w).max() <= 1 / 31 / 2 + 1e-7
+
+
+def test_gaussian_matches_reference_is_reproducible_and_normal():
+    ops = DeviceProbes(CPU)
+    w = np.zeros((400, 250), np.float32)
+    off = probe_offset(0, 3, 1, 0)
+    a = ops.gauss(CPU.to_device(w), off, 2.0).numpy()
+    b = ops.gauss(CPU.to_device(w), off, 2.0).numpy()
+    assert np.array_equal(a, b)
+    np.testing.assert_allclose(a.ravel(), 2.0 * counter_normal(w.size, off), rtol=1e-5, atol=1e-5)
+    z = a.ravel() / 2.0
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01
+    other = ops.gauss(CPU.to_device(w), probe_offset(0, 3, 2, 0), 2.0).numpy().ravel() / 2.0
+    assert abs(np.corrcoef(z, other)[0, 1]) < 0.01
