@@ -1,0 +1,239 @@
+"""pareto (a whole frontier from one sweep), gate (CI pass/fail with JUnit XML), report (HTML + PNGs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tqs_onnx.allocate import Allocation, build_problem, load_scores, plan_document
+from tqs_onnx.cli import main
+from tqs_onnx.demo import demo_files
+from tqs_onnx.errors import TqsError
+from tqs_onnx.gate import parse_percent
+from tqs_onnx.graph import load_model
+from tqs_onnx.pareto import parse_targets, target_grid
+from tqs_onnx.rewrite import rewrite_model, save_model
+from tqs_onnx.tiers import parse_tiers
+
+HORIZON = 6
+TIERS = "bf16,int8,int8/channel,int4,int4/channel,int2,int2/channel"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    """The bundled demo model with a short horizon and a quick sweep (4 contexts, 2 Gaussian draws)."""
+    tmp = tmp_path_factory.mktemp("demo")
+    f = demo_files()
+    spec = json.loads(f["spec"].read_text())
+    spec["horizon"] = HORIZON
+    paths = {"model": f["model"], "spec": tmp / "spec.json", "sweep": tmp / "sweep.npz", "eval": tmp / "eval.npz",
+             "scores": tmp / "scores.json", "dir": tmp}
+    paths["spec"].write_text(json.dumps(spec))
+    for key in ("sweep", "eval"):
+        with np.load(f[key]) as z:
+            np.savez(paths[key], **{k: z[k][:4] for k in z.files})
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["sweep"]),
+                 "-o", str(paths["scores"]), "--probes", "2", "--tiers", TIERS, "--quiet"]) == 0
+    return paths
+
+
+@pytest.fixture(scope="module")
+def frontier(demo) -> dict:
+    out = demo["dir"] / "frontier"
+    argv = ["pareto", str(demo["model"]), str(demo["scores"]), "--rollout", str(demo["spec"]),
+            "--contexts", str(demo["sweep"]), "--eval-contexts", str(demo["eval"]), "--targets", "2:32",
+            "--points", "16", "-o", str(out), "--report", str(demo["dir"] / "frontier-report"), "--quiet",
+            "--max-rollouts", "10"]
+    assert main(argv) == 0
+    return {"dir": out, "doc": json.loads((out / "frontier.json").read_text())}
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main's return value, or the code of a usage error that argparse raises as SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
+def _argv_gate(demo, candidate, *extra) -> list[str]:
+    return ["gate", str(demo["model"]), str(candidate), "--rollout", str(demo["spec"]),
+            "--contexts", str(demo["eval"]), *extra]
+
+
+def _write_uniform(demo, tier: str, out: Path) -> Path:
+    """The demo model with every block at one tier."""
+    scores = load_scores(demo["scores"])
+    problem = build_problem(scores, parse_tiers(f"fp32,{tier}"), 1.0)
+    plan = plan_document(scores, problem, Allocation([1] * len(problem.blocks), "uniform", tier))
+    model, _ = rewrite_model(load_model(demo["model"]), plan)
+    save_model(model, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- pareto
+
+def test_pareto_writes_a_whole_frontier(frontier):
+    doc, out = frontier["doc"], frontier["dir"]
+    assert doc["kind"] == "tqs-frontier" and doc["schema_version"] == 1
+    points = doc["points"]
+    assert len(points) >= 16
+    for p in points:
+        assert p["on_disk_compression"] == pytest.approx(p["planned_compression"], rel=0.005)
+        assert p["on_disk_compression"] >= p["target"] * 0.999  # the budget holds on disk
+        assert p["mae_vs_fp32"] >= 0 and p["mae_vs_truth"] is not None and p["seconds"] >= 0
+        assert (out / p["model"]).is_file()
+    sizes = [p["on_disk_bytes"] for p in sorted(points, key=lambda p: p["target"])]
+    assert all(b <= a for a, b in zip(sizes, sizes[1:]))  # a tighter target never writes a larger file
+    assert doc["achievable"][1] < 32 and any("clamped" in n for n in doc["notes"])
+    assert max(p["target"] for p in points) <= doc["achievable"][1]
+
+
+def test_pareto_evaluates_uniform_baselines_and_csv(frontier):
+    doc, out = frontier["doc"], frontier["dir"]
+    tiers = {u["tier"] for u in doc["uniform"]}
+    assert {"int8", "int4", "int2"} <= tiers and "fp32" not in tiers
+    for u in doc["uniform"]:
+        assert u["on_disk_compression"] == pytest.approx(u["planned_compression"], rel=0.005)
+        assert (out / u["model"]).is_file()
+    assert any(r["pareto"] for r in doc["points"] + doc["uniform"])
+    rows = list(csv.DictReader((out / "frontier.csv").open()))
+    assert len(rows) == len(doc["points"]) + len(doc["uniform"])
+    assert {"target", "planned_compression", "on_disk_compression", "mae_vs_fp32", "rmse_vs_fp32",
+            "mae_vs_truth", "seconds"} <= set(rows[0])
+
+
+def test_pareto_both_objectives_keeps_one_model_per_target(demo, tmp_path):
+    out = tmp_path / "both"
+    assert main(["pareto", str(demo["model"]), str(demo["scores"]), "--rollout", str(demo["spec"]),
+                 "--contexts", str(demo["sweep"]), "--targets", "3:6", "--points", "3", "--objective", "both",
+                 "--no-uniform", "-o", str(out), "--quiet", "--max-rollouts", "5"]) == 0
+    doc = json.loads((out / "frontier.json").read_text())
+    assert doc["in_sample"] and len(doc["points"]) == 6
+    for t in doc["targets"]:
+        cands = [p for p in doc["points"] if p["target"] == t]
+        assert sum(p["kept"] for p in cands) == 1
+    kept = {p["model"] for p in doc["points"] if p["kept"]}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*.onnx")}
+    assert on_disk == kept  # dropped candidates are deleted
+
+
+def test_target_grid_clamps_and_skips_duplicates():
+    grid, notes = target_grid((2, 32), 16, (1.0, 10.0))
+    assert len(grid) == 16 and grid[0] == 2 and grid[-1] == 10 and notes
+    assert all(b > a for a, b in zip(grid, grid[1:]))
+    grid, notes = target_grid((50, 60), 4, (1.0, 10.0))
+    assert grid == [10.0] and any("duplicate" in n for n in notes)
+    assert parse_targets("2:32") == (2.0, 32.0) and parse_targets("4") == (4.0, 4.0)
+    with pytest.raises(TqsError):
+        parse_targets("32:2")
+
+
+def test_pareto_bad_input_exits_2(demo, tmp_path, capsys):
+    base = ["pareto", str(demo["model"]), str(demo["scores"]), "--rollout", str(demo["spec"]),
+            "--contexts", str(demo["sweep"]), "-o", str(tmp_path / "x"), "--quiet"]
+    assert main(base[:2] + [str(tmp_path / "missing.json")] + base[3:]) == 2
+    assert _exit_code(base + ["--targets", "abc"]) == 2
+    assert _exit_code(base + ["--targets", "32:2"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------- gate
+
+def test_gate_passes_a_model_against_itself(demo, tmp_path, capsys):
+    junit = tmp_path / "self.xml"
+    assert main(_argv_gate(demo, demo["model"], "--max-degradation", "1%", "--junit", str(junit))) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tqs-onnx gate: PASS") and len(out.splitlines()) < 25
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("failures") == "0" and len(suite.findall("testcase")) >= 5
+
+
+def test_gate_fails_a_badly_quantized_model_with_junit(demo, tmp_path, capsys):
+    bad = _write_uniform(demo, "int2", tmp_path / "bad.onnx")
+    junit, report = tmp_path / "bad.xml", tmp_path / "bad.json"
+    assert main(_argv_gate(demo, bad, "--max-degradation", "1", "--max-mae", "1e-3", "--min-compression", "2",
+                           "--junit", str(junit), "-o", str(report), "--quiet")) == 1
+    assert capsys.readouterr().out == ""
+    root = ET.parse(junit).getroot()
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    assert {"checker", "ort_load", "finite", "degradation[x_next]", "mae[x_next]", "min_compression"} <= set(cases)
+    assert cases["degradation[x_next]"].find("failure") is not None
+    assert cases["mae[x_next]"].find("failure") is not None
+    assert cases["checker"].find("failure") is None and cases["min_compression"].find("failure") is None
+    assert int(root.get("failures")) == 2
+    doc = json.loads(report.read_text())
+    assert doc["kind"] == "tqs-gate" and not doc["passed"] and set(doc["failed"]) == {"degradation[x_next]", "mae[x_next]"}
+
+
+def test_gate_broken_candidate_fails_and_skips_the_rest(demo, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    junit = tmp_path / "junk.xml"
+    assert main(_argv_gate(demo, junk, "--max-degradation", "1", "--junit", str(junit), "--quiet")) == 1
+    root = ET.parse(junit).getroot()
+    assert root.get("failures") == "1" and int(root.get("skipped")) >= 2
+
+
+def test_gate_bad_input_exits_2(demo, tmp_path, capsys):
+    assert main(_argv_gate(demo, tmp_path / "missing.onnx", "--max-degradation", "1")) == 2
+    assert main(_argv_gate(demo, demo["model"])) == 2  # no threshold for the output: would pass vacuously
+    assert "no error threshold" in capsys.readouterr().err
+    assert _exit_code(_argv_gate(demo, demo["model"], "--max-degradation=-3%")) == 2
+    assert _exit_code(_argv_gate(demo, demo["model"], "--max-degradation", "1", "--junit", str(tmp_path))) == 2
+
+
+def test_percent_means_percent():
+    assert parse_percent("1%") == parse_percent("1") == 1.0
+    assert parse_percent("0.01") == 0.01 and parse_percent(" 2.5 % ") == 2.5
+    for bad in ("x", "-1", "nan", "inf%"):
+        with pytest.raises(TqsError):
+            parse_percent(bad)
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def test_report_writes_html_and_pngs(demo, frontier, tmp_path):
+    plan_path, eval_path = tmp_path / "plan.json", tmp_path / "eval.json"
+    assert main(["allocate", str(demo["scores"]), "--compression", "4", "-o", str(plan_path), "--quiet"]) == 0
+    model = frontier["dir"] / next(p["model"] for p in frontier["doc"]["points"] if p["kept"])
+    assert main(["eval", str(demo["model"]), str(model), "--rollout", str(demo["spec"]), "--contexts",
+                 str(demo["eval"]), "-o", str(eval_path), "--quiet"]) == 0
+    out = tmp_path / "report"
+    assert main(["report", str(demo["scores"]), "--frontier", str(frontier["dir"] / "frontier.json"),
+                 "--plan", str(plan_path), "--eval", str(eval_path), "-o", str(out), "--quiet"]) == 0
+    page = (out / "index.html").read_text()
+    pngs = ["gamma.png", "roles.png", "frontier.png", "steps.png", "tiers.png"]
+    for png in pngs:
+        assert (out / png).stat().st_size > 1000
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{png}"' in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+def test_pareto_report_option_and_screenshot(demo, frontier, tmp_path):
+    out = demo["dir"] / "frontier-report"
+    assert (out / "index.html").is_file() and (out / "frontier.png").stat().st_size > 1000
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("no /usr/bin/chromium for the screenshot")
+    import subprocess
+    import sys
+
+    tool = Path(__file__).parents[1] / "tools" / "screenshot_report.py"
+    shot = tmp_path / "shot.png"
+    subprocess.run([sys.executable, str(tool), str(out / "index.html"), str(shot)], check=True, timeout=120,
+                   capture_output=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rejects_wrong_documents(demo, tmp_path, capsys):
+    wrong = tmp_path / "wrong.json"
+    shutil.copy(demo["scores"], wrong)
+    assert main(["report", str(demo["scores"]), "--frontier", str(wrong), "-o", str(tmp_path / "r")]) == 2
+    assert "not a tqs-frontier document" in capsys.readouterr().err

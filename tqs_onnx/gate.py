@@ -1,0 +1,292 @@
+"""`tqs-onnx gate`: pass/fail checks of a compressed model against its reference, for CI pipelines.
+
+Checks, in order (a failed structural check skips the checks that need it):
+- ``checker``: the candidate reads as ONNX and passes ``onnx.checker``;
+- ``ort_load``: ONNX Runtime opens it;
+- ``io_signature``: its inputs and outputs match the reference's (names and element types);
+- ``finite``: a rollout on every context stays finite;
+- ``max_size`` / ``min_compression``: optional size limits;
+- per trajectory output, ``degradation[OUT]`` when the contexts carry ground truth: the relative
+  degradation 100 * (MAE_q - MAE_fp32) / MAE_fp32 against the truth must be <= --max-degradation
+  (in percent), and ``mae[OUT]`` when --max-mae is given: MAE against the FP32 rollout <= it.
+
+Problems with the inputs (a missing file, an unreadable reference, a spec the reference does not
+fit, no threshold that applies to an output) are TqsErrors: exit code 2, not a failed gate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from tqs_onnx import SCHEMA_VERSION, __version__
+from tqs_onnx.errors import TqsError
+from tqs_onnx.evaluate import compare, rollouts
+from tqs_onnx.graph import LoadedModel, load_model
+from tqs_onnx.rollout import Contexts, RolloutSpec
+from tqs_onnx.runtime import Device, io_signature, make_session
+
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+@dataclass
+class GateConfig:
+    """Thresholds; None means the check is not run."""
+
+    max_degradation_pct: float | None = None  # percent, vs ground truth
+    max_mae: float | None = None  # absolute, vs the FP32 rollout
+    max_size: int | None = None  # bytes on disk (model + external data)
+    min_compression: float | None = None  # reference bytes / candidate bytes
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # pass | fail | skip
+    message: str
+    value: float | None = None
+    threshold: float | None = None
+    seconds: float = 0.0
+
+
+def parse_percent(text: str | float) -> float:
+    """A threshold in percent: '1%' and '1' both mean one percent (so '0.01' is a hundredth of one)."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1] if raw.endswith("%") else raw)
+    except ValueError:
+        raise TqsError(f"not a percentage: '{text}' (write 1% or 1 for one percent)") from None
+    if not math.isfinite(value) or value < 0:
+        raise TqsError(f"a percentage threshold must be finite and >= 0, not '{text}'")
+    return value
+
+
+# ------------------------------------------------------------------------------------ the checks
+
+def _timed(name: str, body: Callable[[], tuple[str, str, float | None, float | None]]) -> Check:
+    t0 = time.perf_counter()
+    status, message, value, threshold = body()
+    return Check(name, status, message, value, threshold, round(time.perf_counter() - t0, 4))
+
+
+def check_structure(path: Path) -> tuple[Check, LoadedModel | None]:
+    """The candidate loads as ONNX and passes onnx.checker (with its external data, by path)."""
+    loaded: list[LoadedModel] = []
+
+    def body():
+        try:
+            loaded.append(load_model(path))
+            onnx.checker.check_model(str(path))
+        except TqsError as exc:
+            return FAIL, str(exc), None, None
+        except Exception as exc:  # onnx.checker raises several types
+            return FAIL, f"onnx.checker: {str(exc).strip().splitlines()[0][:200]}", None, None
+        return PASS, "onnx.checker accepts the model", None, None
+
+    check = _timed("checker", body)
+    return check, (loaded[0] if loaded and check.status == PASS else None)
+
+
+def check_session(path: Path, device: Device) -> tuple[Check, Any]:
+    sessions: list[Any] = []
+
+    def body():
+        try:
+            sessions.append(make_session(str(path), device))
+        except TqsError as exc:
+            return FAIL, str(exc), None, None
+        return PASS, f"ONNX Runtime loads it ({device.kind})", None, None
+
+    check = _timed("ort_load", body)
+    return check, (sessions[0] if sessions else None)
+
+
+def check_signature(ref_session, cand_session) -> Check:
+    """Same input and output names and element types; shapes may differ in symbolic dims."""
+    def body():
+        ref_in, ref_out = io_signature(ref_session)
+        cand_in, cand_out = io_signature(cand_session)
+        diffs = [f"{kind} '{n}': {why}" for kind, ref, cand in (("input", ref_in, cand_in), ("output", ref_out, cand_out))
+                 for n, why in _signature_diffs(ref, cand)]
+        if diffs:
+            return FAIL, "; ".join(diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""), None, None
+        return PASS, f"inputs ({len(cand_in)}) and outputs ({len(cand_out)}) match the reference", None, None
+
+    return _timed("io_signature", body)
+
+
+def _signature_diffs(ref: dict[str, tuple], cand: dict[str, tuple]) -> list[tuple[str, str]]:
+    out = [(n, "missing") for n in ref if n not in cand] + [(n, "not in the reference") for n in cand if n not in ref]
+    out += [(n, f"type {cand[n][1]}, reference {ref[n][1]}") for n in ref if n in cand and ref[n][1] != cand[n][1]]
+    return out
+
+
+def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: Device) -> tuple[Check, dict | None]:
+    """Roll the candidate out on every context; every trajectory value must be finite."""
+    trajs: list[dict[str, np.ndarray]] = []
+
+    def body():
+        try:
+            trajs.append(rollouts(cand_session, spec, contexts, device))
+        except TqsError as exc:
+            return FAIL, f"rollout fails: {exc}", None, None
+        except Exception as exc:  # ORT run errors: shape or type problems inside the graph
+            return FAIL, f"rollout fails: {str(exc).strip().splitlines()[0][:200]}", None, None
+        bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(v))) for v in trajs[0].values())
+        if bad:
+            return FAIL, f"{bad:,} non-finite values in the rollout", float(bad), 0.0
+        return PASS, f"{contexts.count} contexts x {spec.horizon} steps, all finite", 0.0, 0.0
+
+    check = _timed("finite", body)
+    return check, (trajs[0] if check.status == PASS else None)
+
+
+def size_checks(ref: LoadedModel, cand: LoadedModel, config: GateConfig) -> list[Check]:
+    out = []
+    if config.max_size is not None:
+        ok = cand.file_bytes <= config.max_size
+        out.append(Check("max_size", PASS if ok else FAIL,
+                         f"{cand.file_bytes:,} bytes {'<=' if ok else '>'} {config.max_size:,}",
+                         float(cand.file_bytes), float(config.max_size)))
+    if config.min_compression is not None:
+        ratio = ref.file_bytes / cand.file_bytes
+        ok = ratio >= config.min_compression
+        out.append(Check("min_compression", PASS if ok else FAIL,
+                         f"{ratio:.3f}x {'>=' if ok else '<'} {config.min_compression:g}x", ratio, config.min_compression))
+    return out
+
+
+def error_checks(errors: dict[str, dict[str, Any]], config: GateConfig) -> list[Check]:
+    """Per output: relative degradation vs truth (if known and asked for), MAE vs FP32 (if asked for)."""
+    out = []
+    for name, e in errors.items():
+        if config.max_degradation_pct is not None and "degradation_pct" in e:
+            d, limit = e["degradation_pct"], config.max_degradation_pct
+            ok = d <= limit
+            out.append(Check(f"degradation[{name}]", PASS if ok else FAIL,
+                             f"{d:+.3f}% {'<=' if ok else '>'} {limit:g}% (MAE vs truth {e['mae_vs_truth']:.4g}, "
+                             f"FP32 {e['mae_fp32_vs_truth']:.4g})", d, limit))
+        if config.max_mae is not None:
+            m, limit = e["mae_vs_fp32"], config.max_mae
+            ok = m <= limit
+            out.append(Check(f"mae[{name}]", PASS if ok else FAIL,
+                             f"MAE vs FP32 {m:.4g} {'<=' if ok else '>'} {limit:g}", m, limit))
+    return out
+
+
+def required_thresholds(spec: RolloutSpec, contexts: Contexts, config: GateConfig) -> None:
+    """Every trajectory output must get an error check; otherwise the gate would pass vacuously."""
+    for out in spec.trajectory:
+        has_truth = spec.truth.get(out) in contexts.arrays
+        if config.max_mae is None and not (has_truth and config.max_degradation_pct is not None):
+            why = "the contexts carry no ground truth for it" if not has_truth else "--max-degradation is not set"
+            raise TqsError(f"no error threshold applies to output '{out}': {why}; pass --max-mae "
+                           f"(absolute MAE vs the FP32 model)" + ("" if has_truth else " or add truth to the contexts"))
+
+
+# ---------------------------------------------------------------------------------------- the gate
+
+def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, contexts: Contexts,
+             device: Device, config: GateConfig) -> dict[str, Any]:
+    """All checks; the document `--json` prints and `--junit` turns into XML."""
+    t0 = time.perf_counter()
+    cand_path = Path(candidate)
+    if not cand_path.is_file():
+        raise TqsError(f"{cand_path}: no such file")
+    required_thresholds(spec, contexts, config)
+    ref = load_model(reference)
+    ref_session = make_session(str(ref.path), device)
+    reference_traj = rollouts(ref_session, spec, contexts, device)  # a spec the reference does not fit: exit 2
+    checks, cand = _candidate_checks(cand_path, ref, ref_session, reference_traj, spec, contexts, device, config)
+    return gate_document(ref, cand_path, cand, spec, contexts, device, config, checks, time.perf_counter() - t0)
+
+
+def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj: dict[str, np.ndarray],
+                      spec: RolloutSpec, contexts: Contexts, device: Device,
+                      config: GateConfig) -> tuple[list[Check], LoadedModel | None]:
+    """Structural checks first; each later one runs only when what it needs passed."""
+    pending = ["ort_load", "io_signature", "finite"]
+    checks: list[Check] = []
+    structure, cand = check_structure(path)
+    checks.append(structure)
+    session = None
+    if cand is not None:
+        load, session = check_session(path, device)
+        checks.append(load)
+        pending.remove("ort_load")
+        checks += size_checks(ref, cand, config)
+    if session is not None:
+        signature = check_signature(ref_session, session)
+        checks.append(signature)
+        pending.remove("io_signature")
+        if signature.status == PASS:
+            finite, traj = check_rollout(session, spec, contexts, device)
+            checks.append(finite)
+            pending.remove("finite")
+            if traj is not None:
+                truth = {k: contexts.arrays[key] for k, key in spec.truth.items() if key in contexts.arrays}
+                checks += error_checks(compare(reference_traj, traj, spec, truth), config)
+    checks += [Check(n, SKIP, "not run: an earlier structural check failed") for n in pending]
+    return checks, cand
+
+
+def gate_document(ref: LoadedModel, cand_path: Path, cand: LoadedModel | None, spec: RolloutSpec,
+                  contexts: Contexts, device: Device, config: GateConfig, checks: list[Check],
+                  seconds: float) -> dict[str, Any]:
+    failed = [c.name for c in checks if c.status == FAIL]
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "tqs-gate", "tool_version": __version__,
+        "passed": not failed, "failed": failed,
+        "reference": str(ref.path), "candidate": str(cand_path),
+        "reference_bytes": ref.file_bytes, "candidate_bytes": cand.file_bytes if cand else cand_path.stat().st_size,
+        "contexts": contexts.count, "horizon": spec.horizon, "device": device.kind,
+        "thresholds": asdict(config),
+        "checks": [asdict(c) for c in checks], "seconds": round(seconds, 3),
+    }
+
+
+# ------------------------------------------------------------------------------------------ output
+
+def format_gate(doc: dict[str, Any]) -> str:
+    """One screen: verdict, sizes, one line per check."""
+    verdict = "PASS" if doc["passed"] else "FAIL"
+    ratio = doc["reference_bytes"] / doc["candidate_bytes"] if doc["candidate_bytes"] else math.inf
+    lines = [f"tqs-onnx gate: {verdict}  {doc['candidate']}  vs  {doc['reference']}",
+             f"  {doc['candidate_bytes']:,} bytes vs {doc['reference_bytes']:,} ({ratio:.2f}x compression); "
+             f"{doc['contexts']} contexts x {doc['horizon']} steps on {doc['device']}"]
+    width = max(len(c["name"]) for c in doc["checks"])
+    for c in doc["checks"]:
+        lines.append(f"  {c['status'].upper():4s}  {c['name']:{width}s}  {c['message']}")
+    n_fail = len(doc["failed"])
+    lines.append(f"{len(doc['checks'])} checks: {n_fail} failed" + (f" ({', '.join(doc['failed'])})" if n_fail else "")
+                 + f"; {doc['seconds']:.2f} s")
+    return "\n".join(lines)
+
+
+def junit_xml(doc: dict[str, Any]) -> bytes:
+    """JUnit XML: one testsuite, one testcase per check (failure / skipped elements as CI tools expect)."""
+    checks = doc["checks"]
+    counts = {"tests": str(len(checks)), "failures": str(sum(c["status"] == FAIL for c in checks)),
+              "errors": "0", "skipped": str(sum(c["status"] == SKIP for c in checks)),
+              "time": f"{doc['seconds']:.3f}"}
+    root = ET.Element("testsuites", {"name": "tqs-onnx gate", **counts})
+    suite = ET.SubElement(root, "testsuite", {"name": f"tqs-onnx gate: {Path(doc['candidate']).name}", **counts})
+    props = ET.SubElement(suite, "properties")
+    for key in ("reference", "candidate", "reference_bytes", "candidate_bytes", "contexts", "horizon", "device"):
+        ET.SubElement(props, "property", {"name": key, "value": str(doc[key])})
+    for c in checks:
+        case = ET.SubElement(suite, "testcase", {"classname": "tqs_onnx.gate", "name": c["name"],
+                                                 "time": f"{c['seconds']:.4f}"})
+        if c["status"] == FAIL:
+            ET.SubElement(case, "failure", {"message": c["message"], "type": "tqs-gate"}).text = c["message"]
+        elif c["status"] == SKIP:
+            ET.SubElement(case, "skipped", {"message": c["message"]})
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,394 @@
+"""`tqs-onnx pareto`: one sweep, the whole compression frontier.
+
+From one scores file, targets spaced geometrically between two bounds (clamped to what the tiers
+can reach) are each allocated, written, verified and evaluated; every single-tier (uniform)
+allocation that fits is evaluated too, as the baseline of the frontier plot. The reference
+trajectories and the joint rollouts on the sweep contexts are computed once and shared by all
+points, so a point costs one allocation, one write and one candidate rollout.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tqs_onnx import SCHEMA_VERSION, __version__
+from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, default_tiers, plan_document
+from tqs_onnx.errors import TqsError
+from tqs_onnx.evaluate import compare, compression, rollouts, verify_written
+from tqs_onnx.graph import LoadedModel, load_model
+from tqs_onnx.refine import refine, uniform_assignments
+from tqs_onnx.rewrite import rewrite_model, save_model
+from tqs_onnx.rollout import Contexts, RolloutSpec
+from tqs_onnx.runtime import Device
+from tqs_onnx.sweep import joint_divergence, setup_for_scores
+from tqs_onnx.tiers import Tier, parse_tiers
+from tqs_onnx.util import atomic_write, atomic_write_json, progress
+
+OBJECTIVES = ("measured", "paper", "both")
+PAPER_TIERS = "fp32,bf16,int8,int4,int2"
+CSV_COLUMNS = ["kind", "target", "objective", "tier", "planned_compression", "on_disk_compression",
+               "on_disk_bytes", "param_compression", "mae_vs_fp32", "rmse_vs_fp32", "mae_vs_truth",
+               "mae_fp32_vs_truth", "degradation_pct", "joint_divergence", "seconds", "kept", "pareto", "model"]
+
+
+@dataclass
+class FrontierConfig:
+    """What `pareto` sweeps: target bounds, how many points, which objective(s) and tiers."""
+
+    targets: tuple[float, float]
+    points: int = 16
+    objective: str = "measured"  # measured | paper | both (keep the better per target)
+    tiers: str | None = None  # default: fp32 + the sweep's tiers (measured), PAPER_TIERS (paper)
+    max_rollouts: int = 30
+    uniform: bool = True
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise TqsError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{self.objective}'")
+        if self.points < 2:
+            raise TqsError("--points must be >= 2")
+        lo, hi = self.targets
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise TqsError(f"--targets needs 0 < LOW <= HIGH, not {lo:g}:{hi:g}")
+
+
+def parse_targets(text: str) -> tuple[float, float]:
+    """'2:32' -> (2.0, 32.0); a single number is a one-point range."""
+    parts = str(text).split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise TqsError(f"--targets must be LOW:HIGH compression factors such as 2:32, not '{text}'") from None
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values) or values[0] > values[1]:
+        raise TqsError(f"--targets must be LOW:HIGH with 0 < LOW <= HIGH, not '{text}'")
+    return values[0], values[1]
+
+
+# ------------------------------------------------------------------------------------ target grid
+
+def reachable_range(scores: dict[str, Any], tiers: list[Tier]) -> tuple[float, float]:
+    """The compression range these tiers can produce, with the top nudged so its budget rounds feasible."""
+    p = build_problem(scores, tiers, 1.0)
+    lo_bytes = p.fixed_bytes + sum(min(c) for c in p.costs)
+    hi_bytes = p.fixed_bytes + sum(max(c) for c in p.costs)
+    # Problem.budget floors file_bytes / target; half a byte of slack keeps the top target feasible.
+    return p.file_bytes / hi_bytes, p.file_bytes / (lo_bytes + 0.5)
+
+
+def target_grid(bounds: tuple[float, float], points: int, reachable: tuple[float, float]) -> tuple[list[float], list[str]]:
+    """Geometric targets between the bounds after clamping them to the reachable range; duplicates dropped."""
+    lo, hi = bounds
+    notes = []
+    c_lo, c_hi = max(lo, reachable[0]), min(hi, reachable[1])
+    if c_hi < c_lo:  # the whole requested range lies outside what the tiers reach
+        c_lo = c_hi = min(max(lo, reachable[0]), reachable[1])
+    if (c_lo, c_hi) != (lo, hi):
+        notes.append(f"targets {lo:g}:{hi:g} clamped to the achievable {c_lo:.3f}:{c_hi:.3f} "
+                     f"(tiers reach {reachable[0]:.2f}x to {reachable[1]:.2f}x)")
+    grid = np.geomspace(c_lo, c_hi, points) if c_hi > c_lo else np.array([c_lo])
+    out: list[float] = []
+    for t in grid:
+        t = float(f"{t:.6g}")
+        if t not in out:
+            out.append(min(t, c_hi))
+    if len(out) < points:
+        notes.append(f"{points - len(out)} duplicate target(s) skipped")
+    return out, notes
+
+
+# ---------------------------------------------------------------------------------- shared state
+
+@dataclass
+class FrontierRun:
+    """What every point shares: model, scores, contexts, the cached reference and joint rollouts."""
+
+    loaded: LoadedModel
+    scores: dict[str, Any]
+    spec: RolloutSpec
+    eval_contexts: Contexts
+    device: Device
+    out_dir: Path
+    joint: Callable[[list[Tier], list[int]], float]  # memoised joint divergence on the sweep contexts
+    reference: dict[str, np.ndarray]
+    truth: dict[str, np.ndarray]
+    in_sample: bool = False  # evaluated on the sweep contexts themselves
+    evaluated: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)  # tiers per block -> result
+
+    @property
+    def stem(self) -> str:
+        return self.loaded.path.name.removesuffix(".onnx")
+
+
+def open_run(loaded: LoadedModel, scores: dict[str, Any], spec: RolloutSpec, sweep_contexts: Contexts,
+             eval_contexts: Contexts | None, device: Device, out_dir: Path) -> FrontierRun:
+    """Roll out the reference on the evaluation contexts (default: the sweep's) once; memoise joint rollouts."""
+    if scores["model"]["sha256"] != loaded.sha256:
+        raise TqsError(f"{loaded.path}: not the model these scores were computed on (sha256 differs)")
+    in_sample = eval_contexts is None
+    eval_contexts = sweep_contexts if in_sample else eval_contexts
+    reference = rollouts(loaded.path, spec, eval_contexts, device)
+    truth = {k: eval_contexts.arrays[key] for k, key in spec.truth.items() if key in eval_contexts.arrays}
+    joint = memo_joint(loaded, scores, spec, sweep_contexts, device)
+    return FrontierRun(loaded, scores, spec, eval_contexts, device, out_dir, joint, reference, truth, in_sample)
+
+
+def memo_joint(loaded: LoadedModel, scores: dict[str, Any], spec: RolloutSpec, contexts: Contexts,
+               device: Device) -> Callable[[list[Tier], list[int]], float]:
+    """Joint divergence on the sweep contexts, keyed by the tier of every block so targets share rollouts."""
+    setup = setup_for_scores(loaded, spec, contexts, device, scores)
+    blocks = [b["weights"] for b in scores["blocks"]]
+    cache: dict[tuple[str, ...], float] = {}
+
+    def run(tiers: list[Tier], assign: list[int]) -> float:
+        key = tuple(str(tiers[k]) for k in assign)
+        if key not in cache:
+            cache[key] = joint_divergence(setup, blocks, tiers)(assign)
+        return cache[key]
+
+    return run
+
+
+# ----------------------------------------------------------------------------------- one point
+
+def plan_for(run: FrontierRun, target: float, objective: str, tiers_text: str | None,
+             max_rollouts: int) -> tuple[dict[str, Any], float]:
+    """Allocate one target; the measured objective is refined by joint rollouts. Returns (plan, joint)."""
+    tiers = tiers_text or (PAPER_TIERS if objective == "paper" else None)
+    problem, alloc = allocate(run.scores, target, tiers, objective)
+    joint = lambda assign: run.joint(problem.tiers, assign)  # noqa: E731
+    if objective == "measured":
+        refined = refine(problem, alloc, joint, max_rollouts)
+        alloc, value = refined.allocation, refined.joint
+    else:
+        value = joint(alloc.assign)
+    return plan_document(run.scores, problem, alloc), value
+
+
+def write_and_measure(run: FrontierRun, plan: dict[str, Any], rel: str) -> dict[str, Any]:
+    """Write the plan's model to DIR/rel, verify it, measure it against the cached reference trajectories."""
+    key = tuple(b["tier"] for b in plan["blocks"])
+    if key in run.evaluated:  # another target chose the same tiers: same file, same errors
+        return {**run.evaluated[key], "reused": True}
+    path = run.out_dir / rel
+    model, _ = rewrite_model(run.loaded, plan)
+    save_model(model, path)
+    try:
+        verify_written(path, run.device, run.spec, run.eval_contexts.subset(slice(0, 1)))
+    except TqsError:
+        remove_model(path)
+        raise
+    written = load_model(path)
+    errors = compare(run.reference, rollouts(path, run.spec, run.eval_contexts, run.device), run.spec, run.truth)
+    if not all(e["finite"] for e in errors.values()):
+        remove_model(path)
+        raise TqsError(f"{rel}: the rollout becomes non-finite on the evaluation contexts")
+    result = {"model": rel, "reused": False, **error_summary(errors), **size_summary(compression(run.loaded, written), plan)}
+    run.evaluated[key] = result
+    return result
+
+
+def error_summary(outputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Headline errors (mean over trajectory outputs) plus the per-output numbers the report plots."""
+    def mean(key: str) -> float | None:
+        vals = [e[key] for e in outputs.values() if e.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    per_output = {k: {kk: e[kk] for kk in ("mae_vs_fp32", "rmse_vs_fp32", "mae_vs_fp32_per_step", "mae_vs_truth",
+                                           "mae_fp32_vs_truth", "degradation_pct", "finite") if kk in e}
+                  for k, e in outputs.items()}
+    return {"mae_vs_fp32": mean("mae_vs_fp32"), "rmse_vs_fp32": mean("rmse_vs_fp32"),
+            "mae_vs_truth": mean("mae_vs_truth"), "mae_fp32_vs_truth": mean("mae_fp32_vs_truth"),
+            "degradation_pct": mean("degradation_pct"), "outputs": per_output}
+
+
+def size_summary(comp: dict[str, float], plan: dict[str, Any]) -> dict[str, Any]:
+    return {"planned_bytes": plan["planned_bytes"], "planned_compression": plan["planned_compression"],
+            "on_disk_bytes": comp["candidate_bytes"], "on_disk_compression": comp["on_disk"],
+            "param_compression": comp["param_level"]}
+
+
+def run_point(run: FrontierRun, target: float, objective: str, tiers_text: str | None,
+              max_rollouts: int) -> dict[str, Any]:
+    """Allocate, apply and evaluate one (target, objective); the row of frontier.json."""
+    t0 = time.perf_counter()
+    plan, joint = plan_for(run, target, objective, tiers_text, max_rollouts)
+    measured = write_and_measure(run, plan, f"{run.stem}.{target:.3f}x.{objective}.onnx")
+    return {"kind": "tqs", "target": target, "objective": objective, "tier": None,
+            "tiers": [b["tier"] for b in plan["blocks"]], "joint_divergence": joint,
+            "notes": plan.get("notes", []), **measured, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def run_uniform(run: FrontierRun, problem: Problem, tier: str, assign: list[int]) -> dict[str, Any]:
+    """One single-tier baseline, written under DIR/uniform/."""
+    t0 = time.perf_counter()
+    plan = plan_document(run.scores, problem, Allocation(assign, "uniform", tier))
+    joint = run.joint(problem.tiers, assign)
+    measured = write_and_measure(run, plan, f"uniform/{run.stem}.uniform-{tier.replace('/', '-')}.onnx")
+    return {"kind": "uniform", "target": None, "objective": "uniform", "tier": tier, "kept": True,
+            "tiers": [tier] * len(assign), "joint_divergence": joint, "notes": [], **measured,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ---------------------------------------------------------------------------- choosing, pruning
+
+def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """a is no larger and no worse than b (MAE vs FP32), and strictly better in one."""
+    ab, bb, am, bm = a["on_disk_bytes"], b["on_disk_bytes"], a["mae_vs_fp32"], b["mae_vs_fp32"]
+    return ab <= bb and am <= bm and (ab < bb or am < bm)
+
+
+def mark_pareto(rows: list[dict[str, Any]]) -> None:
+    """pareto=True on rows no other row dominates (over all points and baselines)."""
+    for r in rows:
+        r["pareto"] = not any(dominates(o, r) for o in rows if o is not r)
+
+
+def choose_per_target(points: list[dict[str, Any]]) -> None:
+    """kept=True on the best candidate of each target: not dominated within the target, lowest MAE."""
+    by_target: dict[float, list[dict[str, Any]]] = {}
+    for p in points:
+        by_target.setdefault(p["target"], []).append(p)
+    for cands in by_target.values():
+        alive = [c for c in cands if not any(dominates(o, c) for o in cands if o is not c)]
+        best = min(alive, key=lambda c: (c["mae_vs_fp32"], c["on_disk_bytes"]))
+        for c in cands:
+            c["kept"] = c is best
+
+
+def prune_models(out_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """Delete written models that no kept point or baseline uses; the rows of those lose their path."""
+    keep = {r["model"] for r in rows if r["kept"]}
+    removed = []
+    for r in rows:
+        name = r.get("model")
+        if name and name not in keep:
+            remove_model(out_dir / name)
+            removed.append(name)
+            r["model"] = None
+    return sorted(set(removed))
+
+
+def remove_model(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    Path(f"{path}.data").unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------- the sweep
+
+def objectives_of(config: FrontierConfig) -> list[str]:
+    return ["measured", "paper"] if config.objective == "both" else [config.objective]
+
+
+def frontier_tiers(scores: dict[str, Any], config: FrontierConfig) -> list[Tier]:
+    """The union of the tiers the chosen objectives may use (for the reachable range and baselines)."""
+    seen: dict[str, Tier] = {}
+    for obj in objectives_of(config):
+        text = config.tiers or (PAPER_TIERS if obj == "paper" else None)
+        for t in (parse_tiers(text) if text else default_tiers(scores, obj)):
+            seen.setdefault(str(t), t)
+    return list(seen.values())
+
+
+def uniform_baselines(scores: dict[str, Any], tiers: list[Tier], lowest_target: float) -> tuple[Problem, dict[str, list[int]]]:
+    """Every single-tier allocation whose size fits the loosest target of the sweep."""
+    problem = build_problem(scores, tiers, lowest_target)
+    return problem, uniform_assignments(problem)
+
+
+def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False) -> dict[str, Any]:
+    """Every target x objective, plus the uniform baselines; returns the frontier document."""
+    t0 = time.perf_counter()
+    tiers = frontier_tiers(run.scores, config)
+    reachable = reachable_range(run.scores, tiers)
+    targets, notes = target_grid(config.targets, config.points, reachable)
+    if run.in_sample:
+        notes.append("errors measured on the sweep contexts (in-sample); pass --eval-contexts for held-out numbers")
+    jobs = [(t, obj) for t in targets for obj in objectives_of(config)]
+    points = [row for t, obj in progress(jobs, "pareto", quiet, unit="point")
+              if (row := _skip_on_error(notes, f"target {t:g}x ({obj})",
+                                        lambda: run_point(run, t, obj, config.tiers, config.max_rollouts)))]
+    if not points:
+        raise TqsError("no frontier point could be written; see the notes: " + "; ".join(notes))
+    choose_per_target(points)
+    baselines = []
+    if config.uniform:
+        problem, fits = uniform_baselines(run.scores, tiers, targets[0])
+        baselines = [row for name, assign in progress(list(fits.items()), "uniform", quiet, unit="model")
+                     if (row := _skip_on_error(notes, f"uniform {name}",
+                                               lambda: run_uniform(run, problem, name, assign)))]
+    mark_pareto(points + baselines)
+    removed = prune_models(run.out_dir, points + baselines)
+    if removed:
+        notes.append(f"deleted {len(removed)} dominated candidate model(s)")
+    return frontier_document(run, config, targets, reachable, points, baselines, notes, time.perf_counter() - t0)
+
+
+def _skip_on_error(notes: list[str], what: str, job: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """One point's TqsError (unreachable target, non-finite written model) skips that point, with a note."""
+    try:
+        return job()
+    except TqsError as exc:
+        notes.append(f"{what} skipped: {exc}")
+        return None
+
+
+def frontier_document(run: FrontierRun, config: FrontierConfig, targets: list[float], reachable: tuple[float, float],
+                      points: list[dict], baselines: list[dict], notes: list[str], seconds: float) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "tqs-frontier", "tool_version": __version__,
+        "model": {"path": str(run.loaded.path), "sha256": run.loaded.sha256, "file_bytes": run.loaded.file_bytes},
+        "objective": config.objective, "requested_targets": list(config.targets),
+        "targets": targets, "achievable": list(reachable),
+        "eval_contexts": run.eval_contexts.count, "in_sample": run.in_sample, "horizon": run.spec.horizon,
+        "blocks": [{"id": b["id"], "name": b["name"], "size": b["size"]} for b in run.scores["blocks"]],
+        "points": points, "uniform": baselines, "notes": notes, "seconds": round(seconds, 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------- output
+
+def write_frontier(out_dir: Path, doc: dict[str, Any]) -> tuple[Path, Path]:
+    """frontier.json (everything) and frontier.csv (one row per point and baseline)."""
+    json_path, csv_path = out_dir / "frontier.json", out_dir / "frontier.csv"
+    atomic_write_json(json_path, doc)
+    atomic_write(csv_path, lambda p: _write_csv(p, doc["points"] + doc["uniform"]))
+    return json_path, csv_path
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+
+
+def format_frontier(doc: dict[str, Any]) -> str:
+    """The frontier as a table: points first (target order), then the uniform baselines."""
+    has_truth = any(r.get("degradation_pct") is not None for r in doc["points"])
+    head = (f"{'kind':8s} {'target':>7} {'objective':12s} {'planned':>8} {'on disk':>8} {'bytes':>8} "
+            f"{'MAE vs FP32':>12} {'RMSE':>10}" + (f" {'MAE vs truth':>13} {'degr.':>9}" if has_truth else "")
+            + f" {'s':>6}  pareto kept")
+    lines = [head]
+    for r in doc["points"] + doc["uniform"]:
+        label = f"{r['target']:.2f}x" if r["target"] is not None else "-"
+        obj = r["objective"] if r["kind"] == "tqs" else r["tier"]
+        line = (f"{r['kind']:8s} {label:>7} {obj[:12]:12s} {r['planned_compression']:>7.2f}x "
+                f"{r['on_disk_compression']:>7.2f}x {r['on_disk_bytes']:>8,} {r['mae_vs_fp32']:>12.4g} "
+                f"{r['rmse_vs_fp32']:>10.4g}")
+        if has_truth:
+            tr, dg = r.get("mae_vs_truth"), r.get("degradation_pct")
+            line += f" {tr:>13.4g} {dg:>+8.1f}%" if tr is not None else f" {'-':>13} {'-':>9}"
+        line += f" {r['seconds']:>6.2f}  {'*' if r.get('pareto') else ' ':^6} {'yes' if r.get('kept', True) else 'no'}"
+        lines.append(line)
+    lines += [f"note: {n}" for n in doc.get("notes", [])]
+    return "\n".join(lines)
