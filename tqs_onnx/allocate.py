@@ -83,7 +83,35 @@ def load_scores(path: str | os.PathLike) -> dict[str, Any]:
         raise TqsError(f"{path}: not a tqs-onnx scores file")
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise TqsError(f"{path}: scores schema {doc.get('schema_version')} is not {SCHEMA_VERSION}")
+    _check_scores(doc, path)
     return doc
+
+
+def _check_scores(doc: dict[str, Any], path: Path) -> None:
+    """The fields the allocator reads exist and have the right types (the file may be hand-edited)."""
+    def bad(what: str) -> TqsError:
+        return TqsError(f"{path}: malformed scores file ({what})")
+
+    model, weights, blocks = doc.get("model"), doc.get("weights"), doc.get("blocks")
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), int) for k in ("file_bytes", "fixed_bytes")):
+        raise bad("'model' needs integer file_bytes and fixed_bytes")
+    if not isinstance(doc.get("config"), dict):
+        raise bad("'config' missing")
+    if not isinstance(weights, dict) or not all(
+            isinstance(w, dict) and isinstance(w.get("shape"), list) and isinstance(w.get("bits"), int)
+            for w in weights.values()):
+        raise bad("'weights' needs a shape and bits per weight")
+    if not isinstance(blocks, list) or not blocks:
+        raise bad("'blocks' missing or empty")
+    for b in blocks:
+        if not isinstance(b, dict) or not isinstance(b.get("weights"), list) or "id" not in b:
+            raise bad("every block needs an id and a list of weights")
+        missing = [n for n in b["weights"] if n not in weights]
+        if missing:
+            raise bad(f"block {b['id']} names weights {missing[:3]} that 'weights' does not describe")
+        if not any(isinstance(b.get(k), dict) and isinstance(b[k].get("gamma_task"), (int, float))
+                   for k in ("quant", "gauss")):
+            raise bad(f"block {b['id']} has no quant or gauss score")
 
 
 def block_gamma(block: dict[str, Any], probe: str) -> float:

@@ -42,12 +42,37 @@ def _write_json(path: str | None, doc: dict[str, Any]) -> None:
         atomic_write_json(path, doc)
 
 
+def _check_output_files(*paths: str | None) -> None:
+    """Refuse an output file path that cannot be written, before any work is done."""
+    for path in paths:
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise TqsError(f"{p}: output path is a folder; give a file name")
+        parent = next((q for q in p.parents if q.exists()), Path("."))
+        if not parent.is_dir():
+            raise TqsError(f"{p}: cannot write here, '{parent}' is not a folder")
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (exit 2), like every other error of the tool."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
 # -------------------------------------------------------------------------------------- commands
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     from tqs_onnx.graph import load_model
     from tqs_onnx.summary import format_inspect, inspect_model
 
+    _check_output_files(a.output)
     doc = inspect_model(load_model(a.model), a.blocks, a.min_size, factor=not a.no_factor)
     _write_json(a.output, doc)
     print(json.dumps(doc, indent=1) if a.json else format_inspect(doc))
@@ -61,6 +86,9 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from tqs_onnx.sweep import SweepConfig, run_sweep
     from tqs_onnx.tiers import parse_tiers
 
+    _check_output_files(a.output, a.checkpoint)
+    if a.horizon is not None and a.horizon < 1:
+        raise TqsError(f"--horizon must be >= 1, not {a.horizon}")
     tiers = [str(t) for t in parse_tiers(a.tiers) if not t.is_identity] if a.tiers else []
     config = SweepConfig(a.probe, a.bits, a.probes, a.horizon, a.seed, a.blocks, a.min_size, a.gamma_min, tiers,
                          factor=not a.no_factor)
@@ -92,6 +120,7 @@ def format_ranking(doc: dict[str, Any]) -> str:
 def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document
 
+    _check_output_files(a.output)
     scores = load_scores(a.scores)
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               a.gamma_min)
@@ -144,6 +173,7 @@ def cmd_apply(a: argparse.Namespace) -> int:
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
+    _check_output_files(a.output, a.report)
     plan = load_plan(a.plan)
     if a.no_factor:
         plan["factor"] = False
@@ -156,13 +186,11 @@ def cmd_apply(a: argparse.Namespace) -> int:
         raise TqsError(f"{out}: refusing to overwrite the input model")
     spec = RolloutSpec.load(a.rollout) if a.rollout else None
     contexts = Contexts.load(a.contexts, spec) if spec and a.contexts else None
-    save_model(model, out, a.external_data or None)
-    try:
-        checks = verify_written(out, resolve_device(a.device), spec, contexts)
-    except TqsError:
-        out.unlink(missing_ok=True)
-        Path(f"{out}.data").unlink(missing_ok=True)
-        raise
+    device = resolve_device(a.device)
+    checks: dict[str, Any] = {}
+    # Checked on the temporary copy: a model that fails never replaces `out`.
+    save_model(model, out, a.external_data or None,
+               check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out)))
     written = load_model(out)
     report = {"output": str(out), "on_disk_bytes": written.file_bytes,
               "on_disk_compression": loaded.file_bytes / written.file_bytes,
@@ -181,6 +209,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
+    _check_output_files(a.output)
     spec = RolloutSpec.load(a.rollout)
     doc = evaluate(a.reference, a.candidate, spec, Contexts.load(a.contexts, spec), resolve_device(a.device))
     _write_json(a.output, doc)
@@ -213,10 +242,84 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pareto(a: argparse.Namespace) -> int:
+    from tqs_onnx.allocate import load_scores
+    from tqs_onnx.graph import load_model
+    from tqs_onnx.pareto import FrontierConfig, format_frontier, open_run, run_frontier, write_frontier
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import resolve_device
+
+    _check_output_dirs(a.output, a.report)
+    config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform)
+    scores = load_scores(a.scores)
+    spec = RolloutSpec.load(a.rollout)
+    loaded = load_model(a.model)
+    sweep_ctx = Contexts.load(a.contexts, spec)
+    eval_ctx = Contexts.load(a.eval_contexts, spec) if a.eval_contexts else None
+    out = Path(a.output)
+    run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, resolve_device(a.device), out)
+    doc = run_frontier(run, config, quiet=a.quiet or a.json)
+    json_path, csv_path = write_frontier(out, doc)
+    if a.report:
+        from tqs_onnx.report import write_report
+
+        write_report(a.report, scores, frontier=doc)
+    if a.json:
+        print(json.dumps(doc, indent=1))
+    elif not a.quiet:
+        print(f"{format_frontier(doc)}\nwrote {json_path}, {csv_path}" + (f", {a.report}/index.html" if a.report else ""))
+    return 0
+
+
+def _check_output_dirs(*paths: str | None) -> None:
+    """Refuse an output folder that is an existing file, before any work is done."""
+    for path in paths:
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise TqsError(f"{path}: output folder is an existing file")
+
+
+def cmd_gate(a: argparse.Namespace) -> int:
+    from tqs_onnx.gate import GateConfig, format_gate, junit_xml, run_gate
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import resolve_device
+    from tqs_onnx.util import atomic_write
+
+    _check_output_files(a.junit, a.output)
+    spec = RolloutSpec.load(a.rollout)
+    contexts = Contexts.load(a.contexts, spec)
+    config = GateConfig(a.max_degradation, a.max_mae, a.max_size, a.min_compression)
+    doc = run_gate(a.reference, a.candidate, spec, contexts, resolve_device(a.device), config)
+    if a.junit:
+        atomic_write(a.junit, lambda p: p.write_bytes(junit_xml(doc)))
+    _write_json(a.output, doc)
+    if a.json:
+        print(json.dumps(doc, indent=1))
+    elif not a.quiet:
+        print(format_gate(doc))
+    return 0 if doc["passed"] else 1
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from tqs_onnx.allocate import load_scores
+    from tqs_onnx.report import check_same_model, load_document, write_report
+
+    _check_output_dirs(a.output)
+    scores = load_scores(a.scores)
+    docs = {}
+    for key, path, kind in (("frontier", a.frontier, "tqs-frontier"), ("plan", a.plan, "tqs-plan"),
+                            ("eval_doc", a.eval, "tqs-eval")):
+        docs[key] = load_document(path, kind) if path else None
+        check_same_model(scores, docs[key], str(path))
+    index = write_report(a.output, scores, **docs)
+    if not a.quiet:
+        print(f"wrote {index}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tqs-onnx", description=(
+    p = _Parser(prog="tqs-onnx", description=(
         "Trajectory-based quantization sensitivity (TQS) for frozen ONNX models: score each block of weights "
         "by how a perturbation grows over a rollout, allocate precision tiers under a size budget, and write "
         "a verified mixed-precision ONNX graph."))
@@ -304,18 +407,100 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     _device_args(s)
     s.set_defaults(func=cmd_demo)
+    _frontier_parsers(sub)
     return p
+
+
+def _as_option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a library parser: its TqsError becomes argparse's usage error (exit 2)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except TqsError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _frontier_parsers(sub) -> None:
+    """pareto, gate and report (issue 7)."""
+    from tqs_onnx.gate import parse_percent
+    from tqs_onnx.pareto import OBJECTIVES, parse_targets
+
+    s = sub.add_parser("pareto", help="allocate, apply and evaluate a range of targets from one sweep (the frontier)")
+    s.add_argument("model", help="the original (FP32) model the scores were computed on")
+    s.add_argument("scores", help="scores JSON written by `sweep`")
+    _rollout_args(s)
+    s.add_argument("--targets", type=_as_option(parse_targets), default=(2.0, 32.0), metavar="LOW:HIGH",
+                   help="compression range, spaced geometrically and clamped to what the tiers reach (default 2:32)")
+    s.add_argument("--points", type=int, default=16, help="number of targets (default 16; duplicates are skipped)")
+    s.add_argument("--eval-contexts", metavar="EVAL.npz",
+                   help="held-out contexts for the errors (default: the sweep contexts, reported as in-sample)")
+    s.add_argument("--objective", default="measured", choices=OBJECTIVES,
+                   help="measured (default, with the joint check and refinement), paper (Algorithm 2), or both "
+                        "(keep the better model per target, delete the dominated one)")
+    s.add_argument("--tiers", help="tiers for every objective (default: fp32 + the sweep's tiers for measured, "
+                                   "fp32,bf16,int8,int4,int2 for paper)")
+    s.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts per refinement (default 30)")
+    s.add_argument("--no-uniform", action="store_true", help="skip the uniform (single-tier) baselines")
+    s.add_argument("-o", "--output", default="tqs-frontier", metavar="DIR",
+                   help="folder for frontier.json, frontier.csv and the kept models (default ./tqs-frontier)")
+    s.add_argument("--report", metavar="DIR", help="also write the HTML report (index.html + PNGs) here")
+    s.add_argument("--json", action="store_true", help="print the frontier JSON (no progress bar)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    _device_args(s)
+    s.set_defaults(func=cmd_pareto)
+
+    s = sub.add_parser("gate", help="CI gate: structural checks and rollout error thresholds (exit 0 pass, 1 fail, 2 bad input)",
+                       description="Exit 0 when every check passes, 1 when one fails, 2 when the input is unusable "
+                                   "(missing file, unreadable reference, spec or contexts that do not fit, no threshold "
+                                   "for an output). Percentages: '1%' and '1' both mean one percent.")
+    s.add_argument("reference", help="the original (FP32) model")
+    s.add_argument("candidate", help="the compressed model to check")
+    _rollout_args(s)
+    s.add_argument("--max-degradation", type=_as_option(parse_percent), metavar="PCT",
+                   help="per output, largest allowed 100*(MAE_q - MAE_fp32)/MAE_fp32 against the contexts' ground "
+                        "truth, in percent: '1%%' or '1' (so '0.01' is 0.01%%)")
+    s.add_argument("--max-mae", type=float, metavar="X",
+                   help="per output, largest allowed rollout MAE against the FP32 model (needed when the contexts "
+                        "carry no truth)")
+    s.add_argument("--max-size", type=int, metavar="BYTES", help="largest allowed size on disk (with external data)")
+    s.add_argument("--min-compression", type=float, metavar="X", help="smallest allowed reference/candidate size ratio")
+    s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report (one testcase per check)")
+    s.add_argument("-o", "--output", metavar="JSON", help="write the JSON result here")
+    s.add_argument("--json", action="store_true", help="print JSON instead of the summary")
+    s.add_argument("--quiet", action="store_true", help="print nothing; the exit code tells")
+    _device_args(s)
+    s.set_defaults(func=cmd_gate)
+
+    s = sub.add_parser("report", help="HTML page with plots: sensitivity, roles, frontier, error growth, tier map")
+    s.add_argument("scores", help="scores JSON written by `sweep`")
+    s.add_argument("--frontier", metavar="JSON", help="frontier.json written by `pareto`")
+    s.add_argument("--plan", metavar="JSON", help="plan JSON written by `allocate` (tier map, tiers in the block table)")
+    s.add_argument("--eval", metavar="JSON", help="report written by `eval -o` (per-step error growth)")
+    s.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for index.html and the PNGs")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_report)
 
 
 DEFAULT_SWEEP_TIERS = "bf16,int8,int8/channel,int4,int4/channel,int2,int2/channel"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except TqsError as exc:
-        print(f"tqs-onnx {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tqs-onnx {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no (disk full, permissions): still one line
+        print(f"tqs-onnx {args.command}: error: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tqs-onnx {args.command}: interrupted", file=sys.stderr)

@@ -44,23 +44,44 @@ def _synthetic_feeds(session) -> dict[str, np.ndarray]:
     return feeds
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
 def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
-                   contexts: Contexts | None = None) -> dict[str, Any]:
-    """onnx.checker, ORT load, finite outputs (one rollout step per context if a spec is given)."""
+                   contexts: Contexts | None = None, label: str | Path | None = None) -> dict[str, Any]:
+    """onnx.checker, ORT load, finite outputs (one rollout step per context if a spec is given).
+
+    `label` names the model in messages when `path` is a temporary copy.
+    """
+    label = label or path
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise TqsError(f"{path}: written model fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+        raise TqsError(f"{label}: written model fails onnx.checker: {_first_line(exc)[:200]}") from None
     session = make_session(str(path), device)
-    if spec is not None and contexts is not None:
-        rollout = Rollout(session, spec, contexts, device, str(path))
-        outs = [step for s in range(contexts.count) for step in rollout.trajectory_host(s)]
-        finite = all(np.all(np.isfinite(v)) for o in outs for v in o.values())
-    else:
-        finite = all(np.all(np.isfinite(v)) for v in session.run(None, _synthetic_feeds(session))
-                     if np.asarray(v).dtype.kind == "f")
+    try:
+        if spec is not None and contexts is not None:
+            spec.check_against(*io_signature(session), str(label))
+            rollout = Rollout(session, spec, contexts, device, str(label))
+            outs = [step for s in range(contexts.count) for step in rollout.trajectory_host(s)]
+            finite = all(np.all(np.isfinite(v)) for o in outs for v in o.values())
+        else:
+            import onnxruntime as ort
+
+            quiet = ort.RunOptions()
+            quiet.log_severity_level = 4  # the failure is reported below, in one line
+            finite = all(np.all(np.isfinite(v)) for v in session.run(None, _synthetic_feeds(session), quiet)
+                         if np.asarray(v).dtype.kind == "f")
+    except TqsError:
+        raise
+    except Exception as exc:
+        hint = "" if spec is not None and contexts is not None else \
+            " on synthetic inputs (dynamic input shapes?); pass --rollout and --contexts to verify it on real data"
+        raise TqsError(f"{label}: written model does not run{hint}: {_first_line(exc)}") from None
     if not finite:
-        raise TqsError(f"{path}: written model gives non-finite outputs")
+        raise TqsError(f"{label}: written model gives non-finite outputs")
     return {"checker": True, "ort_load": True, "finite": True}
 
 
@@ -68,8 +89,14 @@ def rollouts(path_or_session, spec: RolloutSpec, contexts: Contexts, device: Dev
              horizon: int | None = None) -> dict[str, np.ndarray]:
     """Trajectory outputs stacked as (S, T, *shape) per output."""
     session = make_session(str(path_or_session), device) if isinstance(path_or_session, (str, Path)) else path_or_session
+    spec.check_against(*io_signature(session), str(path_or_session))
     rollout = Rollout(session, spec, contexts, device, str(path_or_session))
-    trajs = [rollout.trajectory_host(s, horizon=horizon) for s in range(contexts.count)]
+    try:
+        trajs = [rollout.trajectory_host(s, horizon=horizon) for s in range(contexts.count)]
+    except TqsError:
+        raise
+    except Exception as exc:
+        raise TqsError(f"{path_or_session}: rollout fails in ONNX Runtime: {_first_line(exc)}") from None
     return {k: np.stack([np.stack([step[k] for step in traj]) for traj in trajs]) for k in spec.trajectory}
 
 

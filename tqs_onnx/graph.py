@@ -90,8 +90,9 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
 
 _PACKED_BITS = {getattr(onnx.TensorProto, n): b for n, b in
                 (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, n)}
-# Typed-field tensors whose field holds exactly one entry per element.
-_ONE_PER_ELEMENT = {"float_data", "double_data", "int64_data", "uint64_data", "string_data"}
+# Types whose typed field (float_data, int64_data, ...) holds exactly one entry per element.
+_ONE_PER_ELEMENT = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                    onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.STRING}
 
 
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
@@ -118,7 +119,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
         except Exception:
             continue
         held = len(getattr(t, field))
-        if (field in _ONE_PER_ELEMENT and held != n) or (n and not held):
+        if (t.data_type in _ONE_PER_ELEMENT and held != n) or (n and not held):
             raise TqsError(f"{path}: tensor '{t.name}' holds {held:,} values but its dims {list(t.dims)} "
                            f"need {n:,} (truncated or corrupt)")
 
@@ -297,10 +298,10 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, rd: dict) -> list[tu
 
 def _axes_for(op: str, slot: int, node: onnx.NodeProto, ndim: int) -> tuple[int | None, int | None]:
     """(channel axis, block axis) for a weight read by `op` at input `slot`."""
-    if ndim == 0:
+    if ndim <= 1:
+        # One scale for a vector: per-element or blocked scales on a bias buy nothing, and ORT's CUDA
+        # DequantizeLinear refuses per-axis scales on 1-D tensors (tools/ort_support.py).
         return None, None
-    if ndim == 1:
-        return 0, 0
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if op == "MatMul" and slot == 1:
         return ndim - 1, ndim - 2  # (K, N): scale per output column, blocks along K

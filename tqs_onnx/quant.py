@@ -19,10 +19,10 @@ _FLOAT_STORAGE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 def _group_view(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> tuple[np.ndarray, tuple[int, ...]]:
     """Absolute max per scale group, shaped to broadcast against `w` after `_expand`."""
     a = np.abs(w.astype(np.float32, copy=False))
-    if tier.granularity == "tensor" or w.ndim == 0 or (tier.granularity == "channel" and channel_axis is None) \
-            or (tier.granularity == "block" and block_axis is None):
+    gran = tier.granularity_for(channel_axis, block_axis) if w.ndim else "tensor"
+    if gran == "tensor":
         return a.max(keepdims=True) if a.size else np.zeros([1] * w.ndim, np.float32), ()
-    if tier.granularity == "channel":
+    if gran == "channel":
         axes = tuple(i for i in range(w.ndim) if i != channel_axis)
         return a.max(axis=axes, keepdims=True), ()
     bs = tier.block_size
@@ -44,9 +44,10 @@ def scales_for(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: 
     if tier.scale_fmt == "fp16":
         scale = np.maximum(scale.astype(np.float16), np.float16(6.2e-5))
     scale = scale.astype(_scale_dtype(w, tier))
-    if tier.granularity == "tensor" or scale.size == 1 and tier.granularity != "block":
+    gran = tier.granularity_for(channel_axis, block_axis) if w.ndim else "tensor"
+    if gran == "tensor" or scale.size == 1:  # one scale is per-tensor, whatever the tier says
         return scale.reshape(())
-    if tier.granularity == "channel":
+    if gran == "channel":
         return scale.reshape(-1)
     return scale
 
@@ -61,7 +62,7 @@ def _broadcast_scale(scale: np.ndarray, w_shape: tuple[int, ...], tier: Tier,
                      channel_axis: int | None, block_axis: int | None) -> np.ndarray:
     if scale.ndim == 0:
         return scale
-    if tier.granularity == "channel":
+    if tier.granularity_for(channel_axis, block_axis) == "channel":
         shape = [1] * len(w_shape)
         shape[channel_axis] = -1
         return scale.reshape(shape)

@@ -7,12 +7,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import LoadedModel, weight_table
+from tqs_onnx.graph import LoadedModel, tensor_is_finite, weight_table
 from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
@@ -32,6 +32,13 @@ def load_plan(path: str | os.PathLike) -> dict[str, Any]:
         raise TqsError(f"{path}: not a readable plan JSON ({type(exc).__name__})") from None
     if not isinstance(plan, dict) or plan.get("kind") != "tqs-plan" or not isinstance(plan.get("weights"), dict):
         raise TqsError(f"{path}: not a tqs-onnx plan")
+    if not isinstance(plan.get("model"), dict):
+        raise TqsError(f"{path}: plan has no 'model' entry (which model it was made for)")
+    if not all(isinstance(t, str) for t in plan["weights"].values()):
+        raise TqsError(f"{path}: plan 'weights' must map weight names to tier names")
+    info = plan.get("weight_info", {})
+    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+        raise TqsError(f"{path}: plan 'weight_info' must map weight names to shape/axis entries")
     return plan
 
 
@@ -39,6 +46,7 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     """The model with every planned weight at its tier (in memory)."""
     prepared = prepare_graph(loaded.model, plan.get("factor", True))
     table = {w.name: w for w in weight_table(prepared.model, min_size=1)}
+    inits = {i.name: i for i in prepared.model.graph.initializer}
     tiers, axes = {}, {}
     for name, tier_text in plan["weights"].items():
         w = table.get(name)
@@ -48,13 +56,23 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
                            f"{'missing' if w is None else 'has another shape'} in {loaded.path})")
         tiers[name] = parse_tier(tier_text)
         axes[name] = (info.get("channel_axis", w.channel_axis), info.get("block_axis", w.block_axis))
+        if any(a is not None and (not isinstance(a, int) or not -len(w.shape) <= a < len(w.shape))
+               for a in axes[name]):
+            raise TqsError(f"{where}: weight '{name}' of shape {list(w.shape)} has invalid axes {list(axes[name])}")
+        if tiers[name].is_int and not tensor_is_finite(inits[name]):
+            raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
+                           f"{tiers[name]}; keep it at fp32 (or a float tier)")
     need = max([t.min_opset for t in tiers.values() if not t.is_identity], default=0)
     model, reports = run_passes(prepared.model, [UpgradeOpset(need), WriteTiers(tiers, axes)])
     return model, {**prepared.reports, **reports}
 
 
-def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None) -> list[Path]:
-    """Write atomically: into a temp folder beside `out`, then rename data file and model into place."""
+def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None,
+               check: Callable[[Path], None] | None = None) -> list[Path]:
+    """Write atomically: into a temp folder beside `out`, then rename data file and model into place.
+
+    `check(path)` runs on the complete temporary copy; if it raises, nothing reaches `out`.
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
@@ -68,12 +86,21 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
                             location=data_name, size_threshold=1024)
         else:
             onnx.save_model(model, str(tmp_model))
-        written = []
-        for f in sorted(tmpdir.iterdir(), key=lambda p: p.name == out.name):  # data first, model last
+        files = sorted(tmpdir.iterdir(), key=lambda p: p.name == out.name)  # data first, model last
+        for f in files:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            os.replace(f, out.parent / f.name)
-            written.append(out.parent / f.name)
+        if check is not None:
+            check(tmp_model)
+        written = []
+        try:
+            for f in files:
+                os.replace(f, out.parent / f.name)
+                written.append(out.parent / f.name)
+        except BaseException:
+            for f in written:
+                f.unlink(missing_ok=True)
+            raise
         return written
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

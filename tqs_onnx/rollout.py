@@ -74,6 +74,11 @@ class RolloutSpec:
         for key in ("feedback", "initial", "per_step", "fixed", "constants", "truth", "channel_axis"):
             if not isinstance(raw.get(key, {}), dict):
                 raise TqsError(f"{where}: '{key}' must be a mapping")
+        for name, value in (raw.get("constants") or {}).items():
+            try:
+                np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TqsError(f"{where}: constant '{name}' must be a number or a list of numbers, not {value!r}") from None
         raw = {**raw, "horizon": horizon}
         return cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()})
 
@@ -138,6 +143,8 @@ class Contexts:
         if len(counts) != 1 or -1 in counts:
             raise TqsError(f"{where}: arrays disagree on the number of contexts (leading axis)")
         count = counts.pop() if needed else 1
+        if count < 1:
+            raise TqsError(f"{where}: no contexts (the arrays' leading axis is 0)")
         for inp, key in spec.per_step.items():
             if arrays[key].ndim < 2 or arrays[key].shape[1] < spec.horizon:
                 raise TqsError(f"{where}: per-step array '{key}' needs shape (S, T>={spec.horizon}, ...)")
@@ -165,6 +172,7 @@ class Rollout:
         self.outputs = {o.name: (tuple(o.shape), o.type) for o in session.get_outputs()}
         self.fetch = list(dict.fromkeys([*spec.trajectory, *spec.feedback]))
         self.forward_passes = 0
+        self.where = where
         self._check_contexts(where)
 
     def _check_contexts(self, where: str) -> None:
@@ -216,7 +224,11 @@ class Rollout:
             binding.clear_binding_outputs()
             for o in self.fetch:
                 binding.bind_output(o, self.device.kind)
-            self.session.run_with_iobinding(binding)
+            try:
+                self.session.run_with_iobinding(binding)
+            except Exception as exc:  # ORT: a shape or value the graph cannot take
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise TqsError(f"{self.where}: ONNX Runtime fails at step {t + 1} of context {s}: {first}") from None
             self.forward_passes += 1
             out = dict(zip(self.fetch, binding.get_outputs()))
             for o, inp in self.spec.feedback.items():

@@ -71,7 +71,7 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
     """One ORT session; optimisations on, logging off. `model` may be a proto, bytes or a path."""
     ort = _ort()
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures come back as exceptions, reported in one line
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads

@@ -19,7 +19,7 @@ import numpy as np
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import Block, LoadedModel, Weight, make_blocks, weight_table
+from tqs_onnx.graph import Block, LoadedModel, Weight, make_blocks, tensor_is_finite, weight_table
 from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
@@ -51,6 +51,8 @@ class SweepConfig:
             raise TqsError("--bits must be between 2 and 16")
         if self.probes < 1:
             raise TqsError("--probes must be >= 1")
+        if self.horizon is not None and self.horizon < 1:
+            raise TqsError("--horizon must be >= 1")
 
 
 @dataclass
@@ -134,11 +136,17 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     values = exposed.report["values"]
     bound = {n: device.to_device(v) for n, v in values.items()}
     horizon = config.horizon or spec.horizon
+    for key in spec.per_step.values():
+        if contexts.arrays[key].shape[1] < horizon:
+            raise TqsError(f"{loaded.path}: horizon {horizon} is longer than per-step array '{key}' "
+                           f"({contexts.arrays[key].shape[1]} steps)")
     nominal = [rollout.trajectory(s, bound, horizon) for s in range(contexts.count)]
     ops = DeviceProbes(device)
     for traj in nominal:
         if not all(math.isfinite(ops.sqdiff(v, v)) for step in traj for v in step.values()):
-            raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; check the contexts")
+            bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
+            hint = f"weights holding NaN/inf: {', '.join(bad[:5])}" if bad else "check the contexts"
+            raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; {hint}")
     return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon, prepared.model.ByteSize(), ops)
 
 

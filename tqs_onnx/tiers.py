@@ -51,6 +51,8 @@ class Tier:
         if not self.is_int:
             return 13
         base = INT_MIN_OPSET[self.fmt]
+        if self.scale_fmt == "fp16":
+            base = max(base, 19)  # DequantizeLinear takes fp16 scales from opset 19
         return max(base, BLOCKED_MIN_OPSET) if self.granularity == "block" else base
 
     def __str__(self) -> str:
@@ -65,14 +67,19 @@ class Tier:
             parts.append(self.scale_fmt)
         return "/".join(parts)
 
+    def granularity_for(self, channel_axis: int | None, block_axis: int | None) -> str:
+        """The granularity actually used: per-tensor when the tensor has no axis for it (e.g. a bias)."""
+        if self.granularity == "channel" and channel_axis is None or self.granularity == "block" and block_axis is None:
+            return "tensor"
+        return self.granularity
+
     def scale_count(self, shape: tuple[int, ...], channel_axis: int | None, block_axis: int | None) -> int:
         """Number of scales this tier stores for a tensor of `shape`."""
-        if self.granularity == "tensor" or not shape:
+        gran = self.granularity_for(channel_axis, block_axis) if shape else "tensor"
+        if gran == "tensor":
             return 1
-        if self.granularity == "channel":
-            return shape[channel_axis] if channel_axis is not None else 1
-        if block_axis is None:
-            return 1
+        if gran == "channel":
+            return shape[channel_axis]
         n = math.prod(shape) // shape[block_axis]
         return n * math.ceil(shape[block_axis] / self.block_size)
 
@@ -181,7 +188,8 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
     if tier.is_identity:
         return 0
     n = math.prod(shape)
-    rank = 0 if tier.granularity == "tensor" else (1 if tier.granularity == "channel" else len(shape))
+    gran = tier.granularity_for(*axes) if shape else "tensor"
+    rank = 0 if gran == "tensor" or tier.scale_count(shape, *axes) == 1 else (1 if gran == "channel" else len(shape))
     added = sum(_field_bytes(node.ByteSize()) for node in rewrite_nodes(name, tier, rank, axes))
     if tier.is_int:
         q, s = stored_names(name)

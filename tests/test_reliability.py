@@ -1,0 +1,754 @@
+"""Reliability and security: untrusted inputs, interrupted runs, atomic outputs, determinism.
+
+Every bad input in the table below goes through the CLI entry point and must give one line on stderr
+naming the problem, exit code 2, nothing written, and no file opened outside the paths it was given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tiny import init, recurrent_contexts, recurrent_mlp, recurrent_spec, rng_weights, save_case, vec
+from tqs_onnx.cli import main
+
+# ------------------------------------------------------------------------------ watching file access
+
+class OpenWatch:
+    """Counts opens and reads of anything in a folder (Linux inotify), from Python or C++ alike.
+
+    onnx and ONNX Runtime open external data from C++, where Python's audit hooks see nothing.
+    """
+
+    def __init__(self, folder: Path):
+        self.fd = -1
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if self.fd >= 0 and libc.inotify_add_watch(self.fd, os.fsencode(folder), 0x1 | 0x20) < 0:  # ACCESS|OPEN
+                os.close(self.fd)
+                self.fd = -1
+
+    def events(self) -> int | None:
+        """Bytes of events since the last call; None where inotify is not available."""
+        if self.fd < 0:
+            return None
+        n = 0
+        while True:
+            try:
+                n += len(os.read(self.fd, 1 << 16))
+            except BlockingIOError:
+                return n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+def listing(root: Path) -> dict[str, tuple]:
+    """Every entry under root (symlinks not followed), with size and mtime for files.
+
+    Folder mtimes are left out: a temporary file made and removed again leaves nothing behind.
+    """
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out[os.path.relpath(p, root)] = (st.st_mode,) if name in dirnames else \
+                (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def run_cli(argv: list[str], capfd) -> tuple[int, str]:
+    """main(argv) as a user runs it: its exit code and its stderr (fd level, so ORT's C++ logs count too)."""
+    capfd.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A good model with its spec, contexts, scores and plan; cases copy from here."""
+    d = tmp_path_factory.mktemp("base")
+    paths = save_case(d, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    scores, plan = d / "s.json", d / "p.json"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "-o", str(scores), "--probes", "1", "--min-size", "16", "--quiet", "--tiers", "int8,int4"]) == 0
+    assert main(["allocate", str(scores), "--compression", "2", "-o", str(plan), "--quiet"]) == 0
+    return {**paths, "scores": scores, "plan": plan}
+
+
+class Case:
+    """A case's folder (the model folder) beside an `outside` folder holding a secret it must not touch."""
+
+    def __init__(self, root: Path, base: dict[str, Path]):
+        self.root = root
+        self.d = root / "case"
+        self.d.mkdir()
+        self.outside = root / "outside"
+        self.outside.mkdir()
+        self.secret = self.outside / "secret.bin"
+        # Valid W1 data: a loader that followed a reference here would succeed, so only refusing passes.
+        self.secret.write_bytes(numpy_helper.to_array(_w1_tensor()).tobytes())
+        self.base = base
+
+    def copy(self, key: str) -> str:
+        dst = self.d / self.base[key].name
+        if not dst.exists():
+            shutil.copy(self.base[key], dst)
+        return str(dst)
+
+    def path(self, name: str) -> str:
+        return str(self.d / name)
+
+    def write(self, name: str, data: bytes | str) -> str:
+        p = self.d / name
+        p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+        return str(p)
+
+    def save(self, m: onnx.ModelProto, name: str = "bad.onnx") -> str:
+        p = self.d / name
+        p.write_bytes(m.SerializeToString())
+        return str(p)
+
+    def json(self, name: str, doc) -> str:
+        return self.write(name, json.dumps(doc))
+
+    def npz(self, name: str, **arrays) -> str:
+        np.savez(self.d / name, **arrays)
+        return str(self.d / name)
+
+    def sweep(self, model: str | None = None, spec: str | None = None, contexts: str | None = None,
+              *extra: str, out: str = "out.json") -> list[str]:
+        return ["sweep", model or self.copy("model"), "--rollout", spec or self.copy("spec"),
+                "--contexts", contexts or self.copy("contexts"), "-o", self.path(out), "--quiet",
+                "--min-size", "16", "--probes", "1", "--tiers", "int8", *extra]
+
+    def allocate(self, scores: str | None = None, *extra: str) -> list[str]:
+        return ["allocate", scores or self.copy("scores"), "--compression", "2", "-o", self.path("p.json"),
+                "--quiet", *extra]
+
+    def apply(self, model: str | None = None, plan: str | None = None, *extra: str) -> list[str]:
+        return ["apply", model or self.copy("model"), plan or self.copy("plan"), "-o", self.path("q.onnx"),
+                "--quiet", *extra]
+
+
+# ---------------------------------------------------------------------------------- model builders
+
+def _w1_tensor() -> TensorProto:
+    return next(t for t in recurrent_mlp().graph.initializer if t.name == "W1")
+
+
+def _with_init(m: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:
+    for t in m.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
+    return m
+
+
+def external_w1(c: Case, location: str, **info: str) -> str:
+    """The good model with W1 stored externally at `location` (the data itself is written by the case)."""
+    m = recurrent_mlp()
+    t = next(t for t in m.graph.initializer if t.name == "W1")
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    for k, v in info.items():
+        t.external_data.add(key=k, value=v)
+    return c.save(m, "ext.onnx")
+
+
+def w1_bytes() -> bytes:
+    return numpy_helper.to_array(_w1_tensor()).tobytes()
+
+
+def two_input_model(u_dim: int = 8, u_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """x_next = 0.9 x + tanh(x W1) W2 + float(u) Wu: a state x and a second input u."""
+    n, h = 16, 32
+    w1, w2, wu = rng_weights(0, (n, h), (h, n), (u_dim, n))
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]), helper.make_node("Tanh", ["a"], ["b"]),
+             helper.make_node("MatMul", ["b", "W2"], ["c"]), helper.make_node("Mul", ["x", "k"], ["xs"]),
+             helper.make_node("Cast", ["u"], ["uf"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["uf", "Wu"], ["d"]), helper.make_node("Add", ["xs", "c"], ["e"]),
+             helper.make_node("Add", ["e", "d"], ["x_next"])]
+    g = helper.make_graph(nodes, "g", [vec("x", n), helper.make_tensor_value_info("u", u_type, [1, u_dim])],
+                          [vec("x_next", n)], [init("W1", w1), init("W2", w2), init("Wu", wu),
+                                               init("k", np.float32(0.9))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+def two_input_spec(**over) -> dict:
+    return {"horizon": 8, "feedback": {"x_next": "x"}, "initial": {"x": "x0"}, "per_step": {"u": "u"}, **over}
+
+
+def two_input_contexts(s: int = 3, t: int = 8, u_dim: int = 8) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(0)
+    return {"x0": r.standard_normal((s, 1, 16)).astype(np.float32),
+            "u": r.standard_normal((s, t, 1, u_dim)).astype(np.float32)}
+
+
+def two_input_case(c: Case, spec: dict | None = None, contexts: dict | None = None, **model_kw) -> list[str]:
+    return c.sweep(c.save(two_input_model(**model_kw), "two.onnx"), c.json("two.json", spec or two_input_spec()),
+                   c.npz("two.npz", **(contexts or two_input_contexts())))
+
+
+def cyclic_model() -> onnx.ModelProto:
+    w1, = rng_weights(0, (16, 16))
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"], name="first"),
+             helper.make_node("MatMul", ["a", "W1"], ["b"], name="second"),
+             helper.make_node("Identity", ["a"], ["x_next"], name="out")]
+    g = helper.make_graph(nodes, "g", [vec("x", 16)], [vec("x_next", 16)], [init("W1", w1)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def renamed_last_op(op: str, domain: str = "") -> onnx.ModelProto:
+    m = recurrent_mlp()
+    m.graph.node[-1].op_type = op
+    m.graph.node[-1].domain = domain
+    if domain:
+        m.opset_import.append(helper.make_opsetid(domain, 1))
+    return m
+
+
+def empty_weight_model() -> onnx.ModelProto:
+    """A recurrent model whose only float weight has zero elements."""
+    nodes = [helper.make_node("MatMul", ["x", "E"], ["e"]),
+             helper.make_node("Concat", ["x", "e"], ["x_next"], axis=1)]
+    g = helper.make_graph(nodes, "g", [vec("x", 16)], [vec("x_next", 16)],
+                          [init("E", np.zeros((16, 0), np.float32))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def dynamic_model() -> onnx.ModelProto:
+    m = recurrent_mlp()
+    for v in (m.graph.input[0], m.graph.output[0]):
+        for d, name in zip(v.type.tensor_type.shape.dim, ("batch", "features")):
+            d.dim_param = name
+    return m
+
+
+def failing_at_run_time() -> onnx.ModelProto:
+    """Loads fine, but gathers column 20 of a 16-column state when it runs."""
+    m = recurrent_mlp()
+    m.graph.node[0].input[0] = "xg"
+    m.graph.node.insert(0, helper.make_node("Gather", ["x", "cols"], ["xg"], axis=1))
+    m.graph.initializer.append(init("cols", np.array([*range(15), 20], np.int64)))
+    return m
+
+
+def bomb_model() -> onnx.ModelProto:
+    """W1's dims promise 2^40 elements; its data holds 512."""
+    m = recurrent_mlp()
+    t = next(t for t in m.graph.initializer if t.name == "W1")
+    del t.dims[:]
+    t.dims.extend([1 << 20, 1 << 20])
+    return m
+
+
+def _w(name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in recurrent_mlp().graph.initializer if t.name == name))
+
+
+def _nan_at(w: np.ndarray, value: float) -> np.ndarray:
+    w = w.copy()
+    w.flat[3] = value
+    return w
+
+
+def _set(m: onnx.ModelProto, **fields) -> onnx.ModelProto:
+    for k, v in fields.items():
+        setattr(m, k, v)
+    return m
+
+
+def _set_output(m: onnx.ModelProto, name: str, rename: bool = False) -> onnx.ModelProto:
+    """Point the graph output at `name`; with rename, the output is a real value under a new name."""
+    out = m.graph.output[0]
+    if rename:
+        m.graph.node[-1].output[0] = "y_out"
+        out.name = "y_out"
+    else:
+        out.name = name
+    return m
+
+
+def edited_json(c: Case, key: str, name: str, edit) -> str:
+    doc = json.loads(c.base[key].read_text())
+    edit(doc)
+    return c.json(name, doc)
+
+
+# -------------------------------------------------------------------------------------- the corpus
+
+CASES: dict[str, object] = {}
+
+
+def case(name: str, *needles: str, xfail: str | None = None):
+    def deco(build):
+        CASES[name] = (build, needles, xfail)
+        return build
+    return deco
+
+
+# Model files.
+case("missing model", "nope.onnx", "no such file")(lambda c: ["inspect", c.path("nope.onnx")])
+case("model path is a folder", "folder")(lambda c: ["inspect", str(c.d)])
+case("empty model file", "empty")(lambda c: ["inspect", c.write("e.onnx", b"")])
+case("random bytes", "ONNX")(lambda c: ["inspect", c.write("r.onnx", np.random.default_rng(0).bytes(4096))])
+case("truncated model", "ONNX")(
+    lambda c: ["inspect", c.write("t.onnx", c.base["model"].read_bytes()[:1500])])
+case("model cut short at the end", "ONNX")(
+    lambda c: ["inspect", c.write("t.onnx", c.base["model"].read_bytes()[:-300])])
+case("TensorProto instead of a model", "ONNX")(
+    lambda c: ["inspect", c.write("t.onnx", _w1_tensor().SerializeToString())])
+case("GraphProto instead of a model", "not an ONNX model")(
+    lambda c: ["inspect", c.write("g.onnx", recurrent_mlp().graph.SerializeToString())])
+case("JSON instead of a model", "ONNX")(lambda c: ["inspect", c.write("j.onnx", '{"graph": {}}')])
+case("cyclic graph", "cycle", "first")(lambda c: ["inspect", c.save(cyclic_model())])
+case("cyclic graph in sweep", "cycle")(lambda c: c.sweep(c.save(cyclic_model())))
+case("unknown op", "NoSuchOp")(lambda c: c.sweep(c.save(renamed_last_op("NoSuchOp"))))
+case("unknown domain", "com.vendor")(lambda c: c.sweep(c.save(renamed_last_op("Mystery", "com.vendor"))))
+case("future IR version", "ONNX Runtime")(
+    lambda c: c.sweep(c.save(_set(recurrent_mlp(), ir_version=99))))
+case("output naming no value", "ONNX Runtime")(
+    lambda c: c.sweep(c.save(_set_output(recurrent_mlp(), "ghost"))))
+case("tensor dims claim more data than it holds", "W1", "bytes")(lambda c: ["inspect", c.save(bomb_model())])
+case("NaN weight", "non-finite", "W2")(
+    lambda c: c.sweep(c.save(_with_init(recurrent_mlp(), "W2", _nan_at(_w("W2"), math.nan)))))
+case("inf weight named by a plan", "W1", "NaN/inf")(
+    lambda c: c.apply(c.save(_with_init(recurrent_mlp(), "W1", _nan_at(_w("W1"), math.inf))), None, "--force"))
+case("NaN weight named by a plan", "W2", "NaN")(
+    lambda c: c.apply(c.save(_with_init(recurrent_mlp(), "W2", _nan_at(_w("W2"), math.nan))), None, "--force"))
+case("only weight is zero-size", "no quantizable weights")(
+    lambda c: c.sweep(c.save(empty_weight_model()), None, None, "--min-size", "0"))
+case("dynamic shapes without a rollout spec", "--rollout")(
+    lambda c: c.apply(c.save(dynamic_model()), None, "--force"))
+
+# External data.
+case("external data missing", "missing")(lambda c: ["inspect", external_w1(c, "w1.bin")])
+case("external data truncated", "truncated")(
+    lambda c: (c.write("w1.bin", w1_bytes()[:100]), ["inspect", external_w1(c, "w1.bin", length=str(len(w1_bytes())))])[1])
+case("external data shorter than the tensor", "W1", "bytes")(
+    lambda c: (c.write("w1.bin", w1_bytes()[:100]), ["inspect", external_w1(c, "w1.bin")])[1])
+case("external data ../ escape", "outside the model folder")(
+    lambda c: ["inspect", external_w1(c, "../outside/secret.bin")])
+case("external data absolute path", "outside the model folder")(
+    lambda c: ["inspect", external_w1(c, str(c.secret))])
+case("external data symlink to a file outside", "outside the model folder")(
+    lambda c: (os.symlink(c.secret, c.d / "w1.bin"), ["inspect", external_w1(c, "w1.bin")])[1])
+case("external data through a symlinked folder", "outside the model folder")(
+    lambda c: (os.symlink(c.outside, c.d / "sub"), ["inspect", external_w1(c, "sub/secret.bin")])[1])
+case("external data location is a folder", "missing")(
+    lambda c: ((c.d / "sub").mkdir(), ["inspect", external_w1(c, "sub")])[1])
+case("external data location with a NUL byte", "W1")(lambda c: ["inspect", external_w1(c, "w1\x00.bin")])
+case("external data offset not a number", "offset")(
+    lambda c: (c.write("w1.bin", w1_bytes()), ["inspect", external_w1(c, "w1.bin", offset="abc")])[1])
+case("external data negative length", "length")(
+    lambda c: (c.write("w1.bin", w1_bytes()), ["inspect", external_w1(c, "w1.bin", length="-8")])[1])
+
+# Rollout specs.
+case("spec file missing", "cannot read rollout spec")(lambda c: c.sweep(None, c.path("nope.json")))
+case("spec not JSON", "not valid JSON")(lambda c: c.sweep(None, c.write("s.json", "{horizon: ")))
+case("spec not YAML", "not valid JSON/YAML")(lambda c: c.sweep(None, c.write("s.yaml", "a: [1, 2\nb: {")))
+case("spec is a list", "mapping")(lambda c: c.sweep(None, c.json("s.json", [1, 2])))
+case("spec with unknown keys", "unknown keys")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "feedbak": {}})))
+case("negative horizon in spec", "horizon must be >= 1")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "horizon": -4})))
+case("horizon not a number", "integer")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "horizon": "ten"})))
+case("spec naming a missing output", "output 'nope'")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "feedback": {"nope": "x"}})))
+case("spec naming a missing input", "input 'nope'")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "fixed": {"nope": "x0"}})))
+case("spec leaving an input unfed", "does not say how to feed", "u")(
+    lambda c: two_input_case(c, spec=two_input_spec(per_step={})))
+case("spec feedback of mismatched shape", "does not fit", "x_next")(
+    lambda c: two_input_case(c, spec=two_input_spec(feedback={"x_next": "u"}, initial={"u": "u0"}, per_step={},
+                                                    fixed={"x": "x0"}),
+                             contexts={"x0": np.zeros((2, 1, 16), np.float32), "u0": np.zeros((2, 1, 8), np.float32)}))
+case("spec feedback of mismatched dtype", "does not fit", "int64")(
+    lambda c: two_input_case(c, spec=two_input_spec(feedback={"x_next": "u"}, initial={"u": "u0"}, per_step={},
+                                                    fixed={"x": "x0"}),
+                             contexts={"x0": np.zeros((2, 1, 16), np.float32), "u0": np.zeros((2, 1, 16), np.int64)},
+                             u_dim=16, u_type=TensorProto.INT64))
+case("spec constant that is not a number", "u")(
+    lambda c: two_input_case(c, spec=two_input_spec(per_step={}, constants={"u": "abc"})))
+
+# Contexts.
+case("contexts missing", "no such file")(lambda c: c.sweep(None, None, c.path("nope.npz")))
+case("contexts not an npz", "not a readable .npz")(lambda c: c.sweep(None, None, c.write("c.npz", b"PK\x03\x04junk")))
+case("contexts holding pickled objects", "not a readable .npz")(
+    lambda c: c.sweep(None, None, c.npz("c.npz", x0=np.array([{"a": 1}] * 3, dtype=object))))
+case("contexts missing an array", "missing array 'x0'")(
+    lambda c: c.sweep(None, None, c.npz("c.npz", y0=np.zeros((3, 1, 16), np.float32))))
+case("contexts of the wrong shape", "x0", "shape")(
+    lambda c: c.sweep(None, None, c.npz("c.npz", x0=np.zeros((3, 16), np.float32))))
+case("contexts of the wrong dtype", "x0", "int64")(
+    lambda c: c.sweep(None, None, c.npz("c.npz", x0=np.zeros((3, 1, 16), np.int64))))
+case("zero contexts", "contexts")(
+    lambda c: c.sweep(None, None, c.npz("c.npz", x0=np.zeros((0, 1, 16), np.float32))))
+case("NaN contexts", "non-finite")(
+    lambda c: c.sweep(None, None, c.npz("c.npz", x0=np.full((3, 1, 16), np.nan, np.float32))))
+case("contexts disagreeing on the number of contexts", "disagree")(
+    lambda c: two_input_case(c, contexts={**two_input_contexts(), "x0": np.zeros((2, 1, 16), np.float32)}))
+case("per-step data shorter than the horizon", "per-step array 'u'")(
+    lambda c: two_input_case(c, contexts=two_input_contexts(t=4)))
+
+# Options.
+case("negative --horizon", "--horizon")(lambda c: c.sweep(None, None, None, "--horizon", "-3"))
+case("zero --horizon", "--horizon")(lambda c: c.sweep(None, None, None, "--horizon", "0"))
+case("--horizon beyond the per-step data", "horizon")(
+    lambda c: two_input_case(c) + ["--horizon", "50"])
+case("unknown --blocks mode", "unknown block mode")(lambda c: ["inspect", c.copy("model"), "--blocks", "rows"])
+case("--blocks fixed:0", "K >= 1")(lambda c: c.sweep(None, None, None, "--blocks", "fixed:0"))
+case("unknown sweep tier", "unknown tier 'fp8'")(lambda c: c.sweep(None, None, None, "--tiers", "fp8"))
+case("unknown allocate tier", "unknown tier 'int3'")(lambda c: c.allocate(None, "--tiers", "fp32,int3"))
+case("bad tier option", "unknown option")(lambda c: c.allocate(None, "--tiers", "fp32,int4/rows"))
+case("--probes 0", "--probes")(lambda c: c.sweep(None, None, None, "--probes", "0"))
+case("--bits 1", "--bits")(lambda c: c.sweep(None, None, None, "--bits", "1"))
+case("--fp32-share above 1", "--fp32-share")(lambda c: c.allocate(None, "--fp32-share", "1.5"))
+case("negative compression", "positive")(
+    lambda c: ["allocate", c.copy("scores"), "--compression", "-2", "-o", c.path("p.json")])
+case("NaN compression", "positive")(
+    lambda c: ["allocate", c.copy("scores"), "--compression", "nan", "-o", c.path("p.json")])
+case("infeasible target", "not reachable", "achievable")(
+    lambda c: ["allocate", c.copy("scores"), "--compression", "1000", "-o", c.path("p.json")])
+case("tier without measured damage", "measured damage")(lambda c: c.allocate(None, "--tiers", "fp32,int2"))
+case("--verify-model without a rollout", "--rollout")(lambda c: c.allocate(None, "--verify-model", c.copy("model")))
+case("--verify-model of another model", "not the model")(
+    lambda c: c.allocate(None, "--verify-model", c.save(recurrent_mlp(seed=7), "other.onnx"), "--rollout",
+                         c.copy("spec"), "--contexts", c.copy("contexts")))
+case("invalid --device choice", "--device")(lambda c: c.sweep(None, None, None, "--device", "tpu"))
+case("missing required option", "--compression")(lambda c: ["allocate", c.copy("scores"), "-o", c.path("p.json")])
+case("non-integer option", "--probes")(lambda c: c.sweep(None, None, None, "--probes", "many"))
+case("unknown subcommand", "frobnicate")(lambda c: ["frobnicate", c.copy("model")])
+
+# Outputs.
+case("sweep output is a folder", "folder")(
+    lambda c: ((c.d / "out").mkdir(), c.sweep(out="out"))[1])
+case("allocate output is a folder", "folder")(
+    lambda c: ((c.d / "p").mkdir(), ["allocate", c.copy("scores"), "--compression", "2", "-o", str(c.d / "p")])[1])
+case("apply output is a folder", "folder")(
+    lambda c: ((c.d / "q").mkdir(), ["apply", c.copy("model"), c.copy("plan"), "-o", str(c.d / "q")])[1])
+case("apply report is a folder", "folder")(lambda c: ((c.d / "r").mkdir(), c.apply(None, None, "--report", str(c.d / "r")))[1])
+case("inspect output under a file", "not a folder")(
+    lambda c: ["inspect", c.copy("model"), "-o", str(Path(c.copy("spec")) / "i.json")])
+case("eval output is a folder", "folder")(
+    lambda c: ((c.d / "e").mkdir(), ["eval", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"),
+                                      "--contexts", c.copy("contexts"), "-o", str(c.d / "e")])[1])
+case("apply over its own input", "overwrite the input")(
+    lambda c: ["apply", c.copy("model"), c.copy("plan"), "-o", c.copy("model"), "--force"])
+case("existing checkpoint without --resume", "--resume")(
+    lambda c: (c.write("out.json.ckpt.jsonl", '{"fingerprint": "x"}\n'), c.sweep())[1])
+case("checkpoint of another sweep", "another sweep")(
+    lambda c: (c.write("out.json.ckpt.jsonl", '{"fingerprint": "x"}\n'), c.sweep(None, None, None, "--resume"))[1])
+
+# Scores and plans.
+case("scores not JSON", "not a readable scores JSON")(lambda c: c.allocate(c.write("s.json", "{not json")))
+case("scores truncated mid-write", "not a readable scores JSON")(
+    lambda c: c.allocate(c.write("s.json", c.base["scores"].read_text()[:200])))
+case("plan given as scores", "not a tqs-onnx scores file")(lambda c: c.allocate(c.copy("plan")))
+case("scores given as plan", "not a tqs-onnx plan")(lambda c: c.apply(None, c.copy("scores")))
+case("scores of another schema version", "schema")(
+    lambda c: c.allocate(edited_json(c, "scores", "s.json", lambda d: d.update(schema_version=99))))
+case("scores without blocks", "blocks")(
+    lambda c: c.allocate(edited_json(c, "scores", "s.json", lambda d: d.pop("blocks"))))
+case("scores with a block naming no weight entry", "W9")(
+    lambda c: c.allocate(edited_json(c, "scores", "s.json", lambda d: d["blocks"][0]["weights"].append("W9"))))
+case("plan not JSON", "not a readable plan JSON")(lambda c: c.apply(None, c.write("p.json", "[1,")))
+case("plan without a model entry", "model")(lambda c: c.apply(None, edited_json(c, "plan", "p.json", lambda d: d.pop("model"))))
+case("plan with malformed weight_info", "weight_info")(
+    lambda c: c.apply(None, edited_json(c, "plan", "p.json", lambda d: d.update(weight_info=[1, 2]))))
+case("plan with an axis the weight does not have", "W1", "invalid axes")(
+    lambda c: c.apply(None, edited_json(c, "plan", "p.json", lambda d: d["weight_info"]["W1"].update(channel_axis=5))))
+case("plan naming an unknown tier", "unknown tier 'int3'")(
+    lambda c: c.apply(None, edited_json(c, "plan", "p.json", lambda d: d["weights"].update(W1="int3"))))
+case("plan for another model", "another model")(lambda c: c.apply(c.save(recurrent_mlp(n=8, h=8, seed=5))))
+case("plan for another model, forced", "another model", "W1")(
+    lambda c: c.apply(c.save(recurrent_mlp(n=8, h=8, seed=5)), None, "--force"))
+case("eval candidate not a model", "ONNX")(
+    lambda c: ["eval", c.copy("model"), c.write("r.onnx", b"\x08\x07garbage"), "--rollout", c.copy("spec"),
+               "--contexts", c.copy("contexts")])
+case("eval candidate failing at run time", "cand.onnx", "Gather")(
+    lambda c: ["eval", c.copy("model"), c.save(failing_at_run_time(), "cand.onnx"), "--rollout", c.copy("spec"),
+               "--contexts", c.copy("contexts")])
+case("model failing at run time in sweep", "Gather")(
+    lambda c: c.sweep(c.save(failing_at_run_time())))
+case("eval candidate with other outputs", "output 'x_next'")(
+    lambda c: ["eval", c.copy("model"), c.save(_set_output(recurrent_mlp(), "y0", rename=True), "cand.onnx"),
+               "--rollout", c.copy("spec"), "--contexts", c.copy("contexts")])
+
+
+def _params():
+    for name, (build, needles, xfail) in CASES.items():
+        marks = [pytest.mark.xfail(reason=xfail, strict=True)] if xfail else []
+        yield pytest.param(build, needles, id=name, marks=marks)
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("build,needles", _params())
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(build, needles, base, tmp_path, capfd):
+    c = Case(tmp_path, base)
+    argv = build(c)
+    before = listing(tmp_path)
+    watch = OpenWatch(c.outside)
+    try:
+        rc, err = run_cli(argv, capfd)
+        touched_outside = watch.events()
+    finally:
+        watch.close()
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, f"rc={rc}\n{err}"
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert listing(tmp_path) == before
+    assert not touched_outside, "opened or read a file outside the folders it was given"
+
+
+@pytest.mark.parametrize("argv_tail,needle", [
+    (["inspect", "{d}/r.onnx"], "ONNX"),
+    (["sweep", "{d}/r.onnx", "--rollout", "x", "--contexts", "y", "-o", "{d}/o.json", "--blocks"], "--blocks"),
+], ids=["random bytes", "option missing its value"])
+def test_bad_input_in_a_fresh_process_prints_one_line(tmp_path, argv_tail, needle):
+    (tmp_path / "r.onnx").write_bytes(np.random.default_rng(1).bytes(512))
+    before = listing(tmp_path)
+    argv = [a.format(d=tmp_path) for a in argv_tail]
+    proc = subprocess.run([sys.executable, "-m", "tqs_onnx.cli", *argv], capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert listing(tmp_path) == before
+
+
+def test_weight_holding_inf_is_reported_and_left_out_of_the_sweep(tmp_path, capsys):
+    # Masks legitimately hold -inf, so such a weight is not an error, but no integer grid can hold it.
+    m = _with_init(recurrent_mlp(), "W1", _nan_at(_w("W1"), -math.inf))
+    paths = save_case(tmp_path, m, recurrent_spec(), recurrent_contexts())
+    assert main(["inspect", str(paths["model"]), "--json", "--min-size", "16"]) == 0
+    weights = {w["name"]: w for w in json.loads(capsys.readouterr().out)["weights"]}
+    assert not weights["W1"]["quantizable"] and "NaN/inf" in weights["W1"]["reason"]
+    out = tmp_path / "s.json"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "-o", str(out), "--quiet", "--min-size", "16", "--probes", "1", "--tiers", "int8"]) == 0
+    assert [b["weights"] for b in json.loads(out.read_text())["blocks"]] == [["W2"]]
+
+
+# ------------------------------------------------------------------------------ kill -9 and resume
+
+def deep_chain(layers: int = 12, n: int = 32) -> onnx.ModelProto:
+    """x_next = 0.9 x + 0.1 tanh(... tanh(x W0) ... W{L-1}): many blocks, each rollout cheap but not free."""
+    nodes, inits, cur = [], [], "x"
+    for i, w in enumerate(rng_weights(3, *[(n, n)] * layers, scale=1.0)):
+        nodes += [helper.make_node("MatMul", [cur, f"W{i}"], [f"m{i}"]), helper.make_node("Tanh", [f"m{i}"], [f"t{i}"])]
+        inits.append(init(f"W{i}", w))
+        cur = f"t{i}"
+    nodes += [helper.make_node("Mul", ["x", "a"], ["xa"]), helper.make_node("Mul", [cur, "b"], ["tb"]),
+              helper.make_node("Add", ["xa", "tb"], ["x_next"])]
+    inits += [init("a", np.float32(0.9)), init("b", np.float32(0.1))]
+    g = helper.make_graph(nodes, "deep", [vec("x", n)], [vec("x_next", n)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+TIMING = ("seconds", "forward_passes")
+
+
+def without_timing(doc):
+    if isinstance(doc, dict):
+        return {k: without_timing(v) for k, v in doc.items() if k not in TIMING}
+    if isinstance(doc, list):
+        return [without_timing(v) for v in doc]
+    return doc
+
+
+def test_sweep_killed_with_sigkill_resumes_to_the_same_scores(tmp_path):
+    paths = save_case(tmp_path, deep_chain(), recurrent_spec(horizon=30), recurrent_contexts(n=32, s=4))
+    argv = ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+            "--blocks", "tensor", "--probes", "4", "--tiers", "int8,int4", "--quiet"]
+    out = tmp_path / "killed.json"
+    ckpt = Path(f"{out}.ckpt.jsonl")
+    proc = subprocess.Popen([sys.executable, "-m", "tqs_onnx.cli", *argv, "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (ckpt.exists() and ckpt.read_text().count("\n") >= 2):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no block checkpointed within 60 s"
+            time.sleep(0.005)
+        time.sleep(random.uniform(0, 0.3))  # anywhere in the next block, even mid-append
+        assert proc.poll() is None, "the sweep finished before it could be killed; make it slower"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    lines = ckpt.read_bytes().split(b"\n")
+    assert 2 <= len(lines) - 1 < 1 + 12, "killed too late to leave blocks to resume"
+    assert not out.exists()
+
+    assert main([*argv, "-o", str(out), "--resume"]) == 0
+    assert not ckpt.exists()
+    assert main([*argv, "-o", str(tmp_path / "whole.json")]) == 0
+    resumed, whole = json.loads(out.read_text()), json.loads((tmp_path / "whole.json").read_text())
+    assert len(whole["blocks"]) == 12
+    assert without_timing(resumed) == without_timing(whole)
+    assert resumed["forward_passes"] < whole["forward_passes"]  # checkpointed blocks were not scored again
+
+
+# --------------------------------------------------------------------------------- atomic outputs
+
+def _partial_save(written: list):
+    import errno
+
+    def save_model(model, path, *args, **kwargs):
+        data = model.SerializeToString()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+        written.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    return save_model
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_apply_interrupted_mid_write_leaves_no_partial_model(base, tmp_path, monkeypatch, capfd, external):
+    written = []
+    monkeypatch.setattr(onnx, "save_model", _partial_save(written))
+    before = listing(tmp_path)
+    argv = ["apply", str(base["model"]), str(base["plan"]), "-o", str(tmp_path / "q.onnx"), "--quiet"]
+    rc, err = run_cli(argv + (["--external-data"] if external else []), capfd)
+    assert rc != 0 and len(err.strip().splitlines()) == 1 and "No space left" in err, err
+    assert written, "the write was not reached"
+    assert listing(tmp_path) == before  # no output, no temporary file or folder
+
+
+def test_apply_failing_its_checks_keeps_the_previous_output(base, tmp_path, monkeypatch, capfd):
+    import tqs_onnx.evaluate
+
+    out = tmp_path / "q.onnx"
+    assert main(["apply", str(base["model"]), str(base["plan"]), "-o", str(out), "--quiet"]) == 0
+    previous = out.read_bytes()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqs_onnx.evaluate, "verify_written", interrupted)
+    before = listing(tmp_path)
+    rc, _ = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(out), "--quiet", "--no-factor"], capfd)
+    assert rc == 130
+    assert listing(tmp_path) == before and out.read_bytes() == previous
+
+
+def test_json_outputs_are_written_whole_or_not_at_all(base, tmp_path, monkeypatch):
+    import tqs_onnx.util
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tqs_onnx.util.os, "fsync", crash)
+    out = tmp_path / "p.json"
+    out.write_text("previous")
+    assert main(["allocate", str(base["scores"]), "--compression", "2", "-o", str(out), "--quiet"]) == 130
+    assert out.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+# ---------------------------------------------------------------------------------- determinism
+
+def test_same_inputs_and_seed_give_identical_files_apart_from_timing(base, tmp_path):
+    common = ["--rollout", str(base["spec"]), "--contexts", str(base["contexts"])]
+    files = {}
+    d = tmp_path / "run"
+    for run in ("a", "b"):
+        d.mkdir()
+        assert main(["sweep", str(base["model"]), *common, "-o", str(d / "s.json"), "--probes", "3", "--seed", "5",
+                     "--min-size", "16", "--tiers", "int8,int4,int4/channel", "--quiet"]) == 0
+        assert main(["allocate", str(d / "s.json"), "--compression", "3", "-o", str(d / "p.json"), "--quiet",
+                     "--verify-model", str(base["model"]), *common]) == 0
+        assert main(["apply", str(base["model"]), str(d / "p.json"), "-o", str(d / "q.onnx"), "--quiet"]) == 0
+        assert main(["eval", str(base["model"]), str(d / "q.onnx"), *common, "-o", str(d / "e.json"),
+                     "--quiet"]) == 0
+        files[run] = {p.name: p.read_bytes() for p in d.iterdir()}
+        d.rename(tmp_path / run)  # the second run writes to the very same paths
+    a, b = files["a"], files["b"]
+    assert a["p.json"] == b["p.json"] and a["q.onnx"] == b["q.onnx"]
+    for name in ("s.json", "e.json"):
+        differing = [(x, y) for x, y in zip(a[name].splitlines(), b[name].splitlines()) if x != y]
+        assert all(b'"seconds"' in x and b'"seconds"' in y for x, y in differing), differing[:3]
+        assert without_timing(json.loads(a[name])) == without_timing(json.loads(b[name]))
+
+
+# ------------------------------------------------------------------------------ non-finite probes
+
+def exploding_model() -> onnx.ModelProto:
+    """recurrent_mlp plus exp(1e30 * max(We - We_ref)) - 1, with We_ref an int8 copy of We.
+
+    Nominally We - We_ref is exactly 0 and the branch adds nothing; any change to We (quantization,
+    Gaussian noise) makes the rollout infinite at once.
+    """
+    m = recurrent_mlp()
+    ints = np.random.default_rng(4).integers(-100, 101, (16, 16)).astype(np.int8)
+    ints[0, 0] = 100  # max |We| = 100: off the 8-bit grid (scale 100/127), so RTN changes it
+    nodes = [helper.make_node("Cast", ["We_ref"], ["ref"], to=TensorProto.FLOAT, name="/blow/Cast"),
+             helper.make_node("Sub", ["We", "ref"], ["dw"], name="/blow/Sub"),
+             helper.make_node("ReduceMax", ["dw"], ["mx"], keepdims=0, name="/blow/ReduceMax"),
+             helper.make_node("Mul", ["mx", "big"], ["mb"], name="/blow/Mul"),
+             helper.make_node("Exp", ["mb"], ["e"], name="/blow/Exp"),
+             helper.make_node("Sub", ["e", "one"], ["e1"], name="/blow/Sub1")]
+    last = m.graph.node[-1]  # Identity(y0) -> x_next
+    last.op_type, last.input[0] = "Add", "y0"
+    last.input.append("e1")
+    nodes_all = nodes + list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes_all)
+    m.graph.initializer.extend([init("We", ints.astype(np.float32)), init("We_ref", ints),
+                                init("big", np.float32(1e30)), init("one", np.float32(1.0))])
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_probe_that_blows_up_is_recorded_and_the_sweep_goes_on(tmp_path):
+    paths = save_case(tmp_path, exploding_model(), recurrent_spec(), recurrent_contexts())
+    out = tmp_path / "s.json"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "-o", str(out), "--quiet", "--min-size", "16", "--blocks", "tensor", "--probes", "2",
+                 "--tiers", "bf16,int8,int4"]) == 0
+    blocks = {b["weights"][0]: b for b in json.loads(out.read_text())["blocks"]}
+    assert set(blocks) == {"W1", "W2", "We"}
+    blown = blocks["We"]
+    assert blown["nonfinite"] and not blown["dead"]
+    assert blown["quant"]["gamma_task"] == math.inf and blown["gauss"]["gamma_task"] == math.inf
+    assert blown["damage"]["int8"] == math.inf and blown["damage"]["bf16"] == 0.0  # integers <= 100 are exact in bf16
+    for name in ("W1", "W2"):
+        b = blocks[name]
+        assert not b["nonfinite"] and math.isfinite(b["quant"]["gamma_task"]) and math.isfinite(b["damage"]["int4"])
+    assert main(["allocate", str(out), "--compression", "1.5", "-o", str(tmp_path / "p.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["weights"]["We"] in ("fp32", "bf16")
