@@ -267,32 +267,62 @@ def data_graph(graph: onnx.GraphProto) -> tuple[nx.DiGraph, list[str]]:
     return g, names
 
 
-def readers(graph: onnx.GraphProto) -> dict[str, list[tuple[int, int]]]:
-    """value name -> [(node index, input slot)]; slot -1 means read inside a subgraph."""
-    out: dict[str, list[tuple[int, int]]] = defaultdict(list)
-    for i, node in enumerate(graph.node):
+@dataclass
+class Use:
+    """A compute op that uses a weight, possibly inside an If/Loop/Scan body."""
+
+    node: onnx.NodeProto
+    slot: int
+    name: str  # e.g. 'If_3/then_branch/Conv_5' for a node inside a subgraph
+    order: int  # topological position of the main-graph node it belongs to
+    direct: bool  # reads the stored tensor itself, not a reshaped or sliced view
+
+
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for k, g in enumerate(attr.graphs):
+                yield f"{attr.name}{k}", g
+
+
+def _uses_in(graph: onnx.GraphProto, value: str, prefix: str, order: int | None,
+             names: list[str] | None = None, topo: dict | None = None) -> list[tuple[onnx.GraphProto, Use]]:
+    """Every node of `graph` (and of its subgraphs, recursively) that reads `value`."""
+    out = []
+    for j, node in enumerate(graph.node):
+        label = names[j] if names else (node.name or f"{node.op_type}_{j}")
+        where = order if order is not None else (topo or {}).get(j, 0)
         for slot, inp in enumerate(node.input):
-            if inp:
-                out[inp].append((i, slot))
-        for ref in _subgraph_refs(node) - set(node.input):
-            out[ref].append((i, -1))
+            if inp == value:
+                out.append((graph, Use(node, slot, f"{prefix}{label}", where, True)))
+        for attr_name, sub in _subgraphs(node):
+            out += _uses_in(sub, value, f"{prefix}{label}/{attr_name}/", where)
     return out
 
 
-def _effective_consumers(name: str, graph: onnx.GraphProto, rd: dict) -> list[tuple[int, int]]:
-    """Follow data-movement ops from a weight to the compute ops that use it."""
-    found, stack, seen = [], [name], set()
+def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], topo: dict) -> list[Use]:
+    """Follow data-movement ops, into subgraph bodies too, from a weight to the ops that compute with it."""
+    found, seen = [], set()
+    stack = [(g, u) for g, u in _uses_in(graph, name, "", None, names, topo)]
     while stack:
-        v = stack.pop()
-        for i, slot in rd.get(v, []):
-            if (i, slot) in seen:
-                continue
-            seen.add((i, slot))
-            node = graph.node[i]
-            if node.op_type in DATA_MOVEMENT and slot == 0 and len(node.output) >= 1:
-                stack.extend(o for o in node.output if o)
-            else:
-                found.append((i, slot))
+        g, use = stack.pop()
+        key = (id(use.node), use.slot)
+        if key in seen:
+            continue
+        seen.add(key)
+        if use.node.op_type in DATA_MOVEMENT and use.slot == 0 and use.node.output:
+            prefix = use.name.rsplit("/", 1)[0] + "/" if "/" in use.name else ""
+            is_main = g is graph
+            for o in use.node.output:
+                if o:
+                    for g2, u2 in _uses_in(g, o, prefix if not is_main else "", use.order if not is_main else None,
+                                           names if is_main else None, topo if is_main else None):
+                        u2.direct = False
+                        stack.append((g2, u2))
+        else:
+            found.append(use)
     return found
 
 
@@ -332,7 +362,6 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
     """Every float initializer of the main graph, its consumers, axes and whether it is quantizable."""
     graph = model.graph
     names = _node_names(graph)
-    rd = readers(graph)
     topo = {n: k for k, n in enumerate(nx.topological_sort(data_graph(graph)[0]))}
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
@@ -343,18 +372,16 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         shape = tuple(int(d) for d in init.dims)
         w = Weight(init.name, shape, onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name,
                    FLOAT_TYPES[init.data_type], (origins or {}).get(init.name, "initializer"))
-        eff = _effective_consumers(init.name, graph, rd)
-        w.consumers = [names[i] for i, _ in eff]
-        w.consumer_ops = [graph.node[i].op_type for i, _ in eff]
+        eff = _effective_consumers(init.name, graph, names, topo)
+        w.consumers = [u.name for u in eff]
+        w.consumer_ops = [u.node.op_type for u in eff]
         if eff:
-            i, slot = min(eff, key=lambda e: topo.get(e[0], 0))
-            w.order = topo.get(i, 0)
-            if any(j == i for j, _ in rd.get(init.name, [])):
-                w.channel_axis, w.block_axis = _axes_for(graph.node[i].op_type, slot, graph.node[i], len(shape))
-            else:
-                # Reached through reshaping ops: the consumer's axes do not describe the stored layout.
-                w.channel_axis, w.block_axis = _axes_for("", 0, graph.node[i], len(shape))
-            w.scope = scope_of(names[i], init.name)
+            first = min(eff, key=lambda u: u.order)
+            w.order = first.order
+            # Reached through reshaping ops, the consumer's axes do not describe the stored layout.
+            op, slot = (first.node.op_type, first.slot) if first.direct else ("", 0)
+            w.channel_axis, w.block_axis = _axes_for(op, slot, first.node, len(shape))
+            w.scope = scope_of(first.node.name, init.name)
         w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init)
         weights.append(w)
     weights.sort(key=lambda w: (w.order, w.name))

@@ -177,9 +177,6 @@ def test_task_metric_against_fp32(case: Case, applied: dict[str, Any], record_pr
         assert metrics["flip_rate"] <= MAX_VAD_FLIP_RATE, metrics
 
 
-@pytest.mark.xfail(reason="core: a weight read inside an If branch gets the If node as its consumer, so "
-                          "layer blocks merge the whole model and channel axes ignore the real Conv/LSTM "
-                          "consumer (issue 12 report)", strict=False)
 def test_layer_blocks_see_through_control_flow(case: Case, inspected: dict[str, Any]) -> None:
     """Layer blocks follow the compute ops inside If/Loop bodies, not the control-flow node."""
     if not set(inspected["op_histogram"]) & {"If", "Loop", "Scan"}:

