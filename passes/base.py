@@ -35,3 +35,37 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[GraphPass]) -> tuple[onn
         reports[p.name] = {"modified": result.modified, **result.report}
         log.debug("pass %s: modified=%s", p.name, result.modified)
     return model, reports
+
+
+def _graphs_by_path(graph: onnx.GraphProto, path: str = "") -> dict[str, onnx.GraphProto]:
+    out = {path: graph}
+    for i, node in enumerate(graph.node):
+        key = node.name or f"{node.op_type}_{i}"
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for k, g in enumerate(subs):
+                out.update(_graphs_by_path(g, f"{path}/{key}/{attr.name}{k}"))
+    return out
+
+
+def restore_value_info(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """Give every graph of `target` the value_info its counterpart in `source` declared.
+
+    Converters and IR round trips add inferred shapes; keeping only what the input declared keeps a
+    rewrite's size exactly what the planner counted.
+    """
+    src = _graphs_by_path(source.graph)
+    for path, g in _graphs_by_path(target.graph).items():
+        del g.value_info[:]
+        if path in src:
+            g.value_info.extend(src[path].value_info)
+
+
+def restore_opset_imports(source: onnx.ModelProto, target: onnx.ModelProto, version: int) -> None:
+    """Keep the source's opset_import entries (their exact encoding) with the default domain at `version`."""
+    del target.opset_import[:]
+    for imp in source.opset_import:
+        entry = target.opset_import.add()
+        entry.CopyFrom(imp)
+        if imp.domain in ("", "ai.onnx"):
+            entry.version = version

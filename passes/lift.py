@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, LiftSubgraphInitializersToMainGraphPass
 
-from tqs_onnx.passes.base import PassResult
+from tqs_onnx.passes.base import PassResult, restore_value_info
 
 
 def hidden_weight_origins(model: onnx.ModelProto, size_floor: int) -> dict[str, str]:
@@ -58,4 +58,5 @@ class LiftWeights:
         LiftSubgraphInitializersToMainGraphPass()(irm)
         out = ir.serde.serialize_model(irm)
         out.ir_version = model.ir_version
+        restore_value_info(model, out)
         return PassResult(out, True, {"lifted": len(origins), "origins": origins})

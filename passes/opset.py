@@ -6,7 +6,7 @@ import onnx
 from onnx import version_converter
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.passes.base import PassResult
+from tqs_onnx.passes.base import PassResult, restore_opset_imports, restore_value_info
 
 # IR version each opset needs; ONNX Runtime 1.31 loads IR <= 13, onnx 1.23 would write 14.
 _IR_FOR_OPSET = [(25, 11), (23, 11), (21, 10), (19, 9), (15, 8), (13, 7)]
@@ -32,8 +32,8 @@ class UpgradeOpset:
             msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise TqsError(f"cannot convert the model from opset {current} to {self.min_opset} "
                            f"(needed by the chosen tiers): {msg}") from None
-        # The converter leaves inferred shapes behind; keep only what the input model declared.
-        del out.graph.value_info[:]
-        out.graph.value_info.extend(model.graph.value_info)
+        # The converter leaves inferred shapes and re-encoded opset entries behind: keep the input's.
+        restore_value_info(model, out)
+        restore_opset_imports(model, out, self.min_opset)
         out.ir_version = min(max(model.ir_version, ir_for_opset(self.min_opset)), 13)
         return PassResult(out, True, {"opset": self.min_opset, "from": current})

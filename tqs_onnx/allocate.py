@@ -48,17 +48,34 @@ class Problem:
     file_bytes: int
     target: float
 
+    graph_bytes: int = 0  # the prepared graph's size, to correct its length prefix (0: no correction)
+    quantizable_bytes: int = 0  # what the blocks' weights take in the prepared graph
+
     @property
     def budget(self) -> int:
-        return int(self.file_bytes / self.target) - self.fixed_bytes
+        # Two bytes of slack: the graph field's length prefix may grow when the graph shrinks less.
+        return int(self.file_bytes / self.target) - self.fixed_bytes - 2
+
+    def total_bytes(self, assign: list[int]) -> int:
+        """The file the plan writes: fixed part, blocks, and the graph length prefix as it will be."""
+        blocks = self.bytes_of(assign)
+        if not self.graph_bytes:
+            return self.fixed_bytes + blocks
+        planned_graph = self.graph_bytes + blocks - self.quantizable_bytes
+        return self.fixed_bytes + blocks + _varint_len(planned_graph) - _varint_len(self.graph_bytes)
 
     def bytes_of(self, assign: list[int]) -> int:
         return sum(self.costs[l][k] for l, k in enumerate(assign))
 
     def achievable(self) -> tuple[float, float]:
-        lo = self.fixed_bytes + sum(min(c) for c in self.costs)
-        hi = self.fixed_bytes + sum(max(c) for c in self.costs)
+        """Lowest and highest compression the tiers reach, with the budget's slack counted."""
+        lo = self.fixed_bytes + 2 + sum(min(c) for c in self.costs)
+        hi = self.fixed_bytes + 2 + sum(max(c) for c in self.costs)
         return self.file_bytes / hi, self.file_bytes / lo
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
 
 
 @dataclass
@@ -131,7 +148,9 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
         blocks.append(BlockInfo(b["id"], b["name"], b["weights"], b["size"], block_gamma(b, probe),
                                 bool(b.get("dead")), b.get("damage", {})))
         costs.append([sum(_weight_cost(n, winfo[n], t) for n in b["weights"]) for t in tiers])
-    return Problem(blocks, tiers, costs, scores["model"]["fixed_bytes"], scores["model"]["file_bytes"], target)
+    m = scores["model"]
+    return Problem(blocks, tiers, costs, m["fixed_bytes"], m["file_bytes"], target, m.get("graph_bytes", 0),
+                   m["quantizable_bytes"])
 
 
 def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:
@@ -151,13 +170,18 @@ def check_feasible(p: Problem) -> None:
 
 def solve_mckp(values: list[list[float]], costs: list[list[int]], budget: int,
                allowed: list[list[bool]] | None = None) -> list[int]:
-    """Multiple-choice knapsack: one option per group, minimise value, total cost <= budget (pulp/CBC)."""
+    """Multiple-choice knapsack: one option per group, minimise value, total cost <= budget (pulp/CBC).
+
+    Ties (equal values, e.g. gamma' = 0 for the least sensitive block) go to the cheaper option, so
+    the answer is deterministic and never spends storage that buys nothing.
+    """
     prob = pulp.LpProblem("mckp", pulp.LpMinimize)
     x = {(l, k): pulp.LpVariable(f"x_{l}_{k}", cat="Binary")
          for l in range(len(costs)) for k in range(len(costs[l]))
          if allowed is None or allowed[l][k]}
     top = max((abs(v) for row in values for v in row if math.isfinite(v)), default=1.0) or 1.0
-    prob += pulp.lpSum((values[l][k] / top) * var for (l, k), var in x.items())
+    total = sum(max(c) for c in costs) or 1
+    prob += pulp.lpSum((values[l][k] / top + 1e-7 * costs[l][k] / total) * var for (l, k), var in x.items())
     for l in range(len(costs)):
         prob += pulp.lpSum(var for (m, _), var in x.items() if m == l) == 1
     prob += pulp.lpSum(costs[l][k] * var for (l, k), var in x.items()) <= budget
@@ -274,7 +298,7 @@ def _greedy_ratio(values: list[list[float]], costs: list[list[int]], budget: int
 # ------------------------------------------------------------------------------------------- plan
 
 def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict[str, Any]:
-    planned = p.fixed_bytes + p.bytes_of(alloc.assign)
+    planned = p.total_bytes(alloc.assign)
     weights, blocks = {}, []
     for l, (b, k) in enumerate(zip(p.blocks, alloc.assign)):
         tier = p.tiers[k]

@@ -89,6 +89,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     _check_output_files(a.output, a.checkpoint)
     if a.horizon is not None and a.horizon < 1:
         raise TqsError(f"--horizon must be >= 1, not {a.horizon}")
+    distributed = a.workers > 1 or a.ray_address is not None
+    if a.workers < 1:
+        raise TqsError(f"--workers must be >= 1, not {a.workers}")
+    if distributed:
+        from tqs_onnx.distributed import require_ray
+        require_ray()
     tiers = [str(t) for t in parse_tiers(a.tiers) if not t.is_identity] if a.tiers else []
     config = SweepConfig(a.probe, a.bits, a.probes, a.horizon, a.seed, a.blocks, a.min_size, a.gamma_min, tiers,
                          factor=not a.no_factor)
@@ -96,7 +102,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     loaded = load_model(a.model)
     contexts = Contexts.load(a.contexts, spec)
     ckpt = Path(a.checkpoint or f"{a.output}.ckpt.jsonl")
-    doc = run_sweep(loaded, spec, contexts, resolve_device(a.device), config, ckpt, a.resume, a.quiet)
+    if distributed:
+        from tqs_onnx.distributed import run_distributed_sweep
+        doc = run_distributed_sweep(loaded, spec, contexts, a.device, config, ckpt, a.resume, a.quiet,
+                                    workers=a.workers, address=a.ray_address)
+    else:
+        doc = run_sweep(loaded, spec, contexts, resolve_device(a.device), config, ckpt, a.resume, a.quiet)
     _write_json(a.output, doc)
     ckpt.unlink(missing_ok=True)
     if not a.quiet:
@@ -212,11 +223,20 @@ def cmd_eval(a: argparse.Namespace) -> int:
     _check_output_files(a.output)
     spec = RolloutSpec.load(a.rollout)
     doc = evaluate(a.reference, a.candidate, spec, Contexts.load(a.contexts, spec), resolve_device(a.device))
+    if a.runtime:
+        from tqs_onnx.runtime_report import runtime_comparison
+
+        doc["runtime"] = runtime_comparison(a.reference, a.candidate, resolve_device(a.device), spec,
+                                            Contexts.load(a.contexts, spec))
     _write_json(a.output, doc)
     if a.json:
         print(json.dumps(doc, indent=1))
     elif not a.quiet:
         print(format_eval(doc))
+        if "runtime" in doc:
+            from tqs_onnx.runtime_report import format_comparison
+
+            print(format_comparison(doc["runtime"]))
     return 0
 
 
@@ -356,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not factor expanded lookup tables (exact, on by default) before scoring")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint after an interruption")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="score blocks on N Ray workers (one GPU each with --device cuda, else a share of the "
+                        "CPUs); needs tqs-onnx[distributed] (default 1: this process)")
+    s.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one here; "
+                        "every node must read MODEL at the same path")
     _device_args(s)
     s.set_defaults(func=cmd_sweep)
 
@@ -398,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="write the JSON report here")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--runtime", action="store_true",
+                   help="also measure both models in ONNX Runtime, each in a fresh process: session time, memory "
+                        "after load and peak, latency per call and per rollout step, fused/unfused weights")
     _device_args(s)
     s.set_defaults(func=cmd_eval)
 

@@ -12,7 +12,7 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import LoadedModel, load_model
+from tqs_onnx.graph import LoadedModel, iter_tensors, load_model
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session
 
@@ -20,17 +20,17 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(doubl
        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
+_PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}
+
+
 def stored_bits(model: onnx.ModelProto) -> int:
-    """Bits held by all initializers (values, scales, indices), as stored."""
+    """Bits held by every stored tensor (values, scales, indices) in all graphs and Constant nodes."""
     total = 0
-    for init in model.graph.initializer:
-        n = math.prod(init.dims)
-        bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(init.data_type)
-        if bits is None and hasattr(onnx.TensorProto, "INT2") and init.data_type in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2):
-            bits = 2
-        if bits is None:
-            bits = 8 * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        total += n * bits
+    for t in iter_tensors(model):
+        if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        bits = _PACKED_BITS.get(t.data_type) or 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += math.prod(t.dims) * bits
     return total
 
 

@@ -34,6 +34,7 @@ from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
+INFO = "info"  # reported beside the checks, never fails the gate
 
 
 @dataclass
@@ -191,11 +192,36 @@ def required_thresholds(spec: RolloutSpec, contexts: Contexts, config: GateConfi
                            f"(absolute MAE vs the FP32 model)" + ("" if has_truth else " or add truth to the contexts"))
 
 
+def deployment_check(ref_path: Path, cand_path: Path, checks: list[Check], spec: RolloutSpec,
+                     contexts: Contexts, device: Device) -> tuple[Check, dict | None]:
+    """Information, never a failure: the candidate's latency and memory beside the reference's, each
+    measured in a fresh process (tqs_onnx.runtime_report), so one gate run says whether it is better to ship."""
+    if not any(c.name == "ort_load" and c.status == PASS for c in checks):
+        return Check("deployment", SKIP, "not run: ONNX Runtime does not load the candidate"), None
+    result: list[dict] = []
+
+    def body():
+        from tqs_onnx.runtime_report import runtime_comparison, summary_line
+
+        try:
+            result.append(runtime_comparison(ref_path, cand_path, device, spec, contexts, calls=10, rollouts=3,
+                                             budget_s=5.0))
+        except (TqsError, OSError, ValueError) as exc:
+            return INFO, f"not measured: {exc}", None, None
+        r = result[0]["ratios"]
+        return INFO, summary_line(result[0]), r.get("step_ms", r.get("call_ms")), None
+
+    return _timed("deployment", body), (result[0] if result else None)
+
+
 # ---------------------------------------------------------------------------------------- the gate
 
 def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, contexts: Contexts,
-             device: Device, config: GateConfig) -> dict[str, Any]:
-    """All checks; the document `--json` prints and `--junit` turns into XML."""
+             device: Device, config: GateConfig, deployment: bool = True) -> dict[str, Any]:
+    """All checks; the document `--json` prints and `--junit` turns into XML.
+
+    `deployment` adds the non-failing ``deployment`` line: latency and memory beside the reference's.
+    """
     t0 = time.perf_counter()
     cand_path = Path(candidate)
     if not cand_path.is_file():
@@ -205,7 +231,14 @@ def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, co
     ref_session = make_session(str(ref.path), device)
     reference_traj = rollouts(ref_session, spec, contexts, device)  # a spec the reference does not fit: exit 2
     checks, cand = _candidate_checks(cand_path, ref, ref_session, reference_traj, spec, contexts, device, config)
-    return gate_document(ref, cand_path, cand, spec, contexts, device, config, checks, time.perf_counter() - t0)
+    runtime = None
+    if deployment:
+        info, runtime = deployment_check(ref.path, cand_path, checks, spec, contexts, device)
+        checks.append(info)
+    doc = gate_document(ref, cand_path, cand, spec, contexts, device, config, checks, time.perf_counter() - t0)
+    if runtime is not None:
+        doc["deployment"] = runtime
+    return doc
 
 
 def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj: dict[str, np.ndarray],
@@ -288,5 +321,7 @@ def junit_xml(doc: dict[str, Any]) -> bytes:
             ET.SubElement(case, "failure", {"message": c["message"], "type": "tqs-gate"}).text = c["message"]
         elif c["status"] == SKIP:
             ET.SubElement(case, "skipped", {"message": c["message"]})
+        elif c["status"] == INFO:
+            ET.SubElement(case, "system-out").text = c["message"]
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)

@@ -45,7 +45,8 @@ def _iter_graphs(graph: onnx.GraphProto):
                     yield from _iter_graphs(g)
 
 
-def _iter_tensors(model: onnx.ModelProto):
+def iter_tensors(model: onnx.ModelProto):
+    """Every tensor a model stores: initializers and Constant values of all graphs."""
     for g in _iter_graphs(model.graph):
         yield from g.initializer
         for node in g.node:
@@ -60,7 +61,7 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
     """Reject external-data references that leave the model's folder; return the files used."""
     base = path.parent.resolve()
     files: set[Path] = set()
-    for t in _iter_tensors(model):
+    for t in iter_tensors(model):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}
@@ -97,7 +98,7 @@ _ONE_PER_ELEMENT = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.Tensor
 
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
     """Every tensor holds exactly the data its dims promise (before anything converts it to numpy)."""
-    for t in _iter_tensors(model):
+    for t in iter_tensors(model):
         if any(d < 0 for d in t.dims):
             raise TqsError(f"{path}: tensor '{t.name}' has negative dims {list(t.dims)}")
         if t.HasField("segment") or t.data_location == onnx.TensorProto.EXTERNAL:
@@ -447,7 +448,11 @@ def make_blocks(weights: list[Weight], mode: str = "layer") -> list[Block]:
             raise TqsError("fixed:K needs K >= 1")
         groups = [qw[i:i + k] for i in range(0, len(qw), k)]
     groups.sort(key=lambda g: min(w.order for w in g))
-    return [Block(i, _block_name(g), [w.name for w in g], sum(w.size for w in g)) for i, g in enumerate(groups)]
+    names = [_block_name(g) for g in groups]
+    counts = Counter(names)
+    # Blocks sharing a scope (LSTM W/R/B scored tensor by tensor) are told apart by their first weight.
+    names = [n if counts[n] == 1 else f"{n}:{min(g, key=lambda w: w.order).name}" for n, g in zip(names, groups)]
+    return [Block(i, n, [w.name for w in g], sum(w.size for w in g)) for i, (n, g) in enumerate(zip(names, groups))]
 
 
 def _scope_key(w: Weight, depth: int) -> str:

@@ -78,10 +78,9 @@ def parse_targets(text: str) -> tuple[float, float]:
 def reachable_range(scores: dict[str, Any], tiers: list[Tier]) -> tuple[float, float]:
     """The compression range these tiers can produce, with the top nudged so its budget rounds feasible."""
     p = build_problem(scores, tiers, 1.0)
-    lo_bytes = p.fixed_bytes + sum(min(c) for c in p.costs)
-    hi_bytes = p.fixed_bytes + sum(max(c) for c in p.costs)
+    c_lo, c_hi = p.achievable()
     # Problem.budget floors file_bytes / target; half a byte of slack keeps the top target feasible.
-    return p.file_bytes / hi_bytes, p.file_bytes / (lo_bytes + 0.5)
+    return c_lo, p.file_bytes / (p.file_bytes / c_hi + 0.5)
 
 
 def target_grid(bounds: tuple[float, float], points: int, reachable: tuple[float, float]) -> tuple[list[float], list[str]]:

@@ -114,13 +114,16 @@ class SweepSetup:
     bound: dict[str, Any]  # nominal weight values (device)
     nominal: list[list[dict[str, Any]]]  # per context, per step: trajectory outputs on the device
     horizon: int
-    prepared_bytes: int  # serialized size of the lifted + factored graph, before quantization
+    prepared_bytes: int  # serialized size of the lifted + factored model, before quantization
+    graph_bytes: int  # ... of its graph alone (the planner corrects the graph field's length prefix)
     ops: DeviceProbes  # probe graphs on the same device
 
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
-            config: SweepConfig) -> SweepSetup:
-    """Lift hidden weights, expose the quantizable ones as inputs, open the session, roll out Y0."""
+            config: SweepConfig, threads: int = 0) -> SweepSetup:
+    """Lift hidden weights, expose the quantizable ones as inputs, open the session, roll out Y0.
+
+    `threads`: ORT intra-op threads of the session (0: ORT's default); distributed workers split the cores."""
     prepared = prepare_graph(loaded.model, config.factor)
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
@@ -128,7 +131,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
         raise TqsError(f"{loaded.path}: no quantizable weights (>= {config.min_size} float elements)")
     names = [n for b in blocks for n in b.weights]
     exposed = ExposeWeights(names).run(prepared.model)
-    session = make_session(exposed.model, device)
+    session = make_session(exposed.model, device, threads)
     inputs, outputs = io_signature(session)
     weight_inputs = set(names)
     spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs}, outputs, str(loaded.path))
@@ -147,7 +150,8 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
             bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
             hint = f"weights holding NaN/inf: {', '.join(bad[:5])}" if bad else "check the contexts"
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; {hint}")
-    return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon, prepared.model.ByteSize(), ops)
+    return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon, prepared.model.ByteSize(),
+                      prepared.model.graph.ByteSize(), ops)
 
 
 def divergence(setup: SweepSetup, replaced: dict[str, Any]) -> np.ndarray:
@@ -294,7 +298,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
     quantizable = [w for w in setup.weights if w.quantizable]
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
-        "model": model_summary(setup.loaded, setup.weights, setup.prepared_bytes),
+        "model": model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
         "horizon": setup.horizon, "device": device.kind,
         "weights": {w.name: weight_entry(w) for w in quantizable},
@@ -310,13 +314,15 @@ def weight_entry(w: Weight) -> dict[str, Any]:
             "block_axis": w.block_axis, "origin": w.origin, "consumer_ops": sorted(set(w.consumer_ops))}
 
 
-def model_summary(loaded: LoadedModel, weights: list[Weight], prepared_bytes: int) -> dict[str, Any]:
+def model_summary(loaded: LoadedModel, weights: list[Weight], prepared_bytes: int,
+                  graph_bytes: int = 0) -> dict[str, Any]:
     """Sizes: the original file, and what of the prepared graph no tier touches (`fixed_bytes`)."""
     float_bytes = sum(w.nbytes for w in weights)
     q_bytes = sum(w.nbytes for w in weights if w.quantizable)
     return {"path": str(loaded.path), "sha256": loaded.sha256, "file_bytes": loaded.file_bytes,
             "float_weight_bytes": float_bytes, "quantizable_bytes": q_bytes,
             "fixed_bytes": prepared_bytes - q_bytes,
+            "graph_bytes": graph_bytes,
             "parameters": sum(w.size for w in weights),
             "quantizable_parameters": sum(w.size for w in weights if w.quantizable)}
 

@@ -1,0 +1,119 @@
+"""Deployment report (issue 11): what ORT's optimizer fuses, what it still decodes per call, and the
+runtime figures that `eval --runtime` and `gate` print beside the error figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from tests.tiny import init, model, save_case, vec
+from tqs_onnx.cli import main
+from tqs_onnx.gate import GateConfig, run_gate
+from tqs_onnx.graph import load_model
+from tqs_onnx.rewrite import rewrite_model, save_model
+from tqs_onnx.rollout import Contexts, RolloutSpec
+from tqs_onnx.runtime import resolve_device
+from tqs_onnx.runtime_report import deployment_report, graph_figures, optimized_graph, proc_memory, reset_peak_rss
+
+N_IN, N_OUT, TABLE = 128, 64, (256, 64)
+
+
+def table_model() -> object:
+    """y = x @ W + T[0:1]: a MatMul weight and a (bias) table consumed by Add."""
+    r = np.random.default_rng(0)
+    w = (r.standard_normal((N_IN, N_OUT)) / np.sqrt(N_IN)).astype(np.float32)
+    t = (0.1 * r.standard_normal((1, *TABLE))).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("Reshape", ["h", "shape"], ["h3"]),
+             helper.make_node("Add", ["h3", "T"], ["y3"]),
+             helper.make_node("ReduceMean", ["y3", "axes"], ["y"], keepdims=0)]
+    inits = [init("W", w), init("T", t), init("shape", np.array([1, 1, N_OUT], np.int64)),
+             init("axes", np.array([1], np.int64))]
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N_OUT])
+    return model(nodes, inits, [vec("x", N_IN)], [out], opset=18)
+
+
+def written(tmp, tiers: dict[str, str]):
+    """The table model and its written copy at `tiers`, with a one-step rollout (the output is not fed back)."""
+    spec = {"horizon": 3, "feedback": {}, "trajectory": ["y"], "fixed": {"x": "x"}}
+    paths = save_case(tmp, table_model(), spec, {"x": np.ones((2, 1, N_IN), np.float32)})
+    out, _ = rewrite_model(load_model(paths["model"]),
+                           {"kind": "tqs-plan", "model": {}, "factor": False, "weights": tiers})
+    save_model(out, tmp / "q.onnx")
+    return paths, tmp / "q.onnx"
+
+
+def figures(path) -> dict:
+    return graph_figures(load_model(path).model, optimized_graph(path, resolve_device("cpu")))
+
+
+@pytest.mark.parametrize("tier", ["int8", "int8/channel", "int4/channel", "int4/block32"])
+def test_int8_int4_matmul_weights_are_fused_into_matmulnbits(tmp_path, tier):
+    _, q = written(tmp_path, {"W": tier})
+    f = figures(q)
+    assert f["matmulnbits"] == 1 and f["fused"] == {"MatMulNBits": 1}
+    assert f["dq_written"] == 1 and f["dq_left"] == 0 and "DequantizeLinear" not in f["ops"]
+    assert f["per_call"] == [] and f["expanded_at_load"] == []
+
+
+def test_add_table_left_as_dequantize_linear_is_reported_per_call(tmp_path):
+    _, q = written(tmp_path, {"W": "int4/channel", "T": "int8"})
+    f = figures(q)
+    assert f["matmulnbits"] == 1 and f["dq_left"] == 1 and f["dq_written"] == 2
+    [entry] = f["per_call"]
+    n = int(np.prod(TABLE))
+    assert entry["weight"] == "T" and entry["op"] == "DequantizeLinear" and entry["consumers"] == ["Add"]
+    assert entry["bytes"] == 4 * n and entry["stored_bytes"] == n + 4  # int8 values + one fp32 scale
+    assert f["per_call_bytes"] == 4 * n
+
+
+def test_cast_tier_is_reported_as_expanded_at_load(tmp_path):
+    _, q = written(tmp_path, {"W": "bf16"})
+    f = figures(q)
+    assert f["per_call"] == [] and "Cast" not in f["ops"]
+    [entry] = f["expanded_at_load"]
+    assert entry == {"weight": "W", "op": "Cast", "bytes": 4 * N_IN * N_OUT, "stored_bytes": 2 * N_IN * N_OUT}
+
+
+def test_proc_memory_and_peak_reset():
+    mem = proc_memory()
+    assert mem["VmRSS"] > 0 and mem["VmHWM"] >= mem["VmRSS"]
+    if reset_peak_rss():
+        assert proc_memory()["VmHWM"] <= mem["VmHWM"]
+
+
+def test_deployment_report_in_a_fresh_process(tmp_path):
+    paths, q = written(tmp_path, {"W": "int8", "T": "int8"})
+    spec = RolloutSpec.load(paths["spec"])
+    doc = deployment_report(q, "cpu", spec, Contexts.load(paths["contexts"], spec), calls=5, rollouts=2)
+    assert doc["session_s"] > 0 and doc["rss_load_bytes"] > doc["rss_base_bytes"] > 0
+    assert doc["rss_peak_call_bytes"] >= doc["rss_base_bytes"] and doc["calls"] == 5
+    assert doc["call_ms"] > 0 and doc["horizon"] == 3 and doc["step_ms"] == pytest.approx(doc["rollout_ms"] / 3, rel=1e-3)
+    assert doc["matmulnbits"] == 1 and [e["weight"] for e in doc["per_call"]] == ["T"]
+
+
+def test_eval_runtime_prints_and_returns_the_fields(tmp_path, capsys):
+    paths, q = written(tmp_path, {"W": "int4/channel", "T": "int8"})
+    argv = ["eval", str(paths["model"]), str(q), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+            "--runtime"]
+    assert main([*argv, "-o", str(tmp_path / "eval.json")]) == 0
+    text = capsys.readouterr().out
+    assert "runtime (each model in a fresh process)" in text and "decoded per call: T (DequantizeLinear -> Add)" in text
+    rt = json.loads((tmp_path / "eval.json").read_text())["runtime"]
+    for side in ("reference", "candidate"):
+        assert {"session_s", "rss_load_bytes", "rss_peak_call_bytes", "call_ms", "step_ms", "ops", "per_call"} <= set(rt[side])
+    assert rt["candidate"]["matmulnbits"] == 1 and rt["reference"]["matmulnbits"] == 0
+    assert {"call_ms", "step_ms", "rss_load_bytes"} <= set(rt["ratios"])
+
+
+def test_gate_reports_deployment_without_failing(tmp_path):
+    paths, q = written(tmp_path, {"W": "int8", "T": "int8"})
+    spec = RolloutSpec.load(paths["spec"])
+    doc = run_gate(paths["model"], q, spec, Contexts.load(paths["contexts"], spec), resolve_device("cpu"),
+                   GateConfig(max_mae=1e9))
+    check = next(c for c in doc["checks"] if c["name"] == "deployment")
+    assert doc["passed"] and check["status"] == "info" and "per rollout step" in check["message"]
+    assert doc["deployment"]["candidate"]["per_call"][0]["weight"] == "T"

@@ -1,0 +1,506 @@
+"""What a model costs to deploy in ONNX Runtime: load time, memory, latency, and what the optimizer
+did with the written weights.
+
+A written weight is cheap at run time only when ORT's graph optimizer fuses its decode into the
+consumer (DequantizeLinear -> MatMul becomes MatMulNBits on CPU). Otherwise it costs one of two ways:
+
+- *dequantized per call*: a DequantizeLinear (or Cast) left in the optimized graph on constant
+  inputs rebuilds the float tensor on every call (time, and a float-sized temporary);
+- *expanded at load*: the optimizer constant-folds the decode (every Cast, e.g. bf16 -> fp32), so the
+  session holds the float tensor: small on disk, full size in memory.
+
+`deployment_report` measures in a fresh subprocess by default (``python -m tqs_onnx.runtime_report``)
+so that resident memory is the model's alone, not what the calling process already holds.
+
+    python -m tqs_onnx.runtime_report MODEL [--device cpu] [--rollout SPEC --contexts DATA.npz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import onnx
+
+from tqs_onnx.errors import TqsError
+from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
+from tqs_onnx.runtime import Device, resolve_device
+
+# Contrib ops that compute directly on stored integers: a weight feeding one is not decoded per call.
+FUSED_QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "QLinearMatMul", "QLinearConv", "QGemm", "QAttention",
+                   "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger", "ConvInteger")
+DECODE_OPS = ("DequantizeLinear", "Cast")
+ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
+MIB = 1024 * 1024
+
+_ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+           "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+# ------------------------------------------------------------------------------------ process memory
+
+def proc_memory() -> dict[str, int]:
+    """Resident (VmRSS) and peak resident (VmHWM) bytes of this process; {} where /proc is missing."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for key in ("VmRSS", "VmHWM"):
+        m = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.M)
+        if m:
+            out[key] = int(m.group(1)) * 1024
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the next peak is that of the calls alone."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def gpu_memory_used() -> tuple[int | None, str]:
+    """Device memory in use: this process's own (nvidia-smi per process), else the whole GPU's."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None, "no nvidia-smi"
+    try:
+        apps = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout
+        for line in apps.splitlines():
+            pid, _, used = line.partition(",")
+            if pid.strip() == str(os.getpid()) and used.strip().isdigit():
+                return int(used) * MIB, "nvidia-smi, this process"
+        # In a container nvidia-smi lists host pids: fall back to the device-wide figure.
+        total = subprocess.run([smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
+        return (int(total) * MIB if total.isdigit() else None), "nvidia-smi, whole GPU"
+    except (OSError, subprocess.SubprocessError):
+        return None, "nvidia-smi failed"
+
+
+# ------------------------------------------------------------------------------------------ sessions
+
+def _ort():
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+def open_session(path: str | Path, device: Device, threads: int = 0, accuracy_level: int | None = None,
+                 optimized_to: Path | None = None):
+    """A session as `runtime.make_session` opens it (ORT_ENABLE_ALL), optionally saving the optimized graph."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    if accuracy_level is not None:
+        so.add_session_config_entry(ACCURACY_KEY, str(accuracy_level))
+    if optimized_to is not None:
+        so.optimized_model_filepath = str(optimized_to)
+        # Tensors go to a side file so a model over 2 GB can be written and read back without its data.
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    optimized_to.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    try:
+        return ort.InferenceSession(str(path), so, providers=device.providers)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TqsError(f"{path}: ONNX Runtime cannot load the model: {first[:300]}") from None
+
+
+def optimized_graph(path: str | Path, device: Device, threads: int = 0,
+                    accuracy_level: int | None = None) -> onnx.ModelProto:
+    """The graph ORT runs after its optimizer (initializer data left out: only names, types and shapes)."""
+    with tempfile.TemporaryDirectory(prefix="tqs-opt-") as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        open_session(path, device, threads, accuracy_level, optimized_to=out)
+        return onnx.load(str(out), load_external_data=False)
+
+
+# ------------------------------------------------------------------------------------ graph analysis
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_nodes(sub)
+
+
+def _all_initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    out = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                out.update(_all_initializers(sub))
+    return out
+
+
+def _dtype_bits(data_type: int) -> int:
+    packed = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
+    for name in ("INT2", "UINT2"):
+        if hasattr(onnx.TensorProto, name):
+            packed[getattr(onnx.TensorProto, name)] = 2
+    if data_type in packed:
+        return packed[data_type]
+    try:
+        return 8 * onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return 0  # strings and the like: not weights
+
+
+def tensor_bytes(dims: list[int] | tuple[int, ...], data_type: int) -> int:
+    """Bytes of a tensor as stored (sub-byte types packed)."""
+    return math.ceil(math.prod(dims) * _dtype_bits(data_type) / 8)
+
+
+def _decoded_type(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
+    """Element type a decode node produces: Cast's `to`, else DequantizeLinear's scale type."""
+    if node.op_type == "Cast":
+        return next(a.i for a in node.attribute if a.name == "to")
+    scale = inits.get(node.input[1]) if len(node.input) > 1 else None
+    return scale.data_type if scale is not None else onnx.TensorProto.FLOAT
+
+
+def _constant_decodes(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, dict[str, onnx.TensorProto]]]:
+    """DequantizeLinear/Cast nodes all of whose inputs are initializers: weights rebuilt from storage."""
+    inits = _all_initializers(graph)
+    return [(n, inits) for n in _all_nodes(graph)
+            if n.op_type in DECODE_OPS and n.input and all(i == "" or i in inits for i in n.input)]
+
+
+def graph_figures(written: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[str, Any]:
+    """Op histogram after the optimizer, fused vs unfused DequantizeLinear, decodes per call, folded decodes."""
+    nodes = list(_all_nodes(optimized.graph))
+    ops = Counter(n.op_type for n in nodes)
+    consumers: dict[str, list[str]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    per_call = []
+    for node, inits in _constant_decodes(optimized.graph):
+        stored = [inits[i] for i in node.input if i]
+        per_call.append({"weight": node.output[0], "op": node.op_type,
+                         "bytes": tensor_bytes(list(stored[0].dims), _decoded_type(node, inits)),
+                         "stored_bytes": sum(tensor_bytes(list(t.dims), t.data_type) for t in stored),
+                         "consumers": sorted(set(consumers.get(node.output[0], [])))})
+    opt_inits = _all_initializers(optimized.graph)
+    expanded = []
+    for node, inits in _constant_decodes(written.graph):
+        folded = opt_inits.get(node.output[0])
+        if folded is not None:
+            expanded.append({"weight": node.output[0], "op": node.op_type,
+                             "bytes": tensor_bytes(list(folded.dims), folded.data_type),
+                             "stored_bytes": sum(tensor_bytes(list(inits[i].dims), inits[i].data_type)
+                                                 for i in node.input if i)})
+    written_dq = sum(n.op_type == "DequantizeLinear" for n in _all_nodes(written.graph))
+    return {
+        "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "nodes": len(nodes),
+        "fused": {op: ops[op] for op in FUSED_QUANT_OPS if ops.get(op)},
+        "matmulnbits": ops.get("MatMulNBits", 0),
+        "dq_written": written_dq,
+        "dq_left": ops.get("DequantizeLinear", 0),
+        "per_call": sorted(per_call, key=lambda e: -e["bytes"]),
+        "per_call_bytes": sum(e["bytes"] for e in per_call),
+        "expanded_at_load": sorted(expanded, key=lambda e: -e["bytes"]),
+        "expanded_bytes": sum(e["bytes"] for e in expanded),
+        "initializer_bytes": sum(tensor_bytes(list(t.dims), t.data_type) for t in opt_inits.values()),
+    }
+
+
+# -------------------------------------------------------------------------------------------- timing
+
+def _synthetic_feeds(session) -> dict[str, np.ndarray]:
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        dtype = _ORT_NP.get(i.type, np.float32)
+        feeds[i.name] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
+                         if np.dtype(dtype).kind == "f" else np.ones(shape, dtype))
+    return feeds
+
+
+def step_feeds(session, spec: RolloutSpec | None, contexts: Contexts | None) -> dict[str, np.ndarray]:
+    """The inputs of the first rollout step of context 0 (synthetic ones without a spec)."""
+    if spec is None or contexts is None:
+        return _synthetic_feeds(session)
+    types = {i.name: _ORT_NP.get(i.type, np.float32) for i in session.get_inputs()}
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    feeds = {inp: contexts.arrays[key][0] for inp, key in [*spec.initial.items(), *spec.fixed.items()]}
+    feeds.update({inp: contexts.arrays[key][0, 0] for inp, key in spec.per_step.items()})
+    for inp, value in spec.constants.items():
+        arr = np.asarray(value)
+        feeds[inp] = arr.reshape([d if isinstance(d, int) else 1 for d in shapes[inp]]) if arr.size == 1 and shapes[inp] else arr
+    return {k: np.ascontiguousarray(v, dtype=types.get(k, np.float32)) for k, v in feeds.items()}
+
+
+def _repeat(run: Callable[[], None], count: int, budget_s: float, minimum: int) -> list[float]:
+    """Seconds of each run: `count` runs, fewer (but at least `minimum`) once `budget_s` is spent."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < count and (len(times) < minimum or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_calls(session, feeds: dict[str, np.ndarray], device: Device, count: int, budget_s: float) -> list[float]:
+    """One forward pass, inputs and outputs bound on the session's device (no host copies timed)."""
+    binding = session.io_binding()
+    values = {k: device.to_device(v) for k, v in feeds.items()}  # kept alive while bound
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    for out in session.get_outputs():
+        binding.bind_output(out.name, device.kind)
+    session.run_with_iobinding(binding)  # warm-up: first-call allocations are not latency
+    return _repeat(lambda: session.run_with_iobinding(binding), count, budget_s, minimum=3)
+
+
+def time_rollouts(session, spec: RolloutSpec, contexts: Contexts, device: Device, count: int,
+                  budget_s: float) -> list[float]:
+    """A whole rollout of context 0, states fed back on the device as the sweep and eval do."""
+    rollout = Rollout(session, spec, contexts.subset([0]), device)
+    return _repeat(lambda: rollout.trajectory(0), count, budget_s, minimum=1)
+
+
+def _ms(times: list[float]) -> float:
+    return round(1000 * statistics.median(times), 4)
+
+
+# ------------------------------------------------------------------------------------------- measure
+
+def measure(path: str | Path, device: Device, spec: RolloutSpec | None = None, contexts: Contexts | None = None,
+            calls: int = 20, rollouts: int = 3, budget_s: float = 10.0, threads: int = 0,
+            accuracy_level: int | None = None) -> dict[str, Any]:
+    """Every figure, in this process. Memory is meaningful only in a fresh process (see deployment_report)."""
+    ort = _ort()
+    path = Path(path)
+    before = proc_memory()
+    gpu_before = gpu_memory_used() if device.kind == "cuda" else (None, "")
+    t0 = time.perf_counter()
+    session = open_session(path, device, threads, accuracy_level)
+    session_s = time.perf_counter() - t0
+    loaded = proc_memory()
+    gpu_loaded = gpu_memory_used() if device.kind == "cuda" else (None, "")
+    peak_reset = reset_peak_rss()
+    call_times = time_calls(session, step_feeds(session, spec, contexts), device, calls, budget_s)
+    roll_times = time_rollouts(session, spec, contexts, device, rollouts, budget_s) if spec and contexts else []
+    after = proc_memory()
+    gpu_after = gpu_memory_used() if device.kind == "cuda" else (None, "")
+    del session
+    written = onnx.load(str(path), load_external_data=False)
+    doc: dict[str, Any] = {
+        "model": str(path), "device": device.kind, "ort_version": ort.__version__,
+        "file_bytes": _file_bytes(path, written),
+        "threads": threads or None, "cpu_count": os.cpu_count(),
+        "accuracy_level": accuracy_level, "session_s": round(session_s, 4),
+        "rss_base_bytes": before.get("VmRSS"), "rss_load_bytes": loaded.get("VmRSS"),
+        "rss_peak_call_bytes": after.get("VmHWM") if peak_reset else None,
+        "rss_after_calls_bytes": after.get("VmRSS"), "peak_reset": peak_reset,
+        "call_ms": _ms(call_times), "call_ms_min": round(1000 * min(call_times), 4), "calls": len(call_times),
+    }
+    doc["load_delta_bytes"] = _delta(doc["rss_load_bytes"], doc["rss_base_bytes"])
+    doc["peak_call_delta_bytes"] = _delta(doc["rss_peak_call_bytes"], doc["rss_load_bytes"])
+    if roll_times:
+        doc.update(rollout_ms=_ms(roll_times), rollouts=len(roll_times), horizon=spec.horizon,
+                   step_ms=round(_ms(roll_times) / spec.horizon, 4))
+    if device.kind == "cuda":
+        doc.update(gpu_base_bytes=gpu_before[0], gpu_load_bytes=gpu_loaded[0], gpu_after_calls_bytes=gpu_after[0],
+                   gpu_memory_source=gpu_loaded[1])
+    doc.update(graph_figures(written, optimized_graph(path, device, threads, accuracy_level)))
+    return doc
+
+
+def _delta(a: int | None, b: int | None) -> int | None:
+    return a - b if a is not None and b is not None else None
+
+
+def _file_bytes(path: Path, model: onnx.ModelProto) -> int:
+    """The model file plus the external data files it names."""
+    files = {path}
+    for t in _all_initializers(model.graph).values():
+        for entry in t.external_data:
+            if entry.key == "location":
+                files.add(path.parent / entry.value)
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+# ---------------------------------------------------------------------------- the report, isolated
+
+def deployment_report(path: str | Path, device: Device | str = "cpu", spec: RolloutSpec | None = None,
+                      contexts: Contexts | None = None, *, isolated: bool = True, calls: int = 20,
+                      rollouts: int = 3, budget_s: float = 10.0, threads: int = 0,
+                      accuracy_level: int | None = None, timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Session creation time, resident memory after load and peak during calls, latency per call and
+    per rollout step (with a spec and contexts: context 0), the optimized op histogram, fused and
+    unfused DequantizeLinear counts, and the weights still decoded per call or expanded at load.
+
+    `isolated` (the default) measures in a fresh Python process so memory figures are the model's alone.
+    """
+    device = resolve_device(device) if isinstance(device, str) else device
+    if not Path(path).is_file():
+        raise TqsError(f"{path}: no such file")
+    if not isolated:
+        return measure(path, device, spec, contexts, calls, rollouts, budget_s, threads, accuracy_level)
+    with tempfile.TemporaryDirectory(prefix="tqs-deploy-") as tmp:
+        argv = [sys.executable, "-m", "tqs_onnx.runtime_report", str(path), "--device", device.kind,
+                "--calls", str(calls), "--rollouts", str(rollouts), "--budget", str(budget_s),
+                "--threads", str(threads)]
+        if accuracy_level is not None:
+            argv += ["--accuracy-level", str(accuracy_level)]
+        if spec is not None and contexts is not None:
+            argv += _spec_files(Path(tmp), spec, contexts)
+        return _run_isolated(argv, path, timeout_s)
+
+
+def _spec_files(tmp: Path, spec: RolloutSpec, contexts: Contexts) -> list[str]:
+    """The spec and context 0 as files for the child process."""
+    (tmp / "spec.json").write_text(json.dumps(spec.to_dict()))
+    first = contexts.subset([0])
+    np.savez(tmp / "contexts.npz", **first.arrays)
+    return ["--rollout", str(tmp / "spec.json"), "--contexts", str(tmp / "contexts.npz")]
+
+
+def _run_isolated(argv: list[str], path: str | Path, timeout_s: float) -> dict[str, Any]:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise TqsError(f"{path}: deployment measurement took over {timeout_s:g} s") from None
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise TqsError(f"{path}: deployment measurement failed: {tail[:300]}")
+    return json.loads(done.stdout)
+
+
+# ------------------------------------------------------------------------------ reference vs candidate
+
+RATIO_KEYS = ("session_s", "rss_load_bytes", "load_delta_bytes", "rss_peak_call_bytes", "call_ms", "step_ms",
+              "gpu_load_bytes")
+
+
+def ratios(ref: dict[str, Any], cand: dict[str, Any]) -> dict[str, float]:
+    """candidate / reference for each figure both have (below 1: the candidate is cheaper)."""
+    out = {}
+    for key in RATIO_KEYS:
+        a, b = ref.get(key), cand.get(key)
+        if a and b is not None:
+            out[key] = round(b / a, 4)
+    return out
+
+
+def runtime_comparison(reference: str | Path, candidate: str | Path, device: Device | str = "cpu",
+                       spec: RolloutSpec | None = None, contexts: Contexts | None = None,
+                       **kw: Any) -> dict[str, Any]:
+    """Deployment reports of both models, each in a fresh process, and the candidate/reference ratios."""
+    ref = deployment_report(reference, device, spec, contexts, **kw)
+    cand = deployment_report(candidate, device, spec, contexts, **kw)
+    return {"reference": ref, "candidate": cand, "ratios": ratios(ref, cand)}
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / MIB:.1f} MB"
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:,.1f} KB" if n < MIB else f"{n / MIB:,.2f} MB"
+
+
+def format_report(doc: dict[str, Any], label: str = "") -> str:
+    """One line of figures and one of what the optimizer did."""
+    step = f", {doc['step_ms']:.3f} ms per rollout step" if "step_ms" in doc else ""
+    gpu = f", GPU {_mb(doc.get('gpu_load_bytes'))} after load" if doc.get("gpu_load_bytes") else ""
+    lines = [f"{label}session {doc['session_s']:.3f} s, RSS {_mb(doc['rss_load_bytes'])} after load "
+             f"(+{_mb(doc['load_delta_bytes'])}), peak {_mb(doc['rss_peak_call_bytes'])} in calls{gpu}; "
+             f"{doc['call_ms']:.3f} ms per call{step} ({doc['device']})",
+             f"{' ' * len(label)}{graph_summary(doc)}"]
+    return "\n".join(lines)
+
+
+def graph_summary(doc: dict[str, Any]) -> str:
+    fused = ", ".join(f"{n} {op}" for op, n in doc["fused"].items()) or "no fused quantized op"
+    text = f"{fused}; DequantizeLinear {doc['dq_left']} left of {doc['dq_written']} written"
+    if doc["per_call"]:
+        text += f"; {len(doc['per_call'])} weights decoded per call ({_kb(doc['per_call_bytes'])} per call)"
+    if doc["expanded_at_load"]:
+        text += f"; {len(doc['expanded_at_load'])} expanded at load ({_kb(doc['expanded_bytes'])})"
+    return text
+
+
+def summary_line(comp: dict[str, Any]) -> str:
+    """One line for the gate: latency and memory ratios, then what the optimizer did with the candidate."""
+    ref, cand, r = comp["reference"], comp["candidate"], comp["ratios"]
+    lat = "step_ms" if "step_ms" in r else "call_ms"
+    what = "per rollout step" if lat == "step_ms" else "per call"
+    return (f"{what} {r[lat]:.2f}x the reference ({cand[lat]:.3f} vs {ref[lat]:.3f} ms), "
+            f"RSS after load {_mb(cand['rss_load_bytes'])} vs {_mb(ref['rss_load_bytes'])} "
+            f"(load +{_mb(cand['load_delta_bytes'])} vs +{_mb(ref['load_delta_bytes'])}); {graph_summary(cand)}")
+
+
+def format_comparison(comp: dict[str, Any], top: int = 5) -> str:
+    """Reference and candidate figures, the ratios, and the largest weights decoded per call."""
+    r = comp["ratios"]
+    cand = comp["candidate"]
+    lines = ["runtime (each model in a fresh process):",
+             format_report(comp["reference"], "  reference  "), format_report(cand, "  candidate  "),
+             "  candidate/reference: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items())]
+    for e in cand["per_call"][:top]:
+        lines.append(f"  decoded per call: {e['weight']} ({e['op']} -> {', '.join(e['consumers']) or '-'}): "
+                     f"{_kb(e['bytes'])} from {_kb(e['stored_bytes'])} stored")
+    if len(cand["per_call"]) > top:
+        lines.append(f"  ... and {len(cand['per_call']) - top} more decoded per call")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ child
+
+def main(argv: list[str] | None = None) -> int:
+    """The measuring child: print one report as JSON."""
+    ap = argparse.ArgumentParser(prog="python -m tqs_onnx.runtime_report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    ap.add_argument("--rollout", metavar="SPEC")
+    ap.add_argument("--contexts", metavar="DATA.npz")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--rollouts", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=10.0, help="seconds per timing loop before it stops early")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--accuracy-level", type=int, help=f"{ACCURACY_KEY} (ORT's default when not given)")
+    a = ap.parse_args(argv)
+    try:
+        spec = RolloutSpec.load(a.rollout) if a.rollout else None
+        contexts = Contexts.load(a.contexts, spec) if spec and a.contexts else None
+        doc = measure(a.model, resolve_device(a.device), spec, contexts, a.calls, a.rollouts, a.budget, a.threads,
+                      a.accuracy_level)
+    except TqsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
