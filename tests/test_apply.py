@@ -169,3 +169,25 @@ def test_matmul_forms_are_fused_by_onnxruntime(tmp_path, tier):
     ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node}
     assert "MatMulNBits" in ops and "DequantizeLinear" not in ops, ops
+
+
+@pytest.mark.parametrize("n", [16, 15])
+def test_apply_refuses_a_model_that_ort_optimizes_into_other_values(tmp_path, n):
+    """onnxruntime 1.31 fuses INT2 DQ->MatMul into MatMulNBits that miscomputes when N % 4 != 0: the
+    written model must match its own unoptimized graph, or apply fails with one clear line."""
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.evaluate import optimized_vs_written, verify_written
+    from tqs_onnx.runtime import Device, make_session
+
+    W = np.random.default_rng(0).standard_normal((64, n)).astype(np.float32)
+    m = model([helper.make_node("MatMul", ["x", "W"], ["y"])], [init("W", W)], [vec("x", 64)], [vec("y", n)])
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": "int2/channel"}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    err = optimized_vs_written(tmp_path / "q.onnx", Device("cpu"), make_session(str(tmp_path / "q.onnx"), Device("cpu")),
+                               None, None)
+    if err <= 0.05:
+        assert verify_written(tmp_path / "q.onnx", Device("cpu"))["optimized_rel_err"] == pytest.approx(err)
+    else:
+        with pytest.raises(TqsError, match="optimized graph computes other values"):
+            verify_written(tmp_path / "q.onnx", Device("cpu"))

@@ -67,12 +67,16 @@ def resolve_device(name: str) -> Device:
     return Device(name)
 
 
-def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0):
-    """One ORT session; optimisations on, logging off. `model` may be a proto, bytes or a path."""
+def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True):
+    """One ORT session; optimisations on (unless `optimize` is False), logging off.
+
+    `model` may be a proto, bytes or a path.
+    """
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures come back as exceptions, reported in one line
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         so.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
