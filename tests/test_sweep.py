@@ -94,3 +94,25 @@ def test_one_session_and_forward_pass_count(tmp_path):
     blocks = len(doc["blocks"])
     # nominal + per block (1 quant + 3 gauss + 1 tier) rollouts of 2 contexts x 5 steps
     assert doc["forward_passes"] == 2 * 5 * (1 + blocks * 5)
+
+
+def test_early_stop_draws_fewer_gaussian_probes_and_keeps_the_ranking(tmp_path):
+    from scipy.stats import spearmanr
+
+    paths = save_case(tmp_path, recurrent_mlp(damp=1e-2), recurrent_spec(horizon=6), recurrent_contexts())
+    full = sweep(paths, probe="gauss", probes=12)
+    early = sweep(paths, probe="gauss", probes=12, early_stop=0.05)
+    assert early["forward_passes"] < full["forward_passes"]
+    g = lambda d: [b["gauss"]["gamma_task"] for b in d["blocks"]]
+    assert spearmanr(g(full), g(early)).statistic == pytest.approx(1.0)
+    for a, b in zip(g(full), g(early)):
+        assert b == pytest.approx(a, rel=0.1)
+
+
+def test_converged_is_the_sliding_window_rule():
+    from tqs_onnx.sweep import converged
+
+    assert not converged(np.array([1.0, 1.0]), 0.01, 3)  # too few values
+    assert converged(np.array([5.0, 1.0, 1.001, 0.999, 1.0]), 0.01, 3)
+    assert not converged(np.array([1.0, 1.2, 1.0, 1.0]), 0.01, 3)
+    assert not converged(np.array([1.0, np.inf, 1.0, 1.0]), 0.01, 3)

@@ -97,7 +97,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         require_ray()
     tiers = [str(t) for t in parse_tiers(a.tiers) if not t.is_identity] if a.tiers else []
     config = SweepConfig(a.probe, a.bits, a.probes, a.horizon, a.seed, a.blocks, a.min_size, a.gamma_min, tiers,
-                         factor=not a.no_factor)
+                         factor=not a.no_factor, early_stop=a.early_stop, early_window=a.early_window,
+                         early_horizon=a.early_horizon)
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
     contexts = Contexts.load(a.contexts, spec)
@@ -366,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probes", type=int, default=8, help="Gaussian draws per block (default 8)")
     s.add_argument("--horizon", type=int, help="rollout steps T_max (default: the spec's horizon)")
     s.add_argument("--seed", type=int, default=0, help="seed of the Gaussian probes (default 0)")
+    s.add_argument("--early-stop", type=float, default=0.0, metavar="TOL",
+                   help="stop drawing Gaussian probes once gamma agrees within TOL (relative) over a sliding "
+                        "window (the paper's rule; default 0: off; 0.01 kept rankings at Spearman >= 0.99)")
+    s.add_argument("--early-window", type=int, default=3, help="window of the early-stop rule (default 3)")
+    s.add_argument("--early-horizon", action="store_true",
+                   help="with --early-stop, also cut each rollout once gamma_task(T) converges; cheaper, but on "
+                        "saturating (chaotic) models it reordered blocks (tools/bench_early_stop.py)")
     s.add_argument("--blocks", default="layer", help="grouping: tensor | layer | scope[:DEPTH] | fixed:K")
     s.add_argument("--min-size", type=int, default=256, help="smallest float tensor (elements) that is quantized")
     s.add_argument("--gamma-min", type=float, default=-50.0, help="blocks with gamma <= this are flagged dead")

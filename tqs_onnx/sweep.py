@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,6 +43,9 @@ class SweepConfig:
     gamma_min: float = -50.0
     tiers: list[str] = field(default_factory=list)  # tiers whose measured damage D[l,k] is recorded
     factor: bool = True  # factor expanded lookup tables (exact) before scoring
+    early_stop: float = 0.0  # tolerance on gamma over a sliding window of Gaussian draws; 0 = off
+    early_window: int = 3
+    early_horizon: bool = False  # also cut rollouts short once gamma_task(T) converges (can reorder blocks)
 
     def __post_init__(self) -> None:
         if self.probe not in ("quant", "gauss", "both"):
@@ -154,15 +157,71 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
                       prepared.model.graph.ByteSize(), ops)
 
 
-def divergence(setup: SweepSetup, replaced: dict[str, Any]) -> np.ndarray:
-    """Squared trajectory divergence per (context, step) with `replaced` (device values) swapped in."""
+StopFn = Callable[[np.ndarray], bool]
+
+
+def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None = None) -> np.ndarray:
+    """Squared trajectory divergence per (context, step) with `replaced` (device values) swapped in.
+
+    Contexts advance in lockstep so `stop` (given the divergences so far) can end every rollout at
+    the step where the score has converged; the result then has fewer than `horizon` columns.
+    """
     bound = {**setup.bound, **replaced}
-    out = np.empty((len(setup.nominal), setup.horizon))
-    for s, nominal in enumerate(setup.nominal):
-        for t, step in enumerate(setup.rollout.steps(s, bound, setup.horizon)):
-            out[s, t] = sum(setup.ops.sqdiff(step[k], nominal[t][k]) for k in step)
+    gens = [setup.rollout.steps(s, bound, setup.horizon) for s in range(len(setup.nominal))]
+    out = np.zeros((len(gens), setup.horizon))
+    for t in range(setup.horizon):
+        for s, gen in enumerate(gens):
+            step = next(gen)
+            out[s, t] = sum(setup.ops.sqdiff(step[k], setup.nominal[s][t][k]) for k in step)
+        if stop is not None and stop(out[:, : t + 1]):
+            out = out[:, : t + 1]
+            break
+    for gen in gens:
+        gen.close()
     out[~np.isfinite(out)] = np.inf
     return out
+
+
+def converged(values: np.ndarray, tol: float, window: int) -> bool:
+    """The paper's sliding-window rule: the last `window` + 1 values agree within tol (relative, >= 1)."""
+    if len(values) <= window:
+        return False
+    last = values[-window - 1:]
+    return bool(np.all(np.isfinite(last)) and last.max() - last.min() <= tol * max(1.0, abs(last[-1])))
+
+
+def horizon_stop(norm: float, tol: float, window: int) -> StopFn | None:
+    """Stop a rollout once gamma_task (Eq. 1 at T = 1..t) has converged; or at once if non-finite."""
+    if tol <= 0:
+        return None
+
+    def stop(div: np.ndarray) -> bool:
+        if not np.all(np.isfinite(div)):
+            return True
+        cum = np.cumsum(div, axis=1).mean(axis=0)
+        with np.errstate(divide="ignore"):
+            gamma = np.log(cum / (norm ** 2 + EPS)) / np.arange(1, cum.size + 1)
+        return converged(gamma, tol, window)
+
+    return stop
+
+
+def gauss_score(setup: SweepSetup, w: dict[str, Any], block: Block, config: SweepConfig, norm: float,
+                stop: StopFn | None) -> ProbeScore:
+    """Seeded Gaussian draws of the quant residual's norm; with early stopping, draws end once the
+    running gamma has converged. Rollouts cut short at different steps are scored on their common length."""
+    sigma = gauss_sigma(norm, block.size)
+    divs, running = [], []
+    for p in range(config.probes):
+        divs.append(divergence(setup, {n: setup.ops.gauss(v, probe_offset(config.seed, block.id, p, j), sigma)
+                                       for j, (n, v) in enumerate(w.items())}, stop))
+        if config.early_stop > 0:
+            t = min(d.shape[1] for d in divs)
+            running.append(score_divergence(np.stack([d[:, :t] for d in divs]), norm).gamma_task)
+            if converged(np.array(running), config.early_stop, config.early_window):
+                break
+    t = min(d.shape[1] for d in divs)
+    return score_divergence(np.stack([d[:, :t] for d in divs]), norm)
 
 
 def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: list[Tier]) -> BlockScore:
@@ -176,14 +235,11 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
     quantized = {n: ops.quant_probe(v, config.bits) for n, v in w.items()}
     norm = math.sqrt(sum(ops.sqdiff(quantized[n], v) for n, v in w.items()))
     score = BlockScore(block.id, block.name, block.weights, block.size, norm)
+    stop = horizon_stop(norm, config.early_stop, config.early_window) if config.early_horizon else None
     if config.probe in ("quant", "both"):
-        score.quant = score_divergence(divergence(setup, quantized), norm)
+        score.quant = score_divergence(divergence(setup, quantized, stop), norm)
     if config.probe in ("gauss", "both"):
-        sigma = gauss_sigma(norm, block.size)
-        divs = [divergence(setup, {n: ops.gauss(v, probe_offset(config.seed, block.id, p, j), sigma)
-                                   for j, (n, v) in enumerate(w.items())})
-                for p in range(config.probes)]
-        score.gauss = score_divergence(np.stack(divs), norm)
+        score.gauss = gauss_score(setup, w, block, config, norm, stop)
     axes = {x.name: (x.channel_axis, x.block_axis) for x in setup.weights if x.name in w}
     for tier in tiers:
         if not tier.is_identity:

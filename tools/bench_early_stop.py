@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Early stopping against the full sweep, measured in one run on one model.
+
+Runs the full protocol (1 quant + N Gaussian probes per block over the whole horizon) and the same
+sweep with the paper's sliding-window tolerance; prints forward passes and time of both and the
+Spearman rank agreement of gamma_quant and gamma_gauss between them.
+
+    python tools/bench_early_stop.py models/zoo/patch_transformer.onnx --tol 0.01 [--probes 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from tqs_onnx.graph import load_model
+from tqs_onnx.rollout import Contexts, RolloutSpec
+from tqs_onnx.runtime import resolve_device
+from tqs_onnx.sweep import SweepConfig, run_sweep
+
+
+def companion(model: Path, suffix: str) -> Path:
+    stem = model.name[: -len(".onnx")]
+    for cand in (model.with_name(f"{stem}{suffix}"), model.with_name(f"{stem.split('_')[0]}{suffix}")):
+        if cand.exists():
+            return cand
+    raise SystemExit(f"{model}: cannot find {suffix} beside it")
+
+
+def sweep(model, spec, ctx, device, **kw) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    doc = run_sweep(load_model(model), spec, ctx, device, SweepConfig(**kw), quiet=True)
+    return doc, time.perf_counter() - t0
+
+
+def gammas(doc: dict, probe: str) -> list[float]:
+    return [b[probe]["gamma_task"] for b in doc["blocks"]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--tol", type=float, default=0.01)
+    ap.add_argument("--window", type=int, default=3)
+    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--horizon-stop", action="store_true", help="also stop rollouts early (--early-horizon)")
+    ap.add_argument("--blocks", default="layer")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    spec = RolloutSpec.load(companion(a.model, ".rollout.json"))
+    ctx = Contexts.load(companion(a.model, "_sweep.npz"), spec)
+    device = resolve_device(a.device)
+    base = dict(probe="both", probes=a.probes, blocks=a.blocks)
+    full, t_full = sweep(a.model, spec, ctx, device, **base)
+    early, t_early = sweep(a.model, spec, ctx, device, **base, early_stop=a.tol, early_window=a.window,
+                           early_horizon=a.horizon_stop)
+    res = {"model": str(a.model), "blocks": len(full["blocks"]), "horizon": spec.horizon, "tol": a.tol, "horizon_stop": a.horizon_stop,
+           "full_passes": full["forward_passes"], "early_passes": early["forward_passes"],
+           "passes_saved": 1 - early["forward_passes"] / full["forward_passes"],
+           "full_s": t_full, "early_s": t_early}
+    for probe in ("quant", "gauss"):
+        rho = spearmanr(gammas(full, probe), gammas(early, probe)).statistic if len(full["blocks"]) > 1 else 1.0
+        res[f"spearman_{probe}"] = float(rho)
+    print(f"{a.model.name}: {res['blocks']} blocks, T={spec.horizon}, {ctx.count} contexts, 1 quant + {a.probes} gauss")
+    print(f"  full sweep   {res['full_passes']:>9,} forward passes  {t_full:7.1f} s")
+    print(f"  early stop   {res['early_passes']:>9,} forward passes  {t_early:7.1f} s   (tol {a.tol}, window {a.window}, horizon stop {a.horizon_stop})")
+    print(f"  saved {res['passes_saved']:.1%} of the forward passes; Spearman vs full: "
+          f"gamma_quant {res['spearman_quant']:.3f}, gamma_gauss {res['spearman_gauss']:.3f}")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
