@@ -245,14 +245,30 @@ class Rollout:
         return [{k: v.numpy() for k, v in step.items()} for step in self.steps(s, weights, horizon)]
 
 
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Equal rank and dims; a named (dynamic) dim only matches the same name, never a fixed size."""
+    return len(a) == len(b) and all(x == y for x, y in zip(a, b))
+
+
+def _tokens(name: str) -> set[str]:
+    import re
+
+    words = set(re.split(r"[^a-z0-9]+", name.lower())) - {"", "in", "out", "input", "output", "next", "new"}
+    return words | {w.rstrip("n") for w in words if len(w) <= 3}  # hn -> h, cn -> c
+
+
 def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[str, Any] | None:
-    """A spec for models whose outputs match inputs in shape and dtype (pairs by order, then name)."""
+    """A spec for models whose outputs match inputs in shape and dtype.
+
+    Candidates must agree exactly (a dynamic dim never pairs with a fixed one); among them the input
+    sharing most name tokens with the output wins (hn -> h, state_0_out -> state_0_in), then order.
+    """
     feedback: dict[str, str] = {}
     free = dict(inputs)
     for out, (shape, typ) in outputs.items():
-        match = [i for i, (s, t) in free.items() if t == typ and _shapes_compatible(s, shape)]
+        match = [i for i, (s, t) in free.items() if t == typ and _same_shape(tuple(s), tuple(shape))]
         if match:
-            pick = next((i for i in match if i in out or out in i), match[0])
+            pick = max(match, key=lambda i: len(_tokens(i) & _tokens(out)))
             feedback[out] = pick
             free.pop(pick)
     if not feedback:
@@ -260,4 +276,3 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
     return {"horizon": 10, "feedback": feedback, "trajectory": list(feedback),
             "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
             "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: -1 for o in feedback}}
-
