@@ -117,3 +117,19 @@ def test_gate_reports_deployment_without_failing(tmp_path):
     check = next(c for c in doc["checks"] if c["name"] == "deployment")
     assert doc["passed"] and check["status"] == "info" and "per rollout step" in check["message"]
     assert doc["deployment"]["candidate"]["per_call"][0]["weight"] == "T"
+
+
+def test_table_re_expanded_by_a_constant_gather_counts_its_expansion(tmp_path):
+    """A factored table (small table, constant index, Gather) at an int tier is re-expanded every call."""
+    r = np.random.default_rng(0)
+    table, index = r.standard_normal((64, 32)).astype(np.float32), r.integers(0, 64, (8, 16)).astype(np.int64)
+    nodes = [helper.make_node("Gather", ["T", "idx"], ["B"], axis=0), helper.make_node("Add", ["x", "B"], ["y"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [8, 16, 32]) for n in ("x", "y")]
+    paths = save_case(tmp_path, model(nodes, [init("T", table), init("idx", index)], io[:1], io[1:]),
+                      {"horizon": 1, "feedback": {"y": "x"}}, {"x": np.zeros((1, 8, 16, 32), np.float32)})
+    out, _ = rewrite_model(load_model(paths["model"]),
+                           {"kind": "tqs-plan", "model": {}, "factor": False, "weights": {"T": "int8"}})
+    save_model(out, tmp_path / "q.onnx")
+    [entry] = figures(tmp_path / "q.onnx")["per_call"]
+    assert entry["consumers"] == ["Gather"] and entry["through"] == ["Gather"]
+    assert entry["bytes"] == 4 * table.size and entry["materialized_bytes"] == 4 * index.size * 32

@@ -54,13 +54,14 @@ _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(d
 # ------------------------------------------------------------------------------------ process memory
 
 def proc_memory() -> dict[str, int]:
-    """Resident (VmRSS) and peak resident (VmHWM) bytes of this process; {} where /proc is missing."""
+    """Resident (VmRSS), peak resident (VmHWM) and anonymous resident (RssAnon: heap, not code pages)
+    bytes of this process; {} where /proc is missing."""
     try:
         text = Path("/proc/self/status").read_text()
     except OSError:
         return {}
     out = {}
-    for key in ("VmRSS", "VmHWM"):
+    for key in ("VmRSS", "VmHWM", "RssAnon"):
         m = re.search(rf"^{key}:\s+(\d+)\s+kB", text, re.M)
         if m:
             out[key] = int(m.group(1)) * 1024
@@ -190,21 +191,52 @@ def _constant_decodes(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, dict
             if n.op_type in DECODE_OPS and n.input and all(i == "" or i in inits for i in n.input)]
 
 
+# Ops that only move or index a constant: a decoded weight passed through them is still rebuilt per call.
+_MOVES = ("Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
+
+
+def _materialized(name: str, dims: list[int], users: dict[str, list[onnx.NodeProto]],
+                  inits: dict[str, onnx.TensorProto]) -> tuple[int, list[str]]:
+    """Largest element count a decoded weight reaches while it is only moved or indexed by constants
+    (a factored table re-expanded by Gather with its constant index), and the ops on the way."""
+    shape: list[int] | None = dims
+    numel = largest = math.prod(dims)
+    chain: list[str] = []
+    while len(users.get(name, [])) == 1:
+        node = users[name][0]
+        if node.op_type not in _MOVES or any(i and i != name and i not in inits for i in node.input):
+            break
+        if node.op_type == "Gather":
+            if not shape:
+                break  # the gathered axis is unknown after a reshape (or there is none)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % len(shape)
+            shape = shape[:axis] + list(inits[node.input[1]].dims) + shape[axis + 1:]
+            numel = math.prod(shape)
+        elif node.op_type != "Identity":
+            shape = None  # same elements, other dims
+        largest, name = max(largest, numel), node.output[0]
+        chain.append(node.op_type)
+    return largest, chain
+
+
 def graph_figures(written: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[str, Any]:
     """Op histogram after the optimizer, fused vs unfused DequantizeLinear, decodes per call, folded decodes."""
     nodes = list(_all_nodes(optimized.graph))
     ops = Counter(n.op_type for n in nodes)
-    consumers: dict[str, list[str]] = {}
+    users: dict[str, list[onnx.NodeProto]] = {}
     for n in nodes:
         for i in n.input:
-            consumers.setdefault(i, []).append(n.op_type)
+            users.setdefault(i, []).append(n)
     per_call = []
     for node, inits in _constant_decodes(optimized.graph):
         stored = [inits[i] for i in node.input if i]
+        dtype = _decoded_type(node, inits)
+        numel, chain = _materialized(node.output[0], list(stored[0].dims), users, inits)
         per_call.append({"weight": node.output[0], "op": node.op_type,
-                         "bytes": tensor_bytes(list(stored[0].dims), _decoded_type(node, inits)),
+                         "bytes": tensor_bytes(list(stored[0].dims), dtype),
                          "stored_bytes": sum(tensor_bytes(list(t.dims), t.data_type) for t in stored),
-                         "consumers": sorted(set(consumers.get(node.output[0], [])))})
+                         "consumers": sorted({u.op_type for u in users.get(node.output[0], [])}),
+                         "materialized_bytes": tensor_bytes([numel], dtype), "through": chain})
     opt_inits = _all_initializers(optimized.graph)
     expanded = []
     for node, inits in _constant_decodes(written.graph):
@@ -224,6 +256,7 @@ def graph_figures(written: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[
         "dq_left": ops.get("DequantizeLinear", 0),
         "per_call": sorted(per_call, key=lambda e: -e["bytes"]),
         "per_call_bytes": sum(e["bytes"] for e in per_call),
+        "per_call_materialized_bytes": sum(e["materialized_bytes"] for e in per_call),
         "expanded_at_load": sorted(expanded, key=lambda e: -e["bytes"]),
         "expanded_bytes": sum(e["bytes"] for e in expanded),
         "initializer_bytes": sum(tensor_bytes(list(t.dims), t.data_type) for t in opt_inits.values()),
@@ -318,6 +351,8 @@ def measure(path: str | Path, device: Device, spec: RolloutSpec | None = None, c
         "threads": threads or None, "cpu_count": os.cpu_count(),
         "accuracy_level": accuracy_level, "session_s": round(session_s, 4),
         "rss_base_bytes": before.get("VmRSS"), "rss_load_bytes": loaded.get("VmRSS"),
+        # RssAnon leaves out the runtime library's code pages that the model's kernels touch.
+        "anon_load_delta_bytes": _delta(loaded.get("RssAnon"), before.get("RssAnon")),
         "rss_peak_call_bytes": after.get("VmHWM") if peak_reset else None,
         "rss_after_calls_bytes": after.get("VmRSS"), "peak_reset": peak_reset,
         "call_ms": _ms(call_times), "call_ms_min": round(1000 * min(call_times), 4), "calls": len(call_times),
@@ -397,8 +432,8 @@ def _run_isolated(argv: list[str], path: str | Path, timeout_s: float) -> dict[s
 
 # ------------------------------------------------------------------------------ reference vs candidate
 
-RATIO_KEYS = ("session_s", "rss_load_bytes", "load_delta_bytes", "rss_peak_call_bytes", "call_ms", "step_ms",
-              "gpu_load_bytes")
+RATIO_KEYS = ("session_s", "rss_load_bytes", "load_delta_bytes", "anon_load_delta_bytes", "rss_peak_call_bytes",
+              "call_ms", "step_ms", "gpu_load_bytes")
 
 
 def ratios(ref: dict[str, Any], cand: dict[str, Any]) -> dict[str, float]:
@@ -443,7 +478,10 @@ def graph_summary(doc: dict[str, Any]) -> str:
     fused = ", ".join(f"{n} {op}" for op, n in doc["fused"].items()) or "no fused quantized op"
     text = f"{fused}; DequantizeLinear {doc['dq_left']} left of {doc['dq_written']} written"
     if doc["per_call"]:
-        text += f"; {len(doc['per_call'])} weights decoded per call ({_kb(doc['per_call_bytes'])} per call)"
+        text += f"; {len(doc['per_call'])} weights decoded per call ({_kb(doc['per_call_bytes'])} per call"
+        if doc["per_call_materialized_bytes"] > doc["per_call_bytes"]:
+            text += f", {_kb(doc['per_call_materialized_bytes'])} once re-expanded by constant indices"
+        text += ")"
     if doc["expanded_at_load"]:
         text += f"; {len(doc['expanded_at_load'])} expanded at load ({_kb(doc['expanded_bytes'])})"
     return text
@@ -467,8 +505,9 @@ def format_comparison(comp: dict[str, Any], top: int = 5) -> str:
              format_report(comp["reference"], "  reference  "), format_report(cand, "  candidate  "),
              "  candidate/reference: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items())]
     for e in cand["per_call"][:top]:
+        grown = f", {_kb(e['materialized_bytes'])} after {', '.join(e['through'])}" if e["through"] else ""
         lines.append(f"  decoded per call: {e['weight']} ({e['op']} -> {', '.join(e['consumers']) or '-'}): "
-                     f"{_kb(e['bytes'])} from {_kb(e['stored_bytes'])} stored")
+                     f"{_kb(e['bytes'])} from {_kb(e['stored_bytes'])} stored{grown}")
     if len(cand["per_call"]) > top:
         lines.append(f"  ... and {len(cand['per_call']) - top} more decoded per call")
     return "\n".join(lines)
