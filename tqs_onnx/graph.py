@@ -395,6 +395,9 @@ def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
         return False, "empty tensor"
     if w.size < min_size:
         return False, f"below size floor ({w.size} < {min_size})"
+    if len(w.shape) <= 1:
+        # A vector saves little and ORT would dequantize it on every call (tools/bench_runtime.py).
+        return False, "vector (bias or scale): kept at full precision"
     if w.dtype == "bfloat16":
         return False, "already stored as bfloat16"
     if w.name in outputs:
