@@ -68,15 +68,17 @@ def resolve_device(name: str) -> Device:
 
 
 def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True):
-    """One ORT session; optimisations on (unless `optimize` is False), logging off.
+    """One ORT session; all optimisations on (basic only when `optimize` is False), logging off.
 
     `model` may be a proto, bytes or a path.
     """
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 4  # failures come back as exceptions, reported in one line
+    # Without `optimize`: basic rewrites only (constant folding, no fusion of DequantizeLinear into
+    # ORT's own kernels), which stays in memory where a fully unoptimized big model does not.
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+                                   else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     if threads:
         so.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
