@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from tqs_onnx.allocate import Allocation, BlockInfo, Problem, allocate_measured, allocate_paper, solve_mckp
+from tqs_onnx.allocate import BlockInfo, Problem, allocate_measured, allocate_paper, solve_mckp
 from tqs_onnx.errors import TqsError
 from tqs_onnx.refine import refine
 from tqs_onnx.tiers import parse_tier, parse_tiers

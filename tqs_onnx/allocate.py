@@ -10,7 +10,6 @@ planned compression is what lands on disk.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import pulp
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.tiers import Tier, overhead_bytes, parse_tier, parse_tiers
+from tqs_onnx.util import read_json
 
 
 @dataclass
@@ -90,12 +90,7 @@ class Allocation:
 
 def load_scores(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TqsError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise TqsError(f"{path}: not a readable scores JSON ({type(exc).__name__})") from None
+    doc = read_json(path, "scores")
     if not isinstance(doc, dict) or doc.get("kind") != "tqs-scores":
         raise TqsError(f"{path}: not a tqs-onnx scores file")
     if doc.get("schema_version") != SCHEMA_VERSION:

@@ -14,11 +14,7 @@ from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import LoadedModel, iter_tensors, load_model
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
-from tqs_onnx.runtime import Device, io_signature, make_session
-
-_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-
+from tqs_onnx.runtime import Device, io_signature, make_session, synthetic_feeds
 
 _PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}
 
@@ -32,16 +28,6 @@ def stored_bits(model: onnx.ModelProto) -> int:
         bits = _PACKED_BITS.get(t.data_type) or 8 * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         total += math.prod(t.dims) * bits
     return total
-
-
-def _synthetic_feeds(session) -> dict[str, np.ndarray]:
-    feeds = {}
-    for i in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-        dtype = _NP.get(i.type, np.float32)
-        feeds[i.name] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
-                         if np.dtype(dtype).kind == "f" else np.ones(shape, dtype))
-    return feeds
 
 
 def _first_line(exc: BaseException) -> str:
@@ -72,7 +58,7 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
 
             quiet = ort.RunOptions()
             quiet.log_severity_level = 4  # the failure is reported below, in one line
-            finite = all(np.all(np.isfinite(v)) for v in session.run(None, _synthetic_feeds(session), quiet)
+            finite = all(np.all(np.isfinite(v)) for v in session.run(None, synthetic_feeds(session), quiet)
                          if np.asarray(v).dtype.kind == "f")
     except TqsError:
         raise
@@ -101,7 +87,7 @@ def _first_step(session, device: Device, spec: RolloutSpec | None, contexts: Con
     if spec is not None and contexts is not None:
         return Rollout(session, spec, contexts.subset([0]), device).trajectory_host(0, horizon=1)[0]
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, _synthetic_feeds(session))))
+    return dict(zip(names, session.run(None, synthetic_feeds(session))))
 
 
 def optimized_vs_written(path: Path, device: Device, optimized: dict, spec: RolloutSpec | None,

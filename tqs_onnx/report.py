@@ -14,7 +14,6 @@ external scripts or styles, so the folder can be archived as a CI artifact and o
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Callable
 
 from tqs_onnx.errors import TqsError
 from tqs_onnx.tiers import parse_tier
-from tqs_onnx.util import atomic_write
+from tqs_onnx.util import atomic_write, read_json
 
 FIG_DPI = 110
 MAX_LABELLED_BLOCKS = 40  # above this, block names are not written on the axes
@@ -33,12 +32,7 @@ MAX_LABELLED_BLOCKS = 40  # above this, block names are not written on the axes
 def load_document(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     """A JSON file written by another stage; `kind` is checked ('tqs-frontier', 'tqs-plan', 'tqs-eval')."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TqsError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise TqsError(f"{path}: not a readable JSON file ({type(exc).__name__})") from None
+    doc = read_json(path, kind)
     if not isinstance(doc, dict) or doc.get("kind") != kind:
         raise TqsError(f"{path}: not a {kind} document (kind '{doc.get('kind') if isinstance(doc, dict) else '?'}')")
     return doc

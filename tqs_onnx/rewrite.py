@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -12,6 +11,7 @@ from typing import Any, Callable
 import onnx
 
 from tqs_onnx.errors import TqsError
+from tqs_onnx.util import read_json
 from tqs_onnx.graph import LoadedModel, tensor_is_finite, weight_table
 from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
@@ -24,12 +24,7 @@ EXTERNAL_THRESHOLD = 1_500_000_000  # bytes; protobuf cannot hold more than 2 GB
 
 def load_plan(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
-    try:
-        plan = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TqsError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise TqsError(f"{path}: not a readable plan JSON ({type(exc).__name__})") from None
+    plan = read_json(path, "plan")
     if not isinstance(plan, dict) or plan.get("kind") != "tqs-plan" or not isinstance(plan.get("weights"), dict):
         raise TqsError(f"{path}: not a tqs-onnx plan")
     if not isinstance(plan.get("model"), dict):

@@ -11,10 +11,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from tqs_onnx.errors import TqsError
+from tqs_onnx.runtime import ORT_NUMPY_TYPES
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 @dataclass
@@ -186,12 +184,12 @@ class Rollout:
         if not _shapes_compatible(tuple(a.shape), shape):
             raise TqsError(f"{where}: contexts array '{key}' has per-context shape {list(a.shape)}, "
                            f"input '{inp}' needs {list(shape)}")
-        want = _ORT_TYPES.get(typ)
+        want = ORT_NUMPY_TYPES.get(typ)
         if want is not None and np.dtype(a.dtype).kind != np.dtype(want).kind:
             raise TqsError(f"{where}: contexts array '{key}' is {a.dtype}, input '{inp}' needs {typ}")
 
     def _dtype(self, inp: str) -> Any:
-        return _ORT_TYPES.get(self.inputs[inp][1], np.float32)
+        return ORT_NUMPY_TYPES.get(self.inputs[inp][1], np.float32)
 
     def _host_initial(self, s: int) -> dict[str, np.ndarray]:
         feeds = {}

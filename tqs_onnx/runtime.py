@@ -13,6 +13,10 @@ import onnx
 from tqs_onnx.errors import TqsError
 
 DEVICES = ("cpu", "cuda", "auto")
+# ONNX Runtime's input type strings -> numpy dtypes
+ORT_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                   "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+                   "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 def _ort():
@@ -100,3 +104,14 @@ def io_signature(session) -> tuple[dict[str, tuple], dict[str, tuple]]:
 
 def default_threads() -> int:
     return int(os.environ.get("TQS_THREADS", "0"))
+
+
+def synthetic_feeds(session) -> dict[str, np.ndarray]:
+    """Seeded inputs of the session's shapes (dynamic dims as 1): floats normal, integers ones."""
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        dtype = ORT_NUMPY_TYPES.get(i.type, np.float32)
+        feeds[i.name] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
+                         if np.dtype(dtype).kind == "f" else np.ones(shape, dtype))
+    return feeds

@@ -37,7 +37,7 @@ import onnx
 
 from tqs_onnx.errors import TqsError
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
-from tqs_onnx.runtime import Device, resolve_device
+from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, resolve_device, synthetic_feeds
 
 # Contrib ops that compute directly on stored integers: a weight feeding one is not decoded per call.
 FUSED_QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "QLinearMatMul", "QLinearConv", "QGemm", "QAttention",
@@ -46,9 +46,6 @@ DECODE_OPS = ("DequantizeLinear", "Cast")
 ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 MIB = 1024 * 1024
 
-_ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-           "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 # ------------------------------------------------------------------------------------ process memory
@@ -265,21 +262,11 @@ def graph_figures(written: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[
 
 # -------------------------------------------------------------------------------------------- timing
 
-def _synthetic_feeds(session) -> dict[str, np.ndarray]:
-    feeds = {}
-    for i in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
-        dtype = _ORT_NP.get(i.type, np.float32)
-        feeds[i.name] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
-                         if np.dtype(dtype).kind == "f" else np.ones(shape, dtype))
-    return feeds
-
-
 def step_feeds(session, spec: RolloutSpec | None, contexts: Contexts | None) -> dict[str, np.ndarray]:
     """The inputs of the first rollout step of context 0 (synthetic ones without a spec)."""
     if spec is None or contexts is None:
-        return _synthetic_feeds(session)
-    types = {i.name: _ORT_NP.get(i.type, np.float32) for i in session.get_inputs()}
+        return synthetic_feeds(session)
+    types = {i.name: ORT_NUMPY_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
     shapes = {i.name: i.shape for i in session.get_inputs()}
     feeds = {inp: contexts.arrays[key][0] for inp, key in [*spec.initial.items(), *spec.fixed.items()]}
     feeds.update({inp: contexts.arrays[key][0, 0] for inp, key in spec.per_step.items()})

@@ -12,6 +12,19 @@ from typing import Any, Callable, Iterable, TypeVar
 T = TypeVar("T")
 
 
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file written by another stage; a missing or unreadable file is a one-line TqsError."""
+    from tqs_onnx.errors import TqsError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TqsError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise TqsError(f"{path}: not a readable {what} JSON ({type(exc).__name__})") from None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temp path beside `path`, fsync, then rename over `path`."""
     path = Path(path)
