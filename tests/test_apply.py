@@ -193,3 +193,30 @@ def test_apply_refuses_a_model_that_ort_optimizes_into_other_values(tmp_path, n)
     else:
         with pytest.raises(TqsError, match="optimized graph computes other values"):
             verify_written(tmp_path / "q.onnx", Device("cpu"))
+
+
+def test_uniform_plan_fits_a_target_equal_to_its_own_size(tmp_path):
+    """The joint check must be able to start from uniform at the uniform model's exact on-disk size."""
+    from tqs_onnx.allocate import Allocation, allocate, plan_document
+    from tqs_onnx.demo import demo_files
+    from tqs_onnx.refine import uniform_assignments
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import Device
+    from tqs_onnx.sweep import SweepConfig, run_sweep
+
+    f = demo_files()
+    spec = RolloutSpec.load(f["spec"])
+    spec.horizon = 3
+    loaded = load_model(f["model"])
+    scores = run_sweep(loaded, spec, Contexts.load(f["sweep"], spec).subset([0]), Device("cpu"),
+                       SweepConfig(probe="quant", tiers=["int8/channel", "int4/channel", "int2/channel"]), quiet=True)
+    for k in (1, 2, 3):
+        p, _ = allocate(scores, 2.0)
+        uniform = plan_document(scores, p, Allocation([k] * len(p.blocks), "uniform", "u"))
+        out, _ = rewrite_model(loaded, uniform)
+        save_model(out, tmp_path / "u.onnx")
+        size = load_model(tmp_path / "u.onnx").file_bytes
+        assert size == uniform["planned_bytes"]
+        matched, _ = allocate(scores, loaded.file_bytes / size)
+        assert [k] * len(p.blocks) in uniform_assignments(matched).values()
+        assert matched.total_bytes([k] * len(p.blocks)) <= matched.limit

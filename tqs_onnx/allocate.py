@@ -52,9 +52,19 @@ class Problem:
     quantizable_bytes: int = 0  # what the blocks' weights take in the prepared graph
 
     @property
+    def limit(self) -> int:
+        """The most bytes the written file may take."""
+        return int(self.file_bytes / self.target)
+
+    @property
     def budget(self) -> int:
-        # Two bytes of slack: the graph field's length prefix may grow when the graph shrinks less.
-        return int(self.file_bytes / self.target) - self.fixed_bytes - 2
+        """Bytes the blocks may take. A smaller graph may need a shorter length prefix; count the one
+        it will have at the limit, so a plan of exactly the limit (e.g. a uniform one) still fits."""
+        budget = self.limit - self.fixed_bytes
+        if self.graph_bytes:
+            at_limit = self.graph_bytes - self.quantizable_bytes + budget
+            budget += _varint_len(self.graph_bytes) - _varint_len(max(at_limit, 1))
+        return budget
 
     def total_bytes(self, assign: list[int]) -> int:
         """The file the plan writes: fixed part, blocks, and the graph length prefix as it will be."""
@@ -68,9 +78,9 @@ class Problem:
         return sum(self.costs[l][k] for l, k in enumerate(assign))
 
     def achievable(self) -> tuple[float, float]:
-        """Lowest and highest compression the tiers reach, with the budget's slack counted."""
-        lo = self.fixed_bytes + 2 + sum(min(c) for c in self.costs)
-        hi = self.fixed_bytes + 2 + sum(max(c) for c in self.costs)
+        """Lowest and highest compression the tiers reach."""
+        lo = self.fixed_bytes + sum(min(c) for c in self.costs)
+        hi = self.fixed_bytes + sum(max(c) for c in self.costs)
         return self.file_bytes / hi, self.file_bytes / lo
 
 
@@ -311,7 +321,7 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
         "factor": scores["config"].get("factor", True),
         "objective": alloc.objective, "solver": alloc.solver, "notes": alloc.notes,
         "tiers": [str(t) for t in p.tiers], "compression_target": p.target,
-        "budget_bytes": p.budget + p.fixed_bytes, "planned_bytes": planned,
+        "budget_bytes": p.limit, "planned_bytes": planned,
         "planned_compression": p.file_bytes / planned,
         "param_compression": orig_bits / new_bits if new_bits else math.inf,
         "blocks": blocks, "weights": weights,
