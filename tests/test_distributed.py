@@ -4,7 +4,6 @@ The Ray tests skip when ray is not installed (pip install 'tqs-onnx[distributed]
 """
 
 import dataclasses
-import importlib.util
 import json
 import sys
 
@@ -20,8 +19,15 @@ from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device
 from tqs_onnx.sweep import SweepConfig, run_sweep
 
-needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
-                               reason="ray not installed (pip install 'tqs-onnx[distributed]')")
+def _have_ray() -> bool:
+    try:
+        require_ray()
+    except TqsError:
+        return False
+    return True
+
+
+needs_ray = pytest.mark.skipif(not _have_ray(), reason="ray not installed (pip install 'tqs-onnx[distributed]')")
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +80,11 @@ def test_worker_resources_split_cpus_or_take_one_gpu_each():
 # ---------------------------------------------------------------------------------- on a cluster
 
 @needs_ray
-def test_two_workers_give_the_single_process_scores(ray_cluster, case, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"probes": 6, "early_stop": 0.05, "early_window": 2, "early_horizon": True}],
+                         ids=["plain", "early-stop"])
+def test_two_workers_give_the_single_process_scores(ray_cluster, case, tmp_path, options):
     _, model, spec, contexts, config = case
+    config = dataclasses.replace(config, **options)
     single = run_sweep(model, spec, contexts, Device("cpu"), config, quiet=True)
     ckpt = tmp_path / "dist.ckpt.jsonl"
     dist = run_distributed_sweep(model, spec, contexts, "cpu", config, ckpt, quiet=True, workers=2)

@@ -255,12 +255,11 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
     """`run_sweep` on `workers` Ray actors: the same checkpoint and the same scores document.
 
     `device` is a name (cpu, cuda, auto) resolved against the Ray cluster, not this machine."""
-    require_ray()  # before the checkpoint is created
+    require_ray()
     if workers < 1:
         raise TqsError(f"--workers must be >= 1, not {workers}")
     t0 = time.perf_counter()
     ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config)) if checkpoint else None
-    done = {i: _from_row(r) for i, r in (ckpt.start(resume) if ckpt else {}).items()}
     with ray_session(address) as ray:
         cluster = ray.cluster_resources()
         kind = worker_device(device, cluster)
@@ -269,6 +268,9 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
         pool = WorkerPool.launch(ray, job, contexts.arrays, workers, resources)
         try:
             info = pool.wait_started()
+            # Opened once a worker has the model, as run_sweep does after prepare(): a run that fails
+            # to start leaves no checkpoint behind.
+            done = {i: _from_row(r) for i, r in (ckpt.start(resume) if ckpt else {}).items()}
             fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
         finally:
             pool.close()

@@ -186,11 +186,11 @@ def sqdiff_graph() -> bytes:
 class DeviceProbes:
     """Runs the probe graphs on the sweep's device; inputs and outputs stay device OrtValues."""
 
-    def __init__(self, device):
+    def __init__(self, device, threads: int = 0):
         from tqs_onnx.runtime import make_session
 
         self.device = device
-        self._make = lambda blob: make_session(blob, device)
+        self._make = lambda blob: make_session(blob, device, threads)
         self._sessions: dict[Any, Any] = {}
 
     def _session(self, key, build):

@@ -126,7 +126,8 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
             config: SweepConfig, threads: int = 0) -> SweepSetup:
     """Lift hidden weights, expose the quantizable ones as inputs, open the session, roll out Y0.
 
-    `threads`: ORT intra-op threads of the session (0: ORT's default); distributed workers split the cores."""
+    `threads`: ORT intra-op threads of the model and probe sessions (0: ORT's default); distributed workers
+    split the cores."""
     prepared = prepare_graph(loaded.model, config.factor)
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
@@ -147,7 +148,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
             raise TqsError(f"{loaded.path}: horizon {horizon} is longer than per-step array '{key}' "
                            f"({contexts.arrays[key].shape[1]} steps)")
     nominal = [rollout.trajectory(s, bound, horizon) for s in range(contexts.count)]
-    ops = DeviceProbes(device)
+    ops = DeviceProbes(device, threads)
     for traj in nominal:
         if not all(math.isfinite(ops.sqdiff(v, v)) for step in traj for v in step.values()):
             bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
