@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,7 +78,7 @@ class BlockWorker:
         device = resolve_device(job.device)
         self.setup = prepare(loaded, spec, contexts, device, self.config, threads=job.threads)
         self.blocks = {b.id: b for b in self.setup.blocks}
-        skeleton = scores_document(self.setup, spec, self.config, [], device, 0.0)
+        skeleton = scores_document(self.setup, spec, self.config, [], device)
         return {"blocks": [b.id for b in self.setup.blocks], "document": skeleton}
 
     def score(self, block_id: int) -> dict[str, Any]:
@@ -258,7 +257,6 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
     require_ray()
     if workers < 1:
         raise TqsError(f"--workers must be >= 1, not {workers}")
-    t0 = time.perf_counter()
     ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config)) if checkpoint else None
     with ray_session(address) as ray:
         cluster = ray.cluster_resources()
@@ -275,10 +273,7 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
         finally:
             pool.close()
     scores = [done[b] if b in done else fresh[b] for b in info["blocks"]]
-    # Like run_sweep, count this run's passes only: every started worker's nominal rollouts, plus the
-    # blocks scored now (blocks lost with a worker are not counted).
-    passes = pool.started * info["document"]["nominal_forward_passes"] + sum(s.forward_passes for s in fresh.values())
-    doc = _document(info["document"], scores, passes, time.perf_counter() - t0)
+    doc = _document(info["document"], scores)
     doc["model"] = {**doc["model"], "path": str(loaded.path)}  # as given here, not the absolute path workers open
     return doc
 
@@ -295,8 +290,7 @@ def _score_pending(pool: WorkerPool, block_ids: list[int], ckpt: Checkpoint | No
     return fresh
 
 
-def _document(skeleton: dict[str, Any], scores: list[BlockScore], forward_passes: int,
-              seconds: float) -> dict[str, Any]:
-    """A worker's scores document with the blocks, forward passes and wall time filled in."""
-    return {**skeleton, "blocks": [asdict(s) for s in scores], "forward_passes": forward_passes,
-            "seconds": round(seconds, 3)}
+def _document(skeleton: dict[str, Any], scores: list[BlockScore]) -> dict[str, Any]:
+    """A worker's scores document with the blocks filled in, counted as run_sweep counts them."""
+    passes = skeleton["nominal_forward_passes"] + sum(s.forward_passes for s in scores)
+    return {**skeleton, "blocks": [asdict(s) for s in scores], "forward_passes": passes}

@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -98,7 +97,6 @@ class BlockScore:
     dead: bool = False
     nonfinite: bool = False
     forward_passes: int = 0
-    seconds: float = 0.0
 
     @property
     def gamma(self) -> float:
@@ -230,7 +228,7 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
 
     Every perturbed tensor is made on the device from the bound nominal weights.
     """
-    t0, passes0 = time.perf_counter(), setup.rollout.forward_passes
+    passes0 = setup.rollout.forward_passes
     ops = setup.ops
     w = {n: setup.bound[n] for n in block.weights}
     quantized = {n: ops.quant_probe(v, config.bits) for n, v in w.items()}
@@ -249,7 +247,6 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
     score.nonfinite = any(p is not None and p.nonfinite for p in (score.quant, score.gauss))
     score.dead = not score.nonfinite and score.gamma <= config.gamma_min
     score.forward_passes = setup.rollout.forward_passes - passes0
-    score.seconds = time.perf_counter() - t0
     return score
 
 
@@ -332,7 +329,6 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
               config: SweepConfig, checkpoint: Path | None = None, resume: bool = False,
               quiet: bool = False) -> dict[str, Any]:
     """Score every block; return the scores document (also what `sweep -o` writes)."""
-    t0 = time.perf_counter()
     tiers = [parse_tier(t) for t in config.tiers]
     setup = prepare(loaded, spec, contexts, device, config)
     ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config)) if checkpoint else None
@@ -346,13 +342,15 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
         scores.append(score)
         if ckpt:
             ckpt.append(score)
-    doc = scores_document(setup, spec, config, scores, device, time.perf_counter() - t0)
-    return doc
+    return scores_document(setup, spec, config, scores, device)
 
 
 def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, scores: list[BlockScore],
-                    device: Device, seconds: float) -> dict[str, Any]:
+                    device: Device) -> dict[str, Any]:
+    """The scores file. No wall-clock fields: the same inputs and seed give the same bytes, after a
+    resume and with any number of workers too (forward_passes counts what these scores needed)."""
     quantizable = [w for w in setup.weights if w.quantizable]
+    nominal = setup.rollout.contexts.count * setup.horizon
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
         "model": model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
@@ -360,9 +358,8 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
         "horizon": setup.horizon, "device": device.kind,
         "weights": {w.name: weight_entry(w) for w in quantizable},
         "blocks": [asdict(s) for s in scores],
-        "forward_passes": setup.rollout.forward_passes,
-        "nominal_forward_passes": setup.rollout.contexts.count * setup.horizon,
-        "seconds": round(seconds, 3),
+        "forward_passes": nominal + sum(s.forward_passes for s in scores),
+        "nominal_forward_passes": nominal,
     }
 
 
