@@ -253,9 +253,51 @@ def run_point(bench: Bench, method: str, label: str, target: float | None, budge
 
 
 def uniform_points(bench: Bench, scores: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every single-tier RTN model."""
-    return [run_point(bench, f"uniform {t}", "uniform", None, None, lambda t=t: uniform_plan(scores, t))
-            for t in UNIFORM_TIERS]
+    """Every single-tier RTN model, then ONNX Runtime's own weight quantizers."""
+    return [*(run_point(bench, f"uniform {t}", "uniform", None, None, lambda t=t: uniform_plan(scores, t))
+              for t in UNIFORM_TIERS), *ort_points(bench)]
+
+
+def _ort_dynamic_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def _ort_matmul_4bits(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst))
+
+
+ORT_QUANTIZERS = {"ort dynamic-int8": _ort_dynamic_int8, "ort matmulnbits-4bit": _ort_matmul_4bits}
+
+
+def ort_points(bench: Bench) -> list[dict[str, Any]]:
+    """ONNX Runtime's weight quantizers as baselines: dynamic INT8 (MatMulInteger/ConvInteger) and
+    4-bit blocked MatMul (MatMulNBits, block 32). Where one does not apply, the error is recorded."""
+    points = []
+    for method, quantize in ORT_QUANTIZERS.items():
+        point: dict[str, Any] = {"method": method, "label": "uniform", "target": None, "budget_bytes": None}
+        t0 = time.perf_counter()
+        path = bench.out_dir / f"{bench.loaded.path.name[:-5]}.{file_tag('ort', method)}.onnx"
+        try:
+            quantize(bench.loaded.path, path)
+            diverged = not verified(path, bench)
+            report = evaluate(bench.loaded.path, path, bench.spec, bench.eval_ctx, bench.device)
+            point.update(bytes=report["compression"]["candidate_bytes"], on_disk=report["compression"]["on_disk"],
+                         planned=report["compression"]["on_disk"], planned_bytes=report["compression"]["candidate_bytes"],
+                         param_level=report["compression"]["param_level"], tiers=method,
+                         diverged=diverged or not all(m["finite"] for m in report["outputs"].values()),
+                         outputs=output_metrics(report))
+        except Exception as exc:  # ORT's quantizers refuse some graphs: a result to report, not a crash
+            point["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        point["seconds"] = time.perf_counter() - t0
+        points.append(point)
+    return points
 
 
 @dataclass

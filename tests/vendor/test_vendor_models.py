@@ -149,7 +149,7 @@ def test_sweep_scores_every_block(case: Case, inspected: dict[str, Any], scores:
     for b in scores["blocks"]:
         assert not b["nonfinite"], b["name"]
         assert b["dead"] or math.isfinite(b["quant"]["gamma_task"]), b["name"]
-    record_property("sweep_seconds", scores["seconds"])
+    record_property("sweep_forward_passes", scores["forward_passes"])
 
 
 def test_applied_model_is_valid_and_finite(case: Case, applied: dict[str, Any]) -> None:
