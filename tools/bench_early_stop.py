@@ -22,13 +22,7 @@ from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
 from tqs_onnx.sweep import SweepConfig, run_sweep
 
-
-def companion(model: Path, suffix: str) -> Path:
-    stem = model.name[: -len(".onnx")]
-    for cand in (model.with_name(f"{stem}{suffix}"), model.with_name(f"{stem.split('_')[0]}{suffix}")):
-        if cand.exists():
-            return cand
-    raise SystemExit(f"{model}: cannot find {suffix} beside it")
+from bench_sweep import companion  # tools/ is on sys.path when a tool runs as a script
 
 
 def sweep(model, spec, ctx, device, **kw) -> tuple[dict, float]:
