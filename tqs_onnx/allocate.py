@@ -271,8 +271,8 @@ def allocate_measured(p: Problem, solver: str) -> Allocation:
                                f"rerun sweep with --tiers including it, or use --objective paper")
         bottom = _cheapest(p.costs[l])
         allowed.append([(k == bottom) if b.dead else math.isfinite(v) for k, v in enumerate(row)])
-        if not any(allowed[-1]):
-            allowed[-1][next(k for k, t in enumerate(p.tiers) if t.is_identity) if any(t.is_identity for t in p.tiers) else bottom] = True
+        if not any(allowed[-1]):  # every tier diverges: keep the most precise one rather than none
+            allowed[-1][max(range(len(p.tiers)), key=lambda k: p.costs[l][k])] = True
         values.append([v if math.isfinite(v) else 0.0 for v in row])
     if solver == "mckp":
         assign = solve_mckp(values, p.costs, p.budget, allowed)

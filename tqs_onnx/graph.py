@@ -344,7 +344,7 @@ def _axes_for(op: str, slot: int, node: onnx.NodeProto, ndim: int) -> tuple[int 
         return 1, 2
     if op == "Gather" and slot == 0:
         return 0, ndim - 1
-    return ndim - 1, 0 if ndim > 1 else ndim - 1
+    return ndim - 1, 0
 
 
 def scope_of(node_name: str, weight_name: str, depth: int = 0) -> str:
