@@ -341,8 +341,8 @@ def header(scores: dict[str, Any]) -> str:
     return (f"<h1>tqs-onnx report: {html.escape(Path(m['path']).name)}</h1>"
             f'<p class="meta">{m["file_bytes"]:,} bytes, {m.get("parameters", 0):,} parameters in '
             f"{len(scores['blocks'])} blocks; sweep of {scores.get('contexts')} contexts x {scores.get('horizon')} steps "
-            f"on {html.escape(str(scores.get('device')))}, {scores.get('forward_passes', 0):,} forward passes, "
-            f"{scores.get('seconds', 0):.1f} s; sha256 {html.escape(m['sha256'][:16])}...</p>")
+            f"on {html.escape(str(scores.get('device')))}, {scores.get('forward_passes', 0):,} forward passes; "
+            f"sha256 {html.escape(m['sha256'][:16])}...</p>")
 
 
 def sections(scores: dict[str, Any], frontier: dict[str, Any] | None, plan: dict[str, Any] | None,
