@@ -51,7 +51,7 @@ def naive_probe_time(loaded, setup, spec, contexts, device, probes: int) -> floa
     t0 = time.perf_counter()
     blocks = setup.blocks[:probes]
     for block in blocks:
-        w = {n: setup.values[n] for n in block.weights}
+        w = {n: setup.bound[n].numpy() for n in block.weights}
         values = {n: apply_tier(v, Tier("int8"), None, None) for n, v in w.items()}  # host-made quant probe
         m = onnx.ModelProto()
         m.CopyFrom(loaded.model)

@@ -111,7 +111,6 @@ class SweepSetup:
     weights: list[Weight]
     blocks: list[Block]
     rollout: Rollout
-    values: dict[str, np.ndarray]  # nominal weight values (host)
     bound: dict[str, Any]  # nominal weight values (device)
     nominal: list[list[dict[str, Any]]]  # per context, per step: trajectory outputs on the device
     horizon: int
@@ -126,6 +125,11 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
 
     `threads`: ORT intra-op threads of the model and probe sessions (0: ORT's default); distributed workers
     split the cores."""
+    horizon = config.horizon or spec.horizon
+    for key in spec.per_step.values():
+        if contexts.arrays[key].shape[1] < horizon:
+            raise TqsError(f"{loaded.path}: horizon {horizon} is longer than per-step array '{key}' "
+                           f"({contexts.arrays[key].shape[1]} steps)")
     prepared = prepare_graph(loaded.model, config.factor)
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
@@ -138,13 +142,9 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     weight_inputs = set(names)
     spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs}, outputs, str(loaded.path))
     rollout = Rollout(session, spec, contexts, device, str(loaded.path))
-    values = exposed.report["values"]
-    bound = {n: device.to_device(v) for n, v in values.items()}
-    horizon = config.horizon or spec.horizon
-    for key in spec.per_step.values():
-        if contexts.arrays[key].shape[1] < horizon:
-            raise TqsError(f"{loaded.path}: horizon {horizon} is longer than per-step array '{key}' "
-                           f"({contexts.arrays[key].shape[1]} steps)")
+    # The device copies are all the sweep keeps: no host copy of the weights stays alive.
+    bound = {n: device.to_device(v) for n, v in exposed.report["values"].items()}
+    del exposed
     nominal = [rollout.trajectory(s, bound, horizon) for s in range(contexts.count)]
     ops = DeviceProbes(device, threads)
     for traj in nominal:
@@ -152,7 +152,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
             bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
             hint = f"weights holding NaN/inf: {', '.join(bad[:5])}" if bad else "check the contexts"
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; {hint}")
-    return SweepSetup(loaded, weights, blocks, rollout, values, bound, nominal, horizon, prepared.model.ByteSize(),
+    return SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
                       prepared.model.graph.ByteSize(), ops)
 
 
