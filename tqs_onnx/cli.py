@@ -203,15 +203,15 @@ def cmd_apply(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     checks: dict[str, Any] = {}
     # Checked on the temporary copy: a model that fails never replaces `out`.
-    save_model(model, out, a.external_data or None,
-               check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out)))
-    written = load_model(out)
-    report = {"output": str(out), "on_disk_bytes": written.file_bytes,
-              "on_disk_compression": loaded.file_bytes / written.file_bytes,
+    files = save_model(model, out, a.external_data or None,
+                       check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out)))
+    on_disk = sum(f.stat().st_size for f in files)  # the model and its data file, as written
+    report = {"output": str(out), "on_disk_bytes": on_disk,
+              "on_disk_compression": loaded.file_bytes / on_disk,
               "planned_compression": plan.get("planned_compression"), "checks": checks,
               "passes": {k: {kk: vv for kk, vv in v.items() if kk != "rewritten"} for k, v in reports.items()}}
     if not a.quiet:
-        print(f"wrote {out}: {written.file_bytes:,} bytes, {report['on_disk_compression']:.2f}x on disk "
+        print(f"wrote {out}: {on_disk:,} bytes, {report['on_disk_compression']:.2f}x on disk "
               f"(planned {report['planned_compression']:.2f}x); onnx.checker ok, ORT loads, outputs finite")
     if a.report:
         _write_json(a.report, report)
