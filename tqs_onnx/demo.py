@@ -58,9 +58,8 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
     refined = refine(problem, alloc, joint)
     plans = {"tqs-measured": plan_document(scores, problem, refined.allocation)}
-    _, paper = allocate(scores, compression, "fp32,bf16,int8,int4,int2", objective="paper")
-    plans["tqs-paper"] = plan_document(scores, allocate(scores, compression, "fp32,bf16,int8,int4,int2",
-                                                         objective="paper")[0], paper)
+    paper_problem, paper = allocate(scores, compression, "fp32,bf16,int8,int4,int2", objective="paper")
+    plans["tqs-paper"] = plan_document(scores, paper_problem, paper)
     uniform = _best_uniform(problem, refined.uniform)
     if uniform is not None:
         name, assign = uniform
