@@ -362,8 +362,8 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
                  origins: dict[str, str] | None = None) -> list[Weight]:
     """Every float initializer of the main graph, its consumers, axes and whether it is quantizable."""
     graph = model.graph
-    names = _node_names(graph)
-    topo = {n: k for k, n in enumerate(nx.topological_sort(data_graph(graph)[0]))}
+    dg, names = data_graph(graph)
+    topo = {n: k for k, n in enumerate(nx.topological_sort(dg))}
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
     weights = []

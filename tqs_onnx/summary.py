@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import onnx
+
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.graph import DEFAULT_MIN_SIZE, LoadedModel, main_opset, make_blocks, op_histogram, weight_table
 from tqs_onnx.prepare import prepare_graph
@@ -17,8 +19,6 @@ def _io(values) -> dict[str, Any]:
     for v in values:
         t = v.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-        import onnx
-
         out[v.name] = {"dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?",
                        "shape": dims}
     return out
