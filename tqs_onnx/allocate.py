@@ -36,6 +36,10 @@ class BlockInfo:
     dead: bool
     damage: dict[str, float]
 
+    def damage_at(self, tier: Tier) -> float:
+        """Measured mean squared trajectory divergence at `tier`: 0 at fp32, inf where not measured."""
+        return 0.0 if tier.is_identity else self.damage.get(str(tier), math.inf)
+
 
 @dataclass
 class Problem:
@@ -260,15 +264,11 @@ def allocate_measured(p: Problem, solver: str) -> Allocation:
     """Minimise the sum of measured damage D[l, k] under the budget; dead blocks to the bottom tier."""
     values, allowed = [], []
     for l, b in enumerate(p.blocks):
-        row = []
-        for t in p.tiers:
-            if t.is_identity:
-                row.append(0.0)
-            elif str(t) in b.damage:
-                row.append(b.damage[str(t)])
-            else:
-                raise TqsError(f"scores lack the measured damage of tier {t} (block '{b.name}'); "
-                               f"rerun sweep with --tiers including it, or use --objective paper")
+        missing = [t for t in p.tiers if not t.is_identity and str(t) not in b.damage]
+        if missing:
+            raise TqsError(f"scores lack the measured damage of tier {missing[0]} (block '{b.name}'); "
+                           f"rerun sweep with --tiers including it, or use --objective paper")
+        row = [b.damage_at(t) for t in p.tiers]
         bottom = _cheapest(p.costs[l])
         allowed.append([(k == bottom) if b.dead else math.isfinite(v) for k, v in enumerate(row)])
         if not any(allowed[-1]):  # every tier diverges: keep the most precise one rather than none

@@ -40,8 +40,7 @@ def uniform_assignments(p: Problem) -> dict[str, list[int]]:
 
 
 def _damage(p: Problem, l: int, k: int) -> float:
-    t = p.tiers[k]
-    return 0.0 if t.is_identity else p.blocks[l].damage.get(str(t), float("inf"))
+    return p.blocks[l].damage_at(p.tiers[k])
 
 
 def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, int]]]]:
