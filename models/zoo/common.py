@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -231,3 +232,22 @@ def evaluate_rollout(
     truth = data[spec["truth"][out]]
     curves = {k: rmse_by_lead(v / scale, truth / scale) for k, v in baselines.items()}
     return lead_table(rmse_by_lead(pred / scale, truth / scale), curves), bool(np.isfinite(pred).all())
+
+
+def build_report(name: str, module: nn.Module, loss: float, one_step: tuple[float, float],
+                 rollout: tuple[dict[str, dict[int, float]], bool], onnx_model: onnx.ModelProto,
+                 paths: list[Path], example: tuple[torch.Tensor, ...], start: float,
+                 notes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What every builder prints: size, training and held-out errors, export check, ops, files, time."""
+    table, finite = rollout
+    report = {
+        "name": name, "params": count_parameters(module), "train_loss": loss,
+        "one_step_rmse_heldout": dict(zip(("model", "persistence"), one_step)),
+        "rollout_rmse": table, "finite": finite,
+        "export_max_abs_diff": check_export(paths[0], module, example),
+        "ops": op_types(onnx_model), "sizes": file_sizes(paths),
+        "seconds": time.perf_counter() - start,
+    }
+    if notes:
+        report["notes"] = list(notes)
+    return report

@@ -105,11 +105,5 @@ def build(out_dir: Path = common.ZOO_DIR) -> dict[str, Any]:
         "persistence": np.broadcast_to(ev["x0"][:, None], truth.shape),
         "climatology": np.full_like(truth, float(model.mean))})
     held_out = lorenz96.simulate(8, 200, seed=303)
-    return {
-        "name": NAME, "params": common.count_parameters(model), "train_loss": loss,
-        "one_step_rmse_heldout": dict(zip(("model", "persistence"), one_step_rmse(model, held_out))),
-        "rollout_rmse": table, "finite": finite,
-        "export_max_abs_diff": common.check_export(paths[0], model, example),
-        "ops": common.op_types(onnx_model), "sizes": common.file_sizes(paths),
-        "seconds": time.perf_counter() - start,
-    }
+    return common.build_report(NAME, model, loss, one_step_rmse(model, held_out), (table, finite), onnx_model,
+                               paths, example, start)

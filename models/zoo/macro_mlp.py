@@ -118,14 +118,7 @@ def build(out_dir: Path = common.ZOO_DIR) -> dict[str, Any]:
     table, finite = common.evaluate_rollout(paths[0], paths[1], ev, {
         "persistence": np.broadcast_to(ev["window0"][:, :, -1][:, None], truth.shape),
         "climatology": np.broadcast_to(model.mean.numpy().astype(np.float64), truth.shape)}, scale=std)
-    return {
-        "name": NAME, "params": common.count_parameters(model), "train_loss": loss,
-        "one_step_rmse_heldout": dict(zip(("model", "persistence"),
-                                          one_step_rmse(model, x[N_TRAIN_TARGETS:], y[N_TRAIN_TARGETS:]))),
-        "rollout_rmse": table, "finite": finite,
-        "export_max_abs_diff": common.check_export(paths[0], model, example),
-        "ops": common.op_types(onnx_model), "sizes": common.file_sizes(paths),
-        "seconds": time.perf_counter() - start,
-        "notes": ["RMSE in train-standardised units; rollout contexts lie inside the training span "
-                  "(202 quarters cannot hold 100 quarters of truth after a held-out window)"],
-    }
+    one_step = one_step_rmse(model, x[N_TRAIN_TARGETS:], y[N_TRAIN_TARGETS:])
+    return common.build_report(NAME, model, loss, one_step, (table, finite), onnx_model, paths, example, start,
+                               notes=("RMSE in train-standardised units; rollout contexts lie inside the training "
+                                      "span (202 quarters cannot hold 100 quarters of truth after a held-out window)",))

@@ -169,14 +169,7 @@ def build(out_dir: Path = common.ZOO_DIR) -> dict[str, Any]:
     table, finite = common.evaluate_rollout(paths[0], paths[1], ev, {
         "persistence": np.broadcast_to(ev["context0"][:, :, -1][:, None, :, None], truth.shape),
         "climatology": np.full_like(truth, float(model.mean))})
-    return {
-        "name": NAME, "params": common.count_parameters(model), "train_loss": loss,
-        "one_step_rmse_heldout": dict(zip(("model", "persistence"),
-                                          one_step_rmse(model, lorenz96.simulate(8, 200, seed=303)))),
-        "rollout_rmse": table, "finite": finite,
-        "export_max_abs_diff": common.check_export(paths[0], model, example),
-        "ops": common.op_types(onnx_model), "sizes": common.file_sizes(paths),
-        "seconds": time.perf_counter() - start,
-        "notes": [f"one rollout step = one patch of {PATCH} states (dt={PATCH * lorenz96.DT:g})"],
-    }
+    one_step = one_step_rmse(model, lorenz96.simulate(8, 200, seed=303))
+    return common.build_report(NAME, model, loss, one_step, (table, finite), onnx_model, paths, example, start,
+                               notes=(f"one rollout step = one patch of {PATCH} states (dt={PATCH * lorenz96.DT:g})",))
 
