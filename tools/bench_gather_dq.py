@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """DQ before vs after Gather for a factored Pangu bias table (3312, 124, 6) int8, index (144,144)."""
-import time, numpy as np, onnx, onnxruntime as ort
+import time, numpy as np, onnxruntime as ort
 from onnx import helper, numpy_helper, TensorProto as TP
 r = np.random.default_rng(0)
 table = r.integers(-127, 128, (3312, 124, 6)).astype(np.int8)
