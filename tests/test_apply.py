@@ -220,3 +220,16 @@ def test_uniform_plan_fits_a_target_equal_to_its_own_size(tmp_path):
         matched, _ = allocate(scores, loaded.file_bytes / size)
         assert [k] * len(p.blocks) in uniform_assignments(matched).values()
         assert matched.total_bytes([k] * len(p.blocks)) <= matched.limit
+
+
+def test_preparing_the_graph_leaves_the_callers_model_untouched(tmp_path):
+    """Lifting and factoring work on our own copy (onnx-ir shares tensors with the proto it reads)."""
+    from tqs_onnx.models.pangu_replica import build_pangu
+    from tqs_onnx.prepare import prepare_graph
+
+    build_pangu(tmp_path, grid="small")
+    loaded = load_model(next(tmp_path.glob("*.onnx")))
+    before = loaded.model.SerializeToString()
+    prepared = prepare_graph(loaded.model, factor=True)
+    assert prepared.reports["factor-tables"]["tensors_rewritten"] > 0 and prepared.reports["lift-weights"]["lifted"] > 0
+    assert loaded.model.SerializeToString() == before

@@ -27,8 +27,9 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True) -> PreparedGraph:
     reports = {"lift-weights": {"lifted": lifted.report.get("lifted", 0)}}
     out = lifted.model
     if factor:
-        # Never in place: onnx-ir's round trip can share TensorProtos with the caller's model.
-        result = FactorExpandedTables().run(out)
+        # In place only on our own copy: the lift pass returns the caller's model when it lifts nothing
+        # (and when it does, it worked on a copy, so its output shares nothing with the caller's).
+        result = FactorExpandedTables(inplace=lifted.modified).run(out)
         out = result.model
         reports["factor-tables"] = {k: v for k, v in result.report.items()}
     return PreparedGraph(out, lifted.report.get("origins", {}), reports)
