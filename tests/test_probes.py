@@ -42,3 +42,21 @@ def test_gaussian_matches_reference_is_reproducible_and_normal():
     assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.01
     other = ops.gauss(CPU.to_device(w), probe_offset(0, 3, 2, 0), 2.0).numpy().ravel() / 2.0
     assert abs(np.corrcoef(z, other)[0, 1]) < 0.01
+
+
+def test_batched_divergence_graph_equals_one_sum_per_pair():
+    """The GPU path reduces every (output, context) pair of a step in one run; it must give each sum."""
+    import onnxruntime as ort
+
+    from tqs_onnx.probes import sqdiff_many_graph
+
+    rng = np.random.default_rng(2)
+    pairs = [(rng.standard_normal(s).astype(np.float32), rng.standard_normal(s).astype(np.float32))
+             for s in [(3, 4), (7,), (2, 2, 5)]]
+    sess = ort.InferenceSession(sqdiff_many_graph(len(pairs)), providers=["CPUExecutionProvider"])
+    feeds = {f"a{i}": a for i, (a, _) in enumerate(pairs)} | {f"b{i}": b for i, (_, b) in enumerate(pairs)}
+    got = sess.run(None, feeds)[0]
+    want = [np.sum((a.astype(np.float64) - b) ** 2) for a, b in pairs]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.array_equal(DeviceProbes(CPU).sqdiff_many([(CPU.to_device(a), CPU.to_device(b)) for a, b in pairs]),
+                          [DeviceProbes(CPU).sqdiff(CPU.to_device(a), CPU.to_device(b)) for a, b in pairs])

@@ -181,6 +181,22 @@ def sqdiff_graph() -> bytes:
     return _model(nodes, any_f, [_f("Y", [])])
 
 
+def sqdiff_many_graph(n: int) -> bytes:
+    """(a0..a{n-1}, b0..b{n-1}) -> [sum((a_i - b_i)^2)]: every pair of one step in one run."""
+    h = helper.make_node
+    nodes, sums = [], []
+    for i in range(n):
+        nodes += [h("Cast", [f"a{i}"], [f"af{i}"], to=TensorProto.FLOAT),
+                  h("Cast", [f"b{i}"], [f"bf{i}"], to=TensorProto.FLOAT),
+                  h("Sub", [f"af{i}", f"bf{i}"], [f"d{i}"]),
+                  h("ReduceSumSquare", [f"d{i}"], [f"s{i}"], keepdims=1),
+                  h("Reshape", [f"s{i}", "one"], [f"r{i}"])]
+        sums.append(f"r{i}")
+    nodes.append(h("Concat", sums, ["Y"], axis=0))
+    ins = [helper.make_tensor_value_info(f"{x}{i}", TensorProto.FLOAT, None) for x in "ab" for i in range(n)]
+    return _model(nodes, ins, [_f("Y", [n])], [numpy_helper.from_array(np.array([1], np.int64), "one")])
+
+
 # ------------------------------------------------------------------------------------- the device
 
 class DeviceProbes:
@@ -236,6 +252,15 @@ class DeviceProbes:
             return float(np.einsum("i,i->", d.ravel(), d.ravel()))
         s = self._session("sqdiff", sqdiff_graph)
         return float(self._run(s, {"a": a, "b": b}).numpy())
+
+    def sqdiff_many(self, pairs: list[tuple[Any, Any]]) -> np.ndarray:
+        """[sum((a - b)^2) for (a, b) in pairs]: on a GPU one run and one copy to the host for all of
+        them (a run per pair would wait for the device once per pair)."""
+        if self.device.kind == "cpu":
+            return np.array([self.sqdiff(a, b) for a, b in pairs])
+        s = self._session(("sqdiff", len(pairs)), lambda: sqdiff_many_graph(len(pairs)))
+        feeds = {f"a{i}": a for i, (a, _) in enumerate(pairs)} | {f"b{i}": b for i, (_, b) in enumerate(pairs)}
+        return self._run(s, feeds).numpy().astype(np.float64)
 
 
 def gauss_sigma(norm: float, size: int) -> float:
