@@ -103,6 +103,31 @@ def test_refine_catches_blocks_harmless_alone_harmful_together():
     assert r.rollouts <= 20
 
 
+def test_refine_prefers_the_plan_that_diverges_on_fewer_contexts():
+    # l96_cnn at the INT2 size: the knapsack's plan and uniform int2/channel both diverge on some sweep
+    # contexts (mean = inf for both); the plan that diverges less often must win the joint check.
+    from tqs_onnx.sweep import JointDivergence
+
+    tiers = "fp32,int8,int2"
+    dmg = {i: {"int8": 1.0, "int2": 2.0} for i in range(3)}
+    p = _problem([0, 0, 0], [1000, 1000, 1000], tiers, target=5.0, damage=dmg)
+    alloc = allocate_measured(p, "mckp")
+    uniform_int2 = [2, 2, 2]
+
+    def joint(assign):
+        per_context = np.array([1.0, 2.0, 3.0, 4.0])
+        if assign == uniform_int2:
+            per_context[0] = np.inf
+        else:
+            per_context[:3] = np.inf
+        return JointDivergence(per_context)
+
+    r = refine(p, alloc, joint, max_rollouts=10)
+    assert r.start == "uniform int2" and r.allocation.assign == uniform_int2
+    assert r.joint.diverged == 1 and r.joint.finite_mean == 3.0 and math.isinf(r.joint)
+    assert any("diverges on the sweep contexts" in n for n in r.allocation.notes)
+
+
 def test_tier_parsing_and_storage():
     t = parse_tier("int4/block32/fp16")
     assert (t.fmt, t.granularity, t.block_size, t.scale_fmt) == ("int4", "block", 32, "fp16")

@@ -145,6 +145,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     plan = plan_document(scores, problem, alloc)
     if refinement is not None:
         plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
+                                "diverged_contexts": getattr(refinement.joint, "diverged", 0),
                                 "uniform": refinement.uniform, "rollouts": refinement.rollouts,
                                 "accepted_moves": refinement.accepted_moves}
     _write_json(a.output, plan)

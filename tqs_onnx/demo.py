@@ -14,7 +14,7 @@ from tqs_onnx.allocate import Allocation, allocate, plan_document
 from tqs_onnx.cli import DEFAULT_SWEEP_TIERS, format_plan, format_ranking
 from tqs_onnx.evaluate import evaluate, verify_written
 from tqs_onnx.graph import load_model
-from tqs_onnx.refine import refine, uniform_assignments
+from tqs_onnx.refine import rank_key, refine, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
@@ -86,7 +86,7 @@ def _best_uniform(problem, uniform_scores: dict[str, float]):
     fits = uniform_assignments(problem)
     if not fits:
         return None
-    name = min(fits, key=lambda n: uniform_scores.get(n, float("inf")))
+    name = min(fits, key=lambda n: rank_key(uniform_scores.get(n, float("inf"))))
     return name, fits[name]
 
 

@@ -5,10 +5,15 @@ and every uniform allocation that fits the budget are rolled out jointly on the 
 best is the start of a bounded local search (raise one block's tier, lower another's, within
 budget; keep a move only when the joint divergence drops). The result is never worse on the sweep
 contexts than the best uniform allocation of the same size, and the notes say when uniform won.
+
+Plans are ranked first by how many sweep contexts they diverge on (non-finite rollouts), then by the
+mean divergence of the others: two plans that both diverge somewhere are not equal, and the one that
+diverges less often is the safer start.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +30,17 @@ class Refinement:
     uniform: dict[str, float] = field(default_factory=dict)  # feasible uniform tier -> joint divergence
     rollouts: int = 0
     accepted_moves: int = 0
+
+
+def rank_key(value: float) -> tuple[int, float]:
+    """(contexts diverged, mean divergence over the others); a plain float counts as all or none."""
+    finite = math.isfinite(value)
+    return getattr(value, "diverged", 0 if finite else 1), getattr(value, "finite_mean", value)
+
+
+def describe(value: float) -> str:
+    diverged = getattr(value, "diverged", 0 if math.isfinite(value) else 1)
+    return f"{value:.4g}" if not diverged else f"diverged on {diverged} context(s), {rank_key(value)[1]:.4g} on the rest"
 
 
 def uniform_assignments(p: Problem) -> dict[str, list[int]]:
@@ -80,7 +96,7 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30
     uniform = {}
     for name, assign in uniform_assignments(p).items():
         uniform[name] = run(assign)
-        if uniform[name] < best_d:
+        if rank_key(uniform[name]) < rank_key(best_d):
             best, best_d, start = assign, uniform[name], f"uniform {name}"
     accepted = 0
     improved = True
@@ -93,11 +109,13 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30
             for l, k in move:
                 trial[l] = k
             d = run(trial)
-            if d < best_d:
+            if rank_key(d) < rank_key(best_d):
                 best, best_d, accepted, improved = trial, d, accepted + 1, True
                 break
     notes = list(alloc.notes) + [f"joint check: start from {start}; {accepted} local-search moves accepted; "
                                  f"{count} joint rollouts"]
+    if not math.isfinite(best_d):
+        notes.append(f"the chosen plan still diverges on the sweep contexts: {describe(best_d)}")
     if start != "allocator":
         notes.append(f"uniform {start.split(' ', 1)[1]} beat the knapsack allocation on the sweep contexts")
     result = Allocation(best, alloc.objective, alloc.solver, notes)

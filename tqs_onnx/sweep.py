@@ -393,8 +393,26 @@ def setup_for_scores(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts,
     return prepare(loaded, spec, contexts, device, SweepConfig(**raw))
 
 
+class JointDivergence(float):
+    """mean_s sum_t ||dY_s(t)||^2 over the contexts (inf when any rollout diverged), carrying what
+    still ranks plans that diverge: how many contexts diverged, and the mean over the others.
+
+    A plan that diverges on 1 of 8 contexts is safer than one that diverges on 5, though both
+    means are inf; `rank_key` orders them so."""
+
+    diverged: int
+    finite_mean: float
+
+    def __new__(cls, per_context: np.ndarray) -> "JointDivergence":
+        finite = np.isfinite(per_context)
+        self = super().__new__(cls, float(per_context.mean()) if finite.all() else math.inf)
+        self.diverged = int((~finite).sum())
+        self.finite_mean = float(per_context[finite].mean()) if finite.any() else math.inf
+        return self
+
+
 def joint_divergence(setup: SweepSetup, blocks: list[list[str]], tiers: list[Tier]):
-    """A function assign -> mean_s ||dY_s||^2 with every block at its tier at once."""
+    """A function assign -> JointDivergence (mean_s ||dY_s||^2) with every block at its tier at once."""
     axes = {w.name: (w.channel_axis, w.block_axis) for w in setup.weights}
 
     def run(assign: list[int]) -> float:
@@ -402,7 +420,6 @@ def joint_divergence(setup: SweepSetup, blocks: list[list[str]], tiers: list[Tie
         for names, k in zip(blocks, assign):
             if not tiers[k].is_identity:
                 replaced.update({n: setup.ops.tier(setup.bound[n], tiers[k], axes[n]) for n in names})
-        d = divergence(setup, replaced).sum(axis=-1)
-        return float(d.mean()) if np.all(np.isfinite(d)) else math.inf
+        return JointDivergence(divergence(setup, replaced).sum(axis=-1))
 
     return run
