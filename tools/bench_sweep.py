@@ -6,6 +6,11 @@ initializers), the sweep's cost per forward pass and per probe, and a naive swee
 session per probe. efficiency = (forward passes done x floor time) / sweep time.
 
     python tools/bench_sweep.py models/lorenz96_mlp.onnx [--device cpu|cuda] [--blocks layer]
+
+With --protocols it also measures, on the same session, the cost of what each allocator needs:
+the paper's protocol (1 quant + --probes Gaussian probes per block), the measured objective's sweep
+(1 quant probe + one rollout per candidate tier per block) and its refinement (joint check against
+every uniform plan that fits + bounded local search, at --target), as forward passes and seconds.
 """
 
 from __future__ import annotations
@@ -22,8 +27,12 @@ from tqs_onnx.graph import load_model
 from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import make_session, resolve_device
-from tqs_onnx.sweep import SweepConfig, prepare, score_block
-from tqs_onnx.tiers import Tier
+from tqs_onnx.allocate import allocate
+from tqs_onnx.refine import refine
+from tqs_onnx.sweep import SweepConfig, joint_divergence, prepare, score_block, scores_document
+from tqs_onnx.tiers import Tier, parse_tier
+
+MEASURED_TIERS = ["bf16", "int8", "int8/channel", "int4", "int4/channel", "int2", "int2/channel"]
 
 
 def companion(model: Path, suffix: str) -> Path:
@@ -64,6 +73,30 @@ def naive_probe_time(loaded, setup, spec, contexts, device, probes: int) -> floa
     return (time.perf_counter() - t0) / len(blocks)
 
 
+def timed(setup, fn) -> tuple[float, int, object]:
+    """(seconds, forward passes, result) of fn() on the sweep's session."""
+    n0, t0 = setup.rollout.forward_passes, time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, setup.rollout.forward_passes - n0, out
+
+
+def protocols(setup, spec, device, probes: int, target: float, max_rollouts: int) -> dict:
+    """Forward passes and seconds: the paper's sweep, the measured sweep, the refinement."""
+    paper = SweepConfig(probe="both", probes=probes, tiers=[])
+    measured = SweepConfig(probe="quant", tiers=list(MEASURED_TIERS))
+    tiers = [parse_tier(t) for t in MEASURED_TIERS]
+    p_s, p_n, _ = timed(setup, lambda: [score_block(setup, b, paper, []) for b in setup.blocks])
+    m_s, m_n, scores = timed(setup, lambda: [score_block(setup, b, measured, tiers) for b in setup.blocks])
+    doc = scores_document(setup, spec, measured, scores, device)
+    problem, alloc = allocate(doc, target)
+    joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
+    r_s, r_n, refined = timed(setup, lambda: refine(problem, alloc, joint, max_rollouts))
+    return {"target": target, "paper": {"forward_passes": p_n, "seconds": p_s},
+            "measured_sweep": {"forward_passes": m_n, "seconds": m_s},
+            "refinement": {"forward_passes": r_n, "seconds": r_s, "rollouts": refined.rollouts},
+            "measured_total_over_paper": {"forward_passes": (m_n + r_n) / p_n, "seconds": (m_s + r_s) / p_s}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -74,6 +107,9 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--protocols", action="store_true", help="also compare the paper's and the measured protocol")
+    ap.add_argument("--target", type=float, default=8.0, help="compression of the refinement (--protocols)")
+    ap.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts of the refinement (--protocols)")
     a = ap.parse_args()
     spec = RolloutSpec.load(a.spec or companion(a.model, ".rollout.json"))
     contexts = Contexts.load(a.contexts or companion(a.model, "_sweep.npz"), spec)
@@ -110,6 +146,18 @@ def main() -> None:
     print(f"  efficiency                  {res['efficiency']:.3f}   (forward passes x floor / sweep time)")
     print(f"  per probe: sweep {res['sweep_ms_per_probe']:.2f} ms, naive session-per-probe "
           f"{res['naive_ms_per_probe']:.2f} ms ({res['naive_over_sweep']:.1f}x)")
+    if a.protocols:
+        res["protocols"] = pr = protocols(setup, spec, device, a.probes, a.target, a.max_rollouts)
+        print(f"  protocols (same session), forward passes and seconds:")
+        print(f"    paper: 1 quant + {a.probes} Gaussian probes per block   {pr['paper']['forward_passes']:>10,} "
+              f"{pr['paper']['seconds']:9.2f} s")
+        print(f"    measured sweep: 1 quant + {len(MEASURED_TIERS)} tiers per block  "
+              f"{pr['measured_sweep']['forward_passes']:>10,} {pr['measured_sweep']['seconds']:9.2f} s")
+        print(f"    refinement at {a.target:g}x ({pr['refinement']['rollouts']} joint rollouts)    "
+              f"{pr['refinement']['forward_passes']:>10,} {pr['refinement']['seconds']:9.2f} s")
+        ratio = pr["measured_total_over_paper"]
+        print(f"    measured sweep + refinement / paper: {ratio['forward_passes']:.2f}x passes, "
+              f"{ratio['seconds']:.2f}x time")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=1))
