@@ -128,6 +128,20 @@ def test_refine_prefers_the_plan_that_diverges_on_fewer_contexts():
     assert any("diverges on the sweep contexts" in n for n in r.allocation.notes)
 
 
+def test_joint_check_needs_a_margin_over_uniform_not_noise():
+    from tqs_onnx.refine import better
+    from tqs_onnx.sweep import JointDivergence
+
+    uniform = JointDivergence(np.array([1.0, 3.0, 0.3]))
+    noisy = JointDivergence(np.array([0.37, 3.11, 0.32]))  # lower mean, but worse on one context of three
+    steady = JointDivergence(np.array([0.9, 2.8, 0.25]))  # lower on every context
+    assert noisy < uniform and not better(noisy, uniform, margin=1.0)
+    assert better(steady, uniform, margin=1.0)
+    assert better(noisy, uniform, margin=0.0)  # margin 0: the plain mean decides
+    # A plan that diverges nowhere beats one that diverges somewhere, whatever the means.
+    assert better(JointDivergence(np.array([9.0, 9.0])), JointDivergence(np.array([np.inf, 0.1])), margin=1.0)
+
+
 def test_tier_parsing_and_storage():
     t = parse_tier("int4/block32/fp16")
     assert (t.fmt, t.granularity, t.block_size, t.scale_fmt) == ("int4", "block", 32, "fp16")

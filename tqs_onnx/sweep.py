@@ -402,10 +402,12 @@ class JointDivergence(float):
 
     diverged: int
     finite_mean: float
+    per_context: np.ndarray
 
     def __new__(cls, per_context: np.ndarray) -> "JointDivergence":
         finite = np.isfinite(per_context)
         self = super().__new__(cls, float(per_context.mean()) if finite.all() else math.inf)
+        self.per_context = np.asarray(per_context, dtype=np.float64)
         self.diverged = int((~finite).sum())
         self.finite_mean = float(per_context[finite].mean()) if finite.any() else math.inf
         return self
