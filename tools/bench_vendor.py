@@ -98,6 +98,16 @@ def tqs_plan(case: Case, scores: Path, target: float, tag: str) -> Path:
     return out
 
 
+def paper_plan(case: Case, scores: Path, target: float, tag: str) -> Path | None:
+    """The paper's Algorithm 2 (MCKP on gamma' 2^-b, its own tier list) at the same size."""
+    out = case.work / f"plan-paper-{tag}.json"
+    try:
+        va.tqs("allocate", scores, "--objective", "paper", "--compression", f"{target:.10g}", "--quiet", "-o", out)
+    except AssertionError:  # the target is out of the paper tiers' reach
+        return None
+    return out
+
+
 def apply(case: Case, plan: Path) -> tuple[Path, dict[str, Any]]:
     out = plan.with_suffix(".onnx")
     report = plan.with_suffix(".apply.json")
@@ -150,6 +160,9 @@ def bench_model(model: va.VendorModel, work: Path, eval_contexts: int, log) -> t
         pair = [measure(case, ref, f"uniform RTN {tier}", uplan), measure(case, ref, f"TQS-PTQ @ {tier} size", tplan)]
         # The joint check rolled the uniform plan out on the sweep contexts too: show it on its row.
         pair[0].joint = pair[1].plan.get("verification", {}).get("uniform", {}).get(tier)
+        pplan = paper_plan(case, scores, target, tier.replace("/", "-"))
+        if pplan is not None:
+            pair.append(measure(case, ref, f"paper Alg. 2 @ {tier} size", pplan))
         rows += pair
         log("  " + ", ".join(f"{r.method}: {r.on_disk:.2f}x on disk" for r in pair))
     # A size no uniform tier reaches: where mixed precision has room to choose.
@@ -227,7 +240,9 @@ def report(sections: list[str], eval_contexts: int) -> str:
              f"on {eval_contexts} other evaluation contexts (seed {EVAL_SEED}) against the FP32 model. "
              "TQS-PTQ: `allocate` with the default `measured` objective and `--verify-model` joint check, "
              "at the uniform plan's planned size. Uniform RTN: every quantizable block at one tier "
-             "(symmetric, per-channel). Blocks below the size floor stay FP32 in both. The last row of each "
+             "(symmetric, per-channel). Paper Alg. 2: `allocate --objective paper` (MCKP on gamma' 2^-b, "
+             "tiers fp32/bf16/int8/int4/int2 per-tensor) at the same size; absent where that size is out of its "
+             "reach. Blocks below the size floor stay FP32 in all. The last row of each "
              "table is TQS-PTQ at a size between the two uniform ones, which no uniform tier reaches.")
     return "\n\n".join([intro, *sections]) + "\n"
 
