@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "tests" / "vendor"))
 
 import vendor_assets as va  # noqa: E402
 
-UNIFORM_TIERS = ("int8/channel", "int4/channel")
+UNIFORM_TIERS = ("int8/channel", "int4/channel", "int2/channel")
+BETWEEN = ("int8/channel", "int4/channel")  # the extra TQS point sits between these two sizes
 SWEEP_SEED, EVAL_SEED = 0, 1000
 # Below the uniform plan's planned compression by a hair, so that plan fits the TQS budget exactly
 # (the budget is int(file_bytes / target)).
@@ -80,8 +81,22 @@ def sweep(case: Case) -> tuple[Path, float]:
     out = case.work / "scores.json"
     t0 = time.perf_counter()
     va.tqs("sweep", case.onnx, "--rollout", case.model.spec_path, "--contexts", case.sweep_ctx,
-           "--probes", "2", "--quiet", "-o", out, *case.model.sweep_args)
+           "--probes", "2", "--quiet", "-o", out, *bench_sweep_args(case.model))
     return out, time.perf_counter() - t0
+
+
+def bench_sweep_args(model: va.VendorModel) -> list[str]:
+    """The suite's sweep options without its tier restriction (kept short for CI): the benchmark
+    needs every default tier's damage to plan at each uniform size."""
+    args, skip = [], False
+    for a in model.sweep_args:
+        if skip:
+            skip = False
+        elif a == "--tiers":
+            skip = True
+        elif not a.startswith("--tiers="):
+            args.append(a)
+    return args
 
 
 def uniform_plan(case: Case, scores: Path, tier: str) -> Path:
@@ -157,16 +172,23 @@ def bench_model(model: va.VendorModel, work: Path, eval_contexts: int, log) -> t
         uplan = uniform_plan(case, scores, tier)
         target = sizes[tier] = json.loads(uplan.read_text())["planned_compression"] * MATCH_SLACK
         tplan = tqs_plan(case, scores, target, tier.replace("/", "-"))
-        pair = [measure(case, ref, f"uniform RTN {tier}", uplan), measure(case, ref, f"TQS-PTQ @ {tier} size", tplan)]
+        try:
+            pair = [measure(case, ref, f"uniform RTN {tier}", uplan)]
+        except AssertionError as exc:  # apply refused the written model (e.g. the ORT INT2 kernel bug)
+            case.facts.setdefault("notes", []).append(f"uniform RTN {tier}: apply refused it: "
+                                                      f"{str(exc).splitlines()[-1][:300]}")
+            pair = []
+        pair.append(measure(case, ref, f"TQS-PTQ @ {tier} size", tplan))
         # The joint check rolled the uniform plan out on the sweep contexts too: show it on its row.
-        pair[0].joint = pair[1].plan.get("verification", {}).get("uniform", {}).get(tier)
+        if len(pair) == 2:
+            pair[0].joint = pair[1].plan.get("verification", {}).get("uniform", {}).get(tier)
         pplan = paper_plan(case, scores, target, tier.replace("/", "-"))
         if pplan is not None:
             pair.append(measure(case, ref, f"paper Alg. 2 @ {tier} size", pplan))
         rows += pair
         log("  " + ", ".join(f"{r.method}: {r.on_disk:.2f}x on disk" for r in pair))
     # A size no uniform tier reaches: where mixed precision has room to choose.
-    middle = math.sqrt(math.prod(sizes.values()))
+    middle = math.sqrt(math.prod(sizes[t] for t in BETWEEN))
     rows.append(measure(case, ref, f"TQS-PTQ @ {middle:.2f}x (between)", tqs_plan(case, scores, middle, "between")))
     return case, rows
 
@@ -213,8 +235,8 @@ def model_section(case: Case, rows: list[Row]) -> str:
              f"- parameters: {doc['parameters']:,} in {len(doc['weights'])} float tensors; "
              f"quantizable {doc['quantizable_parameters']:,} ({doc['quantizable_share']:.1%})",
              f"- sweep: {f['blocks']} blocks ({f['dead_blocks']} dead), {f['forward_passes']:,} forward passes, "
-             f"{f['sweep_seconds']:.1f} s wall (CLI, CPU); options `{' '.join(m.sweep_args) or 'defaults'} --probes 2`",
-             *_dead_note(f["dead_blocks"]),
+             f"{f['sweep_seconds']:.1f} s wall (CLI, CPU); options `{' '.join(bench_sweep_args(m)) or 'defaults'} --probes 2`",
+             *_dead_note(f["dead_blocks"]), *[f"- {n}" for n in f.get("notes", [])],
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         planned = f"{r.plan['planned_compression']:.2f}x" if r.plan else "1.00x"
@@ -243,7 +265,7 @@ def report(sections: list[str], eval_contexts: int) -> str:
              "(symmetric, per-channel). Paper Alg. 2: `allocate --objective paper` (MCKP on gamma' 2^-b, "
              "tiers fp32/bf16/int8/int4/int2 per-tensor) at the same size; absent where that size is out of its "
              "reach. Blocks below the size floor stay FP32 in all. The last row of each "
-             "table is TQS-PTQ at a size between the two uniform ones, which no uniform tier reaches.")
+             "table is TQS-PTQ at a size between the INT8 and INT4 ones, which no uniform tier reaches.")
     return "\n\n".join([intro, *sections]) + "\n"
 
 
