@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import onnx
 
@@ -26,14 +26,20 @@ class GraphPass(Protocol):
     def run(self, model: onnx.ModelProto) -> PassResult: ...
 
 
-def run_passes(model: onnx.ModelProto, passes: Sequence[GraphPass]) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Apply passes in order; return the final model and each pass's report keyed by its name."""
+def run_passes(model: onnx.ModelProto, passes: Sequence[GraphPass],
+               after: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Apply passes in order; return the final model and each pass's report keyed by its name.
+
+    `after(name)` is called once each pass has run (benchmarks time and measure the passes with it).
+    """
     reports: dict[str, Any] = {}
     for p in passes:
         result = p.run(model)
         model = result.model
         reports[p.name] = {"modified": result.modified, **result.report}
         log.debug("pass %s: modified=%s", p.name, result.modified)
+        if after is not None:
+            after(p.name)
     return model, reports
 
 

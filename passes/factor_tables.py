@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -363,17 +363,20 @@ class FactorExpandedTables:
     ``value`` tensor of at least ``size_floor`` elements; rewrites those whose best
     factorization saves at least ``min_saving`` of their bytes. Initializers that are also
     graph inputs (overridable) and tensors stored as external data are skipped and reported.
-    The input model is copied unless ``inplace``.
+    The input model is copied unless ``inplace``. ``read`` gives a tensor's values (a skeleton's
+    stubs are read from the tensors they stand for: passes/detach.py).
     """
 
     name = "factor_expanded_tables"
 
     def __init__(
-        self, size_floor: int = DEFAULT_SIZE_FLOOR, min_saving: float = DEFAULT_MIN_SAVING, inplace: bool = False
+        self, size_floor: int = DEFAULT_SIZE_FLOOR, min_saving: float = DEFAULT_MIN_SAVING, inplace: bool = False,
+        read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array,
     ):
         self.size_floor = size_floor
         self.min_saving = min_saving
         self.inplace = inplace
+        self.read = read
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         """Factor every eligible tensor of ``model``; the report lists each rewrite and the totals."""
@@ -446,7 +449,7 @@ class FactorExpandedTables:
         return tensor.data_type in FLOAT_TYPES and int(np.prod(tensor.dims, dtype=np.int64)) >= self.size_floor
 
     def _factor(self, tensor: onnx.TensorProto, value_name: str, names: NameFactory) -> _Rewrite | None:
-        f = find_factorization(numpy_helper.to_array(tensor), self.min_saving)
+        f = find_factorization(self.read(tensor), self.min_saving)
         if f is None:
             return None
         log.debug("factor %s %s -> table %s index %s", value_name, f.shape, f.table.shape, f.index.shape)

@@ -38,21 +38,27 @@ def hidden_weight_origins(model: onnx.ModelProto, size_floor: int) -> dict[str, 
 
 
 class LiftWeights:
-    """Lift Constant-node tensors (>= size_floor elements) and subgraph initializers to the main graph."""
+    """Lift Constant-node tensors (>= size_floor elements) and subgraph initializers to the main graph.
+
+    onnx-ir wraps the proto's tensors and renames them in place, so the input is copied first unless
+    `inplace` (for a model the caller owns, such as a skeleton from passes/detach.py).
+    """
 
     name = "lift-weights"
 
-    def __init__(self, size_floor: int = 16):
+    def __init__(self, size_floor: int = 16, inplace: bool = False):
         self.size_floor = size_floor
+        self.inplace = inplace
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         origins = hidden_weight_origins(model, self.size_floor)
         if not origins:
             return PassResult(model, False, {"lifted": 0})
-        # onnx-ir wraps the proto's tensors and its passes edit them: work on a copy of the caller's model.
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        irm = ir.serde.deserialize_model(copy)
+        source = model
+        if not self.inplace:
+            source = onnx.ModelProto()
+            source.CopyFrom(model)
+        irm = ir.serde.deserialize_model(source)
         LiftConstantsToInitializersPass(size_limit=self.size_floor)(irm)
         # Lift twice: a Constant inside a subgraph first becomes that subgraph's initializer.
         LiftSubgraphInitializersToMainGraphPass()(irm)

@@ -7,6 +7,7 @@ from onnx import version_converter
 
 from tqs_onnx.errors import TqsError
 from tqs_onnx.passes.base import PassResult, restore_opset_imports, restore_value_info
+from tqs_onnx.passes.detach import detach_initializers
 
 # IR version each opset needs; ONNX Runtime 1.31 loads IR <= 13, onnx 1.23 would write 14.
 _IR_FOR_OPSET = [(25, 11), (23, 11), (21, 10), (19, 9), (15, 8), (13, 7)]
@@ -26,12 +27,15 @@ class UpgradeOpset:
         current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         if current >= self.min_opset:
             return PassResult(model, False, {"opset": current})
+        # The converter serializes the model to C++ and back: hand it the graph without the weights' data.
+        skeleton, stubs = detach_initializers(model)
         try:
-            out = version_converter.convert_version(model, self.min_opset)
+            out = version_converter.convert_version(skeleton, self.min_opset)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise TqsError(f"cannot convert the model from opset {current} to {self.min_opset} "
                            f"(needed by the chosen tiers): {msg}") from None
+        stubs.attach(out)
         # The converter leaves inferred shapes and re-encoded opset entries behind: keep the input's.
         restore_value_info(model, out)
         restore_opset_imports(model, out, self.min_opset)

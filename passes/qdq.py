@@ -6,6 +6,9 @@ consumer (including subgraphs reading it from the outer scope) is unchanged.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -15,13 +18,18 @@ from tqs_onnx.tiers import Tier, rewrite_nodes, stored_names
 
 
 class WriteTiers:
-    """Rewrite each named initializer at its tier (fp32 entries are left as they are)."""
+    """Rewrite each named initializer at its tier (fp32 entries are left as they are).
+
+    `read` gives an initializer's values (stubs of a skeleton are read from their originals).
+    """
 
     name = "write-tiers"
 
-    def __init__(self, tiers: dict[str, Tier], axes: dict[str, tuple[int | None, int | None]]):
+    def __init__(self, tiers: dict[str, Tier], axes: dict[str, tuple[int | None, int | None]],
+                 read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array):
         self.tiers = {n: t for n, t in tiers.items() if not t.is_identity}
         self.axes = axes
+        self.read = read
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
@@ -32,7 +40,7 @@ class WriteTiers:
             if tier is None:
                 keep.append(init)
                 continue
-            w = numpy_helper.to_array(init)
+            w = self.read(init)
             if tier.is_int:
                 q, scale = quantize(w, tier, *self.axes[init.name])
                 qn, sn = stored_names(init.name)
@@ -47,7 +55,10 @@ class WriteTiers:
         if missing:
             raise KeyError(f"weights not found as initializers: {sorted(missing)[:5]}")
         del graph.initializer[:]
-        graph.initializer.extend(keep + new_inits)
+        graph.initializer.extend(keep)
+        new_inits.reverse()
+        while new_inits:  # each standalone tensor is freed once copied: the new data is never held twice
+            graph.initializer.add().CopyFrom(new_inits.pop())
         # Old IRs list initializers as inputs too; a rewritten weight is no longer an input.
         kept_inputs = [i for i in graph.input if i.name not in done]
         del graph.input[:]

@@ -641,8 +641,11 @@ def _partial_save(written: list):
 
 @pytest.mark.parametrize("external", [False, True])
 def test_apply_interrupted_mid_write_leaves_no_partial_model(base, tmp_path, monkeypatch, capfd, external):
+    from tqs_onnx.encoding import ModelEncoding
+
     written = []
-    monkeypatch.setattr(onnx, "save_model", _partial_save(written))
+    monkeypatch.setattr(onnx, "save_model", _partial_save(written))  # external data
+    monkeypatch.setattr(ModelEncoding, "write", lambda self, path: _partial_save(written)(self.model, path))  # inline
     before = listing(tmp_path)
     argv = ["apply", str(base["model"]), str(base["plan"]), "-o", str(tmp_path / "q.onnx"), "--quiet"]
     rc, err = run_cli(argv + (["--external-data"] if external else []), capfd)

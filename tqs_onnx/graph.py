@@ -359,8 +359,12 @@ def scope_of(node_name: str, weight_name: str, depth: int = 0) -> str:
 
 
 def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
-                 origins: dict[str, str] | None = None) -> list[Weight]:
-    """Every float initializer of the main graph, its consumers, axes and whether it is quantizable."""
+                 origins: dict[str, str] | None = None, check_finite: bool = True) -> list[Weight]:
+    """Every float initializer of the main graph, its consumers, axes and whether it is quantizable.
+
+    Without `check_finite` the values are never read (the model may hold stubs: passes/detach.py),
+    and a weight holding NaN/inf may be marked quantizable.
+    """
     graph = model.graph
     dg, names = data_graph(graph)
     topo = {n: k for k, n in enumerate(nx.topological_sort(dg))}
@@ -383,7 +387,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
             op, slot = (first.node.op_type, first.slot) if first.direct else ("", 0)
             w.channel_axis, w.block_axis = _axes_for(op, slot, first.node, len(shape))
             w.scope = scope_of(first.node.name, init.name)
-        w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init)
+        w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init if check_finite else None)
         weights.append(w)
     weights.sort(key=lambda w: (w.order, w.name))
     return weights

@@ -11,6 +11,7 @@ from typing import Any
 
 import onnx
 
+from tqs_onnx.passes.detach import Stubs, detach
 from tqs_onnx.passes.factor_tables import FactorExpandedTables
 from tqs_onnx.passes.lift import LiftWeights
 
@@ -20,16 +21,28 @@ class PreparedGraph:
     model: onnx.ModelProto
     origins: dict[str, str]  # weight name -> 'constant' / 'subgraph' / ... for lifted weights
     reports: dict[str, Any] = field(default_factory=dict)
+    # Set when prepared with keep_detached: the large main-graph initializers of `model` hold no data yet.
+    stubs: Stubs | None = None
 
 
-def prepare_graph(model: onnx.ModelProto, factor: bool = True) -> PreparedGraph:
-    lifted = LiftWeights().run(model)
+def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bool = False) -> PreparedGraph:
+    """Lift hidden weights and factor expanded tables into a new model; the caller's is only read.
+
+    Both passes restructure a skeleton (passes/detach.py) whose large tensors hold no data; the data
+    of those kept as they are is copied once, at the end, so the result costs its own size and not
+    the input's size once per pass. With `keep_detached` the large main-graph initializers stay
+    stubs and `stubs` reads and attaches their data (apply attaches only the weights it keeps).
+    """
+    detached = detach(model)
+    lifted = LiftWeights(inplace=True).run(detached.skeleton)
     reports = {"lift-weights": {"lifted": lifted.report.get("lifted", 0)}}
     out = lifted.model
     if factor:
-        # In place only on our own copy: the lift pass returns the caller's model when it lifts nothing
-        # (and when it does, it worked on a copy, so its output shares nothing with the caller's).
-        result = FactorExpandedTables(inplace=lifted.modified).run(out)
+        result = FactorExpandedTables(inplace=True, read=detached.array).run(out)
         out = result.model
         reports["factor-tables"] = {k: v for k, v in result.report.items()}
-    return PreparedGraph(out, lifted.report.get("origins", {}), reports)
+    origins = lifted.report.get("origins", {})
+    if keep_detached:
+        return PreparedGraph(out, origins, reports, detached.by_name(out))
+    detached.attach(out)
+    return PreparedGraph(out, origins, reports)

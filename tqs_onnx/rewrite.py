@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import onnx
 
+from tqs_onnx.encoding import ModelEncoding
 from tqs_onnx.errors import TqsError
 from tqs_onnx.util import read_json
 from tqs_onnx.graph import LoadedModel, tensor_is_finite, weight_table
@@ -17,7 +18,7 @@ from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.passes.qdq import WriteTiers
-from tqs_onnx.tiers import parse_tier
+from tqs_onnx.tiers import Tier, parse_tier
 
 EXTERNAL_THRESHOLD = 1_500_000_000  # bytes; protobuf cannot hold more than 2 GB
 
@@ -37,29 +38,52 @@ def load_plan(path: str | os.PathLike) -> dict[str, Any]:
     return plan
 
 
-def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan") -> tuple[onnx.ModelProto, dict]:
-    """The model with every planned weight at its tier (in memory)."""
-    prepared = prepare_graph(loaded.model, plan.get("factor", True))
-    table = {w.name: w for w in weight_table(prepared.model, min_size=1)}
-    inits = {i.name: i for i in prepared.model.graph.initializer}
+def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan",
+                  after: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """The model with every planned weight at its tier (in memory); `loaded` is only read.
+
+    The passes run on a skeleton whose large weights hold no data (passes/detach.py): the tier writer
+    reads each weight from `loaded`, and only the weights kept as they are get their data copied, at
+    the end. `after(phase)` is called as each phase ends: 'prepare', 'check-plan', each pass by name,
+    'attach' (tools/bench_apply_memory.py measures the phases with it).
+    """
+    phase_done = after or (lambda phase: None)
+    prepared = prepare_graph(loaded.model, plan.get("factor", True), keep_detached=True)
+    stubs = prepared.stubs
+    phase_done("prepare")
+    tiers, axes = planned_tiers(prepared.model, plan, loaded.path, where, stubs.source)
+    phase_done("check-plan")
+    need = max([t.min_opset for t in tiers.values() if not t.is_identity], default=0)
+    passes = [UpgradeOpset(need), WriteTiers(tiers, axes, stubs.array)]
+    model, reports = run_passes(prepared.model, passes, phase_done)
+    stubs.attach(model)
+    phase_done("attach")
+    return model, {**prepared.reports, **reports}
+
+
+def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, where: str = "plan",
+                  source: Callable[[onnx.TensorProto], onnx.TensorProto] = lambda t: t,
+                  ) -> tuple[dict[str, Tier], dict[str, tuple[int | None, int | None]]]:
+    """Each planned weight's tier and (channel, block) axes, checked against the prepared `model`
+    (`source(t)` is the tensor holding initializer t's values)."""
+    table = {w.name: w for w in weight_table(model, min_size=1, check_finite=False)}
+    inits = {i.name: i for i in model.graph.initializer}
     tiers, axes = {}, {}
     for name, tier_text in plan["weights"].items():
         w = table.get(name)
         info = plan.get("weight_info", {}).get(name, {})
         if w is None or (info and list(w.shape) != list(info.get("shape", w.shape))):
             raise TqsError(f"{where}: plan is for another model (weight '{name}' "
-                           f"{'missing' if w is None else 'has another shape'} in {loaded.path})")
+                           f"{'missing' if w is None else 'has another shape'} in {path})")
         tiers[name] = parse_tier(tier_text)
         axes[name] = (info.get("channel_axis", w.channel_axis), info.get("block_axis", w.block_axis))
         if any(a is not None and (not isinstance(a, int) or not -len(w.shape) <= a < len(w.shape))
                for a in axes[name]):
             raise TqsError(f"{where}: weight '{name}' of shape {list(w.shape)} has invalid axes {list(axes[name])}")
-        if tiers[name].is_int and not tensor_is_finite(inits[name]):
+        if tiers[name].is_int and not tensor_is_finite(source(inits[name])):
             raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
                            f"{tiers[name]}; keep it at fp32 (or a float tier)")
-    need = max([t.min_opset for t in tiers.values() if not t.is_identity], default=0)
-    model, reports = run_passes(prepared.model, [UpgradeOpset(need), WriteTiers(tiers, axes)])
-    return model, {**prepared.reports, **reports}
+    return tiers, axes
 
 
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None,
@@ -70,8 +94,9 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    encoding = None if external else ModelEncoding(model)  # sized without encoding the whole model
     if external is None:
-        external = model.ByteSize() > EXTERNAL_THRESHOLD
+        external = encoding.size > EXTERNAL_THRESHOLD
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         data_name = f"{out.name}.data"
@@ -80,7 +105,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
             onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
         else:
-            onnx.save_model(model, str(tmp_model))
+            encoding.write(tmp_model)
         files = sorted(tmpdir.iterdir(), key=lambda p: p.name == out.name)  # data first, model last
         for f in files:
             with open(f, "rb") as fh:
