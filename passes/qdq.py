@@ -40,6 +40,11 @@ class WriteTiers:
             if tier is None:
                 keep.append(init)
                 continue
+            if tier.fmt == "zero":  # nothing stored, nothing read: the nodes make zeros of its shape
+                new_nodes += rewrite_nodes(init.name, tier, 0, self.axes[init.name], init.data_type,
+                                           tuple(init.dims))
+                done[init.name] = str(tier)
+                continue
             w = self.read(init)
             if tier.is_int:
                 q, scale = quantize(w, tier, *self.axes[init.name])

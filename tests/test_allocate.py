@@ -142,6 +142,17 @@ def test_joint_check_needs_a_margin_over_uniform_not_noise():
     assert better(JointDivergence(np.array([9.0, 9.0])), JointDivergence(np.array([np.inf, 0.1])), margin=1.0)
 
 
+def test_knapsack_drops_a_dead_block_to_zero():
+    tiers = "fp32,int8,int4,zero"
+    dmg = {0: {"int8": 1.0, "int4": 5.0, "zero": 1e9}, 1: {"int8": 0.0, "int4": 0.0, "zero": 0.0}}
+    p = _problem([0, 0], [4096, 4096], tiers, target=3.0, damage=dmg)
+    a = allocate_measured(p, "mckp")
+    assert [str(p.tiers[k]) for k in a.assign] == ["int8", "zero"]
+    assert parse_tier("zero").storage_bytes((64, 64)) == 0 and str(parse_tier("zero")) == "zero"
+    with pytest.raises(TqsError, match="takes no granularity"):
+        parse_tier("zero/channel")
+
+
 def test_tier_parsing_and_storage():
     t = parse_tier("int4/block32/fp16")
     assert (t.fmt, t.granularity, t.block_size, t.scale_fmt) == ("int4", "block", 32, "fp16")

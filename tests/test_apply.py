@@ -233,3 +233,36 @@ def test_preparing_the_graph_leaves_the_callers_model_untouched(tmp_path):
     prepared = prepare_graph(loaded.model, factor=True)
     assert prepared.reports["factor-tables"]["tensors_rewritten"] > 0 and prepared.reports["lift-weights"]["lifted"] > 0
     assert loaded.model.SerializeToString() == before
+
+
+def test_zero_tier_drops_a_weight_and_planned_bytes_equal_the_file(tmp_path):
+    """`zero` (for dead blocks) stores nothing: ConstantOfShape makes the zeros; the planner counts its
+    nodes to the byte, beside an int tier in the same plan."""
+    from tqs_onnx.allocate import Allocation, allocate, plan_document
+    from tqs_onnx.demo import demo_files
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import Device
+    from tqs_onnx.sweep import SweepConfig, run_sweep
+
+    f = demo_files()
+    spec = RolloutSpec.load(f["spec"])
+    spec.horizon = 2
+    loaded = load_model(f["model"])
+    scores = run_sweep(loaded, spec, Contexts.load(f["sweep"], spec).subset([0]), Device("cpu"),
+                       SweepConfig(probe="quant", tiers=["int8/channel", "zero"]), quiet=True)
+    assert all(b["damage"]["zero"] > 0 for b in scores["blocks"])  # every demo block is live
+    p, _ = allocate(scores, 2.0)
+    ks = [str(t) for t in p.tiers]
+    assign = [ks.index("zero")] + [ks.index("int8/channel")] * (len(p.blocks) - 1)
+    plan = plan_document(scores, p, Allocation(assign, "uniform", "mixed"))
+    out, _ = rewrite_model(loaded, plan)
+    save_model(out, tmp_path / "q.onnx")
+    assert load_model(tmp_path / "q.onnx").file_bytes == plan["planned_bytes"]
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    dropped = p.blocks[0].weights
+    written = onnx.load(tmp_path / "q.onnx")
+    assert not {i.name for i in written.graph.initializer} & set(dropped)
+    assert sum(n.op_type == "ConstantOfShape" for n in written.graph.node) == len(dropped)
+    x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    assert np.all(np.isfinite(sess.run(None, {sess.get_inputs()[0].name: x})[0]))

@@ -144,6 +144,14 @@ def cast_graph(fmt: str) -> bytes:
     return _model(nodes, [_f("W")], [_f("Y")])
 
 
+def zero_graph() -> bytes:
+    """W -> zeros of W's shape (the zero tier: a dropped weight)."""
+    nodes = [helper.make_node("Shape", ["W"], ["S"]),
+             helper.make_node("ConstantOfShape", ["S"], ["Y"],
+                              value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]))]
+    return _model(nodes, [_f("W")], [_f("Y")])
+
+
 def gauss_graph() -> bytes:
     """(W, offset, sigma) -> W + sigma * N(0, 1), N from the counter hash of each element's index."""
     n = helper.make_node
@@ -229,6 +237,8 @@ class DeviceProbes:
         shape = tuple(w.shape())
         if tier.is_int:
             s = self._session(("q", tier, shape, axes), lambda: quant_graph(tier, shape, axes))
+        elif tier.fmt == "zero":
+            s = self._session("zero", zero_graph)
         else:
             s = self._session(("cast", tier.fmt), lambda: cast_graph(tier.fmt))
         return self._run(s, {"W": w})

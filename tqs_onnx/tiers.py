@@ -1,9 +1,11 @@
 """Precision tiers: (format, scale granularity) pairs with their true storage cost.
 
-Tier strings:  fp32 | fp16 | bf16 | int8 | int4 | int2, optionally followed by a granularity and a
-scale type: ``int8`` (per-tensor, as the paper), ``int4/channel``, ``int4/block32``,
-``int8/channel/fp16`` (fp16 scales). Storage counts the packed integers and every scale, so a plan's
-planned size is what the written file holds.
+Tier strings:  fp32 | fp16 | bf16 | int8 | int4 | int2 | zero, the int formats optionally followed by
+a granularity and a scale type: ``int8`` (per-tensor, as the paper), ``int4/channel``,
+``int4/block32``, ``int8/channel/fp16`` (fp16 scales). ``zero`` drops the weight: the graph makes a
+tensor of zeros of its shape (ConstantOfShape), which stores no data; it is meant for dead blocks,
+whose measured damage is nil. Storage counts the packed integers and every scale, so a plan's planned
+size is what the written file holds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from tqs_onnx.errors import TqsError
 
 FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16}
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+ZERO = "zero"  # the weight dropped to zeros: no stored data
 # Lowest opset whose DequantizeLinear accepts the storage type (and blocked scales, opset 21).
 INT_MIN_OPSET = {"int8": 13, "int4": 21, "int2": 25}
 BLOCKED_MIN_OPSET = 21
@@ -31,7 +34,7 @@ class Tier:
 
     @property
     def bits(self) -> int:
-        return FLOAT_BITS.get(self.fmt) or INT_BITS[self.fmt]
+        return 0 if self.fmt == ZERO else FLOAT_BITS.get(self.fmt) or INT_BITS[self.fmt]
 
     @property
     def is_int(self) -> bool:
@@ -89,6 +92,8 @@ class Tier:
         n = math.prod(shape)
         if self.fmt == "fp32":
             return n * orig_bits // 8
+        if self.fmt == ZERO:
+            return 0
         if not self.is_int:
             return n * 2
         scale_bytes = 2 if self.scale_fmt == "fp16" else 4
@@ -101,12 +106,12 @@ def parse_tier(text: str) -> Tier:
     if not parts:
         raise TqsError("empty tier name")
     fmt = parts[0]
-    if fmt in FLOAT_BITS:
+    if fmt in FLOAT_BITS or fmt == ZERO:
         if len(parts) > 1:
-            raise TqsError(f"tier '{text}': float tiers take no granularity")
+            raise TqsError(f"tier '{text}': {fmt} takes no granularity")
         return Tier(fmt)
     if fmt not in INT_BITS:
-        raise TqsError(f"unknown tier '{text}' (formats: {', '.join([*FLOAT_BITS, *INT_BITS])})")
+        raise TqsError(f"unknown tier '{text}' (formats: {', '.join([*FLOAT_BITS, *INT_BITS, ZERO])})")
     granularity, block, scale_fmt = "tensor", 0, "fp32"
     for p in parts[1:]:
         if p in ("tensor", "channel"):
@@ -136,13 +141,20 @@ def stored_names(name: str) -> tuple[str, str]:
 
 
 def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None, int | None],
-                  orig_type: int = 1) -> list:
+                  orig_type: int = 1, shape: tuple[int, ...] = ()) -> list:
     """Nodes that recreate weight `name` from its stored form (shared by the writer and the planner).
 
     DequantizeLinear returns the scale's type, so fp16 scales on a float32 weight need a Cast back.
+    `shape` is needed by the zero tier only (its nodes hold it).
     """
     import onnx
 
+    if tier.fmt == ZERO:
+        dims = onnx.helper.make_tensor(f"{name}__shape", onnx.TensorProto.INT64, [len(shape)], list(shape))
+        zero = onnx.helper.make_tensor("value", orig_type, [1], [0])
+        return [onnx.helper.make_node("Constant", [], [f"{name}__shape"], name=f"{name}/Shape", value=dims),
+                onnx.helper.make_node("ConstantOfShape", [f"{name}__shape"], [name], name=f"{name}/Zero",
+                                      value=zero)]
     if not tier.is_int:
         return [onnx.helper.make_node("Cast", [f"{name}__{tier.fmt}"], [name], name=f"{name}/Cast", to=orig_type)]
     q, s = stored_names(name)
@@ -190,8 +202,10 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
     n = math.prod(shape)
     gran = tier.granularity_for(*axes) if shape else "tensor"
     rank = 0 if gran == "tensor" or tier.scale_count(shape, *axes) == 1 else (1 if gran == "channel" else len(shape))
-    added = sum(_field_bytes(node.ByteSize()) for node in rewrite_nodes(name, tier, rank, axes))
-    if tier.is_int:
+    added = sum(_field_bytes(node.ByteSize()) for node in rewrite_nodes(name, tier, rank, axes, shape=shape))
+    if tier.fmt == ZERO:
+        pass  # nothing stored: the nodes hold the shape
+    elif tier.is_int:
         q, s = stored_names(name)
         count = tier.scale_count(shape, *axes)
         sdims = [] if rank == 0 else [count] if rank == 1 else \
