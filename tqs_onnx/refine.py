@@ -62,8 +62,8 @@ def better(a: float, b: float, margin: float = 0.0) -> bool:
 
 
 def describe(value: float) -> str:
-    diverged = getattr(value, "diverged", 0 if math.isfinite(value) else 1)
-    return f"{value:.4g}" if not diverged else f"diverged on {diverged} context(s), {rank_key(value)[1]:.4g} on the rest"
+    diverged, rest = rank_key(value)
+    return f"{value:.4g}" if not diverged else f"diverged on {diverged} context(s), {rest:.4g} on the rest"
 
 
 def uniform_assignments(p: Problem) -> dict[str, list[int]]:
@@ -123,15 +123,13 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30
         return joint(assign)
 
     own = run(alloc.assign)
-    uniform = {}
-    for name, assign in uniform_assignments(p).items():
-        uniform[name] = run(assign)
+    fits = uniform_assignments(p)
+    uniform = {name: run(assign) for name, assign in fits.items()}
     best, best_d, start = list(alloc.assign), own, "allocator"
     if uniform:
         name = min(uniform, key=lambda n: rank_key(uniform[n]))
-        assign = uniform_assignments(p)[name]
-        if assign != best and not better(own, uniform[name], margin):
-            best, best_d, start = assign, uniform[name], f"uniform {name}"
+        if fits[name] != best and not better(own, uniform[name], margin):
+            best, best_d, start = fits[name], uniform[name], f"uniform {name}"
     accepted = 0
     improved = True
     while improved and count < max_rollouts:
