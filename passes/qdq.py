@@ -40,20 +40,17 @@ class WriteTiers:
             if tier is None:
                 keep.append(init)
                 continue
-            if tier.fmt == "zero":  # nothing stored, nothing read: the nodes make zeros of its shape
+            if tier.is_zero:  # nothing stored, nothing read: the nodes make zeros of its shape
                 new_nodes += rewrite_nodes(init.name, tier, 0, self.axes[init.name], init.data_type,
                                            tuple(init.dims))
-                done[init.name] = str(tier)
-                continue
-            w = self.read(init)
-            if tier.is_int:
-                q, scale = quantize(w, tier, *self.axes[init.name])
+            elif tier.is_int:
+                q, scale = quantize(self.read(init), tier, *self.axes[init.name])
                 qn, sn = stored_names(init.name)
                 new_inits += [numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)]
                 new_nodes += rewrite_nodes(init.name, tier, scale.ndim, self.axes[init.name], init.data_type)
             else:
                 low = f"{init.name}__{tier.fmt}"
-                new_inits.append(numpy_helper.from_array(to_storage(w, tier), low))
+                new_inits.append(numpy_helper.from_array(to_storage(self.read(init), tier), low))
                 new_nodes += rewrite_nodes(init.name, tier, 0, self.axes[init.name], init.data_type)
             done[init.name] = str(tier)
         missing = set(self.tiers) - set(done)

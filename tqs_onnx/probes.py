@@ -237,7 +237,7 @@ class DeviceProbes:
         shape = tuple(w.shape())
         if tier.is_int:
             s = self._session(("q", tier, shape, axes), lambda: quant_graph(tier, shape, axes))
-        elif tier.fmt == "zero":
+        elif tier.is_zero:
             s = self._session("zero", zero_graph)
         else:
             s = self._session(("cast", tier.fmt), lambda: cast_graph(tier.fmt))

@@ -96,7 +96,7 @@ def apply_tier(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
     """The values the written graph computes with for `w` at `tier`, in w's dtype."""
     if tier.is_identity:
         return w
-    if tier.fmt == "zero":
+    if tier.is_zero:
         return np.zeros_like(w)
     if not tier.is_int:
         return to_storage(w, tier).astype(w.dtype)

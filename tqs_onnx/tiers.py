@@ -34,11 +34,16 @@ class Tier:
 
     @property
     def bits(self) -> int:
-        return 0 if self.fmt == ZERO else FLOAT_BITS.get(self.fmt) or INT_BITS[self.fmt]
+        return 0 if self.is_zero else FLOAT_BITS.get(self.fmt) or INT_BITS[self.fmt]
 
     @property
     def is_int(self) -> bool:
         return self.fmt in INT_BITS
+
+    @property
+    def is_zero(self) -> bool:
+        """The weight dropped to zeros: nothing stored, nothing read."""
+        return self.fmt == ZERO
 
     @property
     def is_identity(self) -> bool:
@@ -92,7 +97,7 @@ class Tier:
         n = math.prod(shape)
         if self.fmt == "fp32":
             return n * orig_bits // 8
-        if self.fmt == ZERO:
+        if self.is_zero:
             return 0
         if not self.is_int:
             return n * 2
@@ -149,7 +154,7 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
     """
     import onnx
 
-    if tier.fmt == ZERO:
+    if tier.is_zero:
         dims = onnx.helper.make_tensor(f"{name}__shape", onnx.TensorProto.INT64, [len(shape)], list(shape))
         zero = onnx.helper.make_tensor("value", orig_type, [1], [0])
         return [onnx.helper.make_node("Constant", [], [f"{name}__shape"], name=f"{name}/Shape", value=dims),
@@ -203,7 +208,7 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
     gran = tier.granularity_for(*axes) if shape else "tensor"
     rank = 0 if gran == "tensor" or tier.scale_count(shape, *axes) == 1 else (1 if gran == "channel" else len(shape))
     added = sum(_field_bytes(node.ByteSize()) for node in rewrite_nodes(name, tier, rank, axes, shape=shape))
-    if tier.fmt == ZERO:
+    if tier.is_zero:
         pass  # nothing stored: the nodes hold the shape
     elif tier.is_int:
         q, s = stored_names(name)
