@@ -39,6 +39,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, plan_document
+from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import evaluate, verify_written
 from tqs_onnx.graph import LoadedModel, load_model
@@ -49,7 +50,7 @@ from tqs_onnx.runtime import Device, resolve_device
 from tqs_onnx.sweep import SweepConfig, SweepSetup, joint_divergence, run_sweep, setup_for_scores
 from tqs_onnx.tiers import parse_tiers
 
-SWEEP_TIERS = ["bf16", "int8", "int8/channel", "int4", "int4/channel", "int2", "int2/channel"]
+SWEEP_TIERS = DEFAULT_SWEEP_TIERS.split(",")  # the tiers `tqs-onnx sweep` measures by default
 UNIFORM_TIERS = ["int8", "int8/channel", "int4", "int4/channel", "int2", "int2/channel"]
 MATCHED_TIERS = ["int8/channel", "int4/channel", "int2/channel"]
 FIXED_TARGETS = [16.0, 32.0]

@@ -28,11 +28,12 @@ from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import make_session, resolve_device
 from tqs_onnx.allocate import allocate
+from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
 from tqs_onnx.sweep import SweepConfig, joint_divergence, prepare, score_block, scores_document
 from tqs_onnx.tiers import Tier, parse_tier
 
-MEASURED_TIERS = ["bf16", "int8", "int8/channel", "int4", "int4/channel", "int2", "int2/channel"]
+MEASURED_TIERS = DEFAULT_SWEEP_TIERS.split(",")  # the tiers `tqs-onnx sweep` measures by default
 
 
 def companion(model: Path, suffix: str) -> Path:
