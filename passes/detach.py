@@ -97,7 +97,7 @@ def detach(model: onnx.ModelProto, min_elements: int = DETACH_MIN_ELEMENTS) -> D
     """The skeleton of `model` with every tensor of at least `min_elements`, in every graph, a marked stub."""
     originals: list[onnx.TensorProto] = []
     skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip=("graph",))
+    copy_fields(model, skeleton, skip=("graph",))
     _copy_graph(model.graph, skeleton.graph, originals, min_elements, nested=True, mark=True)
     return Detached(skeleton, originals)
 
@@ -107,14 +107,14 @@ def detach_initializers(model: onnx.ModelProto, min_elements: int = DETACH_MIN_E
     """The skeleton of `model` with each main-graph initializer of at least `min_elements` a stub (by name)."""
     originals: list[onnx.TensorProto] = []
     skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip=("graph",))
+    copy_fields(model, skeleton, skip=("graph",))
     _copy_graph(model.graph, skeleton.graph, originals, min_elements, nested=False, mark=False)
     return skeleton, Stubs({t.name: t for t in originals})
 
 
 def _copy_graph(src: onnx.GraphProto, dst: onnx.GraphProto, originals: list[onnx.TensorProto],
                 min_elements: int, nested: bool, mark: bool) -> None:
-    _copy_fields(src, dst, skip=("initializer", "node"))
+    copy_fields(src, dst, skip=("initializer", "node"))
     for t in src.initializer:
         _copy_tensor(t, dst.initializer.add(), originals, min_elements, mark)
     for node in src.node:
@@ -122,10 +122,10 @@ def _copy_graph(src: onnx.GraphProto, dst: onnx.GraphProto, originals: list[onnx
             dst.node.add().CopyFrom(node)
             continue
         new = dst.node.add()
-        _copy_fields(node, new, skip=("attribute",))
+        copy_fields(node, new, skip=("attribute",))
         for a in node.attribute:
             b = new.attribute.add()
-            _copy_fields(a, b, skip=("t", "tensors", "g", "graphs"))
+            copy_fields(a, b, skip=("t", "tensors", "g", "graphs"))
             if a.HasField("t"):
                 _copy_tensor(a.t, b.t, originals, min_elements, mark)
             for t in a.tensors:
@@ -144,14 +144,16 @@ def _copy_tensor(src: onnx.TensorProto, dst: onnx.TensorProto, originals: list[o
             or src.data_type == onnx.TensorProto.STRING):
         dst.CopyFrom(src)
         return
-    _copy_fields(src, dst, skip=(*DATA_FIELDS, "doc_string") if mark else DATA_FIELDS)
+    copy_fields(src, dst, skip=(*DATA_FIELDS, "doc_string") if mark else DATA_FIELDS)
     if mark:
         dst.doc_string = f"{_MARK}{len(originals)}"
     originals.append(src)
 
 
-def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
-    """Copy every set field of `src` into `dst` except those named in `skip` (which are never read)."""
+def copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy every set field of `src` into `dst` except those named in `skip` (which are never read).
+
+    Also what tqs_onnx/encoding.py encodes a model or graph around its initializers with."""
     for fd in src.DESCRIPTOR.fields:
         if fd.name in skip:
             continue

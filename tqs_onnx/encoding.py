@@ -14,6 +14,8 @@ from typing import Callable
 import onnx
 from google.protobuf import unknown_fields
 
+from tqs_onnx.passes.detach import copy_fields
+
 _GRAPH = onnx.ModelProto.GRAPH_FIELD_NUMBER
 _INITIALIZER = onnx.GraphProto.INITIALIZER_FIELD_NUMBER
 
@@ -54,15 +56,7 @@ class ModelEncoding:
 def _fields(message, keep: Callable[[int], bool]) -> bytes:
     """The encoding of the fields of `message` whose numbers pass `keep`."""
     part = type(message)()
-    for fd, value in message.ListFields():
-        if not keep(fd.number):
-            continue
-        if fd.is_repeated:
-            getattr(part, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(part, fd.name).CopyFrom(value)
-        else:
-            setattr(part, fd.name, value)
+    copy_fields(message, part, skip=tuple(fd.name for fd in message.DESCRIPTOR.fields if not keep(fd.number)))
     return part.SerializeToString()
 
 
