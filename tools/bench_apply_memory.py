@@ -31,25 +31,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqs_onnx.runtime_report import proc_memory, reset_peak_rss
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TIERS = "int8/channel,int4/channel,int2/channel,bf16"
 
 
 # ------------------------------------------------------------------------------------ measuring
-
-def _status_kb(key: str) -> int:
-    m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    return int(m.group(1)) if m else 0
-
-
-def _reset_peak() -> bool:
-    """Set VmHWM back to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
 
 @dataclass
 class Phase:
@@ -68,14 +56,15 @@ class PhaseMeter:
     start_rss_bytes: int = 0
 
     def __post_init__(self) -> None:
-        self.start_rss_bytes = _status_kb("VmRSS") * 1024
-        self.per_phase = _reset_peak()
+        self.start_rss_bytes = proc_memory().get("VmRSS", 0)
+        self.per_phase = reset_peak_rss()
         self._t = time.perf_counter()
 
     def done(self, name: str) -> None:
         now = time.perf_counter()
-        self.phases.append(Phase(name, now - self._t, _status_kb("VmHWM") * 1024, _status_kb("VmRSS") * 1024))
-        self.per_phase = _reset_peak() and self.per_phase
+        mem = proc_memory()
+        self.phases.append(Phase(name, now - self._t, mem.get("VmHWM", 0), mem.get("VmRSS", 0)))
+        self.per_phase = reset_peak_rss() and self.per_phase
         self._t = time.perf_counter()
 
 
