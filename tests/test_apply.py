@@ -266,3 +266,52 @@ def test_zero_tier_drops_a_weight_and_planned_bytes_equal_the_file(tmp_path):
     x = np.random.default_rng(0).standard_normal((1, 40)).astype(np.float32)
     sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
     assert np.all(np.isfinite(sess.run(None, {sess.get_inputs()[0].name: x})[0]))
+
+
+def test_int1_tiers_pack_signs_and_planned_bytes_equal_the_file(tmp_path):
+    """int1 stores 8 signs per byte plus its scales; the planner counts its unpacking nodes to the byte,
+    ONNX Runtime runs it (optimized, as shipped) and computes sign(w) * mean|w| per group."""
+    from tqs_onnx.allocate import Allocation, allocate, plan_document
+    from tqs_onnx.demo import demo_files
+    from tqs_onnx.quant import apply_tier
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import Device
+    from tqs_onnx.sweep import SweepConfig, run_sweep
+    from tqs_onnx.tiers import parse_tier
+
+    f = demo_files()
+    spec = RolloutSpec.load(f["spec"])
+    spec.horizon = 2
+    loaded = load_model(f["model"])
+    tiers = ["int1", "int1/channel", "int1/block32/fp16"]
+    scores = run_sweep(loaded, spec, Contexts.load(f["sweep"], spec).subset([0]), Device("cpu"),
+                       SweepConfig(probe="quant", tiers=tiers), quiet=True)
+    assert all(b["damage"][t] > 0 for b in scores["blocks"] for t in tiers)
+    p, _ = allocate(scores, 2.0)
+    ks = [str(t) for t in p.tiers]
+    assign = [ks.index(tiers[i % 3]) for i in range(len(p.blocks))]
+    plan = plan_document(scores, p, Allocation(assign, "uniform", "mixed"))
+    out, _ = rewrite_model(loaded, plan)
+    save_model(out, tmp_path / "q.onnx")
+    assert load_model(tmp_path / "q.onnx").file_bytes == plan["planned_bytes"]
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    assert loaded.file_bytes / plan["planned_bytes"] > 8  # 1 bit of 32, less scales, headers, fp32 biases
+
+    reference = onnx.load(f["model"])
+    info = scores["weights"]
+    for t in reference.graph.initializer:
+        if t.name in plan["weights"] and plan["weights"][t.name] != "fp32":
+            w = numpy_helper.to_array(t)
+            axes = (info[t.name]["channel_axis"], info[t.name]["block_axis"])
+            t.CopyFrom(numpy_helper.from_array(apply_tier(w, parse_tier(plan["weights"][t.name]), *axes), t.name))
+    x = {i.name: np.random.default_rng(3).standard_normal([d.dim_value or 1 for d in i.type.tensor_type.shape.dim])
+         .astype(np.float32) for i in reference.graph.input}
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as ONNX defines it
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), exact, providers=["CPUExecutionProvider"]).run(None, x)
+    want = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    shipped = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, x)
+    for g, w, s in zip(got, want, shipped):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * (1 + float(np.abs(w).max())))
+        # Optimized, ORT may fuse the DequantizeLinear into MatMulNBits with int8 activations.
+        assert np.all(np.isfinite(s)) and np.abs(s - w).max() < 1e-2 * (1 + float(np.abs(w).max()))

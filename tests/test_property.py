@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tqs_onnx.graph import load_model
 from tqs_onnx.rewrite import rewrite_model, save_model
 
-FORMATS = ["fp16", "bf16", "int8", "int4", "int2"]
-BITS = {"int8": 8, "int4": 4, "int2": 2}
+FORMATS = ["fp16", "bf16", "int8", "int4", "int2", "int1"]
+BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}
 
 
 # ------------------------------------------------------------------------------------- reference
@@ -31,14 +31,20 @@ def bf16_round(w: np.ndarray) -> np.ndarray:
 
 
 def rtn(w: np.ndarray, bits: int, reduce_axes: tuple[int, ...]) -> np.ndarray:
-    """q = clip(rint(w / s), -qmax, qmax), s = max|w| / qmax over `reduce_axes` (all axes: per tensor)."""
+    """q = clip(rint(w / s), -qmax, qmax), s = max|w| / qmax over `reduce_axes` (all axes: per tensor).
+
+    1 bit: the signs (0 counts as +) times the mean |w| over `reduce_axes`.
+    """
+    if bits == 1:
+        mean = np.abs(w.astype(np.float64)).mean(axis=reduce_axes, keepdims=True).astype(np.float32)
+        return np.where(w >= 0, mean, -mean).astype(np.float32)
     qmax = np.float32(2 ** (bits - 1) - 1)
     amax = np.abs(w).max(axis=reduce_axes, keepdims=True)
     scale = np.where(amax > 0, amax / qmax, np.float32(1)).astype(np.float32)
     return (np.clip(np.rint(w / scale), -qmax, qmax) * scale).astype(np.float32)
 
 
-def rtn_blocked(w: np.ndarray, bits: int, axis: int, size: int) -> np.ndarray:
+def rtn_blocked(w: np.ndarray, bits: int, axis: int, size: int) -> np.ndarray:  # noqa: D103
     """Blocks of `size` consecutive elements along `axis`, each with its own scale (last block may be short)."""
     parts = [rtn(np.take(w, range(i, min(i + size, w.shape[axis])), axis=axis), bits, (axis,))
              for i in range(0, w.shape[axis], size)]

@@ -96,6 +96,8 @@ def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int 
 
     `qmax` overrides the tier's grid, for the paper's b-bit probe at widths no tier stores (e.g. 6).
     """
+    if tier.is_sign:
+        return _sign_graph(tier, shape, axes)
     n = helper.make_node
     rank = len(shape)
     inits = [_const("zero", 0.0), _const("one", 1.0), _const("qmax", float(qmax or tier.qmax))]
@@ -135,6 +137,53 @@ def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int 
         nodes += [n("Reshape", [out, "pshape"], ["Yp"]), n("Slice", ["Yp", "st", "en", "ax"], ["Y"])]
     else:
         nodes.append(n("Identity", [out], ["Y"]))
+    return _model(nodes, [_f("W", list(shape))], [_f("Y", list(shape))], inits)
+
+
+def _sign_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None]) -> bytes:
+    """int1: W -> sign(W) * mean|W| per group (0 counts as +), the mean taken in float64 as the writer does."""
+    n = helper.make_node
+    rank = len(shape)
+    gran = tier.granularity
+    if gran == "channel" and axes[0] is None or gran == "block" and axes[1] is None or rank == 0:
+        gran = "tensor"
+    inits = [_const("zero", 0.0)]
+    if gran == "block":
+        b, bs = axes[1], tier.block_size
+        nb = -(-shape[b] // bs)
+        pads = [0] * (2 * rank)
+        pads[rank + b] = nb * bs - shape[b]
+        counts = np.full(nb, bs, np.float64)
+        counts[-1] = shape[b] - (nb - 1) * bs
+        inits += [_const("pads", pads, np.int64),
+                  _const("bshape", list(shape[:b]) + [nb, bs] + list(shape[b + 1:]), np.int64),
+                  _const("pshape", list(shape[:b]) + [nb * bs] + list(shape[b + 1:]), np.int64),
+                  _const("st", [0], np.int64), _const("en", [shape[b]], np.int64), _const("ax", [b], np.int64),
+                  _const("raxes", [b + 1], np.int64),
+                  _const("counts", counts.reshape([nb if i == b else 1 for i in range(rank + 1)]), np.float64)]
+        nodes = [n("Pad", ["W", "pads"], ["Wp"]), n("Reshape", ["Wp", "bshape"], ["Wb"]),
+                 n("Cast", ["Wb"], ["W64"], to=TensorProto.DOUBLE), n("Abs", ["W64"], ["A"]),
+                 n("ReduceSum", ["A", "raxes"], ["sums"], keepdims=1), n("Div", ["sums", "counts"], ["mean"])]
+        src = "Wb"
+    else:
+        others = [] if gran == "tensor" else [i for i in range(rank) if i != axes[0]]
+        nodes = [n("Cast", ["W"], ["W64"], to=TensorProto.DOUBLE), n("Abs", ["W64"], ["A"])]
+        if gran == "tensor" or others:
+            nodes.append(n("ReduceMean", ["A"], ["mean"], keepdims=1, **({"axes": others} if others else {})))
+        else:
+            nodes.append(n("Identity", ["A"], ["mean"]))
+        src = "W"
+    nodes.append(n("Cast", ["mean"], ["s"], to=TensorProto.FLOAT))
+    scale = "s"
+    if tier.scale_fmt == "fp16":
+        nodes += [n("Cast", ["s"], ["s16"], to=TensorProto.FLOAT16), n("Cast", ["s16"], ["sr"], to=TensorProto.FLOAT)]
+        scale = "sr"
+    nodes += [n("GreaterOrEqual", [src, "zero"], ["pos"]), n("Neg", [scale], ["neg"]),
+              n("Where", ["pos", scale, "neg"], ["Yq"])]
+    if gran == "block":
+        nodes += [n("Reshape", ["Yq", "pshape"], ["Yp"]), n("Slice", ["Yp", "st", "en", "ax"], ["Y"])]
+    else:
+        nodes.append(n("Identity", ["Yq"], ["Y"]))
     return _model(nodes, [_f("W", list(shape))], [_f("Y", list(shape))], inits)
 
 

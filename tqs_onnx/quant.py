@@ -1,5 +1,8 @@
 """Round-to-nearest symmetric quantization shared by the probes and the writer.
 
+int1 is sign quantization: +-scale with scale the group's mean absolute value, computed in float64
+and rounded once to the scale's type (the device probe does the same, so both agree).
+
 The sweep's measured damage and the written graph must see the same values, so both call
 `quantize` / `dequantize` here; DequantizeLinear computes q * scale in the scale's float type,
 which `dequantize` reproduces bit for bit.
@@ -17,14 +20,17 @@ _FLOAT_STORAGE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
 def _group_view(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Absolute max per scale group, shaped to broadcast against `w` after `_expand`."""
-    a = np.abs(w.astype(np.float32, copy=False))
+    """Absolute max per scale group (int1: mean absolute value, float64), kept dims for broadcasting."""
+    mean = tier.is_sign
+    a = np.abs(w.astype(np.float64 if mean else np.float32, copy=False))
     gran = tier.granularity_for(channel_axis, block_axis) if w.ndim else "tensor"
     if gran == "tensor":
-        return a.max(keepdims=True) if a.size else np.zeros([1] * w.ndim, np.float32), ()
+        if not a.size:
+            return np.zeros([1] * w.ndim, a.dtype), ()
+        return (a.mean(keepdims=True) if mean else a.max(keepdims=True)), ()
     if gran == "channel":
         axes = tuple(i for i in range(w.ndim) if i != channel_axis)
-        return a.max(axis=axes, keepdims=True), ()
+        return (a.mean(axis=axes, keepdims=True) if mean else a.max(axis=axes, keepdims=True)), ()
     bs = tier.block_size
     d = w.shape[block_axis]
     nblocks = -(-d // bs)
@@ -34,14 +40,24 @@ def _group_view(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis:
         widths[block_axis] = (0, pad)
         a = np.pad(a, widths)
     shape = a.shape[:block_axis] + (nblocks, bs) + a.shape[block_axis + 1:]
+    if mean:  # the last block averages its real elements only
+        counts = np.full(nblocks, bs, np.float64)
+        counts[-1] = d - (nblocks - 1) * bs
+        counts = counts.reshape([nblocks if i == block_axis else 1 for i in range(w.ndim)])
+        return a.reshape(shape).sum(axis=block_axis + 1) / counts, (block_axis, bs, d)
     return a.reshape(shape).max(axis=block_axis + 1), (block_axis, bs, d)
 
 
 def scales_for(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> np.ndarray:
     """Scales with the shape DequantizeLinear expects (scalar, 1-D per axis, or blocked)."""
     amax, _ = _group_view(w, tier, channel_axis, block_axis)
-    scale = np.where(amax > 0, amax / np.float32(tier.qmax), np.float32(1.0)).astype(np.float32)
-    if tier.scale_fmt == "fp16":
+    if tier.is_sign:  # a zero group keeps scale 0: its signs then dequantize to 0
+        scale = amax.astype(np.float32)
+        if tier.scale_fmt == "fp16":
+            scale = scale.astype(np.float16)
+    else:
+        scale = np.where(amax > 0, amax / np.float32(tier.qmax), np.float32(1.0)).astype(np.float32)
+    if tier.scale_fmt == "fp16" and not tier.is_sign:
         scale = np.maximum(scale.astype(np.float16), np.float16(6.2e-5))
     scale = scale.astype(_scale_dtype(w, tier))
     gran = tier.granularity_for(channel_axis, block_axis) if w.ndim else "tensor"
@@ -72,11 +88,24 @@ def _broadcast_scale(scale: np.ndarray, w_shape: tuple[int, ...], tier: Tier,
 
 def quantize(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
              block_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Integer tier: (q in the storage dtype, scale). Symmetric grid [-qmax, qmax], zero point 0."""
+    """Integer tier: (q in the storage dtype, scale). Symmetric grid [-qmax, qmax], zero point 0.
+
+    int1: q is the signs as int8 +-1 (0 counts as +); `stored` packs them for the file.
+    """
     scale = scales_for(w, tier, channel_axis, block_axis)
+    if tier.is_sign:
+        return np.where(w >= 0, 1, -1).astype(np.int8), scale
     s = _broadcast_scale(scale, w.shape, tier, channel_axis, block_axis).astype(np.float32)
     q = np.clip(np.rint(w.astype(np.float32) / s), -tier.qmax, tier.qmax).astype(np.int8)
     return q.astype(_STORAGE[tier.fmt]), scale
+
+
+def stored(q: np.ndarray, tier: Tier) -> np.ndarray:
+    """The integer tensor as the file holds it: int1 signs packed 8 per uint8 byte (element 8j+k at
+    bit k of byte j), shape (bytes, 1); other formats as they are."""
+    if not tier.is_sign:
+        return q
+    return np.packbits(q.ravel() > 0, bitorder="little").reshape(-1, 1)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, tier: Tier, channel_axis: int | None = None,

@@ -1,10 +1,12 @@
 """Precision tiers: (format, scale granularity) pairs with their true storage cost.
 
-Tier strings:  fp32 | fp16 | bf16 | int8 | int4 | int2 | zero, the int formats optionally followed by
+Tier strings:  fp32 | fp16 | bf16 | int8 | int4 | int2 | int1 | zero, the int formats optionally followed by
 a granularity and a scale type: ``int8`` (per-tensor, as the paper), ``int4/channel``,
 ``int4/block32``, ``int8/channel/fp16`` (fp16 scales). ``zero`` drops the weight: the graph makes a
 tensor of zeros of its shape (ConstantOfShape), which stores no data; it is meant for dead blocks,
-whose measured damage is nil. Storage counts the packed integers and every scale, so a plan's planned
+whose measured damage is nil. ``int1`` keeps each weight's sign and one scale per group, the mean
+absolute value (the L2-best scale for signs); ONNX has no 1-bit type, so the signs are packed eight to
+a uint8 byte and unpacked in the graph by BitShift before DequantizeLinear. Storage counts the packed integers and every scale, so a plan's planned
 size is what the written file holds.
 """
 
@@ -16,10 +18,10 @@ from dataclasses import dataclass
 from tqs_onnx.errors import TqsError
 
 FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16}
-INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+INT_BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}
 ZERO = "zero"  # the weight dropped to zeros: no stored data
 # Lowest opset whose DequantizeLinear accepts the storage type (and blocked scales, opset 21).
-INT_MIN_OPSET = {"int8": 13, "int4": 21, "int2": 25}
+INT_MIN_OPSET = {"int8": 13, "int4": 21, "int2": 25, "int1": 13}
 BLOCKED_MIN_OPSET = 21
 
 
@@ -50,9 +52,14 @@ class Tier:
         return self.fmt == "fp32"
 
     @property
+    def is_sign(self) -> bool:
+        """int1: the weight's sign times its group's mean absolute value."""
+        return self.fmt == "int1"
+
+    @property
     def qmax(self) -> int:
-        """Largest magnitude of the symmetric integer grid [-qmax, qmax]."""
-        return 2 ** (self.bits - 1) - 1
+        """Largest magnitude of the symmetric integer grid [-qmax, qmax] (int1: the signs, +-1)."""
+        return 1 if self.is_sign else 2 ** (self.bits - 1) - 1
 
     @property
     def min_opset(self) -> int:
@@ -145,12 +152,57 @@ def stored_names(name: str) -> tuple[str, str]:
     return f"{name}__q", f"{name}__scale"
 
 
+def stored_int_form(tier: Tier, shape: tuple[int, ...]) -> tuple[int, list[int]]:
+    """(ONNX data type, dims) of an integer tier's stored tensor: int1 packs 8 signs per uint8 byte."""
+    import onnx
+
+    if tier.is_sign:
+        return onnx.TensorProto.UINT8, [-(-math.prod(shape) // 8), 1]
+    dtype = {"int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.INT4, "int2": onnx.TensorProto.INT2}[tier.fmt]
+    return dtype, list(shape)
+
+
+def _unpack_sign_nodes(name: str, shape: tuple[int, ...], out: str) -> list:
+    """Packed signs (uint8 [m, 1], element 8j+k at bit k of byte j) -> uint8 {0, 2} of `shape`.
+
+    DequantizeLinear with zero point 1 then gives -scale / +scale: (x - 1) * scale.
+    """
+    import onnx
+    from onnx import helper
+
+    n = math.prod(shape)
+    u8 = onnx.TensorProto.UINT8
+
+    def const(tag: str, dtype: int, values: list[int]) -> onnx.NodeProto:
+        t = helper.make_tensor(f"{name}__{tag}", dtype, [len(values)], values)
+        return helper.make_node("Constant", [], [f"{name}__{tag}"], name=f"{name}/{tag}", value=t)
+
+    q = stored_names(name)[0]
+    nodes = [const("shl", u8, list(range(7, -1, -1))), const("c7", u8, [7]), const("c1", u8, [1]),
+             const("shape", onnx.TensorProto.INT64, list(shape)),
+             helper.make_node("BitShift", [q, f"{name}__shl"], [f"{name}__top"], name=f"{name}/Top", direction="LEFT"),
+             helper.make_node("BitShift", [f"{name}__top", f"{name}__c7"], [f"{name}__bit"], name=f"{name}/Bit",
+                              direction="RIGHT"),
+             helper.make_node("BitShift", [f"{name}__bit", f"{name}__c1"], [f"{name}__two"], name=f"{name}/Two",
+                              direction="LEFT")]
+    flat = f"{name}__two"
+    if n % 8:  # the last byte's spare bits
+        nodes += [const("flat", onnx.TensorProto.INT64, [-1]), const("n", onnx.TensorProto.INT64, [n]),
+                  const("z", onnx.TensorProto.INT64, [0]),
+                  helper.make_node("Reshape", [flat, f"{name}__flat"], [f"{name}__all"], name=f"{name}/Flat"),
+                  helper.make_node("Slice", [f"{name}__all", f"{name}__z", f"{name}__n"], [f"{name}__used"],
+                                   name=f"{name}/Used")]
+        flat = f"{name}__used"
+    nodes.append(helper.make_node("Reshape", [flat, f"{name}__shape"], [out], name=f"{name}/Unpack"))
+    return nodes
+
+
 def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None, int | None],
                   orig_type: int = 1, shape: tuple[int, ...] = ()) -> list:
     """Nodes that recreate weight `name` from its stored form (shared by the writer and the planner).
 
     DequantizeLinear returns the scale's type, so fp16 scales on a float32 weight need a Cast back.
-    `shape` is needed by the zero tier only (its nodes hold it).
+    `shape` is needed by the zero and int1 tiers (their nodes hold it).
     """
     import onnx
 
@@ -163,6 +215,13 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
     if not tier.is_int:
         return [onnx.helper.make_node("Cast", [f"{name}__{tier.fmt}"], [name], name=f"{name}/Cast", to=orig_type)]
     q, s = stored_names(name)
+    nodes, zero_point = [], []
+    if tier.is_sign:
+        nodes = _unpack_sign_nodes(name, shape, f"{name}__signs")
+        nodes += [onnx.helper.make_node("Shape", [s], [f"{name}__sshape"], name=f"{name}/ScaleShape"),
+                  onnx.helper.make_node("ConstantOfShape", [f"{name}__sshape"], [f"{name}__zp"], name=f"{name}/ZeroPoint",
+                                        value=onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [1]))]
+        q, zero_point = f"{name}__signs", [f"{name}__zp"]
     attrs = {}
     if tier.granularity == "channel" and scale_rank == 1:
         attrs["axis"] = axes[0]
@@ -170,7 +229,8 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
         attrs["axis"], attrs["block_size"] = axes[1], tier.block_size
     recast = tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16
     dq_out = f"{name}__dq" if recast else name
-    nodes = [onnx.helper.make_node("DequantizeLinear", [q, s], [dq_out], name=f"{name}/DequantizeLinear", **attrs)]
+    nodes.append(onnx.helper.make_node("DequantizeLinear", [q, s, *zero_point], [dq_out], name=f"{name}/DequantizeLinear",
+                                       **attrs))
     if recast:
         nodes.append(onnx.helper.make_node("Cast", [dq_out], [name], name=f"{name}/Cast", to=orig_type))
     return nodes
@@ -215,7 +275,7 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
         count = tier.scale_count(shape, *axes)
         sdims = [] if rank == 0 else [count] if rank == 1 else \
             [shape[i] if i != axes[1] else -(-shape[i] // tier.block_size) for i in range(len(shape))]
-        added += _tensor_header(q, onnx.TensorProto.INT8, list(shape), math.ceil(n * tier.bits / 8))
+        added += _tensor_header(q, *stored_int_form(tier, shape), math.ceil(n * tier.bits / 8))
         stype = onnx.TensorProto.FLOAT16 if tier.scale_fmt == "fp16" else onnx.TensorProto.FLOAT
         added += _tensor_header(s, stype, sdims, count * (2 if tier.scale_fmt == "fp16" else 4))
     else:
