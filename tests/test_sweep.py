@@ -116,3 +116,26 @@ def test_converged_is_the_sliding_window_rule():
     assert converged(np.array([5.0, 1.0, 1.001, 0.999, 1.0]), 0.01, 3)
     assert not converged(np.array([1.0, 1.2, 1.0, 1.0]), 0.01, 3)
     assert not converged(np.array([1.0, np.inf, 1.0, 1.0]), 0.01, 3)
+
+
+def test_steps_queued_without_waiting_give_the_same_scores(tmp_path):
+    """The GPU path queues a rollout's steps and divergences and waits once per rollout; forced on the
+    CPU provider (where it changes nothing on the device) it must score exactly as the waiting path."""
+    from tqs_onnx.sweep import prepare, score_block
+    from tqs_onnx.tiers import parse_tier
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    loaded = load_model(paths["model"])
+    config = SweepConfig(probe="both", probes=3, min_size=16, blocks="tensor", tiers=["int4/channel", "int1"])
+    tiers = [parse_tier(t) for t in config.tiers]
+    setup = prepare(loaded, spec, ctx, Device("cpu"), config)
+    assert not setup.rollout.async_steps  # only on CUDA by default
+    waited = [score_block(setup, b, config, tiers) for b in setup.blocks]
+    setup.rollout.async_steps = True
+    queued = [score_block(setup, b, config, tiers) for b in setup.blocks]
+    assert not setup.rollout._pending
+    for a, b in zip(waited, queued):
+        assert a.quant == b.quant and a.gauss == b.gauss and a.damage == b.damage
+        assert a.forward_passes == b.forward_passes

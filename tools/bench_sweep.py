@@ -3,7 +3,9 @@
 
 Prints: the plain forward pass (the floor: the original model, its own session, weights as
 initializers), the sweep's cost per forward pass and per probe, and a naive sweep that builds a
-session per probe. efficiency = (forward passes done x floor time) / sweep time.
+session per probe. efficiency = (forward passes done x floor time) / sweep time. On a GPU the sweep
+queues each rollout's steps without waiting for the device (one wait per rollout); the same sweep
+is then run again waiting at every step, for comparison, and the scores of the two are compared.
 
     python tools/bench_sweep.py models/lorenz96_mlp.onnx [--device cpu|cuda] [--blocks layer]
 
@@ -74,6 +76,13 @@ def naive_probe_time(loaded, setup, spec, contexts, device, probes: int) -> floa
     return (time.perf_counter() - t0) / len(blocks)
 
 
+def sweep_blocks(setup, config) -> tuple[float, int, list]:
+    """Seconds, forward passes and scores of every block's probes (no tiers)."""
+    n0, t0 = setup.rollout.forward_passes, time.perf_counter()
+    scores = [score_block(setup, block, config, []) for block in setup.blocks]
+    return time.perf_counter() - t0, setup.rollout.forward_passes - n0, scores
+
+
 def timed(setup, fn) -> tuple[float, int, object]:
     """(seconds, forward passes, result) of fn() on the sweep's session."""
     n0, t0 = setup.rollout.forward_passes, time.perf_counter()
@@ -122,11 +131,15 @@ def main() -> None:
     t_setup = time.perf_counter()
     setup = prepare(loaded, spec, contexts, device, config)
     t_setup = time.perf_counter() - t_setup
-    n0, t0 = setup.rollout.forward_passes, time.perf_counter()
-    for block in setup.blocks:
-        score_block(setup, block, config, [])
-    sweep_s = time.perf_counter() - t0
-    passes = setup.rollout.forward_passes - n0
+    queued = setup.rollout.async_steps
+    sweep_s, passes, scores = sweep_blocks(setup, config)
+    waited = None
+    if queued:  # the same sweep on the same session, waiting for the device at every step
+        setup.rollout.async_steps = False
+        w_s, w_passes, w_scores = sweep_blocks(setup, config)
+        setup.rollout.async_steps = True
+        diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, w_scores))
+        waited = {"sweep_s": w_s, "forward_passes": w_passes, "max_rel_gamma_diff": diff}
     # The floor again, now that the device is warm (a GPU still at idle clocks made the first floor
     # measurement up to 2x slow); the faster of the two counts, so efficiency is never flattered.
     floor_after, _ = floor_time(a.model, spec, contexts, device, a.repeats)
@@ -143,14 +156,21 @@ def main() -> None:
         "sweep_s": sweep_s, "setup_s": t_setup, "forward_passes": passes,
         "efficiency": passes * floor / sweep_s,
         "sweep_ms_per_probe": per_probe * 1e3, "naive_ms_per_probe": naive * 1e3,
-        "naive_over_sweep": naive / per_probe,
+        "naive_over_sweep": naive / per_probe, "steps_queued": queued,
     }
+    if waited:
+        waited["efficiency"] = waited["forward_passes"] * floor / waited["sweep_s"]
+        res["waiting_every_step"] = waited
     print(f"{a.model.name} on {device.kind}: {res['blocks']} blocks, {probes} probes x {contexts.count} contexts "
           f"x {spec.horizon} steps = {passes:,} forward passes")
     print(f"  floor (plain forward)       {res['floor_ms_per_forward']:.4f} ms   (the faster of "
           f"{floor_before * 1e3:.4f} before and {floor_after * 1e3:.4f} after the sweep)")
     print(f"  sweep per forward           {res['sweep_ms_per_forward']:.4f} ms   (setup {t_setup:.2f} s, once)")
     print(f"  efficiency                  {res['efficiency']:.3f}   (forward passes x floor / sweep time)")
+    if waited:
+        print(f"  efficiency waiting for the device at every step: {waited['efficiency']:.3f} "
+              f"({waited['sweep_s']:.2f} s against {sweep_s:.2f} s queued; gamma differs by at most "
+              f"{waited['max_rel_gamma_diff']:.1e} relative)")
     print(f"  per probe: sweep {res['sweep_ms_per_probe']:.2f} ms, naive session-per-probe "
           f"{res['naive_ms_per_probe']:.2f} ms ({res['naive_over_sweep']:.1f}x)")
     if a.protocols:

@@ -263,21 +263,37 @@ class DeviceProbes:
         from tqs_onnx.runtime import make_session
 
         self.device = device
-        self._make = lambda blob: make_session(blob, device, threads)
+        self._make = lambda blob: make_session(blob, device, threads, shared_stream=True)
         self._sessions: dict[Any, Any] = {}
+        self._pending: list = []
+        self._no_wait = None
 
     def _session(self, key, build):
         if key not in self._sessions:
             self._sessions[key] = self._make(build())
         return self._sessions[key]
 
-    def _run(self, session, feeds: dict[str, Any]) -> Any:
+    def _run(self, session, feeds: dict[str, Any], wait: bool = True) -> Any:
         binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(session.get_outputs()[0].name, self.device.kind)
-        session.run_with_iobinding(binding)
+        if wait:
+            session.run_with_iobinding(binding)
+        else:
+            if self._no_wait is None:
+                from tqs_onnx.runtime import _ort
+
+                self._no_wait = _ort().RunOptions()
+                self._no_wait.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            session.run_with_iobinding(binding, self._no_wait)
+            self._pending.append(binding)
         return binding.get_outputs()[0]
+
+    def synchronize(self) -> None:
+        """Wait for the runs queued with wait=False."""
+        while self._pending:
+            self._pending.pop().synchronize_outputs()
 
     def tier(self, w, tier: Tier, axes: tuple[int | None, int | None]):
         """The weight as the written graph computes with it at `tier` (device in, device out)."""
@@ -312,13 +328,18 @@ class DeviceProbes:
         s = self._session("sqdiff", sqdiff_graph)
         return float(self._run(s, {"a": a, "b": b}).numpy())
 
-    def sqdiff_many(self, pairs: list[tuple[Any, Any]]) -> np.ndarray:
+    def sqdiff_many(self, pairs: list[tuple[Any, Any]], wait: bool = True) -> Any:
         """[sum((a - b)^2) for (a, b) in pairs]: on a GPU one run and one copy to the host for all of
-        them (a run per pair would wait for the device once per pair)."""
+        them (a run per pair would wait for the device once per pair).
+
+        wait=False (GPU, shared stream): queue the run and return the device value; read it with
+        `.numpy()` after `synchronize()`."""
         if self.device.kind == "cpu":
             return np.array([self.sqdiff(a, b) for a, b in pairs])
         s = self._session(("sqdiff", len(pairs)), lambda: sqdiff_many_graph(len(pairs)))
         feeds = {f"a{i}": a for i, (a, _) in enumerate(pairs)} | {f"b{i}": b for i, (_, b) in enumerate(pairs)}
+        if not wait:
+            return self._run(s, feeds, wait=False)
         return self._run(s, feeds).numpy().astype(np.float64)
 
 

@@ -171,7 +171,32 @@ class Rollout:
         self.fetch = list(dict.fromkeys([*spec.trajectory, *spec.feedback]))
         self.forward_passes = 0
         self.where = where
+        self._run_options = None
+        self._pending: list = []
         self._check_contexts(where)
+
+    @property
+    def async_steps(self) -> bool:
+        """Steps return once queued on the device, without waiting for it. Only for sessions on the
+        shared CUDA stream (`runtime.cuda_stream`), where whatever runs next on it runs after them;
+        reads to the host go through `synchronize()` or a session run that waits."""
+        return self._run_options is not None
+
+    @async_steps.setter
+    def async_steps(self, on: bool) -> None:
+        if on:
+            from tqs_onnx.runtime import _ort
+
+            self._run_options = _ort().RunOptions()
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        else:
+            self.synchronize()
+            self._run_options = None
+
+    def synchronize(self) -> None:
+        """Wait for the steps queued without waiting."""
+        while self._pending:
+            self._pending.pop().synchronize_outputs()
 
     def _check_contexts(self, where: str) -> None:
         for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items()]:
@@ -223,11 +248,13 @@ class Rollout:
             for o in self.fetch:
                 binding.bind_output(o, self.device.kind)
             try:
-                self.session.run_with_iobinding(binding)
+                self.session.run_with_iobinding(binding, self._run_options)
             except Exception as exc:  # ORT: a shape or value the graph cannot take
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise TqsError(f"{self.where}: ONNX Runtime fails at step {t + 1} of context {s}: {first}") from None
             self.forward_passes += 1
+            if self._run_options is not None and binding not in self._pending:
+                self._pending.append(binding)
             out = dict(zip(self.fetch, binding.get_outputs()))
             for o, inp in self.spec.feedback.items():
                 feeds[inp] = out[o]
@@ -240,7 +267,11 @@ class Rollout:
 
     def trajectory_host(self, s: int, weights: dict[str, Any] | None = None,
                         horizon: int | None = None) -> list[dict[str, np.ndarray]]:
-        return [{k: v.numpy() for k, v in step.items()} for step in self.steps(s, weights, horizon)]
+        steps = []
+        for step in self.steps(s, weights, horizon):
+            self.synchronize()
+            steps.append({k: v.numpy() for k, v in step.items()})
+        return steps
 
 
 def _same_shape(a: tuple, b: tuple) -> bool:

@@ -47,6 +47,32 @@ def cuda_usable() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_stream() -> int:
+    """One blocking CUDA stream for every sweep session of this process (0 when cudart is not found).
+
+    Sessions that share it run in submission order, so a sweep step need not wait for the device
+    before the next is queued (`Rollout.async_steps`); a blocking stream also orders the runtime's
+    host copies (on the legacy default stream) after the work queued before them.
+    """
+    import ctypes
+
+    if not cuda_usable():
+        return 0
+    for name in ("libcudart.so.12", "libcudart.so.13", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0
+    stream = ctypes.c_void_p()
+    if lib.cudaStreamCreate(ctypes.byref(stream)) != 0:
+        return 0
+    return int(stream.value or 0)
+
+
 @dataclass(frozen=True)
 class Device:
     """Where sessions run: ORT provider list plus the OrtValue device name."""
@@ -71,10 +97,11 @@ def resolve_device(name: str) -> Device:
     return Device(name)
 
 
-def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True):
+def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True,
+                 shared_stream: bool = False):
     """One ORT session; all optimisations on (basic only when `optimize` is False), logging off.
 
-    `model` may be a proto, bytes or a path.
+    `model` may be a proto, bytes or a path. `shared_stream`: on CUDA, run on `cuda_stream()`.
     """
     ort = _ort()
     so = ort.SessionOptions()
@@ -89,8 +116,11 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
         if model.ByteSize() > 1_800_000_000:
             raise TqsError("model too large to hand to ORT in memory; save it with external data first")
         model = model.SerializeToString()
+    providers: list = device.providers
+    if shared_stream and device.kind == "cuda" and cuda_stream():
+        providers = [("CUDAExecutionProvider", {"user_compute_stream": str(cuda_stream())}), "CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(model, so, providers=device.providers)
+        return ort.InferenceSession(model, so, providers=providers)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TqsError(f"ONNX Runtime cannot load the model: {first[:300]}") from None

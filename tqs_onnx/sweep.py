@@ -23,7 +23,7 @@ from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
-from tqs_onnx.runtime import Device, io_signature, make_session
+from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session
 from tqs_onnx.tiers import Tier, parse_tier
 from tqs_onnx.util import progress
 
@@ -137,7 +137,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
         raise TqsError(f"{loaded.path}: no quantizable weights (>= {config.min_size} float elements)")
     names = [n for b in blocks for n in b.weights]
     exposed = ExposeWeights(names).run(prepared.model)
-    session = make_session(exposed.model, device, threads)
+    session = make_session(exposed.model, device, threads, shared_stream=True)
     inputs, outputs = io_signature(session)
     weight_inputs = set(names)
     spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs}, outputs, str(loaded.path))
@@ -146,6 +146,8 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     bound = {n: device.to_device(v) for n, v in exposed.report["values"].items()}
     del exposed
     nominal = [rollout.trajectory(s, bound, horizon) for s in range(contexts.count)]
+    # On a GPU the perturbed rollouts queue their steps without waiting for each (TQS_GPU_WAIT=1: wait).
+    rollout.async_steps = device.kind == "cuda" and bool(cuda_stream()) and os.environ.get("TQS_GPU_WAIT") != "1"
     ops = DeviceProbes(device, threads)
     for traj in nominal:
         if not all(math.isfinite(ops.sqdiff(v, v)) for step in traj for v in step.values()):
@@ -168,18 +170,30 @@ def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None 
     bound = {**setup.bound, **replaced}
     gens = [setup.rollout.steps(s, bound, setup.horizon) for s in range(len(setup.nominal))]
     out = np.zeros((len(gens), setup.horizon))
+    # With steps queued without waiting (GPU) and no stopping rule, the divergences stay on the device
+    # until the rollout ends: one wait per rollout instead of one per step.
+    lazy = setup.rollout.async_steps and stop is None
+    queued = []
     for t in range(setup.horizon):
         pairs, owner = [], []
         for s, gen in enumerate(gens):
             step = next(gen)
             pairs += [(step[k], setup.nominal[s][t][k]) for k in step]
             owner += [s] * len(step)
+        if lazy:
+            queued.append((t, owner, setup.ops.sqdiff_many(pairs, wait=False)))
+            continue
+        setup.rollout.synchronize()
         np.add.at(out[:, t], owner, setup.ops.sqdiff_many(pairs))
         if stop is not None and stop(out[:, : t + 1]):
             out = out[:, : t + 1]
             break
     for gen in gens:
         gen.close()
+    setup.rollout.synchronize()
+    setup.ops.synchronize()
+    for t, owner, value in queued:  # device values (GPU) or arrays (the CPU provider computes at once)
+        np.add.at(out[:, t], owner, np.asarray(value if isinstance(value, np.ndarray) else value.numpy(), np.float64))
     out[~np.isfinite(out)] = np.inf
     return out
 
