@@ -3,9 +3,10 @@
 
 Prints: the plain forward pass (the floor: the original model, its own session, weights as
 initializers), the sweep's cost per forward pass and per probe, and a naive sweep that builds a
-session per probe. efficiency = (forward passes done x floor time) / sweep time. On a GPU the sweep
-queues each rollout's steps without waiting for the device (one wait per rollout); the same sweep
-is then run again waiting at every step, for comparison, and the scores of the two are compared.
+session per probe. efficiency = (forward passes done x floor time) / sweep time. With TQS_GPU_QUEUE=1
+on a GPU the sweep queues each rollout's steps without waiting for the device (one wait per
+rollout); the same sweep is then run again on the same sessions waiting at every step, and the
+scores of the two are compared.
 
     python tools/bench_sweep.py models/lorenz96_mlp.onnx [--device cpu|cuda] [--blocks layer]
 

@@ -259,11 +259,11 @@ def sqdiff_many_graph(n: int) -> bytes:
 class DeviceProbes:
     """Runs the probe graphs on the sweep's device; inputs and outputs stay device OrtValues."""
 
-    def __init__(self, device, threads: int = 0):
+    def __init__(self, device, threads: int = 0, shared_stream: bool = False):
         from tqs_onnx.runtime import make_session
 
         self.device = device
-        self._make = lambda blob: make_session(blob, device, threads, shared_stream=True)
+        self._make = lambda blob: make_session(blob, device, threads, shared_stream=shared_stream)
         self._sessions: dict[Any, Any] = {}
         self._pending: list = []
         self._no_wait = None
