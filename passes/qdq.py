@@ -13,7 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from tqs_onnx.passes.base import PassResult
-from tqs_onnx.quant import quantize, stored, to_storage
+from tqs_onnx.quant import quantize, stored_parts, to_storage
 from tqs_onnx.tiers import Tier, rewrite_nodes, stored_names
 
 
@@ -45,8 +45,9 @@ class WriteTiers:
                                            tuple(init.dims))
             elif tier.is_int:
                 q, scale = quantize(self.read(init), tier, *self.axes[init.name])
-                qn, sn = stored_names(init.name)
-                new_inits += [numpy_helper.from_array(stored(q, tier), qn), numpy_helper.from_array(scale, sn)]
+                sn = stored_names(init.name)[1]
+                new_inits += [numpy_helper.from_array(a, n) for n, a in stored_parts(init.name, q, tier)]
+                new_inits.append(numpy_helper.from_array(scale, sn))
                 new_nodes += rewrite_nodes(init.name, tier, scale.ndim, self.axes[init.name], init.data_type,
                                            tuple(init.dims))
             else:

@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tqs_onnx.graph import load_model
 from tqs_onnx.rewrite import rewrite_model, save_model
 
-FORMATS = ["fp16", "bf16", "int8", "int4", "int2", "int1"]
-BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}
+FORMATS = ["fp16", "bf16", "int8", "int6", "int4", "int2", "int1"]
+BITS = {"int8": 8, "int6": 6, "int4": 4, "int2": 2, "int1": 1}
 
 
 # ------------------------------------------------------------------------------------- reference

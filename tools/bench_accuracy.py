@@ -3,10 +3,9 @@
 
 For each model, ONE sweep on the sweep contexts (both probes, damage of every tier), then:
 
-1. uniform RTN baselines: all blocks at one tier (int8, int8/channel, int4, int4/channel, int2,
-   int2/channel, int1, int1/channel), written with the library's writer; uniform INT6/channel, whose
-   size is computed (ONNX has no 6-bit type: the INT8/channel file less 2 bits per weight) and whose
-   values are evaluated in an FP32 copy;
+1. uniform RTN baselines: all blocks at one tier (int8, int8/channel, int6/channel, int4, int4/channel,
+   int2, int2/channel, int1, int1/channel), written with the library's writer (int6 as an int4 high
+   part plus a uint2 low part);
 2. at each uniform per-channel model's on-disk size (and at 16x / 32x where reachable): TQS-PTQ
    default (measured objective, MCKP, joint check + local search) and the paper's Algorithm 2
    (MCKP and greedy, on gamma_quant and on gamma_gauss);
@@ -55,7 +54,7 @@ from tqs_onnx.sweep import SweepConfig, SweepSetup, joint_divergence, run_sweep,
 from tqs_onnx.tiers import parse_tiers
 
 SWEEP_TIERS = DEFAULT_SWEEP_TIERS.split(",")  # the tiers `tqs-onnx sweep` measures by default
-UNIFORM_TIERS = ["int8", "int8/channel", "int4", "int4/channel", "int2", "int2/channel", "int1", "int1/channel"]
+UNIFORM_TIERS = ["int8", "int8/channel", "int6/channel", "int4", "int4/channel", "int2", "int2/channel", "int1", "int1/channel"]
 MATCHED_TIERS = ["int8/channel", "int6/channel", "int4/channel", "int2/channel", "int1/channel"]
 SWEEP_TIERS_EXTRA = ["int1", "int1/channel"]  # so that the 1-bit sizes are reachable
 FIXED_TARGETS = [16.0, 32.0]
@@ -259,52 +258,10 @@ def run_point(bench: Bench, method: str, label: str, target: float | None, budge
 
 
 def uniform_points(bench: Bench, scores: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every single-tier RTN model, uniform INT6, then ONNX Runtime's own weight quantizers."""
+    """Every single-tier RTN model (written, int6 included), then ONNX Runtime's own weight quantizers."""
     points = [run_point(bench, f"uniform {t}", "uniform", None, None, lambda t=t: uniform_plan(scores, t))
               for t in UNIFORM_TIERS]
-    int8 = next((p for p in points if p["method"] == "uniform int8/channel" and "bytes" in p), None)
-    return [*points, *([int6_point(bench, scores, int8)] if int8 else []), *ort_points(bench)]
-
-
-def int6_point(bench: Bench, scores: dict[str, Any], int8: dict[str, Any]) -> dict[str, Any]:
-    """Uniform per-channel INT6 RTN (grid [-31, 31], scale amax/31 per output channel). ONNX has no 6-bit
-    type, so its size is computed: the uniform INT8/channel file less 2 bits per quantized weight. Its
-    values are evaluated in an FP32 copy of the model (plain initializers only)."""
-    point: dict[str, Any] = {"method": "uniform int6/channel", "label": "uniform", "target": None,
-                             "budget_bytes": None}
-    t0 = time.perf_counter()
-    try:
-        plan = uniform_plan(scores, "int8/channel")
-        model = onnx.ModelProto()
-        model.CopyFrom(bench.loaded.model)
-        inits = {i.name: i for i in model.graph.initializer}
-        missing = [n for n in plan["weights"] if n not in inits]
-        if missing:
-            raise TqsError(f"INT6 baseline needs plain initializers; not found: {missing[:3]}")
-        saved = 0
-        for name in plan["weights"]:
-            w = numpy_helper.to_array(inits[name]).astype(np.float32)
-            info = scores["weights"][name]
-            axis = info["channel_axis"] if w.ndim > 1 else None
-            amax = (np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis), keepdims=True)
-                    if axis is not None else np.abs(w).max(keepdims=True))
-            scale = np.where(amax > 0, amax / np.float32(31), np.float32(1)).astype(np.float32)
-            q = (np.clip(np.rint(w / scale), -31, 31) * scale).astype(np.float32)
-            inits[name].CopyFrom(numpy_helper.from_array(q.astype(w.dtype), name))
-            saved += w.size * 2 // 8
-        path = bench.out_dir / f"{bench.loaded.path.name[:-5]}.{file_tag('uniform', 'int6-channel')}.onnx"
-        save_model(model, path)
-        diverged = not verified(path, bench)
-        report = evaluate(bench.loaded.path, path, bench.spec, bench.eval_ctx, bench.device)
-        size = int8["bytes"] - saved
-        point.update(bytes=size, planned_bytes=size, on_disk=bench.loaded.file_bytes / size,
-                     planned=bench.loaded.file_bytes / size, param_level=None, tiers="int6/channel (size computed)",
-                     diverged=diverged or not all(m["finite"] for m in report["outputs"].values()),
-                     outputs=output_metrics(report))
-    except TqsError as exc:
-        point["error"] = str(exc)
-    point["seconds"] = time.perf_counter() - t0
-    return point
+    return [*points, *ort_points(bench)]
 
 
 def _ort_dynamic_int8(src: Path, dst: Path) -> None:

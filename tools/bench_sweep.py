@@ -33,7 +33,7 @@ from tqs_onnx.runtime import make_session, resolve_device
 from tqs_onnx.allocate import allocate
 from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
-from tqs_onnx.sweep import SweepConfig, joint_divergence, prepare, score_block, scores_document
+from tqs_onnx.sweep import SweepConfig, gpu_stream_mode, joint_divergence, prepare, score_block, scores_document
 from tqs_onnx.tiers import Tier, parse_tier
 
 MEASURED_TIERS = DEFAULT_SWEEP_TIERS.split(",")  # the tiers `tqs-onnx sweep` measures by default
@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--streams", action="store_true",
+                    help="CUDA: also run the sweep with the other stream mode (TQS_GPU_STREAM own/shared) in this run")
     ap.add_argument("--protocols", action="store_true", help="also compare the paper's and the measured protocol")
     ap.add_argument("--target", type=float, default=8.0, help="compression of the refinement (--protocols)")
     ap.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts of the refinement (--protocols)")
@@ -141,6 +143,19 @@ def main() -> None:
         setup.rollout.async_steps = True
         diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, w_scores))
         waited = {"sweep_s": w_s, "forward_passes": w_passes, "max_rel_gamma_diff": diff}
+    other = None
+    if a.streams and device.kind == "cuda":  # the same sweep in fresh sessions with the other stream mode
+        import os
+
+        mode = gpu_stream_mode()
+        other_mode = "shared" if mode == "own" else "own"
+        os.environ["TQS_GPU_STREAM"] = other_mode
+        o_setup = prepare(loaded, spec, contexts, device, config)
+        o_s, o_passes, o_scores = sweep_blocks(o_setup, config)
+        os.environ["TQS_GPU_STREAM"] = mode
+        diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, o_scores))
+        other = {"mode": other_mode, "sweep_s": o_s, "forward_passes": o_passes, "max_rel_gamma_diff": diff}
+        del o_setup
     # The floor again, now that the device is warm (a GPU still at idle clocks made the first floor
     # measurement up to 2x slow); the faster of the two counts, so efficiency is never flattered.
     floor_after, _ = floor_time(a.model, spec, contexts, device, a.repeats)
@@ -162,6 +177,10 @@ def main() -> None:
     if waited:
         waited["efficiency"] = waited["forward_passes"] * floor / waited["sweep_s"]
         res["waiting_every_step"] = waited
+    res["stream_mode"] = gpu_stream_mode() if device.kind == "cuda" else None
+    if other:
+        other["efficiency"] = other["forward_passes"] * floor / other["sweep_s"]
+        res["other_stream_mode"] = other
     print(f"{a.model.name} on {device.kind}: {res['blocks']} blocks, {probes} probes x {contexts.count} contexts "
           f"x {spec.horizon} steps = {passes:,} forward passes")
     print(f"  floor (plain forward)       {res['floor_ms_per_forward']:.4f} ms   (the faster of "
@@ -172,6 +191,10 @@ def main() -> None:
         print(f"  efficiency waiting for the device at every step: {waited['efficiency']:.3f} "
               f"({waited['sweep_s']:.2f} s against {sweep_s:.2f} s queued; gamma differs by at most "
               f"{waited['max_rel_gamma_diff']:.1e} relative)")
+    if other:
+        print(f"  efficiency with TQS_GPU_STREAM={other['mode']}: {other['efficiency']:.3f} ({other['sweep_s']:.2f} s "
+              f"against {sweep_s:.2f} s with {res['stream_mode']}; gamma differs by at most "
+              f"{other['max_rel_gamma_diff']:.1e} relative)")
     print(f"  per probe: sweep {res['sweep_ms_per_probe']:.2f} ms, naive session-per-probe "
           f"{res['naive_ms_per_probe']:.2f} ms ({res['naive_over_sweep']:.1f}x)")
     if a.protocols:

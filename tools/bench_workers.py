@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """Sweep scaling over Ray workers (issue #8), measured in one run on one model.
 
-Runs the same sweep (`tqs-onnx sweep`, fresh process each) with `--workers 1` (this process, no Ray)
-and then with each N in --workers, and prints wall time, speed-up over one worker, parallel
+Runs the same sweep (`tqs-onnx sweep`, fresh process each) with each N in --workers (1: in process, no
+Ray; default 1,2), and prints wall time, speed-up over one worker, parallel
 efficiency (speed-up / N) and whether the scores are byte-identical to the one-worker scores (on CPU, workers run
 with fewer ORT threads each, so float sums may differ in the last digits: the largest relative
 difference of any number in the scores is printed too).
 With --device cuda each Ray worker holds one GPU.
 
-    python tools/bench_workers.py MODEL --rollout SPEC --contexts CTX [--workers 2] [--device cuda]
-        [--sweep-args "--probes 8 --tiers ''"] [--json out.json]
+    python tools/bench_workers.py MODEL --rollout SPEC --contexts CTX [--workers 1,2] [--device cuda]
+        [--sweep-args "--probes 8 --tiers ''"] [--keep DIR] [--json out.json]
+
+With --keep, each count may run in its own invocation (e.g. to stay under a time limit per command).
 """
 
 from __future__ import annotations
@@ -58,26 +60,31 @@ def main() -> None:
     ap.add_argument("--rollout", required=True)
     ap.add_argument("--contexts", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--workers", default="2", help="comma-separated worker counts to compare with 1")
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to run (1 is the baseline)")
     ap.add_argument("--sweep-args", default="", help="further `tqs-onnx sweep` options, one string")
+    ap.add_argument("--keep", type=Path, help="folder for each run's scores and time (wN.json, wN.seconds); runs "
+                    "found there from earlier invocations join the table, so each count can run on its own")
     ap.add_argument("--json", help="also write the figures here")
     a = ap.parse_args()
     extra = shlex.split(a.sweep_args)
     counts = [int(n) for n in a.workers.split(",") if n.strip()]
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        base_out = Path(tmp) / "w1.json"
-        base = sweep(a.model, a.rollout, a.contexts, a.device, 1, extra, base_out)
-        base_bytes = base_out.read_bytes()
-        doc = json.loads(base_bytes)
-        rows.append({"workers": 1, "seconds": base, "speedup": 1.0, "efficiency": 1.0, "identical": True,
-                     "max_rel_diff": 0.0})
+        keep = a.keep or Path(tmp)
+        keep.mkdir(parents=True, exist_ok=True)
         for n in counts:
-            out = Path(tmp) / f"w{n}.json"
-            s = sweep(a.model, a.rollout, a.contexts, a.device, n, extra, out)
-            rows.append({"workers": n, "seconds": s, "speedup": base / s, "efficiency": base / s / n,
-                         "identical": out.read_bytes() == base_bytes,
-                         "max_rel_diff": max_rel_diff(doc, json.loads(out.read_bytes()))})
+            print(f"sweep with --workers {n} ...", file=sys.stderr, flush=True)
+            s = sweep(a.model, a.rollout, a.contexts, a.device, n, extra, keep / f"w{n}.json")
+            (keep / f"w{n}.seconds").write_text(f"{s}\n")
+            print(f"  {s:.1f} s", file=sys.stderr, flush=True)
+        runs = {int(p.stem[1:]): (float(p.read_text()), (keep / f"w{p.stem[1:]}.json").read_bytes())
+                for p in keep.glob("w*.seconds") if (keep / f"w{p.stem[1:]}.json").exists()}
+    if 1 not in runs:
+        raise SystemExit("no one-worker run to compare with: run --workers 1 (with the same --keep) first")
+    base, base_bytes = runs[1]
+    doc = json.loads(base_bytes)
+    rows = [{"workers": n, "seconds": sec, "speedup": base / sec, "efficiency": base / sec / n,
+             "identical": data == base_bytes, "max_rel_diff": max_rel_diff(doc, json.loads(data))}
+            for n, (sec, data) in sorted(runs.items())]
     print(f"{a.model}: {len(doc.get('blocks', []))} blocks, {doc.get('forward_passes', '?')} forward passes, "
           f"device {a.device}")
     print(f"{'workers':>7s} {'seconds':>9s} {'speed-up':>9s} {'efficiency':>11s} {'scores identical':>17s} {'max rel diff':>13s}")

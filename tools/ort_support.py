@@ -21,7 +21,8 @@ from tqs_onnx.runtime import make_session, resolve_device
 from tqs_onnx.errors import TqsError
 
 TIERS = ["int8", "int8/channel", "int8/block32", "int4", "int4/channel", "int4/block32", "int2", "int2/channel",
-         "int2/block32", "int1", "int1/channel", "int1/block32", "int1/block32/fp16", "int8/channel/fp16",
+         "int2/block32", "int1", "int1/channel", "int1/block32", "int1/block32/fp16", "int6", "int6/channel", "int6/block32",
+         "int6/channel/fp16", "int8/channel/fp16",
          "int4/block32/fp16", "fp16", "bf16", "zero"]
 
 

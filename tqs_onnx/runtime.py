@@ -97,6 +97,16 @@ def resolve_device(name: str) -> Device:
     return Device(name)
 
 
+def cuda_options() -> dict[str, str]:
+    """CUDA provider options. TQS_CUDNN_ALGO_SEARCH (EXHAUSTIVE, ORT's default; HEURISTIC; DEFAULT)
+    picks how cuDNN chooses convolution algorithms: EXHAUSTIVE times them in each session, so two
+    processes may choose differently and their sums differ in the last digits."""
+    search = os.environ.get("TQS_CUDNN_ALGO_SEARCH", "").strip().upper()
+    if search and search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+        raise TqsError(f"TQS_CUDNN_ALGO_SEARCH={search}: expected EXHAUSTIVE, HEURISTIC or DEFAULT")
+    return {"cudnn_conv_algo_search": search} if search else {}
+
+
 def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True,
                  shared_stream: bool = False):
     """One ORT session; all optimisations on (basic only when `optimize` is False), logging off.
@@ -117,8 +127,11 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
             raise TqsError("model too large to hand to ORT in memory; save it with external data first")
         model = model.SerializeToString()
     providers: list = device.providers
-    if shared_stream and device.kind == "cuda" and cuda_stream():
-        providers = [("CUDAExecutionProvider", {"user_compute_stream": str(cuda_stream())}), "CPUExecutionProvider"]
+    if device.kind == "cuda":
+        options = cuda_options()
+        if shared_stream and cuda_stream():
+            options["user_compute_stream"] = str(cuda_stream())
+        providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(model, so, providers=providers)
     except Exception as exc:

@@ -140,8 +140,10 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     # TQS_GPU_QUEUE=1 (CUDA): every sweep session on one stream, perturbed rollouts queued without
     # waiting at each step. Measured slower on the transformer forecaster (H200: 0.69 against 0.85
     # efficiency), so it is off by default.
+    # TQS_GPU_STREAM=shared (CUDA): every sweep session on one stream, waiting at each step as usual.
     queue = device.kind == "cuda" and os.environ.get("TQS_GPU_QUEUE") == "1" and bool(cuda_stream())
-    session = make_session(exposed.model, device, threads, shared_stream=queue)
+    shared = queue or device.kind == "cuda" and gpu_stream_mode() == "shared" and bool(cuda_stream())
+    session = make_session(exposed.model, device, threads, shared_stream=shared)
     inputs, outputs = io_signature(session)
     weight_inputs = set(names)
     spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs}, outputs, str(loaded.path))
@@ -151,7 +153,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     del exposed
     nominal = [rollout.trajectory(s, bound, horizon) for s in range(contexts.count)]
     rollout.async_steps = queue
-    ops = DeviceProbes(device, threads, shared_stream=queue)
+    ops = DeviceProbes(device, threads, shared_stream=shared)
     for traj in nominal:
         if not all(math.isfinite(ops.sqdiff(v, v)) for step in traj for v in step.values()):
             bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
@@ -159,6 +161,14 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; {hint}")
     return SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
                       prepared.model.graph.ByteSize(), ops)
+
+
+def gpu_stream_mode() -> str:
+    """TQS_GPU_STREAM: 'own' (each ORT session its own CUDA stream, ORT's default) or 'shared'."""
+    mode = os.environ.get("TQS_GPU_STREAM", "own").strip().lower() or "own"
+    if mode not in ("own", "shared"):
+        raise TqsError(f"TQS_GPU_STREAM={mode}: expected 'own' or 'shared'")
+    return mode
 
 
 StopFn = Callable[[np.ndarray], bool]

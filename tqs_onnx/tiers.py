@@ -6,7 +6,10 @@ a granularity and a scale type: ``int8`` (per-tensor, as the paper), ``int4/chan
 tensor of zeros of its shape (ConstantOfShape), which stores no data; it is meant for dead blocks,
 whose measured damage is nil. ``int1`` keeps each weight's sign and one scale per group, the mean
 absolute value (the L2-best scale for signs); ONNX has no 1-bit type, so the signs are packed eight to
-a uint8 byte and unpacked in the graph by BitShift before DequantizeLinear. Storage counts the packed integers and every scale, so a plan's planned
+a uint8 byte and unpacked in the graph by BitShift before DequantizeLinear. ``int6`` is the symmetric
+6-bit grid [-31, 31]; ONNX has no 6-bit type either, so each value q is stored as two standard tensors,
+q = 4 * hi + lo with hi = floor(q / 4) an int4 and lo in [0, 3] a uint2, and the graph adds two
+DequantizeLinear outputs (hi at 4 x scale, lo at scale, one stored scale). Storage counts the packed integers and every scale, so a plan's planned
 size is what the written file holds.
 """
 
@@ -18,10 +21,10 @@ from dataclasses import dataclass
 from tqs_onnx.errors import TqsError
 
 FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16}
-INT_BITS = {"int8": 8, "int4": 4, "int2": 2, "int1": 1}
+INT_BITS = {"int8": 8, "int6": 6, "int4": 4, "int2": 2, "int1": 1}
 ZERO = "zero"  # the weight dropped to zeros: no stored data
 # Lowest opset whose DequantizeLinear accepts the storage type (and blocked scales, opset 21).
-INT_MIN_OPSET = {"int8": 13, "int4": 21, "int2": 25, "int1": 13}
+INT_MIN_OPSET = {"int8": 13, "int6": 25, "int4": 21, "int2": 25, "int1": 13}
 BLOCKED_MIN_OPSET = 21
 
 
@@ -55,6 +58,11 @@ class Tier:
     def is_sign(self) -> bool:
         """int1: the weight's sign times its group's mean absolute value."""
         return self.fmt == "int1"
+
+    @property
+    def is_split(self) -> bool:
+        """int6: stored as an int4 high part and a uint2 low part (q = 4 * hi + lo)."""
+        return self.fmt == "int6"
 
     @property
     def qmax(self) -> int:
@@ -109,7 +117,7 @@ class Tier:
         if not self.is_int:
             return n * 2
         scale_bytes = 2 if self.scale_fmt == "fp16" else 4
-        return math.ceil(n * self.bits / 8) + self.scale_count(shape, channel_axis, block_axis) * scale_bytes
+        return packed_bytes(self, n) + self.scale_count(shape, channel_axis, block_axis) * scale_bytes
 
 
 def parse_tier(text: str) -> Tier:
@@ -147,6 +155,27 @@ def parse_tiers(text: str) -> list[Tier]:
     return sorted(tiers, key=lambda t: (-t.bits, t.granularity == "tensor"))
 
 
+def packed_bytes(tier: Tier, n: int) -> int:
+    """Bytes of an integer tier's stored values for n weights (int6: an int4 and a uint2 tensor)."""
+    if tier.is_split:
+        return math.ceil(n * 4 / 8) + math.ceil(n * 2 / 8)
+    return math.ceil(n * tier.bits / 8)
+
+
+def split_int6(q):
+    """int6 values in [-31, 31] (any integer array) -> (hi, lo): q = 4 * hi + lo, hi in [-8, 7], lo in [0, 3]."""
+    import numpy as np
+
+    q = np.asarray(q).astype(np.int8)
+    hi = np.floor_divide(q, 4).astype(np.int8)
+    return hi, (q - 4 * hi).astype(np.int8)
+
+
+def low_name(name: str) -> str:
+    """Name of an int6 weight's stored low part (its high part takes `stored_names(name)[0]`)."""
+    return f"{name}__qlo"
+
+
 def stored_names(name: str) -> tuple[str, str]:
     """Names the writer gives a quantized weight's integer tensor and its scale."""
     return f"{name}__q", f"{name}__scale"
@@ -158,7 +187,7 @@ def stored_int_form(tier: Tier, shape: tuple[int, ...]) -> tuple[int, list[int]]
 
     if tier.is_sign:
         return onnx.TensorProto.UINT8, [-(-math.prod(shape) // 8), 1]
-    dtype = {"int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.INT4, "int2": onnx.TensorProto.INT2}[tier.fmt]
+    dtype = {"int8": onnx.TensorProto.INT8, "int6": onnx.TensorProto.INT4, "int4": onnx.TensorProto.INT4, "int2": onnx.TensorProto.INT2}[tier.fmt]
     return dtype, list(shape)
 
 
@@ -229,6 +258,23 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
         attrs["axis"], attrs["block_size"] = axes[1], tier.block_size
     recast = tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16
     dq_out = f"{name}__dq" if recast else name
+    if tier.is_split:  # (hi * 4 scale) + (lo * scale): products in the scale's type, the sum in the weight's
+        stype = onnx.TensorProto.FLOAT16 if tier.scale_fmt == "fp16" or orig_type == onnx.TensorProto.FLOAT16 \
+            else onnx.TensorProto.FLOAT
+        four = onnx.helper.make_tensor("value", stype, [], [4.0])
+        nodes += [onnx.helper.make_node("Constant", [], [f"{name}__four"], name=f"{name}/Four", value=four),
+                  onnx.helper.make_node("Mul", [s, f"{name}__four"], [f"{name}__scale4"], name=f"{name}/Scale4")]
+        parts = []
+        for part, src, scale in (("hi", q, f"{name}__scale4"), ("lo", low_name(name), s)):
+            out = f"{name}__{part}"
+            nodes.append(onnx.helper.make_node("DequantizeLinear", [src, scale], [f"{out}16" if recast else out],
+                                               name=f"{name}/Dequantize{part.title()}", **attrs))
+            if recast:  # an fp16 sum would round once more
+                nodes.append(onnx.helper.make_node("Cast", [f"{out}16"], [out], name=f"{name}/Cast{part.title()}",
+                                                   to=orig_type))
+            parts.append(out)
+        nodes.append(onnx.helper.make_node("Add", parts, [name], name=f"{name}/Add"))
+        return nodes
     nodes.append(onnx.helper.make_node("DequantizeLinear", [q, s, *zero_point], [dq_out], name=f"{name}/DequantizeLinear",
                                        **attrs))
     if recast:
@@ -275,7 +321,11 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
         count = tier.scale_count(shape, *axes)
         sdims = [] if rank == 0 else [count] if rank == 1 else \
             [shape[i] if i != axes[1] else -(-shape[i] // tier.block_size) for i in range(len(shape))]
-        added += _tensor_header(q, *stored_int_form(tier, shape), math.ceil(n * tier.bits / 8))
+        if tier.is_split:
+            added += _tensor_header(q, onnx.TensorProto.INT4, list(shape), math.ceil(n / 2))
+            added += _tensor_header(low_name(name), onnx.TensorProto.UINT2, list(shape), math.ceil(n / 4))
+        else:
+            added += _tensor_header(q, *stored_int_form(tier, shape), math.ceil(n * tier.bits / 8))
         stype = onnx.TensorProto.FLOAT16 if tier.scale_fmt == "fp16" else onnx.TensorProto.FLOAT
         added += _tensor_header(s, stype, sdims, count * (2 if tier.scale_fmt == "fp16" else 4))
     else:
