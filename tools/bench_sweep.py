@@ -22,6 +22,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import onnx
 from onnx import numpy_helper
@@ -47,11 +48,17 @@ def companion(model: Path, suffix: str) -> Path:
     raise SystemExit(f"{model}: cannot find {suffix} beside it; pass --spec/--contexts")
 
 
-def floor_time(path: Path, spec, contexts, device, repeats: int) -> tuple[float, int]:
-    """Seconds per forward pass of the original model rolled out on every context."""
+def floor_rollout(path: Path, spec, contexts, device) -> Rollout:
+    """The original model (weights as initializers) in its own session, warmed up."""
     rollout = Rollout(make_session(str(path), device), spec, contexts, device)
-    for s in range(contexts.count):  # warm-up
+    for s in range(contexts.count):
         rollout.trajectory(s)
+    return rollout
+
+
+def floor_time(path: Path | Rollout, spec, contexts, device, repeats: int) -> tuple[float, int]:
+    """Seconds per forward pass of the original model rolled out on every context."""
+    rollout = path if isinstance(path, Rollout) else floor_rollout(path, spec, contexts, device)
     t0, n0 = time.perf_counter(), rollout.forward_passes
     for _ in range(repeats):
         for s in range(contexts.count):
@@ -77,11 +84,20 @@ def naive_probe_time(loaded, setup, spec, contexts, device, probes: int) -> floa
     return (time.perf_counter() - t0) / len(blocks)
 
 
-def sweep_blocks(setup, config) -> tuple[float, int, list]:
-    """Seconds, forward passes and scores of every block's probes (no tiers)."""
-    n0, t0 = setup.rollout.forward_passes, time.perf_counter()
-    scores = [score_block(setup, block, config, []) for block in setup.blocks]
-    return time.perf_counter() - t0, setup.rollout.forward_passes - n0, scores
+def sweep_blocks(setup, config, floor: Callable[[], float] | None = None) -> tuple[float, int, list, float]:
+    """Seconds, forward passes and scores of every block's probes (no tiers), and the floor's seconds
+    for the same passes with the floor timed right after each block (`floor`: seconds per forward pass;
+    its own time is not counted in the sweep's)."""
+    seconds, passes, scores, floor_s = 0.0, 0, [], 0.0
+    for block in setup.blocks:
+        n0, t0 = setup.rollout.forward_passes, time.perf_counter()
+        scores.append(score_block(setup, block, config, []))
+        seconds += time.perf_counter() - t0
+        n = setup.rollout.forward_passes - n0
+        passes += n
+        if floor is not None:
+            floor_s += n * floor()
+    return seconds, passes, scores, floor_s
 
 
 def timed(setup, fn) -> tuple[float, int, object]:
@@ -129,17 +145,21 @@ def main() -> None:
     device = resolve_device(a.device)
     loaded = load_model(a.model)
 
-    floor_before, _ = floor_time(a.model, spec, contexts, device, a.repeats)
+    floor_r = floor_rollout(a.model, spec, contexts, device)
+    floor_before, _ = floor_time(floor_r, spec, contexts, device, a.repeats)
     config = SweepConfig(probe="both", probes=a.probes, blocks=a.blocks)
     t_setup = time.perf_counter()
     setup = prepare(loaded, spec, contexts, device, config)
     t_setup = time.perf_counter() - t_setup
     queued = setup.rollout.async_steps
-    sweep_s, passes, scores = sweep_blocks(setup, config)
+    # The floor also timed after every block (one rollout of each context): a device whose speed drifts
+    # during the sweep (clocks, a neighbour) then drifts for both.
+    sweep_s, passes, scores, floor_inter_s = sweep_blocks(setup, config,
+                                                          lambda: floor_time(floor_r, spec, contexts, device, 1)[0])
     waited = None
     if queued:  # the same sweep on the same session, waiting for the device at every step
         setup.rollout.async_steps = False
-        w_s, w_passes, w_scores = sweep_blocks(setup, config)
+        w_s, w_passes, w_scores, _ = sweep_blocks(setup, config)
         setup.rollout.async_steps = True
         diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, w_scores))
         waited = {"sweep_s": w_s, "forward_passes": w_passes, "max_rel_gamma_diff": diff}
@@ -151,14 +171,14 @@ def main() -> None:
         other_mode = "shared" if mode == "own" else "own"
         os.environ["TQS_GPU_STREAM"] = other_mode
         o_setup = prepare(loaded, spec, contexts, device, config)
-        o_s, o_passes, o_scores = sweep_blocks(o_setup, config)
+        o_s, o_passes, o_scores, _ = sweep_blocks(o_setup, config)
         os.environ["TQS_GPU_STREAM"] = mode
         diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, o_scores))
         other = {"mode": other_mode, "sweep_s": o_s, "forward_passes": o_passes, "max_rel_gamma_diff": diff}
         del o_setup
     # The floor again, now that the device is warm (a GPU still at idle clocks made the first floor
     # measurement up to 2x slow); the faster of the two counts, so efficiency is never flattered.
-    floor_after, _ = floor_time(a.model, spec, contexts, device, a.repeats)
+    floor_after, _ = floor_time(floor_r, spec, contexts, device, a.repeats)
     floor = min(floor_before, floor_after)
     probes = len(setup.blocks) * (1 + a.probes)
     naive = naive_probe_time(loaded, setup, spec, contexts, device, min(3, len(setup.blocks)))
@@ -171,6 +191,7 @@ def main() -> None:
         "sweep_ms_per_forward": sweep_s / passes * 1e3,
         "sweep_s": sweep_s, "setup_s": t_setup, "forward_passes": passes,
         "efficiency": passes * floor / sweep_s,
+        "floor_ms_interleaved": floor_inter_s / passes * 1e3, "efficiency_interleaved": floor_inter_s / sweep_s,
         "sweep_ms_per_probe": per_probe * 1e3, "naive_ms_per_probe": naive * 1e3,
         "naive_over_sweep": naive / per_probe, "steps_queued": queued,
     }
@@ -187,6 +208,8 @@ def main() -> None:
           f"{floor_before * 1e3:.4f} before and {floor_after * 1e3:.4f} after the sweep)")
     print(f"  sweep per forward           {res['sweep_ms_per_forward']:.4f} ms   (setup {t_setup:.2f} s, once)")
     print(f"  efficiency                  {res['efficiency']:.3f}   (forward passes x floor / sweep time)")
+    print(f"  efficiency, floor interleaved {res['efficiency_interleaved']:.3f} (floor timed after every block: "
+          f"{res['floor_ms_interleaved']:.4f} ms per pass, weighted by the block's passes)")
     if waited:
         print(f"  efficiency waiting for the device at every step: {waited['efficiency']:.3f} "
               f"({waited['sweep_s']:.2f} s against {sweep_s:.2f} s queued; gamma differs by at most "

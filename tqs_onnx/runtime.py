@@ -115,6 +115,10 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
     """
     ort = _ort()
     so = ort.SessionOptions()
+    # Deterministic kernels (TQS_DETERMINISTIC=0 turns them off): on CUDA without them two processes
+    # running the same sweep disagreed by up to 1.2e-6 relative; with them they agree to the bit, at no
+    # measured cost (tools/results/gpu_h100/determinism.txt).
+    so.use_deterministic_compute = os.environ.get("TQS_DETERMINISTIC", "1").strip() != "0"
     so.log_severity_level = 4  # failures come back as exceptions, reported in one line
     # Without `optimize`: basic rewrites only (constant folding, no fusion of DequantizeLinear into
     # ORT's own kernels), which stays in memory where a fully unoptimized big model does not.
