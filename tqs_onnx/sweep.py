@@ -45,6 +45,7 @@ class SweepConfig:
     early_stop: float = 0.0  # tolerance on gamma over a sliding window of Gaussian draws; 0 = off
     early_window: int = 3
     early_horizon: bool = False  # also cut rollouts short once gamma_task(T) converges (can reorder blocks)
+    skip_unreached: bool = True  # two nonzero probes that leave every output bit-identical: skip the rest
 
     def __post_init__(self) -> None:
         if self.probe not in ("quant", "gauss", "both"):
@@ -97,6 +98,7 @@ class BlockScore:
     dead: bool = False
     nonfinite: bool = False
     forward_passes: int = 0
+    unreached: bool = False  # its remaining probes and tier rollouts were skipped (see score_block)
 
     @property
     def gamma(self) -> float:
@@ -236,21 +238,30 @@ def horizon_stop(norm: float, tol: float, window: int) -> StopFn | None:
 
 
 def gauss_score(setup: SweepSetup, w: dict[str, Any], block: Block, config: SweepConfig, norm: float,
-                stop: StopFn | None) -> ProbeScore:
+                stop: StopFn | None, quant_zero: bool | None = None) -> tuple[ProbeScore, bool]:
     """Seeded Gaussian draws of the quant residual's norm; with early stopping, draws end once the
-    running gamma has converged. Rollouts cut short at different steps are scored on their common length."""
+    running gamma has converged. Rollouts cut short at different steps are scored on their common length.
+
+    Also returns whether the block is unreached: the quant probe (`quant_zero`: it ran and changed no
+    output; None: it did not run) and the draws so far, two probes at least, all of nonzero norm,
+    changed no output at any step of any context. The remaining draws would give the same zeros, so
+    they are skipped (`config.skip_unreached`)."""
     sigma = gauss_sigma(norm, block.size)
     divs, running = [], []
     for p in range(config.probes):
         divs.append(divergence(setup, {n: setup.ops.gauss(v, probe_offset(config.seed, block.id, p, j), sigma)
                                        for j, (n, v) in enumerate(w.items())}, stop))
+        if config.skip_unreached and norm > 0 and quant_zero is not False and int(bool(quant_zero)) + len(divs) >= 2 \
+                and all(not np.any(d) for d in divs):
+            t = min(d.shape[1] for d in divs)
+            return score_divergence(np.stack([d[:, :t] for d in divs]), norm), True
         if config.early_stop > 0:
             t = min(d.shape[1] for d in divs)
             running.append(score_divergence(np.stack([d[:, :t] for d in divs]), norm).gamma_task)
             if converged(np.array(running), config.early_stop, config.early_window):
                 break
     t = min(d.shape[1] for d in divs)
-    return score_divergence(np.stack([d[:, :t] for d in divs]), norm)
+    return score_divergence(np.stack([d[:, :t] for d in divs]), norm), False
 
 
 def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: list[Tier]) -> BlockScore:
@@ -265,15 +276,22 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
     norm = math.sqrt(sum(ops.sqdiff(quantized[n], v) for n, v in w.items()))
     score = BlockScore(block.id, block.name, block.weights, block.size, norm)
     stop = horizon_stop(norm, config.early_stop, config.early_window) if config.early_horizon else None
+    quant_zero = None  # the quant probe left every output bit-identical (None: not run)
     if config.probe in ("quant", "both"):
-        score.quant = score_divergence(divergence(setup, quantized, stop), norm)
+        qdiv = divergence(setup, quantized, stop)
+        score.quant = score_divergence(qdiv, norm)
+        quant_zero = not np.any(qdiv)
     if config.probe in ("gauss", "both"):
-        score.gauss = gauss_score(setup, w, block, config, norm, stop)
+        score.gauss, score.unreached = gauss_score(setup, w, block, config, norm, stop, quant_zero)
     axes = {x.name: (x.channel_axis, x.block_axis) for x in setup.weights if x.name in w}
     for tier in tiers:
-        if not tier.is_identity:
-            d = divergence(setup, {n: ops.tier(v, tier, axes[n]) for n, v in w.items()}).sum(axis=-1)
-            score.damage[str(tier)] = float(d.mean()) if np.all(np.isfinite(d)) else math.inf
+        if tier.is_identity:
+            continue
+        if score.unreached:  # outputs do not depend on these weights under this spec and these contexts
+            score.damage[str(tier)] = 0.0
+            continue
+        d = divergence(setup, {n: ops.tier(v, tier, axes[n]) for n, v in w.items()}).sum(axis=-1)
+        score.damage[str(tier)] = float(d.mean()) if np.all(np.isfinite(d)) else math.inf
     score.nonfinite = any(p is not None and p.nonfinite for p in (score.quant, score.gauss))
     score.dead = not score.nonfinite and score.gamma <= config.gamma_min
     score.forward_passes = setup.rollout.forward_passes - passes0
