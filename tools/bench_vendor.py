@@ -32,7 +32,7 @@ import vendor_assets as va  # noqa: E402
 from tqs_onnx.cli import DEFAULT_SWEEP_TIERS  # noqa: E402
 
 UNIFORM_TIERS = ("int8/channel", "int6/channel", "int4/channel", "int2/channel")
-SWEEP_TIERS = f"{DEFAULT_SWEEP_TIERS},int6/channel"  # the defaults and the opt-in int6, so the INT6 size has its tier
+SWEEP_TIERS = DEFAULT_SWEEP_TIERS  # every default tier (int6/channel included: the INT6 size has its tier)
 BETWEEN = ("int8/channel", "int4/channel")  # the extra TQS point sits between these two sizes
 SWEEP_SEED, EVAL_SEED = 0, 1000
 # Below the uniform plan's planned compression by a hair, so that plan fits the TQS budget exactly

@@ -528,7 +528,7 @@ def _frontier_parsers(sub) -> None:
     s.set_defaults(func=cmd_report)
 
 
-DEFAULT_SWEEP_TIERS = "bf16,int8,int8/channel,int4,int4/channel,int2,int2/channel"
+DEFAULT_SWEEP_TIERS = "bf16,int8,int8/channel,int6/channel,int4,int4/channel,int2,int2/channel"
 
 
 def main(argv: list[str] | None = None) -> int:

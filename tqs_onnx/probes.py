@@ -130,10 +130,7 @@ def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int 
     inits += scale_inits
     out = "Yq"
     nodes += _rtn_nodes(src, scale, "qmax", out, "t")
-    if tier.is_split:
-        nodes = nodes[:-1] + _split_nodes("tq", scale, out, tier.scale_fmt == "fp16")
-        inits += [_const("four", 4.0), _const("quarter", 0.25)]
-    if tier.scale_fmt == "fp16" and not tier.is_split:  # DequantizeLinear multiplies in the fp16 scale's type
+    if tier.scale_fmt == "fp16":  # DequantizeLinear multiplies in the fp16 scale's type
         nodes += [n("Cast", [out], [f"{out}16"], to=TensorProto.FLOAT16), n("Cast", [f"{out}16"], [f"{out}r"], to=TensorProto.FLOAT)]
         out = f"{out}r"
     if gran == "block":
@@ -141,22 +138,6 @@ def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int 
     else:
         nodes.append(n("Identity", [out], ["Y"]))
     return _model(nodes, [_f("W", list(shape))], [_f("Y", list(shape))], inits)
-
-
-def _split_nodes(q: str, scale: str, out: str, fp16: bool) -> list:
-    """int6 as written: hi = floor(q / 4), lo = q - 4 hi; out = hi * (4 scale) + lo * scale, each
-    DequantizeLinear product rounded to the scale's type (fp16 scales: to fp16), the sum in float32."""
-    n = helper.make_node
-
-    def rounded(src: str, dst: str) -> list:
-        if not fp16:
-            return [n("Identity", [src], [dst])]
-        return [n("Cast", [src], [f"{dst}16"], to=TensorProto.FLOAT16), n("Cast", [f"{dst}16"], [dst], to=TensorProto.FLOAT)]
-
-    return [n("Mul", [q, "quarter"], ["qd"]), n("Floor", ["qd"], ["hi"]), n("Mul", ["hi", "four"], ["hi4"]),
-            n("Sub", [q, "hi4"], ["lo"]), n("Mul", [scale, "four"], ["s4"]), n("Mul", ["hi", "s4"], ["phr"]),
-            *rounded("phr", "ph"), n("Mul", ["lo", scale], ["plr"]), *rounded("plr", "pl"),
-            n("Add", ["ph", "pl"], [out])]
 
 
 def _sign_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None]) -> bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from tqs_onnx.tiers import Tier, low_name, split_int6, stored_names
+from tqs_onnx.tiers import Tier, stored_names
 
 _STORAGE = {"int8": np.int8, "int6": np.int8, "int4": ml_dtypes.int4, "int2": ml_dtypes.int2}
 _FLOAT_STORAGE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
@@ -102,32 +102,27 @@ def quantize(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
 
 def stored(q: np.ndarray, tier: Tier) -> np.ndarray:
     """The integer tensor as the file holds it: int1 signs packed 8 per uint8 byte (element 8j+k at
-    bit k of byte j), shape (bytes, 1); other formats as they are (int6: see `stored_parts`)."""
-    if not tier.is_sign:
-        return q
-    return np.packbits(q.ravel() > 0, bitorder="little").reshape(-1, 1)
+    bit k of byte j), shape (bytes, 1); int6 as u = q + 32, four 6-bit values in three bytes, shape
+    (groups, 3) (see `tiers._unpack_int6_nodes`); other formats as they are."""
+    if tier.is_sign:
+        return np.packbits(q.ravel() > 0, bitorder="little").reshape(-1, 1)
+    if tier.is_packed6:
+        u = (q.ravel().astype(np.int16) + 32).astype(np.uint8)
+        u = np.concatenate([u, np.full(-u.size % 4, 32, np.uint8)]).reshape(-1, 4)
+        top = [(u[:, 3] >> (2 * j)) & 3 for j in range(3)]
+        return np.stack([u[:, k] | (top[k] << 6) for k in range(3)], axis=1).astype(np.uint8)
+    return q
 
 
 def stored_parts(name: str, q: np.ndarray, tier: Tier) -> list[tuple[str, np.ndarray]]:
-    """(initializer name, array) of every integer tensor the file holds for weight `name`:
-    one, or for int6 the int4 high part and the uint2 low part."""
-    if tier.is_split:
-        hi, lo = split_int6(q)
-        return [(stored_names(name)[0], hi.astype(ml_dtypes.int4)), (low_name(name), lo.astype(ml_dtypes.uint2))]
+    """(initializer name, array) of every integer tensor the file holds for weight `name`."""
     return [(stored_names(name)[0], stored(q, tier))]
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, tier: Tier, channel_axis: int | None = None,
                block_axis: int | None = None) -> np.ndarray:
-    """What DequantizeLinear returns: q * scale in the scale's float type (int6: the sum of the two
-    parts' DequantizeLinear outputs, hi * (4 * scale) + lo * scale, each rounded to that type, added in
-    float32: the writer casts fp16 parts back to a float32 weight's type before adding)."""
+    """What DequantizeLinear returns: q * scale in the scale's float type."""
     s = _broadcast_scale(scale, q.shape, tier, channel_axis, block_axis)
-    if tier.is_split:
-        hi, lo = split_int6(q)
-        s4 = (s * s.dtype.type(4)).astype(s.dtype)
-        parts = (hi.astype(s.dtype) * s4).astype(s.dtype), (lo.astype(s.dtype) * s).astype(s.dtype)
-        return parts[0].astype(np.float32) + parts[1].astype(np.float32)
     return (q.astype(np.int8).astype(s.dtype) * s).astype(s.dtype)
 
 

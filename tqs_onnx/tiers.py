@@ -7,9 +7,9 @@ tensor of zeros of its shape (ConstantOfShape), which stores no data; it is mean
 whose measured damage is nil. ``int1`` keeps each weight's sign and one scale per group, the mean
 absolute value (the L2-best scale for signs); ONNX has no 1-bit type, so the signs are packed eight to
 a uint8 byte and unpacked in the graph by BitShift before DequantizeLinear. ``int6`` is the symmetric
-6-bit grid [-31, 31]; ONNX has no 6-bit type either, so each value q is stored as two standard tensors,
-q = 4 * hi + lo with hi = floor(q / 4) an int4 and lo in [0, 3] a uint2, and the graph adds two
-DequantizeLinear outputs (hi at 4 x scale, lo at scale, one stored scale). Storage counts the packed integers and every scale, so a plan's planned
+6-bit grid [-31, 31]; ONNX has no 6-bit type either, so each value is stored as u = q + 32 in 6 bits,
+four to three uint8 bytes, and unpacked in the graph (BitShift, Concat) into uint8 for DequantizeLinear
+with zero point 32. ORT folds both unpackings at load. Storage counts the packed integers and every scale, so a plan's planned
 size is what the written file holds.
 """
 
@@ -60,8 +60,8 @@ class Tier:
         return self.fmt == "int1"
 
     @property
-    def is_split(self) -> bool:
-        """int6: stored as an int4 high part and a uint2 low part (q = 4 * hi + lo)."""
+    def is_packed6(self) -> bool:
+        """int6: q + 32 in 6 bits, four values in three uint8 bytes."""
         return self.fmt == "int6"
 
     @property
@@ -156,24 +156,10 @@ def parse_tiers(text: str) -> list[Tier]:
 
 
 def packed_bytes(tier: Tier, n: int) -> int:
-    """Bytes of an integer tier's stored values for n weights (int6: an int4 and a uint2 tensor)."""
-    if tier.is_split:
-        return math.ceil(n * 4 / 8) + math.ceil(n * 2 / 8)
+    """Bytes of an integer tier's stored values for n weights (int6: three bytes per four values)."""
+    if tier.is_packed6:
+        return 3 * math.ceil(n / 4)
     return math.ceil(n * tier.bits / 8)
-
-
-def split_int6(q):
-    """int6 values in [-31, 31] (any integer array) -> (hi, lo): q = 4 * hi + lo, hi in [-8, 7], lo in [0, 3]."""
-    import numpy as np
-
-    q = np.asarray(q).astype(np.int8)
-    hi = np.floor_divide(q, 4).astype(np.int8)
-    return hi, (q - 4 * hi).astype(np.int8)
-
-
-def low_name(name: str) -> str:
-    """Name of an int6 weight's stored low part (its high part takes `stored_names(name)[0]`)."""
-    return f"{name}__qlo"
 
 
 def stored_names(name: str) -> tuple[str, str]:
@@ -187,7 +173,9 @@ def stored_int_form(tier: Tier, shape: tuple[int, ...]) -> tuple[int, list[int]]
 
     if tier.is_sign:
         return onnx.TensorProto.UINT8, [-(-math.prod(shape) // 8), 1]
-    dtype = {"int8": onnx.TensorProto.INT8, "int6": onnx.TensorProto.INT4, "int4": onnx.TensorProto.INT4, "int2": onnx.TensorProto.INT2}[tier.fmt]
+    if tier.is_packed6:
+        return onnx.TensorProto.UINT8, [-(-math.prod(shape) // 4), 3]
+    dtype = {"int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.INT4, "int2": onnx.TensorProto.INT2}[tier.fmt]
     return dtype, list(shape)
 
 
@@ -226,12 +214,49 @@ def _unpack_sign_nodes(name: str, shape: tuple[int, ...], out: str) -> list:
     return nodes
 
 
+def _unpack_int6_nodes(name: str, shape: tuple[int, ...], out: str) -> list:
+    """Packed int6 (uint8 [m, 3]: bytes b0 b1 b2 of four values u0..u3 = q + 32, u_k in the low 6 bits
+    of b_k for k < 3, u3's bits 2j..2j+1 in the top 2 bits of b_j) -> uint8 u of `shape`."""
+    import onnx
+    from onnx import helper
+
+    n = math.prod(shape)
+    u8, i64 = onnx.TensorProto.UINT8, onnx.TensorProto.INT64
+
+    def const(tag: str, dtype: int, values: list[int]) -> onnx.NodeProto:
+        t = helper.make_tensor(f"{name}__{tag}", dtype, [len(values)], values)
+        return helper.make_node("Constant", [], [f"{name}__{tag}"], name=f"{name}/{tag}", value=t)
+
+    def node(op: str, ins: list[str], tag: str, **kw) -> onnx.NodeProto:
+        return helper.make_node(op, ins, [f"{name}__{tag}"], name=f"{name}/{tag}", **kw)
+
+    q = stored_names(name)[0]
+    nodes = [const("c2", u8, [2]), const("c6", u8, [6]), const("sh", u8, [0, 2, 4]), const("ax1", i64, [1]),
+             const("shape", i64, list(shape)),
+             node("BitShift", [q, f"{name}__c2"], "up", direction="LEFT"),
+             node("BitShift", [f"{name}__up", f"{name}__c2"], "low", direction="RIGHT"),
+             node("BitShift", [q, f"{name}__c6"], "top", direction="RIGHT"),
+             node("BitShift", [f"{name}__top", f"{name}__sh"], "tops", direction="LEFT"),
+             node("Cast", [f"{name}__tops"], "tops32", to=onnx.TensorProto.INT32),
+             node("ReduceSum", [f"{name}__tops32", f"{name}__ax1"], "u3w", keepdims=1),
+             node("Cast", [f"{name}__u3w"], "u3", to=u8),
+             node("Concat", [f"{name}__low", f"{name}__u3"], "four", axis=1)]
+    flat = f"{name}__four"
+    if n % 4:  # the last group's padding
+        nodes += [const("flat", i64, [-1]), const("n", i64, [n]), const("z", i64, [0]),
+                  node("Reshape", [flat, f"{name}__flat"], "all"),
+                  node("Slice", [f"{name}__all", f"{name}__z", f"{name}__n"], "used")]
+        flat = f"{name}__used"
+    nodes.append(helper.make_node("Reshape", [flat, f"{name}__shape"], [out], name=f"{name}/Unpack"))
+    return nodes
+
+
 def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None, int | None],
                   orig_type: int = 1, shape: tuple[int, ...] = ()) -> list:
     """Nodes that recreate weight `name` from its stored form (shared by the writer and the planner).
 
     DequantizeLinear returns the scale's type, so fp16 scales on a float32 weight need a Cast back.
-    `shape` is needed by the zero and int1 tiers (their nodes hold it).
+    `shape` is needed by the zero, int1 and int6 tiers (their nodes hold it).
     """
     import onnx
 
@@ -245,12 +270,14 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
         return [onnx.helper.make_node("Cast", [f"{name}__{tier.fmt}"], [name], name=f"{name}/Cast", to=orig_type)]
     q, s = stored_names(name)
     nodes, zero_point = [], []
-    if tier.is_sign:
-        nodes = _unpack_sign_nodes(name, shape, f"{name}__signs")
+    if tier.is_sign or tier.is_packed6:
+        unpacked = f"{name}__signs" if tier.is_sign else f"{name}__u6"
+        nodes = (_unpack_sign_nodes if tier.is_sign else _unpack_int6_nodes)(name, shape, unpacked)
+        zp = 1 if tier.is_sign else 32
         nodes += [onnx.helper.make_node("Shape", [s], [f"{name}__sshape"], name=f"{name}/ScaleShape"),
                   onnx.helper.make_node("ConstantOfShape", [f"{name}__sshape"], [f"{name}__zp"], name=f"{name}/ZeroPoint",
-                                        value=onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [1]))]
-        q, zero_point = f"{name}__signs", [f"{name}__zp"]
+                                        value=onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [zp]))]
+        q, zero_point = unpacked, [f"{name}__zp"]
     attrs = {}
     if tier.granularity == "channel" and scale_rank == 1:
         attrs["axis"] = axes[0]
@@ -258,23 +285,6 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
         attrs["axis"], attrs["block_size"] = axes[1], tier.block_size
     recast = tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16
     dq_out = f"{name}__dq" if recast else name
-    if tier.is_split:  # (hi * 4 scale) + (lo * scale): products in the scale's type, the sum in the weight's
-        stype = onnx.TensorProto.FLOAT16 if tier.scale_fmt == "fp16" or orig_type == onnx.TensorProto.FLOAT16 \
-            else onnx.TensorProto.FLOAT
-        four = onnx.helper.make_tensor("value", stype, [], [4.0])
-        nodes += [onnx.helper.make_node("Constant", [], [f"{name}__four"], name=f"{name}/Four", value=four),
-                  onnx.helper.make_node("Mul", [s, f"{name}__four"], [f"{name}__scale4"], name=f"{name}/Scale4")]
-        parts = []
-        for part, src, scale in (("hi", q, f"{name}__scale4"), ("lo", low_name(name), s)):
-            out = f"{name}__{part}"
-            nodes.append(onnx.helper.make_node("DequantizeLinear", [src, scale], [f"{out}16" if recast else out],
-                                               name=f"{name}/Dequantize{part.title()}", **attrs))
-            if recast:  # an fp16 sum would round once more
-                nodes.append(onnx.helper.make_node("Cast", [f"{out}16"], [out], name=f"{name}/Cast{part.title()}",
-                                                   to=orig_type))
-            parts.append(out)
-        nodes.append(onnx.helper.make_node("Add", parts, [name], name=f"{name}/Add"))
-        return nodes
     nodes.append(onnx.helper.make_node("DequantizeLinear", [q, s, *zero_point], [dq_out], name=f"{name}/DequantizeLinear",
                                        **attrs))
     if recast:
@@ -321,11 +331,7 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
         count = tier.scale_count(shape, *axes)
         sdims = [] if rank == 0 else [count] if rank == 1 else \
             [shape[i] if i != axes[1] else -(-shape[i] // tier.block_size) for i in range(len(shape))]
-        if tier.is_split:
-            added += _tensor_header(q, onnx.TensorProto.INT4, list(shape), math.ceil(n / 2))
-            added += _tensor_header(low_name(name), onnx.TensorProto.UINT2, list(shape), math.ceil(n / 4))
-        else:
-            added += _tensor_header(q, *stored_int_form(tier, shape), math.ceil(n * tier.bits / 8))
+        added += _tensor_header(q, *stored_int_form(tier, shape), packed_bytes(tier, n))
         stype = onnx.TensorProto.FLOAT16 if tier.scale_fmt == "fp16" else onnx.TensorProto.FLOAT
         added += _tensor_header(s, stype, sdims, count * (2 if tier.scale_fmt == "fp16" else 4))
     else:
