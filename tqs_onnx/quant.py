@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from tqs_onnx.tiers import Tier, stored_names
+from tqs_onnx.tiers import Tier, high_name, stored_names
 
 _STORAGE = {"int8": np.int8, "int6": np.int8, "int4": ml_dtypes.int4, "int2": ml_dtypes.int2}
 _FLOAT_STORAGE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
@@ -102,20 +102,19 @@ def quantize(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
 
 def stored(q: np.ndarray, tier: Tier) -> np.ndarray:
     """The integer tensor as the file holds it: int1 signs packed 8 per uint8 byte (element 8j+k at
-    bit k of byte j), shape (bytes, 1); int6 as u = q + 32, four 6-bit values in three bytes, shape
-    (groups, 3) (see `tiers._unpack_int6_nodes`); other formats as they are."""
+    bit k of byte j), shape (bytes, 1); other formats as they are (int6: see `stored_parts`)."""
     if tier.is_sign:
         return np.packbits(q.ravel() > 0, bitorder="little").reshape(-1, 1)
-    if tier.is_packed6:
-        u = (q.ravel().astype(np.int16) + 32).astype(np.uint8)
-        u = np.concatenate([u, np.full(-u.size % 4, 32, np.uint8)]).reshape(-1, 4)
-        top = [(u[:, 3] >> (2 * j)) & 3 for j in range(3)]
-        return np.stack([u[:, k] | (top[k] << 6) for k in range(3)], axis=1).astype(np.uint8)
     return q
 
 
 def stored_parts(name: str, q: np.ndarray, tier: Tier) -> list[tuple[str, np.ndarray]]:
-    """(initializer name, array) of every integer tensor the file holds for weight `name`."""
+    """(initializer name, array) of every integer tensor the file holds for weight `name`: one, or for
+    int6 the low 4 bits (uint4) and the high 2 bits (uint2) of u = q + 32."""
+    if tier.is_packed6:
+        u = (q.astype(np.int16) + 32).astype(np.uint8)
+        return [(stored_names(name)[0], (u & 15).astype(ml_dtypes.uint4)),
+                (high_name(name), (u >> 4).astype(ml_dtypes.uint2))]
     return [(stored_names(name)[0], stored(q, tier))]
 
 

@@ -7,9 +7,9 @@ tensor of zeros of its shape (ConstantOfShape), which stores no data; it is mean
 whose measured damage is nil. ``int1`` keeps each weight's sign and one scale per group, the mean
 absolute value (the L2-best scale for signs); ONNX has no 1-bit type, so the signs are packed eight to
 a uint8 byte and unpacked in the graph by BitShift before DequantizeLinear. ``int6`` is the symmetric
-6-bit grid [-31, 31]; ONNX has no 6-bit type either, so each value is stored as u = q + 32 in 6 bits,
-four to three uint8 bytes, and unpacked in the graph (BitShift, Concat) into uint8 for DequantizeLinear
-with zero point 32. ORT folds both unpackings at load. Storage counts the packed integers and every scale, so a plan's planned
+6-bit grid [-31, 31]; ONNX has no 6-bit type either, so u = q + 32 is stored as two planes of the
+weight's shape, its low 4 bits (uint4) and its high 2 bits (uint2), joined in the graph (Cast, BitShift,
+BitwiseOr) into uint8 for DequantizeLinear with zero point 32. ORT folds both unpackings at load. Storage counts the packed integers and every scale, so a plan's planned
 size is what the written file holds.
 """
 
@@ -61,7 +61,7 @@ class Tier:
 
     @property
     def is_packed6(self) -> bool:
-        """int6: q + 32 in 6 bits, four values in three uint8 bytes."""
+        """int6: u = q + 32 stored as a uint4 plane (low bits) and a uint2 plane (high bits)."""
         return self.fmt == "int6"
 
     @property
@@ -156,10 +156,15 @@ def parse_tiers(text: str) -> list[Tier]:
 
 
 def packed_bytes(tier: Tier, n: int) -> int:
-    """Bytes of an integer tier's stored values for n weights (int6: three bytes per four values)."""
+    """Bytes of an integer tier's stored values for n weights (int6: a uint4 and a uint2 plane)."""
     if tier.is_packed6:
-        return 3 * math.ceil(n / 4)
+        return math.ceil(n / 2) + math.ceil(n / 4)
     return math.ceil(n * tier.bits / 8)
+
+
+def high_name(name: str) -> str:
+    """Name of an int6 weight's high plane (its low plane takes `stored_names(name)[0]`)."""
+    return f"{name}__qhi"
 
 
 def stored_names(name: str) -> tuple[str, str]:
@@ -173,8 +178,8 @@ def stored_int_form(tier: Tier, shape: tuple[int, ...]) -> tuple[int, list[int]]
 
     if tier.is_sign:
         return onnx.TensorProto.UINT8, [-(-math.prod(shape) // 8), 1]
-    if tier.is_packed6:
-        return onnx.TensorProto.UINT8, [-(-math.prod(shape) // 4), 3]
+    if tier.is_packed6:  # the low plane (the high plane: UINT2, same dims)
+        return onnx.TensorProto.UINT4, list(shape)
     dtype = {"int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.INT4, "int2": onnx.TensorProto.INT2}[tier.fmt]
     return dtype, list(shape)
 
@@ -215,40 +220,19 @@ def _unpack_sign_nodes(name: str, shape: tuple[int, ...], out: str) -> list:
 
 
 def _unpack_int6_nodes(name: str, shape: tuple[int, ...], out: str) -> list:
-    """Packed int6 (uint8 [m, 3]: bytes b0 b1 b2 of four values u0..u3 = q + 32, u_k in the low 6 bits
-    of b_k for k < 3, u3's bits 2j..2j+1 in the top 2 bits of b_j) -> uint8 u of `shape`."""
+    """int6 planes (uint4 low bits, uint2 high bits of u = q + 32) -> uint8 u: lo | (hi << 4)."""
     import onnx
     from onnx import helper
 
-    n = math.prod(shape)
-    u8, i64 = onnx.TensorProto.UINT8, onnx.TensorProto.INT64
-
-    def const(tag: str, dtype: int, values: list[int]) -> onnx.NodeProto:
-        t = helper.make_tensor(f"{name}__{tag}", dtype, [len(values)], values)
-        return helper.make_node("Constant", [], [f"{name}__{tag}"], name=f"{name}/{tag}", value=t)
-
-    def node(op: str, ins: list[str], tag: str, **kw) -> onnx.NodeProto:
-        return helper.make_node(op, ins, [f"{name}__{tag}"], name=f"{name}/{tag}", **kw)
-
-    q = stored_names(name)[0]
-    nodes = [const("c2", u8, [2]), const("c6", u8, [6]), const("sh", u8, [0, 2, 4]), const("ax1", i64, [1]),
-             const("shape", i64, list(shape)),
-             node("BitShift", [q, f"{name}__c2"], "up", direction="LEFT"),
-             node("BitShift", [f"{name}__up", f"{name}__c2"], "low", direction="RIGHT"),
-             node("BitShift", [q, f"{name}__c6"], "top", direction="RIGHT"),
-             node("BitShift", [f"{name}__top", f"{name}__sh"], "tops", direction="LEFT"),
-             node("Cast", [f"{name}__tops"], "tops32", to=onnx.TensorProto.INT32),
-             node("ReduceSum", [f"{name}__tops32", f"{name}__ax1"], "u3w", keepdims=1),
-             node("Cast", [f"{name}__u3w"], "u3", to=u8),
-             node("Concat", [f"{name}__low", f"{name}__u3"], "four", axis=1)]
-    flat = f"{name}__four"
-    if n % 4:  # the last group's padding
-        nodes += [const("flat", i64, [-1]), const("n", i64, [n]), const("z", i64, [0]),
-                  node("Reshape", [flat, f"{name}__flat"], "all"),
-                  node("Slice", [f"{name}__all", f"{name}__z", f"{name}__n"], "used")]
-        flat = f"{name}__used"
-    nodes.append(helper.make_node("Reshape", [flat, f"{name}__shape"], [out], name=f"{name}/Unpack"))
-    return nodes
+    u8 = onnx.TensorProto.UINT8
+    lo, hi = stored_names(name)[0], high_name(name)
+    four = helper.make_tensor(f"{name}__c4", u8, [1], [4])
+    return [helper.make_node("Constant", [], [f"{name}__c4"], name=f"{name}/c4", value=four),
+            helper.make_node("Cast", [lo], [f"{name}__lo8"], name=f"{name}/CastLow", to=u8),
+            helper.make_node("Cast", [hi], [f"{name}__hi8"], name=f"{name}/CastHigh", to=u8),
+            helper.make_node("BitShift", [f"{name}__hi8", f"{name}__c4"], [f"{name}__hi16"], name=f"{name}/Shift",
+                             direction="LEFT"),
+            helper.make_node("BitwiseOr", [f"{name}__lo8", f"{name}__hi16"], [out], name=f"{name}/Join")]
 
 
 def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None, int | None],
@@ -331,7 +315,11 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
         count = tier.scale_count(shape, *axes)
         sdims = [] if rank == 0 else [count] if rank == 1 else \
             [shape[i] if i != axes[1] else -(-shape[i] // tier.block_size) for i in range(len(shape))]
-        added += _tensor_header(q, *stored_int_form(tier, shape), packed_bytes(tier, n))
+        if tier.is_packed6:
+            added += _tensor_header(q, onnx.TensorProto.UINT4, list(shape), math.ceil(n / 2))
+            added += _tensor_header(high_name(name), onnx.TensorProto.UINT2, list(shape), math.ceil(n / 4))
+        else:
+            added += _tensor_header(q, *stored_int_form(tier, shape), packed_bytes(tier, n))
         stype = onnx.TensorProto.FLOAT16 if tier.scale_fmt == "fp16" else onnx.TensorProto.FLOAT
         added += _tensor_header(s, stype, sdims, count * (2 if tier.scale_fmt == "fp16" else 4))
     else:
