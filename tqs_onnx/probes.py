@@ -130,9 +130,6 @@ def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int 
     inits += scale_inits
     out = "Yq"
     nodes += _rtn_nodes(src, scale, "qmax", out, "t")
-    if tier.scale_fmt == "fp16":  # DequantizeLinear multiplies in the fp16 scale's type
-        nodes += [n("Cast", [out], [f"{out}16"], to=TensorProto.FLOAT16), n("Cast", [f"{out}16"], [f"{out}r"], to=TensorProto.FLOAT)]
-        out = f"{out}r"
     if gran == "block":
         nodes += [n("Reshape", [out, "pshape"], ["Yp"]), n("Slice", ["Yp", "st", "en", "ax"], ["Y"])]
     else:

@@ -119,9 +119,11 @@ def stored_parts(name: str, q: np.ndarray, tier: Tier) -> list[tuple[str, np.nda
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, tier: Tier, channel_axis: int | None = None,
-               block_axis: int | None = None) -> np.ndarray:
-    """What DequantizeLinear returns: q * scale in the scale's float type."""
+               block_axis: int | None = None, dtype: np.dtype | None = None) -> np.ndarray:
+    """What the written graph computes: q * scale in `dtype` (default the scale's type). The writer
+    casts fp16 scales of a float32 weight to float32 before DequantizeLinear, so pass float32 there."""
     s = _broadcast_scale(scale, q.shape, tier, channel_axis, block_axis)
+    s = s.astype(dtype or s.dtype)
     return (q.astype(np.int8).astype(s.dtype) * s).astype(s.dtype)
 
 
@@ -140,4 +142,4 @@ def apply_tier(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
     if not tier.is_int:
         return to_storage(w, tier).astype(w.dtype)
     q, scale = quantize(w, tier, channel_axis, block_axis)
-    return dequantize(q, scale, tier, channel_axis, block_axis).astype(w.dtype)
+    return dequantize(q, scale, tier, channel_axis, block_axis, w.dtype).astype(w.dtype)

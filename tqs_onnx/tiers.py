@@ -239,7 +239,9 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
                   orig_type: int = 1, shape: tuple[int, ...] = ()) -> list:
     """Nodes that recreate weight `name` from its stored form (shared by the writer and the planner).
 
-    DequantizeLinear returns the scale's type, so fp16 scales on a float32 weight need a Cast back.
+    DequantizeLinear returns the scale's type, so fp16 scales of a float32 weight are cast to float32
+    first: ORT folds that Cast at load, the weight is rebuilt in float32 (q * float(scale)), and the
+    DequantizeLinear still fuses into MatMulNBits (a Cast after it would not).
     `shape` is needed by the zero, int1 and int6 tiers (their nodes hold it).
     """
     import onnx
@@ -267,12 +269,12 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
         attrs["axis"] = axes[0]
     elif tier.granularity == "block" and scale_rank > 0:
         attrs["axis"], attrs["block_size"] = axes[1], tier.block_size
-    recast = tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16
-    dq_out = f"{name}__dq" if recast else name
-    nodes.append(onnx.helper.make_node("DequantizeLinear", [q, s, *zero_point], [dq_out], name=f"{name}/DequantizeLinear",
-                                       **attrs))
-    if recast:
-        nodes.append(onnx.helper.make_node("Cast", [dq_out], [name], name=f"{name}/Cast", to=orig_type))
+    scale = s
+    if tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16:
+        scale = f"{name}__scale32"
+        nodes.append(onnx.helper.make_node("Cast", [s], [scale], name=f"{name}/CastScale", to=orig_type))
+    nodes.append(onnx.helper.make_node("DequantizeLinear", [q, scale, *zero_point], [name],
+                                       name=f"{name}/DequantizeLinear", **attrs))
     return nodes
 
 
