@@ -156,9 +156,11 @@ def test_external_data_written_and_checked(tmp_path):
     assert not list((tmp_path / "ext").glob(".*"))  # no temp files left behind
 
 
-@pytest.mark.parametrize("tier", ["int4/block32", "int8/channel", "int4/channel", "int8"])
+@pytest.mark.parametrize("tier", ["int4/block32", "int8/channel", "int4/channel", "int8", "int6/channel", "int6/block32",
+                                  "int1/channel", "int8/channel/fp16", "int4/block32/fp16", "int6/channel/fp16"])
 def test_matmul_forms_are_fused_by_onnxruntime(tmp_path, tier):
-    """The written DQ -> MatMul is fused (MatMulNBits): no weight is dequantized per call."""
+    """The written DQ -> MatMul is fused (MatMulNBits): no weight is dequantized per call. The int1
+    and int6 unpacking and the Cast of fp16 scales are folded at load first."""
     W = np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32)
     m = model([helper.make_node("MatMul", ["x", "W"], ["y"])], [init("W", W)], [vec("x", 128)], [vec("y", 64)])
     onnx.save(m, tmp_path / "m.onnx")
