@@ -1,7 +1,11 @@
 """Write weights at their tiers: integers + scales behind DequantizeLinear, or fp16/bf16 behind Cast.
 
 The rewritten tensor keeps its name as the output of the new DequantizeLinear/Cast node, so every
-consumer (including subgraphs reading it from the outer scope) is unchanged.
+consumer (including subgraphs reading it from the outer scope) is unchanged, with one exception: an
+integer weight read only as B by Gemm nodes with transB=1 is stored transposed and those Gemms get
+transB=0. The values are the same, and ONNX Runtime fuses DequantizeLinear -> Gemm(transB=0) into
+MatMulNBits, which it does not do with transB=1 (it would dequantize the weight on every call).
+The file keeps its size to the byte: same tensors transposed, same nodes, transB still written.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class WriteTiers:
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
+        flip = self._transposable(graph)
         new_nodes, new_inits, keep = [], [], []
         done: dict[str, str] = {}
         for init in graph.initializer:
@@ -44,12 +49,17 @@ class WriteTiers:
                 new_nodes += rewrite_nodes(init.name, tier, 0, self.axes[init.name], init.data_type,
                                            tuple(init.dims))
             elif tier.is_int:
-                q, scale = quantize(self.read(init), tier, *self.axes[init.name])
+                axes, shape = self.axes[init.name], tuple(init.dims)
+                q, scale = quantize(self.read(init), tier, *axes)
+                if init.name in flip:  # Gemm(transB=1) -> transB=0 on the transposed weight
+                    q = np.ascontiguousarray(q.T)
+                    scale = np.ascontiguousarray(scale.T) if scale.ndim == 2 else scale
+                    axes = tuple(None if a is None else 1 - a for a in axes)
+                    shape = shape[::-1]
                 sn = stored_names(init.name)[1]
                 new_inits += [numpy_helper.from_array(a, n) for n, a in stored_parts(init.name, q, tier)]
                 new_inits.append(numpy_helper.from_array(scale, sn))
-                new_nodes += rewrite_nodes(init.name, tier, scale.ndim, self.axes[init.name], init.data_type,
-                                           tuple(init.dims))
+                new_nodes += rewrite_nodes(init.name, tier, scale.ndim, axes, init.data_type, shape)
             else:
                 low = f"{init.name}__{tier.fmt}"
                 new_inits.append(numpy_helper.from_array(to_storage(self.read(init), tier), low))
@@ -68,6 +78,40 @@ class WriteTiers:
         del graph.input[:]
         graph.input.extend(kept_inputs)
         nodes = list(graph.node)
+        for node in nodes:
+            if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in flip:
+                next(a for a in node.attribute if a.name == "transB").i = 0
         del graph.node[:]
         graph.node.extend(new_nodes + nodes)
-        return PassResult(model, bool(done), {"rewritten": done})
+        return PassResult(model, bool(done), {"rewritten": done, "transposed": sorted(flip)})
+
+    def _transposable(self, graph: onnx.GraphProto) -> set[str]:
+        """Integer-tier 2-D weights of the main graph read only as B of Gemm nodes with transB=1 (and
+        with no value_info, whose shape would change)."""
+        readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                readers.setdefault(name, []).append((node, i))
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                for name in _subgraph_inputs(node):  # read inside a branch or loop body: left alone
+                    readers.setdefault(name, []).append((node, -1))
+        typed = {v.name for v in graph.value_info} | {o.name for o in graph.output}
+        dims = {i.name: len(i.dims) for i in graph.initializer}
+
+        def gemm_b(node: onnx.NodeProto, i: int) -> bool:
+            return node.op_type == "Gemm" and i == 1 and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+
+        return {n for n, t in self.tiers.items() if t.is_int and dims.get(n) == 2 and n not in typed
+                and readers.get(n) and all(gemm_b(node, i) for node, i in readers[n])}
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names read anywhere inside the subgraphs of `node`."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                names.update(n.input)
+                if any(x.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for x in n.attribute):
+                    names |= _subgraph_inputs(n)
+    return names

@@ -319,3 +319,53 @@ def test_packed_tiers_planned_bytes_equal_the_file(tmp_path, tiers, least):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * (1 + float(np.abs(w).max())))
         # Optimized, ORT may fuse the DequantizeLinear into MatMulNBits with int8 activations.
         assert np.all(np.isfinite(s)) and np.abs(s - w).max() < 1e-2 * (1 + float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("tier", ["int8/channel", "int4/block16", "int6/channel", "int1/channel", "int8/channel/fp16"])
+def test_gemm_transb_weights_are_stored_transposed_and_fused(tmp_path, tier):
+    """A weight read only by Gemm(transB=1) is written transposed with transB=0: same values, same
+    file size as planned, and ONNX Runtime fuses it into MatMulNBits instead of dequantizing per call."""
+    from tqs_onnx.allocate import Allocation, allocate, plan_document
+    from tqs_onnx.quant import apply_tier
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import Device
+    from tqs_onnx.sweep import SweepConfig, run_sweep
+    from tqs_onnx.tiers import parse_tier
+    from tiny import recurrent_contexts, recurrent_spec, rng_weights, save_case
+
+    n = 32
+    w1, w2 = rng_weights(3, (64, n), (n, 64))  # stored (out, in): Gemm transB=1, as torch exports Linear
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], transB=1),
+             helper.make_node("Tanh", ["h"], ["t"]),
+             helper.make_node("Gemm", ["t", "W2", "b2"], ["d"], transB=1),
+             helper.make_node("Add", ["x", "d"], ["x_next"])]
+    inits = [init("W1", w1), init("W2", w2), init("b1", np.zeros(64, np.float32)), init("b2", np.zeros(n, np.float32))]
+    m = model(nodes, inits, [vec("x", n)], [vec("x_next", n)])
+    paths = save_case(tmp_path, m, recurrent_spec(horizon=2), recurrent_contexts(n=n, s=1))
+    spec = RolloutSpec.load(paths["spec"])
+    loaded = load_model(paths["model"])
+    scores = run_sweep(loaded, spec, Contexts.load(paths["contexts"], spec), Device("cpu"),
+                       SweepConfig(probe="quant", tiers=[tier], min_size=16, blocks="tensor"), quiet=True)
+    p, _ = allocate(scores, 2.0)
+    k = [str(t) for t in p.tiers].index(tier)
+    plan = plan_document(scores, p, Allocation([k] * len(p.blocks), "uniform", tier))
+    out, _ = rewrite_model(loaded, plan)
+    save_model(out, tmp_path / "q.onnx")
+    assert load_model(tmp_path / "q.onnx").file_bytes == plan["planned_bytes"]
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    written = onnx.load(tmp_path / "q.onnx")
+    assert [a.i for nd in written.graph.node if nd.op_type == "Gemm" for a in nd.attribute if a.name == "transB"] == [0, 0]
+
+    info = scores["weights"]
+    ref = substitute(m, {w: apply_tier(v, parse_tier(tier), info[w]["channel_axis"], info[w]["block_axis"])
+                         for w, v in (("W1", w1), ("W2", w2))})
+    x = {"x": np.random.default_rng(4).standard_normal((1, n)).astype(np.float32)}
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(str(tmp_path / "q.onnx"), exact, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(got, run(ref, x)[0], rtol=1e-5, atol=1e-5)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [nd.op_type for nd in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("MatMulNBits") == 2 and "DequantizeLinear" not in ops, ops
