@@ -369,3 +369,35 @@ def test_gemm_transb_weights_are_stored_transposed_and_fused(tmp_path, tier):
     ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
     ops = [nd.op_type for nd in onnx.load(tmp_path / "opt.onnx").graph.node]
     assert ops.count("MatMulNBits") == 2 and "DequantizeLinear" not in ops, ops
+
+
+def test_planned_bytes_count_the_opset_conversion(tmp_path):
+    """int4 needs opset 21; converting an opset-17 graph turns ReduceMean's axes attribute into an input
+    (a new Constant). The sweep measures what that adds, so planned bytes still equal the file."""
+    from tqs_onnx.allocate import Allocation, allocate, plan_document
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import Device
+    from tqs_onnx.sweep import SweepConfig, run_sweep
+    from tiny import recurrent_contexts, recurrent_spec, rng_weights, save_case
+
+    n = 32
+    (w,) = rng_weights(5, (n, n))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Sub", ["h", "m"], ["c"]),
+             helper.make_node("Tanh", ["c"], ["t"]),
+             helper.make_node("Add", ["x", "t"], ["x_next"])]
+    m = model(nodes, [init("W", w)], [vec("x", n)], [vec("x_next", n)], opset=17)
+    paths = save_case(tmp_path, m, recurrent_spec(horizon=2), recurrent_contexts(n=n, s=1))
+    spec = RolloutSpec.load(paths["spec"])
+    loaded = load_model(paths["model"])
+    tiers = ["int8/channel", "int4/channel", "int2/channel"]
+    scores = run_sweep(loaded, spec, Contexts.load(paths["contexts"], spec), Device("cpu"),
+                       SweepConfig(probe="quant", tiers=tiers, min_size=16, blocks="tensor"), quiet=True)
+    assert scores["model"]["opset_graph_delta"]["21"] > 0
+    p, _ = allocate(scores, 2.0)
+    for tier in tiers:
+        plan = plan_document(scores, p, Allocation([[str(t) for t in p.tiers].index(tier)], "uniform", tier))
+        out, _ = rewrite_model(loaded, plan)
+        save_model(out, tmp_path / "q.onnx")
+        assert load_model(tmp_path / "q.onnx").file_bytes == plan["planned_bytes"], tier

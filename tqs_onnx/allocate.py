@@ -54,6 +54,13 @@ class Problem:
 
     graph_bytes: int = 0  # the prepared graph's size, to correct its length prefix (0: no correction)
     quantizable_bytes: int = 0  # what the blocks' weights take in the prepared graph
+    # Bytes the graph gains when apply converts it to an opset a tier needs (keyed by that opset).
+    opset_deltas: dict[int, int] = field(default_factory=dict)
+
+    def opset_delta(self, assign: list[int]) -> int:
+        """What converting the graph to the opset the assigned tiers need adds to the file."""
+        need = max((self.tiers[k].min_opset for k in assign if not self.tiers[k].is_identity), default=0)
+        return self.opset_deltas.get(need, 0)
 
     @property
     def limit(self) -> int:
@@ -64,7 +71,8 @@ class Problem:
     def budget(self) -> int:
         """Bytes the blocks may take. A smaller graph may need a shorter length prefix; count the one
         it will have at the limit, so a plan of exactly the limit (e.g. a uniform one) still fits."""
-        budget = self.limit - self.fixed_bytes
+        # The conversion the costliest tier set would need is kept out of the budget (a few bytes, often 0).
+        budget = self.limit - self.fixed_bytes - max([0, *self.opset_deltas.values()])
         if self.graph_bytes:
             at_limit = self.graph_bytes - self.quantizable_bytes + budget
             budget += _varint_len(self.graph_bytes) - _varint_len(max(at_limit, 1))
@@ -72,7 +80,7 @@ class Problem:
 
     def total_bytes(self, assign: list[int]) -> int:
         """The file the plan writes: fixed part, blocks, and the graph length prefix as it will be."""
-        blocks = self.bytes_of(assign)
+        blocks = self.bytes_of(assign) + self.opset_delta(assign)
         if not self.graph_bytes:
             return self.fixed_bytes + blocks
         planned_graph = self.graph_bytes + blocks - self.quantizable_bytes
@@ -83,7 +91,7 @@ class Problem:
 
     def achievable(self) -> tuple[float, float]:
         """Lowest and highest compression the tiers reach."""
-        lo = self.fixed_bytes + sum(min(c) for c in self.costs)
+        lo = self.fixed_bytes + sum(min(c) for c in self.costs) + max([0, *self.opset_deltas.values()])
         hi = self.fixed_bytes + sum(max(c) for c in self.costs)
         return self.file_bytes / hi, self.file_bytes / lo
 
@@ -158,8 +166,9 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
                                 bool(b.get("dead")), b.get("damage", {})))
         costs.append([sum(_weight_cost(n, winfo[n], t) for n in b["weights"]) for t in tiers])
     m = scores["model"]
+    deltas = {int(k): int(v) for k, v in (m.get("opset_graph_delta") or {}).items()}
     return Problem(blocks, tiers, costs, m["fixed_bytes"], m["file_bytes"], target, m.get("graph_bytes", 0),
-                   m["quantizable_bytes"])
+                   m["quantizable_bytes"], {k: v for k, v in deltas.items() if any(t.min_opset == k for t in tiers)})
 
 
 def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:

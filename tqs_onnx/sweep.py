@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
@@ -119,6 +120,7 @@ class SweepSetup:
     prepared_bytes: int  # serialized size of the lifted + factored model, before quantization
     graph_bytes: int  # ... of its graph alone (the planner corrects the graph field's length prefix)
     ops: DeviceProbes  # probe graphs on the same device
+    opset_deltas: dict[int, int] = field(default_factory=dict)  # opset -> bytes the conversion adds to the graph
 
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -162,7 +164,25 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
             hint = f"weights holding NaN/inf: {', '.join(bad[:5])}" if bad else "check the contexts"
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; {hint}")
     return SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
-                      prepared.model.graph.ByteSize(), ops)
+                      prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model))
+
+
+def opset_deltas(model: onnx.ModelProto) -> dict[int, int]:
+    """Bytes the graph gains when `apply` converts it to each opset a tier may need (ReduceMean's axes
+    becoming an input, and the like), so that the planner's size stays the written size."""
+    from tqs_onnx.graph import main_opset
+    from tqs_onnx.passes.detach import detach_initializers
+    from tqs_onnx.passes.opset import UpgradeOpset
+    from tqs_onnx.tiers import INT_MIN_OPSET, BLOCKED_MIN_OPSET
+
+    current = main_opset(model)
+    skeleton, _ = detach_initializers(model)  # the converter sees no weight data; the stubs stay as they are
+    base = skeleton.graph.ByteSize()
+    deltas = {}
+    for opset in sorted({*INT_MIN_OPSET.values(), BLOCKED_MIN_OPSET, 19}):
+        if opset > current:
+            deltas[opset] = UpgradeOpset(opset).run(skeleton).model.graph.ByteSize() - base
+    return deltas
 
 
 def gpu_stream_mode() -> str:
@@ -401,7 +421,8 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
     nominal = setup.rollout.contexts.count * setup.horizon
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
-        "model": model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
+        "model": {**model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
+                  "opset_graph_delta": {str(k): v for k, v in setup.opset_deltas.items()}},
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
         "horizon": setup.horizon, "device": device.kind,
         "weights": {w.name: weight_entry(w) for w in quantizable},
