@@ -401,3 +401,8 @@ def test_planned_bytes_count_the_opset_conversion(tmp_path):
         out, _ = rewrite_model(loaded, plan)
         save_model(out, tmp_path / "q.onnx")
         assert load_model(tmp_path / "q.onnx").file_bytes == plan["planned_bytes"], tier
+        # At a target equal to that file's size the uniform plan still fits (the joint check starts there).
+        from tqs_onnx.refine import uniform_assignments
+
+        q, _ = allocate(scores, loaded.file_bytes / plan["planned_bytes"])
+        assert tier in uniform_assignments(q)

@@ -86,6 +86,10 @@ class Problem:
         planned_graph = self.graph_bytes + blocks - self.quantizable_bytes
         return self.fixed_bytes + blocks + _varint_len(planned_graph) - _varint_len(self.graph_bytes)
 
+    def fits(self, assign: list[int]) -> bool:
+        """The plan's file is within the limit (exact; `budget` is the solvers' conservative form)."""
+        return self.total_bytes(assign) <= self.limit
+
     def bytes_of(self, assign: list[int]) -> int:
         return sum(self.costs[l][k] for l, k in enumerate(assign))
 

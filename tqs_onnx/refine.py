@@ -73,7 +73,7 @@ def uniform_assignments(p: Problem) -> dict[str, list[int]]:
         if t.is_identity:
             continue
         assign = [k] * len(p.blocks)
-        if p.bytes_of(assign) <= p.budget:
+        if p.fits(assign):
             out[str(t)] = assign
     return out
 
@@ -83,8 +83,13 @@ def _damage(p: Problem, l: int, k: int) -> float:
 
 
 def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, int]]]]:
-    """Candidate moves ranked by the damage they are predicted to save."""
-    left = p.budget - p.bytes_of(assign)
+    """Candidate moves (within the limit) ranked by the damage they are predicted to save."""
+    def fits(changes: list[tuple[int, int]]) -> bool:
+        new = list(assign)
+        for l, k in changes:
+            new[l] = k
+        return p.fits(new)
+
     moves = []
     for a, ka in enumerate(assign):
         for up in range(len(p.tiers)):
@@ -92,7 +97,7 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
             gain = _damage(p, a, ka) - _damage(p, a, up)
             if extra <= 0 or gain <= 0:
                 continue
-            if extra <= left:
+            if fits([(a, up)]):
                 moves.append((gain, [(a, up)]))
                 continue
             for b, kb in enumerate(assign):
@@ -100,7 +105,7 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
                     continue
                 for down in range(len(p.tiers)):
                     freed = p.costs[b][kb] - p.costs[b][down]
-                    if freed > 0 and extra - freed <= left:
+                    if freed > 0 and fits([(a, up), (b, down)]):
                         moves.append((gain - (_damage(p, b, down) - _damage(p, b, kb)), [(a, up), (b, down)]))
     moves.sort(key=lambda m: -m[0])
     return moves
