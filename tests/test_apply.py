@@ -406,3 +406,28 @@ def test_planned_bytes_count_the_opset_conversion(tmp_path):
 
         q, _ = allocate(scores, loaded.file_bytes / plan["planned_bytes"])
         assert tier in uniform_assignments(q)
+
+
+@pytest.mark.parametrize("tier", ["int8", "int8/channel", "int1/channel", "int6/channel", "int4/block16"])
+def test_float16_weights_get_an_opset_that_takes_float16_scales(tmp_path, tier):
+    """An integer tier of a float16 weight has float16 scales, which DequantizeLinear takes from opset
+    19 on: a hand-written plan on a float16 model must not be written at opset 13. (The sweep probes
+    float32 weights only and says so.)"""
+    from tqs_onnx.graph import weight_table
+
+    W = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float16)
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 32])], [init("W", W)]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 7
+    onnx.save(m, tmp_path / "m.onnx")
+    (w,) = weight_table(m, min_size=16)
+    assert not w.quantizable and "float32" in w.reason
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"),
+                           plan_for({"W": tier}, {"W": {"shape": [64, 32], "channel_axis": 1, "block_axis": 0}}))
+    save_model(out, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    y = run(str(tmp_path / "q.onnx"), {"x": np.ones((1, 64), np.float16)})[0]
+    assert y.dtype == np.float16 and np.all(np.isfinite(y))

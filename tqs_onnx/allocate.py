@@ -20,7 +20,7 @@ import pulp
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.tiers import Tier, overhead_bytes, parse_tier, parse_tiers
+from tqs_onnx.tiers import Tier, needed_opset, overhead_bytes, parse_tier, parse_tiers
 from tqs_onnx.util import read_json
 
 
@@ -56,10 +56,12 @@ class Problem:
     quantizable_bytes: int = 0  # what the blocks' weights take in the prepared graph
     # Bytes the graph gains when apply converts it to an opset a tier needs (keyed by that opset).
     opset_deltas: dict[int, int] = field(default_factory=dict)
+    half: list[bool] = field(default_factory=list)  # per block: holds float16 weights (fp16 scales: opset 19)
 
     def opset_delta(self, assign: list[int]) -> int:
         """What converting the graph to the opset the assigned tiers need adds to the file."""
-        need = max((self.tiers[k].min_opset for k in assign if not self.tiers[k].is_identity), default=0)
+        need = max((needed_opset(self.tiers[k], bool(self.half) and self.half[l]) for l, k in enumerate(assign)
+                    if not self.tiers[k].is_identity), default=0)
         return self.opset_deltas.get(need, 0)
 
     @property
@@ -170,9 +172,11 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
                                 bool(b.get("dead")), b.get("damage", {})))
         costs.append([sum(_weight_cost(n, winfo[n], t) for n in b["weights"]) for t in tiers])
     m = scores["model"]
+    half = [any(winfo[n].get("dtype") == "float16" for n in b.weights) for b in blocks]
+    needed = {needed_opset(t, h) for t in tiers for h in set(half)}
     deltas = {int(k): int(v) for k, v in (m.get("opset_graph_delta") or {}).items()}
     return Problem(blocks, tiers, costs, m["fixed_bytes"], m["file_bytes"], target, m.get("graph_bytes", 0),
-                   m["quantizable_bytes"], {k: v for k, v in deltas.items() if any(t.min_opset == k for t in tiers)})
+                   m["quantizable_bytes"], {k: v for k, v in deltas.items() if k in needed}, half)
 
 
 def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:

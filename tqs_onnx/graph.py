@@ -404,6 +404,8 @@ def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
         return False, "vector (bias or scale): kept at full precision"
     if w.dtype == "bfloat16":
         return False, "already stored as bfloat16"
+    if w.dtype != "float32":  # the probe graphs and the sweep's weight inputs are float32
+        return False, f"{w.dtype} weight: only float32 weights are probed and quantized"
     if w.name in outputs:
         return False, "graph output"
     if w.name in inputs and model.ir_version >= 4:

@@ -18,7 +18,7 @@ from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.passes.qdq import WriteTiers
-from tqs_onnx.tiers import Tier, parse_tier
+from tqs_onnx.tiers import Tier, needed_opset, parse_tier
 
 EXTERNAL_THRESHOLD = 1_500_000_000  # bytes; protobuf cannot hold more than 2 GB
 
@@ -53,7 +53,8 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     phase_done("prepare")
     tiers, axes = planned_tiers(prepared.model, plan, loaded.path, where, stubs.source)
     phase_done("check-plan")
-    need = max([t.min_opset for t in tiers.values() if not t.is_identity], default=0)
+    half = {i.name for i in prepared.model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    need = max([needed_opset(t, n in half) for n, t in tiers.items() if not t.is_identity], default=0)
     passes = [UpgradeOpset(need), WriteTiers(tiers, axes, stubs.array)]
     model, reports = run_passes(prepared.model, passes, phase_done)
     stubs.attach(model)

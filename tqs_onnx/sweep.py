@@ -138,7 +138,8 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
     if not blocks:
-        raise TqsError(f"{loaded.path}: no quantizable weights (>= {config.min_size} float elements)")
+        raise TqsError(f"{loaded.path}: no quantizable weights (float32, >= {config.min_size} elements; "
+                       f"`tqs-onnx inspect` gives each weight's reason)")
     names = [n for b in blocks for n in b.weights]
     exposed = ExposeWeights(names).run(prepared.model)
     # TQS_GPU_QUEUE=1 (CUDA): every sweep session on one stream, perturbed rollouts queued without

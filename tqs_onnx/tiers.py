@@ -120,6 +120,14 @@ class Tier:
         return packed_bytes(self, n) + self.scale_count(shape, channel_axis, block_axis) * scale_bytes
 
 
+def needed_opset(tier: Tier, fp16_weight: bool = False) -> int:
+    """Opset the written graph needs for `tier` on a weight: an integer tier of a float16 weight has
+    float16 scales, which DequantizeLinear takes from opset 19."""
+    if tier.is_int and fp16_weight:
+        return max(tier.min_opset, 19)
+    return tier.min_opset
+
+
 def parse_tier(text: str) -> Tier:
     """Parse a tier string such as 'int4/block32/fp16'; raise TqsError on anything else."""
     parts = [p for p in text.strip().lower().split("/") if p]
