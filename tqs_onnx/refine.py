@@ -83,13 +83,10 @@ def _damage(p: Problem, l: int, k: int) -> float:
 
 
 def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, int]]]]:
-    """Candidate moves (within the limit) ranked by the damage they are predicted to save."""
-    def fits(changes: list[tuple[int, int]]) -> bool:
-        new = list(assign)
-        for l, k in changes:
-            new[l] = k
-        return p.fits(new)
-
+    """Candidate moves ranked by the damage they are predicted to save. A move must keep the blocks
+    within the solvers' budget, which leaves room for any opset conversion (O(1) per move: this runs
+    over every pair of blocks and tiers)."""
+    left = p.budget - p.bytes_of(assign)
     moves = []
     for a, ka in enumerate(assign):
         for up in range(len(p.tiers)):
@@ -97,7 +94,7 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
             gain = _damage(p, a, ka) - _damage(p, a, up)
             if extra <= 0 or gain <= 0:
                 continue
-            if fits([(a, up)]):
+            if extra <= left:
                 moves.append((gain, [(a, up)]))
                 continue
             for b, kb in enumerate(assign):
@@ -105,7 +102,7 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
                     continue
                 for down in range(len(p.tiers)):
                     freed = p.costs[b][kb] - p.costs[b][down]
-                    if freed > 0 and fits([(a, up), (b, down)]):
+                    if freed > 0 and extra - freed <= left:
                         moves.append((gain - (_damage(p, b, down) - _damage(p, b, kb)), [(a, up), (b, down)]))
     moves.sort(key=lambda m: -m[0])
     return moves
