@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from tqs_onnx.graph import subgraph_refs
 from tqs_onnx.passes.base import PassResult
 from tqs_onnx.quant import quantize, stored_parts, to_storage
 from tqs_onnx.tiers import Tier, rewrite_nodes, stored_names
@@ -92,9 +93,8 @@ class WriteTiers:
         for node in graph.node:
             for i, name in enumerate(node.input):
                 readers.setdefault(name, []).append((node, i))
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-                for name in _subgraph_inputs(node):  # read inside a branch or loop body: left alone
-                    readers.setdefault(name, []).append((node, -1))
+            for name in subgraph_refs(node):  # read inside a branch or loop body: left alone
+                readers.setdefault(name, []).append((node, -1))
         typed = {v.name for v in graph.value_info} | {o.name for o in graph.output}
         dims = {i.name: len(i.dims) for i in graph.initializer}
 
@@ -103,15 +103,3 @@ class WriteTiers:
 
         return {n for n, t in self.tiers.items() if t.is_int and dims.get(n) == 2 and n not in typed
                 and readers.get(n) and all(gemm_b(node, i) for node, i in readers[n])}
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Names read anywhere inside the subgraphs of `node`."""
-    names: set[str] = set()
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            for n in g.node:
-                names.update(n.input)
-                if any(x.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for x in n.attribute):
-                    names |= _subgraph_inputs(n)
-    return names

@@ -239,7 +239,7 @@ def _node_names(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
-def _subgraph_refs(node: onnx.NodeProto) -> set[str]:
+def subgraph_refs(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope."""
     refs: set[str] = set()
     for attr in node.attribute:
@@ -262,7 +262,7 @@ def data_graph(graph: onnx.GraphProto) -> tuple[nx.DiGraph, list[str]]:
     g = nx.DiGraph()
     for i, node in enumerate(graph.node):
         g.add_node(i, op=node.op_type, name=names[i])
-        for inp in set(node.input) | _subgraph_refs(node):
+        for inp in set(node.input) | subgraph_refs(node):
             if inp in producer and producer[inp] != i:
                 g.add_edge(producer[inp], i)
     return g, names

@@ -19,13 +19,15 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import Block, LoadedModel, Weight, make_blocks, tensor_is_finite, weight_table
+from tqs_onnx.graph import Block, LoadedModel, Weight, main_opset, make_blocks, tensor_is_finite, weight_table
+from tqs_onnx.passes.detach import detach_initializers
 from tqs_onnx.passes.expose_weights import ExposeWeights
+from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session
-from tqs_onnx.tiers import Tier, parse_tier
+from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
 from tqs_onnx.util import progress
 
 EPS = 1e-12
@@ -171,16 +173,11 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
 def opset_deltas(model: onnx.ModelProto) -> dict[int, int]:
     """Bytes the graph gains when `apply` converts it to each opset a tier may need (ReduceMean's axes
     becoming an input, and the like), so that the planner's size stays the written size."""
-    from tqs_onnx.graph import main_opset
-    from tqs_onnx.passes.detach import detach_initializers
-    from tqs_onnx.passes.opset import UpgradeOpset
-    from tqs_onnx.tiers import INT_MIN_OPSET, BLOCKED_MIN_OPSET
-
     current = main_opset(model)
     skeleton, _ = detach_initializers(model)  # the converter sees no weight data; the stubs stay as they are
     base = skeleton.graph.ByteSize()
     deltas = {}
-    for opset in sorted({*INT_MIN_OPSET.values(), BLOCKED_MIN_OPSET, 19}):
+    for opset in sorted({*INT_MIN_OPSET.values(), BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET}):
         if opset > current:
             try:
                 deltas[opset] = UpgradeOpset(opset).run(skeleton).model.graph.ByteSize() - base
@@ -272,20 +269,24 @@ def gauss_score(setup: SweepSetup, w: dict[str, Any], block: Block, config: Swee
     they are skipped (`config.skip_unreached`)."""
     sigma = gauss_sigma(norm, block.size)
     divs, running = [], []
+
+    def scored() -> ProbeScore:
+        t = min(d.shape[1] for d in divs)
+        return score_divergence(np.stack([d[:, :t] for d in divs]), norm)
+
+    # The probes so far that changed nothing: the quant probe when it ran, then the draws.
+    may_skip = config.skip_unreached and norm > 0 and quant_zero is not False
+    zero_before = 1 if quant_zero else 0
     for p in range(config.probes):
         divs.append(divergence(setup, {n: setup.ops.gauss(v, probe_offset(config.seed, block.id, p, j), sigma)
                                        for j, (n, v) in enumerate(w.items())}, stop))
-        if config.skip_unreached and norm > 0 and quant_zero is not False and int(bool(quant_zero)) + len(divs) >= 2 \
-                and all(not np.any(d) for d in divs):
-            t = min(d.shape[1] for d in divs)
-            return score_divergence(np.stack([d[:, :t] for d in divs]), norm), True
+        if may_skip and zero_before + len(divs) >= 2 and not any(np.any(d) for d in divs):
+            return scored(), True
         if config.early_stop > 0:
-            t = min(d.shape[1] for d in divs)
-            running.append(score_divergence(np.stack([d[:, :t] for d in divs]), norm).gamma_task)
+            running.append(scored().gamma_task)
             if converged(np.array(running), config.early_stop, config.early_window):
                 break
-    t = min(d.shape[1] for d in divs)
-    return score_divergence(np.stack([d[:, :t] for d in divs]), norm), False
+    return scored(), False
 
 
 def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: list[Tier]) -> BlockScore:

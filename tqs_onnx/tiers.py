@@ -26,6 +26,7 @@ ZERO = "zero"  # the weight dropped to zeros: no stored data
 # Lowest opset whose DequantizeLinear accepts the storage type (and blocked scales, opset 21).
 INT_MIN_OPSET = {"int8": 13, "int6": 25, "int4": 21, "int2": 25, "int1": 13}
 BLOCKED_MIN_OPSET = 21
+FP16_SCALE_MIN_OPSET = 19  # DequantizeLinear takes float16 scales from opset 19
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Tier:
             return 13
         base = INT_MIN_OPSET[self.fmt]
         if self.scale_fmt == "fp16":
-            base = max(base, 19)  # DequantizeLinear takes fp16 scales from opset 19
+            base = max(base, FP16_SCALE_MIN_OPSET)
         return max(base, BLOCKED_MIN_OPSET) if self.granularity == "block" else base
 
     def __str__(self) -> str:
@@ -124,7 +125,7 @@ def needed_opset(tier: Tier, fp16_weight: bool = False) -> int:
     """Opset the written graph needs for `tier` on a weight: an integer tier of a float16 weight has
     float16 scales, which DequantizeLinear takes from opset 19."""
     if tier.is_int and fp16_weight:
-        return max(tier.min_opset, 19)
+        return max(tier.min_opset, FP16_SCALE_MIN_OPSET)
     return tier.min_opset
 
 
