@@ -97,3 +97,18 @@ def test_unreadable_scores_and_plan(case, capsys):
     one_line_error(capsys, ["allocate", str(junk), "--compression", "2", "-o", str(case["dir"] / "p.json")],
                    "junk.json")
     one_line_error(capsys, ["apply", str(case["model"]), str(junk), "-o", str(case["dir"] / "q.onnx")], "junk.json")
+
+
+def test_cuda_provider_settings_from_the_environment(monkeypatch):
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.runtime import cuda_options
+
+    monkeypatch.delenv("TQS_TF32", raising=False)
+    monkeypatch.delenv("TQS_CUDNN_ALGO_SEARCH", raising=False)
+    assert cuda_options() == {}  # ORT's own defaults
+    monkeypatch.setenv("TQS_TF32", "0")
+    monkeypatch.setenv("TQS_CUDNN_ALGO_SEARCH", "heuristic")
+    assert cuda_options() == {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+    monkeypatch.setenv("TQS_TF32", "yes")
+    with pytest.raises(TqsError, match="TQS_TF32"):
+        cuda_options()

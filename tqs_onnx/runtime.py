@@ -100,11 +100,20 @@ def resolve_device(name: str) -> Device:
 def cuda_options() -> dict[str, str]:
     """CUDA provider options. TQS_CUDNN_ALGO_SEARCH (EXHAUSTIVE, ORT's default; HEURISTIC; DEFAULT)
     picks how cuDNN chooses convolution algorithms: EXHAUSTIVE times them in each session, so two
-    processes may choose differently and their sums differ in the last digits."""
+    processes may choose differently and their sums differ in the last digits. TQS_TF32 (0 or 1) sets
+    ORT's `use_tf32`: whether float32 MatMul and Conv may round their inputs to TensorFloat-32."""
+    options = {}
     search = os.environ.get("TQS_CUDNN_ALGO_SEARCH", "").strip().upper()
     if search and search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
         raise TqsError(f"TQS_CUDNN_ALGO_SEARCH={search}: expected EXHAUSTIVE, HEURISTIC or DEFAULT")
-    return {"cudnn_conv_algo_search": search} if search else {}
+    if search:
+        options["cudnn_conv_algo_search"] = search
+    tf32 = os.environ.get("TQS_TF32", "").strip()
+    if tf32 and tf32 not in ("0", "1"):
+        raise TqsError(f"TQS_TF32={tf32}: expected 0 (full float32 MatMul/Conv) or 1 (TensorFloat-32)")
+    if tf32:
+        options["use_tf32"] = tf32
+    return options
 
 
 def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True,

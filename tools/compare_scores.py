@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""How far two sweeps' scores of one model agree (e.g. CPU against CUDA, or two kernel settings).
+
+Prints, per score (gamma_quant, gamma_gauss and each tier's measured damage): the largest and the
+median relative difference over blocks, and the Spearman rank correlation of the blocks.
+
+    python tools/compare_scores.py REFERENCE.json OTHER.json [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from scipy.stats import spearmanr
+
+
+def score_columns(doc: dict) -> dict[str, np.ndarray]:
+    """One column per score, a row per block (blocks in sweep order)."""
+    blocks = doc["blocks"]
+    cols: dict[str, list[float]] = {}
+    for b in blocks:
+        for probe in ("quant", "gauss"):
+            if b.get(probe):
+                cols.setdefault(f"gamma_{probe}", []).append(b[probe]["gamma_task"])
+        for tier, dmg in (b.get("damage") or {}).items():
+            cols.setdefault(f"damage {tier}", []).append(dmg)
+    return {k: np.asarray(v, dtype=np.float64) for k, v in cols.items() if len(v) == len(blocks)}
+
+
+def compare(ref: dict, other: dict) -> dict[str, dict[str, float]]:
+    if [b["name"] for b in ref["blocks"]] != [b["name"] for b in other["blocks"]]:
+        raise SystemExit("the two score files hold different blocks")
+    a, b = score_columns(ref), score_columns(other)
+    out = {}
+    for key in a.keys() & b.keys():
+        x, y = a[key], b[key]
+        rel = np.abs(x - y) / np.maximum(np.maximum(np.abs(x), np.abs(y)), 1e-300)
+        rho = spearmanr(x, y).statistic if len(x) > 1 and np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
+        out[key] = {"max_rel": float(rel.max()), "median_rel": float(np.median(rel)), "spearman": float(rho)}
+    return dict(sorted(out.items()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("reference")
+    ap.add_argument("other")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args()
+    ref, other = (json.load(open(p)) for p in (args.reference, args.other))
+    rows = compare(ref, other)
+    print(f"{args.other} against {args.reference} ({len(ref['blocks'])} blocks; "
+          f"devices {ref.get('device')} / {other.get('device')})")
+    print(f"{'score':<22} {'max rel diff':>13} {'median rel':>11} {'spearman':>9}")
+    for key, r in rows.items():
+        print(f"{key:<22} {r['max_rel']:>13.3e} {r['median_rel']:>11.3e} {r['spearman']:>9.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
