@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from tqs_onnx.graph import subgraph_refs
 from tqs_onnx.passes.base import PassResult
 from tqs_onnx.quant import quantize, stored_parts, to_storage
-from tqs_onnx.tiers import Tier, rewrite_nodes, stored_names
+from tqs_onnx.tiers import Tier, load_scale_dims, rewrite_nodes, stored_names
 
 
 class WriteTiers:
@@ -58,6 +58,9 @@ class WriteTiers:
                     axes = tuple(None if a is None else 1 - a for a in axes)
                     shape = shape[::-1]
                 sn = stored_names(init.name)[1]
+                dims = load_scale_dims(tier, shape, axes) if tier.at_load else None
+                if dims is not None:  # shaped to broadcast against the weight in Mul
+                    scale = scale.reshape(dims)
                 new_inits += [numpy_helper.from_array(a, n) for n, a in stored_parts(init.name, q, tier)]
                 new_inits.append(numpy_helper.from_array(scale, sn))
                 new_nodes += rewrite_nodes(init.name, tier, scale.ndim, axes, init.data_type, shape)

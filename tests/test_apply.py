@@ -431,3 +431,47 @@ def test_float16_weights_get_an_opset_that_takes_float16_scales(tmp_path, tier):
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
     y = run(str(tmp_path / "q.onnx"), {"x": np.ones((1, 64), np.float16)})[0]
     assert y.dtype == np.float16 and np.all(np.isfinite(y))
+
+
+@pytest.mark.parametrize("tier", ["int8", "int8/channel", "int4/block32", "int4/block16/fp16", "int6/channel",
+                                  "int2/channel", "int1/block32"])
+def test_decode_at_load_form_is_folded_by_onnxruntime_and_equals_the_dq_form(tmp_path, tier):
+    """A `/load` tier stores what its DequantizeLinear form stores but decodes it with Cast/Sub/Mul
+    (Expand/Reshape/Slice for blocked scales, here with a short last block): ORT folds that at load,
+    so the optimized graph is a plain float MatMul; the values equal the DQ form's to the bit and the
+    file is the size the planner counted."""
+    from tqs_onnx.allocate import Allocation, allocate, plan_document
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import Device
+    from tqs_onnx.sweep import SweepConfig, run_sweep
+    from tiny import recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
+
+    paths = save_case(tmp_path, recurrent_mlp(n=24, h=40), recurrent_spec(horizon=2), recurrent_contexts(n=24, s=1))
+    spec = RolloutSpec.load(paths["spec"])
+    loaded = load_model(paths["model"])
+    scores = run_sweep(loaded, spec, Contexts.load(paths["contexts"], spec), Device("cpu"),
+                       SweepConfig(probe="quant", tiers=[tier], min_size=16, blocks="tensor"), quiet=True)
+    x = {"x": np.random.default_rng(5).standard_normal((1, 24)).astype(np.float32)}
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outputs = {}
+    for at_load in (False, True):
+        p, _ = allocate(scores, 2.0, at_load=at_load)
+        name = f"{tier}/load" if at_load else tier
+        k = [str(t) for t in p.tiers].index(name)
+        plan = plan_document(scores, p, Allocation([k] * len(p.blocks), "uniform", name))
+        out, _ = rewrite_model(loaded, plan)
+        path = tmp_path / f"q{int(at_load)}.onnx"
+        save_model(out, path)
+        assert load_model(path).file_bytes == plan["planned_bytes"]
+        onnx.checker.check_model(str(path), full_check=True)
+        outputs[at_load] = ort.InferenceSession(str(path), exact, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(outputs[True], outputs[False])
+    ops, shipped = {}, None
+    for name in ("m", "q1"):  # the FP32 model and the /load model, as ORT runs them
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
+        shipped = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), so, providers=["CPUExecutionProvider"]).run(None, x)[0]
+        ops[name] = [nd.op_type for nd in onnx.load(tmp_path / f"{name}.opt.onnx").graph.node]
+    assert ops["q1"] == ops["m"], ops  # every decode folded at load: the FP32 model's own kernels
+    np.testing.assert_allclose(shipped, outputs[False], rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,9 @@ class BlockInfo:
 
     def damage_at(self, tier: Tier) -> float:
         """Measured mean squared trajectory divergence at `tier`: 0 at fp32, inf where not measured."""
-        return 0.0 if tier.is_identity else self.damage.get(str(tier), math.inf)
+        if tier.is_identity:
+            return 0.0
+        return self.damage.get(str(tier), self.damage.get(str(tier.base), math.inf))
 
 
 @dataclass
@@ -281,7 +283,7 @@ def allocate_measured(p: Problem, solver: str) -> Allocation:
     """Minimise the sum of measured damage D[l, k] under the budget; dead blocks to the bottom tier."""
     values, allowed = [], []
     for l, b in enumerate(p.blocks):
-        missing = [t for t in p.tiers if not t.is_identity and str(t) not in b.damage]
+        missing = [t for t in p.tiers if not t.is_identity and not {str(t), str(t.base)} & b.damage.keys()]
         if missing:
             raise TqsError(f"scores lack the measured damage of tier {missing[0]} (block '{b.name}'); "
                            f"rerun sweep with --tiers including it, or use --objective paper")
@@ -348,8 +350,10 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
 
 def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = None,
              objective: str = "measured", solver: str = "mckp", fp32_share: float = 0.0,
-             probe: str = "quant", gamma_min: float = -50.0) -> tuple[Problem, Allocation]:
-    """Build the problem from a scores document and solve it with the chosen objective."""
+             probe: str = "quant", gamma_min: float = -50.0, at_load: bool = False) -> tuple[Problem, Allocation]:
+    """Build the problem from a scores document and solve it with the chosen objective.
+
+    `at_load`: every integer tier is written in its `/load` form (decoded once when ORT loads the model)."""
     if objective not in ("measured", "paper"):
         raise TqsError(f"--objective must be measured or paper, not '{objective}'")
     if solver not in ("mckp", "greedy"):
@@ -357,6 +361,8 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
     if not 0 <= fp32_share < 1:
         raise TqsError("--fp32-share must be in [0, 1)")
     tiers = parse_tiers(tiers_text) if tiers_text else default_tiers(scores, objective)
+    if at_load:
+        tiers = list(dict.fromkeys(replace(t, at_load=True) if t.is_int else t for t in tiers))
     p = build_problem(scores, tiers, target, probe)
     check_feasible(p)
     if objective == "paper":

@@ -188,6 +188,43 @@ def _constant_decodes(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, dict
             if n.op_type in DECODE_OPS and n.input and all(i == "" or i in inits for i in n.input)]
 
 
+def _folded_decodes(graph: onnx.GraphProto, opt_inits: dict[str, onnx.TensorProto]
+                    ) -> list[tuple[onnx.NodeProto, list[onnx.TensorProto]]]:
+    """Decodes the optimizer folded at load: a DequantizeLinear/Cast of initializers, or the Mul that
+    ends a `/load` tier's Cast/Sub/Mul chain, whose output is an initializer of the optimized graph;
+    with the stored initializers it was computed from."""
+    inits = _all_initializers(graph)
+    producer = {o: n for n in _all_nodes(graph) for o in n.output}
+
+    def stored_from(name: str, seen: set[str]) -> list[onnx.TensorProto] | None:
+        if name in inits:
+            return [inits[name]]
+        node = producer.get(name)
+        if node is None or name in seen:
+            return None  # a graph input: not a constant
+        seen.add(name)
+        if node.op_type == "Constant":
+            return []
+        out: list[onnx.TensorProto] = []
+        for i in node.input:
+            got = stored_from(i, seen) if i else []
+            if got is None:
+                return None
+            out += got
+        return out
+
+    found = []
+    for n in _all_nodes(graph):
+        if n.op_type not in (*DECODE_OPS, "Mul") or n.output[0] not in opt_inits:
+            continue
+        if n.op_type != "Mul" and not all(i == "" or i in inits for i in n.input):
+            continue
+        stored = stored_from(n.output[0], set())
+        if stored:
+            found.append((n, list({t.name: t for t in stored}.values())))
+    return found
+
+
 # Ops that only move or index a constant: a decoded weight passed through them is still rebuilt per call.
 _MOVES = ("Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity")
 
@@ -236,13 +273,11 @@ def graph_figures(written: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[
                          "materialized_bytes": tensor_bytes([numel], dtype), "through": chain})
     opt_inits = _all_initializers(optimized.graph)
     expanded = []
-    for node, inits in _constant_decodes(written.graph):
-        folded = opt_inits.get(node.output[0])
-        if folded is not None:
-            expanded.append({"weight": node.output[0], "op": node.op_type,
-                             "bytes": tensor_bytes(list(folded.dims), folded.data_type),
-                             "stored_bytes": sum(tensor_bytes(list(inits[i].dims), inits[i].data_type)
-                                                 for i in node.input if i)})
+    for node, stored in _folded_decodes(written.graph, opt_inits):
+        folded = opt_inits[node.output[0]]
+        expanded.append({"weight": node.output[0], "op": node.op_type,
+                         "bytes": tensor_bytes(list(folded.dims), folded.data_type),
+                         "stored_bytes": sum(tensor_bytes(list(t.dims), t.data_type) for t in stored)})
     written_dq = sum(n.op_type == "DequantizeLinear" for n in _all_nodes(written.graph))
     return {
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),

@@ -11,6 +11,12 @@ a uint8 byte and unpacked in the graph by BitShift before DequantizeLinear. ``in
 weight's shape, its low 4 bits (uint4) and its high 2 bits (uint2), joined in the graph (Cast, BitShift,
 BitwiseOr) into uint8 for DequantizeLinear with zero point 32. ORT folds both unpackings at load. Storage counts the packed integers and every scale, so a plan's planned
 size is what the written file holds.
+
+A ``/load`` suffix on an integer tier (``int4/channel/load``) stores the same tensors but decodes them
+with Cast, Sub and Mul instead of DequantizeLinear. ORT's constant folding evaluates that once at load,
+so the model runs the FP32 model's own float kernels (its speed, its memory after load) from a compact
+file; DequantizeLinear is fused into MatMulNBits instead (less memory, but on small CPU MatMuls slower
+than FP32). The values are the same to the bit, so the sweep's damage of the plain tier serves both.
 """
 
 from __future__ import annotations
@@ -37,6 +43,12 @@ class Tier:
     granularity: str = "tensor"
     block_size: int = 0
     scale_fmt: str = "fp32"
+    at_load: bool = False  # decoded by Cast/Mul, which ORT folds at load, instead of DequantizeLinear
+
+    @property
+    def base(self) -> "Tier":
+        """The same values written with DequantizeLinear (what the sweep measures for both forms)."""
+        return Tier(self.fmt, self.granularity, self.block_size, self.scale_fmt) if self.at_load else self
 
     @property
     def bits(self) -> int:
@@ -89,6 +101,8 @@ class Tier:
             parts.append(f"block{self.block_size}")
         if self.scale_fmt != "fp32":
             parts.append(self.scale_fmt)
+        if self.at_load:
+            parts.append("load")
         return "/".join(parts)
 
     def granularity_for(self, channel_axis: int | None, block_axis: int | None) -> str:
@@ -141,17 +155,19 @@ def parse_tier(text: str) -> Tier:
         return Tier(fmt)
     if fmt not in INT_BITS:
         raise TqsError(f"unknown tier '{text}' (formats: {', '.join([*FLOAT_BITS, *INT_BITS, ZERO])})")
-    granularity, block, scale_fmt = "tensor", 0, "fp32"
+    granularity, block, scale_fmt, at_load = "tensor", 0, "fp32", False
     for p in parts[1:]:
-        if p in ("tensor", "channel"):
+        if p == "load":
+            at_load = True
+        elif p in ("tensor", "channel"):
             granularity = p
         elif p.startswith("block") and p[5:].isdigit() and int(p[5:]) >= 2:
             granularity, block = "block", int(p[5:])
         elif p in ("fp16", "fp32"):
             scale_fmt = p
         else:
-            raise TqsError(f"tier '{text}': unknown option '{p}' (tensor, channel, blockN, fp16, fp32)")
-    return Tier(fmt, granularity, block, scale_fmt)
+            raise TqsError(f"tier '{text}': unknown option '{p}' (tensor, channel, blockN, fp16, fp32, load)")
+    return Tier(fmt, granularity, block, scale_fmt, at_load)
 
 
 def parse_tiers(text: str) -> list[Tier]:
@@ -269,9 +285,11 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
         unpacked = f"{name}__signs" if tier.is_sign else f"{name}__u6"
         nodes = (_unpack_sign_nodes if tier.is_sign else _unpack_int6_nodes)(name, shape, unpacked)
         zp = 1 if tier.is_sign else 32
-        nodes += [onnx.helper.make_node("Shape", [s], [f"{name}__sshape"], name=f"{name}/ScaleShape"),
-                  onnx.helper.make_node("ConstantOfShape", [f"{name}__sshape"], [f"{name}__zp"], name=f"{name}/ZeroPoint",
-                                        value=onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [zp]))]
+        if not tier.at_load:
+            nodes += [onnx.helper.make_node("Shape", [s], [f"{name}__sshape"], name=f"{name}/ScaleShape"),
+                      onnx.helper.make_node("ConstantOfShape", [f"{name}__sshape"], [f"{name}__zp"],
+                                            name=f"{name}/ZeroPoint",
+                                            value=onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [zp]))]
         q, zero_point = unpacked, [f"{name}__zp"]
     attrs = {}
     if tier.granularity == "channel" and scale_rank == 1:
@@ -282,8 +300,61 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
     if tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16:
         scale = f"{name}__scale32"
         nodes.append(onnx.helper.make_node("Cast", [s], [scale], name=f"{name}/CastScale", to=orig_type))
+    if tier.at_load:
+        zp = (1 if tier.is_sign else 32) if zero_point else 0
+        return nodes + _decode_at_load_nodes(name, tier, q, scale, zp, shape, axes, orig_type)
     nodes.append(onnx.helper.make_node("DequantizeLinear", [q, scale, *zero_point], [name],
                                        name=f"{name}/DequantizeLinear", **attrs))
+    return nodes
+
+
+def load_scale_dims(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None]) -> list[int] | None:
+    """Dims of a `/load` tier's stored scales, shaped to broadcast against the weight (per channel:
+    [C, 1, ...]; blocked: a unit axis after the block axis, for Expand); None when one scale is stored."""
+    gran = tier.granularity_for(*axes) if shape else "tensor"
+    if gran == "tensor" or tier.scale_count(shape, *axes) == 1:
+        return None
+    if gran == "channel":
+        return [shape[axes[0]]] + [1] * (len(shape) - 1 - axes[0])
+    b = axes[1]
+    return [*shape[:b], -(-shape[b] // tier.block_size), 1, *shape[b + 1:]]
+
+
+def _decode_at_load_nodes(name: str, tier: Tier, q: str, scale: str, zero_point: int, shape: tuple[int, ...],
+                          axes: tuple[int | None, int | None], orig_type: int) -> list:
+    """(float(q) - zero_point) * scale with Cast, Sub, Mul (and Expand/Reshape/Slice for blocked scales):
+    the values DequantizeLinear gives, from standard ops that ORT's constant folding evaluates once at
+    load. The model then runs float kernels at FP32 speed and memory; the file keeps the compact form."""
+    import onnx
+    from onnx import helper
+
+    def const(tag: str, dtype: int, dims: list[int], values: list) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [f"{name}__{tag}"], name=f"{name}/{tag}",
+                                value=helper.make_tensor(f"{name}__{tag}", dtype, dims, values))
+
+    i64 = onnx.TensorProto.INT64
+    nodes = [helper.make_node("Cast", [q], [f"{name}__qf"], name=f"{name}/CastQ", to=orig_type)]
+    x = f"{name}__qf"
+    if zero_point:
+        nodes += [const("zpf", orig_type, [], [zero_point]),
+                  helper.make_node("Sub", [x, f"{name}__zpf"], [f"{name}__qc"], name=f"{name}/ZeroPoint")]
+        x = f"{name}__qc"
+    dims = load_scale_dims(tier, shape, axes)
+    if dims is not None and tier.granularity_for(*axes) == "block":
+        b, bs = axes[1], tier.block_size
+        nb = dims[b]
+        nodes += [const("bexp", i64, [len(dims)], [*shape[:b], nb, bs, *shape[b + 1:]]),
+                  const("bflat", i64, [len(shape)], [*shape[:b], nb * bs, *shape[b + 1:]]),
+                  helper.make_node("Expand", [scale, f"{name}__bexp"], [f"{name}__sx"], name=f"{name}/ExpandScale"),
+                  helper.make_node("Reshape", [f"{name}__sx", f"{name}__bflat"], [f"{name}__sf"],
+                                   name=f"{name}/FlatScale")]
+        scale = f"{name}__sf"
+        if nb * bs != shape[b]:  # the last block is short
+            nodes += [const("s0", i64, [1], [0]), const("s1", i64, [1], [shape[b]]), const("sa", i64, [1], [b]),
+                      helper.make_node("Slice", [scale, f"{name}__s0", f"{name}__s1", f"{name}__sa"],
+                                       [f"{name}__sc"], name=f"{name}/CropScale")]
+            scale = f"{name}__sc"
+    nodes.append(helper.make_node("Mul", [x, scale], [name], name=f"{name}/Scale"))
     return nodes
 
 
@@ -326,6 +397,8 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
         count = tier.scale_count(shape, *axes)
         sdims = [] if rank == 0 else [count] if rank == 1 else \
             [shape[i] if i != axes[1] else -(-shape[i] // tier.block_size) for i in range(len(shape))]
+        if tier.at_load and rank:
+            sdims = load_scale_dims(tier, shape, axes)
         if tier.is_packed6:
             added += _tensor_header(q, onnx.TensorProto.UINT4, list(shape), math.ceil(n / 2))
             added += _tensor_header(high_name(name), onnx.TensorProto.UINT2, list(shape), math.ceil(n / 4))
