@@ -456,10 +456,10 @@ def test_decode_at_load_form_is_folded_by_onnxruntime_and_equals_the_dq_form(tmp
     exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     outputs = {}
     for at_load in (False, True):
-        p, _ = allocate(scores, 2.0, at_load=at_load)
-        name = f"{tier}/load" if at_load else tier
-        k = [str(t) for t in p.tiers].index(name)
-        plan = plan_document(scores, p, Allocation([k] * len(p.blocks), "uniform", name))
+        p, _ = allocate(scores, 2.0, decode="load" if at_load else "dq")
+        k = [str(t) for t in p.tiers].index(tier)
+        plan = plan_document(scores, p, Allocation([k] * len(p.blocks), "uniform", tier))
+        assert set(plan["weights"].values()) == {f"{tier}/load" if at_load else tier}
         out, _ = rewrite_model(loaded, plan)
         path = tmp_path / f"q{int(at_load)}.onnx"
         save_model(out, path)
@@ -475,3 +475,19 @@ def test_decode_at_load_form_is_folded_by_onnxruntime_and_equals_the_dq_form(tmp
         ops[name] = [nd.op_type for nd in onnx.load(tmp_path / f"{name}.opt.onnx").graph.node]
     assert ops["q1"] == ops["m"], ops  # every decode folded at load: the FP32 model's own kernels
     np.testing.assert_allclose(shipped, outputs[False], rtol=1e-6, atol=1e-6)
+
+
+def test_auto_decode_keeps_dequantizelinear_only_where_onnxruntime_fuses_it():
+    """auto: 2-D weights read only by MatMul/Gemm keep DequantizeLinear (MatMulNBits); any other weight
+    (a Conv kernel, an Add or Gather table, a 3-D MatMul operand) is written in the /load form."""
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    t = parse_tier("int4/channel")
+    assert written_form(t, ["MatMul"], (64, 32)) == t
+    assert written_form(t, ["Gemm", "MatMul"], (64, 32)) == t
+    for ops, shape in ((["Conv"], (8, 4, 3, 3)), (["Add"], (8, 64)), (["Gather"], (100, 8)),
+                       (["MatMul"], (4, 64, 32)), (["MatMul", "Add"], (64, 32))):
+        assert str(written_form(t, ops, shape)) == "int4/channel/load", ops
+    assert written_form(t, ["Conv"], (8, 4, 3, 3), "dq") == t
+    assert str(written_form(t, ["MatMul"], (64, 32), "load")) == "int4/channel/load"
+    assert written_form(parse_tier("bf16"), ["Conv"], (8, 4, 3, 3)) == parse_tier("bf16")

@@ -145,13 +145,14 @@ def sweep_plans(files: ModelFiles, a: argparse.Namespace, work: Path) -> dict[st
         problem = build_problem(scores, parse_tiers(f"fp32,{tier}"), 1.0)
         plans[f"uniform-{tier.replace('/', '-')}"] = plan_document(
             scores, problem, Allocation([1] * len(problem.blocks), "uniform", tier))
-    if a.decode_at_load:  # the same tier choices, each integer tier in its /load form
-        for name, plan in list(plans.items()):
-            tiers = [dataclasses.replace(t, at_load=True) if t.is_int else t for t in parse_tiers(",".join(plan["tiers"]))]
-            problem = build_problem(scores, tiers, 1.0)
-            index = {str(t.base): k for k, t in enumerate(tiers)}
+    for decode in a.also_decode:  # the same tier choices, written in another form
+        for name, plan in [(n, p) for n, p in plans.items() if "--" not in n]:
+            tiers = parse_tiers(",".join(plan["tiers"]))
+            problem = build_problem(scores, tiers, 1.0, decode=decode)
+            index = {str(t): k for k, t in enumerate(tiers)}
             assign = [index[b["tier"]] for b in plan["blocks"]]
-            plans[f"{name}-load"] = plan_document(scores, problem, Allocation(assign, plan["objective"], plan["solver"]))
+            plans[f"{name}--{decode}"] = plan_document(scores, problem,
+                                                       Allocation(assign, plan["objective"], plan["solver"]))
     return plans
 
 
@@ -381,8 +382,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=1, help="round-robin repeats over the models (medians)")
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
     ap.add_argument("--accuracy-level", type=int, help="session.qdq_matmulnbits_accuracy_level (default: ORT's)")
-    ap.add_argument("--decode-at-load", action="store_true",
-                    help="also write every plan with its integer tiers in the /load form (NAME-load)")
+    ap.add_argument("--also-decode", type=lambda s: [x for x in s.split(",") if x], default=[],
+                    help="comma list of other writer forms (dq, load) to write every plan in too (NAME--dq); "
+                         "the plans themselves use the default, auto")
     ap.add_argument("--sweep-horizon", type=int, default=20, help="cap on the sweep's horizon (default 20)")
     ap.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts of the refinement (default 30)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tqs-bench-runtime"), help="where written models go")

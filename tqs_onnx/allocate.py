@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pulp
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.tiers import Tier, needed_opset, overhead_bytes, parse_tier, parse_tiers
+from tqs_onnx.tiers import Tier, needed_opset, overhead_bytes, parse_tier, parse_tiers, written_form
 from tqs_onnx.util import read_json
 
 
@@ -59,6 +59,7 @@ class Problem:
     # Bytes the graph gains when apply converts it to an opset a tier needs (keyed by that opset).
     opset_deltas: dict[int, int] = field(default_factory=dict)
     half: list[bool] = field(default_factory=list)  # per block: holds float16 weights (fp16 scales: opset 19)
+    decode: str = "auto"  # how integer tiers are written per weight (tiers.written_form)
 
     def opset_delta(self, assign: list[int]) -> int:
         """What converting the graph to the opset the assigned tiers need adds to the file."""
@@ -163,8 +164,10 @@ def block_gamma(block: dict[str, Any], probe: str) -> float:
     return float(chosen["gamma_task"])
 
 
-def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, probe: str = "quant") -> Problem:
-    """Costs per block and tier from the scores file's weight table."""
+def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, probe: str = "quant",
+                  decode: str = "auto") -> Problem:
+    """Costs per block and tier from the scores file's weight table, each weight in the form `decode`
+    writes it in (tiers.written_form)."""
     if not target or target <= 0 or not math.isfinite(target):
         raise TqsError(f"compression target must be a positive number, not {target}")
     winfo = scores["weights"]
@@ -172,13 +175,19 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
     for b in scores["blocks"]:
         blocks.append(BlockInfo(b["id"], b["name"], b["weights"], b["size"], block_gamma(b, probe),
                                 bool(b.get("dead")), b.get("damage", {})))
-        costs.append([sum(_weight_cost(n, winfo[n], t) for n in b["weights"]) for t in tiers])
+        costs.append([sum(_weight_cost(n, winfo[n], weight_tier(winfo[n], t, decode)) for n in b["weights"])
+                      for t in tiers])
     m = scores["model"]
     half = [any(winfo[n].get("dtype") == "float16" for n in b.weights) for b in blocks]
     needed = {needed_opset(t, h) for t in tiers for h in set(half)}
     deltas = {int(k): int(v) for k, v in (m.get("opset_graph_delta") or {}).items()}
     return Problem(blocks, tiers, costs, m["fixed_bytes"], m["file_bytes"], target, m.get("graph_bytes", 0),
-                   m["quantizable_bytes"], {k: v for k, v in deltas.items() if k in needed}, half)
+                   m["quantizable_bytes"], {k: v for k, v in deltas.items() if k in needed}, half, decode)
+
+
+def weight_tier(w: dict[str, Any], tier: Tier, decode: str) -> Tier:
+    """The tier a weight is written at when its block is at `tier` (its form: tiers.written_form)."""
+    return written_form(tier, w.get("consumer_ops") or [], tuple(w["shape"]), decode)
 
 
 def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:
@@ -329,7 +338,7 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
         blocks.append({"id": b.id, "name": b.name, "tier": str(tier), "bytes": p.costs[l][k],
                        "gamma": b.gamma, "dead": b.dead, "damage": b.damage.get(str(tier), 0.0)})
         for n in b.weights:
-            weights[n] = str(tier)
+            weights[n] = str(weight_tier(scores["weights"][n], tier, p.decode))
     winfo = scores["weights"]
     orig_bits = sum(math.prod(w["shape"]) * w["bits"] for w in winfo.values())
     new_bits = sum(math.prod(winfo[n]["shape"]) * parse_tier(t).bits if not parse_tier(t).is_identity
@@ -350,10 +359,10 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
 
 def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = None,
              objective: str = "measured", solver: str = "mckp", fp32_share: float = 0.0,
-             probe: str = "quant", gamma_min: float = -50.0, at_load: bool = False) -> tuple[Problem, Allocation]:
+             probe: str = "quant", gamma_min: float = -50.0, decode: str = "auto") -> tuple[Problem, Allocation]:
     """Build the problem from a scores document and solve it with the chosen objective.
 
-    `at_load`: every integer tier is written in its `/load` form (decoded once when ORT loads the model)."""
+    `decode`: how integer tiers are written per weight (auto, dq or load: tiers.written_form)."""
     if objective not in ("measured", "paper"):
         raise TqsError(f"--objective must be measured or paper, not '{objective}'")
     if solver not in ("mckp", "greedy"):
@@ -361,9 +370,7 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
     if not 0 <= fp32_share < 1:
         raise TqsError("--fp32-share must be in [0, 1)")
     tiers = parse_tiers(tiers_text) if tiers_text else default_tiers(scores, objective)
-    if at_load:
-        tiers = list(dict.fromkeys(replace(t, at_load=True) if t.is_int else t for t in tiers))
-    p = build_problem(scores, tiers, target, probe)
+    p = build_problem(scores, tiers, target, probe, decode)
     check_feasible(p)
     if objective == "paper":
         return p, allocate_paper(p, solver, fp32_share, gamma_min)

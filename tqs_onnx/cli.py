@@ -137,7 +137,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     _check_output_files(a.output)
     scores = load_scores(a.scores)
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
-                              a.gamma_min, a.decode_at_load)
+                              a.gamma_min, a.decode)
     refinement = None
     if a.verify_model:
         refinement = verify_allocation(a, scores, problem, alloc)
@@ -414,11 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify-model", metavar="MODEL",
                    help="check the allocation by joint rollouts against uniform and refine it (needs --rollout/--contexts)")
     s.add_argument("--max-rollouts", type=int, default=30, help="cap on joint rollouts of the refinement (default 30)")
-    s.add_argument("--decode-at-load", action="store_true",
-                   help="write integer tiers in their /load form: Cast and Mul, which ONNX Runtime folds once at "
-                        "load, so the model runs float kernels at FP32 speed and memory from a compact file; by "
-                        "default DequantizeLinear, which ORT fuses into MatMulNBits (less memory; on small CPU "
-                        "MatMuls slower than FP32, see the README's Deployment section)")
+    s.add_argument("--decode", default="auto", choices=["auto", "dq", "load"],
+                   help="how integer tiers are written: auto (default) DequantizeLinear for 2-D weights read "
+                        "only by MatMul/Gemm, which ONNX Runtime fuses into MatMulNBits, and the /load form "
+                        "for every other weight (Conv, LSTM, Add and Gather tables), which ORT decodes once at "
+                        "load instead of on every call; dq: DequantizeLinear everywhere (least memory); load: "
+                        "/load everywhere (FP32 kernels and speed from the compact file)")
     _rollout_args(s, required=False)
     _device_args(s)
     _output_args(s, what="plan JSON")

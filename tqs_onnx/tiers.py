@@ -135,6 +135,24 @@ class Tier:
         return packed_bytes(self, n) + self.scale_count(shape, channel_axis, block_axis) * scale_bytes
 
 
+DECODES = ("auto", "dq", "load")
+FUSED_CONSUMERS = {"MatMul", "Gemm"}  # ORT fuses DequantizeLinear of their 2-D B weight into MatMulNBits
+
+
+def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], decode: str = "auto") -> Tier:
+    """The form `tier` is written in for one weight. decode 'dq': DequantizeLinear; 'load': the `/load`
+    form, decoded once at load; 'auto': DequantizeLinear where ORT fuses it (a 2-D weight read only by
+    MatMul/Gemm), else `/load`, so no weight is dequantized on every call (Conv, LSTM, Add and Gather
+    tables have no fused kernel for float activations with integer weights)."""
+    if decode not in DECODES:
+        raise TqsError(f"decode must be one of {', '.join(DECODES)}, not '{decode}'")
+    if not tier.is_int or tier.at_load or decode == "dq":
+        return tier
+    if decode == "auto" and len(shape) == 2 and consumer_ops and set(consumer_ops) <= FUSED_CONSUMERS:
+        return tier
+    return Tier(tier.fmt, tier.granularity, tier.block_size, tier.scale_fmt, at_load=True)
+
+
 def needed_opset(tier: Tier, fp16_weight: bool = False) -> int:
     """Opset the written graph needs for `tier` on a weight: an integer tier of a float16 weight has
     float16 scales, which DequantizeLinear takes from opset 19."""
