@@ -259,24 +259,26 @@ def _mb(n: int | None) -> float | None:
 
 def table(rows: list[dict], markdown: bool = False) -> str:
     """One row per model: figures with their ratio to FP32 from the same run."""
-    head = ["model", "disk", "MAE vs FP32", "session s", "RSS load MB", "heap +MB", "peak call MB", "call ms",
+    head = ["model", "disk", "MAE vs FP32", "session s", "RSS load MB", "trimmed MB", "heap +MB", "peak call MB",
+            "call ms",
             "step ms", "NBits", "DQ left", "per call KB", "expanded KB"]
     gpu = any(r["report"].get("gpu_load_bytes") for r in rows)
     if gpu:
-        head.insert(7, "GPU MB")
+        head.insert(8, "GPU MB")
     body = []
     for r in rows:
         rep, q = r["report"], r["ratios"]
         mae = "/".join(f"{v:.3g}" for v in r["mae"].values()) or "-"
         cells = [r["label"], f"{r['on_disk']:.2f}x", mae, _fig(rep["session_s"], q.get("session_s"), ".3f"),
                  _fig(_mb(rep["rss_load_bytes"]), q.get("rss_load_bytes"), ".1f"),
+                 _fig(_mb(rep.get("rss_load_trimmed_bytes")), q.get("rss_load_trimmed_bytes"), ".1f"),
                  _fig(_mb(rep["anon_load_delta_bytes"]), q.get("anon_load_delta_bytes"), ".2f"),
                  _fig(_mb(rep["rss_peak_call_bytes"]), q.get("rss_peak_call_bytes"), ".1f"),
                  _fig(rep["call_ms"], q.get("call_ms"), ".3f"), _fig(rep.get("step_ms"), q.get("step_ms"), ".3f"),
                  str(rep["matmulnbits"]), f"{rep['dq_left']}/{rep['dq_written']}",
                  _per_call(rep), f"{rep['expanded_bytes'] / 1024:,.1f}"]
         if gpu:
-            cells.insert(7, _fig(_mb(rep.get("gpu_load_bytes")), q.get("gpu_load_bytes"), ".0f"))
+            cells.insert(8, _fig(_mb(rep.get("gpu_load_bytes")), q.get("gpu_load_bytes"), ".0f"))
         body.append(cells)
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -300,8 +302,9 @@ def verdicts(rows: list[dict]) -> list[str]:
         q = r["ratios"]
         lat = q.get("step_ms", q.get("call_ms"))
         mem, delta = q.get("rss_load_bytes"), q.get("anon_load_delta_bytes")
+        trim = f", {q['rss_load_trimmed_bytes']:.3f}x trimmed" if q.get("rss_load_trimmed_bytes") else ""
         out.append(f"{r['label']}: latency {lat:.2f}x FP32 -> {'<= 1.0x' if lat <= 1.0 else 'SLOWER'}; "
-                   f"RSS after load {mem:.3f}x (heap added by the load {delta:.2f}x) -> "
+                   f"RSS after load {mem:.3f}x{trim} (heap added by the load {delta:.2f}x) -> "
                    f"{'below FP32' if mem < 1.0 else 'NOT below FP32'}; "
                    f"{r['report']['matmulnbits']} MatMulNBits, {r['report']['dq_left']} DQ left, "
                    f"{len(r['report']['per_call'])} weights decoded per call, "
