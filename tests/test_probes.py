@@ -1,6 +1,7 @@
 """Probe graphs: tier values bit-identical to what the writer stores; a seeded, reproducible Gaussian."""
 
 import numpy as np
+import onnx
 import pytest
 from scipy import stats
 
@@ -62,3 +63,25 @@ def test_batched_divergence_graph_equals_one_sum_per_pair():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert np.array_equal(DeviceProbes(CPU).sqdiff_many([(CPU.to_device(a), CPU.to_device(b)) for a, b in pairs]),
                           [DeviceProbes(CPU).sqdiff(CPU.to_device(a), CPU.to_device(b)) for a, b in pairs])
+
+
+def test_divergence_graph_stacks_same_shaped_pairs_and_keeps_pair_order():
+    """Pairs of one shape and type (an output's contexts) are reduced as one stack; the sums still come
+    back in pair order, for mixed shapes, a scalar output and float16 outputs."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from tqs_onnx.probes import sqdiff_many_graph
+
+    rng = np.random.default_rng(3)
+    shapes = [(3, 4), (7,), (3, 4), (), (2, 2, 5), (3, 4), (), (7,)]
+    pairs = [(rng.standard_normal(s).astype(np.float32), rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    pairs += [(rng.standard_normal((5, 2)).astype(np.float16), rng.standard_normal((5, 2)).astype(np.float16))] * 2
+    key = [(TensorProto.FLOAT16 if a.dtype == np.float16 else TensorProto.FLOAT, a.shape) for a, _ in pairs]
+    sess = ort.InferenceSession(sqdiff_many_graph(key), providers=["CPUExecutionProvider"])
+    feeds = {f"a{i}": a for i, (a, _) in enumerate(pairs)} | {f"b{i}": b for i, (_, b) in enumerate(pairs)}
+    got = sess.run(None, feeds)[0]
+    want = [np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in pairs]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    ops = [n.op_type for n in onnx.load_from_string(sqdiff_many_graph(key)).graph.node]
+    assert ops.count("Sub") == 5  # one per shape: (3, 4), (7,), (), (2, 2, 5) and the float16 (5, 2)
