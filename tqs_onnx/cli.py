@@ -274,7 +274,8 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     from tqs_onnx.runtime import resolve_device
 
     _check_output_dirs(a.output, a.report)
-    config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform)
+    config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform,
+                            decode=a.decode)
     scores = load_scores(a.scores)
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
@@ -492,6 +493,8 @@ def _frontier_parsers(sub) -> None:
                         "(keep the better model per target, delete the dominated one)")
     s.add_argument("--tiers", help="tiers for every objective (default: fp32 + the sweep's tiers for measured, "
                                    "fp32,bf16,int8,int4,int2 for paper)")
+    s.add_argument("--decode", default="auto", choices=["auto", "dq", "load"],
+                   help="how integer tiers are written, as in `allocate --decode` (default auto)")
     s.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts per refinement (default 30)")
     s.add_argument("--no-uniform", action="store_true", help="skip the uniform (single-tier) baselines")
     s.add_argument("-o", "--output", default="tqs-frontier", metavar="DIR",

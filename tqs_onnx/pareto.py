@@ -48,6 +48,7 @@ class FrontierConfig:
     tiers: str | None = None  # default: fp32 + the sweep's tiers (measured), PAPER_TIERS (paper)
     max_rollouts: int = 30
     uniform: bool = True
+    decode: str = "auto"  # how integer tiers are written per weight (tiers.written_form)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -75,9 +76,9 @@ def parse_targets(text: str) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------ target grid
 
-def reachable_range(scores: dict[str, Any], tiers: list[Tier]) -> tuple[float, float]:
+def reachable_range(scores: dict[str, Any], tiers: list[Tier], decode: str = "auto") -> tuple[float, float]:
     """The compression range these tiers can produce, with the top nudged so its budget rounds feasible."""
-    p = build_problem(scores, tiers, 1.0)
+    p = build_problem(scores, tiers, 1.0, decode=decode)
     c_lo, c_hi = p.achievable()
     # Problem.budget floors file_bytes / target; half a byte of slack keeps the top target feasible.
     return c_lo, p.file_bytes / (p.file_bytes / c_hi + 0.5)
@@ -159,10 +160,10 @@ def memo_joint(loaded: LoadedModel, scores: dict[str, Any], spec: RolloutSpec, c
 # ----------------------------------------------------------------------------------- one point
 
 def plan_for(run: FrontierRun, target: float, objective: str, tiers_text: str | None,
-             max_rollouts: int) -> tuple[dict[str, Any], float]:
+             max_rollouts: int, decode: str = "auto") -> tuple[dict[str, Any], float]:
     """Allocate one target; the measured objective is refined by joint rollouts. Returns (plan, joint)."""
     tiers = tiers_text or (PAPER_TIERS if objective == "paper" else None)
-    problem, alloc = allocate(run.scores, target, tiers, objective)
+    problem, alloc = allocate(run.scores, target, tiers, objective, decode=decode)
     joint = lambda assign: run.joint(problem.tiers, assign)  # noqa: E731
     if objective == "measured":
         refined = refine(problem, alloc, joint, max_rollouts)
@@ -216,10 +217,10 @@ def size_summary(comp: dict[str, float], plan: dict[str, Any]) -> dict[str, Any]
 
 
 def run_point(run: FrontierRun, target: float, objective: str, tiers_text: str | None,
-              max_rollouts: int) -> dict[str, Any]:
+              max_rollouts: int, decode: str = "auto") -> dict[str, Any]:
     """Allocate, apply and evaluate one (target, objective); the row of frontier.json."""
     t0 = time.perf_counter()
-    plan, joint = plan_for(run, target, objective, tiers_text, max_rollouts)
+    plan, joint = plan_for(run, target, objective, tiers_text, max_rollouts, decode)
     measured = write_and_measure(run, plan, f"{run.stem}.{target:.3f}x.{objective}.onnx")
     return {"kind": "tqs", "target": target, "objective": objective, "tier": None,
             "tiers": [b["tier"] for b in plan["blocks"]], "joint_divergence": joint,
@@ -297,9 +298,10 @@ def frontier_tiers(scores: dict[str, Any], config: FrontierConfig) -> list[Tier]
     return list(seen.values())
 
 
-def uniform_baselines(scores: dict[str, Any], tiers: list[Tier], lowest_target: float) -> tuple[Problem, dict[str, list[int]]]:
+def uniform_baselines(scores: dict[str, Any], tiers: list[Tier], lowest_target: float,
+                      decode: str = "auto") -> tuple[Problem, dict[str, list[int]]]:
     """Every single-tier allocation whose size fits the loosest target of the sweep."""
-    problem = build_problem(scores, tiers, lowest_target)
+    problem = build_problem(scores, tiers, lowest_target, decode=decode)
     return problem, uniform_assignments(problem)
 
 
@@ -307,20 +309,21 @@ def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False) 
     """Every target x objective, plus the uniform baselines; returns the frontier document."""
     t0 = time.perf_counter()
     tiers = frontier_tiers(run.scores, config)
-    reachable = reachable_range(run.scores, tiers)
+    reachable = reachable_range(run.scores, tiers, config.decode)
     targets, notes = target_grid(config.targets, config.points, reachable)
     if run.in_sample:
         notes.append("errors measured on the sweep contexts (in-sample); pass --eval-contexts for held-out numbers")
     jobs = [(t, obj) for t in targets for obj in objectives_of(config)]
     points = [row for t, obj in progress(jobs, "pareto", quiet, unit="point")
               if (row := _skip_on_error(notes, f"target {t:g}x ({obj})",
-                                        lambda: run_point(run, t, obj, config.tiers, config.max_rollouts)))]
+                                        lambda: run_point(run, t, obj, config.tiers, config.max_rollouts,
+                                                          config.decode)))]
     if not points:
         raise TqsError("no frontier point could be written; see the notes: " + "; ".join(notes))
     choose_per_target(points)
     baselines = []
     if config.uniform:
-        problem, fits = uniform_baselines(run.scores, tiers, targets[0])
+        problem, fits = uniform_baselines(run.scores, tiers, targets[0], config.decode)
         baselines = [row for name, assign in progress(list(fits.items()), "uniform", quiet, unit="model")
                      if (row := _skip_on_error(notes, f"uniform {name}",
                                                lambda: run_uniform(run, problem, name, assign)))]
