@@ -237,7 +237,10 @@ def sqdiff_graph() -> bytes:
     return _model(nodes, any_f, [_f("Y", [])])
 
 
-STACK_BYTES = 256 << 20  # largest stack of same-shaped outputs one divergence run concatenates
+# Stacking copies the outputs once more, which pays only while a kernel launch costs more than the copy:
+# pairs up to STACK_PAIR_BYTES are stacked, STACK_BYTES at most per stack; larger ones reduced one by one.
+STACK_PAIR_BYTES = 4 << 20
+STACK_BYTES = 64 << 20
 
 
 def sqdiff_many_graph(pairs: list[tuple[int, tuple[int, ...]]] | int) -> bytes:
@@ -245,8 +248,8 @@ def sqdiff_many_graph(pairs: list[tuple[int, tuple[int, ...]]] | int) -> bytes:
 
     `pairs` gives each pair's ONNX element type and shape (an int n: n float pairs of any shapes, one
     reduction each). Same-shaped pairs (the contexts of one output) are stacked along a new axis and
-    reduced together, up to STACK_BYTES per stack: a handful of kernels per step instead of five per
-    pair, which on a GPU cost about as much as the divergence itself.
+    reduced together (small outputs only, see STACK_PAIR_BYTES): a handful of kernels per step instead of
+    a few per pair, whose launches cost more than the reduction itself on a GPU.
     """
     h = helper.make_node
     if isinstance(pairs, int):
@@ -257,7 +260,7 @@ def sqdiff_many_graph(pairs: list[tuple[int, tuple[int, ...]]] | int) -> bytes:
     nodes, sums, order = [], [], []
     for g, ((etype, shape), members) in enumerate(groups.items()):
         size = 4 * math.prod(shape) if shape is not None else STACK_BYTES
-        per = max(1, STACK_BYTES // max(size, 1)) if shape is not None else 1
+        per = max(1, STACK_BYTES // max(size, 1)) if shape is not None and size <= STACK_PAIR_BYTES else 1
         for c in range(0, len(members), per):
             chunk, tag = members[c:c + per], f"{g}_{c}"
             order += chunk
