@@ -491,3 +491,34 @@ def test_auto_decode_keeps_dequantizelinear_only_where_onnxruntime_fuses_it():
     assert written_form(t, ["Conv"], (8, 4, 3, 3), "dq") == t
     assert str(written_form(t, ["MatMul"], (64, 32), "load")) == "int4/channel/load"
     assert written_form(parse_tier("bf16"), ["Conv"], (8, 4, 3, 3)) == parse_tier("bf16")
+
+
+def test_fused_dq_needs_the_stored_weight_as_b_of_a_main_graph_matmul():
+    """ORT fuses DequantizeLinear into MatMulNBits only when it feeds MatMul/Gemm B directly in the main
+    graph: a weight reached through a Transpose, read inside an If branch, or read as A is not fused,
+    and `auto` writes it in the /load form."""
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    r = np.random.default_rng(7)
+    ws = {k: r.standard_normal((16, 16)).astype(np.float32) for k in ("Wd", "Wt", "Wa", "Wi")}
+    then_g = helper.make_graph([helper.make_node("MatMul", ["h3", "Wi"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 16])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["h3"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 16])])
+    nodes = [helper.make_node("MatMul", ["x", "Wd"], ["h1"]),
+             helper.make_node("Transpose", ["Wt"], ["WtT"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h1", "WtT"], ["h2"]),
+             helper.make_node("MatMul", ["Wa", "h2T"], ["h3T"]),
+             helper.make_node("Transpose", ["h2"], ["h2T"], perm=[1, 0]),
+             helper.make_node("Transpose", ["h3T"], ["h3"], perm=[1, 0]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    nodes = [nodes[i] for i in (0, 1, 2, 4, 3, 5, 6)]
+    m = model(nodes, [init(k, v) for k, v in ws.items()] + [init("cond", np.array(True))], [vec("x", 16)],
+              [vec("y", 16)])
+    table = {w.name: w for w in weight_table(m, min_size=16)}
+    assert {n: table[n].fused_dq for n in ws} == {"Wd": True, "Wt": False, "Wa": False, "Wi": False}
+    t = parse_tier("int8/channel")
+    written = {n: str(written_form(t, table[n].consumer_ops, table[n].shape, "auto", table[n].fused_dq)) for n in ws}
+    assert written == {"Wd": "int8/channel", "Wt": "int8/channel/load", "Wa": "int8/channel/load",
+                       "Wi": "int8/channel/load"}

@@ -212,6 +212,9 @@ class Weight:
     origin: str  # 'initializer', 'constant', 'subgraph'
     consumers: list[str] = field(default_factory=list)  # effective consumer node names
     consumer_ops: list[str] = field(default_factory=list)
+    # Read only as the B input of main-graph MatMul/Gemm nodes, as stored: ORT fuses its
+    # DequantizeLinear into MatMulNBits (tiers.written_form).
+    fused_dq: bool = False
     quantizable: bool = True
     reason: str = ""
     channel_axis: int | None = None
@@ -277,6 +280,7 @@ class Use:
     name: str  # e.g. 'If_3/then_branch/Conv_5' for a node inside a subgraph
     order: int  # topological position of the main-graph node it belongs to
     direct: bool  # reads the stored tensor itself, not a reshaped or sliced view
+    main: bool = True  # a node of the main graph, not of an If/Loop/Scan body
 
 
 def _subgraphs(node: onnx.NodeProto):
@@ -289,7 +293,8 @@ def _subgraphs(node: onnx.NodeProto):
 
 
 def _uses_in(graph: onnx.GraphProto, value: str, prefix: str, order: int | None,
-             names: list[str] | None = None, topo: dict | None = None) -> list[tuple[onnx.GraphProto, Use]]:
+             names: list[str] | None = None, topo: dict | None = None,
+             main: bool = True) -> list[tuple[onnx.GraphProto, Use]]:
     """Every node of `graph` (and of its subgraphs, recursively) that reads `value`."""
     out = []
     for j, node in enumerate(graph.node):
@@ -297,9 +302,9 @@ def _uses_in(graph: onnx.GraphProto, value: str, prefix: str, order: int | None,
         where = order if order is not None else (topo or {}).get(j, 0)
         for slot, inp in enumerate(node.input):
             if inp == value:
-                out.append((graph, Use(node, slot, f"{prefix}{label}", where, True)))
+                out.append((graph, Use(node, slot, f"{prefix}{label}", where, True, main)))
         for attr_name, sub in _subgraphs(node):
-            out += _uses_in(sub, value, f"{prefix}{label}/{attr_name}/", where)
+            out += _uses_in(sub, value, f"{prefix}{label}/{attr_name}/", where, main=False)
     return out
 
 
@@ -319,7 +324,7 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
             for o in use.node.output:
                 if o:
                     for g2, u2 in _uses_in(g, o, prefix if not is_main else "", use.order if not is_main else None,
-                                           names if is_main else None, topo if is_main else None):
+                                           names if is_main else None, topo if is_main else None, use.main):
                         u2.direct = False
                         stack.append((g2, u2))
         else:
@@ -380,6 +385,8 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         eff = _effective_consumers(init.name, graph, names, topo)
         w.consumers = [u.name for u in eff]
         w.consumer_ops = [u.node.op_type for u in eff]
+        w.fused_dq = bool(eff) and len(shape) == 2 and all(
+            u.direct and u.main and u.slot == 1 and u.node.op_type in ("MatMul", "Gemm") for u in eff)
         if eff:
             first = min(eff, key=lambda u: u.order)
             w.order = first.order

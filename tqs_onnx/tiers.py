@@ -139,16 +139,21 @@ DECODES = ("auto", "dq", "load")
 FUSED_CONSUMERS = {"MatMul", "Gemm"}  # ORT fuses DequantizeLinear of their 2-D B weight into MatMulNBits
 
 
-def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], decode: str = "auto") -> Tier:
+def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], decode: str = "auto",
+                 fused_dq: bool | None = None) -> Tier:
     """The form `tier` is written in for one weight. decode 'dq': DequantizeLinear; 'load': the `/load`
-    form, decoded once at load; 'auto': DequantizeLinear where ORT fuses it (a 2-D weight read only by
-    MatMul/Gemm), else `/load`, so no weight is dequantized on every call (Conv, LSTM, Add and Gather
-    tables have no fused kernel for float activations with integer weights)."""
+    form, decoded once at load; 'auto': DequantizeLinear where ORT fuses it, else `/load`, so no weight
+    is dequantized on every call (Conv, LSTM, Add and Gather tables have no fused kernel for float
+    activations with integer weights). ORT fuses a 2-D weight read, as stored, only as B of main-graph
+    MatMul/Gemm nodes (`fused_dq`, from the weight table; without it, scores of earlier versions: every
+    consumer op a MatMul/Gemm)."""
     if decode not in DECODES:
         raise TqsError(f"decode must be one of {', '.join(DECODES)}, not '{decode}'")
     if not tier.is_int or tier.at_load or decode == "dq":
         return tier
-    if decode == "auto" and len(shape) == 2 and consumer_ops and set(consumer_ops) <= FUSED_CONSUMERS:
+    if fused_dq is None:
+        fused_dq = len(shape) == 2 and bool(consumer_ops) and set(consumer_ops) <= FUSED_CONSUMERS
+    if decode == "auto" and fused_dq:
         return tier
     return Tier(tier.fmt, tier.granularity, tier.block_size, tier.scale_fmt, at_load=True)
 
