@@ -77,11 +77,13 @@ def test_divergence_graph_stacks_same_shaped_pairs_and_keeps_pair_order():
     shapes = [(3, 4), (7,), (3, 4), (), (2, 2, 5), (3, 4), (), (7,)]
     pairs = [(rng.standard_normal(s).astype(np.float32), rng.standard_normal(s).astype(np.float32)) for s in shapes]
     pairs += [(rng.standard_normal((5, 2)).astype(np.float16), rng.standard_normal((5, 2)).astype(np.float16))] * 2
-    key = [(TensorProto.FLOAT16 if a.dtype == np.float16 else TensorProto.FLOAT, a.shape) for a, _ in pairs]
+    pairs += [(rng.integers(0, 9, (4,)), rng.integers(0, 9, (4,)))]  # an integer output (int64)
+    types = {np.float16: TensorProto.FLOAT16, np.int64: TensorProto.INT64, np.float32: TensorProto.FLOAT}
+    key = [(types[a.dtype.type], a.shape) for a, _ in pairs]
     sess = ort.InferenceSession(sqdiff_many_graph(key), providers=["CPUExecutionProvider"])
     feeds = {f"a{i}": a for i, (a, _) in enumerate(pairs)} | {f"b{i}": b for i, (_, b) in enumerate(pairs)}
     got = sess.run(None, feeds)[0]
     want = [np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in pairs]
     np.testing.assert_allclose(got, want, rtol=1e-5)
     ops = [n.op_type for n in onnx.load_from_string(sqdiff_many_graph(key)).graph.node]
-    assert ops.count("Sub") == 5  # one per shape: (3, 4), (7,), (), (2, 2, 5) and the float16 (5, 2)
+    assert ops.count("Sub") == 6  # one per shape and type: (3, 4), (7,), (), (2, 2, 5), float16, int64

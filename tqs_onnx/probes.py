@@ -25,8 +25,9 @@ from tqs_onnx.tiers import Tier
 P = 2147483647  # 2^31 - 1: products of two residues stay below 2^62 in int64
 _ROUNDS = [(1103515245 % P, 12345), (48271, 2654435761 % P), (69621, 40014), (16807, 40692)]
 _OPSET = 17
-_ELEM_TYPES = {"tensor(float)": TensorProto.FLOAT, "tensor(float16)": TensorProto.FLOAT16,
-               "tensor(double)": TensorProto.DOUBLE, "tensor(bfloat16)": TensorProto.BFLOAT16}
+# ORT's type strings ('tensor(float16)') -> ONNX element types, for the divergence graph's inputs.
+_ELEM_TYPES = {f"tensor({name.lower()})": value for name, value in TensorProto.DataType.items()}
+_ELEM_TYPES.update({"tensor(float)": TensorProto.FLOAT, "tensor(double)": TensorProto.DOUBLE})
 
 
 # ------------------------------------------------------------------------------- reference (numpy)
