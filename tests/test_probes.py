@@ -65,25 +65,21 @@ def test_batched_divergence_graph_equals_one_sum_per_pair():
                           [DeviceProbes(CPU).sqdiff(CPU.to_device(a), CPU.to_device(b)) for a, b in pairs])
 
 
-def test_divergence_graph_stacks_same_shaped_pairs_and_keeps_pair_order():
-    """Pairs of one shape and type (an output's contexts) are reduced as one stack; the sums still come
-    back in pair order, for mixed shapes, a scalar output and float16 outputs."""
+def test_divergence_graph_takes_each_outputs_own_type():
+    """Integer and float16 trajectory outputs are cast to float32 inside the graph, so a GPU sweep of a
+    model with such outputs does not fail on the graph's declared input types."""
     import onnxruntime as ort
     from onnx import TensorProto
 
     from tqs_onnx.probes import sqdiff_many_graph
 
     rng = np.random.default_rng(3)
-    shapes = [(3, 4), (7,), (3, 4), (), (2, 2, 5), (3, 4), (), (7,)]
-    pairs = [(rng.standard_normal(s).astype(np.float32), rng.standard_normal(s).astype(np.float32)) for s in shapes]
-    pairs += [(rng.standard_normal((5, 2)).astype(np.float16), rng.standard_normal((5, 2)).astype(np.float16))] * 2
-    pairs += [(rng.integers(0, 9, (4,)), rng.integers(0, 9, (4,)))]  # an integer output (int64)
+    pairs = [(rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)),
+             (rng.standard_normal((5, 2)).astype(np.float16), rng.standard_normal((5, 2)).astype(np.float16)),
+             (rng.integers(0, 9, (4,)), rng.integers(0, 9, (4,)))]
     types = {np.float16: TensorProto.FLOAT16, np.int64: TensorProto.INT64, np.float32: TensorProto.FLOAT}
-    key = [(types[a.dtype.type], a.shape) for a, _ in pairs]
-    sess = ort.InferenceSession(sqdiff_many_graph(key), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(sqdiff_many_graph([types[a.dtype.type] for a, _ in pairs]),
+                                providers=["CPUExecutionProvider"])
     feeds = {f"a{i}": a for i, (a, _) in enumerate(pairs)} | {f"b{i}": b for i, (_, b) in enumerate(pairs)}
-    got = sess.run(None, feeds)[0]
     want = [np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in pairs]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    ops = [n.op_type for n in onnx.load_from_string(sqdiff_many_graph(key)).graph.node]
-    assert ops.count("Sub") == 6  # one per shape and type: (3, 4), (7,), (), (2, 2, 5), float16, int64
+    np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=1e-5)
