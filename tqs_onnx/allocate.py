@@ -336,7 +336,8 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
     for l, (b, k) in enumerate(zip(p.blocks, alloc.assign)):
         tier = p.tiers[k]
         blocks.append({"id": b.id, "name": b.name, "tier": str(tier), "bytes": p.costs[l][k],
-                       "gamma": b.gamma, "dead": b.dead, "damage": b.damage.get(str(tier), 0.0)})
+                       "gamma": b.gamma, "dead": b.dead,
+                       "damage": b.damage.get(str(tier), b.damage.get(str(tier.base), 0.0))})
         for n in b.weights:
             weights[n] = str(weight_tier(scores["weights"][n], tier, p.decode))
     winfo = scores["weights"]

@@ -22,7 +22,7 @@ than FP32). The values are the same to the bit, so the sweep's damage of the pla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tqs_onnx.errors import TqsError
 
@@ -48,7 +48,7 @@ class Tier:
     @property
     def base(self) -> "Tier":
         """The same values written with DequantizeLinear (what the sweep measures for both forms)."""
-        return Tier(self.fmt, self.granularity, self.block_size, self.scale_fmt) if self.at_load else self
+        return replace(self, at_load=False)
 
     @property
     def bits(self) -> int:
@@ -155,7 +155,7 @@ def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], de
         fused_dq = len(shape) == 2 and bool(consumer_ops) and set(consumer_ops) <= FUSED_CONSUMERS
     if decode == "auto" and fused_dq:
         return tier
-    return Tier(tier.fmt, tier.granularity, tier.block_size, tier.scale_fmt, at_load=True)
+    return replace(tier, at_load=True)
 
 
 def needed_opset(tier: Tier, fp16_weight: bool = False) -> int:
@@ -303,7 +303,7 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
     if not tier.is_int:
         return [onnx.helper.make_node("Cast", [f"{name}__{tier.fmt}"], [name], name=f"{name}/Cast", to=orig_type)]
     q, s = stored_names(name)
-    nodes, zero_point = [], []
+    nodes, zero_point, zp = [], [], 0
     if tier.is_sign or tier.is_packed6:
         unpacked = f"{name}__signs" if tier.is_sign else f"{name}__u6"
         nodes = (_unpack_sign_nodes if tier.is_sign else _unpack_int6_nodes)(name, shape, unpacked)
@@ -324,7 +324,6 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
         scale = f"{name}__scale32"
         nodes.append(onnx.helper.make_node("Cast", [s], [scale], name=f"{name}/CastScale", to=orig_type))
     if tier.at_load:
-        zp = (1 if tier.is_sign else 32) if zero_point else 0
         return nodes + _decode_at_load_nodes(name, tier, q, scale, zp, shape, axes, orig_type)
     nodes.append(onnx.helper.make_node("DequantizeLinear", [q, scale, *zero_point], [name],
                                        name=f"{name}/DequantizeLinear", **attrs))
