@@ -70,10 +70,13 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
              "ops:     " + ", ".join(f"{k} {v}" for k, v in list(doc["op_histogram"].items())[:12]),
              f"weights: {len(doc['weights'])} float tensors, {doc['parameters']:,} parameters, "
              f"{doc['quantizable_share']:.1%} quantizable",
-             "", f"{'weight':40s} {'shape':18s} {'origin':11s} {'consumers':18s} quantizable"]
+             "", f"{'weight':40s} {'shape':18s} {'origin':11s} {'consumers':18s} quantizable "
+                 "(integer tiers: fused into MatMulNBits, or decoded at load)"]
     for w in doc["weights"][:max_rows]:
+        form = "fused" if w.get("fused_dq") else "at load"
         lines.append(f"{w['name'][:40]:40s} {str(w['shape'])[:18]:18s} {w['origin'][:11]:11s} "
-                     f"{','.join(w['consumer_ops'])[:18]:18s} {'yes' if w['quantizable'] else 'no: ' + w['reason']}")
+                     f"{','.join(w['consumer_ops'])[:18]:18s} "
+                     f"{f'yes, {form}' if w['quantizable'] else 'no: ' + w['reason']}")
     if len(doc["weights"]) > max_rows:
         lines.append(f"... {len(doc['weights']) - max_rows} more (--json for all)")
     lines += ["", f"blocks ({doc['block_mode']}): {len(doc['blocks'])}"]
