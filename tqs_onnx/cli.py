@@ -210,13 +210,30 @@ def cmd_apply(a: argparse.Namespace) -> int:
     report = {"output": str(out), "on_disk_bytes": on_disk,
               "on_disk_compression": loaded.file_bytes / on_disk,
               "planned_compression": plan.get("planned_compression"), "checks": checks,
+              "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {})),
               "passes": {k: {kk: vv for kk, vv in v.items() if kk != "rewritten"} for k, v in reports.items()}}
     if not a.quiet:
+        forms = ", ".join(f"{n} {what}" for what, n in report["forms"].items() if n)
         print(f"wrote {out}: {on_disk:,} bytes, {report['on_disk_compression']:.2f}x on disk "
-              f"(planned {report['planned_compression']:.2f}x); onnx.checker ok, ORT loads, outputs finite")
+              f"(planned {report['planned_compression']:.2f}x); onnx.checker ok, ORT loads, outputs finite"
+              + (f"\n  weights written: {forms}" if forms else ""))
     if a.report:
         _write_json(a.report, report)
     return 0
+
+
+def written_forms(rewritten: dict[str, str]) -> dict[str, int]:
+    """How many rewritten weights take each form: DequantizeLinear (ORT may fuse it), decoded at load
+    (/load), a float16/bfloat16 Cast, or zeros."""
+    from tqs_onnx.tiers import parse_tier
+
+    counts = {"DequantizeLinear": 0, "decoded at load": 0, "fp16/bf16 Cast": 0, "zeros": 0}
+    for text in rewritten.values():
+        t = parse_tier(text)
+        key = ("zeros" if t.is_zero else "fp16/bf16 Cast" if not t.is_int
+               else "decoded at load" if t.at_load else "DequantizeLinear")
+        counts[key] += 1
+    return counts
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
