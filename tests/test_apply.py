@@ -522,3 +522,14 @@ def test_fused_dq_needs_the_stored_weight_as_b_of_a_main_graph_matmul():
     written = {n: str(written_form(t, table[n].consumer_ops, table[n].shape, "auto", table[n].fused_dq)) for n in ws}
     assert written == {"Wd": "int8/channel", "Wt": "int8/channel/load", "Wa": "int8/channel/load",
                        "Wi": "int8/channel/load"}
+
+
+def test_apply_reports_the_form_of_each_written_weight(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps(plan_for({"W1": "int8", "W2": "int4/channel/load"}, {})))
+    report = tmp_path / "r.json"
+    assert main(["apply", str(paths["model"]), str(plan), "-o", str(tmp_path / "q.onnx"), "--quiet",
+                 "--report", str(report)]) == 0
+    forms = json.loads(report.read_text())["forms"]
+    assert forms == {"DequantizeLinear": 1, "decoded at load": 1, "fp16/bf16 Cast": 0, "zeros": 0}
