@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from tqs_onnx import __version__
 from tqs_onnx.errors import TqsError
+from tqs_onnx.tiers import DECODES
 
 
 # ------------------------------------------------------------------------------------ option groups
@@ -432,12 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify-model", metavar="MODEL",
                    help="check the allocation by joint rollouts against uniform and refine it (needs --rollout/--contexts)")
     s.add_argument("--max-rollouts", type=int, default=30, help="cap on joint rollouts of the refinement (default 30)")
-    s.add_argument("--decode", default="auto", choices=["auto", "dq", "load"],
-                   help="how integer tiers are written: auto (default) DequantizeLinear for 2-D weights read "
-                        "only by MatMul/Gemm, which ONNX Runtime fuses into MatMulNBits, and the /load form "
-                        "for every other weight (Conv, LSTM, Add and Gather tables), which ORT decodes once at "
-                        "load instead of on every call; dq: DequantizeLinear everywhere (least memory); load: "
-                        "/load everywhere (FP32 kernels and speed from the compact file)")
+    s.add_argument("--decode", default="auto", choices=DECODES,
+                   help="how integer tiers are written: auto (default) DequantizeLinear for 2-D weights read, "
+                        "as stored, only as B of main-graph MatMul/Gemm nodes, which ONNX Runtime fuses into "
+                        "MatMulNBits, and the /load form for every other weight (Conv, LSTM, Add and Gather "
+                        "tables), which ORT decodes once at load instead of on every call (`inspect` shows "
+                        "which); dq: DequantizeLinear everywhere (least memory); load: /load everywhere (FP32 "
+                        "kernels and speed from the compact file)")
     _rollout_args(s, required=False)
     _device_args(s)
     _output_args(s, what="plan JSON")
@@ -510,7 +512,7 @@ def _frontier_parsers(sub) -> None:
                         "(keep the better model per target, delete the dominated one)")
     s.add_argument("--tiers", help="tiers for every objective (default: fp32 + the sweep's tiers for measured, "
                                    "fp32,bf16,int8,int4,int2 for paper)")
-    s.add_argument("--decode", default="auto", choices=["auto", "dq", "load"],
+    s.add_argument("--decode", default="auto", choices=DECODES,
                    help="how integer tiers are written, as in `allocate --decode` (default auto)")
     s.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts per refinement (default 30)")
     s.add_argument("--no-uniform", action="store_true", help="skip the uniform (single-tier) baselines")

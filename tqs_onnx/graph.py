@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from tqs_onnx.errors import TqsError
+from tqs_onnx.tiers import FUSED_CONSUMERS
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16,
                onnx.TensorProto.BFLOAT16: 16, onnx.TensorProto.DOUBLE: 64}
@@ -386,7 +387,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         w.consumers = [u.name for u in eff]
         w.consumer_ops = [u.node.op_type for u in eff]
         w.fused_dq = bool(eff) and len(shape) == 2 and all(
-            u.direct and u.main and u.slot == 1 and u.node.op_type in ("MatMul", "Gemm") for u in eff)
+            u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff)
         if eff:
             first = min(eff, key=lambda u: u.order)
             w.order = first.order

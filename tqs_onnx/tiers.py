@@ -314,17 +314,17 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
                                             name=f"{name}/ZeroPoint",
                                             value=onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [zp]))]
         q, zero_point = unpacked, [f"{name}__zp"]
-    attrs = {}
-    if tier.granularity == "channel" and scale_rank == 1:
-        attrs["axis"] = axes[0]
-    elif tier.granularity == "block" and scale_rank > 0:
-        attrs["axis"], attrs["block_size"] = axes[1], tier.block_size
     scale = s
     if tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16:
         scale = f"{name}__scale32"
         nodes.append(onnx.helper.make_node("Cast", [s], [scale], name=f"{name}/CastScale", to=orig_type))
     if tier.at_load:
         return nodes + _decode_at_load_nodes(name, tier, q, scale, zp, shape, axes, orig_type)
+    attrs = {}
+    if tier.granularity == "channel" and scale_rank == 1:
+        attrs["axis"] = axes[0]
+    elif tier.granularity == "block" and scale_rank > 0:
+        attrs["axis"], attrs["block_size"] = axes[1], tier.block_size
     nodes.append(onnx.helper.make_node("DequantizeLinear", [q, scale, *zero_point], [name],
                                        name=f"{name}/DequantizeLinear", **attrs))
     return nodes
