@@ -83,3 +83,38 @@ def test_divergence_graph_takes_each_outputs_own_type():
     feeds = {f"a{i}": a for i, (a, _) in enumerate(pairs)} | {f"b{i}": b for i, (_, b) in enumerate(pairs)}
     want = [np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2) for a, b in pairs]
     np.testing.assert_allclose(sess.run(None, feeds)[0], want, rtol=1e-5)
+
+
+def test_divergence_outputs_added_to_a_model_measure_each_output_against_its_reference():
+    """AddDivergenceOutputs: float32, float16 and int64 outputs each get sum((y - ref)^2) in float32;
+    a run that does not feed the references still works (they default to zero)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from tqs_onnx.passes.divergence import AddDivergenceOutputs
+
+    h = helper.make_node
+    g = helper.make_graph(
+        [h("Mul", ["x", "x"], ["y32"]), h("Cast", ["x"], ["y16"], to=TensorProto.FLOAT16),
+         h("Cast", ["x"], ["yi"], to=TensorProto.INT64)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y32", TensorProto.FLOAT, [3, 4]),
+         helper.make_tensor_value_info("y16", TensorProto.FLOAT16, [3, 4]),
+         helper.make_tensor_value_info("yi", TensorProto.INT64, [3, 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = AddDivergenceOutputs(["y32", "y16", "yi"]).run(model)
+    onnx.checker.check_model(result.model)
+    pairs = result.report["pairs"]
+    sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert {i.name for i in sess.get_inputs()} == {"x"}  # the references are optional
+    x = np.random.default_rng(0).normal(0, 3, (3, 4)).astype(np.float32)
+    plain = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    refs = {"y32": x * x + 0.5, "y16": (x + 1).astype(np.float16), "yi": np.zeros((3, 4), np.int64)}
+    got = dict(zip([o.name for o in sess.get_outputs()],
+                   sess.run(None, {"x": x, **{pairs[k][0]: v for k, v in refs.items()}})))
+    for k, ref in refs.items():
+        y = plain[k].astype(np.float64)
+        assert float(plain[pairs[k][1]]) == pytest.approx(np.sum(y ** 2), rel=1e-5)  # unfed: ref = 0
+        assert float(got[pairs[k][1]]) == pytest.approx(np.sum((y - ref.astype(np.float64)) ** 2), rel=1e-5)
+        assert np.array_equal(got[k], plain[k])

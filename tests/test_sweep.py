@@ -142,10 +142,13 @@ def test_converged_is_the_sliding_window_rule():
     assert not converged(np.array([1.0, np.inf, 1.0, 1.0]), 0.01, 3)
 
 
-def test_steps_queued_without_waiting_give_the_same_scores(tmp_path):
+def test_steps_queued_without_waiting_give_the_same_scores(tmp_path, monkeypatch):
     """The GPU path queues a rollout's steps and divergences and waits once per rollout; forced on the
-    CPU provider (where it changes nothing on the device) it must score exactly as the waiting path."""
+    CPU provider (where it changes nothing on the device) it must score exactly as the waiting path.
+    Queued steps measure divergences with the separate graph, so the waiting path does too here."""
     from tqs_onnx.sweep import prepare, score_block
+
+    monkeypatch.setenv("TQS_DIVERGENCE", "graph")
     from tqs_onnx.tiers import parse_tier
 
     paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
@@ -163,3 +166,35 @@ def test_steps_queued_without_waiting_give_the_same_scores(tmp_path):
     for a, b in zip(waited, queued):
         assert a.quant == b.quant and a.gauss == b.gauss and a.damage == b.damage
         assert a.forward_passes == b.forward_passes
+
+
+def test_divergence_measured_by_the_model_run_equals_the_separate_graph(tmp_path, monkeypatch):
+    """TQS_DIVERGENCE=model (default) adds the squared divergence to the model's own run; the scores
+    must match the separate divergence graph (float64 on the CPU provider) to float32 rounding, with
+    one forward pass per step and the trajectory outputs unchanged."""
+    from tqs_onnx.sweep import prepare, score_block
+    from tqs_onnx.tiers import parse_tier
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    loaded = load_model(paths["model"])
+    config = SweepConfig(probe="both", probes=3, min_size=16, blocks="tensor", tiers=["int4/channel", "int1"])
+    tiers = [parse_tier(t) for t in config.tiers]
+    runs = {}
+    for mode in ("model", "graph"):
+        monkeypatch.setenv("TQS_DIVERGENCE", mode)
+        setup = prepare(loaded, spec, ctx, Device("cpu"), config)
+        assert bool(setup.rollout.divergence) == (mode == "model")
+        runs[mode] = ([score_block(setup, b, config, tiers) for b in setup.blocks],
+                      [[{k: v.numpy() for k, v in step.items()} for step in traj] for traj in setup.nominal])
+    (m_scores, m_nominal), (g_scores, g_nominal) = runs["model"], runs["graph"]
+    for traj_m, traj_g in zip(m_nominal, g_nominal):
+        for a, b in zip(traj_m, traj_g):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    for a, b in zip(m_scores, g_scores):
+        assert a.forward_passes == b.forward_passes
+        assert a.quant.divergence == pytest.approx(b.quant.divergence, rel=1e-5)
+        assert a.gauss.gamma_task_t == pytest.approx(b.gauss.gamma_task_t, rel=1e-5, abs=1e-6)
+        assert a.damage == pytest.approx(b.damage, rel=1e-5)
+        assert a.quant.divergence > 0 and a.damage["int1"] > a.damage["int4/channel"] > 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,7 +35,7 @@ from tqs_onnx.runtime import make_session, resolve_device
 from tqs_onnx.allocate import allocate
 from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
-from tqs_onnx.sweep import SweepConfig, gpu_stream_mode, joint_divergence, prepare, score_block, scores_document
+from tqs_onnx.sweep import SweepConfig, divergence_mode, gpu_stream_mode, joint_divergence, prepare, score_block, scores_document
 from tqs_onnx.tiers import Tier, parse_tier
 
 MEASURED_TIERS = DEFAULT_SWEEP_TIERS.split(",")  # the tiers `tqs-onnx sweep` measures by default
@@ -100,6 +101,23 @@ def sweep_blocks(setup, config, floor: Callable[[], float] | None = None) -> tup
     return seconds, passes, scores, floor_s
 
 
+def rerun_with(env: str, value: str, loaded, spec, contexts, device, config, scores) -> dict:
+    """The same sweep in fresh sessions with one environment setting changed, and how far its gammas
+    are from `scores`'."""
+    before = os.environ.get(env)
+    os.environ[env] = value
+    try:
+        setup = prepare(loaded, spec, contexts, device, config)
+        seconds, passes, other, _ = sweep_blocks(setup, config)
+    finally:
+        if before is None:
+            os.environ.pop(env)
+        else:
+            os.environ[env] = before
+    diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, other))
+    return {"setting": f"{env}={value}", "sweep_s": seconds, "forward_passes": passes, "max_rel_gamma_diff": diff}
+
+
 def timed(setup, fn) -> tuple[float, int, object]:
     """(seconds, forward passes, result) of fn() on the sweep's session."""
     n0, t0 = setup.rollout.forward_passes, time.perf_counter()
@@ -136,6 +154,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--streams", action="store_true",
                     help="CUDA: also run the sweep with the other stream mode (TQS_GPU_STREAM own/shared) in this run")
+    ap.add_argument("--compare-divergence", action="store_true",
+                    help="also run the sweep with the other TQS_DIVERGENCE mode (model / graph) in this run")
     ap.add_argument("--protocols", action="store_true", help="also compare the paper's and the measured protocol")
     ap.add_argument("--target", type=float, default=8.0, help="compression of the refinement (--protocols)")
     ap.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts of the refinement (--protocols)")
@@ -167,19 +187,13 @@ def main() -> None:
         setup.rollout.async_steps = True
         diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, w_scores))
         waited = {"sweep_s": w_s, "forward_passes": w_passes, "max_rel_gamma_diff": diff}
-    other = None
-    if a.streams and device.kind == "cuda":  # the same sweep in fresh sessions with the other stream mode
-        import os
-
-        mode = gpu_stream_mode()
-        other_mode = "shared" if mode == "own" else "own"
-        os.environ["TQS_GPU_STREAM"] = other_mode
-        o_setup = prepare(loaded, spec, contexts, device, config)
-        o_s, o_passes, o_scores, _ = sweep_blocks(o_setup, config)
-        os.environ["TQS_GPU_STREAM"] = mode
-        diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, o_scores))
-        other = {"mode": other_mode, "sweep_s": o_s, "forward_passes": o_passes, "max_rel_gamma_diff": diff}
-        del o_setup
+    others = []  # the same sweep in fresh sessions with one setting changed
+    if a.streams and device.kind == "cuda":
+        others.append(rerun_with("TQS_GPU_STREAM", "shared" if gpu_stream_mode() == "own" else "own",
+                                 loaded, spec, contexts, device, config, scores))
+    if a.compare_divergence:
+        others.append(rerun_with("TQS_DIVERGENCE", "graph" if divergence_mode() == "model" else "model",
+                                 loaded, spec, contexts, device, config, scores))
     # The floor again, now that the device is warm (a GPU still at idle clocks made the first floor
     # measurement up to 2x slow); the faster of the two counts, so efficiency is never flattered.
     floor_after, _ = floor_time(floor_r, spec, contexts, device, a.repeats)
@@ -203,9 +217,10 @@ def main() -> None:
         waited["efficiency"] = waited["forward_passes"] * floor / waited["sweep_s"]
         res["waiting_every_step"] = waited
     res["stream_mode"] = gpu_stream_mode() if device.kind == "cuda" else None
-    if other:
+    res["divergence_mode"] = divergence_mode()
+    for other in others:
         other["efficiency"] = other["forward_passes"] * floor / other["sweep_s"]
-        res["other_stream_mode"] = other
+    res["other_settings"] = others
     print(f"{a.model.name} on {device.kind}: {res['blocks']} blocks, {probes} probes x {contexts.count} contexts "
           f"x {spec.horizon} steps = {passes:,} forward passes")
     print(f"  floor (plain forward)       {res['floor_ms_per_forward']:.4f} ms   (the faster of "
@@ -218,10 +233,9 @@ def main() -> None:
         print(f"  efficiency waiting for the device at every step: {waited['efficiency']:.3f} "
               f"({waited['sweep_s']:.2f} s against {sweep_s:.2f} s queued; gamma differs by at most "
               f"{waited['max_rel_gamma_diff']:.1e} relative)")
-    if other:
-        print(f"  efficiency with TQS_GPU_STREAM={other['mode']}: {other['efficiency']:.3f} ({other['sweep_s']:.2f} s "
-              f"against {sweep_s:.2f} s with {res['stream_mode']}; gamma differs by at most "
-              f"{other['max_rel_gamma_diff']:.1e} relative)")
+    for other in others:
+        print(f"  efficiency with {other['setting']}: {other['efficiency']:.3f} ({other['sweep_s']:.2f} s "
+              f"against {sweep_s:.2f} s; gamma differs by at most {other['max_rel_gamma_diff']:.1e} relative)")
     print(f"  per probe: sweep {res['sweep_ms_per_probe']:.2f} ms, naive session-per-probe "
           f"{res['naive_ms_per_probe']:.2f} ms ({res['naive_over_sweep']:.1f}x)")
     if a.protocols:

@@ -161,8 +161,12 @@ class Rollout:
     feedback state never leaves the device between steps; only trajectory outputs come to the host.
     """
 
-    def __init__(self, session, spec: RolloutSpec, contexts: Contexts, device, where: str = "model"):
+    def __init__(self, session, spec: RolloutSpec, contexts: Contexts, device, where: str = "model",
+                 divergence: dict[str, tuple[str, str]] | None = None):
+        """`divergence`: trajectory output -> (reference input, squared-divergence output) that the
+        session's graph computes (`passes.divergence.AddDivergenceOutputs`), used by `divergences`."""
         self.session = session
+        self.divergence = dict(divergence or {})
         self.spec = spec
         self.contexts = contexts
         self.device = device
@@ -234,6 +238,28 @@ class Rollout:
 
         `weights` maps exposed weight inputs to device OrtValues; they stay bound for the rollout.
         """
+        for out in self._run_steps(s, weights, horizon, self.fetch):
+            yield {k: out[k] for k in self.spec.trajectory}
+
+    def divergences(self, s: int, reference: list[dict[str, Any]], weights: dict[str, Any] | None = None,
+                    horizon: int | None = None) -> Iterator[float]:
+        """Yield, per step, sum_k ||y_k - reference_k||^2 over the trajectory outputs, each term computed
+        inside the step's own run (needs `divergence` pairs for every trajectory output); only these
+        scalars come to the host. `reference`: per step, trajectory output -> device value."""
+        sq = [self.divergence[k][1] for k in self.spec.trajectory]
+        fetch = list(dict.fromkeys([*self.spec.feedback, *sq]))
+
+        def bind_reference(binding, t: int) -> None:
+            for k in self.spec.trajectory:
+                binding.bind_ortvalue_input(self.divergence[k][0], reference[t][k])
+
+        for out in self._run_steps(s, weights, horizon, fetch, bind_reference, host=set(sq)):
+            yield float(sum(np.float64(out[n].numpy()) for n in sq))
+
+    def _run_steps(self, s: int, weights: dict[str, Any] | None, horizon: int | None, fetch: list[str],
+                   before=None, host: set[str] = frozenset()) -> Iterator[dict[str, Any]]:
+        """Run steps 1..horizon of context s; yield each step's fetched outputs (`host`: bound to host
+        memory, the rest left on the device). `before(binding, t)` binds extra inputs of step t."""
         binding = self.session.io_binding()
         for name, value in (weights or {}).items():
             binding.bind_ortvalue_input(name, value)
@@ -243,10 +269,12 @@ class Rollout:
                 feeds[inp] = self.device.to_device(self.contexts.arrays[key][s, t].astype(self._dtype(inp)))
             for name, value in feeds.items():
                 binding.bind_ortvalue_input(name, value)
+            if before is not None:
+                before(binding, t)
             # Rebind outputs every step: a pre-bound output fails when the next shape differs.
             binding.clear_binding_outputs()
-            for o in self.fetch:
-                binding.bind_output(o, self.device.kind)
+            for o in fetch:
+                binding.bind_output(o, "cpu" if o in host else self.device.kind)
             try:
                 self.session.run_with_iobinding(binding, self._run_options)
             except Exception as exc:  # ORT: a shape or value the graph cannot take
@@ -255,10 +283,10 @@ class Rollout:
             self.forward_passes += 1
             if self._run_options is not None and binding not in self._pending:
                 self._pending.append(binding)
-            out = dict(zip(self.fetch, binding.get_outputs()))
+            out = dict(zip(fetch, binding.get_outputs()))
             for o, inp in self.spec.feedback.items():
                 feeds[inp] = out[o]
-            yield {k: out[k] for k in self.spec.trajectory}
+            yield out
 
     def trajectory(self, s: int, weights: dict[str, Any] | None = None,
                    horizon: int | None = None) -> list[dict[str, Any]]:

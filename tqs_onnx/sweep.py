@@ -21,6 +21,7 @@ from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import Block, LoadedModel, Weight, main_opset, make_blocks, tensor_is_finite, weight_table
 from tqs_onnx.passes.detach import detach_initializers
+from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
@@ -150,11 +151,20 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     # TQS_GPU_STREAM=shared (CUDA): every sweep session on one stream, waiting at each step as usual.
     queue = device.kind == "cuda" and os.environ.get("TQS_GPU_QUEUE") == "1" and bool(cuda_stream())
     shared = queue or device.kind == "cuda" and gpu_stream_mode() == "shared" and bool(cuda_stream())
-    session = make_session(exposed.model, device, threads, shared_stream=shared)
+    model, pairs = exposed.model, {}
+    # Each step's run also measures its divergence (see `divergence`); a spec naming outputs the model
+    # lacks is left to `check_against`, which says so.
+    if divergence_mode() == "model" and set(spec.trajectory) <= {o.name for o in model.graph.output}:
+        measured = AddDivergenceOutputs(spec.trajectory).run(model)
+        model, pairs = measured.model, measured.report["pairs"]
+    session = make_session(model, device, threads, shared_stream=shared)
+    del model
     inputs, outputs = io_signature(session)
     weight_inputs = set(names)
-    spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs}, outputs, str(loaded.path))
-    rollout = Rollout(session, spec, contexts, device, str(loaded.path))
+    extra = {sq for _, sq in pairs.values()}
+    spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs},
+                       {k: v for k, v in outputs.items() if k not in extra}, str(loaded.path))
+    rollout = Rollout(session, spec, contexts, device, str(loaded.path), divergence=pairs)
     # The device copies are all the sweep keeps: no host copy of the weights stays alive.
     bound = {n: device.to_device(v) for n, v in exposed.report["values"].items()}
     del exposed
@@ -186,6 +196,16 @@ def opset_deltas(model: onnx.ModelProto) -> dict[int, int]:
     return deltas
 
 
+def divergence_mode() -> str:
+    """TQS_DIVERGENCE: 'model' (the default: the model's own run computes each step's squared divergence
+    from the nominal trajectory) or 'graph' (a separate ORT graph per step over every context's outputs,
+    the engine before the sixth session; kept for comparison, `tools/bench_sweep.py --compare-divergence`)."""
+    mode = os.environ.get("TQS_DIVERGENCE", "model").strip().lower() or "model"
+    if mode not in ("model", "graph"):
+        raise TqsError(f"TQS_DIVERGENCE={mode}: expected 'model' or 'graph'")
+    return mode
+
+
 def gpu_stream_mode() -> str:
     """TQS_GPU_STREAM: 'own' (each ORT session its own CUDA stream, ORT's default) or 'shared'."""
     mode = os.environ.get("TQS_GPU_STREAM", "own").strip().lower() or "own"
@@ -204,11 +224,13 @@ def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None 
     the step where the score has converged; the result then has fewer than `horizon` columns.
     """
     bound = {**setup.bound, **replaced}
-    gens = [setup.rollout.steps(s, bound, setup.horizon) for s in range(len(setup.nominal))]
-    out = np.zeros((len(gens), setup.horizon))
     # With steps queued without waiting (GPU) and no stopping rule, the divergences stay on the device
     # until the rollout ends: one wait per rollout instead of one per step.
     lazy = setup.rollout.async_steps and stop is None
+    if setup.rollout.divergence and not lazy:
+        return _measured_divergence(setup, bound, stop)
+    gens = [setup.rollout.steps(s, bound, setup.horizon) for s in range(len(setup.nominal))]
+    out = np.zeros((len(gens), setup.horizon))
     queued = []
     for t in range(setup.horizon):
         pairs, owner = [], []
@@ -230,6 +252,23 @@ def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None 
     setup.ops.synchronize()
     for t, owner, value in queued:  # device values (GPU) or arrays (the CPU provider computes at once)
         np.add.at(out[:, t], owner, np.asarray(value if isinstance(value, np.ndarray) else value.numpy(), np.float64))
+    out[~np.isfinite(out)] = np.inf
+    return out
+
+
+def _measured_divergence(setup: SweepSetup, bound: dict[str, Any], stop: StopFn | None) -> np.ndarray:
+    """`divergence` when the model's own run computes each step's squared divergence (one scalar per
+    trajectory output comes to the host, nothing else)."""
+    gens = [setup.rollout.divergences(s, setup.nominal[s], bound, setup.horizon) for s in range(len(setup.nominal))]
+    out = np.zeros((len(gens), setup.horizon))
+    for t in range(setup.horizon):
+        for s, gen in enumerate(gens):
+            out[s, t] = next(gen)
+        if stop is not None and stop(out[:, : t + 1]):
+            out = out[:, : t + 1]
+            break
+    for gen in gens:
+        gen.close()
     out[~np.isfinite(out)] = np.inf
     return out
 

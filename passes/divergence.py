@@ -1,0 +1,68 @@
+"""Let the model's own run measure a step's trajectory divergence: ||y - y_ref||^2 per output.
+
+For each named output y the pass adds an input `y_ref` (zeros as its default, so runs that do not feed
+it still work) and an output sum((y - y_ref)^2), float32. A sweep feeds the nominal
+trajectory's step as `y_ref` and reads one scalar per output, instead of running a second ORT graph
+over every step's outputs: on small models that second run cost more than the subtraction itself
+(see `tools/bench_sweep.py --compare-divergence`).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from tqs_onnx.errors import TqsError
+from tqs_onnx.passes.base import PassResult
+
+REF_SUFFIX = "::tqs_ref"
+SQDIFF_SUFFIX = "::tqs_sqdiff"
+
+
+class AddDivergenceOutputs:
+    """Outputs `y::tqs_sqdiff` = sum((y - `y::tqs_ref`)^2) for each named output `y`.
+
+    `report['pairs']` maps each output to (its reference input, its divergence output)."""
+
+    name = "add-divergence-outputs"
+
+    def __init__(self, outputs: list[str]):
+        self.outputs = list(dict.fromkeys(outputs))
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        g = out.graph
+        declared = {o.name: o for o in g.output}
+        taken = {v for n in g.node for v in (*n.input, *n.output)} | {i.name for i in g.input} \
+            | {i.name for i in g.initializer}
+        pairs = {}
+        for y in self.outputs:
+            if y not in declared:
+                raise TqsError(f"model has no output '{y}' to measure a divergence on")
+            elem = declared[y].type.tensor_type.elem_type
+            ref, sq = y + REF_SUFFIX, y + SQDIFF_SUFFIX
+            if ref in taken or sq in taken:
+                raise TqsError(f"model already has a value named '{ref}' or '{sq}'")
+            # Any shape of the output's rank; the default is zeros of shape (1, ..., 1), which broadcasts.
+            t = declared[y].type.tensor_type
+            rank = len(t.shape.dim) if t.HasField("shape") else None
+            g.input.append(helper.make_tensor_value_info(
+                ref, elem, None if rank is None else [f"{ref}_{i}" for i in range(rank)]))
+            g.initializer.append(helper.make_tensor(ref, elem, [1] * (rank or 0), [0]))
+            g.node.extend(self._nodes(y, ref, sq, elem))
+            g.output.append(helper.make_tensor_value_info(sq, TensorProto.FLOAT, []))
+            pairs[y] = (ref, sq)
+        return PassResult(out, bool(pairs), {"pairs": pairs})
+
+    @staticmethod
+    def _nodes(y: str, ref: str, sq: str, elem: int) -> list[onnx.NodeProto]:
+        h = helper.make_node
+        a, b = y, ref
+        nodes = []
+        if elem != TensorProto.FLOAT:  # integer, float16, bfloat16, double: compared in float32
+            a, b = sq + "/a", sq + "/b"
+            nodes += [h("Cast", [y], [a], to=TensorProto.FLOAT), h("Cast", [ref], [b], to=TensorProto.FLOAT)]
+        nodes += [h("Sub", [a, b], [sq + "/d"]),
+                  h("ReduceSumSquare", [sq + "/d"], [sq], keepdims=0)]
+        return nodes
