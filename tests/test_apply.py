@@ -533,3 +533,45 @@ def test_apply_reports_the_form_of_each_written_weight(tmp_path):
                  "--report", str(report)]) == 0
     forms = json.loads(report.read_text())["forms"]
     assert forms == {"DequantizeLinear": 1, "decoded at load": 1, "fp16/bf16 Cast": 0, "zeros": 0}
+
+
+def test_auto_keeps_a_lookup_table_behind_constant_indices_compact_after_load(tmp_path):
+    """A table read by a Gather through constant indices (a factored table) decoded at load would be
+    folded by ORT through the Gather into the expanded tensor, the FP32 model's memory; `auto` writes it
+    with DequantizeLinear, which ORT keeps, so the session holds the compact table. An embedding read
+    through a graph input's indices cannot be folded and is decoded at load as before."""
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.runtime import Device
+    from tqs_onnx.runtime_report import optimized_graph, tensor_bytes
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    r = np.random.default_rng(5)
+    table, emb = r.standard_normal((64, 8)).astype(np.float32), r.standard_normal((64, 8)).astype(np.float32)
+    index = r.integers(0, 64, (40, 40)).astype(np.int64)
+    nodes = [helper.make_node("Gather", ["T", "idx"], ["bias"]),
+             helper.make_node("Gather", ["E", "tok"], ["e"]),
+             helper.make_node("Add", ["x", "bias"], ["xb"]),
+             helper.make_node("Add", ["xb", "e"], ["y"])]
+    m = model(nodes, [init("T", table), init("E", emb), init("idx", index)],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [40, 40, 8]),
+               helper.make_tensor_value_info("tok", TensorProto.INT64, [40, 40])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [40, 40, 8])])
+    ws = {w.name: w for w in weight_table(m, min_size=16)}
+    assert (ws["T"].const_lookup, ws["E"].const_lookup) == (True, False)
+    t = parse_tier("int8/channel")
+    forms = {n: str(written_form(t, w.consumer_ops, w.shape, "auto", w.fused_dq, w.const_lookup)) for n, w in ws.items()}
+    assert forms == {"T": "int8/channel", "E": "int8/channel/load"}
+    for decode, want in (("load-compact", forms), ("load", {"T": "int8/channel/load", "E": "int8/channel/load"}),
+                         ("dq", {"T": "int8/channel", "E": "int8/channel"})):
+        assert {n: str(written_form(t, w.consumer_ops, w.shape, decode, w.fused_dq, w.const_lookup))
+                for n, w in ws.items()} == want, decode
+    onnx.save(m, tmp_path / "m.onnx")
+    initializer_bytes = {}
+    for label, t_form in (("dq", "int8/channel"), ("load", "int8/channel/load")):
+        out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"T": t_form, "E": forms["E"]}, {}))
+        save_model(out, tmp_path / f"{label}.onnx")
+        opt = optimized_graph(tmp_path / f"{label}.onnx", Device("cpu"))
+        initializer_bytes[label] = {i.name: tensor_bytes(list(i.dims), i.data_type) for i in opt.graph.initializer}
+    expanded = index.size * 8 * 4
+    assert max(initializer_bytes["load"].values()) >= expanded  # folded through the Gather at load
+    assert sum(initializer_bytes["dq"].values()) < expanded / 2  # the compact table (and its index) stay

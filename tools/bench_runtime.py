@@ -203,7 +203,8 @@ def candidates_for(files: ModelFiles, a: argparse.Namespace) -> list[Candidate]:
         return cands
     else:
         cands = write_candidates(files, sweep_plans(files, a, work), work)
-    add_accuracy(files, cands)
+    if not a.no_accuracy:
+        add_accuracy(files, cands)
     if not a.candidates:
         atomic_write_json(manifest, [{**dataclasses.asdict(c), "path": c.path.name} for c in cands])
     return cands
@@ -392,6 +393,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts of the refinement (default 30)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tqs-bench-runtime"), help="where written models go")
     ap.add_argument("--reuse", action="store_true", help="reuse the sweep an earlier run left in --work")
+    ap.add_argument("--no-accuracy", action="store_true",
+                    help="skip the MAE-vs-FP32 rollouts on the CPU (big models: they cost minutes)")
     ap.add_argument("--build-only", action="store_true", help="write and evaluate the candidates, measure nothing")
     ap.add_argument("--measure-only", action="store_true",
                     help="measure the candidates an earlier run wrote to --work (manifest.json), build nothing")

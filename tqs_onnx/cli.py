@@ -436,10 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", default="auto", choices=DECODES,
                    help="how integer tiers are written: auto (default) DequantizeLinear for 2-D weights read, "
                         "as stored, only as B of main-graph MatMul/Gemm nodes, which ONNX Runtime fuses into "
-                        "MatMulNBits, and the /load form for every other weight (Conv, LSTM, Add and Gather "
-                        "tables), which ORT decodes once at load instead of on every call (`inspect` shows "
-                        "which); dq: DequantizeLinear everywhere (least memory); load: /load everywhere (FP32 "
-                        "kernels and speed from the compact file)")
+                        "MatMulNBits, and the /load form for every other weight (Conv, LSTM, Add tables), "
+                        "which ORT decodes once at load instead of on every call (`inspect` shows which); "
+                        "a table read by a Gather through constant indices (a factored table) keeps "
+                        "DequantizeLinear: decoded at load, ORT would fold it through the Gather back to the "
+                        "expanded FP32 tensor; dq: DequantizeLinear everywhere (least memory); load: /load "
+                        "everywhere (the FP32 graph after load: its kernels, speed and memory); load-compact: "
+                        "/load except those tables (FP32 kernels, compact tables: CPU deployment)")
     _rollout_args(s, required=False)
     _device_args(s)
     _output_args(s, what="plan JSON")

@@ -216,6 +216,9 @@ class Weight:
     # Read only as the B input of main-graph MatMul/Gemm nodes, as stored: ORT fuses its
     # DequantizeLinear into MatMulNBits (tiers.written_form).
     fused_dq: bool = False
+    # Read by a main-graph Gather through constant indices (a factored lookup table): decoded at load,
+    # ORT's constant folding would run the Gather too and store the expanded table, at FP32 size.
+    const_lookup: bool = False
     quantizable: bool = True
     reason: str = ""
     channel_axis: int | None = None
@@ -376,6 +379,8 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
     topo = {n: k for k, n in enumerate(nx.topological_sort(dg))}
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
+    constants = {i.name for i in graph.initializer} - inputs
+    lookups = {n.input[0] for n in graph.node if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in constants}
     weights = []
     for init in graph.initializer:
         if init.data_type not in FLOAT_TYPES:
@@ -388,6 +393,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         w.consumer_ops = [u.node.op_type for u in eff]
         w.fused_dq = bool(eff) and len(shape) == 2 and all(
             u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff)
+        w.const_lookup = init.name in lookups
         if eff:
             first = min(eff, key=lambda u: u.order)
             w.order = first.order

@@ -71,9 +71,9 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
              f"weights: {len(doc['weights'])} float tensors, {doc['parameters']:,} parameters, "
              f"{doc['quantizable_share']:.1%} quantizable",
              "", f"{'weight':40s} {'shape':18s} {'origin':11s} {'consumers':18s} quantizable "
-                 "(integer tiers: fused into MatMulNBits, or decoded at load)"]
+                 "(integer tiers: fused into MatMulNBits, decoded at load, or per call before a lookup)"]
     for w in doc["weights"][:max_rows]:
-        form = "fused" if w.get("fused_dq") else "at load"
+        form = "fused" if w.get("fused_dq") else "per call (lookup)" if w.get("const_lookup") else "at load"
         lines.append(f"{w['name'][:40]:40s} {str(w['shape'])[:18]:18s} {w['origin'][:11]:11s} "
                      f"{','.join(w['consumer_ops'])[:18]:18s} "
                      f"{f'yes, {form}' if w['quantizable'] else 'no: ' + w['reason']}")

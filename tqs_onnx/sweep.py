@@ -479,7 +479,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
 def weight_entry(w: Weight) -> dict[str, Any]:
     return {"shape": list(w.shape), "dtype": w.dtype, "bits": w.bits, "channel_axis": w.channel_axis,
             "block_axis": w.block_axis, "origin": w.origin, "consumer_ops": sorted(set(w.consumer_ops)),
-            "fused_dq": w.fused_dq}
+            "fused_dq": w.fused_dq, "const_lookup": w.const_lookup}
 
 
 def model_summary(loaded: LoadedModel, weights: list[Weight], prepared_bytes: int,

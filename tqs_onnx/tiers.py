@@ -135,25 +135,32 @@ class Tier:
         return packed_bytes(self, n) + self.scale_count(shape, channel_axis, block_axis) * scale_bytes
 
 
-DECODES = ("auto", "dq", "load")
+DECODES = ("auto", "dq", "load", "load-compact")
 FUSED_CONSUMERS = {"MatMul", "Gemm"}  # ORT fuses DequantizeLinear of their 2-D B weight into MatMulNBits
 
 
 def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], decode: str = "auto",
-                 fused_dq: bool | None = None) -> Tier:
+                 fused_dq: bool | None = None, const_lookup: bool = False) -> Tier:
     """The form `tier` is written in for one weight. decode 'dq': DequantizeLinear; 'load': the `/load`
-    form, decoded once at load; 'auto': DequantizeLinear where ORT fuses it, else `/load`, so no weight
-    is dequantized on every call (Conv, LSTM, Add and Gather tables have no fused kernel for float
-    activations with integer weights). ORT fuses a 2-D weight read, as stored, only as B of main-graph
-    MatMul/Gemm nodes (`fused_dq`, from the weight table; without it, scores of earlier versions: every
-    consumer op a MatMul/Gemm)."""
+    form, decoded once at load; 'auto': DequantizeLinear where ORT fuses it and for lookup tables behind
+    constant indices (below), else `/load`, so no other weight is dequantized on every call (Conv, LSTM
+    and Add tables have no fused kernel for float activations with integer weights); 'load-compact':
+    `/load` except for those lookup tables (the FP32 kernels, where MatMulNBits is slower than them,
+    as on small-CPU MatMuls, with the tables kept compact).
+
+    ORT fuses a 2-D weight read, as stored, only as B of main-graph MatMul/Gemm nodes (`fused_dq`, from
+    the weight table; without it, scores of earlier versions: every consumer op a MatMul/Gemm). A table
+    read by a Gather through constant indices (`const_lookup`: the factored lookup tables) decoded at
+    load is folded by ORT through the Gather into the expanded FP32 tensor, the memory of the unfactored
+    model (H100, full Pangu replica: 2.77 GB of GPU memory, as FP32); DequantizeLinear then Gather on
+    every call keeps it compact, for one small Gather per table."""
     if decode not in DECODES:
         raise TqsError(f"decode must be one of {', '.join(DECODES)}, not '{decode}'")
     if not tier.is_int or tier.at_load or decode == "dq":
         return tier
     if fused_dq is None:
         fused_dq = len(shape) == 2 and bool(consumer_ops) and set(consumer_ops) <= FUSED_CONSUMERS
-    if decode == "auto" and fused_dq:
+    if decode == "auto" and (fused_dq or const_lookup) or decode == "load-compact" and const_lookup:
         return tier
     return replace(tier, at_load=True)
 
