@@ -211,7 +211,7 @@ def cmd_apply(a: argparse.Namespace) -> int:
     report = {"output": str(out), "on_disk_bytes": on_disk,
               "on_disk_compression": loaded.file_bytes / on_disk,
               "planned_compression": plan.get("planned_compression"), "checks": checks,
-              "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {})),
+              "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {}), plan.get("weight_info")),
               "passes": {k: {kk: vv for kk, vv in v.items() if kk != "rewritten"} for k, v in reports.items()}}
     if not a.quiet:
         forms = ", ".join(f"{n} {what}" for what, n in report["forms"].items() if n)
@@ -223,16 +223,20 @@ def cmd_apply(a: argparse.Namespace) -> int:
     return 0
 
 
-def written_forms(rewritten: dict[str, str]) -> dict[str, int]:
-    """How many rewritten weights take each form: DequantizeLinear (ORT may fuse it), decoded at load
-    (/load), a float16/bfloat16 Cast, or zeros."""
+def written_forms(rewritten: dict[str, str], info: dict[str, dict] | None = None) -> dict[str, int]:
+    """How many rewritten weights take each form: DequantizeLinear that ORT fuses into MatMulNBits (the
+    plan's `fused_dq`), DequantizeLinear run on every call (the rest: lookup tables behind constant
+    indices, or everything with `--decode dq`), decoded at load (/load), a float16/bfloat16 Cast, or zeros."""
     from tqs_onnx.tiers import parse_tier
 
-    counts = {"DequantizeLinear": 0, "decoded at load": 0, "fp16/bf16 Cast": 0, "zeros": 0}
-    for text in rewritten.values():
+    info = info or {}
+    counts = {"DequantizeLinear fused by ORT": 0, "DequantizeLinear per call": 0, "decoded at load": 0,
+              "fp16/bf16 Cast": 0, "zeros": 0}
+    for name, text in rewritten.items():
         t = parse_tier(text)
-        key = ("zeros" if t.is_zero else "fp16/bf16 Cast" if not t.is_int
-               else "decoded at load" if t.at_load else "DequantizeLinear")
+        key = ("zeros" if t.is_zero else "fp16/bf16 Cast" if not t.is_int else "decoded at load" if t.at_load
+               else "DequantizeLinear fused by ORT" if info.get(name, {}).get("fused_dq")
+               else "DequantizeLinear per call")
         counts[key] += 1
     return counts
 
