@@ -198,3 +198,19 @@ def test_divergence_measured_by_the_model_run_equals_the_separate_graph(tmp_path
         assert a.gauss.gamma_task_t == pytest.approx(b.gauss.gamma_task_t, rel=1e-5, abs=1e-6)
         assert a.damage == pytest.approx(b.damage, rel=1e-5)
         assert a.quant.divergence > 0 and a.damage["int1"] > a.damage["int4/channel"] > 0
+
+
+def test_unknown_engine_settings_are_one_line_errors(monkeypatch):
+    """TQS_DIVERGENCE and TQS_GPU_STREAM take a fixed set of values; anything else is a TqsError naming
+    the variable, not a traceback deep in the sweep."""
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.sweep import divergence_mode, gpu_stream_mode
+
+    monkeypatch.setenv("TQS_DIVERGENCE", "Graph ")
+    assert divergence_mode() == "graph"
+    monkeypatch.setenv("TQS_DIVERGENCE", "host")
+    with pytest.raises(TqsError, match="TQS_DIVERGENCE=host"):
+        divergence_mode()
+    monkeypatch.setenv("TQS_GPU_STREAM", "many")
+    with pytest.raises(TqsError, match="TQS_GPU_STREAM=many"):
+        gpu_stream_mode()
