@@ -142,6 +142,18 @@ def test_converged_is_the_sliding_window_rule():
     assert not converged(np.array([1.0, np.inf, 1.0, 1.0]), 0.01, 3)
 
 
+def _tensor_blocks_case(tmp_path):
+    """The recurrent MLP with every tensor its own block, two measured tiers: (loaded, spec, contexts,
+    config, tiers)."""
+    from tqs_onnx.tiers import parse_tier
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    config = SweepConfig(probe="both", probes=3, min_size=16, blocks="tensor", tiers=["int4/channel", "int1"])
+    return load_model(paths["model"]), spec, ctx, config, [parse_tier(t) for t in config.tiers]
+
+
 def test_steps_queued_without_waiting_give_the_same_scores(tmp_path, monkeypatch):
     """The GPU path queues a rollout's steps and divergences and waits once per rollout; forced on the
     CPU provider (where it changes nothing on the device) it must score exactly as the waiting path.
@@ -149,14 +161,7 @@ def test_steps_queued_without_waiting_give_the_same_scores(tmp_path, monkeypatch
     from tqs_onnx.sweep import prepare, score_block
 
     monkeypatch.setenv("TQS_DIVERGENCE", "graph")
-    from tqs_onnx.tiers import parse_tier
-
-    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
-    spec = RolloutSpec.load(paths["spec"])
-    ctx = Contexts.load(paths["contexts"], spec)
-    loaded = load_model(paths["model"])
-    config = SweepConfig(probe="both", probes=3, min_size=16, blocks="tensor", tiers=["int4/channel", "int1"])
-    tiers = [parse_tier(t) for t in config.tiers]
+    loaded, spec, ctx, config, tiers = _tensor_blocks_case(tmp_path)
     setup = prepare(loaded, spec, ctx, Device("cpu"), config)
     assert not setup.rollout.async_steps  # only on CUDA by default
     waited = [score_block(setup, b, config, tiers) for b in setup.blocks]
@@ -173,14 +178,8 @@ def test_divergence_measured_by_the_model_run_equals_the_separate_graph(tmp_path
     must match the separate divergence graph (float64 on the CPU provider) to float32 rounding, with
     one forward pass per step and the trajectory outputs unchanged."""
     from tqs_onnx.sweep import prepare, score_block
-    from tqs_onnx.tiers import parse_tier
 
-    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
-    spec = RolloutSpec.load(paths["spec"])
-    ctx = Contexts.load(paths["contexts"], spec)
-    loaded = load_model(paths["model"])
-    config = SweepConfig(probe="both", probes=3, min_size=16, blocks="tensor", tiers=["int4/channel", "int1"])
-    tiers = [parse_tier(t) for t in config.tiers]
+    loaded, spec, ctx, config, tiers = _tensor_blocks_case(tmp_path)
     runs = {}
     for mode in ("model", "graph"):
         monkeypatch.setenv("TQS_DIVERGENCE", mode)
@@ -214,3 +213,32 @@ def test_unknown_engine_settings_are_one_line_errors(monkeypatch):
     monkeypatch.setenv("TQS_GPU_STREAM", "many")
     with pytest.raises(TqsError, match="TQS_GPU_STREAM=many"):
         gpu_stream_mode()
+
+
+def test_auto_blocks_split_a_single_layer_into_its_tensors():
+    """`auto` grouping: layer blocks, but a model whose weights form one layer (one LSTM op: W, R, B)
+    gets a block per tensor, so the knapsack has something to choose; two layers stay two blocks."""
+    from onnx import TensorProto, helper
+
+    from tiny import init, model
+    from tqs_onnx.graph import make_blocks, weight_table
+
+    r = np.random.default_rng(2)
+    h, i = 8, 16
+    lstm = model([helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], hidden_size=h)],
+                 [init("W", r.standard_normal((1, 4 * h, i)).astype(np.float32)),
+                  init("R", r.standard_normal((1, 4 * h, h)).astype(np.float32)),
+                  init("B", r.standard_normal((1, 8 * h)).astype(np.float32))],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1, i])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1, 1, h])])
+    ws = weight_table(lstm, min_size=32)
+    assert len(make_blocks(ws, "layer")) == 1
+    assert sorted(len(b.weights) for b in make_blocks(ws, "auto")) == [1, 1, 1]
+    mlp = model([helper.make_node("MatMul", ["x", "A"], ["a"]), helper.make_node("MatMul", ["a", "C"], ["y"])],
+                [init("A", r.standard_normal((i, i)).astype(np.float32)),
+                 init("C", r.standard_normal((i, i)).astype(np.float32))],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, i])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, i])])
+    ws = weight_table(mlp, min_size=32)
+    assert [b.weights for b in make_blocks(ws, "auto")] == [b.weights for b in make_blocks(ws, "layer")]
+    assert len(make_blocks(ws, "auto")) == 2

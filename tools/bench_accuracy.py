@@ -624,7 +624,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval", type=Path, help="eval contexts .npz (single model only)")
     ap.add_argument("--probes", type=int, help="Gaussian draws per block (default 8; 2 with --quick)")
     ap.add_argument("--horizon", type=int, help="override the spec's horizon (sweep and eval)")
-    ap.add_argument("--blocks", default="layer", help="block grouping: tensor|layer|scope[:DEPTH]|fixed:K")
+    ap.add_argument("--blocks", default="auto", help="block grouping: auto|tensor|layer|scope[:DEPTH]|fixed:K")
     ap.add_argument("--max-rollouts", type=int, help="joint-check rollouts per TQS point (default 30; 10 with --quick)")
     ap.add_argument("--fp32-share", type=float, default=0.0, help="Algorithm 2's FP32 share (default 0)")
     ap.add_argument("--budget", choices=["disk", "planned"], default="disk",
@@ -651,7 +651,7 @@ def run_all(args: argparse.Namespace, models_dir: Path) -> dict[str, dict[str, A
     for model in args.models:
         try:
             files = resolve_files(model, args.spec, args.sweep, args.eval)
-            key = files.name if args.blocks == "layer" else f"{files.name} (blocks {args.blocks})"
+            key = files.name if args.blocks == "auto" else f"{files.name} (blocks {args.blocks})"
             results[key] = bench_model(files, args, device, models_dir / files.name)
         except TqsError as exc:
             log(f"[{model}] skipped: {exc}")

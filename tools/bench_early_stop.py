@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=3)
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--horizon-stop", action="store_true", help="also stop rollouts early (--early-horizon)")
-    ap.add_argument("--blocks", default="layer")
+    ap.add_argument("--blocks", default="auto")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--spec", type=Path)
     ap.add_argument("--contexts", type=Path)

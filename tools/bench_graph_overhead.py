@@ -39,7 +39,7 @@ def main() -> None:
     ctx = Contexts.load(a.contexts, spec)
     loaded = load_model(a.model)
     prep = prepare_graph(loaded.model, True).model
-    names = [n for b in make_blocks(weight_table(prep, 256), "layer") for n in b.weights]
+    names = [n for b in make_blocks(weight_table(prep, 256), "auto") for n in b.weights]
     exposed = ExposeWeights(names).run(prep)
     bound = {k: dev.to_device(v) for k, v in exposed.report["values"].items()}
     print(f"{a.model.name} on {dev.kind}: {len(bound)} weights exposed, {ctx.count} contexts x {spec.horizon} steps")

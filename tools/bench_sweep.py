@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--spec", type=Path)
     ap.add_argument("--contexts", type=Path)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--blocks", default="layer")
+    ap.add_argument("--blocks", default="auto")
     ap.add_argument("--probes", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the figures here")

@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="what the model holds: I/O, ops, weights, blocks, a proposed rollout spec")
     s.add_argument("model", help="ONNX file (external data must sit in its folder)")
-    s.add_argument("--blocks", default="layer", help="grouping: tensor | layer | scope[:DEPTH] | fixed:K (default layer)")
+    s.add_argument("--blocks", default="auto", help="grouping: auto | tensor | layer | scope[:DEPTH] | fixed:K (default "
+                                                    "auto: layer, or tensor when the layers form a single block)")
     s.add_argument("--min-size", type=int, default=256, help="smallest float tensor (elements) that is quantized")
     s.add_argument("--no-factor", action="store_true",
                    help="do not factor expanded lookup tables (exact, on by default) before listing weights")
@@ -404,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--early-horizon", action="store_true",
                    help="with --early-stop, also cut each rollout once gamma_task(T) converges; cheaper, but on "
                         "saturating (chaotic) models it reordered blocks (tools/bench_early_stop.py)")
-    s.add_argument("--blocks", default="layer", help="grouping: tensor | layer | scope[:DEPTH] | fixed:K")
+    s.add_argument("--blocks", default="auto", help="grouping: auto (default: layer, or tensor when the layers form "
+                                                    "a single block) | tensor | layer | scope[:DEPTH] | fixed:K")
     s.add_argument("--min-size", type=int, default=256, help="smallest float tensor (elements) that is quantized")
     s.add_argument("--gamma-min", type=float, default=-50.0, help="blocks with gamma <= this are flagged dead")
     s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,

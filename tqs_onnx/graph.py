@@ -450,18 +450,23 @@ class Block:
     size: int
 
 
-_BLOCK_MODES = re.compile(r"^(tensor|layer|scope(:\d+)?|fixed:\d+)$")
+_BLOCK_MODES = re.compile(r"^(auto|tensor|layer|scope(:\d+)?|fixed:\d+)$")
+# `auto`: layer blocks, or tensor blocks when there is a single layer block: a knapsack over one block
+# can only choose uniform (one LSTM op is one layer: W, R and B).
+AUTO_MIN_BLOCKS = 2
 
 
-def make_blocks(weights: list[Weight], mode: str = "layer") -> list[Block]:
-    """Group quantizable weights into blocks: tensor | layer | scope[:depth] | fixed:K."""
+def make_blocks(weights: list[Weight], mode: str = "auto") -> list[Block]:
+    """Group quantizable weights into blocks: auto | tensor | layer | scope[:depth] | fixed:K."""
     if not _BLOCK_MODES.match(mode):
-        raise TqsError(f"unknown block mode '{mode}' (tensor, layer, scope[:DEPTH], fixed:K)")
+        raise TqsError(f"unknown block mode '{mode}' (auto, tensor, layer, scope[:DEPTH], fixed:K)")
     qw = [w for w in weights if w.quantizable]
     if mode == "tensor":
         groups = [[w] for w in qw]
-    elif mode == "layer":
+    elif mode in ("layer", "auto"):
         groups = _layer_groups(qw)
+        if mode == "auto" and len(groups) < AUTO_MIN_BLOCKS and len(qw) > len(groups):
+            groups = [[w] for w in qw]
     elif mode.startswith("scope"):
         depth = int(mode.split(":")[1]) if ":" in mode else 0
         groups = _keyed_groups(qw, lambda w: _scope_key(w, depth))

@@ -24,7 +24,7 @@ def _io(values) -> dict[str, Any]:
     return out
 
 
-def inspect_model(loaded: LoadedModel, blocks: str = "layer", min_size: int = DEFAULT_MIN_SIZE,
+def inspect_model(loaded: LoadedModel, blocks: str = "auto", min_size: int = DEFAULT_MIN_SIZE,
                   factor: bool = True) -> dict[str, Any]:
     model = loaded.model
     prepared = prepare_graph(model, factor)

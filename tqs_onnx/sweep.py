@@ -41,7 +41,7 @@ class SweepConfig:
     probes: int = 8  # Gaussian draws per block
     horizon: int | None = None  # defaults to the spec's horizon
     seed: int = 0
-    blocks: str = "layer"
+    blocks: str = "auto"
     min_size: int = 256
     gamma_min: float = -50.0
     tiers: list[str] = field(default_factory=list)  # tiers whose measured damage D[l,k] is recorded
