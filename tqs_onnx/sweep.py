@@ -421,6 +421,7 @@ def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, con
     h.update(loaded.sha256.encode())
     h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
+    h.update(divergence_mode().encode())  # the two engines round differently on the CPU (float32 / float64)
     for k in sorted(contexts.arrays):
         h.update(k.encode())
         h.update(np.ascontiguousarray(contexts.arrays[k]).tobytes())
