@@ -95,6 +95,16 @@ def test_deployment_report_in_a_fresh_process(tmp_path):
     assert doc["matmulnbits"] == 1 and [e["weight"] for e in doc["per_call"]] == ["T"]
 
 
+def test_no_rollouts_times_calls_only(tmp_path):
+    """rollouts=0 (models whose rollout takes minutes): calls are timed, no rollout is run."""
+    from tqs_onnx.runtime_report import measure
+
+    paths, q = written(tmp_path, {"W": "int8", "T": "int8"})
+    spec = RolloutSpec.load(paths["spec"])
+    doc = measure(q, resolve_device("cpu"), spec, Contexts.load(paths["contexts"], spec), calls=3, rollouts=0)
+    assert doc["calls"] == 3 and doc["call_ms"] > 0 and "rollout_ms" not in doc and "step_ms" not in doc
+
+
 def test_eval_runtime_prints_and_returns_the_fields(tmp_path, capsys):
     paths, q = written(tmp_path, {"W": "int4/channel", "T": "int8"})
     argv = ["eval", str(paths["model"]), str(q), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),

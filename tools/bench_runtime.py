@@ -381,7 +381,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="uniform tiers written too, as references of each form (default int8/channel,int4/channel)")
     ap.add_argument("--device", default="cpu", help="comma list: cpu, cuda (cuda skipped when no GPU works)")
     ap.add_argument("--calls", type=int, default=50, help="timed calls per model (median reported)")
-    ap.add_argument("--rollouts", type=int, default=5, help="timed rollouts per model (median reported)")
+    ap.add_argument("--rollouts", type=int, default=5, help="timed rollouts per model (median reported; 0: none, "
+                                                             "for models whose rollout takes minutes)")
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per timing loop before it stops early")
     ap.add_argument("--rounds", type=int, default=1, help="round-robin repeats over the models (medians)")
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")

@@ -377,7 +377,7 @@ def measure(path: str | Path, device: Device, spec: RolloutSpec | None = None, c
     gpu_loaded = gpu_memory_used() if device.kind == "cuda" else (None, "")
     peak_reset = reset_peak_rss()
     call_times = time_calls(session, step_feeds(session, spec, contexts), device, calls, budget_s)
-    roll_times = time_rollouts(session, spec, contexts, device, rollouts, budget_s) if spec and contexts else []
+    roll_times = time_rollouts(session, spec, contexts, device, rollouts, budget_s) if spec and contexts and rollouts > 0 else []
     after = proc_memory()
     gpu_after = gpu_memory_used() if device.kind == "cuda" else (None, "")
     del session
