@@ -36,11 +36,17 @@ class BlockInfo:
     dead: bool
     damage: dict[str, float]
 
+    def measured(self, tier: Tier) -> float | None:
+        """The sweep's damage of `tier`, or of the same values written with DequantizeLinear (a `/load`
+        tier's); None where neither was measured."""
+        return self.damage.get(str(tier), self.damage.get(str(tier.base)))
+
     def damage_at(self, tier: Tier) -> float:
         """Measured mean squared trajectory divergence at `tier`: 0 at fp32, inf where not measured."""
         if tier.is_identity:
             return 0.0
-        return self.damage.get(str(tier), self.damage.get(str(tier.base), math.inf))
+        d = self.measured(tier)
+        return math.inf if d is None else d
 
 
 @dataclass
@@ -293,7 +299,7 @@ def allocate_measured(p: Problem, solver: str) -> Allocation:
     """Minimise the sum of measured damage D[l, k] under the budget; dead blocks to the bottom tier."""
     values, allowed = [], []
     for l, b in enumerate(p.blocks):
-        missing = [t for t in p.tiers if not t.is_identity and not {str(t), str(t.base)} & b.damage.keys()]
+        missing = [t for t in p.tiers if not t.is_identity and b.measured(t) is None]
         if missing:
             raise TqsError(f"scores lack the measured damage of tier {missing[0]} (block '{b.name}'); "
                            f"rerun sweep with --tiers including it, or use --objective paper")
@@ -338,7 +344,7 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
         tier = p.tiers[k]
         blocks.append({"id": b.id, "name": b.name, "tier": str(tier), "bytes": p.costs[l][k],
                        "gamma": b.gamma, "dead": b.dead,
-                       "damage": b.damage.get(str(tier), b.damage.get(str(tier.base), 0.0))})
+                       "damage": b.measured(tier) or 0.0})
         for n in b.weights:
             weights[n] = str(weight_tier(scores["weights"][n], tier, p.decode))
     winfo = scores["weights"]
