@@ -388,7 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT's default)")
     ap.add_argument("--accuracy-level", type=int, help="session.qdq_matmulnbits_accuracy_level (default: ORT's)")
     ap.add_argument("--also-decode", type=lambda s: [x for x in s.split(",") if x], default=[],
-                    help="comma list of other writer forms (dq, load) to write every plan in too (NAME--dq); "
+                    help="comma list of other writer forms (dq, load, load-compact) to write every plan in too (NAME--dq); "
                          "the plans themselves use the default, auto")
     ap.add_argument("--sweep-horizon", type=int, default=20, help="cap on the sweep's horizon (default 20)")
     ap.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts of the refinement (default 30)")

@@ -101,6 +101,11 @@ def sweep_blocks(setup, config, floor: Callable[[], float] | None = None) -> tup
     return seconds, passes, scores, floor_s
 
 
+def max_gamma_diff(scores: list, other: list) -> float:
+    """Largest relative difference between two sweeps' gammas, block by block."""
+    return max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, other))
+
+
 def rerun_with(env: str, value: str, loaded, spec, contexts, device, config, scores) -> dict:
     """The same sweep in fresh sessions with one environment setting changed, and how far its gammas
     are from `scores`'."""
@@ -114,7 +119,7 @@ def rerun_with(env: str, value: str, loaded, spec, contexts, device, config, sco
             os.environ.pop(env)
         else:
             os.environ[env] = before
-    diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, other))
+    diff = max_gamma_diff(scores, other)
     return {"setting": f"{env}={value}", "sweep_s": seconds, "forward_passes": passes, "max_rel_gamma_diff": diff}
 
 
@@ -185,7 +190,7 @@ def main() -> None:
         setup.rollout.async_steps = False
         w_s, w_passes, w_scores, _ = sweep_blocks(setup, config)
         setup.rollout.async_steps = True
-        diff = max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, w_scores))
+        diff = max_gamma_diff(scores, w_scores)
         waited = {"sweep_s": w_s, "forward_passes": w_passes, "max_rel_gamma_diff": diff}
     others = []  # the same sweep in fresh sessions with one setting changed
     if a.streams and device.kind == "cuda":
