@@ -142,6 +142,27 @@ def test_joint_check_needs_a_margin_over_uniform_not_noise():
     assert better(JointDivergence(np.array([9.0, 9.0])), JointDivergence(np.array([np.inf, 0.1])), margin=1.0)
 
 
+@pytest.mark.parametrize("clipped_contexts,wins", [([0.37, 3.11, 0.32], False), ([0.9, 2.8, 0.25], True)])
+def test_a_clipped_uniform_plan_must_beat_round_to_nearest_by_the_margin(clipped_contexts, wins):
+    # The knapsack picks uniform int4/mse (its measured damage is lowest); uniform RTN int4 stays the
+    # baseline, so the clipped plan ships only when it beats RTN by one standard error, not on noise.
+    from tqs_onnx.sweep import JointDivergence
+
+    tiers = "fp32,int4,int4/mse"
+    dmg = {i: {"int4": 2.0, "int4/mse": 1.0} for i in range(2)}
+    p = _problem([0, 0], [1000, 1000], tiers, target=6.0, damage=dmg)
+    alloc = allocate_measured(p, "mckp")
+    clipped, plain = [p.tiers.index(parse_tier("int4/mse"))] * 2, [p.tiers.index(parse_tier("int4"))] * 2
+    assert alloc.assign == clipped
+
+    def joint(assign):
+        return JointDivergence(np.array(clipped_contexts if assign == clipped else [1.0, 3.0, 0.3]))
+
+    r = refine(p, alloc, joint, max_rollouts=6)
+    assert r.allocation.assign == (clipped if wins else plain)
+    assert r.start == ("allocator" if wins else "uniform int4")
+
+
 def test_knapsack_drops_a_dead_block_to_zero():
     tiers = "fp32,int8,int4,zero"
     dmg = {0: {"int8": 1.0, "int4": 5.0, "zero": 1e9}, 1: {"int8": 0.0, "int4": 0.0, "zero": 0.0}}
@@ -160,3 +181,9 @@ def test_tier_parsing_and_storage():
     assert parse_tier("int2/channel").storage_bytes((8, 3), 1, 0) == 6 + 3 * 4
     with pytest.raises(TqsError):
         parse_tier("int3")
+    m = parse_tier("int4/mse/channel/fp16")
+    assert str(m) == "int4/channel/fp16/mse" and parse_tier(str(m)) == m and m.mse
+    assert m.storage_bytes((64, 10), 1, 0) == parse_tier("int4/channel/fp16").storage_bytes((64, 10), 1, 0)
+    assert str(parse_tier("int8/channel/mse/load")) == "int8/channel/mse/load"
+    with pytest.raises(TqsError, match="mse does not apply"):
+        parse_tier("int1/mse")

@@ -84,6 +84,44 @@ def test_written_graph_equals_fp32_graph_with_dequantized_weights(tmp_path, tier
     assert np.all(np.isfinite(got))
 
 
+def clipped_reference(w: np.ndarray, qmax: int, axis: int) -> np.ndarray:
+    """Per column of `axis`, the ratio of a 0.025-step grid in [0.3, 1] with the least squared error."""
+    out = np.empty_like(w)
+    for c in range(w.shape[axis]):
+        col = np.take(w, c, axis=axis)
+        best = None
+        for r in np.linspace(1.0, 0.3, 29, dtype=np.float32):
+            s = np.float32(np.abs(col).max() * r) / np.float32(qmax)
+            deq = np.clip(np.rint(col / s), -qmax, qmax) * s
+            err = float(np.square(deq - col).sum())
+            if best is None or err < best[0]:
+                best = (err, deq)
+        idx = [slice(None)] * w.ndim
+        idx[axis] = c
+        out[tuple(idx)] = best[1]
+    return out
+
+
+def test_mse_tier_clips_scales_and_stores_what_the_plain_tier_stores(tmp_path):
+    m, ws = mixed_model()
+    ws = dict(ws, W=np.where(np.arange(ws["W"].size).reshape(ws["W"].shape) % 17 == 0, 6.0, ws["W"]).astype(np.float32))
+    m = substitute(m, {"W": ws["W"]})
+    onnx.save(m, tmp_path / "m.onnx")
+    sizes = {}
+    for t in ("int4/channel", "int4/channel/mse"):
+        out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": t}, {}))
+        save_model(out, tmp_path / "q.onnx")
+        sizes[t] = (tmp_path / "q.onnx").stat().st_size
+    onnx.checker.check_model(str(tmp_path / "q.onnx"))
+    x = {"x": np.random.default_rng(3).standard_normal((1, 16)).astype(np.float32)}
+    want = run(substitute(m, {"W": clipped_reference(ws["W"], 7, 1)}), x)[0]
+    np.testing.assert_allclose(run(str(tmp_path / "q.onnx"), x)[0], want, rtol=3e-5, atol=1e-5)
+    # the outliers make clipping pay: less squared weight error than round-to-nearest
+    plain = reference_dequant(ws["W"], 4, 1)
+    assert np.square(clipped_reference(ws["W"], 7, 1) - ws["W"]).sum() < np.square(plain - ws["W"]).sum()
+    assert abs(sizes["int4/channel"] - sizes["int4/channel/mse"]) <= 8  # the tier name in node names
+
+
 def test_bf16_and_blocked_int4_write_and_match(tmp_path):
     m, ws = mixed_model()
     onnx.save(m, tmp_path / "m.onnx")

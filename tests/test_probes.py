@@ -16,7 +16,9 @@ CPU = Device("cpu")
 @pytest.mark.parametrize("tier", ["int8", "int8/channel", "int4/channel", "int4/block32", "int2/block8",
                                   "int2", "int4/block16/fp16", "int8/channel/fp16", "bf16", "fp16", "zero",
                                   "int1", "int1/channel", "int1/block32", "int1/block16/fp16",
-                                  "int6", "int6/channel", "int6/block32", "int6/channel/fp16"])
+                                  "int6", "int6/channel", "int6/block32", "int6/channel/fp16",
+                                  "int4/channel/mse", "int2/block8/mse", "int8/mse", "int6/channel/mse",
+                                  "int4/block16/fp16/mse"])
 @pytest.mark.parametrize("shape,axes", [((70, 33), (1, 0)), ((8, 3, 3, 5), (0, 1)), ((300,), (0, 0))])
 def test_device_tier_values_are_bit_identical_to_the_writer(tier, shape, axes):
     w = np.random.default_rng(1).standard_normal(shape).astype(np.float32)

@@ -440,7 +440,7 @@ def bench_model(files: ModelFiles, args: argparse.Namespace, device: Device, out
         "model": str(files.model), "spec": str(files.spec), "sweep_contexts": str(files.sweep),
         "eval_contexts": str(files.eval), "file_bytes": loaded.file_bytes, "horizon": spec.horizon,
         "n_sweep": sweep_ctx.count, "n_eval": eval_ctx.count, "probes": args.probes, "blocks": args.blocks,
-        "max_rollouts": args.max_rollouts, "budget_from": args.budget,
+        "max_rollouts": args.max_rollouts, "budget_from": args.budget, "sweep_tiers": [*SWEEP_TIERS, *SWEEP_TIERS_EXTRA],
         "planner_mismatch": planner_mismatch([*uniforms, *points]),
         "n_blocks": len(scores["blocks"]), "sweep_seconds": sweep_s, "sweep_forward_passes": scores["forward_passes"],
         "joint_forward_passes": setup.rollout.forward_passes, "gammas": block_table(scores),
@@ -561,7 +561,7 @@ def model_markdown(name: str, res: dict[str, Any]) -> str:
     head = [f"## {name}", "",
             f"`{res['model']}`: {res['file_bytes']:,} bytes, {res['n_blocks']} blocks ({res['blocks']}), "
             f"T={res['horizon']}, {res['n_sweep']} sweep / {res['n_eval']} eval contexts, "
-            f"{res['probes']} Gaussian probes.",
+            f"{res['probes']} Gaussian probes. Sweep tiers: {', '.join(res.get('sweep_tiers', []))}.",
             f"Sweep: {res['sweep_seconds']:.1f} s, {res['sweep_forward_passes']:,} forward passes "
             f"(joint checks: {res['joint_forward_passes']:,} more). Whole model: {res['seconds']:.0f} s.",
             f"FP32 MAE vs truth: {', '.join(f'{k}={fmt(v)}' for k, v in res['fp32_truth'].items()) or '-'}. "
@@ -636,6 +636,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder (default tools/results)")
     ap.add_argument("--keep-models", type=Path, help="write the quantized models here (default: a temp folder)")
     ap.add_argument("--fresh", action="store_true", help="do not merge with an earlier accuracy.json")
+    ap.add_argument("--extra-tiers", default="",
+                    help="tiers the sweep measures and TQS-PTQ may choose besides the defaults, e.g. "
+                         "int6/channel/mse,int4/channel/mse (the uniform baselines stay round-to-nearest)")
     args = ap.parse_args(argv)
     if len(args.models) > 1 and (args.spec or args.sweep or args.eval):
         ap.error("--spec/--sweep/--eval apply to a single model")
@@ -660,6 +663,8 @@ def run_all(args: argparse.Namespace, models_dir: Path) -> dict[str, dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.extra_tiers:
+        SWEEP_TIERS_EXTRA.extend(str(t) for t in parse_tiers(args.extra_tiers))
     with tempfile.TemporaryDirectory(prefix="tqs-bench-acc-") as tmp:
         results = run_all(args, args.keep_models or Path(tmp))
     if not results:

@@ -278,11 +278,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", help="folder for contexts, scores, plans and models (default: a temp folder)")
     p.add_argument("--eval-contexts", type=int, default=8, help="evaluation contexts per model (default 8)")
     p.add_argument("--out", default=str(ROOT / "tools" / "results" / "vendor.md"), help="where to write the report")
+    p.add_argument("--extra-tiers", default="",
+                   help="tiers the sweep measures and TQS-PTQ may choose besides the defaults, e.g. "
+                        "int6/channel/mse,int4/channel/mse (the uniform baselines stay round-to-nearest)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SWEEP_TIERS
     a = parse_args(argv)
+    if a.extra_tiers:
+        SWEEP_TIERS = ",".join([SWEEP_TIERS, a.extra_tiers])
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="tqs-vendor-bench-"))
     sections = []
     for key in a.models.split(","):
@@ -293,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         sections.append(model_section(case, rows))
     text = report(sections, a.eval_contexts)
+    if a.extra_tiers:
+        text += f"\nSweep tiers: the defaults plus `{a.extra_tiers}` (`--extra-tiers`).\n"
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)

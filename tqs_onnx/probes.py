@@ -94,10 +94,13 @@ def _scale_nodes(tier: Tier) -> tuple[list, list, str]:
 
 
 def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None],
-                qmax: int | None = None) -> bytes:
+                qmax: int | None = None, scale_input: bool = False) -> bytes:
     """W -> the values the written graph computes with at an integer tier (bit-identical to DQ).
 
     `qmax` overrides the tier's grid, for the paper's b-bit probe at widths no tier stores (e.g. 6).
+    `scale_input`: the graph takes the scales as input S (float32, one per group in the grouped
+    layout of `quant.group_scales`) instead of computing them from the absolute max; `/mse` tiers,
+    whose clipping search runs once per weight on the host.
     """
     if tier.is_sign:
         return _sign_graph(tier, shape, axes)
@@ -128,16 +131,22 @@ def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int 
         nodes = [n("Pad", ["W", "pads"], ["Wp"]), n("Reshape", ["Wp", "bshape"], ["Wb"]),
                  n("Abs", ["Wb"], ["A"]), n("ReduceMax", ["A"], ["amax"], axes=[b + 1], keepdims=1)]
         src = "Wb"
-    scale_nodes, scale_inits, scale = _scale_nodes(tier)
-    nodes += scale_nodes
-    inits += scale_inits
+    ins = [_f("W", list(shape))]
+    if scale_input:
+        nodes = [x for x in nodes if x.op_type not in ("Abs", "ReduceMax") and x.output[0] != "amax"]
+        ins.append(_f("S"))
+        scale = "S"
+    else:
+        scale_nodes, scale_inits, scale = _scale_nodes(tier)
+        nodes += scale_nodes
+        inits += scale_inits
     out = "Yq"
     nodes += _rtn_nodes(src, scale, "qmax", out, "t")
     if gran == "block":
         nodes += [n("Reshape", [out, "pshape"], ["Yp"]), n("Slice", ["Yp", "st", "en", "ax"], ["Y"])]
     else:
         nodes.append(n("Identity", [out], ["Y"]))
-    return _model(nodes, [_f("W", list(shape))], [_f("Y", list(shape))], inits)
+    return _model(nodes, ins, [_f("Y", list(shape))], inits)
 
 
 def _sign_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None]) -> bytes:
@@ -303,10 +312,14 @@ class DeviceProbes:
             self._pending.pop().synchronize_outputs()
 
     def tier(self, w, tier: Tier, axes: tuple[int | None, int | None]):
-        """The weight as the written graph computes with it at `tier` (device in, device out)."""
+        """The weight as the written graph computes with it at `tier` (device in, device out); `w` is
+        a nominal weight the sweep keeps bound (an `/mse` tier's scales are cached by its address)."""
         if tier.is_identity:
             return w
         shape = tuple(w.shape())
+        if tier.is_int and tier.mse:
+            s = self._session(("qs", tier, shape, axes), lambda: quant_graph(tier, shape, axes, scale_input=True))
+            return self._run(s, {"W": w, "S": self._clipped_scales(w, tier, axes)})
         if tier.is_int:
             s = self._session(("q", tier, shape, axes), lambda: quant_graph(tier, shape, axes))
         elif tier.is_zero:
@@ -314,6 +327,16 @@ class DeviceProbes:
         else:
             s = self._session(("cast", tier.fmt), lambda: cast_graph(tier.fmt))
         return self._run(s, {"W": w})
+
+    def _clipped_scales(self, w, tier: Tier, axes: tuple[int | None, int | None]):
+        """An `/mse` tier's scales: the clipping search runs on a host copy of the weight, once per
+        nominal weight and tier (joint checks ask again), and only the scales go to the device."""
+        key = ("scales", w.data_ptr(), tuple(w.shape()), tier, axes)
+        if key not in self._sessions:
+            from tqs_onnx.quant import group_scales
+
+            self._sessions[key] = self.device.to_device(group_scales(w.numpy(), tier, *axes).astype(np.float32))
+        return self._sessions[key]
 
     def quant_probe(self, w, bits: int):
         """Q_b(w): the paper's symmetric per-tensor b-bit rounding."""

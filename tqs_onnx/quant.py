@@ -19,38 +19,51 @@ _STORAGE = {"int8": np.int8, "int6": np.int8, "int4": ml_dtypes.int4, "int2": ml
 _FLOAT_STORAGE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
-def _group_view(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Absolute max per scale group (int1: mean absolute value, float64), kept dims for broadcasting."""
-    mean = tier.is_sign
-    a = np.abs(w.astype(np.float64 if mean else np.float32, copy=False))
-    gran = tier.granularity_for(channel_axis, block_axis) if w.ndim else "tensor"
+# Clipping ratios an `/mse` tier tries per scale group (1 first: ties keep plain round-to-nearest).
+CLIP_RATIOS = np.linspace(1.0, 0.3, 29, dtype=np.float32)
+
+
+def _grouped(a: np.ndarray, tier: Tier, channel_axis: int | None,
+             block_axis: int | None) -> tuple[np.ndarray, tuple[int, ...], str]:
+    """`a` arranged so that reducing over the returned axes (keepdims) gives one value per scale group:
+    blocked tensors are zero-padded to whole blocks and split (..., nblocks, block, ...)."""
+    gran = tier.granularity_for(channel_axis, block_axis) if a.ndim else "tensor"
     if gran == "tensor":
-        if not a.size:
-            return np.zeros([1] * w.ndim, a.dtype), ()
-        return (a.mean(keepdims=True) if mean else a.max(keepdims=True)), ()
+        return a, tuple(range(a.ndim)), gran
     if gran == "channel":
-        axes = tuple(i for i in range(w.ndim) if i != channel_axis)
-        return (a.mean(axis=axes, keepdims=True) if mean else a.max(axis=axes, keepdims=True)), ()
+        return a, tuple(i for i in range(a.ndim) if i != channel_axis), gran
     bs = tier.block_size
-    d = w.shape[block_axis]
+    d = a.shape[block_axis]
     nblocks = -(-d // bs)
-    pad = nblocks * bs - d
-    if pad:
-        widths = [(0, 0)] * w.ndim
-        widths[block_axis] = (0, pad)
+    if nblocks * bs != d:
+        widths = [(0, 0)] * a.ndim
+        widths[block_axis] = (0, nblocks * bs - d)
         a = np.pad(a, widths)
-    shape = a.shape[:block_axis] + (nblocks, bs) + a.shape[block_axis + 1:]
-    if mean:  # the last block averages its real elements only
-        counts = np.full(nblocks, bs, np.float64)
-        counts[-1] = d - (nblocks - 1) * bs
-        counts = counts.reshape([nblocks if i == block_axis else 1 for i in range(w.ndim)])
-        return a.reshape(shape).sum(axis=block_axis + 1) / counts, (block_axis, bs, d)
-    return a.reshape(shape).max(axis=block_axis + 1), (block_axis, bs, d)
+    return a.reshape(a.shape[:block_axis] + (nblocks, bs) + a.shape[block_axis + 1:]), (block_axis + 1,), gran
 
 
-def scales_for(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> np.ndarray:
-    """Scales with the shape DequantizeLinear expects (scalar, 1-D per axis, or blocked)."""
-    amax, _ = _group_view(w, tier, channel_axis, block_axis)
+def _group_view(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> np.ndarray:
+    """Absolute max per scale group (int1: mean absolute value, float64), kept dims in the grouped
+    layout of `_grouped`."""
+    mean = tier.is_sign
+    a, axes, gran = _grouped(np.abs(w.astype(np.float64 if mean else np.float32, copy=False)),
+                             tier, channel_axis, block_axis)
+    if not a.size:
+        return np.zeros([1] * a.ndim, a.dtype)
+    if not mean:
+        return a.max(axis=axes, keepdims=True)
+    if gran != "block":
+        return a.mean(axis=axes, keepdims=True)
+    # the last block averages its real elements only
+    d, bs = w.shape[block_axis], tier.block_size
+    counts = np.full(a.shape[block_axis], bs, np.float64)
+    counts[-1] = d - (a.shape[block_axis] - 1) * bs
+    counts = counts.reshape([-1 if i == block_axis else 1 for i in range(a.ndim)])
+    return a.sum(axis=axes, keepdims=True) / counts
+
+
+def _scales_from_amax(amax: np.ndarray, tier: Tier, dtype: np.dtype) -> np.ndarray:
+    """amax / qmax (1 for an all-zero group), rounded to the stored scale type (fp16 with its floor)."""
     if tier.is_sign:  # a zero group keeps scale 0: its signs then dequantize to 0
         scale = amax.astype(np.float32)
         if tier.scale_fmt == "fp16":
@@ -59,13 +72,47 @@ def scales_for(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: 
         scale = np.where(amax > 0, amax / np.float32(tier.qmax), np.float32(1.0)).astype(np.float32)
     if tier.scale_fmt == "fp16" and not tier.is_sign:
         scale = np.maximum(scale.astype(np.float16), np.float16(6.2e-5))
-    scale = scale.astype(_scale_dtype(w, tier))
+    return scale.astype(dtype)
+
+
+def _clipped_scales(w: np.ndarray, amax: np.ndarray, tier: Tier, channel_axis: int | None,
+                    block_axis: int | None, dtype: np.dtype) -> np.ndarray:
+    """Per group, the scale of the CLIP_RATIOS ratio with the least squared rounding error."""
+    wg, axes, _ = _grouped(w.astype(np.float32, copy=False), tier, channel_axis, block_axis)
+    best_scale = _scales_from_amax(amax, tier, dtype)
+    best_err = None
+    for r in CLIP_RATIOS:
+        scale = best_scale if best_err is None else _scales_from_amax(amax * r, tier, dtype)
+        s = scale.astype(np.float32)
+        err = np.square(np.clip(np.rint(wg / s), -tier.qmax, tier.qmax) * s - wg).sum(axis=axes, keepdims=True)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+    return best_scale
+
+
+def group_scales(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> np.ndarray:
+    """One scale per group, kept dims in the grouped layout of `_grouped` (what the device probe
+    broadcasts against the weight; `scales_for` gives DequantizeLinear's layout)."""
+    amax = _group_view(w, tier, channel_axis, block_axis)
+    dtype = _scale_dtype(w, tier)
+    if tier.mse and w.size:
+        return _clipped_scales(w, amax, tier, channel_axis, block_axis, dtype)
+    return _scales_from_amax(amax, tier, dtype)
+
+
+def scales_for(w: np.ndarray, tier: Tier, channel_axis: int | None, block_axis: int | None) -> np.ndarray:
+    """Scales with the shape DequantizeLinear expects (scalar, 1-D per axis, or blocked)."""
+    scale = group_scales(w, tier, channel_axis, block_axis)
     gran = tier.granularity_for(channel_axis, block_axis) if w.ndim else "tensor"
     if gran == "tensor" or scale.size == 1:  # one scale is per-tensor, whatever the tier says
         return scale.reshape(())
     if gran == "channel":
         return scale.reshape(-1)
-    return scale
+    return scale.squeeze(axis=block_axis + 1)
 
 
 def _scale_dtype(w: np.ndarray, tier: Tier) -> np.dtype:

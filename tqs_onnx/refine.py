@@ -108,6 +108,28 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
     return moves
 
 
+def _start(p: Problem, own_assign: list[int], own: float, fits: dict[str, list[int]],
+           uniform: dict[str, float], margin: float) -> tuple[list[int], float, str]:
+    """The local search's start: the best uniform round-to-nearest plan (the baseline a user compares
+    against), unless the knapsack's plan or a uniform clipped-scale (`/mse`) plan beats it by `margin`.
+
+    Clipped plans are challengers, not baselines: if one were the incumbent, a knapsack plan equal to
+    it would pass unchallenged, and a plan picked on noise of the sweep contexts would ship (lorenz96
+    at the INT4 size: 2.4% better than uniform RTN on the sweep contexts, 3% worse on the others)."""
+    baseline = {n: d for n, d in uniform.items() if not p.tiers[fits[n][0]].mse}
+    challengers = [(own, list(own_assign), "allocator")]
+    challengers += [(d, fits[n], f"uniform {n}") for n, d in uniform.items() if n not in baseline]
+    challengers.sort(key=lambda c: rank_key(c[0]))
+    if not baseline:
+        best_d, best, start = challengers[0]
+        return best, best_d, start
+    name = min(baseline, key=lambda n: rank_key(baseline[n]))
+    for d, assign, label in challengers:
+        if assign == fits[name] or better(d, baseline[name], margin):
+            return assign, d, label
+    return fits[name], baseline[name], f"uniform {name}"
+
+
 MARGIN = 1.0  # standard errors a plan must win by to replace the incumbent
 
 
@@ -127,11 +149,7 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30
     own = run(alloc.assign)
     fits = uniform_assignments(p)
     uniform = {name: run(assign) for name, assign in fits.items()}
-    best, best_d, start = list(alloc.assign), own, "allocator"
-    if uniform:
-        name = min(uniform, key=lambda n: rank_key(uniform[n]))
-        if fits[name] != best and not better(own, uniform[name], margin):
-            best, best_d, start = fits[name], uniform[name], f"uniform {name}"
+    best, best_d, start = _start(p, alloc.assign, own, fits, uniform, margin)
     accepted = 0
     improved = True
     while improved and count < max_rollouts:

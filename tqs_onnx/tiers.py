@@ -2,7 +2,7 @@
 
 Tier strings:  fp32 | fp16 | bf16 | int8 | int4 | int2 | int1 | zero, the int formats optionally followed by
 a granularity and a scale type: ``int8`` (per-tensor, as the paper), ``int4/channel``,
-``int4/block32``, ``int8/channel/fp16`` (fp16 scales). ``zero`` drops the weight: the graph makes a
+``int4/block32``, ``int8/channel/fp16`` (fp16 scales), ``int4/channel/mse`` (clipped scales, below). ``zero`` drops the weight: the graph makes a
 tensor of zeros of its shape (ConstantOfShape), which stores no data; it is meant for dead blocks,
 whose measured damage is nil. ``int1`` keeps each weight's sign and one scale per group, the mean
 absolute value (the L2-best scale for signs); ONNX has no 1-bit type, so the signs are packed eight to
@@ -17,6 +17,11 @@ with Cast, Sub and Mul instead of DequantizeLinear. ORT's constant folding evalu
 so the model runs the FP32 model's own float kernels (its speed, its memory after load) from a compact
 file; DequantizeLinear is fused into MatMulNBits instead (less memory, but on small CPU MatMuls slower
 than FP32). The values are the same to the bit, so the sweep's damage of the plain tier serves both.
+
+An ``/mse`` option clips: each scale group's scale is r * amax / qmax with the ratio r from a fixed grid
+(1 down to 0.3) that minimizes the group's squared rounding error, instead of r = 1 (plain
+round-to-nearest). It stores exactly what the plain tier stores (the scales are just other numbers), so
+the allocator can choose it per block where the sweep measured it to do less damage.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Tier:
     block_size: int = 0
     scale_fmt: str = "fp32"
     at_load: bool = False  # decoded by Cast/Mul, which ORT folds at load, instead of DequantizeLinear
+    mse: bool = False  # scales clipped to the squared-error-best ratio of each group's absolute max
 
     @property
     def base(self) -> "Tier":
@@ -101,6 +107,8 @@ class Tier:
             parts.append(f"block{self.block_size}")
         if self.scale_fmt != "fp32":
             parts.append(self.scale_fmt)
+        if self.mse:
+            parts.append("mse")
         if self.at_load:
             parts.append("load")
         return "/".join(parts)
@@ -185,10 +193,14 @@ def parse_tier(text: str) -> Tier:
         return Tier(fmt)
     if fmt not in INT_BITS:
         raise TqsError(f"unknown tier '{text}' (formats: {', '.join([*FLOAT_BITS, *INT_BITS, ZERO])})")
-    granularity, block, scale_fmt, at_load = "tensor", 0, "fp32", False
+    granularity, block, scale_fmt, at_load, mse = "tensor", 0, "fp32", False, False
     for p in parts[1:]:
         if p == "load":
             at_load = True
+        elif p == "mse":
+            if fmt == "int1":
+                raise TqsError(f"tier '{text}': int1's scale is the mean absolute value; mse does not apply")
+            mse = True
         elif p in ("tensor", "channel"):
             granularity = p
         elif p.startswith("block") and p[5:].isdigit() and int(p[5:]) >= 2:
@@ -196,8 +208,8 @@ def parse_tier(text: str) -> Tier:
         elif p in ("fp16", "fp32"):
             scale_fmt = p
         else:
-            raise TqsError(f"tier '{text}': unknown option '{p}' (tensor, channel, blockN, fp16, fp32, load)")
-    return Tier(fmt, granularity, block, scale_fmt, at_load)
+            raise TqsError(f"tier '{text}': unknown option '{p}' (tensor, channel, blockN, fp16, fp32, mse, load)")
+    return Tier(fmt, granularity, block, scale_fmt, at_load, mse)
 
 
 def parse_tiers(text: str) -> list[Tier]:
