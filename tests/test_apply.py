@@ -472,7 +472,7 @@ def test_float16_weights_get_an_opset_that_takes_float16_scales(tmp_path, tier):
 
 
 @pytest.mark.parametrize("tier", ["int8", "int8/channel", "int4/block32", "int4/block16/fp16", "int6/channel",
-                                  "int2/channel", "int1/block32"])
+                                  "int2/channel", "int1/block32", "int4/channel/mse"])
 def test_decode_at_load_form_is_folded_by_onnxruntime_and_equals_the_dq_form(tmp_path, tier):
     """A `/load` tier stores what its DequantizeLinear form stores but decodes it with Cast/Sub/Mul
     (Expand/Reshape/Slice for blocked scales, here with a short last block): ORT folds that at load,
