@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gamma-min", type=float, default=-50.0, help="blocks with gamma <= this are flagged dead")
     s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,
                    help="tiers whose measured damage is recorded for `allocate --objective measured` "
-                        f"(default {DEFAULT_SWEEP_TIERS}; '' to skip)")
+                        f"(default {DEFAULT_SWEEP_TIERS}; '' to skip; opt-in: zero, int1, /mse clipped scales "
+                        "such as int4/channel/mse)")
     s.add_argument("--no-factor", action="store_true",
                    help="do not factor expanded lookup tables (exact, on by default) before scoring")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
