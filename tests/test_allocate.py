@@ -142,17 +142,19 @@ def test_joint_check_needs_a_margin_over_uniform_not_noise():
     assert better(JointDivergence(np.array([9.0, 9.0])), JointDivergence(np.array([np.inf, 0.1])), margin=1.0)
 
 
+@pytest.mark.parametrize("other", ["int4/mse", "int4/fp16"])
 @pytest.mark.parametrize("clipped_contexts,wins", [([0.37, 3.11, 0.32], False), ([0.9, 2.8, 0.25], True)])
-def test_a_clipped_uniform_plan_must_beat_round_to_nearest_by_the_margin(clipped_contexts, wins):
-    # The knapsack picks uniform int4/mse (its measured damage is lowest); uniform RTN int4 stays the
-    # baseline, so the clipped plan ships only when it beats RTN by one standard error, not on noise.
+def test_a_clipped_uniform_plan_must_beat_round_to_nearest_by_the_margin(clipped_contexts, wins, other):
+    # The knapsack picks uniform int4/mse (or /fp16: its measured damage is lowest); uniform RTN int4
+    # with fp32 scales stays the baseline, so the other plan ships only when it beats RTN by one
+    # standard error, not on noise.
     from tqs_onnx.sweep import JointDivergence
 
-    tiers = "fp32,int4,int4/mse"
-    dmg = {i: {"int4": 2.0, "int4/mse": 1.0} for i in range(2)}
-    p = _problem([0, 0], [1000, 1000], tiers, target=6.0, damage=dmg)
+    tiers = f"fp32,int4,{other}"
+    dmg = {i: {"int4": 2.0, other: 1.0} for i in range(2)}
+    p = _problem([0, 0], [1000, 1000], tiers, target=5.0, damage=dmg)
     alloc = allocate_measured(p, "mckp")
-    clipped, plain = [p.tiers.index(parse_tier("int4/mse"))] * 2, [p.tiers.index(parse_tier("int4"))] * 2
+    clipped, plain = [p.tiers.index(parse_tier(other))] * 2, [p.tiers.index(parse_tier("int4"))] * 2
     assert alloc.assign == clipped
 
     def joint(assign):
