@@ -9,7 +9,7 @@ import pytest
 from tqs_onnx.allocate import BlockInfo, Problem, allocate_measured, allocate_paper, solve_mckp
 from tqs_onnx.errors import TqsError
 from tqs_onnx.refine import refine
-from tqs_onnx.tiers import parse_tier, parse_tiers
+from tqs_onnx.tiers import Tier, parse_tier, parse_tiers
 
 
 def brute_force(values, costs, budget):
@@ -165,6 +165,27 @@ def test_a_clipped_uniform_plan_must_beat_round_to_nearest_by_the_margin(clipped
     assert r.start == ("allocator" if wins else "uniform int4")
 
 
+def test_with_only_clipped_tiers_the_uniform_plans_are_the_baseline():
+    # No plain round-to-nearest tier was swept: the best uniform plan is the incumbent again, and the
+    # knapsack's plan must still beat it by the margin.
+    from tqs_onnx.sweep import JointDivergence
+
+    tiers = "fp32,int4/mse,int4/fp16"
+    dmg = {0: {"int4/mse": 1.0, "int4/fp16": 2.0}, 1: {"int4/mse": 2.0, "int4/fp16": 1.0}}
+    p = _problem([0, 0], [1000, 1000], tiers, target=5.0, damage=dmg)
+    alloc = allocate_measured(p, "mckp")
+    uniform = {str(p.tiers[k]): [k, k] for k in range(1, 3)}
+    assert alloc.assign not in uniform.values()
+
+    def joint(assign):
+        if assign == alloc.assign:
+            return JointDivergence(np.array([1.0, 3.0, 0.299]))  # better on one context by a hair
+        return JointDivergence(np.array([1.0, 3.0, 0.3]) * (1 if assign == uniform["int4/mse"] else 2))
+
+    r = refine(p, alloc, joint, max_rollouts=4)
+    assert r.start == "uniform int4/mse" and r.allocation.assign == uniform["int4/mse"]
+
+
 def test_knapsack_drops_a_dead_block_to_zero():
     tiers = "fp32,int8,int4,zero"
     dmg = {0: {"int8": 1.0, "int4": 5.0, "zero": 1e9}, 1: {"int8": 0.0, "int4": 0.0, "zero": 0.0}}
@@ -189,3 +210,5 @@ def test_tier_parsing_and_storage():
     assert str(parse_tier("int8/channel/mse/load")) == "int8/channel/mse/load"
     with pytest.raises(TqsError, match="mse does not apply"):
         parse_tier("int1/mse")
+    with pytest.raises(TqsError, match="mse applies to"):
+        Tier("int1", mse=True)

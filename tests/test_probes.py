@@ -27,6 +27,13 @@ def test_device_tier_values_are_bit_identical_to_the_writer(tier, shape, axes):
     assert np.array_equal(got, apply_tier(w, parse_tier(tier), *axes))
 
 
+def test_clipped_scales_are_not_reused_for_another_weight_at_a_freed_address():
+    ops, tier, rng = DeviceProbes(CPU), parse_tier("int4/channel/mse"), np.random.default_rng(2)
+    for _ in range(20):  # temporaries: a freed weight's address is often the next one's
+        w = rng.standard_normal((64, 16)).astype(np.float32)
+        assert np.array_equal(ops.tier(CPU.to_device(w), tier, (1, 0)).numpy(), apply_tier(w, tier, 1, 0))
+
+
 def test_quant_probe_rounds_to_b_bits_per_tensor():
     w = np.linspace(-1, 1, 101, dtype=np.float32)
     q = DeviceProbes(CPU).quant_probe(CPU.to_device(w), 6).numpy()

@@ -312,8 +312,8 @@ class DeviceProbes:
             self._pending.pop().synchronize_outputs()
 
     def tier(self, w, tier: Tier, axes: tuple[int | None, int | None]):
-        """The weight as the written graph computes with it at `tier` (device in, device out); `w` is
-        a nominal weight the sweep keeps bound (an `/mse` tier's scales are cached by its address)."""
+        """The weight as the written graph computes with it at `tier` (device in, device out). An `/mse`
+        tier's scales are cached per weight value (the sweep asks again for its bound weights)."""
         if tier.is_identity:
             return w
         shape = tuple(w.shape())
@@ -332,11 +332,13 @@ class DeviceProbes:
         """An `/mse` tier's scales: the clipping search runs on a host copy of the weight, once per
         nominal weight and tier (joint checks ask again), and only the scales go to the device."""
         key = ("scales", w.data_ptr(), tuple(w.shape()), tier, axes)
-        if key not in self._sessions:
+        cached = self._sessions.get(key)
+        if cached is None or cached[0] is not w:  # the entry holds w, so no other live value has its address
             from tqs_onnx.quant import group_scales
 
-            self._sessions[key] = self.device.to_device(group_scales(w.numpy(), tier, *axes).astype(np.float32))
-        return self._sessions[key]
+            cached = (w, self.device.to_device(group_scales(w.numpy(), tier, *axes).astype(np.float32)))
+            self._sessions[key] = cached
+        return cached[1]
 
     def quant_probe(self, w, bits: int):
         """Q_b(w): the paper's symmetric per-tensor b-bit rounding."""

@@ -51,6 +51,10 @@ class Tier:
     at_load: bool = False  # decoded by Cast/Mul, which ORT folds at load, instead of DequantizeLinear
     mse: bool = False  # scales clipped to the squared-error-best ratio of each group's absolute max
 
+    def __post_init__(self) -> None:
+        if self.mse and (not self.is_int or self.is_sign):
+            raise TqsError(f"tier {self.fmt}: mse applies to the int8/int6/int4/int2 grids only")
+
     @property
     def base(self) -> "Tier":
         """The same values written with DequantizeLinear (what the sweep measures for both forms)."""
