@@ -431,6 +431,7 @@ case("bad tier option", "unknown option")(lambda c: c.allocate(None, "--tiers", 
 case("--probes 0", "--probes")(lambda c: c.sweep(None, None, None, "--probes", "0"))
 case("--bits 1", "--bits")(lambda c: c.sweep(None, None, None, "--bits", "1"))
 case("--fp32-share above 1", "--fp32-share")(lambda c: c.allocate(None, "--fp32-share", "1.5"))
+case("negative --margin", "--margin")(lambda c: c.allocate(None, "--margin", "-1"))
 case("negative compression", "positive")(
     lambda c: ["allocate", c.copy("scores"), "--compression", "-2", "-o", c.path("p.json")])
 case("NaN compression", "positive")(

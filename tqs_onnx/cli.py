@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -136,6 +137,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document
 
     _check_output_files(a.output)
+    if not (a.margin >= 0 and math.isfinite(a.margin)):
+        raise TqsError(f"--margin must be a finite number >= 0, not {a.margin}")
     scores = load_scores(a.scores)
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               a.gamma_min, a.decode)
@@ -147,7 +150,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     if refinement is not None:
         plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
                                 "diverged_contexts": getattr(refinement.joint, "diverged", 0),
-                                "uniform": refinement.uniform, "rollouts": refinement.rollouts,
+                                "uniform": refinement.uniform, "rollouts": refinement.rollouts, "margin": a.margin,
                                 "accepted_moves": refinement.accepted_moves}
     _write_json(a.output, plan)
     if not a.quiet:
@@ -168,7 +171,7 @@ def verify_allocation(a: argparse.Namespace, scores, problem, alloc):
     setup = setup_for_scores(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
                              resolve_device(a.device), scores)
     joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
-    return refine(problem, alloc, joint, a.max_rollouts)
+    return refine(problem, alloc, joint, a.max_rollouts, a.margin)
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -440,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify-model", metavar="MODEL",
                    help="check the allocation by joint rollouts against uniform and refine it (needs --rollout/--contexts)")
     s.add_argument("--max-rollouts", type=int, default=30, help="cap on joint rollouts of the refinement (default 30)")
+    s.add_argument("--margin", type=float, default=1.0, metavar="SE",
+                   help="with --verify-model: standard errors of the paired per-context differences by which a "
+                        "plan must beat the uniform incumbent (default 1; 0: a lower mean suffices; higher: "
+                        "uniform unless the gain is clear)")
     s.add_argument("--decode", default="auto", choices=DECODES,
                    help="how integer tiers are written: auto (default) DequantizeLinear for 2-D weights read, "
                         "as stored, only as B of main-graph MatMul/Gemm nodes, which ONNX Runtime fuses into "
