@@ -112,6 +112,27 @@ def test_resume_after_interruption_gives_same_scores(tmp_path):
     assert len(Checkpoint(ckpt, "x").path.read_text().splitlines()) == 1 + len(full["blocks"])
 
 
+def test_resume_rescores_a_block_whose_weights_were_ordered_otherwise(tmp_path):
+    """A checkpoint row from an older grouping (its weights in another order, so other Gaussian draws)
+    is not reused: that block is scored again."""
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    config = SweepConfig(probes=2, min_size=16, blocks="fixed:2", tiers=["int8"])
+    model = load_model(paths["model"])
+    ckpt = tmp_path / "ck.jsonl"
+    full = run_sweep(model, spec, ctx, CPU, config, ckpt, quiet=True)
+    lines = ckpt.read_text().splitlines()
+    rows = [json.loads(x) for x in lines[1:]]
+    multi = next(r for r in rows if len(r["weights"]) > 1)
+    multi["weights"] = multi["weights"][::-1]
+    multi["quant"]["gamma_task"] = 123.0
+    ckpt.write_text("\n".join([lines[0], *(json.dumps(r) for r in rows)]) + "\n")
+    resumed = run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)
+    strip = lambda d: [{k: v for k, v in x.items() if k not in ("seconds", "forward_passes")} for x in d["blocks"]]
+    assert strip(resumed) == strip(full)
+
+
 def test_one_session_and_forward_pass_count(tmp_path):
     paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(horizon=5), recurrent_contexts(s=2))
     doc = sweep(paths, probe="both", probes=3, tiers=["int8"])
@@ -242,3 +263,34 @@ def test_auto_blocks_split_a_single_layer_into_its_tensors():
     ws = weight_table(mlp, min_size=32)
     assert [b.weights for b in make_blocks(ws, "auto")] == [b.weights for b in make_blocks(ws, "layer")]
     assert len(make_blocks(ws, "auto")) == 2
+
+
+def test_block_weight_order_does_not_depend_on_string_hashing(tmp_path):
+    """Each tensor of a block draws its own Gaussian (by its position in the block), so the order must
+    be the same in every process: it used to follow a set's iteration order, and silero v6's LSTM
+    block scored differently from one run to the next."""
+    import os
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from tiny import init, model
+
+    r = np.random.default_rng(2)
+    h, i = 8, 16
+    names = ["W_ih", "R_hh", "B_all"]
+    lstm = model([helper.make_node("LSTM", ["x", *names], ["y"], hidden_size=h)],
+                 [init(names[0], r.standard_normal((1, 4 * h, i)).astype(np.float32)),
+                  init(names[1], r.standard_normal((1, 4 * h, h)).astype(np.float32)),
+                  init(names[2], r.standard_normal((1, 8 * h)).astype(np.float32))],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1, i])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 1, 1, h])])
+    onnx.save(lstm, tmp_path / "lstm.onnx")
+    code = ("import sys, onnx; from tqs_onnx.graph import weight_table, make_blocks; "
+            "print([b.weights for b in make_blocks(weight_table(onnx.load(sys.argv[1]), min_size=32), 'layer')])")
+    seen = {subprocess.run([sys.executable, "-c", code, str(tmp_path / "lstm.onnx")], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+            for seed in range(6)}
+    assert seen == {str([sorted(names)])}

@@ -79,7 +79,8 @@ class BlockWorker:
         self.setup = prepare(loaded, spec, contexts, device, self.config, threads=job.threads)
         self.blocks = {b.id: b for b in self.setup.blocks}
         skeleton = scores_document(self.setup, spec, self.config, [], device)
-        return {"blocks": [b.id for b in self.setup.blocks], "document": skeleton}
+        return {"blocks": [b.id for b in self.setup.blocks], "weights": [b.weights for b in self.setup.blocks],
+                "document": skeleton}
 
     def score(self, block_id: int) -> dict[str, Any]:
         """One block's checkpoint row."""
@@ -209,7 +210,7 @@ class WorkerPool:
             return
         if self.info is None:
             self.info = info
-        elif info["blocks"] != self.info["blocks"]:
+        elif (info["blocks"], info["weights"]) != (self.info["blocks"], self.info["weights"]):
             raise TqsError("Ray workers disagree on the blocks of the model (different tqs-onnx versions?)")
         self.started += 1
         self.idle.append(handle)
@@ -268,7 +269,9 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
             info = pool.wait_started()
             # Opened once a worker has the model, as run_sweep does after prepare(): a run that fails
             # to start leaves no checkpoint behind.
-            done = {i: _from_row(r) for i, r in (ckpt.start(resume) if ckpt else {}).items()}
+            weights = dict(zip(info["blocks"], info["weights"]))
+            done = {i: _from_row(r) for i, r in (ckpt.start(resume) if ckpt else {}).items()
+                    if r["weights"] == weights.get(i)}  # a row of an older grouping is scored again
             fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
         finally:
             pool.close()

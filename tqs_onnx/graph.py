@@ -500,7 +500,9 @@ def _layer_groups(qw: list[Weight]) -> list[list[Weight]]:
     for members in by_consumer.values():
         nx.add_path(g, members)
     index = {w.name: w for w in qw}
-    groups = [[index[n] for n in comp] for comp in nx.connected_components(g)]
+    # A component is a set: order its weights as the graph does, or the order (and with it each
+    # tensor's Gaussian draw) would change with Python's string hashing from one process to the next.
+    groups = [sorted((index[n] for n in comp), key=lambda w: (w.order, w.name)) for comp in nx.connected_components(g)]
     return _merge_biases(groups)
 
 

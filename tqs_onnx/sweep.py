@@ -448,7 +448,7 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
     done = {i: _from_row(r) for i, r in (ckpt.start(resume) if ckpt else {}).items()}
     scores: list[BlockScore] = []
     for block in progress(setup.blocks, "sweep", quiet, unit="block"):
-        if block.id in done:
+        if block.id in done and done[block.id].weights == block.weights:  # (an older grouping: rescored)
             scores.append(done[block.id])
             continue
         score = score_block(setup, block, config, tiers)
