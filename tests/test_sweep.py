@@ -294,3 +294,33 @@ def test_block_weight_order_does_not_depend_on_string_hashing(tmp_path):
                            check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
             for seed in range(6)}
     assert seen == {str([sorted(names)])}
+
+
+@pytest.mark.parametrize("growing", [False, True])
+def test_output_buffers_reused_across_steps_give_the_same_scores(tmp_path, monkeypatch, growing):
+    """TQS_REUSE_OUTPUTS=on (default) writes each step into buffers allocated at step 1; the scores
+    must equal those of outputs allocated per run, also when the fed-back state grows every step
+    (the buffers no longer fit: the rollout falls back to allocating per run)."""
+    from onnx import TensorProto, helper
+
+    from tiny import init, model
+
+    if growing:  # y = concat(tanh(x), c W): one element longer at every step
+        m = model([helper.make_node("Tanh", ["x"], ["t"]),
+                   helper.make_node("MatMul", ["c", "W"], ["u"]),
+                   helper.make_node("Reshape", ["u", "one"], ["w1"]),
+                   helper.make_node("Concat", ["t", "w1"], ["y"], axis=0)],
+                  [init("W", np.random.default_rng(3).standard_normal((32, 1)).astype(np.float32)),
+                   init("c", np.full((1, 32), 0.1, np.float32)), init("one", np.array([1], np.int64))],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"])])
+        spec = {"feedback": {"y": "x"}, "trajectory": ["y"], "initial": {"x": "x0"}, "horizon": 5}
+        paths = save_case(tmp_path, m, spec, {"x0": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)})
+    else:
+        paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    docs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("TQS_REUSE_OUTPUTS", mode)
+        docs[mode] = sweep(paths, tiers=["int8", "int4/channel"])
+    assert docs["on"]["blocks"] == docs["off"]["blocks"] and docs["on"]["forward_passes"] == docs["off"]["forward_passes"]
+    assert any(b["quant"]["divergence"] > 0 for b in docs["on"]["blocks"])

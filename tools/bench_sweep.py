@@ -30,7 +30,7 @@ from onnx import numpy_helper
 
 from tqs_onnx.graph import load_model
 from tqs_onnx.quant import apply_tier
-from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
+from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec, reuse_outputs
 from tqs_onnx.runtime import make_session, resolve_device
 from tqs_onnx.allocate import allocate
 from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
@@ -161,6 +161,8 @@ def main() -> None:
                     help="CUDA: also run the sweep with the other stream mode (TQS_GPU_STREAM own/shared) in this run")
     ap.add_argument("--compare-divergence", action="store_true",
                     help="also run the sweep with the other TQS_DIVERGENCE mode (model / graph) in this run")
+    ap.add_argument("--compare-reuse", action="store_true",
+                    help="also run the sweep with the other TQS_REUSE_OUTPUTS setting (on / off) in this run")
     ap.add_argument("--protocols", action="store_true", help="also compare the paper's and the measured protocol")
     ap.add_argument("--target", type=float, default=8.0, help="compression of the refinement (--protocols)")
     ap.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts of the refinement (--protocols)")
@@ -199,6 +201,9 @@ def main() -> None:
     if a.compare_divergence:
         others.append(rerun_with("TQS_DIVERGENCE", "graph" if divergence_mode() == "model" else "model",
                                  loaded, spec, contexts, device, config, scores))
+    if a.compare_reuse:
+        others.append(rerun_with("TQS_REUSE_OUTPUTS", "off" if reuse_outputs() else "on",
+                                 loaded, spec, contexts, device, config, scores))
     # The floor again, now that the device is warm (a GPU still at idle clocks made the first floor
     # measurement up to 2x slow); the faster of the two counts, so efficiency is never flattered.
     floor_after, _ = floor_time(floor_r, spec, contexts, device, a.repeats)
@@ -223,6 +228,7 @@ def main() -> None:
         res["waiting_every_step"] = waited
     res["stream_mode"] = gpu_stream_mode() if device.kind == "cuda" else None
     res["divergence_mode"] = divergence_mode()
+    res["reuse_outputs"] = reuse_outputs()
     for other in others:
         other["efficiency"] = other["forward_passes"] * floor / other["sweep_s"]
     res["other_settings"] = others

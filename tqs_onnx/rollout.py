@@ -253,17 +253,24 @@ class Rollout:
             for k in self.spec.trajectory:
                 binding.bind_ortvalue_input(self.divergence[k][0], reference[t][k])
 
-        for out in self._run_steps(s, weights, horizon, fetch, bind_reference, host=set(sq)):
+        for out in self._run_steps(s, weights, horizon, fetch, bind_reference, host=set(sq), reuse=reuse_outputs()):
             yield float(sum(np.float64(out[n].numpy()) for n in sq))
 
     def _run_steps(self, s: int, weights: dict[str, Any] | None, horizon: int | None, fetch: list[str],
-                   before=None, host: set[str] = frozenset()) -> Iterator[dict[str, Any]]:
+                   before=None, host: set[str] = frozenset(), reuse: bool = False) -> Iterator[dict[str, Any]]:
         """Run steps 1..horizon of context s; yield each step's fetched outputs (`host`: bound to host
-        memory, the rest left on the device). `before(binding, t)` binds extra inputs of step t."""
+        memory, the rest left on the device). `before(binding, t)` binds extra inputs of step t.
+
+        `reuse`: from step 2 on, outputs go into buffers allocated once, in step 1's shapes (two per
+        device output, alternating, so a fed-back state is never written while it is read), instead
+        of new ones each run: a yielded value is then valid until the next step only. That saves the
+        per-run output binding and allocation (`tools/bench_binding_overhead.py`). A later step whose
+        output shape differs falls back to allocating per run."""
         binding = self.session.io_binding()
         for name, value in (weights or {}).items():
             binding.bind_ortvalue_input(name, value)
         feeds = {k: self.device.to_device(v) for k, v in self._host_initial(s).items()}
+        buffers: dict[str, list[Any]] | None = None
         for t in range(horizon or self.spec.horizon):
             for inp, key in self.spec.per_step.items():
                 feeds[inp] = self.device.to_device(self.contexts.arrays[key][s, t].astype(self._dtype(inp)))
@@ -271,22 +278,59 @@ class Rollout:
                 binding.bind_ortvalue_input(name, value)
             if before is not None:
                 before(binding, t)
-            # Rebind outputs every step: a pre-bound output fails when the next shape differs.
-            binding.clear_binding_outputs()
-            for o in fetch:
-                binding.bind_output(o, "cpu" if o in host else self.device.kind)
+            if buffers is None:
+                self._bind_new_outputs(binding, fetch, host)
+            else:
+                for o in fetch:
+                    binding.bind_ortvalue_output(o, buffers[o][t % len(buffers[o])])
             try:
-                self.session.run_with_iobinding(binding, self._run_options)
-            except Exception as exc:  # ORT: a shape or value the graph cannot take
-                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                raise TqsError(f"{self.where}: ONNX Runtime fails at step {t + 1} of context {s}: {first}") from None
-            self.forward_passes += 1
-            if self._run_options is not None and binding not in self._pending:
-                self._pending.append(binding)
-            out = dict(zip(fetch, binding.get_outputs()))
+                self._run(binding, s, t)
+            except TqsError:
+                if buffers is None:
+                    raise
+                buffers, reuse = None, False  # a shape changed: outputs allocated per run from here
+                self._bind_new_outputs(binding, fetch, host)
+                self._run(binding, s, t)
+            if buffers is None:
+                out = dict(zip(fetch, binding.get_outputs()))
+                if reuse and self._run_options is None:
+                    buffers = self._output_buffers(out, host)
+            else:
+                out = {o: buffers[o][t % len(buffers[o])] for o in fetch}
             for o, inp in self.spec.feedback.items():
                 feeds[inp] = out[o]
             yield out
+
+    def _bind_new_outputs(self, binding, fetch: list[str], host: set[str]) -> None:
+        # Rebound every run: a pre-bound output fails when the next shape differs.
+        binding.clear_binding_outputs()
+        for o in fetch:
+            binding.bind_output(o, "cpu" if o in host else self.device.kind)
+
+    def _run(self, binding, s: int, t: int) -> None:
+        try:
+            self.session.run_with_iobinding(binding, self._run_options)
+        except Exception as exc:  # ORT: a shape or value the graph cannot take
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise TqsError(f"{self.where}: ONNX Runtime fails at step {t + 1} of context {s}: {first}") from None
+        self.forward_passes += 1
+        if self._run_options is not None and binding not in self._pending:
+            self._pending.append(binding)
+
+    def _output_buffers(self, out: dict[str, Any], host: set[str]) -> dict[str, list[Any]] | None:
+        """Buffers shaped like this step's outputs: one per host output, two per device output; None
+        when an output's element type has no numpy equivalent."""
+        from tqs_onnx.runtime import _ort
+
+        make = _ort().OrtValue.ortvalue_from_shape_and_type
+        buffers = {}
+        for o, value in out.items():
+            dtype = ORT_NUMPY_TYPES.get(value.data_type())
+            if dtype is None:
+                return None
+            where = "cpu" if o in host else self.device.kind
+            buffers[o] = [make(list(value.shape()), dtype, where, 0) for _ in range(1 if o in host else 2)]
+        return buffers
 
     def trajectory(self, s: int, weights: dict[str, Any] | None = None,
                    horizon: int | None = None) -> list[dict[str, Any]]:
@@ -300,6 +344,16 @@ class Rollout:
             self.synchronize()
             steps.append({k: v.numpy() for k, v in step.items()})
         return steps
+
+
+def reuse_outputs() -> bool:
+    """TQS_REUSE_OUTPUTS: 'on' (the default: a rollout's steps write into buffers allocated once, see
+    `Rollout._run_steps`) or 'off' (outputs allocated per run, as before the seventh session; kept for
+    comparison, `tools/bench_sweep.py --compare-reuse`). Scores are identical either way."""
+    mode = os.environ.get("TQS_REUSE_OUTPUTS", "on").strip().lower() or "on"
+    if mode not in ("on", "off"):
+        raise TqsError(f"TQS_REUSE_OUTPUTS={mode}: expected 'on' or 'off'")
+    return mode == "on"
 
 
 def _same_shape(a: tuple, b: tuple) -> bool:
