@@ -177,6 +177,7 @@ class Rollout:
         self.where = where
         self._run_options = None
         self._pending: list = []
+        self._reuse_ok = True  # output buffers reused across steps until a run refuses them
         self._check_contexts(where)
 
     @property
@@ -264,8 +265,9 @@ class Rollout:
         `reuse`: from step 2 on, outputs go into buffers allocated once, in step 1's shapes (two per
         device output, alternating, so a fed-back state is never written while it is read), instead
         of new ones each run: a yielded value is then valid until the next step only. That saves the
-        per-run output binding and allocation (`tools/bench_binding_overhead.py`). A later step whose
-        output shape differs falls back to allocating per run."""
+        per-run output binding and allocation (`tools/bench_reuse_outputs.py`). A step that fails with
+        reused buffers (an output shape changed) is run again with outputs allocated per run, as are
+        all later steps of this Rollout."""
         binding = self.session.io_binding()
         for name, value in (weights or {}).items():
             binding.bind_ortvalue_input(name, value)
@@ -288,12 +290,14 @@ class Rollout:
             except TqsError:
                 if buffers is None:
                     raise
-                buffers, reuse = None, False  # a shape changed: outputs allocated per run from here
+                # A shape changed (or the provider refused the buffers): outputs are allocated per run
+                # from here on, in this rollout and the later ones, so a model fails this way once.
+                buffers, reuse, self._reuse_ok = None, False, False
                 self._bind_new_outputs(binding, fetch, host)
                 self._run(binding, s, t)
             if buffers is None:
                 out = dict(zip(fetch, binding.get_outputs()))
-                if reuse and self._run_options is None:
+                if reuse and self._reuse_ok and self._run_options is None:
                     buffers = self._output_buffers(out, host)
             else:
                 out = {o: buffers[o][t % len(buffers[o])] for o in fetch}
