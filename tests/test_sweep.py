@@ -221,7 +221,7 @@ def test_divergence_measured_by_the_model_run_equals_the_separate_graph(tmp_path
 
 
 def test_unknown_engine_settings_are_one_line_errors(monkeypatch):
-    """TQS_DIVERGENCE and TQS_GPU_STREAM take a fixed set of values; anything else is a TqsError naming
+    """TQS_DIVERGENCE, TQS_GPU_STREAM and TQS_REUSE_OUTPUTS take a fixed set of values; anything else is a TqsError naming
     the variable, not a traceback deep in the sweep."""
     from tqs_onnx.errors import TqsError
     from tqs_onnx.sweep import divergence_mode, gpu_stream_mode
@@ -234,6 +234,13 @@ def test_unknown_engine_settings_are_one_line_errors(monkeypatch):
     monkeypatch.setenv("TQS_GPU_STREAM", "many")
     with pytest.raises(TqsError, match="TQS_GPU_STREAM=many"):
         gpu_stream_mode()
+    from tqs_onnx.rollout import reuse_outputs
+
+    monkeypatch.setenv("TQS_REUSE_OUTPUTS", " OFF")
+    assert reuse_outputs() is False
+    monkeypatch.setenv("TQS_REUSE_OUTPUTS", "sometimes")
+    with pytest.raises(TqsError, match="TQS_REUSE_OUTPUTS=sometimes"):
+        reuse_outputs()
 
 
 def test_auto_blocks_split_a_single_layer_into_its_tensors():
