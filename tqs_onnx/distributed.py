@@ -25,8 +25,8 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
-from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, prepare, score_block,
-                            scores_document)
+from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, prepare, resumed_scores,
+                            score_block, scores_document)
 from tqs_onnx.tiers import parse_tier
 from tqs_onnx.util import progress
 
@@ -269,9 +269,7 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
             info = pool.wait_started()
             # Opened once a worker has the model, as run_sweep does after prepare(): a run that fails
             # to start leaves no checkpoint behind.
-            weights = dict(zip(info["blocks"], info["weights"]))
-            done = {i: _from_row(r) for i, r in (ckpt.start(resume) if ckpt else {}).items()
-                    if r["weights"] == weights.get(i)}  # a row of an older grouping is scored again
+            done = resumed_scores(ckpt.start(resume) if ckpt else {}, dict(zip(info["blocks"], info["weights"])))
             fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
         finally:
             pool.close()

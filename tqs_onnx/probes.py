@@ -281,6 +281,7 @@ class DeviceProbes:
         self.device = device
         self._make = lambda blob: make_session(blob, device, threads, shared_stream=shared_stream)
         self._sessions: dict[Any, Any] = {}
+        self._scales: dict[Any, tuple[Any, Any]] = {}  # `/mse` scales: key -> (the weight, its scales)
         self._pending: list = []
         self._no_wait = None
 
@@ -331,13 +332,13 @@ class DeviceProbes:
     def _clipped_scales(self, w, tier: Tier, axes: tuple[int | None, int | None]):
         """An `/mse` tier's scales: the clipping search runs on a host copy of the weight, once per
         nominal weight and tier (joint checks ask again), and only the scales go to the device."""
-        key = ("scales", w.data_ptr(), tuple(w.shape()), tier, axes)
-        cached = self._sessions.get(key)
+        key = (w.data_ptr(), tuple(w.shape()), tier, axes)
+        cached = self._scales.get(key)
         if cached is None or cached[0] is not w:  # the entry holds w, so no other live value has its address
             from tqs_onnx.quant import group_scales
 
             cached = (w, self.device.to_device(group_scales(w.numpy(), tier, *axes).astype(np.float32)))
-            self._sessions[key] = cached
+            self._scales[key] = cached
         return cached[1]
 
     def quant_probe(self, w, bits: int):

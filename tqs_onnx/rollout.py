@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.runtime import ORT_NUMPY_TYPES
+from tqs_onnx.runtime import ORT_NUMPY_TYPES, env_choice
 
 
 
@@ -273,6 +273,7 @@ class Rollout:
             binding.bind_ortvalue_input(name, value)
         feeds = {k: self.device.to_device(v) for k, v in self._host_initial(s).items()}
         buffers: dict[str, list[Any]] | None = None
+        reuse = reuse and self._reuse_ok and self._run_options is None
         for t in range(horizon or self.spec.horizon):
             for inp, key in self.spec.per_step.items():
                 feeds[inp] = self.device.to_device(self.contexts.arrays[key][s, t].astype(self._dtype(inp)))
@@ -297,8 +298,9 @@ class Rollout:
                 self._run(binding, s, t)
             if buffers is None:
                 out = dict(zip(fetch, binding.get_outputs()))
-                if reuse and self._reuse_ok and self._run_options is None:
+                if reuse:
                     buffers = self._output_buffers(out, host)
+                    reuse = buffers is not None
             else:
                 out = {o: buffers[o][t % len(buffers[o])] for o in fetch}
             for o, inp in self.spec.feedback.items():
@@ -354,10 +356,7 @@ def reuse_outputs() -> bool:
     """TQS_REUSE_OUTPUTS: 'on' (the default: a rollout's steps write into buffers allocated once, see
     `Rollout._run_steps`) or 'off' (outputs allocated per run, as before the seventh session; kept for
     comparison, `tools/bench_sweep.py --compare-reuse`). Scores are identical either way."""
-    mode = os.environ.get("TQS_REUSE_OUTPUTS", "on").strip().lower() or "on"
-    if mode not in ("on", "off"):
-        raise TqsError(f"TQS_REUSE_OUTPUTS={mode}: expected 'on' or 'off'")
-    return mode == "on"
+    return env_choice("TQS_REUSE_OUTPUTS", ("on", "off")) == "on"
 
 
 def _same_shape(a: tuple, b: tuple) -> bool:

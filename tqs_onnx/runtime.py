@@ -97,6 +97,14 @@ def resolve_device(name: str) -> Device:
     return Device(name)
 
 
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """A TQS_* setting that takes one of a few lowercase words; unset or empty means the first."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise TqsError(f"{name}={value}: expected " + " or ".join(f"'{c}'" for c in choices))
+    return value
+
+
 def cuda_options() -> dict[str, str]:
     """CUDA provider options. TQS_CUDNN_ALGO_SEARCH (EXHAUSTIVE, ORT's default; HEURISTIC; DEFAULT)
     picks how cuDNN chooses convolution algorithms: EXHAUSTIVE times them in each session, so two

@@ -27,7 +27,7 @@ from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
-from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session
+from tqs_onnx.runtime import Device, cuda_stream, env_choice, io_signature, make_session
 from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
 from tqs_onnx.util import progress
 
@@ -200,18 +200,12 @@ def divergence_mode() -> str:
     """TQS_DIVERGENCE: 'model' (the default: the model's own run computes each step's squared divergence
     from the nominal trajectory) or 'graph' (a separate ORT graph per step over every context's outputs,
     the engine before the sixth session; kept for comparison, `tools/bench_sweep.py --compare-divergence`)."""
-    mode = os.environ.get("TQS_DIVERGENCE", "model").strip().lower() or "model"
-    if mode not in ("model", "graph"):
-        raise TqsError(f"TQS_DIVERGENCE={mode}: expected 'model' or 'graph'")
-    return mode
+    return env_choice("TQS_DIVERGENCE", ("model", "graph"))
 
 
 def gpu_stream_mode() -> str:
     """TQS_GPU_STREAM: 'own' (each ORT session its own CUDA stream, ORT's default) or 'shared'."""
-    mode = os.environ.get("TQS_GPU_STREAM", "own").strip().lower() or "own"
-    if mode not in ("own", "shared"):
-        raise TqsError(f"TQS_GPU_STREAM={mode}: expected 'own' or 'shared'")
-    return mode
+    return env_choice("TQS_GPU_STREAM", ("own", "shared"))
 
 
 StopFn = Callable[[np.ndarray], bool]
@@ -436,6 +430,12 @@ def _from_row(row: dict) -> BlockScore:
     return BlockScore(**row)
 
 
+def resumed_scores(rows: dict[int, dict], weights: dict[int, list[str]]) -> dict[int, BlockScore]:
+    """Checkpoint rows still valid for blocks id -> tensors: a row whose tensors are listed otherwise
+    (an older grouping, so other Gaussian draws) is left out and its block scored again."""
+    return {i: _from_row(r) for i, r in rows.items() if r["weights"] == weights.get(i)}
+
+
 # ------------------------------------------------------------------------------------------- run
 
 def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -445,10 +445,10 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
     tiers = [parse_tier(t) for t in config.tiers]
     setup = prepare(loaded, spec, contexts, device, config)
     ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config)) if checkpoint else None
-    done = {i: _from_row(r) for i, r in (ckpt.start(resume) if ckpt else {}).items()}
+    done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})
     scores: list[BlockScore] = []
     for block in progress(setup.blocks, "sweep", quiet, unit="block"):
-        if block.id in done and done[block.id].weights == block.weights:  # (an older grouping: rescored)
+        if block.id in done:
             scores.append(done[block.id])
             continue
         score = score_block(setup, block, config, tiers)
