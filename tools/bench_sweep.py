@@ -25,13 +25,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from tqs_onnx.graph import load_model
 from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec, reuse_outputs
-from tqs_onnx.runtime import make_session, resolve_device
+from tqs_onnx.replay import replay_mode
+from tqs_onnx.runtime import ORT_NUMPY_TYPES, _ort as ort_module, make_session, resolve_device
 from tqs_onnx.allocate import allocate
 from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
@@ -65,6 +67,46 @@ def floor_time(path: Path | Rollout, spec, contexts, device, repeats: int) -> tu
         for s in range(contexts.count):
             rollout.trajectory(s)
     return (time.perf_counter() - t0) / (rollout.forward_passes - n0), rollout.forward_passes - n0
+
+
+def replayed_floor_time(path: Path, spec, contexts, device, repeats: int) -> tuple[float, str]:
+    """Seconds per forward pass of the original model run the way the replay engine runs the sweep's
+    graph: fixed buffers, fed-back states alternating between two bindings, and on CUDA a captured
+    CUDA graph per binding (so the floor gets the same launch savings as the sweep). The inputs stay
+    those of context 0's first step: only the time counts."""
+    cuda = device.kind == "cuda" and replay_mode(device) == "cuda-graph"
+    session = make_session(str(path), device, cuda_graph=cuda)
+    plain = Rollout(make_session(str(path), device), spec, contexts, device)
+    feeds = plain.initial_feeds(0)
+    for inp, key in spec.per_step.items():
+        feeds[inp] = contexts.arrays[key][0, 0].astype(ORT_NUMPY_TYPES.get(plain.inputs[inp][1], np.float32))
+    first = {o.name: v for o, v in zip(plain.session.get_outputs(), plain.session.run(None, feeds))}
+    states = {inp: [device.to_device(feeds[inp]), device.to_device(feeds[inp])] for inp in spec.feedback.values()}
+    others = {o: device.to_device(np.zeros_like(v)) for o, v in first.items() if o not in spec.feedback}
+    fixed = {i: device.to_device(v) for i, v in feeds.items() if i not in states}
+    bindings, options = [], []
+    for p in (0, 1):
+        b = session.io_binding()
+        for i, v in fixed.items():
+            b.bind_ortvalue_input(i, v)
+        for o, inp in spec.feedback.items():
+            b.bind_ortvalue_input(inp, states[inp][p])
+            b.bind_ortvalue_output(o, states[inp][1 - p])
+        for o, v in others.items():
+            b.bind_ortvalue_output(o, v)
+        bindings.append(b)
+        ro = None
+        if cuda:
+            ro = ort_module().RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(p))
+        options.append(ro)
+    n = max(1, repeats * contexts.count * spec.horizon)
+    for g in range(4):  # ORT captures a graph after a few plain runs of its id
+        session.run_with_iobinding(bindings[g % 2], options[g % 2])
+    t0 = time.perf_counter()
+    for g in range(n):
+        session.run_with_iobinding(bindings[g % 2], options[g % 2])
+    return (time.perf_counter() - t0) / n, "cuda-graph" if cuda else "buffers"
 
 
 def naive_probe_time(loaded, setup, spec, contexts, device, probes: int) -> float:
@@ -163,6 +205,8 @@ def main() -> None:
                     help="also run the sweep with the other TQS_DIVERGENCE mode (model / graph) in this run")
     ap.add_argument("--compare-reuse", action="store_true",
                     help="also run the sweep with the other TQS_REUSE_OUTPUTS setting (on / off) in this run")
+    ap.add_argument("--compare-replay", action="store_true",
+                    help="also run the sweep with the other TQS_REPLAY setting (on / off) in this run")
     ap.add_argument("--protocols", action="store_true", help="also compare the paper's and the measured protocol")
     ap.add_argument("--target", type=float, default=8.0, help="compression of the refinement (--protocols)")
     ap.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts of the refinement (--protocols)")
@@ -201,6 +245,9 @@ def main() -> None:
     if a.compare_divergence:
         others.append(rerun_with("TQS_DIVERGENCE", "graph" if divergence_mode() == "model" else "model",
                                  loaded, spec, contexts, device, config, scores))
+    if a.compare_replay:
+        others.append(rerun_with("TQS_REPLAY", "off" if replay_mode(device) != "off" else "on",
+                                 loaded, spec, contexts, device, config, scores))
     if a.compare_reuse:
         others.append(rerun_with("TQS_REUSE_OUTPUTS", "off" if reuse_outputs() else "on",
                                  loaded, spec, contexts, device, config, scores))
@@ -208,6 +255,10 @@ def main() -> None:
     # measurement up to 2x slow); the faster of the two counts, so efficiency is never flattered.
     floor_after, _ = floor_time(floor_r, spec, contexts, device, a.repeats)
     floor = min(floor_before, floor_after)
+    try:  # the floor as the replay engine runs a graph (fixed buffers; CUDA graphs on a GPU)
+        floor_replayed, floor_replayed_mode = replayed_floor_time(a.model, spec, contexts, device, a.repeats)
+    except Exception as exc:  # a model the replay does not fit
+        floor_replayed, floor_replayed_mode = None, f"not measured: {str(exc).splitlines()[0][:200]}"
     probes = len(setup.blocks) * (1 + a.probes)
     naive = naive_probe_time(loaded, setup, spec, contexts, device, min(3, len(setup.blocks)))
     per_probe = sweep_s / probes
@@ -222,6 +273,10 @@ def main() -> None:
         "floor_ms_interleaved": floor_inter_s / passes * 1e3, "efficiency_interleaved": floor_inter_s / sweep_s,
         "sweep_ms_per_probe": per_probe * 1e3, "naive_ms_per_probe": naive * 1e3,
         "naive_over_sweep": naive / per_probe, "steps_queued": queued,
+        "replay": setup.replay.mode if setup.replay else f"off: {setup.replay_note}",
+        "floor_replayed_ms_per_forward": None if floor_replayed is None else floor_replayed * 1e3,
+        "floor_replayed_mode": floor_replayed_mode,
+        "efficiency_replayed_floor": None if floor_replayed is None else passes * floor_replayed / sweep_s,
     }
     if waited:
         waited["efficiency"] = waited["forward_passes"] * floor / waited["sweep_s"]
@@ -236,10 +291,16 @@ def main() -> None:
           f"x {spec.horizon} steps = {passes:,} forward passes")
     print(f"  floor (plain forward)       {res['floor_ms_per_forward']:.4f} ms   (the faster of "
           f"{floor_before * 1e3:.4f} before and {floor_after * 1e3:.4f} after the sweep)")
-    print(f"  sweep per forward           {res['sweep_ms_per_forward']:.4f} ms   (setup {t_setup:.2f} s, once)")
+    print(f"  sweep per forward           {res['sweep_ms_per_forward']:.4f} ms   (setup {t_setup:.2f} s, once; "
+          f"engine: {'replay, ' + res['replay'] if setup.replay else 'step loop (' + res['replay'] + ')'})")
     print(f"  efficiency                  {res['efficiency']:.3f}   (forward passes x floor / sweep time)")
     print(f"  efficiency, floor interleaved {res['efficiency_interleaved']:.3f} (floor timed after every block: "
           f"{res['floor_ms_interleaved']:.4f} ms per pass, weighted by the block's passes)")
+    if floor_replayed is not None:
+        print(f"  efficiency, floor replayed  {res['efficiency_replayed_floor']:.3f}   (the original model run on "
+              f"fixed buffers, {floor_replayed_mode}: {floor_replayed * 1e3:.4f} ms per pass)")
+    else:
+        print(f"  floor replayed: {floor_replayed_mode}")
     if waited:
         print(f"  efficiency waiting for the device at every step: {waited['efficiency']:.3f} "
               f"({waited['sweep_s']:.2f} s against {sweep_s:.2f} s queued; gamma differs by at most "

@@ -210,6 +210,11 @@ def zero_graph() -> bytes:
     return _model(nodes, [_f("W")], [_f("Y")])
 
 
+def copy_graph() -> bytes:
+    """W -> a copy of W, written into whatever output buffer the caller binds."""
+    return _model([helper.make_node("Identity", ["W"], ["Y"])], [_f("W")], [_f("Y")])
+
+
 def gauss_graph() -> bytes:
     """(W, offset, sigma) -> W + sigma * N(0, 1), N from the counter hash of each element's index."""
     n = helper.make_node
@@ -340,6 +345,14 @@ class DeviceProbes:
             cached = (w, self.device.to_device(group_scales(w.numpy(), tier, *axes).astype(np.float32)))
             self._scales[key] = cached
         return cached[1]
+
+    def copy_into(self, src, dst) -> None:
+        """Copy the float32 value `src` into the buffer `dst` (same shape), both on the device."""
+        s = self._session("copy", copy_graph)
+        binding = s.io_binding()
+        binding.bind_ortvalue_input("W", src)
+        binding.bind_ortvalue_output("Y", dst)
+        s.run_with_iobinding(binding)
 
     def quant_probe(self, w, bits: int):
         """Q_b(w): the paper's symmetric per-tensor b-bit rounding."""

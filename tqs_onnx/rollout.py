@@ -221,7 +221,8 @@ class Rollout:
     def _dtype(self, inp: str) -> Any:
         return ORT_NUMPY_TYPES.get(self.inputs[inp][1], np.float32)
 
-    def _host_initial(self, s: int) -> dict[str, np.ndarray]:
+    def initial_feeds(self, s: int) -> dict[str, np.ndarray]:
+        """Host arrays of context s for the feedback inputs' first step, the fixed inputs and constants."""
         feeds = {}
         for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items()]:
             feeds[inp] = np.ascontiguousarray(self.contexts.arrays[key][s], dtype=self._dtype(inp))
@@ -271,7 +272,7 @@ class Rollout:
         binding = self.session.io_binding()
         for name, value in (weights or {}).items():
             binding.bind_ortvalue_input(name, value)
-        feeds = {k: self.device.to_device(v) for k, v in self._host_initial(s).items()}
+        feeds = {k: self.device.to_device(v) for k, v in self.initial_feeds(s).items()}
         buffers: dict[str, list[Any]] | None = None
         reuse = reuse and self._reuse_ok and self._run_options is None
         for t in range(horizon or self.spec.horizon):

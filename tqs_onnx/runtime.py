@@ -129,10 +129,12 @@ def cuda_options() -> dict[str, str]:
 
 
 def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True,
-                 shared_stream: bool = False):
+                 shared_stream: bool = False, cuda_graph: bool = False):
     """One ORT session; all optimisations on (basic only when `optimize` is False), logging off.
 
     `model` may be a proto, bytes or a path. `shared_stream`: on CUDA, run on `cuda_stream()`.
+    `cuda_graph`: on CUDA, ORT captures each run (per `gpu_graph_id`) as a CUDA graph and replays it;
+    every bound input and output must then keep its address from one run to the next.
     """
     ort = _ort()
     so = ort.SessionOptions()
@@ -156,6 +158,8 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
         options = cuda_options()
         if shared_stream and cuda_stream():
             options["user_compute_stream"] = str(cuda_stream())
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
         providers = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(model, so, providers=providers)

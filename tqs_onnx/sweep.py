@@ -26,6 +26,7 @@ from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
+from tqs_onnx.replay import Replay, replay_mode
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, cuda_stream, env_choice, io_signature, make_session
 from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
@@ -124,6 +125,8 @@ class SweepSetup:
     graph_bytes: int  # ... of its graph alone (the planner corrects the graph field's length prefix)
     ops: DeviceProbes  # probe graphs on the same device
     opset_deltas: dict[int, int] = field(default_factory=dict)  # opset -> bytes the conversion adds to the graph
+    replay: Replay | None = None  # probes replayed on fixed buffers (None: the step loop)
+    replay_note: str = ""  # why there is no replay, or why it stopped
 
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -158,7 +161,6 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
         measured = AddDivergenceOutputs(spec.trajectory).run(model)
         model, pairs = measured.model, measured.report["pairs"]
     session = make_session(model, device, threads, shared_stream=shared)
-    del model
     inputs, outputs = io_signature(session)
     weight_inputs = set(names)
     extra = {sq for _, sq in pairs.values()}
@@ -176,8 +178,17 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
             bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
             hint = f"weights holding NaN/inf: {', '.join(bad[:5])}" if bad else "check the contexts"
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; {hint}")
+    replay, note = None, "queued steps" if queue else ""
+    if replay_mode(device) == "off":  # also checks the settings: a bad value is the user's error
+        note = "TQS_REPLAY=off"
+    elif not queue:
+        try:
+            replay = Replay(model, rollout, bound, nominal, horizon, ops, threads)
+        except TqsError as exc:
+            note = str(exc)
+    del model
     return SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
-                      prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model))
+                      prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note)
 
 
 def opset_deltas(model: onnx.ModelProto) -> dict[int, int]:
@@ -217,6 +228,13 @@ def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None 
     Contexts advance in lockstep so `stop` (given the divergences so far) can end every rollout at
     the step where the score has converged; the result then has fewer than `horizon` columns.
     """
+    if setup.replay is not None and stop is None:
+        try:
+            out = setup.replay.divergence(replaced)
+            out[~np.isfinite(out)] = np.inf
+            return out
+        except TqsError as exc:  # e.g. a state that changes shape: the step loop from here on
+            setup.replay, setup.replay_note = None, str(exc)
     bound = {**setup.bound, **replaced}
     # With steps queued without waiting (GPU) and no stopping rule, the divergences stay on the device
     # until the rollout ends: one wait per rollout instead of one per step.

@@ -1,0 +1,164 @@
+"""The replay engine (tqs_onnx.replay, passes.replay): sweep probes run on two fixed bindings must give
+the step loop's scores to the bit, for every way a rollout feeds a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from tiny import init, model, recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
+from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import load_model
+from tqs_onnx.passes.replay import IndexedSteps
+from tqs_onnx.rollout import Contexts, RolloutSpec
+from tqs_onnx.runtime import Device
+from tqs_onnx.sweep import SweepConfig, prepare, run_sweep
+
+CPU = Device("cpu")
+
+
+def forced_model(n: int = 8) -> onnx.ModelProto:
+    """x_next = tanh(x W + f) * k + c (feedback x, forcing f per step, fixed c, constant k) and
+    z = x_next V, a trajectory output that is not fed back."""
+    r = np.random.default_rng(4)
+    h = helper.make_node
+    return model([h("MatMul", ["x", "W"], ["a"]), h("Add", ["a", "f"], ["b"]), h("Tanh", ["b"], ["t"]),
+                  h("Mul", ["t", "k"], ["u"]), h("Add", ["u", "c"], ["x_next"]), h("MatMul", ["x_next", "V"], ["z"])],
+                 [init("W", (r.standard_normal((n, n)) * 0.5).astype(np.float32)),
+                  init("V", r.standard_normal((n, 3)).astype(np.float32))],
+                 [helper.make_tensor_value_info(i, TensorProto.FLOAT, [1, n]) for i in ("x", "f", "c")]
+                 + [helper.make_tensor_value_info("k", TensorProto.FLOAT, [])],
+                 [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, n]),
+                  helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3])])
+
+
+def forced_case(tmp_path, horizon: int = 5, contexts: int = 3, n: int = 8):
+    r = np.random.default_rng(5)
+    spec = {"horizon": horizon, "feedback": {"x_next": "x"}, "trajectory": ["x_next", "z"], "initial": {"x": "x0"},
+            "per_step": {"f": "forcing"}, "fixed": {"c": "offset"}, "constants": {"k": 0.8}}
+    data = {"x0": r.standard_normal((contexts, 1, n)).astype(np.float32),
+            "forcing": r.standard_normal((contexts, horizon + 2, 1, n)).astype(np.float32),
+            "offset": (r.standard_normal((contexts, 1, n)) * 0.1).astype(np.float32)}
+    return save_case(tmp_path, forced_model(n), spec, data)
+
+
+def setup_for(paths, **kw):
+    spec = RolloutSpec.load(paths["spec"])
+    config = SweepConfig(**{"probes": 2, "min_size": 16, "blocks": "tensor", **kw})
+    return prepare(load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), CPU, config), config
+
+
+def sweep_doc(paths, **kw) -> dict:
+    spec = RolloutSpec.load(paths["spec"])
+    config = SweepConfig(**{"probes": 2, "min_size": 16, "blocks": "tensor", **kw})
+    return run_sweep(load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), CPU, config, quiet=True)
+
+
+@pytest.mark.parametrize("horizon", [5, 4])
+def test_replay_scores_equal_the_step_loop_for_every_kind_of_input(tmp_path, monkeypatch, horizon):
+    """Feedback, per-step forcing, fixed and constant inputs, a trajectory output that is not fed back,
+    several contexts and an odd horizon (the two bindings' alternation continues across contexts):
+    quant, Gaussian and tier scores equal those of the step loop (TQS_REPLAY=off) to the bit."""
+    paths = forced_case(tmp_path, horizon)
+    setup, _ = setup_for(paths)
+    assert setup.replay is not None and setup.replay.mode == "buffers", setup.replay_note
+    docs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("TQS_REPLAY", mode)
+        docs[mode] = sweep_doc(paths, tiers=["int8", "int4/channel", "int2", "bf16"])
+    assert docs["on"]["blocks"] == docs["off"]["blocks"]
+    assert docs["on"]["forward_passes"] == docs["off"]["forward_passes"] > 0
+    assert all(b["quant"]["divergence"] > 0 and b["damage"]["int2"] > b["damage"]["int8"] > 0
+               for b in docs["on"]["blocks"])
+
+
+def test_replay_restores_the_nominal_weights_after_each_probe(tmp_path):
+    """A probe copies its values into the fixed weight buffers and must put the nominal ones back: a
+    probe with no weights replaced then measures zero divergence, before and after other probes."""
+    setup, _ = setup_for(save_case(tmp_path, recurrent_mlp(), recurrent_spec(7), recurrent_contexts()))
+    replay = setup.replay
+    assert replay is not None
+    assert not np.any(replay.divergence({}))
+    w = next(iter(replay.slots))
+    shifted = setup.ops.gauss(setup.bound[w], 12345, 0.05)
+    first = replay.divergence({w: shifted})
+    assert np.all(first > 0) and first.shape == (3, 7)
+    assert not np.any(replay.divergence({}))
+    assert np.array_equal(replay.divergence({w: shifted}), first)
+    for name, slot in replay.slots.items():
+        assert np.array_equal(slot.numpy(), setup.bound[name].numpy())
+
+
+@pytest.mark.parametrize("trajectory", ["y", "z"])
+def test_a_state_that_changes_shape_falls_back_to_the_step_loop(tmp_path, monkeypatch, trajectory):
+    """The replay's buffers have the initial state's shape; a state that grows every step cannot be
+    replayed. When the trajectory grows too (y) the replay is not built; when only the fed-back state
+    grows (z = sum(y) keeps its shape) its first run fails. Either way the sweep says why and runs on
+    the step loop, with the step loop's scores."""
+    h = helper.make_node
+    m = model([h("Tanh", ["x"], ["t"]), h("MatMul", ["c", "W"], ["u"]), h("Reshape", ["u", "one"], ["w1"]),
+               h("Concat", ["t", "w1"], ["y"], axis=0), h("ReduceSum", ["y"], ["z"], keepdims=1)],
+              [init("W", np.random.default_rng(3).standard_normal((32, 1)).astype(np.float32)),
+               init("c", np.full((1, 32), 0.1, np.float32)), init("one", np.array([1], np.int64))],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"]),
+               helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])])
+    spec = {"feedback": {"y": "x"}, "trajectory": [trajectory], "initial": {"x": "x0"}, "horizon": 5}
+    paths = save_case(tmp_path, m, spec, {"x0": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)})
+    setup, config = setup_for(paths)
+    if trajectory == "y":
+        assert setup.replay is None and "'y' changes shape" in setup.replay_note
+    else:
+        from tqs_onnx.sweep import score_block
+
+        assert setup.replay is not None
+        score_block(setup, setup.blocks[0], config, [])
+        assert setup.replay is None and "replay fails at step 1" in setup.replay_note
+    monkeypatch.setenv("TQS_REPLAY", "off")
+    off = sweep_doc(paths)
+    monkeypatch.delenv("TQS_REPLAY")
+    assert sweep_doc(paths)["blocks"] == off["blocks"]
+    assert any(b["quant"]["divergence"] > 0 for b in off["blocks"])
+
+
+def test_replay_off_and_bad_settings(tmp_path, monkeypatch):
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    monkeypatch.setenv("TQS_REPLAY", "off")
+    setup, _ = setup_for(paths)
+    assert setup.replay is None and "TQS_REPLAY=off" in setup.replay_note
+    monkeypatch.setenv("TQS_REPLAY", "maybe")
+    with pytest.raises(TqsError, match="TQS_REPLAY=maybe"):
+        setup_for(paths)
+
+
+def test_indexed_steps_gathers_rows_and_accumulates_per_step():
+    """The pass's graph: input x is row `tqs::step` of x::stack, the step advances by one, and the
+    scalar output d lands in row `tqs::step` of its accumulator; the rest of the accumulator is kept."""
+    h = helper.make_node
+    m = model([h("Mul", ["x", "s"], ["y"]), h("ReduceSum", ["y"], ["d"], keepdims=0)],
+              [init("s", np.float32(2.0))], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+               helper.make_tensor_value_info("d", TensorProto.FLOAT, [])])
+    out = IndexedSteps(["x"], ["d"], ["y"], rows=4).run(m)
+    onnx.checker.check_model(out.model, full_check=True)
+    assert [o.name for o in out.model.graph.output] == ["y", "d::acc_next", "tqs::step_next"]
+    sess = ort.InferenceSession(out.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    stack = np.arange(12, dtype=np.float32).reshape(4, 3)
+    acc = np.full(4, -1, np.float32)
+    y, acc_next, step_next = sess.run(None, {"x::stack": stack, "d::acc": acc, "tqs::step": np.array(2, np.int64)})
+    assert np.array_equal(y, stack[2] * 2) and step_next == 3
+    assert np.array_equal(acc_next, [-1, -1, stack[2].sum() * 2, -1])
+
+
+def test_indexed_steps_refuses_old_opsets_and_name_clashes():
+    h = helper.make_node
+    args = ([h("Identity", ["x"], ["y"])], [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    with pytest.raises(TqsError, match="opset >= 11"):
+        IndexedSteps(["x"], [], ["y"], rows=2).run(model(*args, opset=10))
+    clash = model([h("Identity", ["x"], ["tqs::step"]), h("Identity", ["tqs::step"], ["y"])], *args[1:])
+    with pytest.raises(TqsError, match="already has values"):
+        IndexedSteps(["x"], [], ["y"], rows=2).run(clash)

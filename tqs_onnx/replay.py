@@ -1,0 +1,163 @@
+"""Sweep rollouts replayed on fixed buffers: on a GPU, each step is one CUDA graph launch.
+
+The step loop of `Rollout.divergences` binds new values every step (the fed-back state, the nominal
+step to compare with, forcing data) and reads a divergence back, so on a small model the GPU waits
+for Python and for kernel launches: the transformer forecaster's plain forward pass takes 0.41-0.51 ms
+on an H100 through ONNX Runtime, and 0.14 ms when ORT replays it as a captured CUDA graph
+(`tools/results/gpu_h100_s8/`). A replay needs every bound address to stay fixed, so here:
+
+- the graph gathers the nominal trajectory and forcing data from stacks bound once, by a step counter
+  that is state of the graph, and writes each step's divergence into an accumulator
+  (`passes.replay.IndexedSteps`);
+- fed-back states, the counter and the accumulators alternate between two buffer sets, one binding
+  (and one captured graph) per parity, so a step never writes what it reads;
+- probed weights are copied into fixed weight buffers on the device before a probe and restored
+  after it;
+- the host writes a context's initial state and counter once per rollout and reads the accumulators
+  once per probe.
+
+The same engine runs on the CPU provider (fewer bindings per step, no capture), so the CPU tests
+cover it. Scores equal those of the step loop to the bit. Where a model does not fit (a state that
+changes shape, an opset below 11, a node ORT keeps off the GPU) the sweep falls back to the step loop.
+`TQS_REPLAY=off` turns the engine off; `TQS_CUDA_GRAPH=off` keeps it without CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from tqs_onnx.errors import TqsError
+from tqs_onnx.passes.replay import IndexedSteps
+from tqs_onnx.probes import DeviceProbes
+from tqs_onnx.rollout import Rollout
+from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, env_choice, make_session
+
+
+def replay_mode(device: Device) -> str:
+    """'off', 'buffers' (fixed buffers, no capture) or 'cuda-graph' (TQS_REPLAY, TQS_CUDA_GRAPH)."""
+    if env_choice("TQS_REPLAY", ("on", "off")) == "off":
+        return "off"
+    if device.kind == "cuda" and env_choice("TQS_CUDA_GRAPH", ("on", "off")) == "on":
+        return "cuda-graph"
+    return "buffers"
+
+
+class Replay:
+    """Quant/Gaussian/tier probes of a sweep as replays of two fixed bindings (module doc)."""
+
+    def __init__(self, model: onnx.ModelProto, rollout: Rollout, bound: dict[str, Any],
+                 nominal: list[list[dict[str, Any]]], horizon: int, ops: DeviceProbes, threads: int = 0):
+        """`model`: the sweep's graph (weights exposed, divergence outputs added) that `rollout` runs;
+        `bound`: its nominal weights; `nominal`: per context, per step, the trajectory outputs."""
+        spec, device = rollout.spec, rollout.device
+        self.rollout, self.ops, self.bound, self.horizon = rollout, ops, bound, horizon
+        self.contexts = len(nominal)
+        self.mode = replay_mode(device)
+        if self.mode == "off":
+            raise TqsError("replay is off (TQS_REPLAY=off)")
+        missing = [k for k in spec.trajectory if k not in rollout.divergence]
+        if missing:
+            raise TqsError(f"no divergence outputs for {missing}")
+        rows = self.contexts * horizon
+        refs = [rollout.divergence[k][0] for k in spec.trajectory]
+        self.sq = [rollout.divergence[k][1] for k in spec.trajectory]
+        result = IndexedSteps([*refs, *spec.per_step], self.sq, list(spec.feedback), rows).run(model)
+        self.session = self._session(result.model, device, threads)
+        make = lambda a: device.to_device(np.ascontiguousarray(a))  # noqa: E731
+        alloc = lambda a: make(np.zeros_like(a))  # noqa: E731
+        # Fixed buffers: weights (nominal unless a probe is copied in), stacks, fixed inputs, constants.
+        self.slots = {n: alloc(np.zeros(v.shape(), ORT_NUMPY_TYPES[v.data_type()])) for n, v in bound.items()}
+        for n, v in bound.items():
+            ops.copy_into(v, self.slots[n])
+        stacks = {result.report["stacks"][r]: make(self._stack(nominal, k)) for k, r in zip(spec.trajectory, refs)}
+        for inp, key in spec.per_step.items():
+            a = rollout.contexts.arrays[key][:, :horizon]
+            stacks[result.report["stacks"][inp]] = make(
+                a.reshape(rows, *a.shape[2:]).astype(ORT_NUMPY_TYPES.get(rollout.inputs[inp][1], np.float32)))
+        first = rollout.initial_feeds(0)
+        self.fixed = {i: alloc(first[i]) for i in spec.fixed}
+        constants = {i: make(first[i]) for i in spec.constants}
+        # Two buffer sets: parity p reads set p and writes set 1 - p.
+        self.state = {i: [alloc(first[i]), alloc(first[i])] for i in spec.feedback.values()}
+        self.step = [make(np.zeros((), np.int64)), make(np.zeros((), np.int64))]
+        self.acc = {d: [make(np.zeros(rows, np.float32)), make(np.zeros(rows, np.float32))] for d in self.sq}
+        accumulators = result.report["accumulators"]
+        step_in, step_out = result.report["step"]
+        self.bindings, self.run_options = [], []
+        for p in (0, 1):
+            b = self.session.io_binding()
+            for name, value in [*self.slots.items(), *stacks.items(), *self.fixed.items(), *constants.items()]:
+                b.bind_ortvalue_input(name, value)
+            for out, inp in spec.feedback.items():
+                b.bind_ortvalue_input(inp, self.state[inp][p])
+                b.bind_ortvalue_output(out, self.state[inp][1 - p])
+            for d, (acc_in, acc_out) in accumulators.items():
+                b.bind_ortvalue_input(acc_in, self.acc[d][p])
+                b.bind_ortvalue_output(acc_out, self.acc[d][1 - p])
+            b.bind_ortvalue_input(step_in, self.step[p])
+            b.bind_ortvalue_output(step_out, self.step[1 - p])
+            self.bindings.append(b)
+            self.run_options.append(self._graph_options(p))
+        self._stacks = stacks  # bound: kept alive with the bindings
+        self._constants = constants
+
+    def _stack(self, nominal: list[list[dict[str, Any]]], output: str) -> np.ndarray:
+        """One output's nominal trajectory, every context's steps in a row."""
+        values = [nominal[s][t][output].numpy() for s in range(self.contexts) for t in range(self.horizon)]
+        if len({v.shape for v in values}) > 1:
+            raise TqsError(f"trajectory output '{output}' changes shape during the rollout")
+        return np.stack(values)
+
+    def _session(self, model: onnx.ModelProto, device: Device, threads: int):
+        if self.mode == "cuda-graph":
+            try:
+                return make_session(model, device, threads, cuda_graph=True)
+            except TqsError:  # a node ORT cannot place on the GPU: replay without capture
+                self.mode = "buffers"
+        return make_session(model, device, threads)
+
+    def _graph_options(self, parity: int):
+        if self.mode != "cuda-graph":
+            return None
+        from tqs_onnx.runtime import _ort
+
+        options = _ort().RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(parity))
+        return options
+
+    def divergence(self, replaced: dict[str, Any]) -> np.ndarray:
+        """Squared trajectory divergence per (context, step) with `replaced` swapped in (device values
+        of the exposed weights); the same figures as `sweep.divergence` without a stopping rule."""
+        for n, v in replaced.items():
+            self.ops.copy_into(v, self.slots[n])
+        try:
+            g = 0  # global step: its parity picks the binding, so contexts continue the alternation
+            for s in range(self.contexts):
+                feeds = self.rollout.initial_feeds(s)
+                for inp, bufs in self.state.items():
+                    bufs[g % 2].update_inplace(feeds[inp])
+                for inp, buf in self.fixed.items():
+                    buf.update_inplace(feeds[inp])
+                self.step[g % 2].update_inplace(np.array(s * self.horizon, np.int64))
+                for t in range(self.horizon):
+                    self._run(g % 2, s, t)
+                    g += 1
+            acc = [self.acc[d][g % 2].numpy() for d in self.sq]
+        finally:
+            for n in replaced:
+                self.ops.copy_into(self.bound[n], self.slots[n])
+        out = np.zeros(self.contexts * self.horizon)
+        for a in acc:  # summed in float64 in the step loop's order, so the figures are the same
+            out += a.astype(np.float64)
+        return out.reshape(self.contexts, self.horizon)
+
+    def _run(self, parity: int, s: int, t: int) -> None:
+        try:
+            self.session.run_with_iobinding(self.bindings[parity], self.run_options[parity])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise TqsError(f"replay fails at step {t + 1} of context {s}: {first}") from None
+        self.rollout.forward_passes += 1
