@@ -162,3 +162,17 @@ def test_indexed_steps_refuses_old_opsets_and_name_clashes():
     clash = model([h("Identity", ["x"], ["tqs::step"]), h("Identity", ["tqs::step"], ["y"])], *args[1:])
     with pytest.raises(TqsError, match="already has values"):
         IndexedSteps(["x"], [], ["y"], rows=2).run(clash)
+
+
+def test_auto_leaves_slow_models_on_the_step_loop(tmp_path, monkeypatch):
+    """TQS_REPLAY=auto replays only models whose forward pass is quick (the step loop's overhead matters
+    there); a slower one stays on the step loop, and says why. `on` replays it anyway."""
+    import tqs_onnx.replay
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    monkeypatch.setattr(tqs_onnx.replay, "REPLAY_MAX_PASS_S", 0.0)
+    setup, _ = setup_for(paths)
+    assert setup.replay is None and "replaying would save little" in setup.replay_note
+    monkeypatch.setenv("TQS_REPLAY", "on")
+    setup, _ = setup_for(paths)
+    assert setup.replay is not None

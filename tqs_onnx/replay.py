@@ -19,7 +19,9 @@ on an H100 through ONNX Runtime, and 0.14 ms when ORT replays it as a captured C
 The same engine runs on the CPU provider (fewer bindings per step, no capture), so the CPU tests
 cover it. Scores equal those of the step loop to the bit. Where a model does not fit (a state that
 changes shape, an opset below 11, a node ORT keeps off the GPU) the sweep falls back to the step loop.
-`TQS_REPLAY=off` turns the engine off; `TQS_CUDA_GRAPH=off` keeps it without CUDA graphs.
+`TQS_REPLAY=auto` (the default) replays models whose forward pass takes under 20 ms (the step loop's
+overhead matters only there; a replay holds a second session), `on` every model, `off` none;
+`TQS_CUDA_GRAPH=off` replays on fixed buffers without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -36,13 +38,26 @@ from tqs_onnx.rollout import Rollout
 from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, env_choice, make_session
 
 
+# A step loop's overhead per step is tens of microseconds; for a model whose forward pass takes longer
+# than this, replaying saves under a few percent and is not worth a second session's memory.
+REPLAY_MAX_PASS_S = 0.02
+
+
 def replay_mode(device: Device) -> str:
     """'off', 'buffers' (fixed buffers, no capture) or 'cuda-graph' (TQS_REPLAY, TQS_CUDA_GRAPH)."""
-    if env_choice("TQS_REPLAY", ("on", "off")) == "off":
+    if env_choice("TQS_REPLAY", ("auto", "on", "off")) == "off":
         return "off"
     if device.kind == "cuda" and env_choice("TQS_CUDA_GRAPH", ("on", "off")) == "on":
         return "cuda-graph"
     return "buffers"
+
+
+def replay_skipped(seconds_per_pass: float) -> str:
+    """Why TQS_REPLAY=auto (the default) leaves a model on the step loop, or '' to replay it."""
+    if env_choice("TQS_REPLAY", ("auto", "on", "off")) != "auto" or seconds_per_pass < REPLAY_MAX_PASS_S:
+        return ""
+    return (f"a forward pass takes {seconds_per_pass * 1e3:.0f} ms: replaying would save little and hold a "
+            f"second session (TQS_REPLAY=on replays anyway)")
 
 
 class Replay:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
-from tqs_onnx.replay import Replay, replay_mode
+from tqs_onnx.replay import Replay, replay_mode, replay_skipped
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, cuda_stream, env_choice, io_signature, make_session
 from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
@@ -170,7 +171,11 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     # The device copies are all the sweep keeps: no host copy of the weights stays alive.
     bound = {n: device.to_device(v) for n, v in exposed.report["values"].items()}
     del exposed
-    nominal = [rollout.trajectory(s, bound, horizon) for s in range(contexts.count)]
+    nominal, per_pass = [], math.inf
+    for s in range(contexts.count):
+        t0, n0 = time.perf_counter(), rollout.forward_passes
+        nominal.append(rollout.trajectory(s, bound, horizon))
+        per_pass = min(per_pass, (time.perf_counter() - t0) / max(1, rollout.forward_passes - n0))
     rollout.async_steps = queue
     ops = DeviceProbes(device, threads, shared_stream=shared)
     for traj in nominal:
@@ -181,6 +186,8 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     replay, note = None, "queued steps" if queue else ""
     if replay_mode(device) == "off":  # also checks the settings: a bad value is the user's error
         note = "TQS_REPLAY=off"
+    elif replay_skipped(per_pass):
+        note = replay_skipped(per_pass)
     elif not queue:
         try:
             replay = Replay(model, rollout, bound, nominal, horizon, ops, threads)
