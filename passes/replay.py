@@ -9,7 +9,8 @@ each named scalar output `d` is written into row `tqs::step` of an accumulator (
 `d::acc_next` out) instead of being read after every step. Fed back by the caller like any state, the
 counter and the accumulators need no host copy between steps; the host reads the accumulators once.
 
-Only the outputs to keep (the fed-back states) stay graph outputs besides the new ones.
+Only the outputs named to keep stay graph outputs besides the new ones (a caller that leaves the
+others unbound may keep them all, so that ORT optimizes the graph as before).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class IndexedSteps:
             dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
             stacks[x] = x + STACK_SUFFIX
             g.input.remove(inputs[x])
-            g.input.append(helper.make_tensor_value_info(stacks[x], t.elem_type, [self.rows, *dims]))
+            g.input.append(helper.make_tensor_value_info(
+                stacks[x], t.elem_type, [self.rows, *dims] if t.HasField("shape") else None))
             head.append(h("Gather", [stacks[x], STEP], [x], axis=0))
         # An input with a default value (the divergence pass gives its references one) is now computed.
         kept = [i for i in g.initializer if i.name not in stacks]

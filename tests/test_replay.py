@@ -63,8 +63,12 @@ def test_replay_scores_equal_the_step_loop_for_every_kind_of_input(tmp_path, mon
     several contexts and an odd horizon (the two bindings' alternation continues across contexts):
     quant, Gaussian and tier scores equal those of the step loop (TQS_REPLAY=off) to the bit."""
     paths = forced_case(tmp_path, horizon)
-    setup, _ = setup_for(paths)
+    setup, config = setup_for(paths)
     assert setup.replay is not None and setup.replay.mode == "buffers", setup.replay_note
+    from tqs_onnx.sweep import score_block
+
+    score_block(setup, setup.blocks[0], config, [])
+    assert setup.replay is not None, setup.replay_note  # it ran: it did not fall back to the step loop
     docs = {}
     for mode in ("on", "off"):
         monkeypatch.setenv("TQS_REPLAY", mode)
@@ -176,3 +180,69 @@ def test_auto_leaves_slow_models_on_the_step_loop(tmp_path, monkeypatch):
     monkeypatch.setenv("TQS_REPLAY", "on")
     setup, _ = setup_for(paths)
     assert setup.replay is not None
+
+
+def test_per_step_inputs_keep_their_rank(tmp_path):
+    """A step's forcing is one row of its stack, of the input's own rank: a Softmax over the forcing's
+    axis 0 sees the row's elements, not a leading axis of 1 (the step counter must be a 0-d tensor).
+    The unperturbed replay then measures zero divergence and the probes match the step loop's."""
+    n, h = 6, helper.make_node
+    m = model([h("Softmax", ["f"], ["p"], axis=0), h("MatMul", ["x", "W"], ["a"]), h("Add", ["a", "p"], ["b"]),
+               h("Tanh", ["b"], ["x_next"])],
+              [init("W", (np.random.default_rng(1).standard_normal((n, n)) * 0.5).astype(np.float32))],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n]),
+               helper.make_tensor_value_info("f", TensorProto.FLOAT, [n])],
+              [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [n])])
+    r = np.random.default_rng(2)
+    spec = {"horizon": 4, "feedback": {"x_next": "x"}, "initial": {"x": "x0"}, "per_step": {"f": "forcing"}}
+    paths = save_case(tmp_path, m, spec, {"x0": r.standard_normal((2, n)).astype(np.float32),
+                                          "forcing": r.standard_normal((2, 4, n)).astype(np.float32)})
+    setup, _ = setup_for(paths)
+    assert not np.any(setup.replay.divergence({}))
+    probe = setup.ops.quant_probe(setup.bound["W"], 4)
+    from tqs_onnx.sweep import divergence
+
+    replayed = divergence(setup, {"W": probe})
+    assert setup.replay is not None
+    setup.replay = None
+    assert np.array_equal(replayed, divergence(setup, {"W": probe})) and np.all(replayed > 0)
+
+
+def test_outputs_the_spec_does_not_name_stay_outputs(tmp_path, monkeypatch):
+    """An extra model output (here MatMul's, before its Add) keeps ORT from fusing MatMul + Add into
+    Gemm in the step loop's graph; the replay's graph must keep it too, or its sums differ in the last
+    bits and a dead block (a branch multiplied by zero) looks alive."""
+    n, h = 64, helper.make_node
+    r = np.random.default_rng(7)
+    m = model([h("MatMul", ["x", "W"], ["mm"]), h("Add", ["mm", "B"], ["a"]), h("Tanh", ["a"], ["t"]),
+               h("MatMul", ["x", "Wd"], ["d"]), h("Mul", ["d", "zero"], ["dz"]), h("Add", ["t", "dz"], ["x_next"])],
+              [init("W", (r.standard_normal((n, n)) * 0.2).astype(np.float32)),
+               init("B", (r.standard_normal(n) * 0.1).astype(np.float32)),
+               init("Wd", r.standard_normal((n, n)).astype(np.float32)), init("zero", np.float32(0))],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+              [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, n]),
+               helper.make_tensor_value_info("mm", TensorProto.FLOAT, [1, n])])
+    spec = {"horizon": 5, "feedback": {"x_next": "x"}, "trajectory": ["x_next"], "initial": {"x": "x0"}}
+    paths = save_case(tmp_path, m, spec, {"x0": r.standard_normal((3, 1, n)).astype(np.float32)})
+    setup, _ = setup_for(paths)
+    assert not np.any(setup.replay.divergence({}))
+    docs = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv("TQS_REPLAY", mode)
+        docs[mode] = sweep_doc(paths)
+    assert docs["on"] == docs["off"]
+    assert sum(b["unreached"] for b in docs["on"]["blocks"]) == 1
+
+
+def test_a_bad_probe_leaves_the_weight_buffers_nominal(tmp_path):
+    """A replaced value of the wrong shape (or a name that is no probed weight) is a TqsError, and
+    the buffers written before it are restored: later replays measure zero divergence unperturbed."""
+    setup, _ = setup_for(save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts()))
+    replay = setup.replay
+    w1, w2 = list(replay.slots)[:2]
+    probe = setup.ops.gauss(setup.bound[w1], 99, 0.1)
+    bad = setup.ops.device.to_device(np.zeros((3, 3), np.float32))
+    for replaced in ({w1: probe, w2: bad}, {w1: probe, "no such weight": probe}):
+        with pytest.raises(TqsError, match="not a probed weight"):
+            replay.divergence(replaced)
+        assert not np.any(replay.divergence({}))

@@ -79,9 +79,12 @@ class Replay:
         rows = self.contexts * horizon
         refs = [rollout.divergence[k][0] for k in spec.trajectory]
         self.sq = [rollout.divergence[k][1] for k in spec.trajectory]
-        result = IndexedSteps([*refs, *spec.per_step], self.sq, list(spec.feedback), rows).run(model)
+        # Every output of the step loop's graph stays an output (the ones nobody reads stay unbound):
+        # dropping one would let ORT fuse the nodes behind it differently, and the sums would differ.
+        keep = [o.name for o in model.graph.output]
+        result = IndexedSteps([*refs, *spec.per_step], self.sq, keep, rows).run(model)
         self.session = self._session(result.model, device, threads)
-        make = lambda a: device.to_device(np.ascontiguousarray(a))  # noqa: E731
+        make = device.to_device
         alloc = lambda a: make(np.zeros_like(a))  # noqa: E731
         # Fixed buffers: weights (nominal unless a probe is copied in), stacks, fixed inputs, constants.
         self.slots = {n: alloc(np.zeros(v.shape(), ORT_NUMPY_TYPES[v.data_type()])) for n, v in bound.items()}
@@ -121,7 +124,10 @@ class Replay:
 
     def _stack(self, nominal: list[list[dict[str, Any]]], output: str) -> np.ndarray:
         """One output's nominal trajectory, every context's steps in a row."""
-        values = [nominal[s][t][output].numpy() for s in range(self.contexts) for t in range(self.horizon)]
+        try:
+            values = [nominal[s][t][output].numpy() for s in range(self.contexts) for t in range(self.horizon)]
+        except Exception as exc:  # an element type numpy cannot hold (bfloat16)
+            raise TqsError(f"trajectory output '{output}' cannot be stacked: {str(exc).splitlines()[0][:200]}") from None
         if len({v.shape for v in values}) > 1:
             raise TqsError(f"trajectory output '{output}' changes shape during the rollout")
         return np.stack(values)
@@ -146,9 +152,14 @@ class Replay:
     def divergence(self, replaced: dict[str, Any]) -> np.ndarray:
         """Squared trajectory divergence per (context, step) with `replaced` swapped in (device values
         of the exposed weights); the same figures as `sweep.divergence` without a stopping rule."""
-        for n, v in replaced.items():
-            self.ops.copy_into(v, self.slots[n])
+        copied = []
         try:
+            for n, v in replaced.items():
+                slot = self.slots.get(n)
+                if slot is None or v.shape() != slot.shape() or v.data_type() != slot.data_type():
+                    raise TqsError(f"replay: '{n}' is not a probed weight of this shape and type")
+                copied.append(n)  # before the copy: a failed copy may have written part of the buffer
+                self.ops.copy_into(v, slot)
             g = 0  # global step: its parity picks the binding, so contexts continue the alternation
             for s in range(self.contexts):
                 feeds = self.rollout.initial_feeds(s)
@@ -162,7 +173,7 @@ class Replay:
                     g += 1
             acc = [self.acc[d][g % 2].numpy() for d in self.sq]
         finally:
-            for n in replaced:
+            for n in copied:
                 self.ops.copy_into(self.bound[n], self.slots[n])
         out = np.zeros(self.contexts * self.horizon)
         for a in acc:  # summed in float64 in the step loop's order, so the figures are the same

@@ -225,7 +225,7 @@ class Rollout:
         """Host arrays of context s for the feedback inputs' first step, the fixed inputs and constants."""
         feeds = {}
         for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items()]:
-            feeds[inp] = np.ascontiguousarray(self.contexts.arrays[key][s], dtype=self._dtype(inp))
+            feeds[inp] = np.asarray(self.contexts.arrays[key][s], dtype=self._dtype(inp), order="C")
         for inp, value in self.spec.constants.items():
             shape = self.inputs[inp][0]
             arr = np.asarray(value, dtype=self._dtype(inp))

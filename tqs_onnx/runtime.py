@@ -84,7 +84,8 @@ class Device:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.kind == "cuda" else ["CPUExecutionProvider"]
 
     def to_device(self, array: np.ndarray) -> Any:
-        return _ort().OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.kind, 0)
+        # np.asarray keeps a 0-d array 0-d (np.ascontiguousarray would make it shape (1,)).
+        return _ort().OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"), self.kind, 0)
 
 
 def resolve_device(name: str) -> Device:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -480,7 +481,16 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
         scores.append(score)
         if ckpt:
             ckpt.append(score)
+    if not quiet:
+        print(f"sweep engine: {engine_summary(setup)}", file=sys.stderr)
     return scores_document(setup, spec, config, scores, device)
+
+
+def engine_summary(setup: SweepSetup) -> str:
+    """How the probes ran: replayed on fixed buffers (and CUDA graphs), or the step loop and why."""
+    if setup.replay is not None:
+        return f"replayed on fixed buffers{' as CUDA graphs' if setup.replay.mode == 'cuda-graph' else ''}"
+    return f"step loop ({setup.replay_note})" if setup.replay_note else "step loop"
 
 
 def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, scores: list[BlockScore],
