@@ -104,6 +104,11 @@ class Replay:
         self.acc = {d: [make(np.zeros(rows, np.float32)), make(np.zeros(rows, np.float32))] for d in self.sq}
         accumulators = result.report["accumulators"]
         step_in, step_out = result.report["step"]
+        # Under CUDA graphs every output gets a fixed buffer, the ones nobody reads included (one set:
+        # both parities may overwrite it). Elsewhere they stay unbound and may change shape.
+        bound_out = {*spec.feedback, *(a for _, a in accumulators.values()), step_out}
+        scratch = self._scratch(rollout, [o.name for o in self.session.get_outputs() if o.name not in bound_out]) \
+            if self.mode == "cuda-graph" else {}
         self.bindings, self.run_options = [], []
         for p in (0, 1):
             b = self.session.io_binding()
@@ -117,10 +122,35 @@ class Replay:
                 b.bind_ortvalue_output(acc_out, self.acc[d][1 - p])
             b.bind_ortvalue_input(step_in, self.step[p])
             b.bind_ortvalue_output(step_out, self.step[1 - p])
+            for out, value in scratch.items():
+                b.bind_ortvalue_output(out, value)
             self.bindings.append(b)
             self.run_options.append(self._graph_options(p))
-        self._stacks = stacks  # bound: kept alive with the bindings
-        self._constants = constants
+        self._kept = (stacks, constants, scratch)  # bound: kept alive with the bindings
+
+    def _scratch(self, rollout: Rollout, outputs: list[str]) -> dict[str, Any]:
+        """Buffers for outputs nobody reads, shaped as the step loop's session gives them at step 1."""
+        if not outputs:
+            return {}
+        from tqs_onnx.runtime import _ort
+
+        b = rollout.session.io_binding()
+        feeds = rollout.initial_feeds(0)
+        for inp, key in rollout.spec.per_step.items():
+            feeds[inp] = rollout.contexts.arrays[key][0, 0].astype(ORT_NUMPY_TYPES.get(rollout.inputs[inp][1], np.float32))
+        for name, value in [*self.bound.items(), *((k, rollout.device.to_device(v)) for k, v in feeds.items())]:
+            b.bind_ortvalue_input(name, value)
+        for o in outputs:
+            b.bind_output(o, rollout.device.kind)
+        rollout.session.run_with_iobinding(b)
+        make = _ort().OrtValue.ortvalue_from_shape_and_type
+        scratch = {}
+        for o, v in zip(outputs, b.get_outputs()):
+            dtype = ORT_NUMPY_TYPES.get(v.data_type())
+            if dtype is None:
+                raise TqsError(f"output '{o}' has an element type the replay cannot hold")
+            scratch[o] = make(list(v.shape()), dtype, rollout.device.kind, 0)
+        return scratch
 
     def _stack(self, nominal: list[list[dict[str, Any]]], output: str) -> np.ndarray:
         """One output's nominal trajectory, every context's steps in a row."""
