@@ -246,3 +246,29 @@ def test_a_bad_probe_leaves_the_weight_buffers_nominal(tmp_path):
         with pytest.raises(TqsError, match="not a probed weight"):
             replay.divergence(replaced)
         assert not np.any(replay.divergence({}))
+
+
+def test_scratch_buffers_for_unread_outputs_keep_the_scores(tmp_path, monkeypatch):
+    """Under CUDA graphs every output is bound to a fixed buffer, also those nobody reads (here the
+    trajectory output z and the divergence scalars). The same binding on the CPU provider (capture
+    aside) gives the step loop's divergences to the bit."""
+    import tqs_onnx.replay as replay_module
+    from tqs_onnx.sweep import divergence
+
+    made = replay_module.Replay._session
+
+    def as_if_cuda_graph(self, model, device, threads):
+        session = made(self, model, device, threads)
+        self.mode = "cuda-graph"
+        return session
+
+    monkeypatch.setattr(replay_module.Replay, "_session", as_if_cuda_graph)
+    monkeypatch.setattr(replay_module.Replay, "_graph_options", lambda self, parity: None)
+    setup, _ = setup_for(forced_case(tmp_path))
+    assert setup.replay.mode == "cuda-graph"
+    assert set(setup.replay._kept[2]) == {"z", "x_next::tqs_sqdiff", "z::tqs_sqdiff"}
+    probe = {n: setup.ops.quant_probe(setup.bound[n], 4) for n in setup.blocks[0].weights}
+    replayed = divergence(setup, probe)
+    assert setup.replay is not None
+    setup.replay = None
+    assert np.array_equal(replayed, divergence(setup, probe)) and np.all(replayed > 0)
