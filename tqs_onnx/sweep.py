@@ -192,8 +192,8 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     elif not queue:
         try:
             replay = Replay(model, rollout, bound, nominal, horizon, ops, threads)
-        except TqsError as exc:
-            note = str(exc)
+        except Exception as exc:  # e.g. no memory for the second session: the step loop does the work
+            note = f"replay not built: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
     del model
     return SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
                       prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note)
