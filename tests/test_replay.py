@@ -272,3 +272,23 @@ def test_scratch_buffers_for_unread_outputs_keep_the_scores(tmp_path, monkeypatc
     assert setup.replay is not None
     setup.replay = None
     assert np.array_equal(replayed, divergence(setup, probe)) and np.all(replayed > 0)
+
+
+def test_a_bfloat16_trajectory_output_is_swept_on_the_step_loop(tmp_path):
+    """numpy has no bfloat16: the nominal trajectory's finite check reduces it on the device (it used
+    to fail reading it to the host), the replay cannot stack it and says so, and the step loop's
+    divergence (computed in the graph, in float32) scores the block."""
+    n, h = 16, helper.make_node
+    r = np.random.default_rng(0)
+    m = model([h("MatMul", ["x", "W"], ["a"]), h("Tanh", ["a"], ["x_next"]),
+               h("Cast", ["x_next"], ["y16"], to=TensorProto.BFLOAT16)],
+              [init("W", (r.standard_normal((n, n)) * 0.5).astype(np.float32))],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+              [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, n]),
+               helper.make_tensor_value_info("y16", TensorProto.BFLOAT16, [1, n])])
+    spec = {"horizon": 4, "feedback": {"x_next": "x"}, "trajectory": ["y16"], "initial": {"x": "x0"}}
+    paths = save_case(tmp_path, m, spec, {"x0": r.standard_normal((2, 1, n)).astype(np.float32)})
+    setup, _ = setup_for(paths)
+    assert setup.replay is None and "'y16' cannot be stacked" in setup.replay_note
+    doc = sweep_doc(paths)
+    assert doc["blocks"][0]["quant"]["divergence"] > 0

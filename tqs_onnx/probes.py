@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from tqs_onnx.runtime import ORT_NUMPY_TYPES
 from tqs_onnx.tiers import Tier
 
 P = 2147483647  # 2^31 - 1: products of two residues stay below 2^62 in int64
@@ -368,9 +369,11 @@ class DeviceProbes:
 
     def sqdiff(self, a, b) -> float:
         """sum((a - b)^2); on the CPU provider device memory is host memory, so numpy reads it in place."""
-        if self.device.kind == "cpu":
+        if self.device.kind == "cpu" and _numpy_types(a, b):
             d = a.numpy().astype(np.float64) - b.numpy()
             return float(np.einsum("i,i->", d.ravel(), d.ravel()))
+        if a.data_type() != "tensor(float)":  # bfloat16 (numpy cannot hold it), float16, integers
+            return float(self.sqdiff_many([(a, b)])[0])
         s = self._session("sqdiff", sqdiff_graph)
         return float(self._run(s, {"a": a, "b": b}).numpy())
 
@@ -380,7 +383,7 @@ class DeviceProbes:
 
         wait=False (GPU, shared stream): queue the run and return the device value; read it with
         `.numpy()` after `synchronize()`."""
-        if self.device.kind == "cpu":
+        if self.device.kind == "cpu" and _numpy_types(*(v for pair in pairs for v in pair)):
             return np.array([self.sqdiff(a, b) for a, b in pairs])
         types = tuple(_ELEM_TYPES.get(a.data_type(), TensorProto.FLOAT) for a, _ in pairs)
         s = self._session(("sqdiff", types), lambda: sqdiff_many_graph(list(types)))
@@ -388,6 +391,10 @@ class DeviceProbes:
         if not wait:
             return self._run(s, feeds, wait=False)
         return self._run(s, feeds).numpy().astype(np.float64)
+
+
+def _numpy_types(*values) -> bool:
+    return all(v.data_type() in ORT_NUMPY_TYPES for v in values)
 
 
 def gauss_sigma(norm: float, size: int) -> float:
