@@ -100,8 +100,8 @@ def test_replay_restores_the_nominal_weights_after_each_probe(tmp_path):
 def test_a_state_that_changes_shape_falls_back_to_the_step_loop(tmp_path, monkeypatch, trajectory):
     """The replay's buffers have the initial state's shape; a state that grows every step cannot be
     replayed. When the trajectory grows too (y) the replay is not built; when only the fed-back state
-    grows (z = sum(y) keeps its shape) its first run fails. Either way the sweep says why and runs on
-    the step loop, with the step loop's scores."""
+    grows (z = sum(y) keeps its shape) its first run (its own nominal rollout) fails. Either way the
+    sweep says why and runs on the step loop, with the step loop's scores."""
     h = helper.make_node
     m = model([h("Tanh", ["x"], ["t"]), h("MatMul", ["c", "W"], ["u"]), h("Reshape", ["u", "one"], ["w1"]),
                h("Concat", ["t", "w1"], ["y"], axis=0), h("ReduceSum", ["y"], ["z"], keepdims=1)],
@@ -113,14 +113,8 @@ def test_a_state_that_changes_shape_falls_back_to_the_step_loop(tmp_path, monkey
     spec = {"feedback": {"y": "x"}, "trajectory": [trajectory], "initial": {"x": "x0"}, "horizon": 5}
     paths = save_case(tmp_path, m, spec, {"x0": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)})
     setup, config = setup_for(paths)
-    if trajectory == "y":
-        assert setup.replay is None and "'y' changes shape" in setup.replay_note
-    else:
-        from tqs_onnx.sweep import score_block
-
-        assert setup.replay is not None
-        score_block(setup, setup.blocks[0], config, [])
-        assert setup.replay is None and "replay fails at step 1" in setup.replay_note
+    assert setup.replay is None
+    assert ("'y' changes shape" if trajectory == "y" else "replay fails at step 1") in setup.replay_note
     monkeypatch.setenv("TQS_REPLAY", "off")
     off = sweep_doc(paths)
     monkeypatch.delenv("TQS_REPLAY")
@@ -292,3 +286,29 @@ def test_a_bfloat16_trajectory_output_is_swept_on_the_step_loop(tmp_path):
     assert setup.replay is None and "'y16' cannot be stacked" in setup.replay_note
     doc = sweep_doc(paths)
     assert doc["blocks"][0]["quant"]["divergence"] > 0
+
+
+def test_a_replay_that_disagrees_with_the_step_loop_is_dropped(tmp_path, monkeypatch):
+    """prepare() runs one probe through both engines; a replay whose figures differ (here: every
+    divergence doubled, as a CUDA-graph fault might) is not used, and the sweep says why. A replay
+    that fails at a later probe hands the work to the step loop too."""
+    import tqs_onnx.replay as replay_module
+    from tqs_onnx.sweep import divergence
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    honest = replay_module.Replay.divergence
+    monkeypatch.setattr(replay_module.Replay, "divergence", lambda self, replaced: honest(self, replaced) * 2)
+    setup, _ = setup_for(paths)
+    assert setup.replay is None and "disagrees with the step loop" in setup.replay_note
+    monkeypatch.setattr(replay_module.Replay, "divergence", honest)
+    setup, _ = setup_for(paths)
+    assert setup.replay is not None
+    probe = {n: setup.ops.quant_probe(setup.bound[n], 4) for n in setup.blocks[0].weights}
+
+    def fails(self, replaced):
+        raise TqsError("replay fails at step 3 of context 0: simulated")
+
+    monkeypatch.setattr(replay_module.Replay, "divergence", fails)
+    replayed = divergence(setup, probe)
+    assert setup.replay is None and "simulated" in setup.replay_note
+    assert np.array_equal(replayed, divergence(setup, probe)) and np.all(replayed > 0)

@@ -26,7 +26,7 @@ overhead matters only there; a replay holds a second session), `on` every model,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -104,11 +104,15 @@ class Replay:
         self.acc = {d: [make(np.zeros(rows, np.float32)), make(np.zeros(rows, np.float32))] for d in self.sq}
         accumulators = result.report["accumulators"]
         step_in, step_out = result.report["step"]
-        # Under CUDA graphs every output gets a fixed buffer, the ones nobody reads included (one set:
-        # both parities may overwrite it). Elsewhere they stay unbound and may change shape.
-        bound_out = {*spec.feedback, *(a for _, a in accumulators.values()), step_out}
-        scratch = self._scratch(rollout, [o.name for o in self.session.get_outputs() if o.name not in bound_out]) \
-            if self.mode == "cuda-graph" else {}
+        # Trajectory outputs that are not fed back get a buffer each (read once, for the replay's own
+        # nominal trajectory). Under CUDA graphs every other output gets one too, the ones nobody reads
+        # included (one set: both parities may overwrite it); elsewhere they stay unbound.
+        scratch = {k: alloc(stacks[result.report["stacks"][r]].numpy()[0])
+                   for k, r in zip(spec.trajectory, refs) if k not in spec.feedback}
+        bound_out = {*spec.feedback, *scratch, *(a for _, a in accumulators.values()), step_out}
+        if self.mode == "cuda-graph":
+            scratch.update(self._scratch(rollout, [o.name for o in self.session.get_outputs()
+                                                   if o.name not in bound_out]))
         self.bindings, self.run_options = [], []
         for p in (0, 1):
             b = self.session.io_binding()
@@ -127,6 +131,23 @@ class Replay:
             self.bindings.append(b)
             self.run_options.append(self._graph_options(p))
         self._kept = (stacks, constants, scratch)  # bound: kept alive with the bindings
+        self._own_nominal({k: (stacks[result.report["stacks"][r]], scratch.get(k))
+                           for k, r in zip(spec.trajectory, refs)})
+
+    def _own_nominal(self, targets: dict[str, tuple[Any, Any]]) -> None:
+        """Roll out the nominal weights in this session and stack its own trajectory: the step loop's
+        session may run other kernels (cuDNN picks convolution algorithms per session), and a probe's
+        divergence must be measured against what this session computes, so that an unperturbed probe
+        gives exactly zero. `targets`: trajectory output -> (its stack, its buffer if not fed back)."""
+        values: dict[str, list[np.ndarray]] = {k: [] for k in targets}
+        for _, _, written in self._rollouts():
+            for k, (_, buf) in targets.items():
+                src = buf if buf is not None else self.state[self.rollout.spec.feedback[k]][written]
+                values[k].append(src.numpy().copy())  # on the CPU provider numpy() may share the buffer
+        for k, (stack, _) in targets.items():
+            stack.update_inplace(np.stack(values[k]))
+        if np.any(self.divergence({})):
+            raise TqsError("the replayed nominal rollout does not reproduce itself")
 
     def _scratch(self, rollout: Rollout, outputs: list[str]) -> dict[str, Any]:
         """Buffers for outputs nobody reads, shaped as the step loop's session gives them at step 1."""
@@ -190,18 +211,10 @@ class Replay:
                     raise TqsError(f"replay: '{n}' is not a probed weight of this shape and type")
                 copied.append(n)  # before the copy: a failed copy may have written part of the buffer
                 self.ops.copy_into(v, slot)
-            g = 0  # global step: its parity picks the binding, so contexts continue the alternation
-            for s in range(self.contexts):
-                feeds = self.rollout.initial_feeds(s)
-                for inp, bufs in self.state.items():
-                    bufs[g % 2].update_inplace(feeds[inp])
-                for inp, buf in self.fixed.items():
-                    buf.update_inplace(feeds[inp])
-                self.step[g % 2].update_inplace(np.array(s * self.horizon, np.int64))
-                for t in range(self.horizon):
-                    self._run(g % 2, s, t)
-                    g += 1
-            acc = [self.acc[d][g % 2].numpy() for d in self.sq]
+            written = 0
+            for _, _, written in self._rollouts():
+                pass
+            acc = [self.acc[d][written].numpy().copy() for d in self.sq]
         finally:
             for n in copied:
                 self.ops.copy_into(self.bound[n], self.slots[n])
@@ -209,6 +222,22 @@ class Replay:
         for a in acc:  # summed in float64 in the step loop's order, so the figures are the same
             out += a.astype(np.float64)
         return out.reshape(self.contexts, self.horizon)
+
+    def _rollouts(self) -> Iterator[tuple[int, int, int]]:
+        """Run every context's steps with the weight buffers as they are; after each step yield
+        (context, step, the buffer set it wrote)."""
+        g = 0  # global step: its parity picks the binding, so contexts continue the alternation
+        for s in range(self.contexts):
+            feeds = self.rollout.initial_feeds(s)
+            for inp, bufs in self.state.items():
+                bufs[g % 2].update_inplace(feeds[inp])
+            for inp, buf in self.fixed.items():
+                buf.update_inplace(feeds[inp])
+            self.step[g % 2].update_inplace(np.array(s * self.horizon, np.int64))
+            for t in range(self.horizon):
+                self._run(g % 2, s, t)
+                g += 1
+                yield s, t, g % 2
 
     def _run(self, parity: int, s: int, t: int) -> None:
         try:

@@ -195,8 +195,32 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
         except Exception as exc:  # e.g. no memory for the second session: the step loop does the work
             note = f"replay not built: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
     del model
-    return SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
-                      prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note)
+    setup = SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
+                       prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note)
+    if setup.replay is not None:
+        check_replay(setup)
+    return setup
+
+
+def check_replay(setup: SweepSetup, rtol: float = 1e-3) -> None:
+    """One 8-bit quant probe of the first block through the replay and through the step loop; a replay
+    that disagrees by more than float noise (the two sessions may run different kernels) is dropped,
+    and the sweep runs on the step loop. A safeguard for CUDA graphs; on the CPU they agree to the bit."""
+    replay = setup.replay
+    probe = {n: setup.ops.quant_probe(setup.bound[n], 8) for n in setup.blocks[0].weights}
+    setup.replay = None
+    loop = divergence(setup, probe)
+    try:
+        replayed = replay.divergence(probe)
+    except TqsError as exc:
+        setup.replay_note = str(exc)
+        return
+    replayed[~np.isfinite(replayed)] = np.inf
+    if np.allclose(replayed, loop, rtol=rtol, atol=1e-6 * float(np.max(loop[np.isfinite(loop)], initial=0.0))):
+        setup.replay = replay
+    else:
+        worst = float(np.max(np.abs(replayed - loop)[np.isfinite(loop)], initial=np.inf))
+        setup.replay_note = f"the replay disagrees with the step loop on a probe (by up to {worst:.3g})"
 
 
 def opset_deltas(model: onnx.ModelProto) -> dict[int, int]:
