@@ -47,9 +47,21 @@ def replay_mode(device: Device) -> str:
     """'off', 'buffers' (fixed buffers, no capture) or 'cuda-graph' (TQS_REPLAY, TQS_CUDA_GRAPH)."""
     if env_choice("TQS_REPLAY", ("auto", "on", "off")) == "off":
         return "off"
-    if device.kind == "cuda" and env_choice("TQS_CUDA_GRAPH", ("on", "off")) == "on":
+    if device.kind == "cuda" and env_choice("TQS_CUDA_GRAPH", ("on", "off")) == "on" and _graphs_safe():
         return "cuda-graph"
     return "buffers"
+
+
+def _graphs_safe() -> bool:
+    """ORT before 1.31 may recycle a host staging buffer that an earlier captured graph still replays
+    from (ORT PR #32121; 1.31.1 has the fix): two graphs per session are used only from 1.31 on."""
+    from tqs_onnx.runtime import _ort
+
+    try:
+        major, minor = (int(x) for x in _ort().__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (1, 31)
 
 
 def replay_skipped(seconds_per_pass: float) -> str:
@@ -197,7 +209,7 @@ class Replay:
         from tqs_onnx.runtime import _ort
 
         options = _ort().RunOptions()
-        options.add_run_config_entry("gpu_graph_id", str(parity))
+        options.add_run_config_entry("gpu_graph_id", str(parity + 1))  # ORT reserves id 0
         return options
 
     def divergence(self, replaced: dict[str, Any]) -> np.ndarray:
