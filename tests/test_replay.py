@@ -340,3 +340,16 @@ def test_capture_warm_up_runs_do_not_change_the_scores(tmp_path, monkeypatch):
         setup.replay = None
         assert np.array_equal(replayed, divergence(setup, probe)) and np.all(replayed > 0)
         setup.replay = replay
+
+
+def test_every_engine_setting_rejects_unknown_values(monkeypatch):
+    """The README's settings table promises a one-line error for any value not listed."""
+    from tqs_onnx.replay import replay_mode
+    from tqs_onnx.runtime import make_session
+
+    for name, call in [("TQS_REPLAY", lambda: replay_mode(CPU)), ("TQS_CUDA_GRAPH", lambda: replay_mode(Device("cuda"))),
+                       ("TQS_DETERMINISTIC", lambda: make_session(b"", CPU))]:
+        monkeypatch.setenv(name, "sometimes")
+        with pytest.raises(TqsError, match=f"{name}=sometimes"):
+            call()
+        monkeypatch.delenv(name)

@@ -142,7 +142,7 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
     # Deterministic kernels (TQS_DETERMINISTIC=0 turns them off): on CUDA without them two processes
     # running the same sweep disagreed by up to 1.2e-6 relative; with them they agree to the bit, at no
     # measured cost (tools/results/gpu_h100/determinism.txt).
-    so.use_deterministic_compute = os.environ.get("TQS_DETERMINISTIC", "1").strip() != "0"
+    so.use_deterministic_compute = env_choice("TQS_DETERMINISTIC", ("1", "0")) == "1"
     so.log_severity_level = 4  # failures come back as exceptions, reported in one line
     # Without `optimize`: basic rewrites only (constant folding, no fusion of DequantizeLinear into
     # ORT's own kernels), which stays in memory where a fully unoptimized big model does not.
@@ -173,10 +173,6 @@ def io_signature(session) -> tuple[dict[str, tuple], dict[str, tuple]]:
     inputs = {i.name: (tuple(i.shape), i.type) for i in session.get_inputs()}
     outputs = {o.name: (tuple(o.shape), o.type) for o in session.get_outputs()}
     return inputs, outputs
-
-
-def default_threads() -> int:
-    return int(os.environ.get("TQS_THREADS", "0"))
 
 
 def synthetic_feeds(session) -> dict[str, np.ndarray]:

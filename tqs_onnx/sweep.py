@@ -154,7 +154,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     # waiting at each step. Measured slower on the transformer forecaster (H200: 0.69 against 0.85
     # efficiency), so it is off by default.
     # TQS_GPU_STREAM=shared (CUDA): every sweep session on one stream, waiting at each step as usual.
-    queue = device.kind == "cuda" and os.environ.get("TQS_GPU_QUEUE") == "1" and bool(cuda_stream())
+    queue = env_choice("TQS_GPU_QUEUE", ("0", "1")) == "1" and device.kind == "cuda" and bool(cuda_stream())
     shared = queue or device.kind == "cuda" and gpu_stream_mode() == "shared" and bool(cuda_stream())
     model, pairs = exposed.model, {}
     # Each step's run also measures its divergence (see `divergence`); a spec naming outputs the model
