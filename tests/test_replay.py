@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from tiny import init, model, recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
+from tiny import growing_state_model, init, model, recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import load_model
 from tqs_onnx.passes.replay import IndexedSteps
@@ -45,16 +45,19 @@ def forced_case(tmp_path, horizon: int = 5, contexts: int = 3, n: int = 8):
     return save_case(tmp_path, forced_model(n), spec, data)
 
 
-def setup_for(paths, **kw):
+def _inputs(paths, **kw):
     spec = RolloutSpec.load(paths["spec"])
     config = SweepConfig(**{"probes": 2, "min_size": 16, "blocks": "tensor", **kw})
-    return prepare(load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), CPU, config), config
+    return load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), CPU, config
+
+
+def setup_for(paths, **kw):
+    inputs = _inputs(paths, **kw)
+    return prepare(*inputs), inputs[-1]
 
 
 def sweep_doc(paths, **kw) -> dict:
-    spec = RolloutSpec.load(paths["spec"])
-    config = SweepConfig(**{"probes": 2, "min_size": 16, "blocks": "tensor", **kw})
-    return run_sweep(load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), CPU, config, quiet=True)
+    return run_sweep(*_inputs(paths, **kw), quiet=True)
 
 
 @pytest.mark.parametrize("horizon", [5, 4])
@@ -102,14 +105,7 @@ def test_a_state_that_changes_shape_falls_back_to_the_step_loop(tmp_path, monkey
     replayed. When the trajectory grows too (y) the replay is not built; when only the fed-back state
     grows (z = sum(y) keeps its shape) its first run (its own nominal rollout) fails. Either way the
     sweep says why and runs on the step loop, with the step loop's scores."""
-    h = helper.make_node
-    m = model([h("Tanh", ["x"], ["t"]), h("MatMul", ["c", "W"], ["u"]), h("Reshape", ["u", "one"], ["w1"]),
-               h("Concat", ["t", "w1"], ["y"], axis=0), h("ReduceSum", ["y"], ["z"], keepdims=1)],
-              [init("W", np.random.default_rng(3).standard_normal((32, 1)).astype(np.float32)),
-               init("c", np.full((1, 32), 0.1, np.float32)), init("one", np.array([1], np.int64))],
-              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"]),
-               helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])])
+    m = growing_state_model()
     spec = {"feedback": {"y": "x"}, "trajectory": [trajectory], "initial": {"x": "x0"}, "horizon": 5}
     paths = save_case(tmp_path, m, spec, {"x0": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)})
     setup, config = setup_for(paths)

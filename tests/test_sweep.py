@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from tiny import recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
+from tiny import growing_state_model, recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
 from tqs_onnx.graph import load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device
@@ -308,19 +308,8 @@ def test_output_buffers_reused_across_steps_give_the_same_scores(tmp_path, monke
     """TQS_REUSE_OUTPUTS=on (default) writes each step into buffers allocated at step 1; the scores
     must equal those of outputs allocated per run, also when the fed-back state grows every step
     (the buffers no longer fit: the rollout falls back to allocating per run)."""
-    from onnx import TensorProto, helper
-
-    from tiny import init, model
-
-    if growing:  # y = concat(tanh(x), c W): one element longer at every step
-        m = model([helper.make_node("Tanh", ["x"], ["t"]),
-                   helper.make_node("MatMul", ["c", "W"], ["u"]),
-                   helper.make_node("Reshape", ["u", "one"], ["w1"]),
-                   helper.make_node("Concat", ["t", "w1"], ["y"], axis=0)],
-                  [init("W", np.random.default_rng(3).standard_normal((32, 1)).astype(np.float32)),
-                   init("c", np.full((1, 32), 0.1, np.float32)), init("one", np.array([1], np.int64))],
-                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"])])
+    if growing:  # the fed-back state y is one element longer at every step
+        m = growing_state_model()
         spec = {"feedback": {"y": "x"}, "trajectory": ["y"], "initial": {"x": "x0"}, "horizon": 5}
         paths = save_case(tmp_path, m, spec, {"x0": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)})
     else:

@@ -65,6 +65,19 @@ def recurrent_mlp(n: int = 16, h: int = 32, dead_branch: bool = False, damp: flo
     return model(nodes, inits, [vec("x", n)], [vec("x_next", n)])
 
 
+def growing_state_model() -> onnx.ModelProto:
+    """y = concat(tanh(x), c W): a fed-back state one element longer at every step; z = sum(y) keeps
+    its shape."""
+    h = helper.make_node
+    return model([h("Tanh", ["x"], ["t"]), h("MatMul", ["c", "W"], ["u"]), h("Reshape", ["u", "one"], ["w1"]),
+                  h("Concat", ["t", "w1"], ["y"], axis=0), h("ReduceSum", ["y"], ["z"], keepdims=1)],
+                 [init("W", np.random.default_rng(3).standard_normal((32, 1)).astype(np.float32)),
+                  init("c", np.full((1, 32), 0.1, np.float32)), init("one", np.array([1], np.int64))],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m"]),
+                  helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])])
+
+
 def recurrent_spec(horizon: int = 8) -> dict:
     return {"horizon": horizon, "feedback": {"x_next": "x"}, "trajectory": ["x_next"], "initial": {"x": "x0"}}
 

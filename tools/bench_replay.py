@@ -18,25 +18,18 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_reuse_outputs import one_pass  # noqa: E402
 from bench_sweep import floor_rollout, floor_time, replayed_floor_time  # noqa: E402
 from tqs_onnx.graph import load_model  # noqa: E402
 from tqs_onnx.rollout import Contexts, RolloutSpec  # noqa: E402
 from tqs_onnx.runtime import resolve_device  # noqa: E402
-from tqs_onnx.sweep import SweepConfig, divergence, prepare  # noqa: E402
-
-
-def one_pass(setup, probes: dict) -> tuple[float, list[np.ndarray]]:
-    """Microseconds per forward pass of one quant-probe rollout per block, and the divergences."""
-    n0, t0 = setup.rollout.forward_passes, time.perf_counter()
-    divs = [divergence(setup, probes[b.id]) for b in setup.blocks]
-    return (time.perf_counter() - t0) / (setup.rollout.forward_passes - n0) * 1e6, divs
+from tqs_onnx.sweep import SweepConfig, prepare  # noqa: E402
 
 
 def main() -> None:

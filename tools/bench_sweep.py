@@ -33,7 +33,7 @@ from tqs_onnx.graph import load_model
 from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec, reuse_outputs
 from tqs_onnx.replay import replay_mode
-from tqs_onnx.runtime import ORT_NUMPY_TYPES, _ort as ort_module, make_session, resolve_device
+from tqs_onnx.runtime import _ort as ort_module, make_session, resolve_device
 from tqs_onnx.allocate import allocate
 from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
@@ -77,9 +77,7 @@ def replayed_floor_time(path: Path, spec, contexts, device, repeats: int) -> tup
     cuda = device.kind == "cuda" and replay_mode(device) == "cuda-graph"
     session = make_session(str(path), device, cuda_graph=cuda)
     plain = Rollout(make_session(str(path), device), spec, contexts, device)
-    feeds = plain.initial_feeds(0)
-    for inp, key in spec.per_step.items():
-        feeds[inp] = contexts.arrays[key][0, 0].astype(ORT_NUMPY_TYPES.get(plain.inputs[inp][1], np.float32))
+    feeds = {**plain.initial_feeds(0), **plain.step_feeds(0, 0)}
     first = {o.name: v for o, v in zip(plain.session.get_outputs(), plain.session.run(None, feeds))}
     states = {inp: [device.to_device(feeds[inp]), device.to_device(feeds[inp])] for inp in spec.feedback.values()}
     others = {o: device.to_device(np.zeros_like(v)) for o, v in first.items() if o not in spec.feedback}

@@ -15,6 +15,7 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import LoadedModel, iter_tensors, load_model
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session, synthetic_feeds
+from tqs_onnx.util import first_line
 
 _PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT2: 2, onnx.TensorProto.UINT2: 2}
 
@@ -30,11 +31,6 @@ def stored_bits(model: onnx.ModelProto) -> int:
     return total
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
                    contexts: Contexts | None = None, label: str | Path | None = None) -> dict[str, Any]:
     """onnx.checker, ORT load, finite outputs (one rollout step per context if a spec is given).
@@ -45,7 +41,7 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise TqsError(f"{label}: written model fails onnx.checker: {_first_line(exc)[:200]}") from None
+        raise TqsError(f"{label}: written model fails onnx.checker: {first_line(exc)[:200]}") from None
     session = make_session(str(path), device)
     try:
         if spec is not None and contexts is not None:
@@ -65,7 +61,7 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
     except Exception as exc:
         hint = "" if spec is not None and contexts is not None else \
             " on synthetic inputs (dynamic input shapes?); pass --rollout and --contexts to verify it on real data"
-        raise TqsError(f"{label}: written model does not run{hint}: {_first_line(exc)}") from None
+        raise TqsError(f"{label}: written model does not run{hint}: {first_line(exc)}") from None
     if not finite:
         raise TqsError(f"{label}: written model gives non-finite outputs")
     first = _first_step(session, device, spec, contexts)
@@ -119,7 +115,7 @@ def rollouts(path_or_session, spec: RolloutSpec, contexts: Contexts, device: Dev
     except TqsError:
         raise
     except Exception as exc:
-        raise TqsError(f"{path_or_session}: rollout fails in ONNX Runtime: {_first_line(exc)}") from None
+        raise TqsError(f"{path_or_session}: rollout fails in ONNX Runtime: {first_line(exc)}") from None
     return {k: np.stack([np.stack([step[k] for step in traj]) for traj in trajs]) for k in spec.trajectory}
 
 

@@ -36,6 +36,7 @@ from tqs_onnx.passes.replay import IndexedSteps
 from tqs_onnx.probes import DeviceProbes
 from tqs_onnx.rollout import Rollout
 from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, env_choice, make_session
+from tqs_onnx.util import first_line
 
 
 # A step loop's overhead per step is tens of microseconds; for a model whose forward pass takes longer
@@ -43,9 +44,13 @@ from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, env_choice, make_session
 REPLAY_MAX_PASS_S = 0.02
 
 
+def _setting() -> str:
+    return env_choice("TQS_REPLAY", ("auto", "on", "off"))
+
+
 def replay_mode(device: Device) -> str:
     """'off', 'buffers' (fixed buffers, no capture) or 'cuda-graph' (TQS_REPLAY, TQS_CUDA_GRAPH)."""
-    if env_choice("TQS_REPLAY", ("auto", "on", "off")) == "off":
+    if _setting() == "off":
         return "off"
     if device.kind == "cuda" and env_choice("TQS_CUDA_GRAPH", ("on", "off")) == "on" and _graphs_safe():
         return "cuda-graph"
@@ -66,7 +71,7 @@ def _graphs_safe() -> bool:
 
 def replay_skipped(seconds_per_pass: float) -> str:
     """Why TQS_REPLAY=auto (the default) leaves a model on the step loop, or '' to replay it."""
-    if env_choice("TQS_REPLAY", ("auto", "on", "off")) != "auto" or seconds_per_pass < REPLAY_MAX_PASS_S:
+    if _setting() != "auto" or seconds_per_pass < REPLAY_MAX_PASS_S:
         return ""
     return (f"a forward pass takes {seconds_per_pass * 1e3:.0f} ms: replaying would save little and hold a "
             f"second session (TQS_REPLAY=on replays anyway)")
@@ -83,8 +88,6 @@ class Replay:
         self.rollout, self.ops, self.bound, self.horizon = rollout, ops, bound, horizon
         self.contexts = len(nominal)
         self.mode = replay_mode(device)
-        if self.mode == "off":
-            raise TqsError("replay is off (TQS_REPLAY=off)")
         missing = [k for k in spec.trajectory if k not in rollout.divergence]
         if missing:
             raise TqsError(f"no divergence outputs for {missing}")
@@ -99,14 +102,16 @@ class Replay:
         make = device.to_device
         alloc = lambda a: make(np.zeros_like(a))  # noqa: E731
         # Fixed buffers: weights (nominal unless a probe is copied in), stacks, fixed inputs, constants.
-        self.slots = {n: alloc(np.zeros(v.shape(), ORT_NUMPY_TYPES[v.data_type()])) for n, v in bound.items()}
+        self.slots = {n: make(np.zeros(v.shape(), ORT_NUMPY_TYPES[v.data_type()])) for n, v in bound.items()}
         for n, v in bound.items():
             ops.copy_into(v, self.slots[n])
-        stacks = {result.report["stacks"][r]: make(self._stack(nominal, k)) for k, r in zip(spec.trajectory, refs)}
+        # The nominal stacks are filled by this session's own nominal rollout (`_own_nominal`).
+        row = {k: self._row(nominal, k) for k in spec.trajectory}
+        stacks = {result.report["stacks"][r]: make(np.zeros((rows, *row[k].shape), row[k].dtype))
+                  for k, r in zip(spec.trajectory, refs)}
         for inp, key in spec.per_step.items():
             a = rollout.contexts.arrays[key][:, :horizon]
-            stacks[result.report["stacks"][inp]] = make(
-                a.reshape(rows, *a.shape[2:]).astype(ORT_NUMPY_TYPES.get(rollout.inputs[inp][1], np.float32)))
+            stacks[result.report["stacks"][inp]] = make(a.reshape(rows, *a.shape[2:]).astype(rollout.input_dtype(inp)))
         first = rollout.initial_feeds(0)
         self.fixed = {i: alloc(first[i]) for i in spec.fixed}
         constants = {i: make(first[i]) for i in spec.constants}
@@ -119,8 +124,7 @@ class Replay:
         # Trajectory outputs that are not fed back get a buffer each (read once, for the replay's own
         # nominal trajectory). Under CUDA graphs every other output gets one too, the ones nobody reads
         # included (one set: both parities may overwrite it); elsewhere they stay unbound.
-        scratch = {k: alloc(stacks[result.report["stacks"][r]].numpy()[0])
-                   for k, r in zip(spec.trajectory, refs) if k not in spec.feedback}
+        scratch = {k: alloc(row[k]) for k in spec.trajectory if k not in spec.feedback}
         bound_out = {*spec.feedback, *scratch, *(a for _, a in accumulators.values()), step_out}
         if self.mode == "cuda-graph":
             scratch.update(self._scratch(rollout, [o.name for o in self.session.get_outputs()
@@ -168,9 +172,7 @@ class Replay:
         from tqs_onnx.runtime import _ort
 
         b = rollout.session.io_binding()
-        feeds = rollout.initial_feeds(0)
-        for inp, key in rollout.spec.per_step.items():
-            feeds[inp] = rollout.contexts.arrays[key][0, 0].astype(ORT_NUMPY_TYPES.get(rollout.inputs[inp][1], np.float32))
+        feeds = {**rollout.initial_feeds(0), **rollout.step_feeds(0, 0)}
         for name, value in [*self.bound.items(), *((k, rollout.device.to_device(v)) for k, v in feeds.items())]:
             b.bind_ortvalue_input(name, value)
         for o in outputs:
@@ -185,15 +187,16 @@ class Replay:
             scratch[o] = make(list(v.shape()), dtype, rollout.device.kind, 0)
         return scratch
 
-    def _stack(self, nominal: list[list[dict[str, Any]]], output: str) -> np.ndarray:
-        """One output's nominal trajectory, every context's steps in a row."""
-        try:
-            values = [nominal[s][t][output].numpy() for s in range(self.contexts) for t in range(self.horizon)]
-        except Exception as exc:  # an element type numpy cannot hold (bfloat16)
-            raise TqsError(f"trajectory output '{output}' cannot be stacked: {str(exc).splitlines()[0][:200]}") from None
-        if len({v.shape for v in values}) > 1:
+    def _row(self, nominal: list[list[dict[str, Any]]], output: str) -> np.ndarray:
+        """Zeros shaped and typed as one step of an output, which must keep its shape through the
+        rollout (its stack holds every context's steps in a row); read from the values' metadata only."""
+        values = [nominal[s][t][output] for s in range(self.contexts) for t in range(self.horizon)]
+        dtype = ORT_NUMPY_TYPES.get(values[0].data_type())
+        if dtype is None:
+            raise TqsError(f"trajectory output '{output}' cannot be stacked: numpy has no {values[0].data_type()}")
+        if len({tuple(v.shape()) for v in values}) > 1:
             raise TqsError(f"trajectory output '{output}' changes shape during the rollout")
-        return np.stack(values)
+        return np.zeros(values[0].shape(), dtype)
 
     def _session(self, model: onnx.ModelProto, device: Device, threads: int):
         if self.mode == "cuda-graph":
@@ -255,6 +258,5 @@ class Replay:
         try:
             self.session.run_with_iobinding(self.bindings[parity], self.run_options[parity])
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise TqsError(f"replay fails at step {t + 1} of context {s}: {first}") from None
+            raise TqsError(f"replay fails at step {t + 1} of context {s}: {first_line(exc)}") from None
         self.rollout.forward_passes += 1

@@ -12,6 +12,7 @@ import numpy as np
 
 from tqs_onnx.errors import TqsError
 from tqs_onnx.runtime import ORT_NUMPY_TYPES, env_choice
+from tqs_onnx.util import first_line
 
 
 
@@ -218,21 +219,27 @@ class Rollout:
         if want is not None and np.dtype(a.dtype).kind != np.dtype(want).kind:
             raise TqsError(f"{where}: contexts array '{key}' is {a.dtype}, input '{inp}' needs {typ}")
 
-    def _dtype(self, inp: str) -> Any:
+    def input_dtype(self, inp: str) -> Any:
+        """The numpy type an input is fed with."""
         return ORT_NUMPY_TYPES.get(self.inputs[inp][1], np.float32)
 
     def initial_feeds(self, s: int) -> dict[str, np.ndarray]:
         """Host arrays of context s for the feedback inputs' first step, the fixed inputs and constants."""
         feeds = {}
         for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items()]:
-            feeds[inp] = np.asarray(self.contexts.arrays[key][s], dtype=self._dtype(inp), order="C")
+            feeds[inp] = np.asarray(self.contexts.arrays[key][s], dtype=self.input_dtype(inp), order="C")
         for inp, value in self.spec.constants.items():
             shape = self.inputs[inp][0]
-            arr = np.asarray(value, dtype=self._dtype(inp))
+            arr = np.asarray(value, dtype=self.input_dtype(inp))
             if arr.size == 1 and shape:
                 arr = arr.reshape([d if isinstance(d, int) else 1 for d in shape])
             feeds[inp] = arr
         return feeds
+
+    def step_feeds(self, s: int, t: int) -> dict[str, np.ndarray]:
+        """Host arrays of context s for the per-step (forcing) inputs of step t (0-based)."""
+        return {inp: self.contexts.arrays[key][s, t].astype(self.input_dtype(inp))
+                for inp, key in self.spec.per_step.items()}
 
     def steps(self, s: int, weights: dict[str, Any] | None = None,
               horizon: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -276,8 +283,8 @@ class Rollout:
         buffers: dict[str, list[Any]] | None = None
         reuse = reuse and self._reuse_ok and self._run_options is None
         for t in range(horizon or self.spec.horizon):
-            for inp, key in self.spec.per_step.items():
-                feeds[inp] = self.device.to_device(self.contexts.arrays[key][s, t].astype(self._dtype(inp)))
+            for inp, value in self.step_feeds(s, t).items():
+                feeds[inp] = self.device.to_device(value)
             for name, value in feeds.items():
                 binding.bind_ortvalue_input(name, value)
             if before is not None:
@@ -318,8 +325,8 @@ class Rollout:
         try:
             self.session.run_with_iobinding(binding, self._run_options)
         except Exception as exc:  # ORT: a shape or value the graph cannot take
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise TqsError(f"{self.where}: ONNX Runtime fails at step {t + 1} of context {s}: {first}") from None
+            raise TqsError(f"{self.where}: ONNX Runtime fails at step {t + 1} of context {s}: "
+                           f"{first_line(exc)}") from None
         self.forward_passes += 1
         if self._run_options is not None and binding not in self._pending:
             self._pending.append(binding)

@@ -11,12 +11,14 @@ import numpy as np
 import onnx
 
 from tqs_onnx.errors import TqsError
+from tqs_onnx.util import first_line
 
 DEVICES = ("cpu", "cuda", "auto")
 # ONNX Runtime's input type strings -> numpy dtypes
 ORT_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-                   "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+                   "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int16)": np.int16,
+                   "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64}
 
 
 def _ort():
@@ -165,8 +167,7 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
     try:
         return ort.InferenceSession(model, so, providers=providers)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TqsError(f"ONNX Runtime cannot load the model: {first[:300]}") from None
+        raise TqsError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from None
 
 
 def io_signature(session) -> tuple[dict[str, tuple], dict[str, tuple]]:

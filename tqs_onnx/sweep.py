@@ -32,7 +32,7 @@ from tqs_onnx.replay import Replay, replay_mode, replay_skipped
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, cuda_stream, env_choice, io_signature, make_session
 from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
-from tqs_onnx.util import progress
+from tqs_onnx.util import first_line, progress
 
 EPS = 1e-12
 
@@ -186,16 +186,15 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
             bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
             hint = f"weights holding NaN/inf: {', '.join(bad[:5])}" if bad else "check the contexts"
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; {hint}")
-    replay, note = None, "queued steps" if queue else ""
-    if replay_mode(device) == "off":  # also checks the settings: a bad value is the user's error
-        note = "TQS_REPLAY=off"
-    elif replay_skipped(per_pass):
-        note = replay_skipped(per_pass)
-    elif not queue:
+    replay = None
+    # replay_mode also checks the settings: a bad value is the user's error.
+    note = "TQS_REPLAY=off" if replay_mode(device) == "off" else replay_skipped(per_pass) \
+        or ("queued steps" if queue else "")
+    if not note:
         try:
             replay = Replay(model, rollout, bound, nominal, horizon, ops, threads)
         except Exception as exc:  # e.g. no memory for the second session: the step loop does the work
-            note = f"replay not built: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
+            note = f"replay not built: {first_line(exc)}"
     del model
     setup = SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
                        prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note)
@@ -215,7 +214,7 @@ def check_replay(setup: SweepSetup, rtol: float = 1e-3) -> None:
     try:
         replayed = replay.divergence(probe)
     except Exception as exc:  # ORT's own errors too: the step loop takes over
-        setup.replay_note = f"replay check failed: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
+        setup.replay_note = f"replay check failed: {first_line(exc)}"
         return
     replayed[~np.isfinite(replayed)] = np.inf
     if np.allclose(replayed, loop, rtol=rtol, atol=1e-6 * float(np.max(loop[np.isfinite(loop)], initial=0.0))):

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes and progress bars."""
+"""Small shared helpers: atomic writes, progress bars, one-line errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line (ORT's messages run to pages), or its type when it has no text."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
