@@ -124,6 +124,27 @@ def test_pareto_both_objectives_keeps_one_model_per_target(demo, tmp_path):
     assert on_disk == kept  # dropped candidates are deleted
 
 
+def test_pareto_rerun_into_the_same_folder_deletes_the_earlier_runs_models(demo, tmp_path, capsys):
+    out = tmp_path / "again"
+    base = ["pareto", str(demo["model"]), str(demo["scores"]), "--rollout", str(demo["spec"]),
+            "--contexts", str(demo["sweep"]), "--no-uniform", "-o", str(out), "--max-rollouts", "3"]
+    assert main([*base, "--targets", "3:4", "--points", "2", "--quiet"]) == 0
+    first = {p["model"] for p in json.loads((out / "frontier.json").read_text())["points"] if p["model"]}
+    (out / "mine.onnx").write_bytes(b"not listed by any frontier")  # a user's file: never touched
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"x")
+    doc = json.loads((out / "frontier.json").read_text())  # an earlier frontier naming a file outside the folder
+    doc["points"].append({**doc["points"][0], "model": "../outside.onnx"})
+    (out / "frontier.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main([*base, "--targets", "5:6", "--points", "2"]) == 0
+    assert "deleted" in capsys.readouterr().out
+    second = {p["model"] for p in json.loads((out / "frontier.json").read_text())["points"] if p["model"]}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*.onnx")}
+    assert first and not first & second
+    assert on_disk == second | {"mine.onnx"} and outside.exists()
+
+
 def test_target_grid_clamps_and_skips_duplicates():
     grid, notes = target_grid((2, 32), 16, (1.0, 10.0))
     assert len(grid) == 16 and grid[0] == 2 and grid[-1] == 10 and notes

@@ -472,7 +472,8 @@ case("checkpoint of another sweep", "another sweep")(
 case("scores not JSON", "not a readable scores JSON")(lambda c: c.allocate(c.write("s.json", "{not json")))
 case("scores truncated mid-write", "not a readable scores JSON")(
     lambda c: c.allocate(c.write("s.json", c.base["scores"].read_text()[:200])))
-case("plan given as scores", "not a tqs-onnx scores file")(lambda c: c.allocate(c.copy("plan")))
+case("plan given as scores", "not a tqs-onnx scores file")(
+    lambda c: c.allocate(c.write("plan_as_scores.json", c.base["plan"].read_text())))
 case("scores given as plan", "not a tqs-onnx plan")(lambda c: c.apply(None, c.copy("scores")))
 case("scores of another schema version", "schema")(
     lambda c: c.allocate(edited_json(c, "scores", "s.json", lambda d: d.update(schema_version=99))))
@@ -502,6 +503,89 @@ case("model failing at run time in sweep", "Gather")(
 case("eval candidate with other outputs", "output 'x_next'")(
     lambda c: ["eval", c.copy("model"), c.save(_set_output(recurrent_mlp(), "y0", rename=True), "cand.onnx"),
                "--rollout", c.copy("spec"), "--contexts", c.copy("contexts")])
+
+
+# Outputs that are the command's own inputs (the input would be replaced by the output).
+case("sweep output over its model", "overwrite the input")(
+    lambda c: c.sweep(None, None, None, out=Path(c.copy("model")).name))
+case("sweep output over its contexts", "overwrite the input")(
+    lambda c: c.sweep(None, None, None, out=Path(c.copy("contexts")).name))
+case("sweep checkpoint over its spec", "overwrite the input")(
+    lambda c: c.sweep(None, None, None, "--checkpoint", c.copy("spec")))
+case("eval output over its candidate", "overwrite the input")(
+    lambda c: ["eval", c.copy("model"), c.save(recurrent_mlp(), "cand.onnx"), "--rollout", c.copy("spec"),
+               "--contexts", c.copy("contexts"), "-o", c.path("cand.onnx")])
+case("apply output over its spec", "overwrite the input")(
+    lambda c: c.apply(None, None, "--rollout", c.copy("spec"), "--contexts", c.copy("contexts"), "-o", c.copy("spec")))
+case("gate junit over its reference", "overwrite the input")(
+    lambda c: ["gate", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"), "--contexts",
+               c.copy("contexts"), "--max-mae", "1", "--junit", c.copy("model")])
+
+# Options checked before any work (a late failure would leave a checkpoint that blocks the rerun).
+case("negative --seed", "--seed")(lambda c: c.sweep(None, None, None, "--seed", "-1"))
+case("NaN --early-stop", "--early-stop")(lambda c: c.sweep(None, None, None, "--early-stop", "nan"))
+case("negative --early-stop", "--early-stop")(lambda c: c.sweep(None, None, None, "--early-stop", "-1"))
+case("--early-window 0", "--early-window")(lambda c: c.sweep(None, None, None, "--early-window", "0"))
+case("negative --min-size", "--min-size")(lambda c: c.sweep(None, None, None, "--min-size", "-1"))
+case("NaN --gamma-min", "--gamma-min")(lambda c: c.sweep(None, None, None, "--gamma-min", "nan"))
+case("gate --max-mae NaN", "--max-mae")(
+    lambda c: ["gate", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"), "--contexts",
+               c.copy("contexts"), "--max-mae", "nan"])
+case("gate --max-size 0", "--max-size")(
+    lambda c: ["gate", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"), "--contexts",
+               c.copy("contexts"), "--max-mae", "1", "--max-size", "0"])
+case("gate --min-compression 0", "--min-compression")(
+    lambda c: ["gate", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"), "--contexts",
+               c.copy("contexts"), "--max-mae", "1", "--min-compression", "0"])
+case("apply with --rollout but no --contexts", "--contexts")(
+    lambda c: c.apply(None, None, "--rollout", c.copy("spec")))
+case("allocate --rollout without --verify-model", "--verify-model")(
+    lambda c: c.allocate(None, "--rollout", c.copy("spec"), "--contexts", c.copy("contexts")))
+
+# Specs and contexts the rollout would misread.
+case("fractional horizon in spec", "horizon must be an integer")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "horizon": 2.7})))
+case("boolean horizon in spec", "horizon must be an integer")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "horizon": True})))
+case("initial state for an input not fed back", "initial state", "ghost")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "initial": {"x": "x0", "ghost": "x0"}})))
+case("channel_axis outside the output", "channel_axis")(
+    lambda c: ["eval", c.copy("model"), c.copy("model"), "--contexts", c.copy("contexts"),
+               "--rollout", c.json("s.json", {**recurrent_spec(), "channel_axis": {"x_next": 7}})])
+case("contexts member that is not .npy", "x0", "not a numpy array")(
+    lambda c: c.sweep(None, None, _zip_member(c, "c.npz", "x0.npy", b"garbage")))
+case("truth broadcastable to the output", "truth", "per-step shape")(
+    lambda c: ["eval", c.copy("model"), c.copy("model"), "--rollout", c.json("s.json", _truth_spec()),
+               "--contexts", c.npz("c.npz", **recurrent_contexts(), truth=np.zeros((3, 8, 1, 1), np.float32))])
+case("truth shorter than the horizon", "truth", "T>=8")(
+    lambda c: ["eval", c.copy("model"), c.copy("model"), "--rollout", c.json("s.json", _truth_spec()),
+               "--contexts", c.npz("c.npz", **recurrent_contexts(), truth=np.zeros((3, 5, 1, 16), np.float32))])
+case("non-finite reference rollout in gate", "reference model", "non-finite")(
+    lambda c: ["gate", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"), "--max-mae", "1",
+               "--contexts", c.npz("c.npz", x0=np.full((3, 1, 16), np.nan, np.float32))])
+case("gate error names the reference file", "m.onnx", "x0")(
+    lambda c: ["gate", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"), "--max-mae", "1",
+               "--contexts", c.npz("c.npz", x0=np.zeros((3, 1, 9), np.float32))])
+
+
+@pytest.mark.parametrize("name", ["TQS_GPU_STREAM", "TQS_CUDA_GRAPH", "TQS_TF32", "TQS_CUDNN_ALGO_SEARCH"])
+def test_cuda_only_settings_are_checked_on_the_cpu_too(name, base, tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv(name, "bogus")
+    rc, err = run_cli(["inspect", str(base["model"])], capfd)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and name in lines[0], err
+
+
+def _truth_spec() -> dict:
+    return {**recurrent_spec(), "truth": {"x_next": "truth"}}
+
+
+def _zip_member(c: Case, name: str, member: str, data: bytes) -> str:
+    import zipfile
+
+    with zipfile.ZipFile(c.d / name, "w") as z:
+        z.writestr(member, data)
+    return str(c.d / name)
 
 
 def _params():
@@ -591,7 +675,9 @@ def without_timing(doc):
 
 
 def test_sweep_killed_with_sigkill_resumes_to_the_same_scores(tmp_path):
-    paths = save_case(tmp_path, deep_chain(), recurrent_spec(horizon=30), recurrent_contexts(n=32, s=4))
+    # T=300: each block takes long enough (~0.2 s here) that the kill lands mid-sweep; at T=30 the
+    # replayed blocks could all finish inside the random wait below.
+    paths = save_case(tmp_path, deep_chain(), recurrent_spec(horizon=300), recurrent_contexts(n=32, s=4))
     argv = ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
             "--blocks", "tensor", "--probes", "4", "--tiers", "int8,int4", "--quiet"]
     out = tmp_path / "killed.json"
@@ -623,6 +709,48 @@ def test_sweep_killed_with_sigkill_resumes_to_the_same_scores(tmp_path):
     assert len(whole["blocks"]) == 12
     assert without_timing(resumed) == without_timing(whole)
     assert out.read_bytes() == (tmp_path / "whole.json").read_bytes()  # byte-identical, pass counts included
+
+
+def test_interrupted_sweep_says_how_to_resume(base, tmp_path, capfd, monkeypatch):
+    import tqs_onnx.sweep as sweep_module
+
+    real = sweep_module.score_block
+    calls = []
+
+    def interrupt_second_block(*args, **kw):  # Ctrl-C while the second block is scored
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sweep_module, "score_block", interrupt_second_block)
+    out = tmp_path / "s.json"
+    argv = ["sweep", str(base["model"]), "--rollout", str(base["spec"]), "--contexts", str(base["contexts"]),
+            "-o", str(out), "--quiet", "--min-size", "16", "--probes", "1", "--tiers", "int8"]
+    rc, err = run_cli(argv, capfd)
+    assert rc == 130 and "--resume" in err and f"{out}.ckpt.jsonl" in err and not out.exists()
+    monkeypatch.setattr(sweep_module, "score_block", real)
+    assert run_cli([*argv, "--resume"], capfd)[0] == 0 and out.exists()
+
+
+def test_progress_in_logs_is_a_line_now_and_then(capfd, monkeypatch):
+    import tqs_onnx.util as util
+
+    monkeypatch.setattr(util, "LOG_EVERY_S", 0.0)  # stderr is captured, so not a terminal: plain lines
+    assert list(util.progress(range(3), "sweep", unit="block")) == [0, 1, 2]
+    assert capfd.readouterr().err.splitlines()[-1].startswith("sweep: 3/3 blocks done")
+    assert list(util.progress(range(3), "sweep", quiet=True)) == [0, 1, 2]
+    assert capfd.readouterr().err == ""
+
+
+def test_eval_notes_a_truth_array_the_contexts_lack(base, tmp_path, capfd):
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({**recurrent_spec(), "truth": {"x_next": "nokey"}}))
+    rc, _ = run_cli(["eval", str(base["model"]), str(base["model"]), "--rollout", str(spec),
+                     "--contexts", str(base["contexts"]), "-o", str(tmp_path / "e.json")], capfd)
+    doc = json.loads((tmp_path / "e.json").read_text())
+    assert rc == 0 and any("'nokey'" in n for n in doc["notes"])
+    assert "mae_vs_truth" not in doc["outputs"]["x_next"]
 
 
 # --------------------------------------------------------------------------------- atomic outputs

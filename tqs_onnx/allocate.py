@@ -207,7 +207,8 @@ def check_feasible(p: Problem) -> None:
     lo, hi = p.achievable()
     if p.budget < sum(min(c) for c in p.costs):
         raise TqsError(f"compression {p.target:g}x is not reachable with tiers "
-                       f"{','.join(map(str, p.tiers))}: achievable {lo:.2f}x to {hi:.2f}x")
+                       f"{','.join(map(str, p.tiers))}: achievable {math.ceil(lo * 100) / 100:.2f}x to "
+                       f"{math.floor(hi * 100) / 100:.2f}x")
 
 
 # ----------------------------------------------------------------------------------------- solvers

@@ -45,8 +45,10 @@ def _write_json(path: str | None, doc: dict[str, Any]) -> None:
         atomic_write_json(path, doc)
 
 
-def _check_output_files(*paths: str | None) -> None:
-    """Refuse an output file path that cannot be written, before any work is done."""
+def _check_output_files(*paths: str | None, inputs: tuple[str | None, ...] = ()) -> None:
+    """Refuse an output file path that cannot be written, or that is one of the command's own input
+    files (it would be replaced by the output), before any work is done."""
+    given = {Path(i).resolve(): i for i in inputs if i}
     for path in paths:
         if not path:
             continue
@@ -56,6 +58,8 @@ def _check_output_files(*paths: str | None) -> None:
         parent = next((q for q in p.parents if q.exists()), Path("."))
         if not parent.is_dir():
             raise TqsError(f"{p}: cannot write here, '{parent}' is not a folder")
+        if p.resolve() in given:
+            raise TqsError(f"{p}: refusing to overwrite the input '{given[p.resolve()]}' of this command")
 
 
 class _UsageError(Exception):
@@ -75,7 +79,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from tqs_onnx.graph import load_model
     from tqs_onnx.summary import format_inspect, inspect_model
 
-    _check_output_files(a.output)
+    _check_output_files(a.output, inputs=(a.model,))
     doc = inspect_model(load_model(a.model), a.blocks, a.min_size, factor=not a.no_factor)
     _write_json(a.output, doc)
     print(json.dumps(doc, indent=1) if a.json else format_inspect(doc))
@@ -89,7 +93,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from tqs_onnx.sweep import SweepConfig, run_sweep
     from tqs_onnx.tiers import parse_tiers
 
-    _check_output_files(a.output, a.checkpoint)
+    ckpt = Path(a.checkpoint or f"{a.output}.ckpt.jsonl")
+    _check_output_files(a.output, str(ckpt), inputs=(a.model, a.rollout, a.contexts))
     if a.horizon is not None and a.horizon < 1:
         raise TqsError(f"--horizon must be >= 1, not {a.horizon}")
     distributed = a.workers > 1 or a.ray_address is not None
@@ -105,7 +110,6 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
     contexts = Contexts.load(a.contexts, spec)
-    ckpt = Path(a.checkpoint or f"{a.output}.ckpt.jsonl")
     t0 = time.perf_counter()
     if distributed:
         from tqs_onnx.distributed import run_distributed_sweep
@@ -136,9 +140,11 @@ def format_ranking(doc: dict[str, Any]) -> str:
 def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document
 
-    _check_output_files(a.output)
+    _check_output_files(a.output, inputs=(a.scores, a.verify_model, a.rollout, a.contexts))
     if not (a.margin >= 0 and math.isfinite(a.margin)):
         raise TqsError(f"--margin must be a finite number >= 0, not {a.margin}")
+    if (a.rollout or a.contexts) and not a.verify_model:
+        raise TqsError("--rollout and --contexts are used only with --verify-model MODEL (the joint check)")
     scores = load_scores(a.scores)
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               a.gamma_min, a.decode)
@@ -177,7 +183,7 @@ def verify_allocation(a: argparse.Namespace, scores, problem, alloc):
 def format_plan(plan: dict[str, Any]) -> str:
     lines = [f"plan: objective {plan['objective']}, solver {plan['solver']}, target {plan['compression_target']:g}x, "
              f"planned {plan['planned_compression']:.2f}x on disk ({plan['planned_bytes']:,} bytes), "
-             f"{plan['param_compression']:.2f}x parameter-level"]
+             f"{plan['param_compression']:.2f}x in the planned weights' bits (scales not counted)"]
     for b in plan["blocks"]:
         lines.append(f"  {b['id']:3d} {b['name'][:36]:36s} {b['tier']:18s} {b['bytes']:>10,} B"
                      + ("  dead" if b["dead"] else ""))
@@ -192,7 +198,10 @@ def cmd_apply(a: argparse.Namespace) -> int:
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
-    _check_output_files(a.output, a.report)
+    _check_output_files(a.output, a.report, inputs=(a.model, a.plan, a.rollout, a.contexts))
+    if bool(a.rollout) != bool(a.contexts):
+        raise TqsError("--rollout and --contexts go together (the written model is verified by a rollout on the "
+                       "contexts); without both it is checked on one step of synthetic inputs")
     plan = load_plan(a.plan)
     if a.no_factor:
         plan["factor"] = False
@@ -249,7 +258,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
-    _check_output_files(a.output)
+    _check_output_files(a.output, inputs=(a.reference, a.candidate, a.rollout, a.contexts))
     spec = RolloutSpec.load(a.rollout)
     doc = evaluate(a.reference, a.candidate, spec, Contexts.load(a.contexts, spec), resolve_device(a.device))
     if a.runtime:
@@ -272,7 +281,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def format_eval(doc: dict[str, Any]) -> str:
     c = doc["compression"]
     lines = [f"{doc['candidate']} vs {doc['reference']}: {c['on_disk']:.2f}x on disk, "
-             f"{c['param_level']:.2f}x parameter-level; {doc['contexts']} contexts x {doc['horizon']} steps"]
+             f"{c['param_level']:.2f}x parameter-level (bits of every stored tensor, scales included); "
+             f"{doc['contexts']} contexts x {doc['horizon']} steps"]
     for k, e in doc["outputs"].items():
         line = f"  {k}: MAE vs FP32 {e['mae_vs_fp32']:.4g}, RMSE {e['rmse_vs_fp32']:.4g}, finite {e['finite']}"
         if "mae_vs_truth" in e:
@@ -281,6 +291,7 @@ def format_eval(doc: dict[str, Any]) -> str:
         per = e["mae_vs_fp32_per_channel"]
         if len(per) > 1:
             lines.append(f"    per channel MAE vs FP32: min {min(per):.3g}, max {max(per):.3g} over {len(per)} channels")
+    lines += [f"  note: {n}" for n in doc.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -294,7 +305,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_pareto(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import load_scores
     from tqs_onnx.graph import load_model
-    from tqs_onnx.pareto import FrontierConfig, format_frontier, open_run, run_frontier, write_frontier
+    from tqs_onnx.pareto import (FrontierConfig, format_frontier, open_run, previous_models, remove_stale_models,
+                                 run_frontier, write_frontier)
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
@@ -307,9 +319,11 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     sweep_ctx = Contexts.load(a.contexts, spec)
     eval_ctx = Contexts.load(a.eval_contexts, spec) if a.eval_contexts else None
     out = Path(a.output)
+    previous = previous_models(out)
     run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, resolve_device(a.device), out)
     doc = run_frontier(run, config, quiet=a.quiet or a.json)
     json_path, csv_path = write_frontier(out, doc)
+    stale = remove_stale_models(out, previous, doc)  # an earlier run's models into the same folder
     if a.report:
         from tqs_onnx.report import write_report
 
@@ -317,7 +331,8 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(doc, indent=1))
     elif not a.quiet:
-        print(f"{format_frontier(doc)}\nwrote {json_path}, {csv_path}" + (f", {a.report}/index.html" if a.report else ""))
+        print(f"{format_frontier(doc)}\nwrote {json_path}, {csv_path}" + (f", {a.report}/index.html" if a.report else "")
+              + (f"\ndeleted {len(stale)} model(s) of the earlier run in {out}" if stale else ""))
     return 0
 
 
@@ -334,7 +349,7 @@ def cmd_gate(a: argparse.Namespace) -> int:
     from tqs_onnx.runtime import resolve_device
     from tqs_onnx.util import atomic_write
 
-    _check_output_files(a.junit, a.output)
+    _check_output_files(a.junit, a.output, inputs=(a.reference, a.candidate, a.rollout, a.contexts))
     spec = RolloutSpec.load(a.rollout)
     contexts = Contexts.load(a.contexts, spec)
     config = GateConfig(a.max_degradation, a.max_mae, a.max_size, a.min_compression)
@@ -380,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="ONNX file (external data must sit in its folder)")
     s.add_argument("--blocks", default="auto", help="grouping: auto | tensor | layer | scope[:DEPTH] | fixed:K (default "
                                                     "auto: layer, or tensor when the layers form a single block)")
-    s.add_argument("--min-size", type=int, default=256, help="smallest float tensor (elements) that is quantized")
+    s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized")
     s.add_argument("--no-factor", action="store_true",
                    help="do not factor expanded lookup tables (exact, on by default) before listing weights")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -396,22 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", type=int, default=8, help="bit-width of the quant probe (default 8)")
     s.add_argument("--probes", type=int, default=8, help="Gaussian draws per block (default 8)")
     s.add_argument("--horizon", type=int, help="rollout steps T_max (default: the spec's horizon)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the Gaussian probes (default 0)")
-    s.add_argument("--early-stop", type=float, default=0.0, metavar="TOL",
+    s.add_argument("--seed", type=_integer(0), default=0, help="seed of the Gaussian probes (default 0)")
+    s.add_argument("--early-stop", type=_real(0), default=0.0, metavar="TOL",
                    help="stop drawing Gaussian probes once gamma agrees within TOL (relative) over a sliding "
                         "window (the paper's rule; default 0: off; 0.01 kept rankings at Spearman >= 0.99)")
     s.add_argument("--no-skip-unreached", action="store_true",
                    help="probe every block fully, even one whose first two probes (quant and one Gaussian draw) "
                         "left every output bit-identical; by default such a block's other draws and tier "
                         "rollouts are skipped and its damage is 0")
-    s.add_argument("--early-window", type=int, default=3, help="window of the early-stop rule (default 3)")
+    s.add_argument("--early-window", type=_integer(1), default=3, help="window of the early-stop rule (default 3)")
     s.add_argument("--early-horizon", action="store_true",
                    help="with --early-stop, also cut each rollout once gamma_task(T) converges; cheaper, but on "
                         "saturating (chaotic) models it reordered blocks (tools/bench_early_stop.py)")
     s.add_argument("--blocks", default="auto", help="grouping: auto (default: layer, or tensor when the layers form "
                                                     "a single block) | tensor | layer | scope[:DEPTH] | fixed:K")
-    s.add_argument("--min-size", type=int, default=256, help="smallest float tensor (elements) that is quantized")
-    s.add_argument("--gamma-min", type=float, default=-50.0, help="blocks with gamma <= this are flagged dead")
+    s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized")
+    s.add_argument("--gamma-min", type=_real(), default=-50.0, help="blocks with gamma <= this are flagged dead")
     s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,
                    help="tiers whose measured damage is recorded for `allocate --objective measured` "
                         f"(default {DEFAULT_SWEEP_TIERS}; '' to skip; opt-in: zero, int1, /mse clipped scales "
@@ -439,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fp32-share", type=float, default=0.0, help="paper objective: share of FP32 bits kept for top blocks")
     s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="multiple-choice knapsack (pulp) or greedy")
     s.add_argument("--probe", default="quant", choices=["quant", "gauss"], help="paper objective: which gamma ranks blocks")
-    s.add_argument("--gamma-min", type=float, default=-50.0, help="paper objective: dead-block threshold")
+    s.add_argument("--gamma-min", type=_real(), default=-50.0, help="paper objective: dead-block threshold")
     s.add_argument("--verify-model", metavar="MODEL",
                    help="check the allocation by joint rollouts against uniform and refine it (needs --rollout/--contexts)")
     s.add_argument("--max-rollouts", type=int, default=30, help="cap on joint rollouts of the refinement (default 30)")
@@ -510,6 +525,38 @@ def _as_option(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _integer(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, not '{text}'")
+        return value
+
+    convert.__name__ = "integer"
+    return convert
+
+
+def _real(low: float | None = None, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number, >= low (> low with `above`) when low is given."""
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (low is None or (value > low if above else value >= low))
+        if not ok:
+            bound = "" if low is None else f" {'>' if above else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, not '{text}'")
+        return value
+
+    convert.__name__ = "number"
+    return convert
+
+
 def _frontier_parsers(sub) -> None:
     """pareto, gate and report (issue 7)."""
     from tqs_onnx.gate import parse_percent
@@ -551,11 +598,12 @@ def _frontier_parsers(sub) -> None:
     s.add_argument("--max-degradation", type=_as_option(parse_percent), metavar="PCT",
                    help="per output, largest allowed 100*(MAE_q - MAE_fp32)/MAE_fp32 against the contexts' ground "
                         "truth, in percent: '1%%' or '1' (so '0.01' is 0.01%%)")
-    s.add_argument("--max-mae", type=float, metavar="X",
+    s.add_argument("--max-mae", type=_real(0), metavar="X",
                    help="per output, largest allowed rollout MAE against the FP32 model (needed when the contexts "
                         "carry no truth)")
-    s.add_argument("--max-size", type=int, metavar="BYTES", help="largest allowed size on disk (with external data)")
-    s.add_argument("--min-compression", type=float, metavar="X", help="smallest allowed reference/candidate size ratio")
+    s.add_argument("--max-size", type=_integer(1), metavar="BYTES", help="largest allowed size on disk (with external data)")
+    s.add_argument("--min-compression", type=_real(0, above=True), metavar="X",
+                   help="smallest allowed reference/candidate size ratio")
     s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report (one testcase per check)")
     s.add_argument("-o", "--output", metavar="JSON", help="write the JSON result here")
     s.add_argument("--json", action="store_true", help="print JSON instead of the summary")
@@ -583,6 +631,9 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
+        from tqs_onnx.runtime import check_settings
+
+        check_settings()
         return args.func(args)
     except TqsError as exc:
         print(f"tqs-onnx {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -592,7 +643,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"tqs-onnx {args.command}: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "sweep":
+            ckpt = Path(args.checkpoint or f"{args.output}.ckpt.jsonl")
+            if ckpt.exists():
+                hint = f"; the finished blocks are kept in {ckpt}: run the same command with --resume to go on"
+        print(f"tqs-onnx {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -49,12 +49,12 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
 
     config = SweepConfig(tiers=[str(t) for t in parse_tiers(DEFAULT_SWEEP_TIERS)])
     scores = run_sweep(loaded, spec, sweep_ctx, device, config, quiet=quiet)
+    problem, alloc = allocate(scores, compression)  # an unreachable target fails here, before anything is written
     atomic_write_json(out / "scores.json", scores)
     _say(quiet, f"== 2. sweep ({sweep_ctx.count} sweep contexts, T={spec.horizon}) -> {out / 'scores.json'}\n"
          f"{format_ranking(scores)}\n")
 
     setup = setup_for_scores(loaded, spec, sweep_ctx, device, scores)
-    problem, alloc = allocate(scores, compression)
     joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
     refined = refine(problem, alloc, joint)
     plans = {"tqs-measured": plan_document(scores, problem, refined.allocation)}

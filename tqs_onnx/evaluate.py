@@ -105,18 +105,34 @@ def optimized_vs_written(path: Path, device: Device, optimized: dict, spec: Roll
 
 
 def rollouts(path_or_session, spec: RolloutSpec, contexts: Contexts, device: Device,
-             horizon: int | None = None) -> dict[str, np.ndarray]:
-    """Trajectory outputs stacked as (S, T, *shape) per output."""
+             horizon: int | None = None, label: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Trajectory outputs stacked as (S, T, *shape) per output. `label` names the model in messages
+    (needed when a session is passed)."""
     session = make_session(str(path_or_session), device) if isinstance(path_or_session, (str, Path)) else path_or_session
-    spec.check_against(*io_signature(session), str(path_or_session))
-    rollout = Rollout(session, spec, contexts, device, str(path_or_session))
+    where = str(label or path_or_session)
+    spec.check_against(*io_signature(session), where)
+    rollout = Rollout(session, spec, contexts, device, where)
     try:
         trajs = [rollout.trajectory_host(s, horizon=horizon) for s in range(contexts.count)]
     except TqsError:
         raise
     except Exception as exc:
-        raise TqsError(f"{path_or_session}: rollout fails in ONNX Runtime: {first_line(exc)}") from None
+        raise TqsError(f"{where}: rollout fails in ONNX Runtime: {first_line(exc)}") from None
     return {k: np.stack([np.stack([step[k] for step in traj]) for traj in trajs]) for k in spec.trajectory}
+
+
+def require_finite_reference(traj: dict[str, np.ndarray], where: str | Path) -> None:
+    """The reference's own rollout must be finite, or no candidate can be judged against it."""
+    bad = [k for k, v in traj.items() if np.asarray(v).dtype.kind == "f" and not np.all(np.isfinite(v))]
+    if bad:
+        raise TqsError(f"{where}: the reference model's own rollout is non-finite ({', '.join(bad)}) on these "
+                       f"contexts; check the contexts and the spec's constants")
+
+
+def missing_truth(spec: RolloutSpec, contexts: Contexts) -> list[str]:
+    """One note per trajectory output whose truth array the spec names but the contexts lack."""
+    return [f"no truth array '{key}' in the contexts: errors of '{out}' against truth not computed"
+            for out, key in spec.truth.items() if out in spec.trajectory and key not in contexts.arrays]
 
 
 def _per_channel(err: np.ndarray, axis: int) -> np.ndarray:
@@ -156,12 +172,13 @@ def evaluate(ref_path: str | Path, cand_path: str | Path, spec: RolloutSpec, con
     ref, cand = load_model(ref_path), load_model(cand_path)
     t0 = time.perf_counter()
     a = rollouts(ref.path, spec, contexts, device)
+    require_finite_reference(a, ref.path)
     b = rollouts(cand.path, spec, contexts, device)
     truth = {k: contexts.arrays[key] for k, key in spec.truth.items() if key in contexts.arrays}
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-eval", "tool_version": __version__,
         "reference": str(ref.path), "candidate": str(cand.path), "contexts": contexts.count,
-        "horizon": spec.horizon,
+        "horizon": spec.horizon, "notes": missing_truth(spec, contexts),
         "outputs": compare(a, b, spec, truth),
         "compression": compression(ref, cand),
         "seconds": round(time.perf_counter() - t0, 3),

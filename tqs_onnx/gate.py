@@ -28,7 +28,7 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.evaluate import compare, rollouts
+from tqs_onnx.evaluate import compare, require_finite_reference, rollouts
 from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session
@@ -129,13 +129,14 @@ def _signature_diffs(ref: dict[str, tuple], cand: dict[str, tuple]) -> list[tupl
     return out
 
 
-def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: Device) -> tuple[Check, dict | None]:
+def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: Device,
+                  label: str | Path = "candidate") -> tuple[Check, dict | None]:
     """Roll the candidate out on every context; every trajectory value must be finite."""
     trajs: list[dict[str, np.ndarray]] = []
 
     def body():
         try:
-            trajs.append(rollouts(cand_session, spec, contexts, device))
+            trajs.append(rollouts(cand_session, spec, contexts, device, label=label))
         except TqsError as exc:
             return FAIL, f"rollout fails: {exc}", None, None
         except Exception as exc:  # ORT run errors: shape or type problems inside the graph
@@ -187,7 +188,9 @@ def required_thresholds(spec: RolloutSpec, contexts: Contexts, config: GateConfi
     for out in spec.trajectory:
         has_truth = spec.truth.get(out) in contexts.arrays
         if config.max_mae is None and not (has_truth and config.max_degradation_pct is not None):
-            why = "the contexts carry no ground truth for it" if not has_truth else "--max-degradation is not set"
+            why = ("--max-degradation is not set" if has_truth
+                   else f"the contexts carry no truth array '{spec.truth[out]}' for it" if out in spec.truth
+                   else "the contexts carry no ground truth for it")
             raise TqsError(f"no error threshold applies to output '{out}': {why}; pass --max-mae "
                            f"(absolute MAE vs the FP32 model)" + ("" if has_truth else " or add truth to the contexts"))
 
@@ -229,7 +232,8 @@ def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, co
     required_thresholds(spec, contexts, config)
     ref = load_model(reference)
     ref_session = make_session(str(ref.path), device)
-    reference_traj = rollouts(ref_session, spec, contexts, device)  # a spec the reference does not fit: exit 2
+    reference_traj = rollouts(ref_session, spec, contexts, device, label=ref.path)  # a spec it does not fit: exit 2
+    require_finite_reference(reference_traj, ref.path)  # else the candidate would be blamed for the contexts
     checks, cand = _candidate_checks(cand_path, ref, ref_session, reference_traj, spec, contexts, device, config)
     runtime = None
     if deployment:
@@ -260,7 +264,7 @@ def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj:
         checks.append(signature)
         pending.remove("io_signature")
         if signature.status == PASS:
-            finite, traj = check_rollout(session, spec, contexts, device)
+            finite, traj = check_rollout(session, spec, contexts, device, label=path)
             checks.append(finite)
             pending.remove("finite")
             if traj is not None:

@@ -10,6 +10,7 @@ points, so a point costs one allocation, one write and one candidate rollout.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -275,6 +276,32 @@ def prune_models(out_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
             removed.append(name)
             r["model"] = None
     return sorted(set(removed))
+
+
+def previous_models(out_dir: Path) -> set[str]:
+    """The models an earlier run's frontier.json in out_dir lists (paths relative to out_dir)."""
+    try:
+        doc = json.loads((out_dir / "frontier.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(doc, dict) or doc.get("kind") != "tqs-frontier":
+        return set()
+    rows = [r for key in ("points", "uniform") for r in doc.get(key) or [] if isinstance(r, dict)]
+    return {r["model"] for r in rows if isinstance(r.get("model"), str)}
+
+
+def remove_stale_models(out_dir: Path, previous: set[str], doc: dict[str, Any]) -> list[str]:
+    """Delete the models of an earlier run into the same folder that the new frontier does not list
+    (only .onnx files inside out_dir: the earlier frontier.json is read, not trusted)."""
+    current = {r.get("model") for r in doc["points"] + doc["uniform"]}
+    root = out_dir.resolve()
+    removed = []
+    for name in sorted(previous - current):
+        path = (out_dir / name).resolve()
+        if path.suffix == ".onnx" and root in path.parents and path.is_file():
+            remove_model(path)
+            removed.append(name)
+    return removed
 
 
 def remove_model(path: Path) -> None:

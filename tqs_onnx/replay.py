@@ -35,7 +35,7 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.passes.replay import IndexedSteps
 from tqs_onnx.probes import DeviceProbes
 from tqs_onnx.rollout import Rollout
-from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, env_choice, make_session
+from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, setting, make_session
 from tqs_onnx.util import first_line
 
 
@@ -45,14 +45,14 @@ REPLAY_MAX_PASS_S = 0.02
 
 
 def _setting() -> str:
-    return env_choice("TQS_REPLAY", ("auto", "on", "off"))
+    return setting("TQS_REPLAY")
 
 
 def replay_mode(device: Device) -> str:
     """'off', 'buffers' (fixed buffers, no capture) or 'cuda-graph' (TQS_REPLAY, TQS_CUDA_GRAPH)."""
     if _setting() == "off":
         return "off"
-    if device.kind == "cuda" and env_choice("TQS_CUDA_GRAPH", ("on", "off")) == "on" and _graphs_safe():
+    if device.kind == "cuda" and setting("TQS_CUDA_GRAPH") == "on" and _graphs_safe():
         return "cuda-graph"
     return "buffers"
 

@@ -76,7 +76,10 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
         if w is None or (info and list(w.shape) != list(info.get("shape", w.shape))):
             raise TqsError(f"{where}: plan is for another model (weight '{name}' "
                            f"{'missing' if w is None else 'has another shape'} in {path})")
-        tiers[name] = parse_tier(tier_text)
+        try:
+            tiers[name] = parse_tier(tier_text)
+        except TqsError as exc:
+            raise TqsError(f"{where}: weight '{name}': {exc}") from None
         axes[name] = (info.get("channel_axis", w.channel_axis), info.get("block_axis", w.block_axis))
         if any(a is not None and (not isinstance(a, int) or not -len(w.shape) <= a < len(w.shape))
                for a in axes[name]):

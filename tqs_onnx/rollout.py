@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.runtime import ORT_NUMPY_TYPES, env_choice
+from tqs_onnx.runtime import ORT_NUMPY_TYPES, setting
 from tqs_onnx.util import first_line
 
 
@@ -64,21 +64,24 @@ class RolloutSpec:
             raise TqsError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
         if "horizon" not in raw or "feedback" not in raw:
             raise TqsError(f"{where}: 'horizon' and 'feedback' are required")
-        try:
-            horizon = int(raw["horizon"])
-        except (TypeError, ValueError):
-            raise TqsError(f"{where}: horizon must be an integer") from None
+        horizon = _integer(raw["horizon"])
+        if horizon is None:
+            raise TqsError(f"{where}: horizon must be an integer, not {raw['horizon']!r}")
         if horizon < 1:
             raise TqsError(f"{where}: horizon must be >= 1")
         for key in ("feedback", "initial", "per_step", "fixed", "constants", "truth", "channel_axis"):
             if not isinstance(raw.get(key, {}), dict):
                 raise TqsError(f"{where}: '{key}' must be a mapping")
+        for name, axis in (raw.get("channel_axis") or {}).items():
+            if _integer(axis) is None:
+                raise TqsError(f"{where}: channel_axis of '{name}' must be an integer, not {axis!r}")
         for name, value in (raw.get("constants") or {}).items():
             try:
                 np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError):
                 raise TqsError(f"{where}: constant '{name}' must be a number or a list of numbers, not {value!r}") from None
-        raw = {**raw, "horizon": horizon}
+        raw = {**raw, "horizon": horizon,
+               "channel_axis": {k: _integer(v) for k, v in (raw.get("channel_axis") or {}).items()}}
         return cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()})
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,10 +92,17 @@ class RolloutSpec:
         sources = [*self.feedback.values(), *self.per_step, *self.fixed, *self.constants]
         for name in set(sources) - set(inputs):
             raise TqsError(f"{where}: rollout spec names input '{name}' the model does not have")
-        for name in [*self.feedback, *self.trajectory, *self.truth]:
+        for name in [*self.feedback, *self.trajectory, *self.truth, *self.channel_axis]:
             if name not in outputs:
                 raise TqsError(f"{where}: rollout spec names output '{name}' the model does not have "
                                f"(outputs: {', '.join(outputs)})")
+        for name in set(self.initial) - set(self.feedback.values()):
+            raise TqsError(f"{where}: rollout spec gives an initial state for '{name}', which is not a fed-back "
+                           f"input (feedback inputs: {', '.join(self.feedback.values()) or 'none'})")
+        for name, axis in self.channel_axis.items():
+            rank = len(outputs[name][0])
+            if rank and not -rank <= axis < rank:
+                raise TqsError(f"{where}: channel_axis {axis} of output '{name}' is outside its {rank} axes")
         dup = {n for n in sources if sources.count(n) > 1}
         if dup:
             raise TqsError(f"{where}: inputs {sorted(dup)} are given more than once in the rollout spec")
@@ -104,6 +114,19 @@ class RolloutSpec:
             if t_out != t_in or not _shapes_compatible(s_out, s_in):
                 raise TqsError(f"{where}: feedback '{out}' {t_out}{list(s_out)} does not fit input "
                                f"'{inp}' {t_in}{list(s_in)}")
+
+
+def _integer(value: Any) -> int | None:
+    """An integer given as a number or a string of one; None for anything else (2.7, true, 'abc')."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    return None
 
 
 def _shapes_compatible(a: tuple, b: tuple) -> bool:
@@ -129,6 +152,9 @@ class Contexts:
             raise TqsError(f"{path}: no such file") from None
         except Exception as exc:
             raise TqsError(f"{path}: not a readable .npz contexts file ({type(exc).__name__})") from None
+        for key, value in arrays.items():
+            if not isinstance(value, np.ndarray):  # np.load hands back a member that is not .npy as bytes
+                raise TqsError(f"{path}: member '{key}' is not a numpy array (.npy)")
         return cls.from_arrays(arrays, spec, str(path))
 
     @classmethod
@@ -147,6 +173,11 @@ class Contexts:
         for inp, key in spec.per_step.items():
             if arrays[key].ndim < 2 or arrays[key].shape[1] < spec.horizon:
                 raise TqsError(f"{where}: per-step array '{key}' needs shape (S, T>={spec.horizon}, ...)")
+        for out, key in spec.truth.items():
+            a = arrays.get(key)
+            if a is not None and (a.ndim < 2 or a.shape[0] != count or a.shape[1] < spec.horizon):
+                raise TqsError(f"{where}: truth array '{key}' of output '{out}' has shape {list(a.shape)}; it needs "
+                               f"({count} contexts, T>={spec.horizon} steps, *the output's shape)")
         return cls(arrays, count)
 
     def subset(self, index: slice | list[int]) -> "Contexts":
@@ -209,6 +240,11 @@ class Rollout:
             self._check_array(inp, self.contexts.arrays[key][0], key, where)
         for inp, key in self.spec.per_step.items():
             self._check_array(inp, self.contexts.arrays[key][0, 0], key, where)
+        for out, key in self.spec.truth.items():
+            a = self.contexts.arrays.get(key)
+            if a is not None and out in self.outputs and not _shapes_compatible(tuple(a.shape[2:]), self.outputs[out][0]):
+                raise TqsError(f"{where}: truth array '{key}' has per-step shape {list(a.shape[2:])}, output "
+                               f"'{out}' has {list(self.outputs[out][0])}")
 
     def _check_array(self, inp: str, a: np.ndarray, key: str, where: str) -> None:
         shape, typ = self.inputs[inp]
@@ -364,7 +400,7 @@ def reuse_outputs() -> bool:
     """TQS_REUSE_OUTPUTS: 'on' (the default: a rollout's steps write into buffers allocated once, see
     `Rollout._run_steps`) or 'off' (outputs allocated per run, as before the seventh session; kept for
     comparison, `tools/bench_sweep.py --compare-reuse`). Scores are identical either way."""
-    return env_choice("TQS_REUSE_OUTPUTS", ("on", "off")) == "on"
+    return setting("TQS_REUSE_OUTPUTS") == "on"
 
 
 def _same_shape(a: tuple, b: tuple) -> bool:

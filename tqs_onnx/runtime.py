@@ -108,6 +108,30 @@ def env_choice(name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+# Every TQS_* setting that takes one of a few words (the first is the default); README "Engine settings".
+ENGINE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "TQS_REPLAY": ("auto", "on", "off"),
+    "TQS_CUDA_GRAPH": ("on", "off"),
+    "TQS_REUSE_OUTPUTS": ("on", "off"),
+    "TQS_DIVERGENCE": ("model", "graph"),
+    "TQS_GPU_STREAM": ("own", "shared"),
+    "TQS_GPU_QUEUE": ("0", "1"),
+    "TQS_DETERMINISTIC": ("1", "0"),
+}
+
+
+def setting(name: str) -> str:
+    """The value of one of ENGINE_SETTINGS (an unknown value is an error)."""
+    return env_choice(name, ENGINE_SETTINGS[name])
+
+
+def check_settings() -> None:
+    """Every engine setting, checked when a command starts, whichever device it runs on."""
+    for name in ENGINE_SETTINGS:
+        setting(name)
+    cuda_options()
+
+
 def cuda_options() -> dict[str, str]:
     """CUDA provider options. TQS_CUDNN_ALGO_SEARCH (EXHAUSTIVE, ORT's default; HEURISTIC; DEFAULT)
     picks how cuDNN chooses convolution algorithms: EXHAUSTIVE times them in each session, so two
@@ -144,7 +168,7 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
     # Deterministic kernels (TQS_DETERMINISTIC=0 turns them off): on CUDA without them two processes
     # running the same sweep disagreed by up to 1.2e-6 relative; with them they agree to the bit, at no
     # measured cost (tools/results/gpu_h100/determinism.txt).
-    so.use_deterministic_compute = env_choice("TQS_DETERMINISTIC", ("1", "0")) == "1"
+    so.use_deterministic_compute = setting("TQS_DETERMINISTIC") == "1"
     so.log_severity_level = 4  # failures come back as exceptions, reported in one line
     # Without `optimize`: basic rewrites only (constant folding, no fusion of DequantizeLinear into
     # ORT's own kernels), which stays in memory where a fully unoptimized big model does not.

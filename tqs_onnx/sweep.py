@@ -30,7 +30,7 @@ from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
 from tqs_onnx.replay import Replay, replay_mode, replay_skipped
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
-from tqs_onnx.runtime import Device, cuda_stream, env_choice, io_signature, make_session
+from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session, setting
 from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
 from tqs_onnx.util import first_line, progress
 
@@ -154,7 +154,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     # waiting at each step. Measured slower on the transformer forecaster (H200: 0.69 against 0.85
     # efficiency), so it is off by default.
     # TQS_GPU_STREAM=shared (CUDA): every sweep session on one stream, waiting at each step as usual.
-    queue = env_choice("TQS_GPU_QUEUE", ("0", "1")) == "1" and device.kind == "cuda" and bool(cuda_stream())
+    queue = setting("TQS_GPU_QUEUE") == "1" and device.kind == "cuda" and bool(cuda_stream())
     shared = queue or device.kind == "cuda" and gpu_stream_mode() == "shared" and bool(cuda_stream())
     model, pairs = exposed.model, {}
     # Each step's run also measures its divergence (see `divergence`); a spec naming outputs the model
@@ -244,12 +244,12 @@ def divergence_mode() -> str:
     """TQS_DIVERGENCE: 'model' (the default: the model's own run computes each step's squared divergence
     from the nominal trajectory) or 'graph' (a separate ORT graph per step over every context's outputs,
     the engine before the sixth session; kept for comparison, `tools/bench_sweep.py --compare-divergence`)."""
-    return env_choice("TQS_DIVERGENCE", ("model", "graph"))
+    return setting("TQS_DIVERGENCE")
 
 
 def gpu_stream_mode() -> str:
     """TQS_GPU_STREAM: 'own' (each ORT session its own CUDA stream, ORT's default) or 'shared'."""
-    return env_choice("TQS_GPU_STREAM", ("own", "shared"))
+    return setting("TQS_GPU_STREAM")
 
 
 StopFn = Callable[[np.ndarray], bool]
@@ -440,6 +440,7 @@ class Checkpoint:
             raise TqsError(f"{self.path}: a checkpoint exists; pass --resume to continue it or delete it")
         done = self.load() if resume else {}
         if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._append({"fingerprint": self.fingerprint, "schema_version": SCHEMA_VERSION})
         elif done or resume:
             self._truncate_partial_tail()

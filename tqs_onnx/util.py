@@ -6,8 +6,9 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -59,10 +60,29 @@ def atomic_write_json(path: str | os.PathLike, doc: Any) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
 
 
+LOG_EVERY_S = 30.0  # progress lines in logs (stderr not a terminal): at most one per this many seconds
+
+
 def progress(items: Iterable[T], desc: str, quiet: bool = False, **kw) -> Iterable[T]:
-    """A tqdm bar on a terminal; nothing in logs, CI or with --quiet."""
-    if quiet or not sys.stderr.isatty():
+    """A tqdm bar on a terminal; in logs and CI a plain line at most every LOG_EVERY_S seconds;
+    nothing with --quiet."""
+    if quiet:
         return items
+    if not sys.stderr.isatty():
+        return _logged(items, desc, kw.get("total"), kw.get("unit", "it"))
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, **kw)
+
+
+def _logged(items: Iterable[T], desc: str, total: int | None, unit: str) -> Iterator[T]:
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    start = last = time.monotonic()
+    for i, item in enumerate(items):
+        yield item
+        now = time.monotonic()
+        if now - last >= LOG_EVERY_S:
+            last = now
+            done = f"{i + 1}/{total}" if total else f"{i + 1}"
+            print(f"{desc}: {done} {unit}s done, {now - start:.0f} s", file=sys.stderr, flush=True)
