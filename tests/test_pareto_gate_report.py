@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from tqs_onnx.allocate import Allocation, build_problem, load_scores, plan_document
@@ -143,6 +144,29 @@ def test_pareto_rerun_into_the_same_folder_deletes_the_earlier_runs_models(demo,
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*.onnx")}
     assert first and not first & second
     assert on_disk == second | {"mine.onnx"} and outside.exists()
+
+
+def test_pareto_rerun_never_deletes_its_input_or_another_models_frontier(demo, tmp_path):
+    out = tmp_path / "shared"
+    common = ["--rollout", str(demo["spec"]), "--contexts", str(demo["sweep"]), "--no-uniform", "-o", str(out),
+              "--max-rollouts", "3", "--quiet", "--points", "2"]
+    assert main(["pareto", str(demo["model"]), str(demo["scores"]), *common, "--targets", "1:1.01"]) == 0
+    points = json.loads((out / "frontier.json").read_text())["points"]
+    kept = out / min(points, key=lambda p: p["target"])["model"]
+    assert load_model(kept).sha256 == load_model(demo["model"]).sha256  # at 1x the written file is the model
+    # that kept model, listed by the frontier in the folder, is the next run's input: never deleted
+    assert main(["pareto", str(kept), str(demo["scores"]), *common, "--targets", "2:2.1"]) == 0
+    assert kept.is_file()
+    second = {out / p["model"] for p in json.loads((out / "frontier.json").read_text())["points"] if p["model"]}
+    # another model into the same folder: the frontier there is not its own, so nothing of it is deleted
+    other = onnx.load(demo["model"])
+    other.doc_string = "another model"
+    onnx.save(other, tmp_path / "other.onnx")
+    scores = tmp_path / "other.json"
+    assert main(["sweep", str(tmp_path / "other.onnx"), "--rollout", str(demo["spec"]), "--contexts",
+                 str(demo["sweep"]), "-o", str(scores), "--probes", "1", "--tiers", TIERS, "--quiet"]) == 0
+    assert main(["pareto", str(tmp_path / "other.onnx"), str(scores), *common, "--targets", "3:3.1"]) == 0
+    assert kept.is_file() and second and all(p.is_file() for p in second)
 
 
 def test_target_grid_clamps_and_skips_duplicates():

@@ -554,10 +554,10 @@ case("channel_axis outside the output", "channel_axis")(
                "--rollout", c.json("s.json", {**recurrent_spec(), "channel_axis": {"x_next": 7}})])
 case("contexts member that is not .npy", "x0", "not a numpy array")(
     lambda c: c.sweep(None, None, _zip_member(c, "c.npz", "x0.npy", b"garbage")))
-case("truth broadcastable to the output", "truth", "per-step shape")(
+case("truth broadcastable to the output", "truth", "rolled out")(
     lambda c: ["eval", c.copy("model"), c.copy("model"), "--rollout", c.json("s.json", _truth_spec()),
                "--contexts", c.npz("c.npz", **recurrent_contexts(), truth=np.zeros((3, 8, 1, 1), np.float32))])
-case("truth shorter than the horizon", "truth", "T>=8")(
+case("truth shorter than the horizon", "truth", "at least 8 steps")(
     lambda c: ["eval", c.copy("model"), c.copy("model"), "--rollout", c.json("s.json", _truth_spec()),
                "--contexts", c.npz("c.npz", **recurrent_contexts(), truth=np.zeros((3, 5, 1, 16), np.float32))])
 case("non-finite reference rollout in gate", "reference model", "non-finite")(
@@ -574,6 +574,77 @@ def test_cuda_only_settings_are_checked_on_the_cpu_too(name, base, tmp_path, cap
     rc, err = run_cli(["inspect", str(base["model"])], capfd)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and name in lines[0], err
+
+
+case("checkpoint and scores the same file", "two files")(
+    lambda c: c.sweep(None, None, None, "--checkpoint", c.path("out.json")))
+case("spec horizon a malformed number", "horizon must be an integer")(
+    lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "horizon": "--5"})))
+
+
+def test_contexts_may_carry_members_the_spec_does_not_read(base, tmp_path, capfd):
+    import zipfile
+
+    ctx = tmp_path / "c.npz"
+    shutil.copy(base["contexts"], ctx)
+    with zipfile.ZipFile(ctx, "a") as z:
+        z.writestr("provenance.json", "{}")
+    rc, err = run_cli(["eval", str(base["model"]), str(base["model"]), "--rollout", str(base["spec"]),
+                       "--contexts", str(ctx), "--quiet"], capfd)
+    assert rc == 0, err
+
+
+def test_truth_only_checked_where_it_is_used(base, tmp_path, capfd):
+    # sweep contexts whose truth is shorter than the spec's horizon: the sweep never reads truth
+    ctx = tmp_path / "c.npz"
+    np.savez(ctx, **recurrent_contexts(), truth=np.zeros((3, 2, 1, 16), np.float32))
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps(_truth_spec()))
+    rc, err = run_cli(["sweep", str(base["model"]), "--rollout", str(spec), "--contexts", str(ctx), "-o",
+                       str(tmp_path / "o.json"), "--quiet", "--min-size", "16", "--probes", "1", "--tiers", "int8"], capfd)
+    assert rc == 0, err
+
+
+def test_truth_of_an_output_whose_rank_onnx_runtime_does_not_know(tmp_path, capfd):
+    """y = Squeeze(x_next, axes) with axes fed as an input: ORT reports y's shape as []."""
+    w, = rng_weights(0, (3, 3))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["x_next"]),
+             helper.make_node("Squeeze", ["x_next", "axes"], ["y"])]
+    g = helper.make_graph(nodes, "g", [vec("x", 3), helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+                          [vec("x_next", 3), helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [init("W", w)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    spec = {"horizon": 4, "feedback": {"x_next": "x"}, "initial": {"x": "x0"}, "trajectory": ["y"], "constants": {"axes": [0]},
+            "truth": {"y": "truth"}}
+    ctx = {"x0": np.ones((2, 1, 3), np.float32), "truth": np.zeros((2, 4, 3), np.float32)}
+    paths = save_case(tmp_path, m, spec, ctx)
+    rc, err = run_cli(["eval", str(paths["model"]), str(paths["model"]), "--rollout", str(paths["spec"]),
+                       "--contexts", str(paths["contexts"]), "-o", str(tmp_path / "e.json")], capfd)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["outputs"]["y"]["mae_vs_truth"] > 0
+
+
+def test_scalar_trajectory_output_is_evaluated(tmp_path, capfd):
+    w, = rng_weights(0, (4, 4))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["x_next"]),
+             helper.make_node("ReduceSum", ["x_next"], ["total"], keepdims=0)]
+    g = helper.make_graph(nodes, "g", [vec("x", 4)], [vec("x_next", 4),
+                          helper.make_tensor_value_info("total", TensorProto.FLOAT, [])], [init("W", w)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    paths = save_case(tmp_path, m, {"horizon": 3, "feedback": {"x_next": "x"}, "initial": {"x": "x0"},
+                                          "trajectory": ["total"]},
+                      {"x0": np.ones((2, 1, 4), np.float32)})
+    rc, err = run_cli(["eval", str(paths["model"]), str(paths["model"]), "--rollout", str(paths["spec"]),
+                       "--contexts", str(paths["contexts"]), "--quiet"], capfd)
+    assert rc == 0, err
+
+
+def test_unreachable_target_with_one_tier_names_the_one_size(base, tmp_path, capfd):
+    rc, err = run_cli(["allocate", str(base["scores"]), "--compression", "50", "--tiers", "int8", "-o",
+                       str(tmp_path / "p.json")], capfd)
+    assert rc == 2 and "achievable only" in err, err
 
 
 def _truth_spec() -> dict:

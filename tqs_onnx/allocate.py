@@ -206,9 +206,10 @@ def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:
 def check_feasible(p: Problem) -> None:
     lo, hi = p.achievable()
     if p.budget < sum(min(c) for c in p.costs):
+        low, high = math.ceil(lo * 100) / 100, math.floor(hi * 100) / 100  # shown inside the true range
+        span = f"{low:.2f}x to {high:.2f}x" if low < high else f"only {hi:.4g}x"
         raise TqsError(f"compression {p.target:g}x is not reachable with tiers "
-                       f"{','.join(map(str, p.tiers))}: achievable {math.ceil(lo * 100) / 100:.2f}x to "
-                       f"{math.floor(hi * 100) / 100:.2f}x")
+                       f"{','.join(map(str, p.tiers))}: achievable {span}")
 
 
 # ----------------------------------------------------------------------------------------- solvers

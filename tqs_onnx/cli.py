@@ -95,6 +95,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
     ckpt = Path(a.checkpoint or f"{a.output}.ckpt.jsonl")
     _check_output_files(a.output, str(ckpt), inputs=(a.model, a.rollout, a.contexts))
+    if ckpt.resolve() == Path(a.output).resolve():
+        raise TqsError(f"{ckpt}: the checkpoint and the scores (-o) must be two files")
     if a.horizon is not None and a.horizon < 1:
         raise TqsError(f"--horizon must be >= 1, not {a.horizon}")
     distributed = a.workers > 1 or a.ray_address is not None
@@ -319,11 +321,12 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     sweep_ctx = Contexts.load(a.contexts, spec)
     eval_ctx = Contexts.load(a.eval_contexts, spec) if a.eval_contexts else None
     out = Path(a.output)
-    previous = previous_models(out)
+    previous = previous_models(out, loaded.sha256)
     run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, resolve_device(a.device), out)
     doc = run_frontier(run, config, quiet=a.quiet or a.json)
     json_path, csv_path = write_frontier(out, doc)
-    stale = remove_stale_models(out, previous, doc)  # an earlier run's models into the same folder
+    stale = remove_stale_models(out, previous, doc,  # an earlier run's models into the same folder
+                                keep=(a.model, a.scores, a.rollout, a.contexts, a.eval_contexts))
     if a.report:
         from tqs_onnx.report import write_report
 

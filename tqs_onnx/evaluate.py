@@ -129,6 +129,24 @@ def require_finite_reference(traj: dict[str, np.ndarray], where: str | Path) -> 
                        f"contexts; check the contexts and the spec's constants")
 
 
+def truth_arrays(spec: RolloutSpec, contexts: Contexts, traj: dict[str, np.ndarray],
+                 where: str | Path = "contexts") -> dict[str, np.ndarray]:
+    """The contexts' truth per trajectory output, cut to the rollout's steps; each must hold every
+    context, at least as many steps and the output's own shape (a broadcastable one would give
+    silently wrong errors)."""
+    out = {}
+    for k, key in spec.truth.items():
+        if k not in traj or key not in contexts.arrays:
+            continue
+        a, want = contexts.arrays[key], traj[k].shape
+        if a.ndim != len(want) or a.shape[0] != want[0] or a.shape[1] < want[1] or a.shape[2:] != want[2:]:
+            raise TqsError(f"{where}: truth array '{key}' has shape {list(a.shape)}; output '{k}' rolled out "
+                           f"gives {list(want)} (contexts, steps, *shape): the truth needs the same, with at least "
+                           f"{want[1]} steps")
+        out[k] = a[:, : want[1]]
+    return out
+
+
 def missing_truth(spec: RolloutSpec, contexts: Contexts) -> list[str]:
     """One note per trajectory output whose truth array the spec names but the contexts lack."""
     return [f"no truth array '{key}' in the contexts: errors of '{out}' against truth not computed"
@@ -137,6 +155,8 @@ def missing_truth(spec: RolloutSpec, contexts: Contexts) -> list[str]:
 
 def _per_channel(err: np.ndarray, axis: int) -> np.ndarray:
     """Mean over everything but the channel axis; err has leading (S, T) axes."""
+    if err.ndim == 2:  # a scalar output: one channel
+        return np.array([err.mean()])
     axis = axis % (err.ndim - 2) + 2
     return np.moveaxis(err, axis, -1).reshape(-1, err.shape[axis]).mean(axis=0)
 
@@ -173,8 +193,8 @@ def evaluate(ref_path: str | Path, cand_path: str | Path, spec: RolloutSpec, con
     t0 = time.perf_counter()
     a = rollouts(ref.path, spec, contexts, device)
     require_finite_reference(a, ref.path)
+    truth = truth_arrays(spec, contexts, a)
     b = rollouts(cand.path, spec, contexts, device)
-    truth = {k: contexts.arrays[key] for k, key in spec.truth.items() if key in contexts.arrays}
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-eval", "tool_version": __version__,
         "reference": str(ref.path), "candidate": str(cand.path), "contexts": contexts.count,

@@ -28,7 +28,7 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.evaluate import compare, require_finite_reference, rollouts
+from tqs_onnx.evaluate import compare, require_finite_reference, rollouts, truth_arrays
 from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session
@@ -234,7 +234,9 @@ def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, co
     ref_session = make_session(str(ref.path), device)
     reference_traj = rollouts(ref_session, spec, contexts, device, label=ref.path)  # a spec it does not fit: exit 2
     require_finite_reference(reference_traj, ref.path)  # else the candidate would be blamed for the contexts
-    checks, cand = _candidate_checks(cand_path, ref, ref_session, reference_traj, spec, contexts, device, config)
+    truth = truth_arrays(spec, contexts, reference_traj)
+    checks, cand = _candidate_checks(cand_path, ref, ref_session, reference_traj, truth, spec, contexts, device,
+                                     config)
     runtime = None
     if deployment:
         info, runtime = deployment_check(ref.path, cand_path, checks, spec, contexts, device)
@@ -246,7 +248,7 @@ def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, co
 
 
 def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj: dict[str, np.ndarray],
-                      spec: RolloutSpec, contexts: Contexts, device: Device,
+                      truth: dict[str, np.ndarray], spec: RolloutSpec, contexts: Contexts, device: Device,
                       config: GateConfig) -> tuple[list[Check], LoadedModel | None]:
     """Structural checks first; each later one runs only when what it needs passed."""
     pending = ["ort_load", "io_signature", "finite"]
@@ -268,7 +270,6 @@ def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj:
             checks.append(finite)
             pending.remove("finite")
             if traj is not None:
-                truth = {k: contexts.arrays[key] for k, key in spec.truth.items() if key in contexts.arrays}
                 checks += error_checks(compare(reference_traj, traj, spec, truth), config)
     checks += [Check(n, SKIP, "not run: an earlier structural check failed") for n in pending]
     return checks, cand

@@ -22,7 +22,7 @@ import numpy as np
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, default_tiers, plan_document
 from tqs_onnx.errors import TqsError
-from tqs_onnx.evaluate import compare, compression, rollouts, verify_written
+from tqs_onnx.evaluate import compare, compression, rollouts, truth_arrays, verify_written
 from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.refine import refine, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
@@ -137,7 +137,7 @@ def open_run(loaded: LoadedModel, scores: dict[str, Any], spec: RolloutSpec, swe
     in_sample = eval_contexts is None
     eval_contexts = sweep_contexts if in_sample else eval_contexts
     reference = rollouts(loaded.path, spec, eval_contexts, device)
-    truth = {k: eval_contexts.arrays[key] for k, key in spec.truth.items() if key in eval_contexts.arrays}
+    truth = truth_arrays(spec, eval_contexts, reference)
     joint = memo_joint(loaded, scores, spec, sweep_contexts, device)
     return FrontierRun(loaded, scores, spec, eval_contexts, device, out_dir, joint, reference, truth, in_sample)
 
@@ -278,27 +278,33 @@ def prune_models(out_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     return sorted(set(removed))
 
 
-def previous_models(out_dir: Path) -> set[str]:
-    """The models an earlier run's frontier.json in out_dir lists (paths relative to out_dir)."""
+def previous_models(out_dir: Path, sha256: str) -> set[str]:
+    """The models an earlier frontier.json in out_dir lists (paths relative to out_dir), when it was
+    made from the same model (sha256); a frontier of another model in a shared folder is left alone."""
     try:
         doc = json.loads((out_dir / "frontier.json").read_text())
     except (OSError, ValueError):
         return set()
     if not isinstance(doc, dict) or doc.get("kind") != "tqs-frontier":
         return set()
+    if not isinstance(doc.get("model"), dict) or doc["model"].get("sha256") != sha256:
+        return set()
     rows = [r for key in ("points", "uniform") for r in doc.get(key) or [] if isinstance(r, dict)]
     return {r["model"] for r in rows if isinstance(r.get("model"), str)}
 
 
-def remove_stale_models(out_dir: Path, previous: set[str], doc: dict[str, Any]) -> list[str]:
-    """Delete the models of an earlier run into the same folder that the new frontier does not list
-    (only .onnx files inside out_dir: the earlier frontier.json is read, not trusted)."""
+def remove_stale_models(out_dir: Path, previous: set[str], doc: dict[str, Any],
+                        keep: tuple[str | Path | None, ...] = ()) -> list[str]:
+    """Delete the models of an earlier run into the same folder that the new frontier does not list:
+    only .onnx files inside out_dir (the earlier frontier.json is read, not trusted), never one of
+    `keep` (the command's inputs: a model kept by an earlier run may be this run's input)."""
     current = {r.get("model") for r in doc["points"] + doc["uniform"]}
+    protected = {Path(k).resolve() for k in keep if k}
     root = out_dir.resolve()
     removed = []
     for name in sorted(previous - current):
         path = (out_dir / name).resolve()
-        if path.suffix == ".onnx" and root in path.parents and path.is_file():
+        if path.suffix == ".onnx" and root in path.parents and path.is_file() and path not in protected:
             remove_model(path)
             removed.append(name)
     return removed
