@@ -85,4 +85,9 @@ def _logged(items: Iterable[T], desc: str, total: int | None, unit: str) -> Iter
         if now - last >= LOG_EVERY_S:
             last = now
             done = f"{i + 1}/{total}" if total else f"{i + 1}"
-            print(f"{desc}: {done} {unit}s done, {now - start:.0f} s", file=sys.stderr, flush=True)
+            left = f", about {_duration((now - start) / (i + 1) * (total - i - 1))} left" if total else ""
+            print(f"{desc}: {done} {unit}s done, {_duration(now - start)}{left}", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
