@@ -10,6 +10,8 @@ from tqs_onnx.passes.base import PassResult, restore_opset_imports, restore_valu
 from tqs_onnx.passes.detach import detach_initializers
 
 # IR version each opset needs; ONNX Runtime 1.31 loads IR <= 13, onnx 1.23 would write 14.
+ORT_MAX_IR = 13  # the newest IR version onnxruntime 1.31 loads (onnx 1.23 writes 14 by default)
+
 _IR_FOR_OPSET = [(25, 11), (23, 11), (21, 10), (19, 9), (15, 8), (13, 7)]
 
 
@@ -39,5 +41,5 @@ class UpgradeOpset:
         # The converter leaves inferred shapes and re-encoded opset entries behind: keep the input's.
         restore_value_info(model, out)
         restore_opset_imports(model, out, self.min_opset)
-        out.ir_version = min(max(model.ir_version, ir_for_opset(self.min_opset)), 13)
+        out.ir_version = min(max(model.ir_version, ir_for_opset(self.min_opset)), ORT_MAX_IR)
         return PassResult(out, True, {"opset": self.min_opset, "from": current})

@@ -647,6 +647,58 @@ def test_unreachable_target_with_one_tier_names_the_one_size(base, tmp_path, cap
     assert rc == 2 and "achievable only" in err, err
 
 
+def test_ort_messages_keep_their_cause_not_their_cpp_signature():
+    from tqs_onnx.util import first_line
+
+    msg = ("[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:/onnxruntime_src/onnxruntime/core/graph/"
+           "model.cc:181 onnxruntime::Model::Model(onnx::ModelProto&&, const PathString&, const "
+           "IOnnxRuntimeOpSchemaRegistryList*, const onnxruntime::logging::Logger&, const onnxruntime::ModelOptions&) "
+           "Unsupported model IR version: 14, max supported IR version: 13")
+    line = first_line(RuntimeError(msg))
+    assert line.endswith("Unsupported model IR version: 14, max supported IR version: 13") and "::" not in line
+
+
+def test_model_written_with_onnx_default_ir_14_is_swept(tmp_path, capfd):
+    m = recurrent_mlp()
+    m.ir_version = 14  # what onnx 1.23 writes by default; onnxruntime 1.31 loads at most 13
+    paths = save_case(tmp_path, m, recurrent_spec(), recurrent_contexts())
+    rc, err = run_cli(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts",
+                       str(paths["contexts"]), "-o", str(tmp_path / "s.json"), "--quiet", "--min-size", "16",
+                       "--probes", "1", "--tiers", "int8"], capfd)
+    assert rc == 0, err
+
+
+def test_external_data_file_gets_the_models_mode(tmp_path):
+    from tqs_onnx.rewrite import save_model
+
+    out = tmp_path / "q.onnx"
+    files = save_model(recurrent_mlp(n=64, h=64), out, True)  # 16 KB weights: moved to the data file
+    assert Path(f"{out}.data") in files
+    assert (os.stat(f"{out}.data").st_mode & 0o777) == (os.stat(out).st_mode & 0o777) == 0o666 & ~util_umask()
+
+
+def test_apply_report_names_its_kind(base, tmp_path, capfd):
+    rc, err = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(tmp_path / "q.onnx"), "--quiet",
+                       "--report", str(tmp_path / "r.json")], capfd)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 0 and doc["kind"] == "tqs-apply-report" and doc["schema_version"] == 1, err
+
+
+def util_umask() -> int:
+    from tqs_onnx.util import umask
+
+    return umask()
+
+
+def test_device_auto_keeps_stdout_clean_for_json(base, tmp_path):
+    # onnxruntime-gpu on a machine without a GPU prints CUDA load failures to stdout while probing
+    proc = subprocess.run([sys.executable, "-m", "tqs_onnx.cli", "gate", str(base["model"]), str(base["model"]),
+                           "--rollout", str(base["spec"]), "--contexts", str(base["contexts"]), "--max-mae", "1",
+                           "--device", "auto", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["passed"]
+
+
 def _truth_spec() -> dict:
     return {**recurrent_spec(), "truth": {"x_next": "truth"}}
 

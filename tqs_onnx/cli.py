@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tqs_onnx import __version__
+from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.tiers import DECODES
 
@@ -222,7 +222,8 @@ def cmd_apply(a: argparse.Namespace) -> int:
     files = save_model(model, out, a.external_data or None,
                        check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out)))
     on_disk = sum(f.stat().st_size for f in files)  # the model and its data file, as written
-    report = {"output": str(out), "on_disk_bytes": on_disk,
+    report = {"schema_version": SCHEMA_VERSION, "kind": "tqs-apply-report", "tool_version": __version__,
+              "output": str(out), "on_disk_bytes": on_disk,
               "on_disk_compression": loaded.file_bytes / on_disk,
               "planned_compression": plan.get("planned_compression"), "checks": checks,
               "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {}), plan.get("weight_info")),

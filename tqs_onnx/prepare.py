@@ -14,6 +14,7 @@ import onnx
 from tqs_onnx.passes.detach import Stubs, detach
 from tqs_onnx.passes.factor_tables import FactorExpandedTables
 from tqs_onnx.passes.lift import LiftWeights
+from tqs_onnx.passes.opset import ORT_MAX_IR
 
 
 @dataclass
@@ -41,6 +42,11 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
         result = FactorExpandedTables(inplace=True, read=detached.array).run(out)
         out = result.model
         reports["factor-tables"] = {k: v for k, v in result.report.items()}
+    # A file written by onnx >= 1.23 with its default IR 14 runs in ONNX Runtime once the IR is lowered
+    # (nothing the tiers write needs more than 10; the written model is checked by onnx.checker). An IR
+    # newer than the installed onnx knows is left for ONNX Runtime to refuse.
+    if ORT_MAX_IR < out.ir_version <= onnx.IR_VERSION:
+        out.ir_version = ORT_MAX_IR
     origins = lifted.report.get("origins", {})
     if keep_detached:
         return PreparedGraph(out, origins, reports, detached.by_name(out))

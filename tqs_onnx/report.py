@@ -369,7 +369,8 @@ CAPTIONS = {
     "frontier.png": "Rollout MAE against the FP32 model vs on-disk compression for the kept TQS point of every target, "
                     "and every single-tier (uniform) allocation. The grey band joins the points no other point "
                     "beats in both size and error.",
-    "steps.png": "MAE against the FP32 model at each rollout step (dashed: uniform baselines).",
+    "steps.png": "MAE against the FP32 model at each rollout step (dashed, when a frontier is given: its uniform "
+                 "baselines).",
     "tiers.png": "The tier of every block, blocks in graph order; one row per plan or kept frontier point.",
 }
 

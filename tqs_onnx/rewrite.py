@@ -12,7 +12,7 @@ import onnx
 
 from tqs_onnx.encoding import ModelEncoding
 from tqs_onnx.errors import TqsError
-from tqs_onnx.util import read_json
+from tqs_onnx.util import read_json, umask
 from tqs_onnx.graph import LoadedModel, tensor_is_finite, weight_table
 from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
@@ -112,6 +112,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
             encoding.write(tmp_model)
         files = sorted(tmpdir.iterdir(), key=lambda p: p.name == out.name)  # data first, model last
         for f in files:
+            os.chmod(f, 0o666 & ~umask())  # onnx writes the data file 0600: both get the usual mode
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if check is not None:

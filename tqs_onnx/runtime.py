@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.util import first_line
+from tqs_onnx.util import first_line, silenced_output
 
 DEVICES = ("cpu", "cuda", "auto")
 # ONNX Runtime's input type strings -> numpy dtypes
@@ -39,11 +39,12 @@ def cuda_usable() -> bool:
                                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
     m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=8)
     try:
-        if hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()
-        so = ort.SessionOptions()
-        so.log_severity_level = 4
-        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        with silenced_output():  # without a GPU both print "Failed to load libcublasLt..." and worse
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+            so = ort.SessionOptions()
+            so.log_severity_level = 4
+            s = ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider"])
         return "CUDAExecutionProvider" in s.get_providers()
     except Exception:
         return False

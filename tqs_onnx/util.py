@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -13,10 +15,37 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 T = TypeVar("T")
 
 
+# ORT puts the C++ source location and function signature before its message:
+# "... failed:/onnxruntime_src/.../model.cc:181 onnxruntime::Model::Model(onnx::ModelProto&&, ...) Unsupported ..."
+_ORT_SOURCE = re.compile(r"/\S+\.(?:cc|cpp|h):\d+ (?:[\w:~<>,*& ]+\((?:[^()]|\([^()]*\))*\)(?: const)? )?")
+
+
+@contextlib.contextmanager
+def silenced_output() -> Iterator[None]:
+    """stdout and stderr of this process sent to /dev/null at the file-descriptor level, where C++
+    libraries write too (onnxruntime-gpu's CUDA probe on a machine without a GPU prints to both)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's first line (ORT's messages run to pages), or its type when it has no text."""
+    """An exception's first line (ORT's messages run to pages, and start with a C++ source location
+    and signature, which are dropped), or its type when it has no text."""
     text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
+    return _ORT_SOURCE.sub("", text.splitlines()[0])[:limit] if text else type(exc).__name__
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
@@ -43,14 +72,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         write(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+        os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
+    """This process's umask (os.umask can only be read by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
