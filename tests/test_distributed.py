@@ -174,3 +174,30 @@ def test_cli_workers_two_writes_the_same_scores(ray_cluster, case, tmp_path):
 def test_block_worker_imports_without_ray():
     # The actor class is plain Python: ray wraps it at run time, so this module imports anywhere.
     assert not hasattr(BlockWorker, "remote")
+
+
+def test_unreachable_ray_address_fails_at_once(tmp_path, monkeypatch):
+    """ray.init retries an address where nothing listens for many minutes; ray_session asks first."""
+    import socket
+    import time
+
+    import tqs_onnx.distributed as distributed
+
+    class NoRay:  # ray.init must not be reached
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kw):
+            raise AssertionError("ray.init called for an address where nothing listens")
+
+    monkeypatch.setattr(distributed, "require_ray", lambda: NoRay)
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(TqsError, match="nothing answers"):
+            with distributed.ray_session(f"127.0.0.1:{port}"):
+                pass
+    assert time.monotonic() - t0 < 30

@@ -169,6 +169,15 @@ def test_pareto_rerun_never_deletes_its_input_or_another_models_frontier(demo, t
     assert kept.is_file() and second and all(p.is_file() for p in second)
 
 
+def test_step_curves_with_an_eval_report_keep_the_frontiers(frontier):
+    from tqs_onnx.report import step_curves
+
+    doc = frontier["doc"]
+    eval_doc = {"compression": {"on_disk": 4.0}, "outputs": {"x_next": {"mae_vs_fp32_per_step": [0.1, 0.2]}}}
+    alone, both = step_curves(doc, None), step_curves(doc, eval_doc)
+    assert both[0][0].startswith("x_next") and both[1:] == alone and any(base for _, _, base in alone)
+
+
 def test_target_grid_clamps_and_skips_duplicates():
     grid, notes = target_grid((2, 32), 16, (1.0, 10.0))
     assert len(grid) == 16 and grid[0] == 2 and grid[-1] == 10 and notes

@@ -41,6 +41,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=6)
     a = ap.parse_args()
+    # TQS_REUSE_OUTPUTS concerns the step loop; the replay engine (TQS_REPLAY=auto, the default) binds
+    # fixed buffers whichever it is, so the setting is compared on the step loop.
+    os.environ["TQS_REPLAY"] = "off"
+    print("engine: step loop (TQS_REPLAY=off; the setting does not apply to the replay)")
     spec = RolloutSpec.load(a.spec)
     device = resolve_device(a.device)
     setup = prepare(load_model(a.model), spec, Contexts.load(a.contexts, spec), device, SweepConfig())

@@ -249,9 +249,13 @@ def main() -> None:
     if a.compare_replay:
         others.append(rerun_with("TQS_REPLAY", "off" if setup.replay is not None else "on",
                                  loaded, spec, contexts, device, config, scores))
-    if a.compare_reuse:
-        others.append(rerun_with("TQS_REUSE_OUTPUTS", "off" if reuse_outputs() else "on",
-                                 loaded, spec, contexts, device, config, scores))
+    if a.compare_reuse:  # a step-loop setting: under the replay both runs would replay
+        if setup.replay is not None:
+            print("  --compare-reuse: the sweep replayed; TQS_REUSE_OUTPUTS applies to the step loop only "
+                  "(run with TQS_REPLAY=off to compare it)")
+        else:
+            others.append(rerun_with("TQS_REUSE_OUTPUTS", "off" if reuse_outputs() else "on",
+                                     loaded, spec, contexts, device, config, scores))
     # The floor again, now that the device is warm (a GPU still at idle clocks made the first floor
     # measurement up to 2x slow); the faster of the two counts, so efficiency is never flattered.
     floor_after, _ = floor_time(floor_r, spec, contexts, device, a.repeats)

@@ -443,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score blocks on N Ray workers (one GPU each with --device cuda, else a share of the "
                         "CPUs); needs tqs-onnx[distributed] (default 1: this process)")
     s.add_argument("--ray-address", metavar="ADDR",
-                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one here; "
+                   help="join this Ray cluster (e.g. head:6379, or auto for the one `ray start` runs here; "
+                        "ray:// client addresses need the ray[client] package) instead of starting one here; "
                         "every node must read MODEL at the same path")
     _device_args(s)
     s.set_defaults(func=cmd_sweep)

@@ -98,6 +98,8 @@ def ray_session(address: str | None) -> Iterator[Any]:
         yield ray
         return
     local = {} if address else {"include_dashboard": False}
+    if address:
+        _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, **local)
     except Exception as exc:  # Ray raises ConnectionError, ValueError or RuntimeError here
@@ -107,6 +109,21 @@ def ray_session(address: str | None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A host:port address must answer before Ray is asked: ray.init retries an unreachable one for
+    many minutes. `auto`, `local` and ray:// addresses are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise TqsError(f"cannot join the Ray cluster at {address}: nothing answers there "
+                       f"({exc.strerror or type(exc).__name__}); is `ray start --head` running?") from None
 
 
 def worker_device(name: str, cluster: dict[str, float]) -> str:

@@ -199,13 +199,16 @@ def _log_axis(ax, which: str, values: list[float], suffix: str = "") -> None:
 
 def step_curves(frontier: dict[str, Any] | None, eval_doc: dict[str, Any] | None,
                 most: int = 6) -> list[tuple[str, list[float], bool]]:
-    """(label, MAE per step, is_baseline) curves: the eval report's outputs, or spread frontier points."""
+    """(label, MAE per step, is_baseline) curves: the eval report's outputs and spread frontier points
+    with the frontier's uniform baselines, whichever are given."""
+    curves = []
     if eval_doc is not None:
-        return [(f"{k} ({eval_doc['compression']['on_disk']:.2f}x)", e["mae_vs_fp32_per_step"], False)
-                for k, e in eval_doc["outputs"].items()]
+        curves += [(f"{k} ({eval_doc['compression']['on_disk']:.2f}x)", e["mae_vs_fp32_per_step"], False)
+                   for k, e in eval_doc["outputs"].items()]
+    if frontier is None:
+        return curves
     kept = sorted((p for p in frontier["points"] if p.get("kept")), key=lambda p: p["on_disk_compression"])
     step = max(1, math.ceil(len(kept) / most))
-    curves = []
     for p in kept[::step] + [u for u in frontier["uniform"]]:
         per_step = [sum(v) / len(v) for v in zip(*(o["mae_vs_fp32_per_step"] for o in p["outputs"].values()))]
         label = f"{p['tier']} (uniform)" if p["kind"] == "uniform" else f"TQS {p['on_disk_compression']:.2f}x"
