@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from one_line_errors import run  # tools/: a user's error is one line, exit 2
+from tqs_onnx.runtime import resolve_device
 
 TYPES, HEADS, PAIRS, TOKENS = 124, 6, 3312, 144
 PERM = [2, 3, 0, 1]  # (144, 144, types, heads) -> (types, heads, 144, 144)
@@ -99,6 +102,7 @@ def main() -> None:
     import onnxruntime as ort
 
     if a.device == "cuda":
+        resolve_device("cuda")  # a one-line error where the CUDA provider does not run
         ort.preload_dlls()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
@@ -133,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -38,6 +38,7 @@ from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
 from tqs_onnx.runtime_report import MIB, deployment_report, ratios
 from tqs_onnx.util import atomic_write, atomic_write_json
+from one_line_errors import run  # tools/: a user's error is one line, exit 2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AGGREGATED = ("session_s", "call_ms", "call_ms_min", "rollout_ms", "step_ms", "rss_base_bytes", "rss_load_bytes",
@@ -442,4 +443,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

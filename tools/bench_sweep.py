@@ -19,6 +19,7 @@ every uniform plan that fits + bounded local search, at --target), as forward pa
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import os
 import time
@@ -39,6 +40,7 @@ from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
 from tqs_onnx.sweep import SweepConfig, divergence_mode, gpu_stream_mode, joint_divergence, prepare, score_block, scores_document
 from tqs_onnx.tiers import Tier, parse_tier
+from one_line_errors import run  # tools/: a user's error is one line, exit 2
 
 MEASURED_TIERS = DEFAULT_SWEEP_TIERS.split(",")  # the tiers `tqs-onnx sweep` measures by default
 
@@ -333,4 +335,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import numpy as np
 from scipy.stats import spearmanr
+from one_line_errors import run  # tools/: a user's error is one line, exit 2
 
 
 def score_columns(doc: dict) -> dict[str, np.ndarray]:
@@ -61,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))
