@@ -578,6 +578,7 @@ def test_cuda_only_settings_are_checked_on_the_cpu_too(name, base, tmp_path, cap
 
 case("checkpoint and scores the same file", "two files")(
     lambda c: c.sweep(None, None, None, "--checkpoint", c.path("out.json")))
+case("empty --ray-address", "--ray-address")(lambda c: c.sweep(None, None, None, "--ray-address", ""))
 case("spec horizon a malformed number", "horizon must be an integer")(
     lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "horizon": "--5"})))
 

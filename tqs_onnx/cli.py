@@ -99,6 +99,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         raise TqsError(f"{ckpt}: the checkpoint and the scores (-o) must be two files")
     if a.horizon is not None and a.horizon < 1:
         raise TqsError(f"--horizon must be >= 1, not {a.horizon}")
+    if a.ray_address is not None and not a.ray_address.strip():
+        raise TqsError("--ray-address is empty (give host:port, or auto)")
     distributed = a.workers > 1 or a.ray_address is not None
     if a.workers < 1:
         raise TqsError(f"--workers must be >= 1, not {a.workers}")
