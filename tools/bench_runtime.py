@@ -310,7 +310,8 @@ def verdicts(rows: list[dict]) -> list[str]:
                    f"{'below FP32' if mem < 1.0 else 'NOT below FP32'}; "
                    f"{r['report']['matmulnbits']} MatMulNBits, {r['report']['dq_left']} DQ left, "
                    f"{len(r['report']['per_call'])} weights decoded per call, "
-                   f"{len(r['report']['expanded_at_load'])} expanded at load [{r['tiers']}]")
+                   f"{len(r['report']['expanded_at_load'])} expanded at load"
+                   + (f" [{r['tiers']}]" if r["tiers"] else ""))  # a --candidates file names no tiers
     return out
 
 
