@@ -8,10 +8,10 @@ from onnx import version_converter
 from tqs_onnx.errors import TqsError
 from tqs_onnx.passes.base import PassResult, restore_opset_imports, restore_value_info
 from tqs_onnx.passes.detach import detach_initializers
+from tqs_onnx.util import first_line
 
-# IR version each opset needs; ONNX Runtime 1.31 loads IR <= 13, onnx 1.23 would write 14.
 ORT_MAX_IR = 13  # the newest IR version onnxruntime 1.31 loads (onnx 1.23 writes 14 by default)
-
+# IR version each opset needs.
 _IR_FOR_OPSET = [(25, 11), (23, 11), (21, 10), (19, 9), (15, 8), (13, 7)]
 
 
@@ -34,7 +34,7 @@ class UpgradeOpset:
         try:
             out = version_converter.convert_version(skeleton, self.min_opset)
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc, 200)
             raise TqsError(f"cannot convert the model from opset {current} to {self.min_opset} "
                            f"(needed by the chosen tiers): {msg}") from None
         stubs.attach(out)

@@ -30,6 +30,7 @@ from tqs_onnx.graph import load_model  # noqa: E402
 from tqs_onnx.rollout import Contexts, RolloutSpec  # noqa: E402
 from tqs_onnx.runtime import resolve_device  # noqa: E402
 from tqs_onnx.sweep import SweepConfig, prepare  # noqa: E402
+from tqs_onnx.util import first_line  # noqa: E402
 
 
 def main() -> None:
@@ -78,7 +79,7 @@ def main() -> None:
     try:
         replayed, how = replayed_floor_time(a.model, spec, contexts, device, 3)
     except Exception as exc:  # e.g. the original model cannot be captured: keep the rounds' figures
-        replayed, how = None, f"not measured: {str(exc).strip().splitlines()[0][:200]}"
+        replayed, how = None, f"not measured: {first_line(exc, 200)}"
     print(f"{a.model.name} on {device.kind}: {len(setup.blocks)} blocks x {setup.horizon} steps x "
           f"{len(setup.nominal)} contexts per round, {a.rounds} rounds (order rotating); replay: {replay.mode}")
     for k in arms:

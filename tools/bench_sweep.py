@@ -40,6 +40,7 @@ from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
 from tqs_onnx.sweep import SweepConfig, divergence_mode, gpu_stream_mode, joint_divergence, prepare, score_block, scores_document
 from tqs_onnx.tiers import Tier, parse_tier
+from tqs_onnx.util import first_line
 from one_line_errors import run  # tools/: a user's error is one line, exit 2
 
 MEASURED_TIERS = DEFAULT_SWEEP_TIERS.split(",")  # the tiers `tqs-onnx sweep` measures by default
@@ -265,7 +266,7 @@ def main() -> None:
     try:  # the floor as the replay engine runs a graph (fixed buffers; CUDA graphs on a GPU)
         floor_replayed, floor_replayed_mode = replayed_floor_time(a.model, spec, contexts, device, a.repeats)
     except Exception as exc:  # a model the replay does not fit
-        floor_replayed, floor_replayed_mode = None, f"not measured: {str(exc).splitlines()[0][:200]}"
+        floor_replayed, floor_replayed_mode = None, f"not measured: {first_line(exc, 200)}"
     probes = len(setup.blocks) * (1 + a.probes)
     naive = naive_probe_time(loaded, setup, spec, contexts, device, min(3, len(setup.blocks)))
     per_probe = sweep_s / probes

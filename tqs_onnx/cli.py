@@ -86,6 +86,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_path(a: argparse.Namespace) -> Path:
+    """The sweep's checkpoint: --checkpoint, or OUTPUT.ckpt.jsonl."""
+    return Path(a.checkpoint or f"{a.output}.ckpt.jsonl")
+
+
 def cmd_sweep(a: argparse.Namespace) -> int:
     from tqs_onnx.graph import load_model
     from tqs_onnx.rollout import Contexts, RolloutSpec
@@ -93,7 +98,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from tqs_onnx.sweep import SweepConfig, run_sweep
     from tqs_onnx.tiers import parse_tiers
 
-    ckpt = Path(a.checkpoint or f"{a.output}.ckpt.jsonl")
+    ckpt = checkpoint_path(a)
     _check_output_files(a.output, str(ckpt), inputs=(a.model, a.rollout, a.contexts))
     if ckpt.resolve() == Path(a.output).resolve():
         raise TqsError(f"{ckpt}: the checkpoint and the scores (-o) must be two files")
@@ -652,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command == "sweep":
-            ckpt = Path(args.checkpoint or f"{args.output}.ckpt.jsonl")
+            ckpt = checkpoint_path(args)
             if ckpt.exists():
                 hint = f"; the finished blocks are kept in {ckpt}: run the same command with --resume to go on"
         print(f"tqs-onnx {args.command}: interrupted{hint}", file=sys.stderr)

@@ -28,7 +28,7 @@ from tqs_onnx.runtime import resolve_device
 from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, prepare, resumed_scores,
                             score_block, scores_document)
 from tqs_onnx.tiers import parse_tier
-from tqs_onnx.util import progress
+from tqs_onnx.util import first_line, progress
 
 MAX_LOSSES = 3  # a block that takes down this many workers kills them itself; retrying would not help
 
@@ -103,8 +103,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, **local)
     except Exception as exc:  # Ray raises ConnectionError, ValueError or RuntimeError here
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise TqsError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {first}") from None
+        raise TqsError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {first_line(exc)}") from None
     try:
         yield ray
     finally:
@@ -250,7 +249,7 @@ class WorkerPool:
         try:
             return ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            self.last_loss = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            self.last_loss = first_line(exc, 200)
             return _LOST
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, TqsError):

@@ -32,6 +32,7 @@ from tqs_onnx.evaluate import compare, require_finite_reference, rollouts, truth
 from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session
+from tqs_onnx.util import first_line
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 INFO = "info"  # reported beside the checks, never fails the gate
@@ -88,7 +89,7 @@ def check_structure(path: Path) -> tuple[Check, LoadedModel | None]:
         except TqsError as exc:
             return FAIL, str(exc), None, None
         except Exception as exc:  # onnx.checker raises several types
-            return FAIL, f"onnx.checker: {str(exc).strip().splitlines()[0][:200]}", None, None
+            return FAIL, f"onnx.checker: {first_line(exc, 200)}", None, None
         return PASS, "onnx.checker accepts the model", None, None
 
     check = _timed("checker", body)
@@ -140,7 +141,7 @@ def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: D
         except TqsError as exc:
             return FAIL, f"rollout fails: {exc}", None, None
         except Exception as exc:  # ORT run errors: shape or type problems inside the graph
-            return FAIL, f"rollout fails: {str(exc).strip().splitlines()[0][:200]}", None, None
+            return FAIL, f"rollout fails: {first_line(exc, 200)}", None, None
         bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(v))) for v in trajs[0].values())
         if bad:
             return FAIL, f"{bad:,} non-finite values in the rollout", float(bad), 0.0

@@ -35,7 +35,7 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.passes.replay import IndexedSteps
 from tqs_onnx.probes import DeviceProbes
 from tqs_onnx.rollout import Rollout
-from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, setting, make_session
+from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, make_session, setting
 from tqs_onnx.util import first_line
 
 
@@ -44,13 +44,9 @@ from tqs_onnx.util import first_line
 REPLAY_MAX_PASS_S = 0.02
 
 
-def _setting() -> str:
-    return setting("TQS_REPLAY")
-
-
 def replay_mode(device: Device) -> str:
     """'off', 'buffers' (fixed buffers, no capture) or 'cuda-graph' (TQS_REPLAY, TQS_CUDA_GRAPH)."""
-    if _setting() == "off":
+    if setting("TQS_REPLAY") == "off":
         return "off"
     if device.kind == "cuda" and setting("TQS_CUDA_GRAPH") == "on" and _graphs_safe():
         return "cuda-graph"
@@ -71,7 +67,7 @@ def _graphs_safe() -> bool:
 
 def replay_skipped(seconds_per_pass: float) -> str:
     """Why TQS_REPLAY=auto (the default) leaves a model on the step loop, or '' to replay it."""
-    if _setting() != "auto" or seconds_per_pass < REPLAY_MAX_PASS_S:
+    if setting("TQS_REPLAY") != "auto" or seconds_per_pass < REPLAY_MAX_PASS_S:
         return ""
     return (f"a forward pass takes {seconds_per_pass * 1e3:.0f} ms: replaying would save little and hold a "
             f"second session (TQS_REPLAY=on replays anyway)")

@@ -73,16 +73,16 @@ class RolloutSpec:
         for key in ("feedback", "initial", "per_step", "fixed", "constants", "truth", "channel_axis"):
             if not isinstance(raw.get(key, {}), dict):
                 raise TqsError(f"{where}: '{key}' must be a mapping")
-        for name, axis in (raw.get("channel_axis") or {}).items():
-            if _integer(axis) is None:
-                raise TqsError(f"{where}: channel_axis of '{name}' must be an integer, not {axis!r}")
+        channel_axis = {name: _integer(axis) for name, axis in (raw.get("channel_axis") or {}).items()}
+        for name, axis in channel_axis.items():
+            if axis is None:
+                raise TqsError(f"{where}: channel_axis of '{name}' must be an integer, not {raw['channel_axis'][name]!r}")
         for name, value in (raw.get("constants") or {}).items():
             try:
                 np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError):
                 raise TqsError(f"{where}: constant '{name}' must be a number or a list of numbers, not {value!r}") from None
-        raw = {**raw, "horizon": horizon,
-               "channel_axis": {k: _integer(v) for k, v in (raw.get("channel_axis") or {}).items()}}
+        raw = {**raw, "horizon": horizon, "channel_axis": channel_axis}
         return cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()})
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,6 +38,7 @@ import onnx
 from tqs_onnx.errors import TqsError
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, resolve_device, synthetic_feeds
+from tqs_onnx.util import first_line
 
 # Contrib ops that compute directly on stored integers: a weight feeding one is not decoded per call.
 FUSED_QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "QLinearMatMul", "QLinearConv", "QGemm", "QAttention",
@@ -137,8 +138,7 @@ def open_session(path: str | Path, device: Device, threads: int = 0, accuracy_le
     try:
         return ort.InferenceSession(str(path), so, providers=device.providers)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TqsError(f"{path}: ONNX Runtime cannot load the model: {first[:300]}") from None
+        raise TqsError(f"{path}: ONNX Runtime cannot load the model: {first_line(exc)}") from None
 
 
 def optimized_graph(path: str | Path, device: Device, threads: int = 0,
