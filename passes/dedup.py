@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -29,17 +29,25 @@ log = logging.getLogger("tqs_onnx.passes.dedup")
 
 DEFAULT_SIZE_FLOOR = 1024
 
-_Key = tuple[ir.DataType, tuple[int, ...], bytes]
+_Key = tuple[ir.DataType, tuple[int, ...]]
+
+
+@dataclass
+class _Entry:
+    """A canonical value; its digest is computed when a second tensor of its dtype and shape appears."""
+
+    value: ir.Value
+    digest: bytes | None = None
 
 
 @dataclass
 class _Scope:
     """Canonical values visible in one graph: its own plus those of enclosing graphs (defined earlier)."""
 
-    canonical: dict[_Key, ir.Value] = field(default_factory=dict)
+    canonical: dict[_Key, list[_Entry]] = field(default_factory=dict)
 
     def child(self) -> "_Scope":
-        return _Scope(dict(self.canonical))
+        return _Scope({k: list(v) for k, v in self.canonical.items()})
 
 
 @dataclass
@@ -62,11 +70,18 @@ class DeduplicateTensors:
 
     name = "deduplicate_tensors"
 
-    def __init__(self, size_floor: int = DEFAULT_SIZE_FLOOR):
+    def __init__(self, size_floor: int = DEFAULT_SIZE_FLOOR,
+                 read: Callable[[onnx.TensorProto], np.ndarray] | None = None):
         self.size_floor = size_floor
+        # `read` gives a proto tensor's values (a skeleton's stubs are read from the tensors they stand
+        # for: passes/detach.py); only tensors sharing a dtype and shape with another are ever read.
+        self.read = read
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         """Deduplicate; the report lists each merged tensor, the kept name, and bytes saved."""
+        if not self._has_candidates(model):
+            # No two tensors share a dtype and shape: skip the onnx-ir round trip (a copy of the model).
+            return PassResult(model=model, modified=False, report=_report([]))
         ir_model = ir.from_proto(model)
         merges: list[_Merge] = []
         self._dedup_graph(ir_model.graph, "main", _Scope(), merges)
@@ -95,18 +110,59 @@ class DeduplicateTensors:
         if value.is_graph_input():
             # Overridable at run time: neither removable nor a safe stand-in for others.
             return False
-        data = tensor.tobytes()
-        key: _Key = (tensor.dtype, tuple(tensor.shape.numpy()), hashlib.sha256(data).digest())
-        kept = scope.canonical.get(key)
-        if kept is None or not _same_bytes(kept, data):
-            scope.canonical.setdefault(key, value)
+        key: _Key = (tensor.dtype, tuple(tensor.shape.numpy()))
+        entries = scope.canonical.setdefault(key, [])
+        if not entries:
+            entries.append(_Entry(value))
             return False
-        if value.is_graph_output():
+        data = self._bytes(tensor)
+        digest = hashlib.sha256(data).digest()
+        kept = next((e.value for e in entries if self._digest(e) == digest and self._bytes(_constant_of(e.value)) == data),
+                    None)
+        if kept is None or value.is_graph_output():
+            entries.append(_Entry(value, digest))
             return False
         value.replace_all_uses_with(kept)
         merges.append(_Merge(removed=str(value.name), kept=str(kept.name), graph=path, nbytes=len(data)))
         log.debug("dedup: %s -> %s (%d bytes)", value.name, kept.name, len(data))
         return True
+
+    def _has_candidates(self, model: onnx.ModelProto) -> bool:
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for t in _proto_tensors(model.graph):
+            key = (t.data_type, tuple(t.dims))
+            if t.data_type == onnx.TensorProto.STRING or int(np.prod(t.dims, dtype=np.int64)) < self.size_floor:
+                continue
+            if key in seen:
+                return True
+            seen.add(key)
+        return False
+
+    def _digest(self, entry: _Entry) -> bytes:
+        if entry.digest is None:
+            entry.digest = hashlib.sha256(self._bytes(_constant_of(entry.value))).digest()
+        return entry.digest
+
+    def _bytes(self, tensor: ir.TensorProtocol | None) -> bytes:
+        assert tensor is not None
+        proto = getattr(tensor, "raw", None)
+        if self.read is not None and isinstance(proto, onnx.TensorProto):
+            return np.ascontiguousarray(self.read(proto)).tobytes()
+        return tensor.tobytes()
+
+
+def _proto_tensors(graph: onnx.GraphProto):
+    """Initializers and Constant values of `graph` and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_tensors(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _proto_tensors(g)
 
 
 def _constant_of(value: ir.Value) -> ir.TensorProtocol | None:
@@ -117,12 +173,6 @@ def _constant_of(value: ir.Value) -> ir.TensorProtocol | None:
     if producer is not None and _is_constant_tensor_node(producer):
         return producer.attributes["value"].as_tensor()
     return None
-
-
-def _same_bytes(kept: ir.Value, data: bytes) -> bool:
-    """Guard against digest collisions with an exact comparison."""
-    tensor = _constant_of(kept)
-    return tensor is not None and tensor.tobytes() == data
 
 
 def _is_constant_tensor_node(node: ir.Node) -> bool:

@@ -8,6 +8,7 @@ from onnx import version_converter
 from tqs_onnx.errors import TqsError
 from tqs_onnx.passes.base import PassResult, restore_opset_imports, restore_value_info
 from tqs_onnx.passes.detach import detach_initializers
+from tqs_onnx.passes.sparse import hide_sparse_initializers
 from tqs_onnx.util import first_line
 
 ORT_MAX_IR = 13  # the newest IR version onnxruntime 1.31 loads (onnx 1.23 writes 14 by default)
@@ -31,15 +32,18 @@ class UpgradeOpset:
             return PassResult(model, False, {"opset": current})
         # The converter serializes the model to C++ and back: hand it the graph without the weights' data.
         skeleton, stubs = detach_initializers(model)
+        sparse = hide_sparse_initializers(skeleton)
         try:
             out = version_converter.convert_version(skeleton, self.min_opset)
         except Exception as exc:
             msg = first_line(exc, 200)
             raise TqsError(f"cannot convert the model from opset {current} to {self.min_opset} "
                            f"(needed by the chosen tiers): {msg}") from None
+        sparse.restore(out)
         stubs.attach(out)
         # The converter leaves inferred shapes and re-encoded opset entries behind: keep the input's.
         restore_value_info(model, out)
         restore_opset_imports(model, out, self.min_opset)
         out.ir_version = min(max(model.ir_version, ir_for_opset(self.min_opset)), ORT_MAX_IR)
         return PassResult(out, True, {"opset": self.min_opset, "from": current})
+

@@ -618,3 +618,106 @@ def test_auto_keeps_a_lookup_table_behind_constant_indices_compact_after_load(tm
     expanded = index.size * 8 * 4
     assert max(initializer_bytes["load"].values()) >= expanded  # folded through the Gather at load
     assert sum(initializer_bytes["dq"].values()) < expanded / 2  # the compact table (and its index) stay
+
+
+def function_model(calls: int = 2):
+    """x -> Hidden(x) ... (called `calls` times, each holding W1 in a Constant of the function body) ->
+    Linear(h, W2): weights a torch export with modules as functions hides from a plain graph walk."""
+    r = np.random.default_rng(4)
+    W1 = (r.standard_normal((32, 32)) / 6).astype(np.float32)
+    W2 = (r.standard_normal((32, 32)) / 6).astype(np.float32)
+    hidden = helper.make_function("pkg", "Hidden", ["x"], ["y"], [
+        helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(W1)),
+        helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["y"])],
+        [helper.make_opsetid("", 17)])
+    linear = helper.make_function("pkg", "Linear", ["x", "W"], ["y"], [helper.make_node("MatMul", ["x", "W"], ["y"])],
+                                  [helper.make_opsetid("", 17)])
+    nodes, last = [], "x"
+    for i in range(calls):
+        nodes.append(helper.make_node("Hidden", [last], [f"h{i}"], domain="pkg", name=f"/hidden{i}"))
+        last = f"h{i}"
+    nodes.append(helper.make_node("Linear", [last, "W2"], ["y"], domain="pkg", name="/out"))
+    g = helper.make_graph(nodes, "g", [vec("x", 32)], [vec("y", 32)], [init("W2", W2)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("pkg", 1)],
+                          functions=[hidden, linear])
+    m.ir_version = 9
+    onnx.checker.check_model(m, full_check=True)
+    return m, W1, W2
+
+
+def test_weights_inside_local_functions_are_found_stored_once_and_fused(tmp_path):
+    m, W1, W2 = function_model(calls=2)
+    onnx.save(m, tmp_path / "m.onnx")
+    assert main(["inspect", str(tmp_path / "m.onnx"), "--json", "-o", str(tmp_path / "i.json")]) == 0
+    doc = json.loads((tmp_path / "i.json").read_text())
+    weights = {w["name"]: w for w in doc["weights"]}
+    # Two calls inline two copies of W1; the duplicate pass keeps one, read by both MatMuls.
+    assert len(weights) == 2 and doc["parameters"] == W1.size + W2.size
+    assert all(w["quantizable"] and w["fused_dq"] for w in weights.values())
+    assert doc["lossless"]["inline-functions"]["calls"] == 3
+    assert doc["lossless"]["dedup"]["tensors_removed"] == 1
+    w1 = next(n for n in weights if n != "W2")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({w1: "int8", "W2": "int4"}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert not q.functions and sum(n.op_type == "DequantizeLinear" for n in q.graph.node) == 2
+    x = {"x": np.random.default_rng(5).standard_normal((1, 32)).astype(np.float32)}
+    d1 = reference_dequant(W1, 8)
+    want = np.tanh(np.tanh(x["x"] @ d1) @ d1) @ reference_dequant(W2, 4)
+    np.testing.assert_allclose(run(str(tmp_path / "q.onnx"), x)[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_identical_tensors_are_written_once_and_planned_size_is_on_disk(tmp_path):
+    """W and its copy W_copy (two MatMuls) become one weight: one block, one stored tensor."""
+    r = np.random.default_rng(6)
+    W = (r.standard_normal((32, 32)) / 6).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["b"]),
+             helper.make_node("MatMul", ["b", "W_copy"], ["c"]), helper.make_node("Add", ["x", "c"], ["x_next"])]
+    m = model(nodes, [init("W", W), init("W_copy", W.copy())], [vec("x", 32)], [vec("x_next", 32)])
+    spec = {"horizon": 6, "feedback": {"x_next": "x"}, "trajectory": ["x_next"], "initial": {"x": "x0"}}
+    paths = save_case(tmp_path, m, spec, {"x0": r.standard_normal((2, 1, 32)).astype(np.float32)})
+    scores, plan, q = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "q.onnx"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "-o", str(scores), "--probes", "1", "--tiers", "int8", "--quiet"]) == 0
+    assert [b["weights"] for b in json.loads(scores.read_text())["blocks"]] == [["W"]]
+    assert main(["allocate", str(scores), "--compression", "6", "-o", str(plan), "--quiet"]) == 0
+    assert main(["apply", str(paths["model"]), str(plan), "-o", str(q), "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["on_disk_compression"] == pytest.approx(report["planned_compression"], rel=0.002)
+    assert report["on_disk_compression"] > 6  # one INT8 copy of the two FP32 ones
+    written = onnx.load(str(q))
+    assert [t.name for t in written.graph.initializer if t.data_type == TensorProto.INT8] == ["W__q"]
+    x = {"x": r.standard_normal((1, 32)).astype(np.float32)}
+    d = reference_dequant(W, 8)
+    np.testing.assert_allclose(run(str(q), x)[0], x["x"] + np.tanh(x["x"] @ d) @ d, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_initializer_is_kept_as_stored_through_an_opset_upgrade(tmp_path):
+    """A sparse initializer is not quantized and survives the passes that do not know it (onnx-ir
+    lifting a Constant, the version converter that INT4 needs)."""
+    r = np.random.default_rng(7)
+    S = np.zeros((16, 16), np.float32)
+    S[r.integers(0, 16, 12), r.integers(0, 16, 12)] = r.standard_normal(12).astype(np.float32)
+    Wc = (r.standard_normal((16, 16)) / 4).astype(np.float32)
+    idx = np.flatnonzero(S).astype(np.int64)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(S.ravel()[idx], "S"),
+                                       numpy_helper.from_array(idx, "S_idx"), [16, 16])
+    nodes = [helper.make_node("Constant", [], ["Wc"], value=numpy_helper.from_array(Wc)),
+             helper.make_node("MatMul", ["x", "Wc"], ["a"]), helper.make_node("MatMul", ["a", "S"], ["y"])]
+    g = helper.make_graph(nodes, "g", [vec("x", 16)], [vec("y", 16)], sparse_initializer=[sparse])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    onnx.checker.check_model(m)
+    onnx.save(m, tmp_path / "m.onnx")
+    assert main(["inspect", str(tmp_path / "m.onnx"), "--json", "--min-size", "16", "-o", str(tmp_path / "i.json")]) == 0
+    doc = json.loads((tmp_path / "i.json").read_text())
+    assert [w["name"] for w in doc["weights"]] == ["Wc"]
+    assert doc["sparse_initializers"] == [{"name": "S", "shape": [16, 16], "stored_values": idx.size}]
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"Wc": "int4"}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert [sp.SerializeToString() for sp in q.graph.sparse_initializer] == [sparse.SerializeToString()]
+    assert [i.name for i in q.graph.input] == ["x"] and q.opset_import[0].version >= 21
+    x = {"x": r.standard_normal((1, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(str(tmp_path / "q.onnx"), x)[0], x["x"] @ reference_dequant(Wc, 4) @ S,
+                               rtol=1e-4, atol=1e-5)

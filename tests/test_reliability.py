@@ -23,6 +23,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tiny import init, recurrent_contexts, recurrent_mlp, recurrent_spec, rng_weights, save_case, vec
+from tiny import model as tiny_model
 from tqs_onnx.cli import main
 
 # ------------------------------------------------------------------------------ watching file access
@@ -177,6 +178,37 @@ def external_w1(c: Case, location: str, **info: str) -> str:
     for k, v in info.items():
         t.external_data.add(key=k, value=v)
     return c.save(m, "ext.onnx")
+
+
+def external_w1_in_function(c: Case, location: str) -> str:
+    """The good model with W1 held by a Constant inside a local function, its data stored externally."""
+    m = recurrent_mlp()
+    t = onnx.TensorProto()
+    t.CopyFrom(_w1_tensor())
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    f = helper.make_function("pkg", "First", ["x"], ["a"], [helper.make_node("Constant", [], ["W"], value=t),
+                                                           helper.make_node("MatMul", ["x", "W"], ["a"])],
+                             [helper.make_opsetid("", 17)])
+    node = next(n for n in m.graph.node if "W1" in n.input)
+    node.CopyFrom(helper.make_node("First", ["x"], list(node.output), domain="pkg"))
+    m.graph.ClearField("initializer")
+    m.graph.initializer.extend(t for t in recurrent_mlp().graph.initializer if t.name != "W1")
+    m.functions.append(f)
+    m.opset_import.append(helper.make_opsetid("pkg", 1))
+    return c.save(m, "fext.onnx")
+
+
+def sparse_in_subgraph_model() -> onnx.ModelProto:
+    """x -> If(c) { MatMul(x, S) with S a sparse initializer of the branch } else x."""
+    sp = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(3, np.float32), "S"),
+                                   numpy_helper.from_array(np.array([0, 17, 34], np.int64), "S_i"), [16, 16])
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "S"], ["t"])], "then", [], [vec("t", 16)],
+                               sparse_initializer=[sp])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [vec("e", 16)])
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    return tiny_model(nodes, [numpy_helper.from_array(np.array(True), "c")], [vec("x", 16)], [vec("y", 16)])
 
 
 def w1_bytes() -> bytes:
@@ -355,6 +387,10 @@ case("external data shorter than the tensor", "W1", "bytes")(
     lambda c: (c.write("w1.bin", w1_bytes()[:100]), ["inspect", external_w1(c, "w1.bin")])[1])
 case("external data ../ escape", "outside the model folder")(
     lambda c: ["inspect", external_w1(c, "../outside/secret.bin")])
+case("external data ../ escape inside a local function", "outside the model folder")(
+    lambda c: ["inspect", external_w1_in_function(c, "../outside/secret.bin")])
+case("sparse initializer inside a subgraph", "sparse initializers inside a subgraph")(
+    lambda c: ["inspect", c.save(sparse_in_subgraph_model())])
 case("external data absolute path", "outside the model folder")(
     lambda c: ["inspect", external_w1(c, str(c.secret))])
 case("external data symlink to a file outside", "outside the model folder")(

@@ -47,15 +47,37 @@ def _iter_graphs(graph: onnx.GraphProto):
 
 
 def iter_tensors(model: onnx.ModelProto):
-    """Every tensor a model stores: initializers and Constant values of all graphs."""
+    """Every tensor a model stores: initializers (sparse ones as values and indices) and Constant
+    values of all graphs, and the Constant values inside local functions' bodies."""
     for g in _iter_graphs(model.graph):
-        yield from g.initializer
-        for node in g.node:
+        yield from _graph_tensors(g)
+    for f in model.functions:
+        yield from _node_tensors(f.node)
+        for node in f.node:
             for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                    for g in _iter_graphs(sub):
+                        yield from _graph_tensors(g)
+
+
+def _graph_tensors(g: onnx.GraphProto):
+    yield from g.initializer
+    for sparse in g.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    yield from _node_tensors(g.node)
+
+
+def _node_tensors(nodes):
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield attr.sparse_tensor.values
+                yield attr.sparse_tensor.indices
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:

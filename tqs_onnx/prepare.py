@@ -1,4 +1,5 @@
-"""The graph every stage works on: hidden weights lifted, expanded lookup tables factored (exact).
+"""The graph every stage works on: local functions inlined, hidden weights lifted, expanded lookup
+tables factored and identical tensors stored once (both exact).
 
 Sweep, inspect and apply all start from `prepare_graph`, so the weights the sweep scores and sizes
 are the very tensors `apply` writes.
@@ -11,10 +12,13 @@ from typing import Any
 
 import onnx
 
+from tqs_onnx.passes.dedup import DeduplicateTensors
 from tqs_onnx.passes.detach import Stubs, detach
 from tqs_onnx.passes.factor_tables import FactorExpandedTables
+from tqs_onnx.passes.inline import InlineLocalFunctions
 from tqs_onnx.passes.lift import LiftWeights
 from tqs_onnx.passes.opset import ORT_MAX_IR
+from tqs_onnx.passes.sparse import hide_sparse_initializers
 
 
 @dataclass
@@ -27,21 +31,31 @@ class PreparedGraph:
 
 
 def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bool = False) -> PreparedGraph:
-    """Lift hidden weights and factor expanded tables into a new model; the caller's is only read.
+    """Inline local functions, lift hidden weights, factor expanded tables and store identical tensors
+    once (the last two are the lossless passes `factor` turns off) into a new model; the caller's is
+    only read.
 
-    Both passes restructure a skeleton (passes/detach.py) whose large tensors hold no data; the data
+    The passes restructure a skeleton (passes/detach.py) whose large tensors hold no data; the data
     of those kept as they are is copied once, at the end, so the result costs its own size and not
     the input's size once per pass. With `keep_detached` the large main-graph initializers stay
     stubs and `stubs` reads and attaches their data (apply attaches only the weights it keeps).
     """
     detached = detach(model)
-    lifted = LiftWeights(inplace=True).run(detached.skeleton)
+    sparse = hide_sparse_initializers(detached.skeleton)
+    inlined = InlineLocalFunctions().run(detached.skeleton)
+    lifted = LiftWeights(inplace=True).run(inlined.model)
     reports = {"lift-weights": {"lifted": lifted.report.get("lifted", 0)}}
+    if inlined.modified:
+        reports["inline-functions"] = inlined.report
     out = lifted.model
     if factor:
         result = FactorExpandedTables(inplace=True, read=detached.array).run(out)
-        out = result.model
         reports["factor-tables"] = {k: v for k, v in result.report.items()}
+        # After factoring, so that tables factored alike share their table and index too.
+        shared = DeduplicateTensors(read=detached.array).run(result.model)
+        reports["dedup"] = shared.report
+        out = shared.model
+    sparse.restore(out)
     # A file written by onnx >= 1.23 with its default IR 14 runs in ONNX Runtime once the IR is lowered
     # (nothing the tiers write needs more than 10; the written model is checked by onnx.checker). An IR
     # newer than the installed onnx knows is left for ONNX Runtime to refuse.

@@ -56,7 +56,16 @@ def inspect_model(loaded: LoadedModel, blocks: str = "auto", min_size: int = DEF
         "block_mode": blocks,
         "proposed_rollout_spec": propose_spec(*sig),
         "lossless": prepared.reports,
+        "sparse_initializers": [{"name": sp.values.name, "shape": list(sp.dims), "stored_values": _numel(sp.values)}
+                                for sp in model.graph.sparse_initializer],
     }
+
+
+def _numel(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n
 
 
 def _ort_name(dtype: str) -> str:
@@ -86,6 +95,20 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
     if fac.get("tensors"):
         lines += ["", f"lossless factoring: {len(fac['tensors'])} expanded lookup tables, "
                       f"{fac.get('bytes_before', 0):,} -> {fac.get('bytes_after', 0):,} bytes (exact; apply does it by default)"]
+    notes = []
+    dup = doc.get("lossless", {}).get("dedup", {})
+    if dup.get("tensors_removed"):
+        notes += [f"identical tensors stored once: {dup['tensors_removed']} copies, {dup['bytes_saved']:,} bytes saved "
+                  "(exact; apply does it by default)"]
+    inl = doc.get("lossless", {}).get("inline-functions", {})
+    if inl.get("functions"):
+        notes += [f"local functions inlined (as ONNX Runtime does at load): {inl['functions']} functions, "
+                  f"{inl['calls']} calls"]
+    for sp in doc.get("sparse_initializers", []):
+        notes += [f"sparse initializer {sp['name']} {sp['shape']} ({sp['stored_values']:,} values stored): "
+                  "kept as stored, not quantized"]
+    if notes:
+        lines += ([] if fac.get("tensors") else [""]) + notes
     if doc["proposed_rollout_spec"]:
         fb = doc["proposed_rollout_spec"]["feedback"]
         lines += ["", "proposed rollout spec (--json for all of it): feedback " +

@@ -1,0 +1,46 @@
+"""Inline model-local functions, so weights inside them and ops behind them are seen as they run.
+
+Exporters that keep modules as functions (torch.onnx's `export_modules_as_functions`, onnxscript)
+hide Constant-node weights inside FunctionProto bodies and put every MatMul behind a call node.
+ONNX Runtime inlines such functions when it loads the model; this pass does the same first (onnx's
+own inliner), so lifting finds the weights, blocks group them by the ops that really consume them,
+and the writer's forms match what ORT fuses. A function called several times inlines its Constants
+once per call; the duplicate pass (passes/dedup.py) stores them once again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx
+import onnx.inliner
+
+from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import _iter_graphs
+from tqs_onnx.passes.base import PassResult
+from tqs_onnx.util import first_line
+
+
+class InlineLocalFunctions:
+    name = "inline-functions"
+
+    def run(self, model: onnx.ModelProto) -> PassResult:
+        if not model.functions:
+            return PassResult(model, False, {"functions": 0, "calls": 0})
+        local = {(f.domain, f.name) for f in model.functions}
+        calls = Counter(f"{n.domain}.{n.op_type}" for n in _all_nodes(model) if (n.domain, n.op_type) in local)
+        try:
+            out = onnx.inliner.inline_local_functions(model, convert_version=True)
+        except Exception as exc:
+            raise TqsError(f"cannot inline the model's local functions: {first_line(exc, 200)}") from None
+        # Domains only the functions used stay imported: harmless, and a later pass may not know them.
+        return PassResult(out, True, {"functions": len(model.functions), "calls": sum(calls.values()),
+                                      "called": dict(sorted(calls.items()))})
+
+
+def _all_nodes(model: onnx.ModelProto):
+    """Nodes of the main graph, its subgraphs, and the functions' bodies (functions may call functions)."""
+    for g in _iter_graphs(model.graph):
+        yield from g.node
+    for f in model.functions:
+        yield from f.node
