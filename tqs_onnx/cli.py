@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "auto: layer, or tensor when the layers form a single block)")
     s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not factor expanded lookup tables (exact, on by default) before listing weights")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once; exact, on by default) before listing weights")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("-o", "--output", help="also write the JSON here")
     s.set_defaults(func=cmd_inspect)
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_SWEEP_TIERS}; '' to skip; opt-in: zero, int1, /mse clipped scales "
                         "such as int4/channel/mse)")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not factor expanded lookup tables (exact, on by default) before scoring")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once; exact, on by default) before scoring")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint after an interruption")
     s.add_argument("--workers", type=int, default=1, metavar="N",
@@ -495,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(s, what="ONNX model")
     s.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 1.5 GB)")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not factor expanded lookup tables (exact, on by default) before writing (the plan must then name no factored table)")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once; exact, on by default) before writing (the plan must then come from a sweep with --no-factor)")
     s.add_argument("--force", action="store_true", help="apply a plan whose model checksum differs")
     s.add_argument("--report", metavar="JSON", help="write the apply report here")
     _rollout_args(s, required=False)
