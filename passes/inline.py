@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 import onnx
+import onnx.defs
 import onnx.inliner
 
 from tqs_onnx.errors import TqsError
@@ -21,21 +22,32 @@ from tqs_onnx.passes.base import PassResult
 from tqs_onnx.util import first_line
 
 
+# Domains whose ops ONNX Runtime may run with its own kernel even where the model also gives a body.
+_KERNEL_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc")
+
+
 class InlineLocalFunctions:
     name = "inline-functions"
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        if not model.functions:
+        # A function standing for an op ORT implements (a fallback body) is kept: inlined, it would
+        # replace the kernel ORT runs with its decomposition.
+        kept = [(f.domain, f.name) for f in model.functions
+                if f.domain in _KERNEL_DOMAINS or onnx.defs.has(f.name, f.domain)]
+        local = {(f.domain, f.name) for f in model.functions} - set(kept)
+        if not local:
             return PassResult(model, False, {"functions": 0, "calls": 0})
-        local = {(f.domain, f.name) for f in model.functions}
         calls = Counter(f"{n.domain}.{n.op_type}" for n in _all_nodes(model) if (n.domain, n.op_type) in local)
         try:
-            out = onnx.inliner.inline_local_functions(model, convert_version=True)
+            if kept:
+                out = onnx.inliner.inline_selected_functions(model, kept, exclude=True)
+            else:
+                out = onnx.inliner.inline_local_functions(model, convert_version=True)
         except Exception as exc:
             raise TqsError(f"cannot inline the model's local functions: {first_line(exc, 200)}") from None
         # Domains only the functions used stay imported: harmless, and a later pass may not know them.
-        return PassResult(out, True, {"functions": len(model.functions), "calls": sum(calls.values()),
-                                      "called": dict(sorted(calls.items()))})
+        return PassResult(out, True, {"functions": len(local), "calls": sum(calls.values()),
+                                      "called": dict(sorted(calls.items())), "kept": [f"{d}.{n}" for d, n in kept]})
 
 
 def _all_nodes(model: onnx.ModelProto):

@@ -721,3 +721,20 @@ def test_sparse_initializer_is_kept_as_stored_through_an_opset_upgrade(tmp_path)
     x = {"x": r.standard_normal((1, 16)).astype(np.float32)}
     np.testing.assert_allclose(run(str(tmp_path / "q.onnx"), x)[0], x["x"] @ reference_dequant(Wc, 4) @ S,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_function_standing_for_an_ort_kernel_is_not_inlined():
+    """com.microsoft.Gelu given a (wrong) fallback body: ORT runs its own kernel, and so must we."""
+    from tqs_onnx.prepare import prepare_graph
+
+    m, _, _ = function_model(calls=1)
+    m.functions.append(helper.make_function("com.microsoft", "Gelu", ["X"], ["Y"], [helper.make_node("Identity", ["X"], ["Y"])],
+                                            [helper.make_opsetid("", 17)]))
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    m.graph.node[-1].output[0] = "pre"
+    m.graph.node.append(helper.make_node("Gelu", ["pre"], ["y"], domain="com.microsoft"))
+    prepared = prepare_graph(m)
+    assert [f.name for f in prepared.model.functions] == ["Gelu"]
+    assert prepared.reports["inline-functions"]["kept"] == ["com.microsoft.Gelu"]
+    x = {"x": np.random.default_rng(8).standard_normal((1, 32)).astype(np.float32)}
+    np.testing.assert_array_equal(run(prepared.model, x)[0], run(m, x)[0])
