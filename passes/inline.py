@@ -5,7 +5,8 @@ hide Constant-node weights inside FunctionProto bodies and put every MatMul behi
 ONNX Runtime inlines such functions when it loads the model; this pass does the same first (onnx's
 own inliner), so lifting finds the weights, blocks group them by the ops that really consume them,
 and the writer's forms match what ORT fuses. A function called several times inlines its Constants
-once per call; the duplicate pass (passes/dedup.py) stores them once again.
+once per call; the duplicate pass (passes/dedup.py, run by tqs_onnx/prepare.py down to 16
+elements) stores them once again.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class InlineLocalFunctions:
         local = {(f.domain, f.name) for f in model.functions} - set(kept)
         if not local:
             return PassResult(model, False, {"functions": 0, "calls": 0})
-        calls = Counter(f"{n.domain}.{n.op_type}" for n in _all_nodes(model) if (n.domain, n.op_type) in local)
+        sites = Counter(f"{n.domain}.{n.op_type}" for n in _all_nodes(model) if (n.domain, n.op_type) in local)
         try:
             if kept:
                 out = onnx.inliner.inline_selected_functions(model, kept, exclude=True)
@@ -46,8 +47,11 @@ class InlineLocalFunctions:
         except Exception as exc:
             raise TqsError(f"cannot inline the model's local functions: {first_line(exc, 200)}") from None
         # Domains only the functions used stay imported: harmless, and a later pass may not know them.
-        return PassResult(out, True, {"functions": len(local), "calls": sum(calls.values()),
-                                      "called": dict(sorted(calls.items())), "kept": [f"{d}.{n}" for d, n in kept]})
+        functions = sum((f.domain, f.name) in local for f in model.functions)  # overloads count apart
+        # Call sites in the main graph, its subgraphs and the functions' bodies (a call inside a
+        # function is inlined once per call of that function).
+        return PassResult(out, True, {"functions": functions, "call_sites": sum(sites.values()),
+                                      "called": dict(sorted(sites.items())), "kept": [f"{d}.{n}" for d, n in kept]})
 
 
 def _all_nodes(model: onnx.ModelProto):

@@ -654,7 +654,7 @@ def test_weights_inside_local_functions_are_found_stored_once_and_fused(tmp_path
     # Two calls inline two copies of W1; the duplicate pass keeps one, read by both MatMuls.
     assert len(weights) == 2 and doc["parameters"] == W1.size + W2.size
     assert all(w["quantizable"] and w["fused_dq"] for w in weights.values())
-    assert doc["lossless"]["inline-functions"]["calls"] == 3
+    assert doc["lossless"]["inline-functions"]["call_sites"] == 3
     assert doc["lossless"]["dedup"]["tensors_removed"] == 1
     w1 = next(n for n in weights if n != "W2")
     out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({w1: "int8", "W2": "int4"}, {}))
@@ -737,4 +737,66 @@ def test_a_function_standing_for_an_ort_kernel_is_not_inlined():
     assert [f.name for f in prepared.model.functions] == ["Gelu"]
     assert prepared.reports["inline-functions"]["kept"] == ["com.microsoft.Gelu"]
     x = {"x": np.random.default_rng(8).standard_normal((1, 32)).astype(np.float32)}
+    np.testing.assert_array_equal(run(prepared.model, x)[0], run(m, x)[0])
+
+
+def test_sparse_tensors_stay_as_the_model_stores_them(tmp_path, monkeypatch):
+    """A sparse initializer that is also a graph input stays overridable; a Constant(sparse_value) comes
+    back as a sparse initializer; sparse values stored as external data are read from the model's folder
+    (onnx's loader skips them, and ORT would look in its working folder)."""
+    r = np.random.default_rng(9)
+    S = np.zeros((16, 16), np.float32)
+    S[r.integers(0, 16, 12), r.integers(0, 16, 12)] = r.standard_normal(12).astype(np.float32)
+    idx = np.flatnonzero(S).astype(np.int64)
+
+    def sparse(name):
+        return helper.make_sparse_tensor(numpy_helper.from_array(S.ravel()[idx], name),
+                                         numpy_helper.from_array(idx, f"{name}_idx"), [16, 16])
+    W = (r.standard_normal((16, 16)) / 4).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["C"], sparse_value=sparse("C")),
+             helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("MatMul", ["a", "S"], ["b"]),
+             helper.make_node("MatMul", ["b", "C"], ["y"])]
+    s_in = sparse("S")
+    s_in.values.data_location = TensorProto.EXTERNAL
+    s_in.values.external_data.add(key="location", value="s.bin")
+    (tmp_path / "s.bin").write_bytes(s_in.values.raw_data)
+    s_in.values.ClearField("raw_data")
+    g = helper.make_graph(nodes, "g", [vec("x", 16), helper.make_tensor_value_info("S", TensorProto.FLOAT, [16, 16])],
+                          [vec("y", 16)], [init("W", W)], sparse_initializer=[s_in])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    onnx.save(m, tmp_path / "m.onnx")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "s.bin").write_bytes(np.full(idx.size, np.nan, np.float32).tobytes())  # a decoy
+    monkeypatch.chdir(elsewhere)
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": "int4"}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert [i.name for i in q.graph.input] == ["x", "S"] and not any(n.op_type == "Constant" for n in q.graph.node)
+    assert sorted(sp.values.name for sp in q.graph.sparse_initializer) == ["C", "S"]
+    x = {"x": r.standard_normal((1, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(str(tmp_path / "q.onnx"), x)[0], x["x"] @ reference_dequant(W, 4) @ S @ S,
+                               rtol=1e-4, atol=1e-5)
+    other = r.standard_normal((16, 16)).astype(np.float32)  # S is still an input
+    np.testing.assert_allclose(run(str(tmp_path / "q.onnx"), {**x, "S": other})[0],
+                               x["x"] @ reference_dequant(W, 4) @ other @ S, rtol=1e-4, atol=1e-5)
+
+
+def test_a_small_function_constant_inlined_at_every_call_is_stored_once():
+    from tqs_onnx.prepare import prepare_graph
+
+    r = np.random.default_rng(10)
+    K = r.standard_normal((4, 4)).astype(np.float32)  # 16 elements: below the 1024 of the pass's default
+    f = helper.make_function("pkg", "F", ["x"], ["y"], [helper.make_node("Constant", [], ["K"], value=numpy_helper.from_array(K)),
+                                                       helper.make_node("MatMul", ["x", "K"], ["y"])],
+                             [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("F", [f"h{i}"], [f"h{i + 1}"], domain="pkg") for i in range(10)]
+    g = helper.make_graph(nodes, "g", [vec("h0", 4)], [vec("h10", 4)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("pkg", 1)], functions=[f])
+    m.ir_version = 9
+    for factor in (True, False):
+        prepared = prepare_graph(m, factor)
+        assert len(prepared.model.graph.initializer) == 1 and prepared.reports["dedup"]["tensors_removed"] == 9
+    x = {"h0": r.standard_normal((1, 4)).astype(np.float32)}
     np.testing.assert_array_equal(run(prepared.model, x)[0], run(m, x)[0])

@@ -200,6 +200,21 @@ def external_w1_in_function(c: Case, location: str) -> str:
     return c.save(m, "fext.onnx")
 
 
+def external_in_training_info(c: Case, location: str) -> str:
+    """The good model with a training_info initializer stored externally at `location`."""
+    m = recurrent_mlp()
+    t = onnx.TensorProto()
+    t.CopyFrom(_w1_tensor())
+    t.name = "T0"
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    info = m.training_info.add()
+    info.initialization.name = "init"
+    info.initialization.initializer.append(t)
+    return c.save(m, "train.onnx")
+
+
 def sparse_in_subgraph_model() -> onnx.ModelProto:
     """x -> If(c) { MatMul(x, S) with S a sparse initializer of the branch } else x."""
     sp = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(3, np.float32), "S"),
@@ -389,7 +404,18 @@ case("external data ../ escape", "outside the model folder")(
     lambda c: ["inspect", external_w1(c, "../outside/secret.bin")])
 case("external data ../ escape inside a local function", "outside the model folder")(
     lambda c: ["inspect", external_w1_in_function(c, "../outside/secret.bin")])
-case("sparse initializer inside a subgraph", "sparse initializers inside a subgraph")(
+case("external data ../ escape in training_info", "outside the model folder")(
+    lambda c: ["inspect", external_in_training_info(c, "../outside/secret.bin")])
+case("apply output is the input's external data file", "refusing to overwrite a file of the input model")(
+    lambda c: (c.write("w1.bin", w1_bytes()),
+               ["apply", external_w1(c, "w1.bin"), c.copy("plan"), "-o", c.path("w1.bin"), "--force"])[1])
+case("apply output's data file is the input's", "refusing to overwrite a file of the input model")(
+    lambda c: (c.write("q.onnx.data", w1_bytes()),
+               ["apply", external_w1(c, "q.onnx.data"), c.copy("plan"), "-o", c.path("q.onnx"), "--force",
+                "--external-data"])[1])
+case("apply --no-factor with a plan sized after the lossless passes", "lossless passes")(
+    lambda c: ["apply", c.copy("model"), c.copy("plan"), "-o", c.path("q.onnx"), "--no-factor"])
+case("sparse initializer inside a subgraph", "sparse tensors inside a subgraph")(
     lambda c: ["inspect", c.save(sparse_in_subgraph_model())])
 case("external data absolute path", "outside the model folder")(
     lambda c: ["inspect", external_w1(c, str(c.secret))])
@@ -955,7 +981,7 @@ def test_apply_failing_its_checks_keeps_the_previous_output(base, tmp_path, monk
 
     monkeypatch.setattr(tqs_onnx.evaluate, "verify_written", interrupted)
     before = listing(tmp_path)
-    rc, _ = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(out), "--quiet", "--no-factor"], capfd)
+    rc, _ = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(out), "--quiet"], capfd)
     assert rc == 130
     assert listing(tmp_path) == before and out.read_bytes() == previous
 

@@ -212,8 +212,10 @@ def cmd_apply(a: argparse.Namespace) -> int:
         raise TqsError("--rollout and --contexts go together (the written model is verified by a rollout on the "
                        "contexts); without both it is checked on one step of synthetic inputs")
     plan = load_plan(a.plan)
-    if a.no_factor:
-        plan["factor"] = False
+    if a.no_factor and plan.get("factor", True):
+        raise TqsError(f"{a.plan}: the plan was sized after the lossless passes (its sweep ran without "
+                       "--no-factor); writing without them would not give the planned size. Sweep with "
+                       "--no-factor to plan without them")
     loaded = load_model(a.model)
     if plan["model"].get("sha256") not in (None, loaded.sha256) and not a.force:
         raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
@@ -226,7 +228,7 @@ def cmd_apply(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     checks: dict[str, Any] = {}
     # Checked on the temporary copy: a model that fails never replaces `out`.
-    files = save_model(model, out, a.external_data or None,
+    files = save_model(model, out, a.external_data or None, keep=loaded.files,
                        check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out)))
     on_disk = sum(f.stat().st_size for f in files)  # the model and its data file, as written
     report = {"schema_version": SCHEMA_VERSION, "kind": "tqs-apply-report", "tool_version": __version__,
@@ -495,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(s, what="ONNX model")
     s.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 1.5 GB)")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once; exact, on by default) before writing (the plan must then come from a sweep with --no-factor)")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once); only for a plan from a sweep with --no-factor, which this is then checked to be")
     s.add_argument("--force", action="store_true", help="apply a plan whose model checksum differs")
     s.add_argument("--report", metavar="JSON", help="write the apply report here")
     _rollout_args(s, required=False)

@@ -73,7 +73,7 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     for name, plan in plans.items():
         path = out / f"{DEMO}.{name}.onnx"
         model, _ = rewrite_model(loaded, plan)
-        save_model(model, path)
+        save_model(model, path, keep=loaded.files)
         verify_written(path, device, spec, eval_ctx.subset(slice(0, 1)))
         report = evaluate(loaded.path, path, spec, eval_ctx, device)
         rows.append(_row(name, loaded.file_bytes, report["compression"]["candidate_bytes"], report, plan))

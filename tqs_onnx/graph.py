@@ -19,6 +19,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 import onnx
+from onnx import external_data_helper
 from onnx import numpy_helper
 
 from tqs_onnx.errors import TqsError
@@ -48,9 +49,13 @@ def _iter_graphs(graph: onnx.GraphProto):
 
 def iter_tensors(model: onnx.ModelProto):
     """Every tensor a model stores: initializers (sparse ones as values and indices) and Constant
-    values of all graphs, and the Constant values inside local functions' bodies."""
+    values of all graphs (training_info's too), and the Constant values inside local functions' bodies."""
     for g in _iter_graphs(model.graph):
         yield from _graph_tensors(g)
+    for info in model.training_info:
+        for top in (info.initialization, info.algorithm):
+            for g in _iter_graphs(top):
+                yield from _graph_tensors(g)
     for f in model.functions:
         yield from _node_tensors(f.node)
         for node in f.node:
@@ -178,6 +183,12 @@ class LoadedModel:
     model: onnx.ModelProto
     file_bytes: int  # the .onnx file plus its external-data files
     sha256: str
+    data_files: list[Path] = field(default_factory=list)  # its external-data files (resolved)
+
+    @property
+    def files(self) -> list[Path]:
+        """The model file and its data files: what no output may replace."""
+        return [self.path.resolve(), *self.data_files]
 
 
 def file_digest(path: Path) -> str:
@@ -206,13 +217,19 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     data_files = _check_external_data(model, path)
     if data_files:
         try:
-            onnx.load_external_data_for_model(model, str(path.parent))
+            # Every tensor iter_tensors checked, sparse ones too (onnx's own loader skips those, and
+            # ORT would read them relative to its working folder); loaded, a tensor is an inline one.
+            for t in iter_tensors(model):
+                if t.data_location == onnx.TensorProto.EXTERNAL:
+                    external_data_helper.load_external_data_for_tensor(t, str(path.parent))
+                    t.ClearField("data_location")
+                    t.ClearField("external_data")
         except Exception as exc:
             raise TqsError(f"{path}: cannot read external data ({exc})") from None
     _check_tensor_sizes(model, path)
     _check_acyclic(model, path)
     total = path.stat().st_size + sum(f.stat().st_size for f in data_files)
-    return LoadedModel(path, model, total, file_digest(path))
+    return LoadedModel(path, model, total, file_digest(path), data_files)
 
 
 def main_opset(model: onnx.ModelProto) -> int:

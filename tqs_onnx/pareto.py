@@ -181,7 +181,7 @@ def write_and_measure(run: FrontierRun, plan: dict[str, Any], rel: str) -> dict[
         return {**run.evaluated[key], "reused": True}
     path = run.out_dir / rel
     model, _ = rewrite_model(run.loaded, plan)
-    save_model(model, path)
+    save_model(model, path, keep=run.loaded.files)
     try:
         verify_written(path, run.device, run.spec, run.eval_contexts.subset(slice(0, 1)))
     except TqsError:

@@ -21,6 +21,9 @@ from tqs_onnx.passes.opset import ORT_MAX_IR
 from tqs_onnx.passes.sparse import hide_sparse_initializers
 
 
+LIFT_FLOOR = 16  # smallest Constant-node tensor lifted to an initializer, and smallest tensor deduplicated
+
+
 @dataclass
 class PreparedGraph:
     model: onnx.ModelProto
@@ -41,9 +44,11 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
     stubs and `stubs` reads and attaches their data (apply attaches only the weights it keeps).
     """
     detached = detach(model)
+    # Training-only graphs name the FP32 weights this rewrite replaces: an inference model drops them.
+    detached.skeleton.ClearField("training_info")
     sparse = hide_sparse_initializers(detached.skeleton)
     inlined = InlineLocalFunctions().run(detached.skeleton)
-    lifted = LiftWeights(inplace=True).run(inlined.model)
+    lifted = LiftWeights(size_floor=LIFT_FLOOR, inplace=True).run(inlined.model)
     reports = {"lift-weights": {"lifted": lifted.report.get("lifted", 0)}}
     if inlined.modified:
         reports["inline-functions"] = inlined.report
@@ -51,8 +56,12 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
     if factor:
         result = FactorExpandedTables(inplace=True, read=detached.array).run(out)
         reports["factor-tables"] = {k: v for k, v in result.report.items()}
-        # After factoring, so that tables factored alike share their table and index too.
-        shared = DeduplicateTensors(read=detached.array).run(result.model)
+        out = result.model
+    if factor or inlined.modified:
+        # After factoring, so that tables factored alike share their table and index too; down to the
+        # size lifting starts at, so that a function's Constants inlined once per call are stored once
+        # (with --no-factor too: those copies are the inliner's, not the model's).
+        shared = DeduplicateTensors(size_floor=LIFT_FLOOR, read=detached.array).run(out)
         reports["dedup"] = shared.report
         out = shared.model
     sparse.restore(out)

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import onnx
 
@@ -91,16 +91,21 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
 
 
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None,
-               check: Callable[[Path], None] | None = None) -> list[Path]:
+               check: Callable[[Path], None] | None = None, keep: Iterable[Path] = ()) -> list[Path]:
     """Write atomically: into a temp folder beside `out`, then rename data file and model into place.
 
-    `check(path)` runs on the complete temporary copy; if it raises, nothing reaches `out`.
+    `check(path)` runs on the complete temporary copy; if it raises, nothing reaches `out`. A file in
+    `keep` (an input model and its data files) is never replaced: asking to is an error.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     encoding = None if external else ModelEncoding(model)  # sized without encoding the whole model
     if external is None:
         external = encoding.size > EXTERNAL_THRESHOLD
+    kept = {Path(k).resolve() for k in keep}
+    for target in [out] + ([out.with_name(f"{out.name}.data")] if external else []):
+        if target.resolve() in kept:
+            raise TqsError(f"{target}: refusing to overwrite a file of the input model")
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         data_name = f"{out.name}.data"

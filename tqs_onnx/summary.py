@@ -103,7 +103,7 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
     inl = doc.get("lossless", {}).get("inline-functions", {})
     if inl.get("functions"):
         notes += [f"local functions inlined (as ONNX Runtime does at load): {inl['functions']} functions, "
-                  f"{inl['calls']} calls"]
+                  f"{inl['call_sites']} call sites"]
     for sp in doc.get("sparse_initializers", []):
         notes += [f"sparse initializer {sp['name']} {sp['shape']} ({sp['stored_values']:,} values stored): "
                   "kept as stored, not quantized"]
