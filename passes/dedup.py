@@ -33,21 +33,16 @@ _Key = tuple[ir.DataType, tuple[int, ...]]
 
 
 @dataclass
-class _Entry:
-    """A canonical value; its digest is computed when a second tensor of its dtype and shape appears."""
-
-    value: ir.Value
-    digest: bytes | None = None
-
-
-@dataclass
 class _Scope:
-    """Canonical values visible in one graph: its own plus those of enclosing graphs (defined earlier)."""
+    """Canonical values visible in one graph: its own plus those of enclosing graphs (defined earlier).
 
-    canonical: dict[_Key, list[_Entry]] = field(default_factory=dict)
+    A value is hashed only once a second tensor of its dtype and shape appears (`pending` until then)."""
+
+    pending: dict[_Key, list[ir.Value]] = field(default_factory=dict)
+    hashed: dict[tuple[_Key, bytes], ir.Value] = field(default_factory=dict)
 
     def child(self) -> "_Scope":
-        return _Scope({k: list(v) for k, v in self.canonical.items()})
+        return _Scope({k: list(v) for k, v in self.pending.items()}, dict(self.hashed))
 
 
 @dataclass
@@ -83,6 +78,7 @@ class DeduplicateTensors:
             # No two tensors share a dtype and shape: skip the onnx-ir round trip (a copy of the model).
             return PassResult(model=model, modified=False, report=_report([]))
         ir_model = ir.from_proto(model)
+        self._digests: dict[int, bytes] = {}  # by id(value), for values hashed as canonical candidates
         merges: list[_Merge] = []
         self._dedup_graph(ir_model.graph, "main", _Scope(), merges)
         if not merges:
@@ -111,16 +107,17 @@ class DeduplicateTensors:
             # Overridable at run time: neither removable nor a safe stand-in for others.
             return False
         key: _Key = (tensor.dtype, tuple(tensor.shape.numpy()))
-        entries = scope.canonical.setdefault(key, [])
-        if not entries:
-            entries.append(_Entry(value))
+        if key not in scope.pending:
+            scope.pending[key] = [value]
             return False
+        for v in scope.pending[key]:
+            scope.hashed.setdefault((key, self._digest(v)), v)
+        scope.pending[key] = []
         data = self._bytes(tensor)
         digest = hashlib.sha256(data).digest()
-        kept = next((e.value for e in entries if self._digest(e) == digest and self._bytes(_constant_of(e.value)) == data),
-                    None)
-        if kept is None or value.is_graph_output():
-            entries.append(_Entry(value, digest))
+        kept = scope.hashed.get((key, digest))
+        if kept is None or value.is_graph_output() or self._bytes(_constant_of(kept)) != data:
+            scope.hashed.setdefault((key, digest), value)
             return False
         value.replace_all_uses_with(kept)
         merges.append(_Merge(removed=str(value.name), kept=str(kept.name), graph=path, nbytes=len(data)))
@@ -138,10 +135,10 @@ class DeduplicateTensors:
             seen.add(key)
         return False
 
-    def _digest(self, entry: _Entry) -> bytes:
-        if entry.digest is None:
-            entry.digest = hashlib.sha256(self._bytes(_constant_of(entry.value))).digest()
-        return entry.digest
+    def _digest(self, value: ir.Value) -> bytes:
+        if id(value) not in self._digests:
+            self._digests[id(value)] = hashlib.sha256(self._bytes(_constant_of(value))).digest()
+        return self._digests[id(value)]
 
     def _bytes(self, tensor: ir.TensorProtocol | None) -> bytes:
         assert tensor is not None
