@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from tqs_onnx.graph import iter_tensors
 from tqs_onnx.passes.base import PassResult
 
 __all__ = ["DeduplicateTensors"]
@@ -126,7 +127,7 @@ class DeduplicateTensors:
 
     def _has_candidates(self, model: onnx.ModelProto) -> bool:
         seen: set[tuple[int, tuple[int, ...]]] = set()
-        for t in _proto_tensors(model.graph):
+        for t in iter_tensors(model):
             key = (t.data_type, tuple(t.dims))
             if t.data_type == onnx.TensorProto.STRING or int(np.prod(t.dims, dtype=np.int64)) < self.size_floor:
                 continue
@@ -146,20 +147,6 @@ class DeduplicateTensors:
         if self.read is not None and isinstance(proto, onnx.TensorProto):
             return np.ascontiguousarray(self.read(proto)).tobytes()
         return tensor.tobytes()
-
-
-def _proto_tensors(graph: onnx.GraphProto):
-    """Initializers and Constant values of `graph` and its subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-            elif a.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_tensors(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _proto_tensors(g)
 
 
 def _constant_of(value: ir.Value) -> ir.TensorProtocol | None:

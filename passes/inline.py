@@ -18,7 +18,7 @@ import onnx.defs
 import onnx.inliner
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import _iter_graphs
+from tqs_onnx.graph import iter_graphs
 from tqs_onnx.passes.base import PassResult
 from tqs_onnx.util import first_line
 
@@ -37,10 +37,12 @@ class InlineLocalFunctions:
                 if f.domain in _KERNEL_DOMAINS or onnx.defs.has(f.name, f.domain)]
         local = {(f.domain, f.name) for f in model.functions} - set(kept)
         if not local:
-            return PassResult(model, False, {"functions": 0, "calls": 0})
+            return PassResult(model, False, {"functions": 0, "call_sites": 0})
         sites = Counter(f"{n.domain}.{n.op_type}" for n in _all_nodes(model) if (n.domain, n.op_type) in local)
         try:
             if kept:
+                # This entry point converts no opset versions; ORT refuses a function whose opset differs
+                # from the model's anyway, so only such (invalid) models behave differently.
                 out = onnx.inliner.inline_selected_functions(model, kept, exclude=True)
             else:
                 out = onnx.inliner.inline_local_functions(model, convert_version=True)
@@ -55,8 +57,14 @@ class InlineLocalFunctions:
 
 
 def _all_nodes(model: onnx.ModelProto):
-    """Nodes of the main graph, its subgraphs, and the functions' bodies (functions may call functions)."""
-    for g in _iter_graphs(model.graph):
+    """Nodes of the main graph, the functions' bodies (functions may call functions) and every subgraph
+    of either."""
+    for g in iter_graphs(model.graph):
         yield from g.node
     for f in model.functions:
-        yield from f.node
+        for node in f.node:
+            yield node
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                    for g in iter_graphs(sub):
+                        yield from g.node

@@ -16,10 +16,10 @@ from tqs_onnx.passes.base import PassResult, restore_value_info
 
 def hidden_weight_origins(model: onnx.ModelProto, size_floor: int) -> dict[str, str]:
     """Names of float tensors held in Constant nodes or subgraph initializers, by origin."""
-    from tqs_onnx.graph import FLOAT_TYPES, _iter_graphs
+    from tqs_onnx.graph import FLOAT_TYPES, iter_graphs
 
     origins: dict[str, str] = {}
-    for g in _iter_graphs(model.graph):
+    for g in iter_graphs(model.graph):
         sub = g is not model.graph
         if sub:
             for init in g.initializer:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import _iter_graphs
+from tqs_onnx.graph import iter_graphs
 
 
 @dataclass
@@ -34,7 +34,7 @@ class HiddenSparse:
 
 def hide_sparse_initializers(model: onnx.ModelProto) -> HiddenSparse:
     """Replace `model`'s main-graph sparse tensors (in place) by graph inputs; see `restore`."""
-    for g in _iter_graphs(model.graph):
+    for g in iter_graphs(model.graph):
         if g is not model.graph and (len(g.sparse_initializer) or any(_sparse_constant(n) for n in g.node)):
             raise TqsError(f"graph '{g.name}' holds sparse tensors inside a subgraph, which tqs-onnx does not "
                            "support (densify them, or move them to the main graph)")

@@ -406,13 +406,19 @@ case("external data ../ escape inside a local function", "outside the model fold
     lambda c: ["inspect", external_w1_in_function(c, "../outside/secret.bin")])
 case("external data ../ escape in training_info", "outside the model folder")(
     lambda c: ["inspect", external_in_training_info(c, "../outside/secret.bin")])
-case("apply output is the input's external data file", "refusing to overwrite a file of the input model")(
+case("apply output is the input's external data file", "refusing to overwrite", "data file w1.bin")(
     lambda c: (c.write("w1.bin", w1_bytes()),
                ["apply", external_w1(c, "w1.bin"), c.copy("plan"), "-o", c.path("w1.bin"), "--force"])[1])
-case("apply output's data file is the input's", "refusing to overwrite a file of the input model")(
+case("apply output's data file is the input's", "refusing to overwrite", "data file q.onnx.data")(
     lambda c: (c.write("q.onnx.data", w1_bytes()),
                ["apply", external_w1(c, "q.onnx.data"), c.copy("plan"), "-o", c.path("q.onnx"), "--force",
                 "--external-data"])[1])
+case("inspect -o is the model's external data file", "refusing to overwrite", "data file w1.bin")(
+    lambda c: (c.write("w1.bin", w1_bytes()), ["inspect", external_w1(c, "w1.bin"), "-o", c.path("w1.bin")])[1])
+case("apply --report is the model's external data file", "refusing to overwrite", "data file w1.bin")(
+    lambda c: (c.write("w1.bin", w1_bytes()),
+               ["apply", external_w1(c, "w1.bin"), c.copy("plan"), "-o", c.path("q.onnx"), "--force",
+                "--report", c.path("w1.bin")])[1])
 case("apply --no-factor with a plan sized after the lossless passes", "lossless passes")(
     lambda c: ["apply", c.copy("model"), c.copy("plan"), "-o", c.path("q.onnx"), "--no-factor"])
 case("sparse initializer inside a subgraph", "sparse tensors inside a subgraph")(

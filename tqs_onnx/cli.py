@@ -47,8 +47,13 @@ def _write_json(path: str | None, doc: dict[str, Any]) -> None:
 
 def _check_output_files(*paths: str | None, inputs: tuple[str | None, ...] = ()) -> None:
     """Refuse an output file path that cannot be written, or that is one of the command's own input
-    files (it would be replaced by the output), before any work is done."""
+    files (it would be replaced by the output), an input model's external-data files included, before
+    any work is done."""
+    from tqs_onnx.graph import external_data_files
+
     given = {Path(i).resolve(): i for i in inputs if i}
+    for i in [i for i in inputs if i and i.endswith(".onnx") and Path(i).is_file()]:
+        given.update({f: f"{i}'s data file {f.name}" for f in external_data_files(i)})
     for path in paths:
         if not path:
             continue
@@ -207,7 +212,8 @@ def cmd_apply(a: argparse.Namespace) -> int:
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
-    _check_output_files(a.output, a.report, inputs=(a.model, a.plan, a.rollout, a.contexts))
+    _check_output_files(a.output, a.report, f"{a.output}.data" if a.external_data else None,
+                        inputs=(a.model, a.plan, a.rollout, a.contexts))
     if bool(a.rollout) != bool(a.contexts):
         raise TqsError("--rollout and --contexts go together (the written model is verified by a rollout on the "
                        "contexts); without both it is checked on one step of synthetic inputs")
@@ -221,8 +227,6 @@ def cmd_apply(a: argparse.Namespace) -> int:
         raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
     model, reports = rewrite_model(loaded, plan, a.plan)
     out = Path(a.output)
-    if out.resolve() == loaded.path.resolve():
-        raise TqsError(f"{out}: refusing to overwrite the input model")
     spec = RolloutSpec.load(a.rollout) if a.rollout else None
     contexts = Contexts.load(a.contexts, spec) if spec and a.contexts else None
     device = resolve_device(a.device)
@@ -445,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_SWEEP_TIERS}; '' to skip; opt-in: zero, int1, /mse clipped scales "
                         "such as int4/channel/mse)")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once; exact, on by default) before scoring")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once; exact, on by default) before scoring; a model with local functions still has its identical tensors stored once (inlining copies them)")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint after an interruption")
     s.add_argument("--workers", type=int, default=1, metavar="N",

@@ -36,32 +36,34 @@ NONFINITE_REASON = "holds NaN/inf values"
 
 # ---------------------------------------------------------------------------------------- loading
 
-def _iter_graphs(graph: onnx.GraphProto):
+def iter_graphs(graph: onnx.GraphProto):
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(attr.g)
+                yield from iter_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _iter_graphs(g)
+                    yield from iter_graphs(g)
 
 
 def iter_tensors(model: onnx.ModelProto):
     """Every tensor a model stores: initializers (sparse ones as values and indices) and Constant
     values of all graphs (training_info's too), and the Constant values inside local functions' bodies."""
-    for g in _iter_graphs(model.graph):
+    for g in iter_graphs(model.graph):
         yield from _graph_tensors(g)
     for info in model.training_info:
         for top in (info.initialization, info.algorithm):
-            for g in _iter_graphs(top):
+            for g in iter_graphs(top):
                 yield from _graph_tensors(g)
     for f in model.functions:
         yield from _node_tensors(f.node)
+        for a in f.attribute_proto:  # attributes' default values
+            yield from _attribute_tensors(a)
         for node in f.node:
             for attr in node.attribute:
                 for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                    for g in _iter_graphs(sub):
+                    for g in iter_graphs(sub):
                         yield from _graph_tensors(g)
 
 
@@ -76,13 +78,36 @@ def _graph_tensors(g: onnx.GraphProto):
 def _node_tensors(nodes):
     for node in nodes:
         for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
-                yield attr.sparse_tensor.values
-                yield attr.sparse_tensor.indices
+            yield from _attribute_tensors(attr)
+
+
+def _attribute_tensors(attr: onnx.AttributeProto):
+    if attr.type == onnx.AttributeProto.TENSOR:
+        yield attr.t
+    elif attr.type == onnx.AttributeProto.TENSORS:
+        yield from attr.tensors
+    elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+        yield attr.sparse_tensor.values
+        yield attr.sparse_tensor.indices
+    elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
+        for sp in attr.sparse_tensors:
+            yield sp.values
+            yield sp.indices
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files an ONNX file names, resolved; [] where it cannot be read (load_model
+    then says why). For refusing outputs that would replace them, before any work is done."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    files = set()
+    for t in iter_tensors(model):
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if t.data_location == onnx.TensorProto.EXTERNAL and loc and "\x00" not in loc:
+            files.add((Path(path).parent / loc).resolve())
+    return sorted(files)
 
 
 def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
@@ -155,7 +180,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
 
 def _check_acyclic(model: onnx.ModelProto, path: Path) -> None:
     """Exports must be DAGs: a cycle would hang or crash every later stage."""
-    for g in _iter_graphs(model.graph):
+    for g in iter_graphs(model.graph):
         dg, names = data_graph(g)
         if not nx.is_directed_acyclic_graph(dg):
             cycle = [names[u] for u, _ in nx.find_cycle(dg)]
@@ -291,7 +316,7 @@ def subgraph_refs(node: onnx.NodeProto) -> set[str]:
     for attr in node.attribute:
         graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
         for g in graphs:
-            for sub in _iter_graphs(g):
+            for sub in iter_graphs(g):
                 for n in sub.node:
                     refs.update(i for i in n.input if i)
     return refs
@@ -579,6 +604,6 @@ def _block_name(group: list[Weight]) -> str:
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     hist: Counter[str] = Counter()
-    for g in _iter_graphs(model.graph):
+    for g in iter_graphs(model.graph):
         hist.update(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in g.node)
     return dict(sorted(hist.items(), key=lambda kv: -kv[1]))

@@ -22,6 +22,9 @@ from tqs_onnx.passes.sparse import hide_sparse_initializers
 
 
 LIFT_FLOOR = 16  # smallest Constant-node tensor lifted to an initializer, and smallest tensor deduplicated
+# Names the passes below; changed whenever they may prepare a model differently, so a sweep checkpoint
+# of an earlier version is not resumed on another graph (it is part of the checkpoint's fingerprint).
+PASSES_VERSION = "inline,sparse,lift,factor,dedup16"
 
 
 @dataclass
@@ -46,8 +49,8 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
     detached = detach(model)
     # Training-only graphs name the FP32 weights this rewrite replaces: an inference model drops them.
     detached.skeleton.ClearField("training_info")
-    sparse = hide_sparse_initializers(detached.skeleton)
-    inlined = InlineLocalFunctions().run(detached.skeleton)
+    inlined = InlineLocalFunctions().run(detached.skeleton)  # keeps sparse initializers; may bring sparse Constants
+    sparse = hide_sparse_initializers(inlined.model)
     lifted = LiftWeights(size_floor=LIFT_FLOOR, inplace=True).run(inlined.model)
     reports = {"lift-weights": {"lifted": lifted.report.get("lifted", 0)}}
     if inlined.modified:
@@ -59,8 +62,9 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
         out = result.model
     if factor or inlined.modified:
         # After factoring, so that tables factored alike share their table and index too; down to the
-        # size lifting starts at, so that a function's Constants inlined once per call are stored once
-        # (with --no-factor too: those copies are the inliner's, not the model's).
+        # size lifting starts at, so that a function's Constants inlined once per call are stored once.
+        # With --no-factor too where functions were inlined (their copies are the inliner's; the pass
+        # then also merges the model's own duplicates).
         shared = DeduplicateTensors(size_floor=LIFT_FLOOR, read=detached.array).run(out)
         reports["dedup"] = shared.report
         out = shared.model

@@ -74,8 +74,10 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
         w = table.get(name)
         info = plan.get("weight_info", {}).get(name, {})
         if w is None or (info and list(w.shape) != list(info.get("shape", w.shape))):
+            hint = ("; a plan made before tqs-onnx stored identical tensors once may name a copy: re-run the sweep"
+                    if w is None else "")
             raise TqsError(f"{where}: plan is for another model (weight '{name}' "
-                           f"{'missing' if w is None else 'has another shape'} in {path})")
+                           f"{'missing' if w is None else 'has another shape'} in {path}){hint}")
         try:
             tiers[name] = parse_tier(tier_text)
         except TqsError as exc:

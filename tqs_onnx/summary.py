@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -29,7 +30,7 @@ def inspect_model(loaded: LoadedModel, blocks: str = "auto", min_size: int = DEF
     model = loaded.model
     prepared = prepare_graph(model, factor)
     weights = weight_table(prepared.model, min_size, prepared.origins)
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name for i in model.graph.initializer} | {sp.values.name for sp in model.graph.sparse_initializer}
     inputs = _io([i for i in model.graph.input if i.name not in inits])
     outputs = _io(model.graph.output)
     total = sum(w.size for w in weights)
@@ -56,16 +57,9 @@ def inspect_model(loaded: LoadedModel, blocks: str = "auto", min_size: int = DEF
         "block_mode": blocks,
         "proposed_rollout_spec": propose_spec(*sig),
         "lossless": prepared.reports,
-        "sparse_initializers": [{"name": sp.values.name, "shape": list(sp.dims), "stored_values": _numel(sp.values)}
-                                for sp in model.graph.sparse_initializer],
+        "sparse_initializers": [{"name": sp.values.name, "shape": list(sp.dims), "stored_values": math.prod(sp.values.dims)}
+                                for sp in prepared.model.graph.sparse_initializer],
     }
-
-
-def _numel(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n
 
 
 def _ort_name(dtype: str) -> str:

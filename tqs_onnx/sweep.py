@@ -26,7 +26,7 @@ from tqs_onnx.passes.detach import detach_initializers
 from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.passes.opset import UpgradeOpset
-from tqs_onnx.prepare import prepare_graph
+from tqs_onnx.prepare import PASSES_VERSION, prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
 from tqs_onnx.replay import Replay, replay_mode, replay_skipped
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
@@ -468,6 +468,7 @@ def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, con
     h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     h.update(divergence_mode().encode())  # the two engines round differently on the CPU (float32 / float64)
+    h.update(PASSES_VERSION.encode())
     for k in sorted(contexts.arrays):
         h.update(k.encode())
         h.update(np.ascontiguousarray(contexts.arrays[k]).tobytes())
