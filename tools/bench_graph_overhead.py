@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench_args import add_rollout_args  # tools/
 from tqs_onnx.graph import load_model, make_blocks, weight_table
 from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
@@ -28,11 +28,7 @@ from tqs_onnx.runtime import make_session, resolve_device
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path)
-    ap.add_argument("spec", type=Path)
-    ap.add_argument("contexts", type=Path)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=15)
+    add_rollout_args(ap, rounds=15)
     a = ap.parse_args()
     dev = resolve_device(a.device)
     spec = RolloutSpec.load(a.spec)

@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_args import add_rollout_args  # noqa: E402
 from bench_reuse_outputs import one_pass  # noqa: E402
 from bench_sweep import floor_rollout, floor_time, replayed_floor_time  # noqa: E402
 from tqs_onnx.graph import load_model  # noqa: E402
@@ -35,11 +36,7 @@ from tqs_onnx.util import first_line  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path)
-    ap.add_argument("spec", type=Path)
-    ap.add_argument("contexts", type=Path)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=6)
+    add_rollout_args(ap, rounds=6)
     a = ap.parse_args()
     spec = RolloutSpec.load(a.spec)
     contexts = Contexts.load(a.contexts, spec)

@@ -16,10 +16,10 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench_args import add_rollout_args  # tools/
 from tqs_onnx.graph import load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
@@ -35,11 +35,7 @@ def one_pass(setup, probes: dict) -> tuple[float, list[np.ndarray]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path)
-    ap.add_argument("spec", type=Path)
-    ap.add_argument("contexts", type=Path)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=6)
+    add_rollout_args(ap, rounds=6)
     a = ap.parse_args()
     # TQS_REUSE_OUTPUTS concerns the step loop; the replay engine (TQS_REPLAY=auto, the default) binds
     # fixed buffers whichever it is, so the setting is compared on the step loop.
