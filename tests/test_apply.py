@@ -826,3 +826,23 @@ def test_a_sparse_constant_inside_a_function_is_kept_as_stored():
     x = {"x": r.standard_normal((1, 8)).astype(np.float32)}
     # Against numpy: ORT 1.31 itself crashes at times on the original (a sparse Constant in a function).
     np.testing.assert_allclose(run(prepared.model, x)[0], x["x"] @ S @ W @ S @ W, rtol=1e-5, atol=1e-5)
+
+
+def test_no_factor_stores_duplicates_once_only_where_functions_were_inlined():
+    """--no-factor leaves a model's own duplicates alone, unless inlining ran (its copies are merged,
+    and with them the model's own), as README's Lossless structure passes says."""
+    from tqs_onnx.prepare import prepare_graph
+
+    m, _, W2 = function_model(calls=2)
+    m.graph.initializer.append(init("W2_copy", W2.copy()))
+    m.graph.node[-1].output[0] = "pre"
+    m.graph.node.append(helper.make_node("MatMul", ["pre", "W2_copy"], ["y"]))
+    plain = onnx.ModelProto()
+    plain.CopyFrom(m)
+    plain.graph.ClearField("node")
+    plain.graph.node.extend([helper.make_node("MatMul", ["x", "W2"], ["pre"]), helper.make_node("MatMul", ["pre", "W2_copy"], ["y"])])
+    plain.ClearField("functions")
+    assert "dedup" not in prepare_graph(plain, factor=False).reports
+    assert prepare_graph(plain, factor=True).reports["dedup"]["tensors_removed"] == 1
+    merged = prepare_graph(m, factor=False).reports["dedup"]["merged"]
+    assert {d["removed"] for d in merged} >= {"W2_copy"} and len(merged) == 2  # W2's copy and W1's second call
