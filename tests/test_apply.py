@@ -645,7 +645,7 @@ def function_model(calls: int = 2):
     return m, W1, W2
 
 
-def test_weights_inside_local_functions_are_found_stored_once_and_fused(tmp_path):
+def test_weights_inside_local_functions_are_found_and_stored_once(tmp_path):
     m, W1, W2 = function_model(calls=2)
     onnx.save(m, tmp_path / "m.onnx")
     assert main(["inspect", str(tmp_path / "m.onnx"), "--json", "-o", str(tmp_path / "i.json")]) == 0
@@ -653,7 +653,9 @@ def test_weights_inside_local_functions_are_found_stored_once_and_fused(tmp_path
     weights = {w["name"]: w for w in doc["weights"]}
     # Two calls inline two copies of W1; the duplicate pass keeps one, read by both MatMuls.
     assert len(weights) == 2 and doc["parameters"] == W1.size + W2.size
-    assert all(w["quantizable"] and w["fused_dq"] for w in weights.values())
+    assert all(w["quantizable"] for w in weights.values())
+    # W2 is read by one MatMul (ORT fuses it); W1 by both calls' MatMuls (ORT fuses neither copy).
+    assert [n for n, w in weights.items() if w["fused_dq"]] == ["W2"]
     assert doc["lossless"]["inline-functions"]["call_sites"] == 3
     assert doc["lossless"]["dedup"]["tensors_removed"] == 1
     w1 = next(n for n in weights if n != "W2")
@@ -846,3 +848,22 @@ def test_no_factor_stores_duplicates_once_only_where_functions_were_inlined():
     assert prepare_graph(plain, factor=True).reports["dedup"]["tensors_removed"] == 1
     merged = prepare_graph(m, factor=False).reports["dedup"]["merged"]
     assert {d["removed"] for d in merged} >= {"W2_copy"} and len(merged) == 2  # W2's copy and W1's second call
+
+
+def test_a_weight_read_by_two_matmuls_is_not_called_fused_and_loads_as_float():
+    """ORT fuses none of the DequantizeLinear copies of a shared weight: `auto` writes it decoded at load."""
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.prepare import prepare_graph
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    r = np.random.default_rng(12)
+    W = (r.standard_normal((32, 32)) / 6).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["b"]),
+             helper.make_node("MatMul", ["b", "W_copy"], ["y"])]
+    m = model(nodes, [init("W", W), init("W_copy", W.copy())], [vec("x", 32)], [vec("y", 32)])
+    shared = {w.name: w for w in weight_table(prepare_graph(m).model, 16)}
+    apart = {w.name: w for w in weight_table(prepare_graph(m, factor=False).model, 16)}
+    assert list(shared) == ["W"] and not shared["W"].fused_dq
+    assert apart["W"].fused_dq and apart["W_copy"].fused_dq
+    w = shared["W"]
+    assert written_form(parse_tier("int4/channel"), w.consumer_ops, w.shape, "auto", w.fused_dq, w.const_lookup).at_load

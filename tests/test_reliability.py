@@ -419,6 +419,12 @@ case("apply --report is the model's external data file", "refusing to overwrite"
     lambda c: (c.write("w1.bin", w1_bytes()),
                ["apply", external_w1(c, "w1.bin"), c.copy("plan"), "-o", c.path("q.onnx"), "--force",
                 "--report", c.path("w1.bin")])[1])
+case("allocate -o is the swept model's external data file", "refusing to overwrite", "data file w1.bin")(
+    lambda c: (c.write("w1.bin", w1_bytes()), external_w1(c, "w1.bin"),
+               c.json("s.json", {**json.loads(Path(c.copy("scores")).read_text()),
+                                 "model": {**json.loads(Path(c.copy("scores")).read_text())["model"],
+                                           "path": c.path("ext.onnx")}}),
+               ["allocate", c.path("s.json"), "--compression", "2", "-o", c.path("w1.bin")])[3])
 case("apply --no-factor with a plan sized after the lossless passes", "lossless passes")(
     lambda c: ["apply", c.copy("model"), c.copy("plan"), "-o", c.path("q.onnx"), "--no-factor"])
 case("sparse initializer inside a subgraph", "sparse tensors inside a subgraph")(

@@ -289,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.extra_tiers:
         SWEEP_TIERS = ",".join([SWEEP_TIERS, a.extra_tiers])
+    unknown = [k for k in a.models.split(",") if k not in va.MODELS]
+    if unknown:
+        print(f"bench_vendor.py: error: unknown model(s) {', '.join(unknown)} (known: {', '.join(va.MODELS)})",
+              file=sys.stderr)
+        return 2
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="tqs-vendor-bench-"))
     sections = []
     for key in a.models.split(","):

@@ -160,6 +160,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     if (a.rollout or a.contexts) and not a.verify_model:
         raise TqsError("--rollout and --contexts are used only with --verify-model MODEL (the joint check)")
     scores = load_scores(a.scores)
+    # The swept model and its data files (its path as the sweep was given it, if it is found from here).
+    _check_output_files(a.output, inputs=(scores.get("model", {}).get("path"),))
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               a.gamma_min, a.decode)
     refinement = None

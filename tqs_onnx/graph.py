@@ -455,7 +455,9 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         eff = _effective_consumers(init.name, graph, names, topo)
         w.consumers = [u.name for u in eff]
         w.consumer_ops = [u.node.op_type for u in eff]
-        w.fused_dq = bool(eff) and len(shape) == 2 and all(
+        # One consumer only: ORT (1.31) fuses none of the DequantizeLinear copies it makes for a weight
+        # that several MatMuls read (a tied weight, or one stored once by passes/dedup.py).
+        w.fused_dq = len(eff) == 1 and len(shape) == 2 and all(
             u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff)
         w.const_lookup = init.name in lookups
         if eff:

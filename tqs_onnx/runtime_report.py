@@ -413,12 +413,10 @@ def _delta(a: int | None, b: int | None) -> int | None:
 
 
 def _file_bytes(path: Path, model: onnx.ModelProto) -> int:
-    """The model file plus the external data files it names."""
-    files = {path}
-    for t in _all_initializers(model.graph).values():
-        for entry in t.external_data:
-            if entry.key == "location":
-                files.add(path.parent / entry.value)
+    """The model file plus the external data files it names (any tensor's: graph.external_data_files)."""
+    from tqs_onnx.graph import external_data_files
+
+    files = {path.resolve(), *external_data_files(path)}
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
