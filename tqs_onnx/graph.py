@@ -95,6 +95,11 @@ def _attribute_tensors(attr: onnx.AttributeProto):
             yield sp.indices
 
 
+def _label(t: onnx.TensorProto) -> str:
+    """How an error names a tensor (a Constant's value, in a function body say, may have no name)."""
+    return f"tensor '{t.name}'" if t.name else f"an unnamed tensor (a Constant's value, dims {list(t.dims)})"
+
+
 def external_data_files(path: str | os.PathLike) -> list[Path]:
     """The external-data files an ONNX file names, resolved; [] where it cannot be read (load_model
     then says why). For refusing outputs that would replace them, before any work is done."""
@@ -120,24 +125,24 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
         if "\x00" in loc:
-            raise TqsError(f"{path}: tensor '{t.name}' has an unusable external data location {loc!r}")
+            raise TqsError(f"{path}: {_label(t)} has an unusable external data location {loc!r}")
         if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in Path(loc).parts:
-            raise TqsError(f"{path}: tensor '{t.name}' has external data outside the model folder ('{loc}')")
+            raise TqsError(f"{path}: {_label(t)} has external data outside the model folder ('{loc}')")
         target = (base / loc).resolve()
         if base not in target.parents:
-            raise TqsError(f"{path}: tensor '{t.name}' external data '{loc}' resolves outside the model folder")
+            raise TqsError(f"{path}: {_label(t)} external data '{loc}' resolves outside the model folder")
         if not target.is_file():
-            raise TqsError(f"{path}: external data file '{loc}' for tensor '{t.name}' is missing")
+            raise TqsError(f"{path}: external data file '{loc}' for {_label(t)} is missing")
         try:
             offset = int(info.get("offset") or 0)
             length = int(info["length"]) if info.get("length") else None
         except ValueError:
             offset, length = -1, None
         if offset < 0 or (length is not None and length < 0):
-            raise TqsError(f"{path}: tensor '{t.name}' external data offset and length must be non-negative "
+            raise TqsError(f"{path}: {_label(t)} external data offset and length must be non-negative "
                            f"integers (offset {info.get('offset')!r}, length {info.get('length')!r})")
         if offset + (length or 0) > target.stat().st_size:
-            raise TqsError(f"{path}: external data file '{loc}' is truncated (tensor '{t.name}')")
+            raise TqsError(f"{path}: external data file '{loc}' is truncated ({_label(t)})")
         files.add(target)
     return sorted(files)
 
@@ -153,7 +158,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
     """Every tensor holds exactly the data its dims promise (before anything converts it to numpy)."""
     for t in iter_tensors(model):
         if any(d < 0 for d in t.dims):
-            raise TqsError(f"{path}: tensor '{t.name}' has negative dims {list(t.dims)}")
+            raise TqsError(f"{path}: {_label(t)} has negative dims {list(t.dims)}")
         if t.HasField("segment") or t.data_location == onnx.TensorProto.EXTERNAL:
             continue
         n = math.prod(t.dims)
@@ -163,9 +168,9 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
                 need = math.ceil(n * bits / 8) if bits else \
                     n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
             except Exception:
-                raise TqsError(f"{path}: tensor '{t.name}' has unknown data type {t.data_type}") from None
+                raise TqsError(f"{path}: {_label(t)} has unknown data type {t.data_type}") from None
             if len(t.raw_data) != need:
-                raise TqsError(f"{path}: tensor '{t.name}' holds {len(t.raw_data):,} bytes but its dims "
+                raise TqsError(f"{path}: {_label(t)} holds {len(t.raw_data):,} bytes but its dims "
                                f"{list(t.dims)} need {need:,} bytes (truncated or corrupt)")
             continue
         try:
@@ -174,7 +179,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
             continue
         held = len(getattr(t, field))
         if (t.data_type in _ONE_PER_ELEMENT and held != n) or (n and not held):
-            raise TqsError(f"{path}: tensor '{t.name}' holds {held:,} values but its dims {list(t.dims)} "
+            raise TqsError(f"{path}: {_label(t)} holds {held:,} values but its dims {list(t.dims)} "
                            f"need {n:,} (truncated or corrupt)")
 
 
