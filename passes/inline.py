@@ -18,7 +18,7 @@ import onnx.defs
 import onnx.inliner
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import iter_graphs
+from tqs_onnx.graph import function_subgraphs, iter_graphs
 from tqs_onnx.passes.base import PassResult
 from tqs_onnx.util import first_line
 
@@ -62,9 +62,6 @@ def _all_nodes(model: onnx.ModelProto):
     for g in iter_graphs(model.graph):
         yield from g.node
     for f in model.functions:
-        for node in f.node:
-            yield node
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                    for g in iter_graphs(sub):
-                        yield from g.node
+        yield from f.node
+        for g in function_subgraphs(f):
+            yield from g.node

@@ -46,4 +46,3 @@ class UpgradeOpset:
         restore_opset_imports(model, out, self.min_opset)
         out.ir_version = min(max(model.ir_version, ir_for_opset(self.min_opset)), ORT_MAX_IR)
         return PassResult(out, True, {"opset": self.min_opset, "from": current})
-

@@ -154,14 +154,14 @@ def format_ranking(doc: dict[str, Any]) -> str:
 def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document
 
-    _check_output_files(a.output, inputs=(a.scores, a.verify_model, a.rollout, a.contexts))
     if not (a.margin >= 0 and math.isfinite(a.margin)):
         raise TqsError(f"--margin must be a finite number >= 0, not {a.margin}")
     if (a.rollout or a.contexts) and not a.verify_model:
         raise TqsError("--rollout and --contexts are used only with --verify-model MODEL (the joint check)")
     scores = load_scores(a.scores)
-    # The swept model and its data files (its path as the sweep was given it, if it is found from here).
-    _check_output_files(a.output, inputs=(scores.get("model", {}).get("path"),))
+    # Also the swept model and its data files (its path as the sweep was given it, if found from here).
+    _check_output_files(a.output, inputs=(a.scores, a.verify_model, a.rollout, a.contexts,
+                                          scores.get("model", {}).get("path")))
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               a.gamma_min, a.decode)
     refinement = None

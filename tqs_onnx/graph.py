@@ -60,11 +60,16 @@ def iter_tensors(model: onnx.ModelProto):
         yield from _node_tensors(f.node)
         for a in f.attribute_proto:  # attributes' default values
             yield from _attribute_tensors(a)
-        for node in f.node:
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
-                    for g in iter_graphs(sub):
-                        yield from _graph_tensors(g)
+        for g in function_subgraphs(f):
+            yield from _graph_tensors(g)
+
+
+def function_subgraphs(f: onnx.FunctionProto):
+    """Every graph nested in a local function's body (If/Loop/Scan bodies, and theirs)."""
+    for node in f.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs):
+                yield from iter_graphs(sub)
 
 
 def _graph_tensors(g: onnx.GraphProto):
@@ -107,11 +112,16 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
         return []
+    return named_data_files(model, Path(path).parent)
+
+
+def named_data_files(model: onnx.ModelProto, folder: Path) -> list[Path]:
+    """The external-data files the tensors of `model` (read without its data) name, resolved from `folder`."""
     files = set()
     for t in iter_tensors(model):
         loc = next((e.value for e in t.external_data if e.key == "location"), "")
         if t.data_location == onnx.TensorProto.EXTERNAL and loc and "\x00" not in loc:
-            files.add((Path(path).parent / loc).resolve())
+            files.add((folder / loc).resolve())
     return sorted(files)
 
 

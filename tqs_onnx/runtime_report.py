@@ -413,10 +413,10 @@ def _delta(a: int | None, b: int | None) -> int | None:
 
 
 def _file_bytes(path: Path, model: onnx.ModelProto) -> int:
-    """The model file plus the external data files it names (any tensor's: graph.external_data_files)."""
-    from tqs_onnx.graph import external_data_files
+    """The model file plus the external data files its tensors name (`model` read without its data)."""
+    from tqs_onnx.graph import named_data_files
 
-    files = {path.resolve(), *external_data_files(path)}
+    files = {path.resolve(), *named_data_files(model, path.parent)}
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
