@@ -867,3 +867,40 @@ def test_a_weight_read_by_two_matmuls_is_not_called_fused_and_loads_as_float():
     assert apart["W"].fused_dq and apart["W_copy"].fused_dq
     w = shared["W"]
     assert written_form(parse_tier("int4/channel"), w.consumer_ops, w.shape, "auto", w.fused_dq, w.const_lookup).at_load
+
+
+def test_a_matmul_onnxruntime_turns_into_gemm_with_a_residual_is_not_called_fused(tmp_path):
+    """ORT (CPU) fuses a 2-D MatMul with the residual Add after it into a Gemm, then leaves that weight's
+    DequantizeLinear unfused: `auto` writes it decoded at load, and ORT's optimized graph holds no
+    DequantizeLinear. A MatMul followed by a bias vector Add (and a 3-D one) stays fused."""
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    r = np.random.default_rng(3)
+    ws = {"W1": r.standard_normal((32, 64)) / 6, "W2": r.standard_normal((64, 32)) / 8}
+    ws = {k: v.astype(np.float32) for k, v in ws.items()}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]), helper.make_node("Add", ["a", "b1"], ["ab"]),
+             helper.make_node("Tanh", ["ab"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["d"]),
+             helper.make_node("Add", ["x", "d"], ["y"])]
+    m = model(nodes, [init(k, v) for k, v in ws.items()] + [init("b1", np.full(64, 0.1, np.float32))],
+              [vec("x", 32, batch=4)], [vec("y", 32, batch=4)])
+    table = {w.name: w for w in weight_table(m, min_size=16)}
+    assert {k: table[k].fused_dq for k in ws} == {"W1": True, "W2": False}
+    t = parse_tier("int4/channel")
+    tiers = {k: str(written_form(t, table[k].consumer_ops, table[k].shape, "auto", table[k].fused_dq)) for k in ws}
+    assert tiers == {"W1": "int4/channel", "W2": "int4/channel/load"}
+    onnx.save(m, tmp_path / "m.onnx")
+    ops = {}
+    for label, plan in (("auto", tiers), ("dq", {k: "int4/channel" for k in ws})):
+        out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for(plan, {}))
+        save_model(out, tmp_path / f"{label}.onnx")
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{label}.opt.onnx")
+        ort.InferenceSession(str(tmp_path / f"{label}.onnx"), so, providers=["CPUExecutionProvider"])
+        ops[label] = [n.op_type for n in onnx.load(tmp_path / f"{label}.opt.onnx").graph.node]
+    assert ops["auto"].count("MatMulNBits") == 1 and "DequantizeLinear" not in ops["auto"], ops
+    assert "DequantizeLinear" in ops["dq"] and "Gemm" in ops["dq"], ops  # what `auto` avoids (ORT 1.31)
+    m3 = model(nodes, [init(k, v) for k, v in ws.items()] + [init("b1", np.full(64, 0.1, np.float32))],
+               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 32])],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 32])])
+    assert all(w.fused_dq for w in weight_table(m3, min_size=16) if w.name in ws)

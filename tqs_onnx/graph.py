@@ -292,8 +292,9 @@ class Weight:
     origin: str  # 'initializer', 'constant', 'subgraph'
     consumers: list[str] = field(default_factory=list)  # effective consumer node names
     consumer_ops: list[str] = field(default_factory=list)
-    # Read only as the B input of main-graph MatMul/Gemm nodes, as stored: ORT fuses its
-    # DequantizeLinear into MatMulNBits (tiers.written_form).
+    # Read only as the B input of one main-graph MatMul/Gemm node, as stored, and not turned by ORT into
+    # a Gemm with a matrix C (_gemm_with_matrix_c): ORT fuses its DequantizeLinear into MatMulNBits
+    # (tiers.written_form).
     fused_dq: bool = False
     # Read by a main-graph Gather through constant indices (a factored lookup table): decoded at load,
     # ORT's constant folding would run the Gather too and store the expanded table, at FP32 size.
@@ -460,6 +461,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
     outputs = {o.name for o in graph.output}
     constants = {i.name for i in graph.initializer} - inputs
     lookups = {n.input[0] for n in graph.node if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in constants}
+    shapes = _Shapes(model)  # inferred only if a weight asks
     weights = []
     for init in graph.initializer:
         if init.data_type not in FLOAT_TYPES:
@@ -475,6 +477,8 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         w.fused_dq = len(eff) == 1 and len(shape) == 2 and all(
             u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff)
         w.const_lookup = init.name in lookups
+        if w.fused_dq and _gemm_with_matrix_c(eff[0].node, graph, shapes):
+            w.fused_dq = False
         if eff:
             first = min(eff, key=lambda u: u.order)
             w.order = first.order
@@ -486,6 +490,70 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         weights.append(w)
     weights.sort(key=lambda w: (w.order, w.name))
     return weights
+
+
+class _Shapes:
+    """Shapes of a graph's values from onnx's shape inference on a copy without the weights' data,
+    made on first use (most models never ask)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._model = model
+        self._shapes: dict[str, list[int | str | None]] | None = None
+
+    def __call__(self, name: str) -> list[int | str | None] | None:
+        """Dims (value, symbol or None) of `name`, or None where its rank is unknown."""
+        if self._shapes is None:
+            self._shapes = _infer_shapes(self._model)
+        return self._shapes.get(name)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    from tqs_onnx.passes.detach import detach  # passes build on this module
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(detach(model).skeleton)
+    except Exception:  # noqa: BLE001 - an exotic graph onnx cannot infer: no shapes, as in ORT
+        return {}
+    g = inferred.graph
+    shapes = {t.name: list(t.dims) for t in g.initializer}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tt.shape.dim]
+    return shapes
+
+
+def _same_dim(a: int | str | None, b: int | str | None) -> bool:
+    return a is not None and a == b
+
+
+def _gemm_with_matrix_c(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: _Shapes) -> bool:
+    """Whether ONNX Runtime (CPU) runs this MatMul/Gemm as a Gemm whose C is not an (N) vector, where
+    it leaves B's DequantizeLinear unfused (measured with 1.31).
+
+    ORT's MatMulAddFusion turns a MatMul whose one consumer is an Add into a Gemm when A is 2-D and the
+    Add's other operand fits Gemm's C ((N), (1, N), (M, 1) or (M, N)); DequantizeLinear -> Gemm becomes
+    MatMulNBits only when C is absent or an (N) vector: a residual Add of a 2-D MLP is the usual case.
+    """
+    n_out = shapes(node.input[1]) if len(node.input) > 1 else None
+    n = n_out[-1] if n_out else None
+    if node.op_type == "Gemm":
+        if any(a.name == "transB" and a.i for a in node.attribute) and n_out:
+            n = n_out[0]
+        if len(node.input) < 3 or not node.input[2]:
+            return False
+        c = shapes(node.input[2])
+        return not (c is not None and len(c) == 1 and _same_dim(c[0], n))
+    readers = [(m, k) for m in graph.node for k, i in enumerate(m.input) if i == node.output[0]]
+    if any(node.output[0] in subgraph_refs(m) for m in graph.node):
+        return False  # read inside an If/Loop body too: two consumers, no Gemm
+    if len(readers) != 1 or readers[0][0].op_type != "Add" or node.output[0] in {o.name for o in graph.output}:
+        return False
+    add, slot = readers[0]
+    a, c = shapes(node.input[0]), shapes(add.input[1 - slot])
+    if a is None or c is None or len(a) != 2 or len(c) != 2:
+        return False  # no Gemm, or a Gemm with an (N) vector C: fused either way
+    return (c[0] == 1 and _same_dim(c[1], n)) or (_same_dim(c[0], a[0]) and (c[1] == 1 or _same_dim(c[1], n)))
 
 
 def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],

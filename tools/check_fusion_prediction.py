@@ -1,0 +1,94 @@
+"""Compare the weight table's `fused_dq` with what ONNX Runtime's optimizer does, on tiny models.
+
+For each case (A 2-D or 3-D, fixed or symbolic; a MatMul followed by an Add, or a Gemm; the Add
+operand / C absent, a vector, a row, a column, a matrix, a constant or an input) the script writes
+the weight behind a per-channel INT8 DequantizeLinear, lets ORT (CPU) optimize the session, and
+counts it fused when no DequantizeLinear is left. It prints every case and the number of wrong
+predictions; exit status 1 if there is any.
+
+    python tools/check_fusion_prediction.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from tqs_onnx.graph import weight_table
+
+K, N = 64, 32
+
+
+def build(a_shape: list, c: tuple[str, list] | None, gemm: bool) -> onnx.ModelProto:
+    w = np.random.default_rng(0).standard_normal((K, N)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, a_shape)]
+    if c is None:
+        nodes = [helper.make_node("Gemm" if gemm else "MatMul", ["x", "W"], ["z"])]
+    else:
+        kind, shape = c
+        if kind == "constant":
+            inits.append(numpy_helper.from_array(np.ones(shape, np.float32), "c"))
+        else:
+            inputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, shape))
+        nodes = ([helper.make_node("Gemm", ["x", "W", "c"], ["z"])] if gemm else
+                 [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Add", ["c", "y"], ["z"])])
+    graph = helper.make_graph(nodes, "case", inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m
+
+
+def ort_fuses(m: onnx.ModelProto, folder: Path) -> bool:
+    q = onnx.ModelProto()
+    q.CopyFrom(m)
+    w = numpy_helper.to_array(q.graph.initializer[0])
+    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    q.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.round(w / scale).astype(np.int8), "Wq"))
+    q.graph.initializer.append(numpy_helper.from_array(scale, "Ws"))
+    q.graph.node.insert(0, helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"], axis=1))
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(folder / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return "DequantizeLinear" not in [n.op_type for n in onnx.load(folder / "opt.onnx").graph.node]
+
+
+def cases():
+    for a_shape in (["M", K], [4, K], [1, K], ["B", "S", K], [2, 3, K]):
+        m0 = a_shape[0]
+        shapes = [[N], [1, N], [m0, N], [m0, 1], [1], [1, 1], [5, N]] + ([a_shape[:-1] + [N]] if len(a_shape) == 3 else [])
+        for gemm in (False, True) if len(a_shape) == 2 else (False,):
+            for c in [None] + [(kind, s) for kind in ("constant", "input") for s in shapes]:
+                if c and c[0] == "constant" and any(isinstance(d, str) for d in c[1]):
+                    continue
+                yield a_shape, c, gemm
+
+
+def main() -> int:
+    wrong = total = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for a_shape, c, gemm in cases():
+            m = build(a_shape, c, gemm)
+            try:
+                fused = ort_fuses(m, Path(tmp))
+            except Exception:  # noqa: BLE001 - a C that does not broadcast: ORT refuses the model itself
+                continue
+            predicted = next(w for w in weight_table(m, 16) if w.name == "W").fused_dq
+            total += 1
+            wrong += predicted != fused
+            print(f"A {a_shape!s:15} {'Gemm' if gemm else 'MatMul+Add':10} C {c!s:28} predicted "
+                  f"{'fused' if predicted else 'unfused':7} ORT {'fused' if fused else 'unfused':7}"
+                  f"{'  <-- wrong' if predicted != fused else ''}")
+    print(f"onnxruntime {ort.__version__}: {total} cases, {wrong} wrong predictions")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
