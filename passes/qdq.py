@@ -85,20 +85,27 @@ class WriteTiers:
         for node in nodes:
             if node.op_type == "Gemm" and len(node.input) > 1 and node.input[1] in flip:
                 next(a for a in node.attribute if a.name == "transB").i = 0
+        for vi in graph.value_info:  # a flipped weight's declared shape turns with it (same bytes)
+            if vi.name in flip and len(vi.type.tensor_type.shape.dim) == 2:
+                dims = [onnx.TensorShapeProto.Dimension() for _ in range(2)]
+                for d, src in zip(dims, reversed(vi.type.tensor_type.shape.dim)):
+                    d.CopyFrom(src)
+                del vi.type.tensor_type.shape.dim[:]
+                vi.type.tensor_type.shape.dim.extend(dims)
         del graph.node[:]
         graph.node.extend(new_nodes + nodes)
         return PassResult(model, bool(done), {"rewritten": done, "transposed": sorted(flip)})
 
     def _transposable(self, graph: onnx.GraphProto) -> set[str]:
         """Integer-tier 2-D weights of the main graph read only as B of Gemm nodes with transB=1 (and
-        with no value_info, whose shape would change)."""
+        not graph outputs, whose shape would change; a value_info entry is turned with the weight)."""
         readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
         for node in graph.node:
             for i, name in enumerate(node.input):
                 readers.setdefault(name, []).append((node, i))
             for name in subgraph_refs(node):  # read inside a branch or loop body: left alone
                 readers.setdefault(name, []).append((node, -1))
-        typed = {v.name for v in graph.value_info} | {o.name for o in graph.output}
+        typed = {o.name for o in graph.output}
         dims = {i.name: len(i.dims) for i in graph.initializer}
 
         def gemm_b(node: onnx.NodeProto, i: int) -> bool:

@@ -904,3 +904,88 @@ def test_a_matmul_onnxruntime_turns_into_gemm_with_a_residual_is_not_called_fuse
                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 32])],
                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 32])])
     assert all(w.fused_dq for w in weight_table(m3, min_size=16) if w.name in ws)
+
+
+def _ort_optimized_ops(path, tmp_path):
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+
+
+@pytest.mark.parametrize("attrs,c,fused", [({}, None, True), ({"alpha": 0.5}, None, False),
+                                           ({"transA": 1}, None, False), ({"beta": 0.5}, (32,), False),
+                                           ({"beta": 0.5}, None, True), ({}, (32,), True), ({"transB": 1}, (32,), True)])
+def test_gemm_attributes_decide_whether_onnxruntime_fuses_the_weight(tmp_path, attrs, c, fused):
+    """ORT fuses DequantizeLinear -> Gemm only with alpha 1, transA 0 and, with C, beta 1: the weight
+    table says so, and `auto` writes the others decoded at load, so no DequantizeLinear is left."""
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    r = np.random.default_rng(5)
+    W = (r.standard_normal((32, 64) if attrs.get("transB") else (64, 32)) / 8).astype(np.float32)
+    a_shape = [64, 4] if attrs.get("transA") else [4, 64]
+    inits = [init("W", W)] + ([init("C", np.full(c, 0.1, np.float32))] if c else [])
+    nodes = [helper.make_node("Gemm", ["x", "W"] + (["C"] if c else []), ["y"], **attrs)]
+    m = model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, a_shape)], [vec("y", 32, batch=4)])
+    w = next(w for w in weight_table(m, min_size=16) if w.name == "W")
+    assert w.fused_dq == fused
+    tier = written_form(parse_tier("int4/channel"), w.consumer_ops, w.shape, "auto", w.fused_dq)
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": str(tier)}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    ops = _ort_optimized_ops(tmp_path / "q.onnx", tmp_path)
+    assert "DequantizeLinear" not in ops and ("MatMulNBits" in ops) == fused, ops
+
+
+def test_a_transb_weight_with_a_value_info_entry_is_still_turned_and_fused(tmp_path):
+    """The writer stores a Gemm(transB=1) weight transposed even when the graph declares its shape in
+    value_info (the entry turns with it, same bytes), so ORT fuses it as predicted."""
+    from tqs_onnx.graph import weight_table
+
+    W = (np.random.default_rng(6).standard_normal((32, 64)) / 8).astype(np.float32)
+    m = model([helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)], [init("W", W)], [vec("x", 64, batch=4)],
+              [vec("y", 32, batch=4)])
+    m.graph.value_info.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [32, 64]))
+    assert weight_table(m, min_size=16)[0].fused_dq
+    onnx.save(m, tmp_path / "m.onnx")
+    out, report = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": "int4/channel"}, {}))
+    assert [d.dim_value for d in out.graph.value_info[0].type.tensor_type.shape.dim] == [64, 32]
+    files = save_model(out, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    ops = _ort_optimized_ops(tmp_path / "q.onnx", tmp_path)
+    assert "MatMulNBits" in ops and "DequantizeLinear" not in ops, ops
+    x = {"x": np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)}
+    expected = run(substitute(m, {"W": reference_dequant(W, 4, axis=0)}), x)[0]
+    np.testing.assert_allclose(run(str(files[0]), x)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_matmulnbits_cannot_take_are_written_decoded_at_load(tmp_path):
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    for block, fused in ((8, False), (16, True), (32, True), (48, False), (128, True)):
+        t = parse_tier(f"int4/block{block}")
+        assert (written_form(t, ["MatMul"], (256, 32)) == t) == fused, block
+    W = (np.random.default_rng(8).standard_normal((96, 32)) / 8).astype(np.float32)
+    m = model([helper.make_node("MatMul", ["x", "W"], ["y"])], [init("W", W)], [vec("x", 96)], [vec("y", 32)])
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": "int4/block48"}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    assert "DequantizeLinear" in _ort_optimized_ops(tmp_path / "q.onnx", tmp_path)  # what auto avoids
+
+
+def test_a_gather_of_a_few_rows_through_constant_indices_is_no_lookup_table():
+    """A table read through constant indices into an output larger than itself (a factored lookup)
+    keeps DequantizeLinear; a Gather of one row does not (decoded at load, ORT folds it to the row)."""
+    from tqs_onnx.graph import weight_table
+
+    E = np.random.default_rng(9).standard_normal((64, 32)).astype(np.float32)
+    F = E[::-1].copy()
+    nodes = [helper.make_node("Gather", ["E", "row"], ["e"]), helper.make_node("Gather", ["F", "many"], ["f"]),
+             helper.make_node("Add", ["e", "x"], ["y0"]), helper.make_node("ReduceSum", ["f"], ["s"], keepdims=0),
+             helper.make_node("Add", ["y0", "s"], ["y"])]
+    m = model(nodes, [init("E", E), init("F", F), init("row", np.array(3, np.int64)),
+                      init("many", np.arange(128, dtype=np.int64) % 64)], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32])])
+    table = {w.name: w for w in weight_table(m, min_size=16)}
+    assert not table["E"].const_lookup and table["F"].const_lookup

@@ -1,7 +1,8 @@
 """Compare the weight table's `fused_dq` with what ONNX Runtime's optimizer does, on tiny models.
 
-For each case (A 2-D or 3-D, fixed or symbolic; a MatMul followed by an Add, or a Gemm; the Add
-operand / C absent, a vector, a row, a column, a matrix, a constant or an input) the script writes
+For each case (A 2-D or 3-D, fixed or symbolic; a MatMul followed by an Add, or a Gemm, with alpha,
+beta or transA set or not; the Add operand / C absent, a vector, a row, a column, a matrix, a
+constant or an input) the script writes
 the weight behind a per-channel INT8 DequantizeLinear, lets ORT (CPU) optimize the session, and
 counts it fused when no DequantizeLinear is left. It prints every case and the number of wrong
 predictions; exit status 1 if there is any.
@@ -25,19 +26,19 @@ from tqs_onnx.graph import weight_table
 K, N = 64, 32
 
 
-def build(a_shape: list, c: tuple[str, list] | None, gemm: bool) -> onnx.ModelProto:
+def build(a_shape: list, c: tuple[str, list] | None, gemm: bool, attrs: dict | None = None) -> onnx.ModelProto:
     w = np.random.default_rng(0).standard_normal((K, N)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "W")]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, a_shape)]
     if c is None:
-        nodes = [helper.make_node("Gemm" if gemm else "MatMul", ["x", "W"], ["z"])]
+        nodes = [helper.make_node("Gemm" if gemm else "MatMul", ["x", "W"], ["z"], **(attrs or {}))]
     else:
         kind, shape = c
         if kind == "constant":
             inits.append(numpy_helper.from_array(np.ones(shape, np.float32), "c"))
         else:
             inputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, shape))
-        nodes = ([helper.make_node("Gemm", ["x", "W", "c"], ["z"])] if gemm else
+        nodes = ([helper.make_node("Gemm", ["x", "W", "c"], ["z"], **(attrs or {}))] if gemm else
                  [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Add", ["c", "y"], ["z"])])
     graph = helper.make_graph(nodes, "case", inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
@@ -68,14 +69,17 @@ def cases():
             for c in [None] + [(kind, s) for kind in ("constant", "input") for s in shapes]:
                 if c and c[0] == "constant" and any(isinstance(d, str) for d in c[1]):
                     continue
-                yield a_shape, c, gemm
+                yield a_shape, c, gemm, {}
+    for attrs in ({"alpha": 0.5}, {"transA": 1}, {"beta": 0.5}, {"alpha": 1.0, "beta": 1.0}):
+        for c in (None, ("constant", [N])):
+            yield ([K, 4] if attrs.get("transA") else [4, K]), c, True, attrs
 
 
 def main() -> int:
     wrong = total = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for a_shape, c, gemm in cases():
-            m = build(a_shape, c, gemm)
+        for a_shape, c, gemm, attrs in cases():
+            m = build(a_shape, c, gemm, attrs)
             try:
                 fused = ort_fuses(m, Path(tmp))
             except Exception:  # noqa: BLE001 - a C that does not broadcast: ORT refuses the model itself
@@ -83,7 +87,8 @@ def main() -> int:
             predicted = next(w for w in weight_table(m, 16) if w.name == "W").fused_dq
             total += 1
             wrong += predicted != fused
-            print(f"A {a_shape!s:15} {'Gemm' if gemm else 'MatMul+Add':10} C {c!s:28} predicted "
+            op = f"Gemm{attrs or ''}" if gemm else "MatMul+Add"
+            print(f"A {a_shape!s:15} {op:30} C {c!s:28} predicted "
                   f"{'fused' if predicted else 'unfused':7} ORT {'fused' if fused else 'unfused':7}"
                   f"{'  <-- wrong' if predicted != fused else ''}")
     print(f"onnxruntime {ort.__version__}: {total} cases, {wrong} wrong predictions")

@@ -257,7 +257,7 @@ def written_forms(rewritten: dict[str, str], info: dict[str, dict] | None = None
     """How many rewritten weights take each form: DequantizeLinear that ORT fuses into MatMulNBits (the
     plan's `fused_dq`), DequantizeLinear run on every call (the rest: lookup tables behind constant
     indices, or everything with `--decode dq`), decoded at load (/load), a float16/bfloat16 Cast, or zeros."""
-    from tqs_onnx.tiers import parse_tier
+    from tqs_onnx.tiers import fusable_block, parse_tier
 
     info = info or {}
     counts = {"DequantizeLinear fused by ORT": 0, "DequantizeLinear per call": 0, "decoded at load": 0,
@@ -266,6 +266,7 @@ def written_forms(rewritten: dict[str, str], info: dict[str, dict] | None = None
         t = parse_tier(text)
         key = ("zeros" if t.is_zero else "fp16/bf16 Cast" if not t.is_int else "decoded at load" if t.at_load
                else "DequantizeLinear fused by ORT" if info.get(name, {}).get("fused_dq")
+               and (t.granularity != "block" or fusable_block(t.block_size))
                else "DequantizeLinear per call")
         counts[key] += 1
     return counts

@@ -292,9 +292,8 @@ class Weight:
     origin: str  # 'initializer', 'constant', 'subgraph'
     consumers: list[str] = field(default_factory=list)  # effective consumer node names
     consumer_ops: list[str] = field(default_factory=list)
-    # Read only as the B input of one main-graph MatMul/Gemm node, as stored, and not turned by ORT into
-    # a Gemm with a matrix C (_gemm_with_matrix_c): ORT fuses its DequantizeLinear into MatMulNBits
-    # (tiers.written_form).
+    # Read only as the B input of one main-graph MatMul/Gemm node, as stored, in a form ORT fuses
+    # (_ort_leaves_dq): its DequantizeLinear becomes MatMulNBits (tiers.written_form).
     fused_dq: bool = False
     # Read by a main-graph Gather through constant indices (a factored lookup table): decoded at load,
     # ORT's constant folding would run the Gather too and store the expanded table, at FP32 size.
@@ -460,7 +459,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
     inputs = {i.name for i in graph.input}
     outputs = {o.name for o in graph.output}
     constants = {i.name for i in graph.initializer} - inputs
-    lookups = {n.input[0] for n in graph.node if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in constants}
+    lookups = _expanding_lookups(graph, constants)
     shapes = _Shapes(model)  # inferred only if a weight asks
     weights = []
     for init in graph.initializer:
@@ -477,7 +476,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         w.fused_dq = len(eff) == 1 and len(shape) == 2 and all(
             u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff)
         w.const_lookup = init.name in lookups
-        if w.fused_dq and _gemm_with_matrix_c(eff[0].node, graph, shapes):
+        if w.fused_dq and _ort_leaves_dq(eff[0].node, graph, shapes):
             w.fused_dq = False
         if eff:
             first = min(eff, key=lambda u: u.order)
@@ -490,6 +489,22 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         weights.append(w)
     weights.sort(key=lambda w: (w.order, w.name))
     return weights
+
+
+def _expanding_lookups(graph: onnx.GraphProto, constants: set[str]) -> set[str]:
+    """Tables a main-graph Gather reads through constant indices into an output larger than the table
+    (a factored lookup): decoded at load, ORT would fold them into that output. A Gather of a few rows
+    folds into something smaller and is no lookup here."""
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    found = set()
+    for n in graph.node:
+        if n.op_type != "Gather" or len(n.input) < 2 or n.input[1] not in constants or n.input[0] not in dims:
+            continue
+        table = dims[n.input[0]]
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if table and math.prod(dims[n.input[1]]) > table[axis % len(table)]:
+            found.add(n.input[0])
+    return found
 
 
 class _Shapes:
@@ -527,23 +542,27 @@ def _same_dim(a: int | str | None, b: int | str | None) -> bool:
     return a is not None and a == b
 
 
-def _gemm_with_matrix_c(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: _Shapes) -> bool:
-    """Whether ONNX Runtime (CPU) runs this MatMul/Gemm as a Gemm whose C is not an (N) vector, where
-    it leaves B's DequantizeLinear unfused (measured with 1.31).
+def _ort_leaves_dq(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: _Shapes) -> bool:
+    """Whether ONNX Runtime (CPU) leaves DequantizeLinear on this MatMul/Gemm's B unfused (measured with
+    1.31; tools/check_fusion_prediction.py).
 
-    ORT's MatMulAddFusion turns a MatMul whose one consumer is an Add into a Gemm when A is 2-D and the
-    Add's other operand fits Gemm's C ((N), (1, N), (M, 1) or (M, N)); DequantizeLinear -> Gemm becomes
-    MatMulNBits only when C is absent or an (N) vector: a residual Add of a 2-D MLP is the usual case.
+    It fuses DequantizeLinear -> Gemm into MatMulNBits only for alpha = 1, transA = 0 and, where C is
+    given, beta = 1 and C an (N) vector. Its MatMulAddFusion first turns a MatMul whose one consumer is
+    an Add into such a Gemm when A is 2-D and the Add's other operand fits Gemm's C ((N), (1, N), (M, 1)
+    or (M, N)): a residual Add of a 2-D MLP is the usual case.
     """
-    n_out = shapes(node.input[1]) if len(node.input) > 1 else None
-    n = n_out[-1] if n_out else None
+    b = shapes(node.input[1]) if len(node.input) > 1 else None
+    n = b[-1] if b else None
     if node.op_type == "Gemm":
-        if any(a.name == "transB" and a.i for a in node.attribute) and n_out:
-            n = n_out[0]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0):
+            return True
+        if attrs.get("transB", 0) and b:
+            n = b[0]
         if len(node.input) < 3 or not node.input[2]:
             return False
         c = shapes(node.input[2])
-        return not (c is not None and len(c) == 1 and _same_dim(c[0], n))
+        return attrs.get("beta", 1.0) != 1.0 or not (c is not None and len(c) == 1 and _same_dim(c[0], n))
     readers = [(m, k) for m in graph.node for k, i in enumerate(m.input) if i == node.output[0]]
     if any(node.output[0] in subgraph_refs(m) for m in graph.node):
         return False  # read inside an If/Loop body too: two consumers, no Gemm

@@ -151,6 +151,12 @@ DECODES = ("auto", "dq", "load", "load-compact")
 FUSED_CONSUMERS = {"MatMul", "Gemm"}  # ORT fuses DequantizeLinear of their 2-D B weight into MatMulNBits
 
 
+def fusable_block(size: int) -> bool:
+    """MatMulNBits takes blocks of a power of two, 16 and up: ORT leaves DequantizeLinear with other
+    blocks unfused (tools/check_fusion_prediction.py)."""
+    return size >= 16 and size & (size - 1) == 0
+
+
 def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], decode: str = "auto",
                  fused_dq: bool | None = None, const_lookup: bool = False) -> Tier:
     """The form `tier` is written in for one weight. decode 'dq': DequantizeLinear; 'load': the `/load`
@@ -161,7 +167,8 @@ def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], de
     as on small-CPU MatMuls, with the tables kept compact).
 
     ORT fuses a 2-D weight read, as stored, only as B of main-graph MatMul/Gemm nodes (`fused_dq`, from
-    the weight table; without it, scores of earlier versions: every consumer op a MatMul/Gemm). A table
+    the weight table; without it, scores of earlier versions: every consumer op a MatMul/Gemm), and
+    blocked scales only for blocks `fusable_block` allows. A table
     read by a Gather through constant indices (`const_lookup`: the factored lookup tables) decoded at
     load is folded by ORT through the Gather into the expanded FP32 tensor, the memory of the unfactored
     model (H100, full Pangu replica: 2.77 GB of GPU memory, as FP32); DequantizeLinear then Gather on
@@ -172,6 +179,8 @@ def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], de
         return tier
     if fused_dq is None:
         fused_dq = len(shape) == 2 and bool(consumer_ops) and set(consumer_ops) <= FUSED_CONSUMERS
+    if tier.granularity == "block" and not fusable_block(tier.block_size):
+        fused_dq = False
     if decode == "auto" and (fused_dq or const_lookup) or decode == "load-compact" and const_lookup:
         return tier
     return replace(tier, at_load=True)
