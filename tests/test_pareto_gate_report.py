@@ -198,6 +198,25 @@ def test_pareto_bad_input_exits_2(demo, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_pareto_and_report_never_write_over_their_inputs(demo, tmp_path, capsys):
+    """A scores file named frontier.json in pareto's folder, or gamma.png in report's, is an input the
+    run would replace: refused before any work (exit 2), the input unchanged."""
+    for folder, name, argv in (
+            ("p", "frontier.json", lambda s: ["pareto", str(demo["model"]), str(s), "--rollout", str(demo["spec"]),
+                                             "--contexts", str(demo["sweep"]), "-o", str(tmp_path / "p"), "--quiet"]),
+            ("q", "index.html", lambda s: ["pareto", str(demo["model"]), str(s), "--rollout", str(demo["spec"]),
+                                          "--contexts", str(demo["sweep"]), "-o", str(tmp_path / "q0"),
+                                          "--report", str(tmp_path / "q"), "--quiet"]),
+            ("r", "gamma.png", lambda s: ["report", str(s), "-o", str(tmp_path / "r")])):
+        (tmp_path / folder).mkdir()
+        scores = tmp_path / folder / name
+        shutil.copy(demo["scores"], scores)
+        before = scores.read_bytes()
+        assert main(argv(scores)) == 2
+        assert "refusing to overwrite the input" in capsys.readouterr().err
+        assert scores.read_bytes() == before
+
+
 # --------------------------------------------------------------------------------------------- gate
 
 def test_gate_passes_a_model_against_itself(demo, tmp_path, capsys):

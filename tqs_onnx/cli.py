@@ -324,12 +324,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_pareto(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import load_scores
     from tqs_onnx.graph import load_model
-    from tqs_onnx.pareto import (FrontierConfig, format_frontier, open_run, previous_models, remove_stale_models,
-                                 run_frontier, write_frontier)
+    from tqs_onnx.pareto import (FRONTIER_FILES, FrontierConfig, format_frontier, open_run, previous_models,
+                                 remove_stale_models, run_frontier, write_frontier)
+    from tqs_onnx.report import REPORT_FILES, write_report
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
-    _check_output_dirs(a.output, a.report)
+    inputs = (a.model, a.scores, a.rollout, a.contexts, a.eval_contexts)
+    _check_output_dir(a.output, FRONTIER_FILES, inputs)
+    _check_output_dir(a.report, REPORT_FILES, inputs)
     config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform,
                             decode=a.decode)
     scores = load_scores(a.scores)
@@ -343,10 +346,8 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     doc = run_frontier(run, config, quiet=a.quiet or a.json)
     json_path, csv_path = write_frontier(out, doc)
     stale = remove_stale_models(out, previous, doc,  # an earlier run's models into the same folder
-                                keep=(a.model, a.scores, a.rollout, a.contexts, a.eval_contexts))
+                                keep=inputs)
     if a.report:
-        from tqs_onnx.report import write_report
-
         write_report(a.report, scores, frontier=doc)
     if a.json:
         print(json.dumps(doc, indent=1))
@@ -356,11 +357,14 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_dirs(*paths: str | None) -> None:
-    """Refuse an output folder that is an existing file, before any work is done."""
-    for path in paths:
-        if path and Path(path).exists() and not Path(path).is_dir():
-            raise TqsError(f"{path}: output folder is an existing file")
+def _check_output_dir(path: str | None, names: tuple[str, ...], inputs: tuple[str | None, ...]) -> None:
+    """Refuse an output folder that is an existing file, or in which a file the command writes there
+    (`names`) is one of its inputs, before any work is done."""
+    if not path:
+        return
+    if Path(path).exists() and not Path(path).is_dir():
+        raise TqsError(f"{path}: output folder is an existing file")
+    _check_output_files(*(str(Path(path) / name) for name in names), inputs=inputs)
 
 
 def cmd_gate(a: argparse.Namespace) -> int:
@@ -386,9 +390,9 @@ def cmd_gate(a: argparse.Namespace) -> int:
 
 def cmd_report(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import load_scores
-    from tqs_onnx.report import check_same_model, load_document, write_report
+    from tqs_onnx.report import REPORT_FILES, check_same_model, load_document, write_report
 
-    _check_output_dirs(a.output)
+    _check_output_dir(a.output, REPORT_FILES, (a.scores, a.frontier, a.plan, a.eval))
     scores = load_scores(a.scores)
     docs = {}
     for key, path, kind in (("frontier", a.frontier, "tqs-frontier"), ("plan", a.plan, "tqs-plan"),

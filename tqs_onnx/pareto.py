@@ -391,9 +391,12 @@ def frontier_document(run: FrontierRun, config: FrontierConfig, targets: list[fl
 
 # ---------------------------------------------------------------------------------------- output
 
+FRONTIER_FILES = ("frontier.json", "frontier.csv")
+
+
 def write_frontier(out_dir: Path, doc: dict[str, Any]) -> tuple[Path, Path]:
     """frontier.json (everything) and frontier.csv (one row per point and baseline)."""
-    json_path, csv_path = out_dir / "frontier.json", out_dir / "frontier.csv"
+    json_path, csv_path = (out_dir / name for name in FRONTIER_FILES)
     atomic_write_json(json_path, doc)
     atomic_write(csv_path, lambda p: _write_csv(p, doc["points"] + doc["uniform"]))
     return json_path, csv_path

@@ -378,6 +378,9 @@ CAPTIONS = {
 }
 
 
+REPORT_FILES = ("index.html", *CAPTIONS)  # what write_report may write into its folder
+
+
 def write_report(out_dir: str | os.PathLike, scores: dict[str, Any], frontier: dict[str, Any] | None = None,
                  plan: dict[str, Any] | None = None, eval_doc: dict[str, Any] | None = None) -> Path:
     """Draw every plot the inputs allow into out_dir and write out_dir/index.html; returns its path."""
