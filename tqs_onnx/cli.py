@@ -489,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform unless the gain is clear)")
     s.add_argument("--decode", default="auto", choices=DECODES,
                    help="how integer tiers are written: auto (default) DequantizeLinear for 2-D weights read, "
-                        "as stored, only as B of main-graph MatMul/Gemm nodes, which ONNX Runtime fuses into "
-                        "MatMulNBits, and the /load form for every other weight (Conv, LSTM, Add tables), "
+                        "as stored, only as B of one main-graph MatMul/Gemm node in a form ONNX Runtime fuses "
+                        "into MatMulNBits (`inspect` says \"fused\"), and the /load form for every other weight (Conv, LSTM, Add tables), "
                         "which ORT decodes once at load instead of on every call (`inspect` shows which); "
                         "a table read by a Gather through constant indices (a factored table) keeps "
                         "DequantizeLinear: decoded at load, ORT would fold it through the Gather back to the "
