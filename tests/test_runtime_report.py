@@ -143,3 +143,45 @@ def test_table_re_expanded_by_a_constant_gather_counts_its_expansion(tmp_path):
     [entry] = figures(tmp_path / "q.onnx")["per_call"]
     assert entry["consumers"] == ["Gather"] and entry["through"] == ["Gather"]
     assert entry["bytes"] == 4 * table.size and entry["materialized_bytes"] == 4 * index.size * 32
+
+
+def _written_figures(tmp_path, nodes, inits, inputs, outputs, tiers):
+    m = model(nodes, inits, inputs, outputs, opset=18)
+    import onnx
+
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), {"kind": "tqs-plan", "model": {}, "factor": False,
+                                                              "weights": tiers})
+    save_model(out, tmp_path / "q.onnx")
+    return figures(tmp_path / "q.onnx")
+
+
+def test_weights_folded_further_at_load_are_reported_under_their_own_name(tmp_path):
+    """A weight decoded at load that ORT then folds further (a Conv kernel reordered for NCHWc, a
+    Transpose applied, a product with a constant) is still listed as expanded at load, as itself."""
+    r = np.random.default_rng(4)
+    K = r.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    W = r.standard_normal((32, 64)).astype(np.float32)
+    V = r.standard_normal((32, 32)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["img", "K"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "Wt"], ["h"]),
+             helper.make_node("Mul", ["V", "two"], ["V2"]),
+             helper.make_node("MatMul", ["h", "V2"], ["y"])]
+    inits = [init("K", K), init("W", W), init("V", V), init("two", np.array(2.0, np.float32))]
+    inputs = [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 8, 8, 8]), vec("x", 64)]
+    outputs = [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 16, 8, 8]), vec("y", 32)]
+    f = _written_figures(tmp_path, nodes, inits, inputs, outputs,
+                         {"K": "int8/channel/load", "W": "int8/channel/load", "V": "int4/channel/load"})
+    got = {e["weight"]: e["bytes"] for e in f["expanded_at_load"]}
+    assert got == {"K": 4 * K.size, "W": 4 * W.size, "V": 4 * V.size}, f["expanded_at_load"]
+    assert f["per_call"] == []
+
+
+def test_a_lookup_table_with_fp16_scales_is_per_call_and_not_expanded_at_load(tmp_path):
+    E = np.random.default_rng(5).standard_normal((64, 32)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "idx"], ["e"]), helper.make_node("ReduceSum", ["e", "ax"], ["s"], keepdims=0),
+             helper.make_node("Add", ["x", "s"], ["y"])]
+    inits = [init("E", E), init("idx", (np.arange(80, dtype=np.int64) % 64)), init("ax", np.array([0], np.int64))]
+    f = _written_figures(tmp_path, nodes, inits, [vec("x", 32)], [vec("y", 32)], {"E": "int4/channel/fp16"})
+    assert f["expanded_at_load"] == [] and [e["weight"] for e in f["per_call"]] == ["E"]

@@ -518,11 +518,13 @@ class _Shapes:
     def __call__(self, name: str) -> list[int | str | None] | None:
         """Dims (value, symbol or None) of `name`, or None where its rank is unknown."""
         if self._shapes is None:
-            self._shapes = _infer_shapes(self._model)
+            self._shapes = infer_value_shapes(self._model)
         return self._shapes.get(name)
 
 
-def _infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+def infer_value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    """Dims (value, symbol or None) of every value onnx's shape inference can name, inferred on a copy
+    of `model` without its weights' data; {} where inference fails."""
     from tqs_onnx.passes.detach import detach  # passes build on this module
 
     try:

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import infer_value_shapes
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, resolve_device, synthetic_feeds
 from tqs_onnx.util import first_line
@@ -202,41 +203,112 @@ def _constant_decodes(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, dict
             if n.op_type in DECODE_OPS and n.input and all(i == "" or i in inits for i in n.input)]
 
 
-def _folded_decodes(graph: onnx.GraphProto, opt_inits: dict[str, onnx.TensorProto]
-                    ) -> list[tuple[onnx.NodeProto, list[onnx.TensorProto]]]:
-    """Decodes the optimizer folded at load: a DequantizeLinear/Cast of initializers, or the Mul that
-    ends a `/load` tier's Cast/Sub/Mul chain, whose output is an initializer of the optimized graph;
-    with the stored initializers it was computed from."""
+def _constant_values(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, list[str]]]:
+    """Every value of `graph` (subgraphs included) computed from initializers alone: its producer and
+    the initializers it is computed from."""
     inits = _all_initializers(graph)
-    producer = {o: n for n in _all_nodes(graph) for o in n.output}
+    producer = {o: n for n in _all_nodes(graph) for o in n.output if o}
+    memo: dict[str, list[str] | None] = {name: [name] for name in inits}
 
-    def stored_from(name: str, seen: set[str]) -> list[onnx.TensorProto] | None:
-        if name in inits:
-            return [inits[name]]
-        node = producer.get(name)
-        if node is None or name in seen:
-            return None  # a graph input: not a constant
-        seen.add(name)
-        if node.op_type == "Constant":
-            return []
-        out: list[onnx.TensorProto] = []
-        for i in node.input:
-            got = stored_from(i, seen) if i else []
-            if got is None:
-                return None
-            out += got
-        return out
+    def leaves(name: str) -> list[str] | None:
+        stack = [name]
+        while stack:  # iterative: decode chains of large graphs nest deeply
+            v = stack[-1]
+            if v in memo:
+                stack.pop()
+                continue
+            node = producer.get(v)
+            if node is None or node.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike",
+                                                "RandomUniformLike", "Multinomial") or _has_subgraph(node):
+                memo[v] = None
+                stack.pop()
+                continue
+            todo = [i for i in node.input if i and i not in memo]
+            if todo:
+                if any(t in stack for t in todo):  # a cycle: not a constant
+                    memo[v] = None
+                    stack.pop()
+                    continue
+                stack.extend(todo)
+                continue
+            parts = [memo[i] for i in node.input if i]
+            memo[v] = None if any(q is None for q in parts) else sorted({x for q in parts for x in q})
+            stack.pop()
+        return memo[name]
 
-    found = []
+    return {o: (producer[o], got) for o in producer if (got := leaves(o)) is not None}
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _folded_decodes(written: onnx.ModelProto, optimized: onnx.GraphProto
+                    ) -> list[tuple[str, str, int, list[onnx.TensorProto]]]:
+    """Decoded weights the optimizer folded at load: (weight, decode op, float bytes, stored tensors).
+
+    A decode is a value computed from initializers only, through a DequantizeLinear or Cast, that a
+    computing node reads (a weight entering the model). ORT folded it when no node of its optimized
+    graph reads the stored tensors (that is a decode per call) and no fused kernel reads ORT's repacked
+    copy of them (MatMulNBits reads `NAME_T`). Its bytes are those of the folded initializer when ORT
+    kept the decode's name, else of the value's inferred shape (ORT folded it further: a Conv kernel
+    reordered, a Transpose applied). A writer's weight is named as written (`W` for `W__q`)."""
+    graph = written.graph
+    inits = _all_initializers(graph)
+    constant = _constant_values(graph)
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for n in _all_nodes(graph):
-        if n.op_type not in (*DECODE_OPS, "Mul") or n.output[0] not in opt_inits:
+        for i in set(n.input) | _implicit_inputs(n):
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    opt_inits = _all_initializers(optimized)
+    opt_read = {i for n in _all_nodes(optimized) for i in n.input if i}
+    shapes = None
+    found = []
+    for value, (node, leaves) in constant.items():
+        live = value in outputs or any(not all(o in constant for o in r.output if o) or _has_subgraph(r)
+                                       for r in readers.get(value, []))
+        chain_ops = _chain_ops(value, constant)
+        if not live or not chain_ops & set(DECODE_OPS) or any(leaf in opt_read for leaf in leaves):
             continue
-        if n.op_type != "Mul" and not all(i == "" or i in inits for i in n.input):
-            continue
-        stored = stored_from(n.output[0], set())
-        if stored:
-            found.append((n, list({t.name: t for t in stored}.values())))
+        if any(o.startswith(f"{leaf}_") for leaf in leaves for o in opt_inits):
+            continue  # repacked for a fused kernel
+        if value in opt_inits:
+            folded = opt_inits[value]
+            nbytes = tensor_bytes(list(folded.dims), folded.data_type)
+        else:
+            if shapes is None:
+                shapes = infer_value_shapes(written)
+            dims = shapes.get(value)
+            if dims is None or not all(isinstance(d, int) for d in dims):
+                continue
+            nbytes = tensor_bytes(dims, _decoded_type(node, inits) if node.op_type in DECODE_OPS else onnx.TensorProto.FLOAT)
+        owners = {leaf.split("__")[0] for leaf in leaves if "__" in leaf}
+        found.append((owners.pop() if len(owners) == 1 else value, node.op_type, nbytes, [inits[x] for x in leaves]))
     return found
+
+
+def _implicit_inputs(node: onnx.NodeProto) -> set[str]:
+    refs: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for n in _all_nodes(sub):
+                refs.update(i for i in n.input if i)
+    return refs
+
+
+def _chain_ops(value: str, constant: dict[str, tuple[onnx.NodeProto, list[str]]]) -> set[str]:
+    """The op types of the constant computation that produces `value`."""
+    ops, stack, seen = set(), [value], set()
+    while stack:
+        v = stack.pop()
+        if v in seen or v not in constant:
+            continue
+        seen.add(v)
+        node = constant[v][0]
+        ops.add(node.op_type)
+        stack.extend(i for i in node.input if i)
+    return ops
 
 
 # Ops that only move or index a constant: a decoded weight passed through them is still rebuilt per call.
@@ -286,12 +358,9 @@ def graph_figures(written: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[
                          "consumers": sorted({u.op_type for u in users.get(node.output[0], [])}),
                          "materialized_bytes": tensor_bytes([numel], dtype), "through": chain})
     opt_inits = _all_initializers(optimized.graph)
-    expanded = []
-    for node, stored in _folded_decodes(written.graph, opt_inits):
-        folded = opt_inits[node.output[0]]
-        expanded.append({"weight": node.output[0], "op": node.op_type,
-                         "bytes": tensor_bytes(list(folded.dims), folded.data_type),
-                         "stored_bytes": sum(tensor_bytes(list(t.dims), t.data_type) for t in stored)})
+    expanded = [{"weight": name, "op": op, "bytes": nbytes,
+                 "stored_bytes": sum(tensor_bytes(list(t.dims), t.data_type) for t in stored)}
+                for name, op, nbytes, stored in _folded_decodes(written, optimized.graph)]
     written_dq = sum(n.op_type == "DequantizeLinear" for n in _all_nodes(written.graph))
     return {
         "ops": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
