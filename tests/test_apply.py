@@ -989,3 +989,33 @@ def test_a_gather_of_a_few_rows_through_constant_indices_is_no_lookup_table():
               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32])])
     table = {w.name: w for w in weight_table(m, min_size=16)}
     assert not table["E"].const_lookup and table["F"].const_lookup
+
+
+@pytest.mark.parametrize("op,attrs", [("Identity", {}), ("Cast", {"to": TensorProto.FLOAT})])
+def test_a_weight_read_through_identity_or_a_float_cast_is_fused(tmp_path, op, attrs):
+    """ORT removes an Identity or a Cast to float before fusing: such a weight is read as stored, keeps
+    DequantizeLinear in `auto`, and ORT fuses it into MatMulNBits."""
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    W = (np.random.default_rng(10).standard_normal((64, 32)) / 8).astype(np.float32)
+    m = model([helper.make_node(op, ["W"], ["Wi"], **attrs), helper.make_node("MatMul", ["x", "Wi"], ["y"])],
+              [init("W", W)], [vec("x", 64)], [vec("y", 32)])
+    w = weight_table(m, min_size=16)[0]
+    assert w.fused_dq and (w.channel_axis, w.block_axis) == (1, 0)
+    tier = written_form(parse_tier("int4/channel"), w.consumer_ops, w.shape, "auto", w.fused_dq)
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": str(tier)}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    assert _ort_optimized_ops(tmp_path / "q.onnx", tmp_path) == ["MatMulNBits"]
+
+
+def test_a_transb_weight_behind_identity_is_not_called_fused(tmp_path):
+    """The writer turns only a weight a Gemm(transB=1) reads itself; behind an Identity ORT would leave
+    its DequantizeLinear unfused, so `auto` writes it decoded at load."""
+    from tqs_onnx.graph import weight_table
+
+    W = (np.random.default_rng(11).standard_normal((32, 64)) / 8).astype(np.float32)
+    m = model([helper.make_node("Identity", ["W"], ["Wi"]), helper.make_node("Gemm", ["x", "Wi"], ["y"], transB=1)],
+              [init("W", W)], [vec("x", 64)], [vec("y", 32)])
+    assert not weight_table(m, min_size=16)[0].fused_dq

@@ -408,11 +408,18 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
                 if o:
                     for g2, u2 in _uses_in(g, o, prefix if not is_main else "", use.order if not is_main else None,
                                            names if is_main else None, topo if is_main else None, use.main):
-                        u2.direct = False
+                        u2.direct = use.direct and _same_tensor(use.node)
                         stack.append((g2, u2))
         else:
             found.append(use)
     return found
+
+
+def _same_tensor(node: onnx.NodeProto) -> bool:
+    """An op whose output is its float input unchanged (Identity, a Cast to float): ORT removes it, and
+    a weight read through it is read as stored (ORT fuses its DequantizeLinear as if read directly)."""
+    return node.op_type == "Identity" or node.op_type == "Cast" and any(
+        a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
 
 
 def _axes_for(op: str, slot: int, node: onnx.NodeProto, ndim: int) -> tuple[int | None, int | None]:
@@ -476,7 +483,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         w.fused_dq = len(eff) == 1 and len(shape) == 2 and all(
             u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff)
         w.const_lookup = init.name in lookups
-        if w.fused_dq and _ort_leaves_dq(eff[0].node, graph, shapes):
+        if w.fused_dq and _ort_leaves_dq(eff[0].node, graph, shapes, init.name):
             w.fused_dq = False
         if eff:
             first = min(eff, key=lambda u: u.order)
@@ -544,12 +551,13 @@ def _same_dim(a: int | str | None, b: int | str | None) -> bool:
     return a is not None and a == b
 
 
-def _ort_leaves_dq(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: _Shapes) -> bool:
+def _ort_leaves_dq(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: _Shapes, weight: str) -> bool:
     """Whether ONNX Runtime (CPU) leaves DequantizeLinear on this MatMul/Gemm's B unfused (measured with
     1.31; tools/check_fusion_prediction.py).
 
-    It fuses DequantizeLinear -> Gemm into MatMulNBits only for alpha = 1, transA = 0 and, where C is
-    given, beta = 1 and C an (N) vector. Its MatMulAddFusion first turns a MatMul whose one consumer is
+    It fuses DequantizeLinear -> Gemm into MatMulNBits only for alpha = 1, transA = 0 (transB = 1 the
+    writer turns into 0, for a `weight` the Gemm reads itself) and, where C is given, beta = 1 and C an
+    (N) vector. Its MatMulAddFusion first turns a MatMul whose one consumer is
     an Add into such a Gemm when A is 2-D and the Add's other operand fits Gemm's C ((N), (1, N), (M, 1)
     or (M, N)): a residual Add of a 2-D MLP is the usual case.
     """
@@ -559,6 +567,8 @@ def _ort_leaves_dq(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: _Shapes
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0):
             return True
+        if attrs.get("transB", 0) and node.input[1] != weight:
+            return True  # read through an Identity or Cast: the writer cannot store it transposed
         if attrs.get("transB", 0) and b:
             n = b[0]
         if len(node.input) < 3 or not node.input[2]:
