@@ -310,3 +310,41 @@ def test_report_rejects_wrong_documents(demo, tmp_path, capsys):
     shutil.copy(demo["scores"], wrong)
     assert main(["report", str(demo["scores"]), "--frontier", str(wrong), "-o", str(tmp_path / "r")]) == 2
     assert "not a tqs-frontier document" in capsys.readouterr().err
+
+
+def test_pareto_resumes_an_interrupted_run_from_its_checkpoint(demo, tmp_path, monkeypatch, capsys):
+    """Each finished point is checkpointed: a run killed after two points resumes with --resume, redoes
+    only the rest, and writes the same frontier as an uninterrupted run; without --resume it refuses."""
+    import tqs_onnx.pareto as pareto
+
+    def argv(out, *extra):
+        return ["pareto", str(demo["model"]), str(demo["scores"]), "--rollout", str(demo["spec"]),
+                "--contexts", str(demo["sweep"]), "--eval-contexts", str(demo["eval"]), "--targets", "2:16",
+                "--points", "4", "-o", str(out), "--quiet", "--max-rollouts", "5", *extra]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    whole = json.loads((tmp_path / "whole" / "frontier.json").read_text())
+    real, calls = pareto.run_point, []
+
+    def dies_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pareto, "run_point", dies_after_two)
+    assert main(argv(tmp_path / "cut")) == 130  # Ctrl-C: "interrupted"
+    assert "run the same command with --resume" in capsys.readouterr().err
+    ckpt = tmp_path / "cut" / "frontier.ckpt.jsonl"
+    assert len(ckpt.read_text().splitlines()) == 3  # fingerprint + two points
+    assert main(argv(tmp_path / "cut")) == 2 and "--resume" in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(pareto, "run_point", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert main(argv(tmp_path / "cut", "--resume")) == 0
+    assert len(calls) == len(whole["points"]) - 2 and not ckpt.exists()
+    cut = json.loads((tmp_path / "cut" / "frontier.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(cut["points"]) == strip(whole["points"]) and strip(cut["uniform"]) == strip(whole["uniform"])
+    assert any("checkpoint" in n for n in cut["notes"])
+    for r in cut["points"] + cut["uniform"]:
+        assert r["model"] is None or (tmp_path / "cut" / r["model"]).is_file()

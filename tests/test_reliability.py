@@ -539,7 +539,7 @@ case("apply over its own input", "overwrite the input")(
     lambda c: ["apply", c.copy("model"), c.copy("plan"), "-o", c.copy("model"), "--force"])
 case("existing checkpoint without --resume", "--resume")(
     lambda c: (c.write("out.json.ckpt.jsonl", '{"fingerprint": "x"}\n'), c.sweep())[1])
-case("checkpoint of another sweep", "another sweep")(
+case("checkpoint of another sweep", "another run")(
     lambda c: (c.write("out.json.ckpt.jsonl", '{"fingerprint": "x"}\n'), c.sweep(None, None, None, "--resume"))[1])
 
 # Scores and plans.

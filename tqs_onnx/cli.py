@@ -324,15 +324,19 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_pareto(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import load_scores
     from tqs_onnx.graph import load_model
-    from tqs_onnx.pareto import (FRONTIER_FILES, FrontierConfig, format_frontier, open_run, previous_models,
-                                 remove_stale_models, run_frontier, write_frontier)
+    from tqs_onnx.pareto import (CHECKPOINT_NAME, FRONTIER_FILES, FrontierConfig, format_frontier,
+                                 frontier_checkpoint, open_run, previous_models, remove_stale_models, run_frontier,
+                                 write_frontier)
     from tqs_onnx.report import REPORT_FILES, write_report
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
     inputs = (a.model, a.scores, a.rollout, a.contexts, a.eval_contexts)
-    _check_output_dir(a.output, FRONTIER_FILES, inputs)
+    _check_output_dir(a.output, FRONTIER_FILES + (CHECKPOINT_NAME,), inputs)
     _check_output_dir(a.report, REPORT_FILES, inputs)
+    if (Path(a.output) / CHECKPOINT_NAME).exists() and not a.resume:
+        raise TqsError(f"{Path(a.output) / CHECKPOINT_NAME}: an interrupted run's checkpoint; pass --resume to "
+                       "continue it or delete it")
     config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform,
                             decode=a.decode)
     scores = load_scores(a.scores)
@@ -342,9 +346,12 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     eval_ctx = Contexts.load(a.eval_contexts, spec) if a.eval_contexts else None
     out = Path(a.output)
     previous = previous_models(out, loaded.sha256)
-    run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, resolve_device(a.device), out)
-    doc = run_frontier(run, config, quiet=a.quiet or a.json)
+    device = resolve_device(a.device)
+    ckpt = frontier_checkpoint(out, loaded, [a.scores, a.contexts, a.eval_contexts], spec, config, device)
+    run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
+    doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume)
     json_path, csv_path = write_frontier(out, doc)
+    ckpt.path.unlink(missing_ok=True)
     stale = remove_stale_models(out, previous, doc,  # an earlier run's models into the same folder
                                 keep=inputs)
     if a.report:
@@ -605,6 +612,9 @@ def _frontier_parsers(sub) -> None:
                    help="how integer tiers are written, as in `allocate --decode` (default auto)")
     s.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts per refinement (default 30)")
     s.add_argument("--no-uniform", action="store_true", help="skip the uniform (single-tier) baselines")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from DIR/frontier.ckpt.jsonl (each finished point is "
+                        "appended there; same inputs and options)")
     s.add_argument("-o", "--output", default="tqs-frontier", metavar="DIR",
                    help="folder for frontier.json, frontier.csv and the kept models (default ./tqs-frontier)")
     s.add_argument("--report", metavar="DIR", help="also write the HTML report (index.html + PNGs) here")
@@ -669,10 +679,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = ""
-        if args.command == "sweep":
-            ckpt = checkpoint_path(args)
+        if args.command in ("sweep", "pareto"):
+            ckpt = checkpoint_path(args) if args.command == "sweep" else Path(args.output) / "frontier.ckpt.jsonl"
+            what = "blocks" if args.command == "sweep" else "points"
             if ckpt.exists():
-                hint = f"; the finished blocks are kept in {ckpt}: run the same command with --resume to go on"
+                hint = f"; the finished {what} are kept in {ckpt}: run the same command with --resume to go on"
         print(f"tqs-onnx {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 

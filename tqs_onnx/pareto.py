@@ -10,10 +10,11 @@ points, so a point costs one allocation, one write and one candidate rollout.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,12 +24,12 @@ from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, default_tiers, plan_document
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import compare, compression, rollouts, truth_arrays, verify_written
-from tqs_onnx.graph import LoadedModel, load_model
+from tqs_onnx.graph import LoadedModel, file_digest, load_model
 from tqs_onnx.refine import refine, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device
-from tqs_onnx.sweep import joint_divergence, setup_for_scores
+from tqs_onnx.sweep import Checkpoint, joint_divergence, setup_for_scores
 from tqs_onnx.tiers import Tier, parse_tiers
 from tqs_onnx.util import atomic_write, atomic_write_json, progress
 
@@ -338,19 +339,36 @@ def uniform_baselines(scores: dict[str, Any], tiers: list[Tier], lowest_target: 
     return problem, uniform_assignments(problem)
 
 
-def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False) -> dict[str, Any]:
-    """Every target x objective, plus the uniform baselines; returns the frontier document."""
+def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False,
+                 checkpoint: Checkpoint | None = None, resume: bool = False) -> dict[str, Any]:
+    """Every target x objective, plus the uniform baselines; returns the frontier document.
+
+    With a `checkpoint`, each finished point or baseline is appended to it; `resume` takes the rows a
+    killed run left there (whose models are still on disk as they were measured) instead of redoing them."""
     t0 = time.perf_counter()
     tiers = frontier_tiers(run.scores, config)
     reachable = reachable_range(run.scores, tiers, config.decode)
     targets, notes = target_grid(config.targets, config.points, reachable)
     if run.in_sample:
         notes.append("errors measured on the sweep contexts (in-sample); pass --eval-contexts for held-out numbers")
+    done = _resumable(run, checkpoint.start(resume)) if checkpoint else {}
+    if done:
+        notes.append(f"{len(done)} point(s) and baseline(s) taken from the checkpoint of an interrupted run")
+
+    def job(key: str, what: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        if key in done:
+            if done[key].get("skipped"):
+                notes.append(done[key]["skipped"])
+            return done[key].get("row")
+        row = _skip_on_error(notes, what, work)
+        if checkpoint:
+            checkpoint.append_row({"id": key, "row": row, "skipped": notes[-1] if row is None else None})
+        return row
+
     jobs = [(t, obj) for t in targets for obj in objectives_of(config)]
     points = [row for t, obj in progress(jobs, "pareto", quiet, unit="point")
-              if (row := _skip_on_error(notes, f"target {t:g}x ({obj})",
-                                        lambda: run_point(run, t, obj, config.tiers, config.max_rollouts,
-                                                          config.decode)))]
+              if (row := job(f"point {t!r} {obj}", f"target {t:g}x ({obj})",
+                             lambda: run_point(run, t, obj, config.tiers, config.max_rollouts, config.decode)))]
     if not points:
         raise TqsError("no frontier point could be written; see the notes: " + "; ".join(notes))
     choose_per_target(points)
@@ -358,13 +376,51 @@ def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False) 
     if config.uniform:
         problem, fits = uniform_baselines(run.scores, tiers, targets[0], config.decode)
         baselines = [row for name, assign in progress(list(fits.items()), "uniform", quiet, unit="model")
-                     if (row := _skip_on_error(notes, f"uniform {name}",
-                                               lambda: run_uniform(run, problem, name, assign)))]
+                     if (row := job(f"uniform {name}", f"uniform {name}",
+                                    lambda: run_uniform(run, problem, name, assign)))]
     mark_pareto(points + baselines)
     removed = prune_models(run.out_dir, points + baselines)
     if removed:
         notes.append(f"deleted {len(removed)} dominated candidate model(s)")
     return frontier_document(run, config, targets, reachable, points, baselines, notes, time.perf_counter() - t0)
+
+
+CHECKPOINT_NAME = "frontier.ckpt.jsonl"
+
+
+def frontier_checkpoint(out_dir: Path, loaded: LoadedModel, inputs: list[str | None], spec: RolloutSpec,
+                        config: FrontierConfig, device: Device) -> Checkpoint:
+    """The run's checkpoint in out_dir, fingerprinted by the model, the bytes of the other input files
+    (scores, contexts), the spec, the options and the device."""
+    h = hashlib.sha256()
+    h.update(loaded.sha256.encode())
+    for path in inputs:
+        h.update((file_digest(Path(path)) if path else "-").encode())
+    h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(asdict(config), sort_keys=True).encode())
+    h.update(f"{device.kind} {__version__}".encode())
+    return Checkpoint(out_dir / CHECKPOINT_NAME, h.hexdigest())
+
+
+def _resumable(run: FrontierRun, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Checkpoint rows still true on disk: a skipped job, or a row whose model has the bytes measured.
+    Their models count as written (a later target choosing the same tiers reuses the file)."""
+    kept = {}
+    for key, entry in rows.items():
+        row = entry.get("row")
+        if row is None:
+            if entry.get("skipped"):
+                kept[key] = entry
+            continue
+        path = run.out_dir / str(row.get("model"))
+        files = [path, Path(f"{path}.data")]
+        if path.is_file() and sum(f.stat().st_size for f in files if f.is_file()) == row.get("on_disk_bytes"):
+            kept[key] = entry
+            run.evaluated.setdefault(tuple(row["tiers"]), {k: v for k, v in row.items() if k not in ROW_OWN})
+    return kept
+
+
+ROW_OWN = ("kind", "target", "objective", "tier", "kept", "tiers", "joint_divergence", "notes", "seconds")
 
 
 def _skip_on_error(notes: list[str], what: str, job: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:

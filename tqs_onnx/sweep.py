@@ -410,13 +410,14 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
 # ------------------------------------------------------------------------------------ checkpoints
 
 class Checkpoint:
-    """Append-only JSON lines, fsync'd per block; the first line fingerprints the sweep."""
+    """Append-only JSON lines, fsync'd per row (a block's scores; a frontier point in `pareto`), each
+    keyed by its "id"; the first line fingerprints the run."""
 
     def __init__(self, path: Path, fingerprint: str):
         self.path = path
         self.fingerprint = fingerprint
 
-    def load(self) -> dict[int, dict]:
+    def load(self) -> dict[Any, dict]:
         if not self.path.exists():
             return {}
         lines = self.path.read_text().splitlines()
@@ -425,7 +426,8 @@ class Checkpoint:
         except json.JSONDecodeError:
             head = {}
         if head.get("fingerprint") != self.fingerprint:
-            raise TqsError(f"{self.path}: checkpoint belongs to another sweep (model, spec, contexts or options differ)")
+            raise TqsError(f"{self.path}: checkpoint belongs to another run (model, scores, spec, contexts or "
+                           "options differ); delete it to start again")
         done = {}
         for line in lines[1:]:
             try:
@@ -435,13 +437,13 @@ class Checkpoint:
             done[row["id"]] = row
         return done
 
-    def start(self, resume: bool) -> dict[int, dict]:
+    def start(self, resume: bool) -> dict[Any, dict]:
         if self.path.exists() and not resume:
             raise TqsError(f"{self.path}: a checkpoint exists; pass --resume to continue it or delete it")
         done = self.load() if resume else {}
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"fingerprint": self.fingerprint, "schema_version": SCHEMA_VERSION})
+            self.append_row({"fingerprint": self.fingerprint, "schema_version": SCHEMA_VERSION})
         elif done or resume:
             self._truncate_partial_tail()
         return done
@@ -453,9 +455,9 @@ class Checkpoint:
                 f.truncate(data.rfind(b"\n") + 1)
 
     def append(self, score: BlockScore) -> None:
-        self._append(asdict(score))
+        self.append_row(asdict(score))
 
-    def _append(self, row: dict) -> None:
+    def append_row(self, row: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
