@@ -1019,3 +1019,24 @@ def test_a_transb_weight_behind_identity_is_not_called_fused(tmp_path):
     m = model([helper.make_node("Identity", ["W"], ["Wi"]), helper.make_node("Gemm", ["x", "Wi"], ["y"], transB=1)],
               [init("W", W)], [vec("x", 64)], [vec("y", 32)])
     assert not weight_table(m, min_size=16)[0].fused_dq
+
+
+@pytest.mark.parametrize("n", [16, 15])
+def test_auto_writes_int2_decoded_at_load_where_the_fused_kernel_miscomputes(tmp_path, n):
+    """ORT 1.31's 2-bit MatMulNBits miscomputes N % 4 != 0: `auto` writes such an int2 weight decoded
+    at load (FP32 kernels), so `apply` accepts it; N % 4 == 0 stays fused."""
+    from tqs_onnx.evaluate import verify_written
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.runtime import Device
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    W = np.random.default_rng(0).standard_normal((64, n)).astype(np.float32)
+    m = model([helper.make_node("MatMul", ["x", "W"], ["y"])], [init("W", W)], [vec("x", 64)], [vec("y", n)])
+    w = weight_table(m, min_size=16)[0]
+    tier = written_form(parse_tier("int2/channel"), w.consumer_ops, w.shape, "auto", w.fused_dq, False, w.channel_axis)
+    assert tier.at_load == (n % 4 != 0)
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": str(tier)}, {}))
+    save_model(out, tmp_path / "q.onnx")
+    err = verify_written(tmp_path / "q.onnx", Device("cpu"))["optimized_rel_err"]
+    assert err < (1e-5 if tier.at_load else 0.05)  # fused: MatMulNBits' int8 activations (accuracy level 4)

@@ -194,7 +194,7 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
 def weight_tier(w: dict[str, Any], tier: Tier, decode: str) -> Tier:
     """The tier a weight is written at when its block is at `tier` (its form: tiers.written_form)."""
     return written_form(tier, w.get("consumer_ops") or [], tuple(w["shape"]), decode, w.get("fused_dq"),
-                        bool(w.get("const_lookup")))
+                        bool(w.get("const_lookup")), w.get("channel_axis"))
 
 
 def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:

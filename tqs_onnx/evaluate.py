@@ -69,9 +69,25 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
     err = optimized_vs_written(path, device, first, spec, contexts)
     if err > FIDELITY_TOL:  # NaN (not checked) compares False
         raise TqsError(f"{label}: ONNX Runtime's optimized graph computes other values than the written graph "
-                       f"(relative error {err:.2g} on one step; onnxruntime 1.31 miscomputes INT2 weights fused "
-                       f"into MatMulNBits when N % 4 != 0): choose other tiers for those weights")
+                       f"(relative error {err:.2g} on one step){_fidelity_cause(path, device, spec, contexts)}")
     return {"checker": True, "ort_load": True, "finite": True, "optimized_rel_err": err}
+
+
+def _fidelity_cause(path: Path, device: Device, spec: RolloutSpec | None, contexts: Contexts | None) -> str:
+    """Why the optimized graph differs: MatMulNBits' int8 activations (the error goes with float
+    activations), or a kernel that computes other values."""
+    float_acts = _first_step(make_session(str(path), device, config={ACCURACY_LEVEL: "0"}), device, spec, contexts)
+    err0 = optimized_vs_written(path, device, float_acts, spec, contexts)
+    if err0 <= FIDELITY_TOL:
+        return (f": ORT's fused MatMulNBits rounds activations to int8 at its default accuracy level 4 "
+                f"({err0:.2g} with float activations); write the MatMul weights decoded at load "
+                f"(allocate --decode load or load-compact) or give them higher tiers, or deploy with "
+                f"{ACCURACY_LEVEL}=0")
+    return ": an ORT kernel computes other values (onnxruntime 1.31 miscomputes INT2 weights fused into " \
+           "MatMulNBits when N % 4 != 0): choose other tiers for those weights"
+
+
+ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 
 
 # ORT's fused MatMulNBits quantizes activations to int8 by default (accuracy level 4): a few 1e-3 relative.

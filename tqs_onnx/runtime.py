@@ -157,8 +157,9 @@ def cuda_options() -> dict[str, str]:
 
 
 def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True,
-                 shared_stream: bool = False, cuda_graph: bool = False):
-    """One ORT session; all optimisations on (basic only when `optimize` is False), logging off.
+                 shared_stream: bool = False, cuda_graph: bool = False, config: dict[str, str] | None = None):
+    """One ORT session; all optimisations on (basic only when `optimize` is False), logging off;
+    `config`: session config entries (e.g. session.qdq_matmulnbits_accuracy_level).
 
     `model` may be a proto, bytes or a path. `shared_stream`: on CUDA, run on `cuda_stream()`.
     `cuda_graph`: on CUDA, ORT captures each run (per `gpu_graph_id`) as a CUDA graph and replays it;
@@ -177,6 +178,8 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
                                    else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
     if threads:
         so.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     if isinstance(model, onnx.ModelProto):
         if model.ByteSize() > 1_800_000_000:
             raise TqsError("model too large to hand to ORT in memory; save it with external data first")

@@ -158,7 +158,7 @@ def fusable_block(size: int) -> bool:
 
 
 def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], decode: str = "auto",
-                 fused_dq: bool | None = None, const_lookup: bool = False) -> Tier:
+                 fused_dq: bool | None = None, const_lookup: bool = False, n_axis: int | None = None) -> Tier:
     """The form `tier` is written in for one weight. decode 'dq': DequantizeLinear; 'load': the `/load`
     form, decoded once at load; 'auto': DequantizeLinear where ORT fuses it and for lookup tables behind
     constant indices (below), else `/load`, so no other weight is dequantized on every call (Conv, LSTM
@@ -168,7 +168,9 @@ def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], de
 
     ORT fuses a 2-D weight read, as stored, only as B of main-graph MatMul/Gemm nodes (`fused_dq`, from
     the weight table; without it, scores of earlier versions: every consumer op a MatMul/Gemm), and
-    blocked scales only for blocks `fusable_block` allows. A table
+    blocked scales only for blocks `fusable_block` allows; an int2 weight whose output count (the
+    size along `n_axis`, its channel axis; default the last) is not a multiple of 4 is written decoded
+    at load, where ORT 1.31's fused 2-bit kernel computes wrong values. A table
     read by a Gather through constant indices (`const_lookup`: the factored lookup tables) decoded at
     load is folded by ORT through the Gather into the expanded FP32 tensor, the memory of the unfactored
     model (H100, full Pangu replica: 2.77 GB of GPU memory, as FP32); DequantizeLinear then Gather on
@@ -181,6 +183,8 @@ def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], de
         fused_dq = len(shape) == 2 and bool(consumer_ops) and set(consumer_ops) <= FUSED_CONSUMERS
     if tier.granularity == "block" and not fusable_block(tier.block_size):
         fused_dq = False
+    if tier.fmt == "int2" and shape and shape[-1 if n_axis is None else n_axis] % 4:
+        fused_dq = False  # ORT 1.31's 2-bit MatMulNBits miscomputes N % 4 != 0 (apply would refuse it)
     if decode == "auto" and (fused_dq or const_lookup) or decode == "load-compact" and const_lookup:
         return tier
     return replace(tier, at_load=True)

