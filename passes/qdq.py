@@ -111,5 +111,7 @@ class WriteTiers:
         def gemm_b(node: onnx.NodeProto, i: int) -> bool:
             return node.op_type == "Gemm" and i == 1 and any(a.name == "transB" and a.i == 1 for a in node.attribute)
 
-        return {n for n, t in self.tiers.items() if t.is_int and dims.get(n) == 2 and n not in typed
+        # Only DequantizeLinear forms: ORT folds a /load decode at load anyway (and the planner sizes
+        # its scales for the weight as stored).
+        return {n for n, t in self.tiers.items() if t.is_int and not t.at_load and dims.get(n) == 2 and n not in typed
                 and readers.get(n) and all(gemm_b(node, i) for node, i in readers[n])}

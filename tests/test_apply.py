@@ -972,6 +972,10 @@ def test_blocks_matmulnbits_cannot_take_are_written_decoded_at_load(tmp_path):
     out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": "int4/block48"}, {}))
     save_model(out, tmp_path / "q.onnx")
     assert "DequantizeLinear" in _ort_optimized_ops(tmp_path / "q.onnx", tmp_path)  # what auto avoids
+    auto = str(written_form(parse_tier("int4/block48"), ["MatMul"], (96, 32)))
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for({"W": auto}, {}))
+    save_model(out, tmp_path / "a.onnx")
+    assert auto == "int4/block48/load" and "DequantizeLinear" not in _ort_optimized_ops(tmp_path / "a.onnx", tmp_path)
 
 
 def test_a_gather_of_a_few_rows_through_constant_indices_is_no_lookup_table():
@@ -1040,3 +1044,28 @@ def test_auto_writes_int2_decoded_at_load_where_the_fused_kernel_miscomputes(tmp
     save_model(out, tmp_path / "q.onnx")
     err = verify_written(tmp_path / "q.onnx", Device("cpu"))["optimized_rel_err"]
     assert err < (1e-5 if tier.at_load else 0.05)  # fused: MatMulNBits' int8 activations (accuracy level 4)
+
+
+@pytest.mark.parametrize("between", [None, "Identity", "Dropout"])
+def test_two_matmuls_summed_by_one_add_only_the_later_is_made_a_gemm(tmp_path, between):
+    """x W + h V (an RNN cell's form): ORT fuses only the later MatMul with the Add into a Gemm (also
+    across an Identity or Dropout it removes); the earlier one stays fused into MatMulNBits."""
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.tiers import parse_tier, written_form
+
+    r = np.random.default_rng(13)
+    ws = {"W": (r.standard_normal((32, 16)) / 6).astype(np.float32), "V": (r.standard_normal((16, 16)) / 4).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("MatMul", ["h", "V"], ["b0"])]
+    nodes += [helper.make_node(between, ["b0"], ["b"])] if between else []
+    nodes += [helper.make_node("Add", ["a", "b" if between else "b0"], ["y"])]
+    m = model(nodes, [init(k, v) for k, v in ws.items()], [vec("x", 32, batch=4), vec("h", 16, batch=4)],
+              [vec("y", 16, batch=4)])
+    table = {w.name: w for w in weight_table(m, min_size=16)}
+    assert {k: table[k].fused_dq for k in ws} == {"W": True, "V": False}
+    plan = {k: str(written_form(parse_tier("int4/channel"), table[k].consumer_ops, table[k].shape, "auto",
+                                table[k].fused_dq)) for k in ws}
+    onnx.save(m, tmp_path / "m.onnx")
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan_for(plan, {}))
+    save_model(out, tmp_path / "q.onnx")
+    ops = _ort_optimized_ops(tmp_path / "q.onnx", tmp_path)
+    assert ops.count("MatMulNBits") == 1 and "DequantizeLinear" not in ops, ops

@@ -293,7 +293,7 @@ class Weight:
     consumers: list[str] = field(default_factory=list)  # effective consumer node names
     consumer_ops: list[str] = field(default_factory=list)
     # Read only as the B input of one main-graph MatMul/Gemm node, as stored, in a form ORT fuses
-    # (_ort_leaves_dq): its DequantizeLinear becomes MatMulNBits (tiers.written_form).
+    # (_OrtFusion): its DequantizeLinear becomes MatMulNBits (tiers.written_form).
     fused_dq: bool = False
     # Read by a main-graph Gather through constant indices (a factored lookup table): decoded at load,
     # ORT's constant folding would run the Gather too and store the expanded table, at FP32 size.
@@ -467,7 +467,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
     outputs = {o.name for o in graph.output}
     constants = {i.name for i in graph.initializer} - inputs
     lookups = _expanding_lookups(graph, constants)
-    shapes = _Shapes(model)  # inferred only if a weight asks
+    fusion = _OrtFusion(model)  # shapes inferred only if a weight asks
     weights = []
     for init in graph.initializer:
         if init.data_type not in FLOAT_TYPES:
@@ -483,7 +483,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         w.fused_dq = len(eff) == 1 and len(shape) == 2 and all(
             u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff)
         w.const_lookup = init.name in lookups
-        if w.fused_dq and _ort_leaves_dq(eff[0].node, graph, shapes, init.name):
+        if w.fused_dq and fusion.leaves_dq(eff[0].node, init.name):
             w.fused_dq = False
         if eff:
             first = min(eff, key=lambda u: u.order)
@@ -535,7 +535,8 @@ def infer_value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | Non
     from tqs_onnx.passes.detach import detach  # passes build on this module
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(detach(model).skeleton)
+        # data_prop: shapes computed from Shape/Slice/Concat chains, as ORT's own inference knows them.
+        inferred = onnx.shape_inference.infer_shapes(detach(model).skeleton, data_prop=True)
     except Exception:  # noqa: BLE001 - an exotic graph onnx cannot infer: no shapes, as in ORT
         return {}
     g = inferred.graph
@@ -551,40 +552,92 @@ def _same_dim(a: int | str | None, b: int | str | None) -> bool:
     return a is not None and a == b
 
 
-def _ort_leaves_dq(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: _Shapes, weight: str) -> bool:
-    """Whether ONNX Runtime (CPU) leaves DequantizeLinear on this MatMul/Gemm's B unfused (measured with
-    1.31; tools/check_fusion_prediction.py).
+class _OrtFusion:
+    """Whether ONNX Runtime (CPU) leaves DequantizeLinear on a MatMul/Gemm's B unfused (measured with
+    1.31; tools/check_fusion_prediction.py). The graph's readers are indexed once per weight table.
 
-    It fuses DequantizeLinear -> Gemm into MatMulNBits only for alpha = 1, transA = 0 (transB = 1 the
-    writer turns into 0, for a `weight` the Gemm reads itself) and, where C is given, beta = 1 and C an
-    (N) vector. Its MatMulAddFusion first turns a MatMul whose one consumer is
-    an Add into such a Gemm when A is 2-D and the Add's other operand fits Gemm's C ((N), (1, N), (M, 1)
-    or (M, N)): a residual Add of a 2-D MLP is the usual case.
+    ORT fuses DequantizeLinear -> Gemm into MatMulNBits only for alpha = 1, transA = 0 (transB = 1 the
+    writer turns into 0, for a weight the Gemm reads itself) and, where C is given, beta = 1 and C an (N)
+    vector. Its MatMulAddFusion first turns a MatMul whose one consumer is an Add (after an Identity,
+    Dropout or Cast to float, which it removes) into such a Gemm when A is 2-D and the Add's other
+    operand fits Gemm's C ((N), (1, N), (M, 1) or (M, N)): a residual Add of a 2-D MLP is the usual
+    case. Of two such MatMuls summed by one Add (x W + h V), the later one in the graph becomes the Gemm.
     """
-    b = shapes(node.input[1]) if len(node.input) > 1 else None
-    n = b[-1] if b else None
-    if node.op_type == "Gemm":
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0):
-            return True
-        if attrs.get("transB", 0) and node.input[1] != weight:
-            return True  # read through an Identity or Cast: the writer cannot store it transposed
-        if attrs.get("transB", 0) and b:
-            n = b[0]
-        if len(node.input) < 3 or not node.input[2]:
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        graph = model.graph
+        self.readers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        for node in graph.node:
+            for k, name in enumerate(node.input):
+                self.readers[name].append((node, k))
+        self.read_in_bodies = set().union(*(subgraph_refs(n) for n in graph.node)) if graph.node else set()
+        self.outputs = {o.name for o in graph.output}
+        self.producer = {o: n for n in graph.node for o in n.output if o}
+        self.position = {id(n): k for k, n in enumerate(graph.node)}
+        self.shapes = _Shapes(model)
+
+    def leaves_dq(self, node: onnx.NodeProto, weight: str) -> bool:
+        if node.input[1] != weight and node.input[1] in self.outputs:
+            return True  # the Identity/Cast it is read through is a graph output: ORT keeps it
+        b = self.shapes(node.input[1])
+        n = b[-1] if b else None
+        if node.op_type == "Gemm":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("alpha", 1.0) != 1.0 or attrs.get("transA", 0):
+                return True
+            if attrs.get("transB", 0) and node.input[1] != weight:
+                return True  # read through an Identity or Cast: the writer cannot store it transposed
+            if attrs.get("transB", 0) and b:
+                n = b[0]
+            if len(node.input) < 3 or not node.input[2]:
+                return False
+            c = self.shapes(node.input[2])
+            return attrs.get("beta", 1.0) != 1.0 or not (c is not None and len(c) == 1 and _same_dim(c[0], n))
+        add = self._gemm_partner(node, n)
+        if add is None:
             return False
-        c = shapes(node.input[2])
-        return attrs.get("beta", 1.0) != 1.0 or not (c is not None and len(c) == 1 and _same_dim(c[0], n))
-    readers = [(m, k) for m in graph.node for k, i in enumerate(m.input) if i == node.output[0]]
-    if any(node.output[0] in subgraph_refs(m) for m in graph.node):
-        return False  # read inside an If/Loop body too: two consumers, no Gemm
-    if len(readers) != 1 or readers[0][0].op_type != "Add" or node.output[0] in {o.name for o in graph.output}:
-        return False
-    add, slot = readers[0]
-    a, c = shapes(node.input[0]), shapes(add.input[1 - slot])
-    if a is None or c is None or len(a) != 2 or len(c) != 2:
-        return False  # no Gemm, or a Gemm with an (N) vector C: fused either way
-    return (c[0] == 1 and _same_dim(c[1], n)) or (_same_dim(c[0], a[0]) and (c[1] == 1 or _same_dim(c[1], n)))
+        other = self._through(add[0].input[1 - add[1]], backwards=True)
+        twin = self.producer.get(other)
+        if twin is not None and twin is not node and twin.op_type == "MatMul" and \
+                self._gemm_partner(twin, (self.shapes(twin.input[1]) or [None])[-1]) is not None:
+            return self.position[id(node)] > self.position[id(twin)]
+        return True
+
+    def _gemm_partner(self, node: onnx.NodeProto, n: int | str | None) -> tuple[onnx.NodeProto, int] | None:
+        """The Add (and the slot it reads the product at) that MatMulAddFusion would fuse `node` with
+        into a Gemm whose C is a matrix, or None."""
+        value = self._through(node.output[0])
+        readers = self.readers.get(value, [])
+        if len(readers) != 1 or readers[0][0].op_type != "Add" or value in self.outputs or value in self.read_in_bodies:
+            return None
+        add, slot = readers[0]
+        a, c = self.shapes(node.input[0]), self.shapes(add.input[1 - slot])
+        if a is None or c is None or len(a) != 2 or len(c) != 2:
+            return None  # no Gemm, or a Gemm with an (N) vector C: fused either way
+        fits = (c[0] == 1 and _same_dim(c[1], n)) or (_same_dim(c[0], a[0]) and (c[1] == 1 or _same_dim(c[1], n)))
+        return (add, slot) if fits else None
+
+    def _through(self, value: str, backwards: bool = False) -> str:
+        """Follow `value` through the ops ORT removes (Identity, Dropout, Cast to float), forwards
+        along single readers or backwards to their input."""
+        while True:
+            if backwards:
+                node = self.producer.get(value)
+                if node is None or not _removed_by_ort(node):
+                    return value
+                value = node.input[0]
+                continue
+            readers = self.readers.get(value, [])
+            if len(readers) != 1 or value in self.outputs or value in self.read_in_bodies:
+                return value
+            node = readers[0][0]
+            if not _removed_by_ort(node) or any(o and self.readers.get(o) for o in node.output[1:]):
+                return value
+            value = node.output[0]
+
+
+def _removed_by_ort(node: onnx.NodeProto) -> bool:
+    return _same_tensor(node) or node.op_type == "Dropout"
 
 
 def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],

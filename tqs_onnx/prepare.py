@@ -1,5 +1,5 @@
 """The graph every stage works on: local functions inlined, hidden weights lifted, expanded lookup
-tables factored and identical tensors stored once (both exact).
+tables factored, identical tensors stored once and integer constants stored narrow (all exact).
 
 Sweep, inspect and apply all start from `prepare_graph`, so the weights the sweep scores and sizes
 are the very tensors `apply` writes.
@@ -17,6 +17,7 @@ from tqs_onnx.passes.detach import Stubs, detach
 from tqs_onnx.passes.factor_tables import FactorExpandedTables
 from tqs_onnx.passes.inline import InlineLocalFunctions
 from tqs_onnx.passes.lift import LiftWeights
+from tqs_onnx.passes.narrow_ints import NarrowIntegerConstants
 from tqs_onnx.passes.opset import ORT_MAX_IR
 from tqs_onnx.passes.sparse import hide_sparse_initializers
 
@@ -24,7 +25,7 @@ from tqs_onnx.passes.sparse import hide_sparse_initializers
 LIFT_FLOOR = 16  # smallest Constant-node tensor lifted to an initializer, and smallest tensor deduplicated
 # Names the passes below; changed whenever they may prepare a model differently, so a sweep checkpoint
 # of an earlier version is not resumed on another graph (it is part of the checkpoint's fingerprint).
-PASSES_VERSION = "inline,sparse,lift,factor,dedup16"
+PASSES_VERSION = "inline,sparse,lift,factor,dedup16,narrow16"
 
 
 @dataclass
@@ -38,7 +39,8 @@ class PreparedGraph:
 
 def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bool = False) -> PreparedGraph:
     """Inline local functions, lift hidden weights, factor expanded tables and store identical tensors
-    once (the last two are the lossless passes `factor` turns off) into a new model; the caller's is
+    once and store integer constants narrow (the last three are the lossless passes `factor` turns off)
+    into a new model; the caller's is
     only read.
 
     The passes restructure a skeleton (passes/detach.py) whose large tensors hold no data; the data
@@ -68,6 +70,10 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
         shared = DeduplicateTensors(size_floor=LIFT_FLOOR, read=detached.array).run(out)
         reports["dedup"] = shared.report
         out = shared.model
+    if factor:
+        narrowed = NarrowIntegerConstants(size_floor=LIFT_FLOOR, read=detached.array).run(out)
+        if narrowed.modified:
+            reports["narrow-ints"] = narrowed.report
     sparse.restore(out)
     # A file written by onnx >= 1.23 with its default IR 14 runs in ONNX Runtime once the IR is lowered
     # (nothing the tiers write needs more than 10; the written model is checked by onnx.checker). An IR

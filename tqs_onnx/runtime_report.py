@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import infer_value_shapes
+from tqs_onnx.graph import infer_value_shapes, subgraph_refs
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, resolve_device, synthetic_feeds
 from tqs_onnx.util import first_line
@@ -247,31 +247,36 @@ def _folded_decodes(written: onnx.ModelProto, optimized: onnx.GraphProto
                     ) -> list[tuple[str, str, int, list[onnx.TensorProto]]]:
     """Decoded weights the optimizer folded at load: (weight, decode op, float bytes, stored tensors).
 
-    A decode is a value computed from initializers only, through a DequantizeLinear or Cast, that a
-    computing node reads (a weight entering the model). ORT folded it when no node of its optimized
-    graph reads the stored tensors (that is a decode per call) and no fused kernel reads ORT's repacked
-    copy of them (MatMulNBits reads `NAME_T`). Its bytes are those of the folded initializer when ORT
-    kept the decode's name, else of the value's inferred shape (ORT folded it further: a Conv kernel
-    reordered, a Transpose applied). A writer's weight is named as written (`W` for `W__q`)."""
+    A decode is a value computed from initializers only, through a DequantizeLinear or a Cast to a
+    float type, that a computing node reads (a weight entering the model). ORT folded it when no node
+    of its optimized graph reads the stored tensors (that is a decode per call) and no fused kernel
+    reads ORT's repacked copy of them (MatMulNBits reads `NAME_T`). Its bytes are those of the folded
+    initializer when ORT kept the decode's name, else of the value's inferred shape (ORT folded it
+    further: a Conv kernel reordered, a Transpose applied). Values decoded from the same stored
+    tensors (a Split weight) are one entry; a writer's weight is named as written (`W` for `W__q`)."""
     graph = written.graph
     inits = _all_initializers(graph)
     constant = _constant_values(graph)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in _all_nodes(graph):
-        for i in set(n.input) | _implicit_inputs(n):
+        for i in set(n.input) | subgraph_refs(n):
             readers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
     opt_inits = _all_initializers(optimized)
-    opt_read = {i for n in _all_nodes(optimized) for i in n.input if i}
+    opt_nodes = list(_all_nodes(optimized))
+    opt_read = {i for n in opt_nodes for i in n.input if i}
+    fused_read = [i for n in opt_nodes if n.op_type in FUSED_QUANT_OPS for i in n.input if i]
+    decodes = _decoding_values(constant)
     shapes = None
-    found = []
+    found: dict[tuple[str, ...], list[Any]] = {}
     for value, (node, leaves) in constant.items():
         live = value in outputs or any(not all(o in constant for o in r.output if o) or _has_subgraph(r)
                                        for r in readers.get(value, []))
-        chain_ops = _chain_ops(value, constant)
-        if not live or not chain_ops & set(DECODE_OPS) or any(leaf in opt_read for leaf in leaves):
+        if not live or value not in decodes or any(leaf in opt_read for leaf in leaves):
             continue
-        if any(o.startswith(f"{leaf}_") for leaf in leaves for o in opt_inits):
+        if all(inits[leaf].data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) for leaf in leaves):
+            continue  # the model's own constant arithmetic (a shape cast to float), not a stored weight
+        if any(leaf in f for leaf in leaves for f in fused_read):
             continue  # repacked for a fused kernel
         if value in opt_inits:
             folded = opt_inits[value]
@@ -282,33 +287,45 @@ def _folded_decodes(written: onnx.ModelProto, optimized: onnx.GraphProto
             dims = shapes.get(value)
             if dims is None or not all(isinstance(d, int) for d in dims):
                 continue
-            nbytes = tensor_bytes(dims, _decoded_type(node, inits) if node.op_type in DECODE_OPS else onnx.TensorProto.FLOAT)
-        owners = {leaf.split("__")[0] for leaf in leaves if "__" in leaf}
-        found.append((owners.pop() if len(owners) == 1 else value, node.op_type, nbytes, [inits[x] for x in leaves]))
-    return found
-
-
-def _implicit_inputs(node: onnx.NodeProto) -> set[str]:
-    refs: set[str] = set()
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for n in _all_nodes(sub):
-                refs.update(i for i in n.input if i)
-    return refs
-
-
-def _chain_ops(value: str, constant: dict[str, tuple[onnx.NodeProto, list[str]]]) -> set[str]:
-    """The op types of the constant computation that produces `value`."""
-    ops, stack, seen = set(), [value], set()
-    while stack:
-        v = stack.pop()
-        if v in seen or v not in constant:
+            nbytes = tensor_bytes(dims, decodes[value])
+        key = tuple(leaves)
+        if key in found:
+            found[key][2] += nbytes
             continue
-        seen.add(v)
-        node = constant[v][0]
-        ops.add(node.op_type)
-        stack.extend(i for i in node.input if i)
-    return ops
+        owners = {leaf.rsplit("__", 1)[0] for leaf in leaves if "__" in leaf}
+        found[key] = [owners.pop() if len(owners) == 1 else value, node.op_type, nbytes, [inits[x] for x in leaves]]
+    return [tuple(v) for v in found.values()]
+
+
+def _decoding_values(constant: dict[str, tuple[onnx.NodeProto, list[str]]]) -> dict[str, int]:
+    """Constant values computed through a DequantizeLinear or a Cast to a float type (weights, not
+    shapes or indices), with the float type they decode to."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    decoded: dict[str, int | None] = {}
+
+    def decode_type(v: str) -> int | None:  # memoised over the constant graph, iteratively
+        stack = [v]
+        while stack:
+            x = stack[-1]
+            if x in decoded:
+                stack.pop()
+                continue
+            node = constant[x][0]
+            if node.op_type == "DequantizeLinear":
+                decoded[x] = onnx.TensorProto.FLOAT
+            elif node.op_type == "Cast":
+                to = next(a.i for a in node.attribute if a.name == "to")
+                decoded[x] = to if to in floats else None
+            else:
+                todo = [i for i in node.input if i in constant and i not in decoded]
+                if todo:
+                    stack.extend(todo)
+                    continue
+                decoded[x] = next((decoded[i] for i in node.input if decoded.get(i) is not None), None)
+            stack.pop()
+        return decoded[v]
+
+    return {v: t for v in constant if (t := decode_type(v)) is not None}
 
 
 # Ops that only move or index a constant: a decoded weight passed through them is still rebuilt per call.

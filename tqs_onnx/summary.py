@@ -94,6 +94,10 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
     if dup.get("tensors_removed"):
         notes += [f"identical tensors stored once: {dup['tensors_removed']} copies, {dup['bytes_saved']:,} bytes saved "
                   "(exact; apply does it by default)"]
+    narrow = doc.get("lossless", {}).get("narrow-ints", {})
+    if narrow.get("narrowed"):
+        notes += [f"integer constants stored narrow (a Cast back in the graph): {narrow['narrowed']} tensors, "
+                  f"{narrow['bytes_saved']:,} bytes saved (exact; apply does it by default)"]
     inl = doc.get("lossless", {}).get("inline-functions", {})
     if inl.get("functions"):
         notes += [f"local functions inlined (as ONNX Runtime does at load): {inl['functions']} functions, "
