@@ -34,6 +34,7 @@ SIZE_TOLERANCE = 0.03
 # writer or a wrong rollout, not a quality regression (tools/bench_vendor.py measures those).
 MAX_VAD_FLIP_RATE = 0.08
 MIN_BEAT_F1 = 0.85
+MIN_ENHANCE_SNR_DB = 10.0  # the enhanced spectrum against FP32's: 10 dB is an error a tenth of the signal
 
 
 @dataclass
@@ -179,6 +180,8 @@ def test_task_metric_against_fp32(case: Case, applied: dict[str, Any], record_pr
     if case.model.kind == "beats":
         assert metrics["beats_fp32"] > 0, "FP32 found no beats in the click track: features are wrong"
         assert metrics["beat_f1_vs_fp32"] >= MIN_BEAT_F1, metrics
+    elif case.model.kind == "enhance":
+        assert metrics["snr_vs_fp32_db"] >= MIN_ENHANCE_SNR_DB, metrics
     else:
         assert 0.2 < metrics["speech_share_fp32"] < 0.95, "synthetic speech should be partly speech"
         assert metrics["flip_rate"] <= MAX_VAD_FLIP_RATE, metrics
