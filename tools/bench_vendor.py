@@ -123,8 +123,8 @@ def measure_or_load(case: Case, ref: np.ndarray, method: str, plan: Callable[[st
     try:
         return measure(case, ref, method, plan("auto"))
     except AssertionError as exc:
-        reason = str(exc).splitlines()[-1]
-        case.facts.setdefault("notes", []).append(f"{method}: apply refused the default form ({reason[-260:]}); "
+        reason = str(exc).splitlines()[-1].split(": error: ", 1)[-1]
+        case.facts.setdefault("notes", []).append(f"{method}: apply refused the default form ({reason[:500]}); "
                                                   "measured with `--decode load`")
         return measure(case, ref, f"{method} (--decode load)", plan("load"))
 
@@ -198,8 +198,8 @@ def bench_model(model: va.VendorModel, work: Path, eval_contexts: int, log) -> t
             try:
                 pair.append(measure(case, ref, f"paper Alg. 2 @ {tier} size", pplan))
             except AssertionError as exc:
-                case.facts.setdefault("notes", []).append(f"paper Alg. 2 @ {tier} size: apply refused it "
-                                                          f"({str(exc).splitlines()[-1][-260:]})")
+                reason = str(exc).splitlines()[-1].split(": error: ", 1)[-1]
+                case.facts.setdefault("notes", []).append(f"paper Alg. 2 @ {tier} size: apply refused it ({reason[:500]})")
         rows += pair
         log("  " + ", ".join(f"{r.method}: {r.on_disk:.2f}x on disk" for r in pair))
     # A size no uniform tier reaches: where mixed precision has room to choose.
