@@ -44,6 +44,18 @@ def narrowest(values: np.ndarray) -> tuple[type, int] | None:
     return None
 
 
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name of the graph and its subgraphs (a new name must clash with none)."""
+    from tqs_onnx.graph import iter_graphs
+
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        names.update(o for n in g.node for o in list(n.output) + list(n.input))
+    return names
+
+
 class NarrowIntegerConstants:
     """Store wide integer initializers narrow, with a Cast back to their type under their name."""
 
@@ -58,6 +70,7 @@ class NarrowIntegerConstants:
         graph = model.graph
         keep = ({i.name for i in graph.input} | {o.name for o in graph.output}
                 | {n.input[1] for n in graph.node if n.op_type in GATHERS and len(n.input) > 1})
+        taken = _names(graph)
         casts, narrowed, saved = [], [], 0
         for init in graph.initializer:
             width = WIDE.get(init.data_type)
@@ -69,7 +82,10 @@ class NarrowIntegerConstants:
             if found is None or count * (width - np.dtype(found[0]).itemsize) < MIN_SAVING:
                 continue
             np_type, onnx_type = found
-            stored = f"{init.name}__{np.dtype(np_type).name}"
+            stored = base = f"{init.name}__{np.dtype(np_type).name}"
+            while stored in taken:
+                stored = f"{base}_{len(taken)}"
+            taken.add(stored)
             original_type, name = init.data_type, init.name
             init.CopyFrom(numpy_helper.from_array(values.astype(np_type), stored))
             casts.append(helper.make_node("Cast", [stored], [name], to=original_type, name=f"{stored}/Cast"))

@@ -348,3 +348,23 @@ def test_pareto_resumes_an_interrupted_run_from_its_checkpoint(demo, tmp_path, m
     assert any("checkpoint" in n for n in cut["notes"])
     for r in cut["points"] + cut["uniform"]:
         assert r["model"] is None or (tmp_path / "cut" / r["model"]).is_file()
+
+
+def test_scores_and_plans_of_other_graph_passes_are_refused(demo, tmp_path, capsys):
+    """Sizes in scores and plans are those of the graph the passes prepared: a file from a version with
+    other passes is refused (re-run the sweep), a plan unless --force; report still plots old scores."""
+    doc = json.loads(demo["scores"].read_text())
+    doc["passes"] = "inline,sparse,lift,factor,dedup16"
+    old = tmp_path / "old-scores.json"
+    old.write_text(json.dumps(doc))
+    assert main(["allocate", str(old), "--compression", "2", "-o", str(tmp_path / "p.json"), "--quiet"]) == 2
+    assert "re-run the sweep" in capsys.readouterr().err
+    assert main(["report", str(old), "-o", str(tmp_path / "r")]) == 0
+    assert main(["allocate", str(demo["scores"]), "--compression", "2", "-o", str(tmp_path / "p.json"),
+                 "--quiet"]) == 0
+    plan = json.loads((tmp_path / "p.json").read_text())
+    plan["passes"] = None
+    (tmp_path / "old-plan.json").write_text(json.dumps(plan))
+    argv = ["apply", str(demo["model"]), str(tmp_path / "old-plan.json"), "-o", str(tmp_path / "q.onnx"), "--quiet"]
+    assert main(argv) == 2 and "re-run the sweep" in capsys.readouterr().err
+    assert main(argv + ["--force"]) == 0

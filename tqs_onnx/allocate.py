@@ -20,6 +20,7 @@ import pulp
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
+from tqs_onnx.prepare import PASSES_VERSION
 from tqs_onnx.tiers import Tier, needed_opset, overhead_bytes, parse_tier, parse_tiers, written_form
 from tqs_onnx.util import read_json
 
@@ -125,7 +126,9 @@ class Allocation:
 
 # --------------------------------------------------------------------------------------- loading
 
-def load_scores(path: str | os.PathLike) -> dict[str, Any]:
+def load_scores(path: str | os.PathLike, sizes: bool = True) -> dict[str, Any]:
+    """A scores file, checked. With `sizes` (allocating from it) its graph passes must be this
+    version's: the sizes it records are those of the graph the passes prepared."""
     path = Path(path)
     doc = read_json(path, "scores")
     if not isinstance(doc, dict) or doc.get("kind") != "tqs-scores":
@@ -133,6 +136,9 @@ def load_scores(path: str | os.PathLike) -> dict[str, Any]:
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise TqsError(f"{path}: scores schema {doc.get('schema_version')} is not {SCHEMA_VERSION}")
     _check_scores(doc, path)
+    if sizes and doc.get("passes") != PASSES_VERSION:
+        raise TqsError(f"{path}: scores of a tqs-onnx whose graph passes differ ({doc.get('passes') or 'not recorded'}; "
+                       f"now {PASSES_VERSION}): their sizes are not those of the graph written now; re-run the sweep")
     return doc
 
 
@@ -356,7 +362,7 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-plan", "tool_version": __version__,
         "model": {k: scores["model"][k] for k in ("path", "sha256", "file_bytes")},
-        "factor": scores["config"].get("factor", True),
+        "factor": scores["config"].get("factor", True), "passes": scores.get("passes"),
         "objective": alloc.objective, "solver": alloc.solver, "notes": alloc.notes,
         "tiers": [str(t) for t in p.tiers], "compression_target": p.target,
         "budget_bytes": p.limit, "planned_bytes": planned,

@@ -219,11 +219,17 @@ def cmd_apply(a: argparse.Namespace) -> int:
     if bool(a.rollout) != bool(a.contexts):
         raise TqsError("--rollout and --contexts go together (the written model is verified by a rollout on the "
                        "contexts); without both it is checked on one step of synthetic inputs")
+    from tqs_onnx.prepare import PASSES_VERSION
+
     plan = load_plan(a.plan)
     if a.no_factor and plan.get("factor", True):
         raise TqsError(f"{a.plan}: the plan was sized after the lossless passes (its sweep ran without "
                        "--no-factor); writing without them would not give the planned size. Sweep with "
                        "--no-factor to plan without them")
+    if "planned_compression" in plan and plan.get("passes") != PASSES_VERSION and not a.force:
+        raise TqsError(f"{a.plan}: plan of a tqs-onnx whose graph passes differ ({plan.get('passes') or 'not recorded'}; "
+                       f"now {PASSES_VERSION}): the written size would not be the planned one; re-run the sweep "
+                       "(--force to apply anyway)")
     loaded = load_model(a.model)
     if plan["model"].get("sha256") not in (None, loaded.sha256) and not a.force:
         raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
@@ -348,6 +354,8 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     previous = previous_models(out, loaded.sha256)
     device = resolve_device(a.device)
     ckpt = frontier_checkpoint(out, loaded, [a.scores, a.contexts, a.eval_contexts], spec, config, device)
+    if a.resume:
+        ckpt.load()  # another run's checkpoint is refused before the reference rollouts
     run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
     doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume)
     json_path, csv_path = write_frontier(out, doc)
@@ -400,7 +408,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     from tqs_onnx.report import REPORT_FILES, check_same_model, load_document, write_report
 
     _check_output_dir(a.output, REPORT_FILES, (a.scores, a.frontier, a.plan, a.eval))
-    scores = load_scores(a.scores)
+    scores = load_scores(a.scores, sizes=False)  # plots only
     docs = {}
     for key, path, kind in (("frontier", a.frontier, "tqs-frontier"), ("plan", a.plan, "tqs-plan"),
                             ("eval_doc", a.eval, "tqs-eval")):
@@ -428,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "auto: layer, or tensor when the layers form a single block)")
     s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once; exact, on by default) before listing weights")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before listing weights")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("-o", "--output", help="also write the JSON here")
     s.set_defaults(func=cmd_inspect)
@@ -463,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_SWEEP_TIERS}; '' to skip; opt-in: zero, int1, /mse clipped scales "
                         "such as int4/channel/mse)")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once; exact, on by default) before scoring; a model with local functions still has its identical tensors stored once (inlining copies them)")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before scoring; a model with local functions still has its identical tensors stored once (inlining copies them)")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint after an interruption")
     s.add_argument("--workers", type=int, default=1, metavar="N",
@@ -515,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(s, what="ONNX model")
     s.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 1.5 GB)")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once); only for a plan from a sweep with --no-factor, which this is then checked to be")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow); only for a plan from a sweep with --no-factor, which this is then checked to be")
     s.add_argument("--force", action="store_true", help="apply a plan whose model checksum differs")
     s.add_argument("--report", metavar="JSON", help="write the apply report here")
     _rollout_args(s, required=False)

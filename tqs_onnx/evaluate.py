@@ -66,23 +66,25 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
         raise TqsError(f"{label}: written model gives non-finite outputs")
     first = _first_step(session, device, spec, contexts)
     del session  # free its device memory before the unoptimized session below allocates its own
-    err = optimized_vs_written(path, device, first, spec, contexts)
+    plain = _plain_step(path, device, spec, contexts)
+    err = _step_error(first, plain)
     if err > FIDELITY_TOL:  # NaN (not checked) compares False
         raise TqsError(f"{label}: ONNX Runtime's optimized graph computes other values than the written graph "
-                       f"(relative error {err:.2g} on one step){_fidelity_cause(path, device, spec, contexts)}")
+                       f"(relative error {err:.2g} on one step){_fidelity_cause(path, device, spec, contexts, plain)}")
     return {"checker": True, "ort_load": True, "finite": True, "optimized_rel_err": err}
 
 
-def _fidelity_cause(path: Path, device: Device, spec: RolloutSpec | None, contexts: Contexts | None) -> str:
+def _fidelity_cause(path: Path, device: Device, spec: RolloutSpec | None, contexts: Contexts | None,
+                    plain: dict | None) -> str:
     """Why the optimized graph differs: MatMulNBits' int8 activations (the error goes with float
     activations), or a kernel that computes other values."""
     float_acts = _first_step(make_session(str(path), device, config={ACCURACY_LEVEL: "0"}), device, spec, contexts)
-    err0 = optimized_vs_written(path, device, float_acts, spec, contexts)
+    err0 = _step_error(float_acts, plain)
     if err0 <= FIDELITY_TOL:
         return (f": ORT's fused MatMulNBits rounds activations to int8 at its default accuracy level 4 "
-                f"({err0:.2g} with float activations); write the MatMul weights decoded at load "
-                f"(allocate --decode load or load-compact) or give them higher tiers, or deploy with "
-                f"{ACCURACY_LEVEL}=0")
+                f"({err0:.2g} with float activations), at any integer tier of the weight; write the MatMul "
+                f"weights decoded at load (allocate --decode load or load-compact) or keep them at float tiers, "
+                f"or deploy with {ACCURACY_LEVEL}=0")
     return ": an ORT kernel computes other values (onnxruntime 1.31 miscomputes INT2 weights fused into " \
            "MatMulNBits when N % 4 != 0): choose other tiers for those weights"
 
@@ -110,10 +112,22 @@ def optimized_vs_written(path: Path, device: Device, optimized: dict, spec: Roll
     ORT's optimizer fuses DequantizeLinear into kernels of its own; this catches a fusion that
     changes what the written graph means, which the sweep (it runs exact weights) cannot see.
     """
+    return _step_error(optimized, _plain_step(path, device, spec, contexts))
+
+
+def _plain_step(path: Path, device: Device, spec: RolloutSpec | None, contexts: Contexts | None) -> dict | None:
+    """The first step of the written graph without ORT's fusions; None where it does not fit (a
+    Pangu-size model on one GPU)."""
     try:
-        plain = _first_step(make_session(str(path), device, optimize=False), device, spec, contexts)
+        return _first_step(make_session(str(path), device, optimize=False), device, spec, contexts)
     except TqsError:
-        return math.nan  # the unfused graph does not fit (a Pangu-size model on one GPU): not checked
+        return None
+
+
+def _step_error(optimized: dict, plain: dict | None) -> float:
+    """Largest relative difference over float outputs; NaN when there is no plain step to compare."""
+    if plain is None:
+        return math.nan
     errs = [float(np.linalg.norm(np.asarray(optimized[k], np.float64) - plain[k])
                   / (np.linalg.norm(np.asarray(plain[k], np.float64)) + 1e-12))
             for k in plain if np.asarray(plain[k]).dtype.kind == "f"]

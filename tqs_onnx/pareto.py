@@ -29,7 +29,8 @@ from tqs_onnx.refine import refine, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device
-from tqs_onnx.sweep import Checkpoint, joint_divergence, setup_for_scores
+from tqs_onnx.prepare import PASSES_VERSION
+from tqs_onnx.sweep import Checkpoint, divergence_mode, joint_divergence, setup_for_scores
 from tqs_onnx.tiers import Tier, parse_tiers
 from tqs_onnx.util import atomic_write, atomic_write_json, progress
 
@@ -362,7 +363,9 @@ def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False,
             return done[key].get("row")
         row = _skip_on_error(notes, what, work)
         if checkpoint:
-            checkpoint.append_row({"id": key, "row": row, "skipped": notes[-1] if row is None else None})
+            digest = file_digest(run.out_dir / row["model"]) if row and row.get("model") else None
+            checkpoint.append_row({"id": key, "row": row, "sha256": digest,
+                                   "skipped": notes[-1] if row is None else None})
         return row
 
     jobs = [(t, obj) for t in targets for obj in objectives_of(config)]
@@ -398,7 +401,7 @@ def frontier_checkpoint(out_dir: Path, loaded: LoadedModel, inputs: list[str | N
         h.update((file_digest(Path(path)) if path else "-").encode())
     h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
-    h.update(f"{device.kind} {__version__}".encode())
+    h.update(f"{device.kind} {__version__} {PASSES_VERSION} {divergence_mode()}".encode())
     return Checkpoint(out_dir / CHECKPOINT_NAME, h.hexdigest())
 
 
@@ -413,8 +416,8 @@ def _resumable(run: FrontierRun, rows: dict[str, dict[str, Any]]) -> dict[str, d
                 kept[key] = entry
             continue
         path = run.out_dir / str(row.get("model"))
-        files = [path, Path(f"{path}.data")]
-        if path.is_file() and sum(f.stat().st_size for f in files if f.is_file()) == row.get("on_disk_bytes"):
+        if path.is_file() and file_digest(path) == entry.get("sha256") and \
+                sum(f.stat().st_size for f in (path, Path(f"{path}.data")) if f.is_file()) == row.get("on_disk_bytes"):
             kept[key] = entry
             run.evaluated.setdefault(tuple(row["tiers"]), {k: v for k, v in row.items() if k not in ROW_OWN})
     return kept

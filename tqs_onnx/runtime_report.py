@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import infer_value_shapes, subgraph_refs
+from tqs_onnx.graph import FLOAT_TYPES, infer_value_shapes, subgraph_refs
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, resolve_device, synthetic_feeds
 from tqs_onnx.util import first_line
@@ -274,8 +274,9 @@ def _folded_decodes(written: onnx.ModelProto, optimized: onnx.GraphProto
                                        for r in readers.get(value, []))
         if not live or value not in decodes or any(leaf in opt_read for leaf in leaves):
             continue
-        if all(inits[leaf].data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) for leaf in leaves):
-            continue  # the model's own constant arithmetic (a shape cast to float), not a stored weight
+        if not any(inits[leaf].data_type in FLOAT_TYPES for leaf in leaves):
+            continue  # integers only: the model's own constant arithmetic (a position index cast to float);
+            # a stored weight has a float scale or is itself float16/bfloat16
         if any(leaf in f for leaf in leaves for f in fused_read):
             continue  # repacked for a fused kernel
         if value in opt_inits:

@@ -530,6 +530,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
     nominal = setup.rollout.contexts.count * setup.horizon
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
+        "passes": PASSES_VERSION,  # the prepared graph the sizes are of (allocate and apply check it)
         "model": {**model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
                   "opset_graph_delta": {str(k): v for k, v in setup.opset_deltas.items()}},
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
