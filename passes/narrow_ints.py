@@ -83,8 +83,10 @@ class NarrowIntegerConstants:
                 continue
             np_type, onnx_type = found
             stored = base = f"{init.name}__{np.dtype(np_type).name}"
+            suffix = 0
             while stored in taken:
-                stored = f"{base}_{len(taken)}"
+                suffix += 1
+                stored = f"{base}_{suffix}"
             taken.add(stored)
             original_type, name = init.data_type, init.name
             init.CopyFrom(numpy_helper.from_array(values.astype(np_type), stored))

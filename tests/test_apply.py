@@ -570,12 +570,12 @@ def test_apply_reports_the_form_of_each_written_weight(tmp_path):
     assert main(["apply", str(paths["model"]), str(plan), "-o", str(tmp_path / "q.onnx"), "--quiet",
                  "--report", str(report)]) == 0
     forms = json.loads(report.read_text())["forms"]
-    assert forms == {"DequantizeLinear fused by ORT": 0, "DequantizeLinear per call": 1, "decoded at load": 1,
+    # A hand-written plan has no weight_info: the forms come from the graph's own weight table, and
+    # ORT's optimized graph agrees (W1's DequantizeLinear fused, W2 folded at load).
+    assert forms == {"DequantizeLinear fused by ORT": 1, "DequantizeLinear per call": 0, "decoded at load": 1,
                      "fp16/bf16 Cast": 0, "zeros": 0}
-    plan.write_text(json.dumps(plan_for({"W1": "int8", "W2": "int4/channel/load"}, {"W1": {"fused_dq": True}})))
-    assert main(["apply", str(paths["model"]), str(plan), "-o", str(tmp_path / "q.onnx"), "--quiet",
-                 "--report", str(report)]) == 0
-    assert json.loads(report.read_text())["forms"]["DequantizeLinear fused by ORT"] == 1
+    ops = _ort_optimized_ops(tmp_path / "q.onnx", tmp_path)
+    assert ops.count("MatMulNBits") == 1 and "DequantizeLinear" not in ops, ops
 
 
 def test_auto_keeps_a_lookup_table_behind_constant_indices_compact_after_load(tmp_path):

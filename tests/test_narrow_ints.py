@@ -95,3 +95,13 @@ def test_prepare_graph_narrows_and_apply_keeps_planned_equal_to_on_disk(tmp_path
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["on_disk_compression"] == report["planned_compression"]
     assert load_model(tmp_path / "q.onnx").model.graph.initializer  # written, loads
+
+
+def test_a_new_name_never_clashes_with_an_existing_value():
+    m = scatter_model()
+    # values already named like the pass's first and second choices
+    m.graph.node.append(helper.make_node("Identity", ["s"], ["idx__uint8"]))
+    m.graph.node.append(helper.make_node("Identity", ["s"], ["idx__uint8_1"]))
+    result = NarrowIntegerConstants(size_floor=16).run(m)
+    onnx.checker.check_model(result.model)
+    assert "idx__uint8_2" in {t.name for t in result.model.graph.initializer}

@@ -106,9 +106,16 @@ def sweep_scores(files: ModelFiles, spec: RolloutSpec, cache: Path, reuse: bool)
     from tqs_onnx.sweep import SweepConfig, run_sweep
     from tqs_onnx.tiers import parse_tiers
 
+    from tqs_onnx.allocate import load_scores
+    from tqs_onnx.errors import TqsError
+
     if reuse and cache.is_file():
-        print(f"  reusing the sweep in {cache}", flush=True)
-        return json.loads(cache.read_text())
+        try:
+            scores = load_scores(cache)  # refuses scores of other graph passes: their sizes are stale
+            print(f"  reusing the sweep in {cache}", flush=True)
+            return scores
+        except TqsError as exc:
+            print(f"  not reusing {cache}: {exc}", flush=True)
     ctx = Contexts.load(files.sweep, spec)
     t0 = time.perf_counter()
     config = SweepConfig(probe="quant", horizon=spec.horizon, tiers=[str(t) for t in parse_tiers(DEFAULT_SWEEP_TIERS)])

@@ -89,8 +89,14 @@ def factor_check(loaded, model, spec, ctx, device, work, ref) -> dict:
 
 
 def load_or_sweep(path, loaded, spec, ctx, device, res) -> dict:
+    from tqs_onnx.allocate import load_scores
+    from tqs_onnx.errors import TqsError
+
     if path and path.exists():
-        return json.loads(path.read_text())
+        try:
+            return load_scores(path)  # refuses scores of other graph passes: their sizes are stale
+        except TqsError as exc:
+            print(f"not reusing {path}: {exc}", flush=True)
     t0 = time.perf_counter()
     config = SweepConfig(probe="quant", horizon=1, tiers=["bf16", "int8", "int4/channel", "int2/channel"])
     scores = run_sweep(loaded, spec, ctx, device, config, quiet=True)

@@ -234,6 +234,7 @@ def cmd_apply(a: argparse.Namespace) -> int:
     if plan["model"].get("sha256") not in (None, loaded.sha256) and not a.force:
         raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
     model, reports = rewrite_model(loaded, plan, a.plan)
+    weight_forms = {**(plan.get("weight_info") or {}), **reports.pop("weight-forms", {})}  # the graph's own
     out = Path(a.output)
     spec = RolloutSpec.load(a.rollout) if a.rollout else None
     contexts = Contexts.load(a.contexts, spec) if spec and a.contexts else None
@@ -247,12 +248,14 @@ def cmd_apply(a: argparse.Namespace) -> int:
               "output": str(out), "on_disk_bytes": on_disk,
               "on_disk_compression": loaded.file_bytes / on_disk,
               "planned_compression": plan.get("planned_compression"), "checks": checks,
-              "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {}), plan.get("weight_info")),
+              "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {}), weight_forms),
               "passes": {k: {kk: vv for kk, vv in v.items() if kk != "rewritten"} for k, v in reports.items()}}
     if not a.quiet:
         forms = ", ".join(f"{n} {what}" for what, n in report["forms"].items() if n)
+        planned = report["planned_compression"]
         print(f"wrote {out}: {on_disk:,} bytes, {report['on_disk_compression']:.2f}x on disk "
-              f"(planned {report['planned_compression']:.2f}x); onnx.checker ok, ORT loads, outputs finite"
+              f"({'planned %.2fx' % planned if planned else 'no planned size: a hand-written plan'}); "
+              "onnx.checker ok, ORT loads, outputs finite"
               + (f"\n  weights written: {forms}" if forms else ""))
     if a.report:
         _write_json(a.report, report)
@@ -524,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 1.5 GB)")
     s.add_argument("--no-factor", action="store_true",
                    help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow); only for a plan from a sweep with --no-factor, which this is then checked to be")
-    s.add_argument("--force", action="store_true", help="apply a plan whose model checksum differs")
+    s.add_argument("--force", action="store_true",
+                   help="apply a plan whose model checksum or graph passes differ (its size may then not be the planned one)")
     s.add_argument("--report", metavar="JSON", help="write the apply report here")
     _rollout_args(s, required=False)
     _device_args(s)

@@ -51,7 +51,7 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     prepared = prepare_graph(loaded.model, plan.get("factor", True), keep_detached=True)
     stubs = prepared.stubs
     phase_done("prepare")
-    tiers, axes = planned_tiers(prepared.model, plan, loaded.path, where, stubs.source)
+    tiers, axes, forms = planned_tiers(prepared.model, plan, loaded.path, where, stubs.source)
     phase_done("check-plan")
     half = {i.name for i in prepared.model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
     need = max([needed_opset(t, n in half) for n, t in tiers.items() if not t.is_identity], default=0)
@@ -59,17 +59,18 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     model, reports = run_passes(prepared.model, passes, phase_done)
     stubs.attach(model)
     phase_done("attach")
-    return model, {**prepared.reports, **reports}
+    return model, {**prepared.reports, **reports, "weight-forms": forms}
 
 
 def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, where: str = "plan",
                   source: Callable[[onnx.TensorProto], onnx.TensorProto] = lambda t: t,
-                  ) -> tuple[dict[str, Tier], dict[str, tuple[int | None, int | None]]]:
+                  ) -> tuple[dict[str, Tier], dict[str, tuple[int | None, int | None]], dict[str, dict]]:
     """Each planned weight's tier and (channel, block) axes, checked against the prepared `model`
-    (`source(t)` is the tensor holding initializer t's values)."""
+    (`source(t)` is the tensor holding initializer t's values), and whether ORT fuses or looks it up
+    (`fused_dq`, `const_lookup`: what a hand-written plan's report needs)."""
     table = {w.name: w for w in weight_table(model, min_size=1, check_finite=False)}
     inits = {i.name: i for i in model.graph.initializer}
-    tiers, axes = {}, {}
+    tiers, axes, forms = {}, {}, {}
     for name, tier_text in plan["weights"].items():
         w = table.get(name)
         info = plan.get("weight_info", {}).get(name, {})
@@ -89,7 +90,8 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
         if tiers[name].is_int and not tensor_is_finite(source(inits[name])):
             raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
                            f"{tiers[name]}; keep it at fp32 (or a float tier)")
-    return tiers, axes
+        forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup}
+    return tiers, axes, forms
 
 
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None,

@@ -426,8 +426,8 @@ class Checkpoint:
         except json.JSONDecodeError:
             head = {}
         if head.get("fingerprint") != self.fingerprint:
-            raise TqsError(f"{self.path}: checkpoint belongs to another run (model, scores, spec, contexts or "
-                           "options differ); delete it to start again")
+            raise TqsError(f"{self.path}: checkpoint belongs to another run (model, scores, spec, contexts, "
+                           "options or the tool's version differ); delete it to start again")
         done = {}
         for line in lines[1:]:
             try:
