@@ -14,12 +14,14 @@ tensors whose narrowing would save fewer bytes than the Cast node costs.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from tqs_onnx.graph import iter_graphs
 from tqs_onnx.passes.base import PassResult
 
 __all__ = ["NarrowIntegerConstants"]
@@ -46,8 +48,6 @@ def narrowest(values: np.ndarray) -> tuple[type, int] | None:
 
 def _names(graph: onnx.GraphProto) -> set[str]:
     """Every value name of the graph and its subgraphs (a new name must clash with none)."""
-    from tqs_onnx.graph import iter_graphs
-
     names: set[str] = set()
     for g in iter_graphs(graph):
         names.update(t.name for t in g.initializer)
@@ -74,7 +74,7 @@ class NarrowIntegerConstants:
         casts, narrowed, saved = [], [], 0
         for init in graph.initializer:
             width = WIDE.get(init.data_type)
-            count = int(np.prod(init.dims)) if init.dims else 1
+            count = math.prod(init.dims)
             if width is None or count < self.size_floor or init.name in keep:
                 continue
             values = self.read(init)

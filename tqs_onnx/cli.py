@@ -343,9 +343,6 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     inputs = (a.model, a.scores, a.rollout, a.contexts, a.eval_contexts)
     _check_output_dir(a.output, FRONTIER_FILES + (CHECKPOINT_NAME,), inputs)
     _check_output_dir(a.report, REPORT_FILES, inputs)
-    if (Path(a.output) / CHECKPOINT_NAME).exists() and not a.resume:
-        raise TqsError(f"{Path(a.output) / CHECKPOINT_NAME}: an interrupted run's checkpoint; pass --resume to "
-                       "continue it or delete it")
     config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform,
                             decode=a.decode)
     scores = load_scores(a.scores)
@@ -357,8 +354,7 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     previous = previous_models(out, loaded.sha256)
     device = resolve_device(a.device)
     ckpt = frontier_checkpoint(out, loaded, [a.scores, a.contexts, a.eval_contexts], spec, config, device)
-    if a.resume:
-        ckpt.load()  # another run's checkpoint is refused before the reference rollouts
+    ckpt.check(a.resume)  # before the reference rollouts
     run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
     doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume)
     json_path, csv_path = write_frontier(out, doc)
@@ -692,7 +688,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command in ("sweep", "pareto"):
-            ckpt = checkpoint_path(args) if args.command == "sweep" else Path(args.output) / "frontier.ckpt.jsonl"
+            from tqs_onnx.pareto import CHECKPOINT_NAME
+
+            ckpt = checkpoint_path(args) if args.command == "sweep" else Path(args.output) / CHECKPOINT_NAME
             what = "blocks" if args.command == "sweep" else "points"
             if ckpt.exists():
                 hint = f"; the finished {what} are kept in {ckpt}: run the same command with --resume to go on"

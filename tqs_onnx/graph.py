@@ -8,6 +8,7 @@ looking through data-movement ops (Slice, Concat, Reshape, ...), never the names
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -514,21 +515,6 @@ def _expanding_lookups(graph: onnx.GraphProto, constants: set[str]) -> set[str]:
     return found
 
 
-class _Shapes:
-    """Shapes of a graph's values from onnx's shape inference on a copy without the weights' data,
-    made on first use (most models never ask)."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self._model = model
-        self._shapes: dict[str, list[int | str | None]] | None = None
-
-    def __call__(self, name: str) -> list[int | str | None] | None:
-        """Dims (value, symbol or None) of `name`, or None where its rank is unknown."""
-        if self._shapes is None:
-            self._shapes = infer_value_shapes(self._model)
-        return self._shapes.get(name)
-
-
 def infer_value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     """Dims (value, symbol or None) of every value onnx's shape inference can name, inferred on a copy
     of `model` without its weights' data; {} where inference fails."""
@@ -570,11 +556,19 @@ class _OrtFusion:
         for node in graph.node:
             for k, name in enumerate(node.input):
                 self.readers[name].append((node, k))
-        self.read_in_bodies = set().union(*(subgraph_refs(n) for n in graph.node)) if graph.node else set()
+        self.read_in_bodies = set().union(*(subgraph_refs(n) for n in graph.node))
         self.outputs = {o.name for o in graph.output}
         self.producer = {o: n for n in graph.node for o in n.output if o}
         self.position = {id(n): k for k, n in enumerate(graph.node)}
-        self.shapes = _Shapes(model)
+        self._model = model
+
+    @functools.cached_property
+    def _inferred(self) -> dict[str, list[int | str | None]]:
+        return infer_value_shapes(self._model)  # on first use: most models never ask
+
+    def shapes(self, name: str) -> list[int | str | None] | None:
+        """Dims (value, symbol or None) of `name`, or None where its rank is unknown."""
+        return self._inferred.get(name)
 
     def leaves_dq(self, node: onnx.NodeProto, weight: str) -> bool:
         if node.input[1] != weight and node.input[1] in self.outputs:
@@ -596,7 +590,7 @@ class _OrtFusion:
         add = self._gemm_partner(node, n)
         if add is None:
             return False
-        other = self._through(add[0].input[1 - add[1]], backwards=True)
+        other = self._source(add[0].input[1 - add[1]])
         twin = self.producer.get(other)
         if twin is not None and twin is not node and twin.op_type == "MatMul" and \
                 self._gemm_partner(twin, (self.shapes(twin.input[1]) or [None])[-1]) is not None:
@@ -617,16 +611,10 @@ class _OrtFusion:
         fits = (c[0] == 1 and _same_dim(c[1], n)) or (_same_dim(c[0], a[0]) and (c[1] == 1 or _same_dim(c[1], n)))
         return (add, slot) if fits else None
 
-    def _through(self, value: str, backwards: bool = False) -> str:
-        """Follow `value` through the ops ORT removes (Identity, Dropout, Cast to float), forwards
-        along single readers or backwards to their input."""
+    def _through(self, value: str) -> str:
+        """`value` followed forwards, along single readers, through the ops ORT removes (Identity,
+        Dropout, Cast to float)."""
         while True:
-            if backwards:
-                node = self.producer.get(value)
-                if node is None or not _removed_by_ort(node):
-                    return value
-                value = node.input[0]
-                continue
             readers = self.readers.get(value, [])
             if len(readers) != 1 or value in self.outputs or value in self.read_in_bodies:
                 return value
@@ -634,6 +622,14 @@ class _OrtFusion:
             if not _removed_by_ort(node) or any(o and self.readers.get(o) for o in node.output[1:]):
                 return value
             value = node.output[0]
+
+    def _source(self, value: str) -> str:
+        """`value` followed backwards to what the ops ORT removes were given."""
+        node = self.producer.get(value)
+        while node is not None and _removed_by_ort(node):
+            value = node.input[0]
+            node = self.producer.get(value)
+        return value
 
 
 def _removed_by_ort(node: onnx.NodeProto) -> bool:

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import FLOAT_TYPES, infer_value_shapes, subgraph_refs
+from tqs_onnx.graph import FLOAT_TYPES, infer_value_shapes, named_data_files, subgraph_refs
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import ORT_NUMPY_TYPES, Device, resolve_device, synthetic_feeds
 from tqs_onnx.util import first_line
@@ -203,14 +203,15 @@ def _constant_decodes(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, dict
             if n.op_type in DECODE_OPS and n.input and all(i == "" or i in inits for i in n.input)]
 
 
-def _constant_values(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, list[str]]]:
-    """Every value of `graph` (subgraphs included) computed from initializers alone: its producer and
-    the initializers it is computed from."""
+def _constant_values(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, list[str], int | None]]:
+    """Every value of `graph` (subgraphs included) computed from initializers alone: its producer, the
+    initializers it is computed from, and the float type it decodes to where it is computed through a
+    DequantizeLinear or a Cast to a float type (a weight; None for shapes, indices and the like)."""
     inits = _all_initializers(graph)
     producer = {o: n for n in _all_nodes(graph) for o in n.output if o}
-    memo: dict[str, list[str] | None] = {name: [name] for name in inits}
+    memo: dict[str, tuple[list[str], int | None] | None] = {name: ([name], None) for name in inits}
 
-    def leaves(name: str) -> list[str] | None:
+    def walk(name: str) -> None:
         stack = [name]
         while stack:  # iterative: decode chains of large graphs nest deeply
             v = stack[-1]
@@ -232,11 +233,23 @@ def _constant_values(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, 
                 stack.extend(todo)
                 continue
             parts = [memo[i] for i in node.input if i]
-            memo[v] = None if any(q is None for q in parts) else sorted({x for q in parts for x in q})
+            memo[v] = None if any(q is None for q in parts) else \
+                (sorted({x for q in parts for x in q[0]}), _decoded_to(node, [q[1] for q in parts]))
             stack.pop()
-        return memo[name]
 
-    return {o: (producer[o], got) for o in producer if (got := leaves(o)) is not None}
+    for o in producer:
+        walk(o)
+    return {o: (producer[o], *memo[o]) for o in producer if memo[o] is not None}
+
+
+def _decoded_to(node: onnx.NodeProto, inputs: list[int | None]) -> int | None:
+    """The float type a constant node's output decodes to, from its inputs' (see _constant_values)."""
+    if node.op_type == "DequantizeLinear":
+        return onnx.TensorProto.FLOAT
+    if node.op_type == "Cast":
+        to = next(a.i for a in node.attribute if a.name == "to")
+        return to if to in FLOAT_TYPES else None
+    return next((t for t in inputs if t is not None), None)
 
 
 def _has_subgraph(node: onnx.NodeProto) -> bool:
@@ -266,13 +279,12 @@ def _folded_decodes(written: onnx.ModelProto, optimized: onnx.GraphProto
     opt_nodes = list(_all_nodes(optimized))
     opt_read = {i for n in opt_nodes for i in n.input if i}
     fused_read = [i for n in opt_nodes if n.op_type in FUSED_QUANT_OPS for i in n.input if i]
-    decodes = _decoding_values(constant)
     shapes = None
     found: dict[tuple[str, ...], list[Any]] = {}
-    for value, (node, leaves) in constant.items():
+    for value, (node, leaves, decoded) in constant.items():
         live = value in outputs or any(not all(o in constant for o in r.output if o) or _has_subgraph(r)
                                        for r in readers.get(value, []))
-        if not live or value not in decodes or any(leaf in opt_read for leaf in leaves):
+        if not live or decoded is None or any(leaf in opt_read for leaf in leaves):
             continue
         if not any(inits[leaf].data_type in FLOAT_TYPES for leaf in leaves):
             continue  # integers only: the model's own constant arithmetic (a position index cast to float);
@@ -288,7 +300,7 @@ def _folded_decodes(written: onnx.ModelProto, optimized: onnx.GraphProto
             dims = shapes.get(value)
             if dims is None or not all(isinstance(d, int) for d in dims):
                 continue
-            nbytes = tensor_bytes(dims, decodes[value])
+            nbytes = tensor_bytes(dims, decoded)
         key = tuple(leaves)
         if key in found:
             found[key][2] += nbytes
@@ -296,37 +308,6 @@ def _folded_decodes(written: onnx.ModelProto, optimized: onnx.GraphProto
         owners = {leaf.rsplit("__", 1)[0] for leaf in leaves if "__" in leaf}
         found[key] = [owners.pop() if len(owners) == 1 else value, node.op_type, nbytes, [inits[x] for x in leaves]]
     return [tuple(v) for v in found.values()]
-
-
-def _decoding_values(constant: dict[str, tuple[onnx.NodeProto, list[str]]]) -> dict[str, int]:
-    """Constant values computed through a DequantizeLinear or a Cast to a float type (weights, not
-    shapes or indices), with the float type they decode to."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    decoded: dict[str, int | None] = {}
-
-    def decode_type(v: str) -> int | None:  # memoised over the constant graph, iteratively
-        stack = [v]
-        while stack:
-            x = stack[-1]
-            if x in decoded:
-                stack.pop()
-                continue
-            node = constant[x][0]
-            if node.op_type == "DequantizeLinear":
-                decoded[x] = onnx.TensorProto.FLOAT
-            elif node.op_type == "Cast":
-                to = next(a.i for a in node.attribute if a.name == "to")
-                decoded[x] = to if to in floats else None
-            else:
-                todo = [i for i in node.input if i in constant and i not in decoded]
-                if todo:
-                    stack.extend(todo)
-                    continue
-                decoded[x] = next((decoded[i] for i in node.input if decoded.get(i) is not None), None)
-            stack.pop()
-        return decoded[v]
-
-    return {v: t for v in constant if (t := decode_type(v)) is not None}
 
 
 # Ops that only move or index a constant: a decoded weight passed through them is still rebuilt per call.
@@ -501,8 +482,6 @@ def _delta(a: int | None, b: int | None) -> int | None:
 
 def _file_bytes(path: Path, model: onnx.ModelProto) -> int:
     """The model file plus the external data files its tensors name (`model` read without its data)."""
-    from tqs_onnx.graph import named_data_files
-
     files = {path.resolve(), *named_data_files(model, path.parent)}
     return sum(f.stat().st_size for f in files if f.is_file())
 

@@ -437,9 +437,16 @@ class Checkpoint:
             done[row["id"]] = row
         return done
 
-    def start(self, resume: bool) -> dict[Any, dict]:
+    def check(self, resume: bool) -> None:
+        """Refuse, before any work, what `start` would: an existing checkpoint without `resume`, or
+        another run's with it."""
         if self.path.exists() and not resume:
             raise TqsError(f"{self.path}: a checkpoint exists; pass --resume to continue it or delete it")
+        if resume:
+            self.load()
+
+    def start(self, resume: bool) -> dict[Any, dict]:
+        self.check(resume)
         done = self.load() if resume else {}
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
