@@ -26,15 +26,19 @@ class WriteTiers:
     """Rewrite each named initializer at its tier (fp32 entries are left as they are).
 
     `read` gives an initializer's values (stubs of a skeleton are read from their originals).
+    `codes`: the integers of weights at `/gptq` tiers, (name, tier without /load) -> int8 array
+    (`tqs_onnx.rounding`); a /gptq weight without an entry had no statistics and rounds to nearest.
     """
 
     name = "write-tiers"
 
     def __init__(self, tiers: dict[str, Tier], axes: dict[str, tuple[int | None, int | None]],
-                 read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array):
+                 read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array,
+                 codes: dict[tuple[str, str], np.ndarray] | None = None):
         self.tiers = {n: t for n, t in tiers.items() if not t.is_identity}
         self.axes = axes
         self.read = read
+        self.codes = codes or {}
 
     def run(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
@@ -51,7 +55,7 @@ class WriteTiers:
                                            tuple(init.dims))
             elif tier.is_int:
                 axes, shape = self.axes[init.name], tuple(init.dims)
-                q, scale = quantize(self.read(init), tier, *axes)
+                q, scale = quantize(self.read(init), tier, *axes, self.codes.get((init.name, str(tier.base))))
                 if init.name in flip:  # Gemm(transB=1) -> transB=0 on the transposed weight
                     q = np.ascontiguousarray(q.T)
                     scale = np.ascontiguousarray(scale.T) if scale.ndim == 2 else scale

@@ -50,7 +50,7 @@ from tqs_onnx.refine import refine
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device, resolve_device
-from tqs_onnx.sweep import SweepConfig, SweepSetup, joint_divergence, run_sweep, setup_for_scores
+from tqs_onnx.sweep import SweepConfig, SweepSetup, joint_divergence, plan_codes, run_sweep, setup_for_scores
 from tqs_onnx.tiers import parse_tiers
 
 SWEEP_TIERS = DEFAULT_SWEEP_TIERS.split(",")  # the tiers `tqs-onnx sweep` measures by default
@@ -147,12 +147,13 @@ def uniform_plan(scores: dict[str, Any], tier: str) -> dict[str, Any]:
     return plan_document(scores, problem, Allocation([k] * len(problem.blocks), "uniform", tier))
 
 
-def measured_plan(scores: dict[str, Any], target: float, joint_for: Callable[[Problem], Callable],
-                  max_rollouts: int) -> dict[str, Any]:
-    """TQS-PTQ default: measured damage, MCKP, then joint check against uniform + local search."""
+def measured_plan(scores: dict[str, Any], target: float, setup: SweepSetup, max_rollouts: int) -> dict[str, Any]:
+    """TQS-PTQ default: measured damage, MCKP, then joint check against uniform + local search. A plan
+    with /gptq tiers carries their integers under 'codes' (what `allocate` writes beside the plan)."""
     problem, alloc = allocate(scores, target)
-    refined = refine(problem, alloc, joint_for(problem), max_rollouts)
+    refined = refine(problem, alloc, joint_factory(setup)(problem), max_rollouts)
     plan = plan_document(scores, problem, refined.allocation)
+    plan["codes"] = plan_codes(setup, plan["weights"])
     plan["bench"] = {"start": refined.start, "joint": refined.joint, "joint_rollouts": refined.rollouts,
                      "accepted_moves": refined.accepted_moves, "uniform_joint": refined.uniform}
     return plan
@@ -206,7 +207,7 @@ def output_metrics(report: dict[str, Any]) -> dict[str, Any]:
 def write_and_eval(bench: Bench, plan: dict[str, Any], tag: str) -> dict[str, Any]:
     """Apply the plan, save, verify, evaluate on the eval contexts; return the measurements."""
     path = bench.out_dir / f"{bench.loaded.path.name[:-5]}.{tag}.onnx"
-    model, _ = rewrite_model(bench.loaded, plan)
+    model, _ = rewrite_model(bench.loaded, plan, codes=plan.get("codes"))
     save_model(model, path)
     diverged = not verified(path, bench)
     report = evaluate(bench.loaded.path, path, bench.spec, bench.eval_ctx, bench.device)
@@ -333,12 +334,12 @@ def solver_target(file_bytes: int, budget_bytes: int) -> float:
     return file_bytes / (budget_bytes + 0.5)
 
 
-def tqs_points(bench: Bench, scores: dict[str, Any], m: Matched, joint_for: Callable[[Problem], Callable],
+def tqs_points(bench: Bench, scores: dict[str, Any], m: Matched, setup: SweepSetup,
                max_rollouts: int, fp32_share: float) -> list[dict[str, Any]]:
     """TQS default and the four paper variants at one matched size."""
     t = solver_target(scores["model"]["file_bytes"], m.solver_budget)
     points = [run_point(bench, "tqs measured", m.label, m.target, m.budget,
-                        lambda: measured_plan(scores, t, joint_for, max_rollouts))]
+                        lambda: measured_plan(scores, t, setup, max_rollouts))]
     for probe, solver in PAPER_METHODS:
         points.append(run_point(bench, f"paper {probe}/{solver}", m.label, m.target, m.budget,
                                 lambda p=probe, s=solver: paper_plan(scores, t, p, s, fp32_share)))
@@ -433,7 +434,7 @@ def bench_model(files: ModelFiles, args: argparse.Namespace, device: Device, out
     log_points(files.name, uniforms)
     points = []
     for matched in matched_targets(loaded.file_bytes, uniforms, args.budget):
-        new = tqs_points(bench, scores, matched, joint_factory(setup), args.max_rollouts, args.fp32_share)
+        new = tqs_points(bench, scores, matched, setup, args.max_rollouts, args.fp32_share)
         log_points(files.name, new)
         points += new
     return {

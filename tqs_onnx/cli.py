@@ -153,6 +153,7 @@ def format_ranking(doc: dict[str, Any]) -> str:
 
 def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document
+    from tqs_onnx.tiers import parse_tier
 
     if not (a.margin >= 0 and math.isfinite(a.margin)):
         raise TqsError(f"--margin must be a finite number >= 0, not {a.margin}")
@@ -164,11 +165,19 @@ def cmd_allocate(a: argparse.Namespace) -> int:
                                           scores.get("model", {}).get("path")))
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               a.gamma_min, a.decode)
-    refinement = None
+    refinement = setup = None
     if a.verify_model:
-        refinement = verify_allocation(a, scores, problem, alloc)
+        refinement, setup = verify_allocation(a, scores, problem, alloc)
         alloc = refinement.allocation
     plan = plan_document(scores, problem, alloc)
+    if any(parse_tier(t).gptq for t in plan["weights"].values()):
+        from tqs_onnx.rounding import save_codes
+        from tqs_onnx.sweep import plan_codes
+
+        if setup is None:
+            raise TqsError("the plan puts weights at /gptq tiers, whose integers come from the sweep contexts' "
+                           "rollouts: pass --verify-model, --rollout and --contexts")
+        plan["rounding"] = save_codes(plan_codes(setup, plan["weights"]), a.output)
     if refinement is not None:
         plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
                                 "diverged_contexts": getattr(refinement.joint, "diverged", 0),
@@ -193,7 +202,7 @@ def verify_allocation(a: argparse.Namespace, scores, problem, alloc):
     setup = setup_for_scores(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
                              resolve_device(a.device), scores)
     joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
-    return refine(problem, alloc, joint, a.max_rollouts, a.margin)
+    return refine(problem, alloc, joint, a.max_rollouts, a.margin), setup
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -468,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,
                    help="tiers whose measured damage is recorded for `allocate --objective measured` "
                         f"(default {DEFAULT_SWEEP_TIERS}; '' to skip; opt-in: zero, int1, /mse clipped scales "
-                        "such as int4/channel/mse)")
+                        "such as int4/channel/mse, /gptq rounding on the rollouts' inputs such as int4/channel/gptq)")
     s.add_argument("--no-factor", action="store_true",
                    help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before scoring; a model with local functions still has its identical tensors stored once (inlining copies them)")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")

@@ -30,7 +30,7 @@ from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device
 from tqs_onnx.prepare import PASSES_VERSION
-from tqs_onnx.sweep import Checkpoint, divergence_mode, joint_divergence, setup_for_scores
+from tqs_onnx.sweep import Checkpoint, SweepSetup, divergence_mode, joint_divergence, plan_codes, setup_for_scores
 from tqs_onnx.tiers import Tier, parse_tiers
 from tqs_onnx.util import atomic_write, atomic_write_json, progress
 
@@ -121,6 +121,7 @@ class FrontierRun:
     device: Device
     out_dir: Path
     joint: Callable[[list[Tier], list[int]], float]  # memoised joint divergence on the sweep contexts
+    codes: Callable[[dict[str, str]], dict]  # a plan's /gptq integers (sweep.plan_codes on the joint's setup)
     reference: dict[str, np.ndarray]
     truth: dict[str, np.ndarray]
     in_sample: bool = False  # evaluated on the sweep contexts themselves
@@ -140,14 +141,13 @@ def open_run(loaded: LoadedModel, scores: dict[str, Any], spec: RolloutSpec, swe
     eval_contexts = sweep_contexts if in_sample else eval_contexts
     reference = rollouts(loaded.path, spec, eval_contexts, device)
     truth = truth_arrays(spec, eval_contexts, reference)
-    joint = memo_joint(loaded, scores, spec, sweep_contexts, device)
-    return FrontierRun(loaded, scores, spec, eval_contexts, device, out_dir, joint, reference, truth, in_sample)
+    setup = setup_for_scores(loaded, spec, sweep_contexts, device, scores)
+    return FrontierRun(loaded, scores, spec, eval_contexts, device, out_dir, memo_joint(setup, scores),
+                       lambda weights: plan_codes(setup, weights), reference, truth, in_sample)
 
 
-def memo_joint(loaded: LoadedModel, scores: dict[str, Any], spec: RolloutSpec, contexts: Contexts,
-               device: Device) -> Callable[[list[Tier], list[int]], float]:
+def memo_joint(setup: SweepSetup, scores: dict[str, Any]) -> Callable[[list[Tier], list[int]], float]:
     """Joint divergence on the sweep contexts, keyed by the tier of every block so targets share rollouts."""
-    setup = setup_for_scores(loaded, spec, contexts, device, scores)
     blocks = [b["weights"] for b in scores["blocks"]]
     cache: dict[tuple[str, ...], float] = {}
 
@@ -182,7 +182,7 @@ def write_and_measure(run: FrontierRun, plan: dict[str, Any], rel: str) -> dict[
     if key in run.evaluated:  # another target chose the same tiers: same file, same errors
         return {**run.evaluated[key], "reused": True}
     path = run.out_dir / rel
-    model, _ = rewrite_model(run.loaded, plan)
+    model, _ = rewrite_model(run.loaded, plan, codes=run.codes(plan["weights"]))
     save_model(model, path, keep=run.loaded.files)
     try:
         verify_written(path, run.device, run.spec, run.eval_contexts.subset(slice(0, 1)))

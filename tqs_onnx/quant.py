@@ -13,6 +13,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from tqs_onnx.errors import TqsError
 from tqs_onnx.tiers import Tier, high_name, stored_names
 
 _STORAGE = {"int8": np.int8, "int6": np.int8, "int4": ml_dtypes.int4, "int2": ml_dtypes.int2}
@@ -133,13 +134,26 @@ def _broadcast_scale(scale: np.ndarray, w_shape: tuple[int, ...], tier: Tier,
     return np.take(rep, np.arange(w_shape[block_axis]), axis=block_axis)
 
 
+def broadcast_scales(w: np.ndarray, tier: Tier, channel_axis: int | None,
+                     block_axis: int | None) -> np.ndarray:
+    """Each element's scale, w's shape (float32): what `quantize` divides by."""
+    scale = scales_for(w, tier, channel_axis, block_axis)
+    s = _broadcast_scale(scale, w.shape, tier, channel_axis, block_axis).astype(np.float32)
+    return np.broadcast_to(s, w.shape)
+
+
 def quantize(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
-             block_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             block_axis: int | None = None, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Integer tier: (q in the storage dtype, scale). Symmetric grid [-qmax, qmax], zero point 0.
 
     int1: q is the signs as int8 +-1 (0 counts as +); `stored` packs them for the file.
+    `codes`: the integers of a `/gptq` tier (`rounding.Rounding`), stored with the same scales.
     """
     scale = scales_for(w, tier, channel_axis, block_axis)
+    if codes is not None:
+        if codes.shape != w.shape:
+            raise TqsError(f"tier {tier}: codes of shape {list(codes.shape)} for a weight of shape {list(w.shape)}")
+        return np.asarray(codes, np.int8).astype(_STORAGE[tier.fmt]), scale
     if tier.is_sign:
         return np.where(w >= 0, 1, -1).astype(np.int8), scale
     s = _broadcast_scale(scale, w.shape, tier, channel_axis, block_axis).astype(np.float32)
@@ -180,13 +194,13 @@ def to_storage(w: np.ndarray, tier: Tier) -> np.ndarray:
 
 
 def apply_tier(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
-               block_axis: int | None = None) -> np.ndarray:
-    """The values the written graph computes with for `w` at `tier`, in w's dtype."""
+               block_axis: int | None = None, codes: np.ndarray | None = None) -> np.ndarray:
+    """The values the written graph computes with for `w` at `tier`, in w's dtype (`codes`: see quantize)."""
     if tier.is_identity:
         return w
     if tier.is_zero:
         return np.zeros_like(w)
     if not tier.is_int:
         return to_storage(w, tier).astype(w.dtype)
-    q, scale = quantize(w, tier, channel_axis, block_axis)
+    q, scale = quantize(w, tier, channel_axis, block_axis, codes)
     return dequantize(q, scale, tier, channel_axis, block_axis, w.dtype).astype(w.dtype)

@@ -110,9 +110,9 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
 
 
 def _is_baseline(tier: Tier) -> bool:
-    """A uniform plan at this tier is a baseline: plain round-to-nearest with fp32 scales, or a float
+    """A uniform plan at this tier is a baseline: plain round-to-nearest (not /mse, not /gptq) with fp32 scales, or a float
     tier. (When no such plan fits, every uniform plan is one.)"""
-    return not tier.mse and tier.scale_fmt == "fp32"
+    return not tier.mse and not tier.gptq and tier.scale_fmt == "fp32"
 
 
 def _start(p: Problem, own_assign: list[int], own: float, fits: dict[str, list[int]],

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import onnx
 
 from tqs_onnx.encoding import ModelEncoding
@@ -17,6 +18,7 @@ from tqs_onnx.graph import LoadedModel, tensor_is_finite, weight_table
 from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
+from tqs_onnx.rounding import load_codes
 from tqs_onnx.passes.qdq import WriteTiers
 from tqs_onnx.tiers import Tier, needed_opset, parse_tier
 
@@ -39,13 +41,15 @@ def load_plan(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan",
-                  after: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, dict]:
+                  after: Callable[[str], None] | None = None,
+                  codes: dict[tuple[str, str], np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict]:
     """The model with every planned weight at its tier (in memory); `loaded` is only read.
 
     The passes run on a skeleton whose large weights hold no data (passes/detach.py): the tier writer
     reads each weight from `loaded`, and only the weights kept as they are get their data copied, at
     the end. `after(phase)` is called as each phase ends: 'prepare', 'check-plan', each pass by name,
-    'attach' (tools/bench_apply_memory.py measures the phases with it).
+    'attach' (tools/bench_apply_memory.py measures the phases with it). `codes`: the integers of
+    /gptq weights (`rounding.Rounding.codes`); None reads the file the plan names, beside `where`.
     """
     phase_done = after or (lambda phase: None)
     prepared = prepare_graph(loaded.model, plan.get("factor", True), keep_detached=True)
@@ -55,7 +59,9 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     phase_done("check-plan")
     half = {i.name for i in prepared.model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
     need = max([needed_opset(t, n in half) for n, t in tiers.items() if not t.is_identity], default=0)
-    passes = [UpgradeOpset(need), WriteTiers(tiers, axes, stubs.array)]
+    if codes is None:
+        codes = load_codes(plan, where) if any(t.gptq for t in tiers.values()) else {}
+    passes = [UpgradeOpset(need), WriteTiers(tiers, axes, stubs.array, codes)]
     model, reports = run_passes(prepared.model, passes, phase_done)
     stubs.attach(model)
     phase_done("attach")

@@ -29,7 +29,9 @@ from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import PASSES_VERSION, prepare_graph
 from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
 from tqs_onnx.replay import Replay, replay_mode, replay_skipped
+from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
+from tqs_onnx.rounding import Rounding, input_moments
 from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session, setting
 from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
 from tqs_onnx.util import first_line, progress
@@ -129,6 +131,7 @@ class SweepSetup:
     opset_deltas: dict[int, int] = field(default_factory=dict)  # opset -> bytes the conversion adds to the graph
     replay: Replay | None = None  # probes replayed on fixed buffers (None: the step loop)
     replay_note: str = ""  # why there is no replay, or why it stopped
+    rounding: Rounding | None = None  # /gptq tiers' input statistics and codes (None: no such tier swept)
 
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -196,11 +199,61 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
         except Exception as exc:  # e.g. no memory for the second session: the step loop does the work
             note = f"replay not built: {first_line(exc)}"
     del model
+    rounding = None
+    if any(parse_tier(t).gptq for t in config.tiers):
+        rounding = Rounding(rollout_moments(prepared.model, [w for w in weights if w.name in bound], spec,
+                                            contexts, device, horizon, threads))
     setup = SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
-                       prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note)
+                       prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note, rounding)
     if setup.replay is not None:
         check_replay(setup)
     return setup
+
+
+def rollout_moments(model: onnx.ModelProto, weights: list[Weight], spec: RolloutSpec, contexts: Contexts,
+                    device: Device, horizon: int, threads: int = 0):
+    """Input moments of `weights` (rounding.input_moments) from the FP32 model's nominal rollouts on the
+    sweep contexts, in a session of their own that also returns the activations."""
+    elem = {w.name: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype)) for w in weights}
+
+    def steps(probe: onnx.ModelProto, acts: list[str]):
+        raw = spec.to_dict()
+        raw["trajectory"] = list(dict.fromkeys([*spec.trajectory, *acts]))
+        rollout = Rollout(make_session(probe, device, threads), RolloutSpec.from_dict(raw), contexts, device,
+                          "input moments")
+        for s in range(contexts.count):
+            for out in rollout.steps(s, None, horizon):
+                yield {a: out[a].numpy() for a in acts}
+
+    return input_moments(model, elem, steps)
+
+
+def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, Any]:
+    """The weights `names` at `tier` as the written graph computes with them (device values). A /gptq
+    tier's integers come from the setup's rounding, on the host; a weight without statistics rounds
+    to nearest."""
+    axes = {w.name: (w.channel_axis, w.block_axis) for w in setup.weights if w.name in names}
+    out = {}
+    for n in names:
+        codes = None
+        if tier.gptq and setup.rounding is not None and n in setup.rounding.moments:
+            host = setup.bound[n].numpy()
+            codes = setup.rounding.codes_for(n, host, tier, *axes[n])
+            out[n] = setup.ops.device.to_device(apply_tier(host, tier, *axes[n], codes))
+        else:
+            out[n] = setup.ops.tier(setup.bound[n], tier, axes[n])
+    return out
+
+
+def plan_codes(setup: SweepSetup, weights: dict[str, str]) -> dict[tuple[str, str], np.ndarray]:
+    """The /gptq codes a plan's weights (name -> tier text) are written with: what its joint check used."""
+    codes = {}
+    for name, text in weights.items():
+        tier = parse_tier(text)
+        if tier.gptq and setup.rounding is not None and name in setup.rounding.moments:
+            tier_values(setup, [name], tier.base)  # computes (and keeps) the codes if not yet done
+            codes[(name, str(tier.base))] = setup.rounding.codes[(name, str(tier.base))]
+    return codes
 
 
 def check_replay(setup: SweepSetup, rtol: float = 1e-3) -> None:
@@ -392,14 +445,13 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
         quant_zero = not np.any(qdiv)
     if config.probe in ("gauss", "both"):
         score.gauss, score.unreached = gauss_score(setup, w, block, config, norm, stop, quant_zero)
-    axes = {x.name: (x.channel_axis, x.block_axis) for x in setup.weights if x.name in w}
     for tier in tiers:
         if tier.is_identity:
             continue
         if score.unreached:  # outputs do not depend on these weights under this spec and these contexts
             score.damage[str(tier)] = 0.0
             continue
-        d = divergence(setup, {n: ops.tier(v, tier, axes[n]) for n, v in w.items()}).sum(axis=-1)
+        d = divergence(setup, tier_values(setup, list(w), tier)).sum(axis=-1)
         score.damage[str(tier)] = float(d.mean()) if np.all(np.isfinite(d)) else math.inf
     score.nonfinite = any(p is not None and p.nonfinite for p in (score.quant, score.gauss))
     score.dead = not score.nonfinite and score.gamma <= config.gamma_min
@@ -546,6 +598,8 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
         "blocks": [asdict(s) for s in scores],
         "forward_passes": nominal + sum(s.forward_passes for s in scores),
         "nominal_forward_passes": nominal,
+        # weights whose /gptq tiers have input statistics (the others round to nearest at those tiers)
+        **({"gptq_weights": sorted(setup.rounding.moments)} if setup.rounding is not None else {}),
     }
 
 
@@ -599,13 +653,11 @@ class JointDivergence(float):
 
 def joint_divergence(setup: SweepSetup, blocks: list[list[str]], tiers: list[Tier]):
     """A function assign -> JointDivergence (mean_s ||dY_s||^2) with every block at its tier at once."""
-    axes = {w.name: (w.channel_axis, w.block_axis) for w in setup.weights}
-
     def run(assign: list[int]) -> float:
         replaced: dict[str, Any] = {}
         for names, k in zip(blocks, assign):
             if not tiers[k].is_identity:
-                replaced.update({n: setup.ops.tier(setup.bound[n], tiers[k], axes[n]) for n in names})
+                replaced.update(tier_values(setup, names, tiers[k]))
         return JointDivergence(divergence(setup, replaced).sum(axis=-1))
 
     return run

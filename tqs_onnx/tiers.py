@@ -22,6 +22,10 @@ An ``/mse`` option clips: each scale group's scale is r * amax / qmax with the r
 (1 down to 0.3) that minimizes the group's squared rounding error, instead of r = 1 (plain
 round-to-nearest). It stores exactly what the plain tier stores (the scales are just other numbers), so
 the allocator can choose it per block where the sweep measured it to do less damage.
+
+A ``/gptq`` option (``int4/channel/gptq``) keeps the plain tier's grid and scales and chooses the
+integers GPTQ's way, on the inputs the weight meets along the model's own nominal rollouts
+(`tqs_onnx.rounding`); it also stores exactly what the plain tier stores.
 """
 
 from __future__ import annotations
@@ -50,10 +54,12 @@ class Tier:
     scale_fmt: str = "fp32"
     at_load: bool = False  # decoded by Cast/Mul, which ORT folds at load, instead of DequantizeLinear
     mse: bool = False  # scales clipped to the squared-error-best ratio of each group's absolute max
+    gptq: bool = False  # integers rounded GPTQ's way on the nominal rollouts' inputs (rounding.py)
 
     def __post_init__(self) -> None:
-        if self.mse and (not self.is_int or self.is_sign):
-            raise TqsError(f"tier {self.fmt}: mse applies to the int8/int6/int4/int2 grids only")
+        for option in ("mse", "gptq"):
+            if getattr(self, option) and (not self.is_int or self.is_sign):
+                raise TqsError(f"tier {self.fmt}: {option} applies to the int8/int6/int4/int2 grids only")
 
     @property
     def base(self) -> "Tier":
@@ -113,6 +119,8 @@ class Tier:
             parts.append(self.scale_fmt)
         if self.mse:
             parts.append("mse")
+        if self.gptq:
+            parts.append("gptq")
         if self.at_load:
             parts.append("load")
         return "/".join(parts)
@@ -210,14 +218,14 @@ def parse_tier(text: str) -> Tier:
         return Tier(fmt)
     if fmt not in INT_BITS:
         raise TqsError(f"unknown tier '{text}' (formats: {', '.join([*FLOAT_BITS, *INT_BITS, ZERO])})")
-    granularity, block, scale_fmt, at_load, mse = "tensor", 0, "fp32", False, False
+    granularity, block, scale_fmt, at_load, mse, gptq = "tensor", 0, "fp32", False, False, False
     for p in parts[1:]:
         if p == "load":
             at_load = True
-        elif p == "mse":
+        elif p in ("mse", "gptq"):
             if fmt == "int1":
-                raise TqsError(f"tier '{text}': int1's scale is the mean absolute value; mse does not apply")
-            mse = True
+                raise TqsError(f"tier '{text}': int1 keeps each weight's sign; {p} does not apply")
+            mse, gptq = mse or p == "mse", gptq or p == "gptq"
         elif p in ("tensor", "channel"):
             granularity = p
         elif p.startswith("block") and p[5:].isdigit() and int(p[5:]) >= 2:
@@ -225,8 +233,9 @@ def parse_tier(text: str) -> Tier:
         elif p in ("fp16", "fp32"):
             scale_fmt = p
         else:
-            raise TqsError(f"tier '{text}': unknown option '{p}' (tensor, channel, blockN, fp16, fp32, mse, load)")
-    return Tier(fmt, granularity, block, scale_fmt, at_load, mse)
+            raise TqsError(f"tier '{text}': unknown option '{p}' (tensor, channel, blockN, fp16, fp32, mse, gptq, "
+                           f"load)")
+    return Tier(fmt, granularity, block, scale_fmt, at_load, mse, gptq)
 
 
 def parse_tiers(text: str) -> list[Tier]:
