@@ -130,3 +130,37 @@ def test_gptq_plans_need_the_sweep_contexts_and_their_codes_file(gptq_case, tmp_
     assert main(["apply", str(paths["model"]), str(plan_path), "-o", str(out), "--quiet"]) == 2
     assert "missing" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kernel,pads,strides,dilations", [((3,), (1, 1), (1,), (1,)), ((5,), (0, 2), (2,), (1,)),
+                                                          ((3, 2), (1, 0, 1, 1), (1, 2), (2, 1))])
+def test_conv_windows_are_the_rows_the_kernel_multiplies(kernel, pads, strides, dilations):
+    """The Conv's own output (onnx's reference) equals its input windows times the flattened kernel."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    from tqs_onnx.rounding import Reader
+
+    r = np.random.default_rng(4)
+    x = r.standard_normal((2, 3, *[9] * len(kernel))).astype(np.float32)
+    w = r.standard_normal((4, 3, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], pads=list(pads), strides=list(strides),
+                            dilations=list(dilations))
+    y = ReferenceEvaluator(node).run(None, {"x": x, "w": w})[0]
+    rows = Reader("x", 1, conv=(kernel, pads, strides, dilations)).rows(x)
+    got = (rows @ w.reshape(4, -1).T.astype(np.float64)).reshape(2, *y.shape[2:], 4)
+    np.testing.assert_allclose(np.moveaxis(got, -1, 1), y, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_rounds_a_conv_kernel_along_its_flattened_inputs():
+    t = parse_tier("int4/channel/gptq")
+    r = np.random.default_rng(5)
+    w = (r.standard_normal((6, 4, 3)) * 0.3).astype(np.float32)
+    x = _correlated_inputs(300, 12, seed=6)
+    codes = gptq_codes(w, InputMoments(x.T @ x, 1), t, 0, None)
+    assert codes.shape == w.shape
+    flat = gptq_codes(w.reshape(6, 12), InputMoments(x.T @ x, 1), t, 0, None)
+    assert np.array_equal(codes.reshape(6, 12), flat)
+    q_rtn, scale = quantize(w, t, 0)
+    err = lambda q: float(np.sum((x @ (w - dequantize(q, scale, t, 0, None, np.float32)).reshape(6, 12).T) ** 2))  # noqa: E731
+    assert err(codes) < 0.8 * err(q_rtn)

@@ -3,8 +3,9 @@ model itself sees along its nominal rollouts.
 
 A `/gptq` tier stores what its plain tier stores (same integer grid, same scales, computed from the
 weight's absolute max as round-to-nearest does); only the integers differ. For a weight W read as the
-B input of MatMul/Gemm nodes, H = sum over the sweep contexts' nominal rollouts of X^T X, X the rows
-those nodes multiply it by. The integers are chosen input row after input row (largest diag(H) first),
+B input of MatMul/Gemm nodes or as the kernel of Conv nodes (one group), H = sum over the sweep
+contexts' nominal rollouts of X^T X, X the rows those nodes multiply it by (a Conv's: its input's
+windows). The integers are chosen input row after input row (largest diag(H) first),
 each row rounded to nearest and its error spread over the rows not yet rounded through H's inverse
 Cholesky factor (Frantar et al., "GPTQ", 2022), which lowers ||X (W - W_q)||^2 against plain rounding.
 No gradients and no data beyond the sweep's own contexts: X comes from rolling out the FP32 model.
@@ -45,23 +46,68 @@ class InputMoments:
     rows: int = 0  # how many input rows were summed
 
 
-def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[tuple[str, bool, int]]]:
-    """weight -> [(activation name, transposed, input axis)] of the main-graph MatMul/Gemm nodes that
-    read it as B; a weight read by anything else (or as A) gets no entry."""
-    found: dict[str, list[tuple[str, bool, int]]] = {}
+@dataclass(frozen=True)
+class Reader:
+    """One node that multiplies a weight by an activation: how to turn the activation into input rows."""
+
+    activation: str
+    input_axis: int  # the weight's axis its inputs run along (1 for Conv: every axis after the first)
+    trans_a: bool = False  # Gemm(transA=1): the activation is (K, M)
+    conv: tuple | None = None  # Conv: (kernel shape, pads, strides, dilations)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """The activation as rows of the weight's flattened inputs, float64."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.conv is not None:
+            return _patches(x, *self.conv)
+        return x.T if self.trans_a else x.reshape(-1, x.shape[-1])
+
+
+def _patches(x: np.ndarray, kernel: tuple, pads: tuple, strides: tuple, dilations: tuple) -> np.ndarray:
+    """im2col: every (C, *kernel) window a Conv multiplies its weight by, one row each."""
+    r = len(kernel)
+    x = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + r]) for i in range(r)])
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    win = np.lib.stride_tricks.sliding_window_view(x, extent, axis=tuple(range(2, 2 + r)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
+              + tuple(slice(None, None, d) for d in dilations)]
+    # (N, C, *out, *kernel) -> (N, *out, C, *kernel) -> rows
+    win = np.moveaxis(win, 1, 1 + r)
+    return win.reshape(-1, int(np.prod(win.shape[1 + r:])))
+
+
+def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[Reader]]:
+    """weight -> the main-graph MatMul/Gemm nodes reading it as B and Conv nodes (one group, explicit
+    pads) reading it as their kernel; a weight read by anything else (or as A) gets no entry."""
+    dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    found: dict[str, list[Reader]] = {}
     other: set[str] = set()
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             if name not in names:
                 continue
-            if node.op_type not in ("MatMul", "Gemm") or i != 1:
+            reader = _reader(node, i, dims.get(name, ()))
+            if reader is None:
                 other.add(name)
-                continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            trans_a = node.op_type == "Gemm" and bool(attrs.get("transA", 0))
-            axis = 1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0
-            found.setdefault(name, []).append((node.input[0], trans_a, axis))
-    return {n: r for n, r in found.items() if n not in other and len({a for _, _, a in r}) == 1}
+            else:
+                found.setdefault(name, []).append(reader)
+    return {n: r for n, r in found.items() if n not in other and len({x.input_axis for x in r}) == 1}
+
+
+def _reader(node: onnx.NodeProto, index: int, shape: tuple) -> Reader | None:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul" and index == 1 and len(shape) == 2:
+        return Reader(node.input[0], 0)
+    if node.op_type == "Gemm" and index == 1:
+        return Reader(node.input[0], 1 if attrs.get("transB", 0) else 0, bool(attrs.get("transA", 0)))
+    if node.op_type == "Conv" and index == 1 and len(shape) >= 3 and attrs.get("group", 1) == 1 \
+            and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+        kernel = shape[2:]
+        r = len(kernel)
+        return Reader(node.input[0], 1, conv=(kernel, tuple(attrs.get("pads", [0] * 2 * r)),
+                                              tuple(attrs.get("strides", [1] * r)),
+                                              tuple(attrs.get("dilations", [1] * r))))
+    return None
 
 
 def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_factory) -> dict[str, InputMoments]:
@@ -72,24 +118,23 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     readers = _readers(model, set(weights))
     if not readers:
         return {}
-    acts = sorted({a for r in readers.values() for a, _, _ in r})
+    acts = sorted({r.activation for rs in readers.values() for r in rs})
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
-    elem = {a: weights[w] for w, r in readers.items() for a, _, _ in r}
+    elem = {r.activation: weights[w] for w, rs in readers.items() for r in rs}
     probe.graph.output.extend(helper.make_tensor_value_info(a, elem[a], None) for a in acts if a not in present)
     sums: dict[str, InputMoments] = {}
     for step in rollout_factory(probe, acts):
         for w, rs in readers.items():
-            for act, trans_a, axis in rs:
-                x = np.asarray(step[act], dtype=np.float64)
-                x = x.T if trans_a else x.reshape(-1, x.shape[-1])
+            for r in rs:
+                x = r.rows(step[r.activation])
                 m = sums.get(w)
                 if m is None:
-                    m = sums[w] = InputMoments(np.zeros((x.shape[1], x.shape[1])), axis)
+                    m = sums[w] = InputMoments(np.zeros((x.shape[1], x.shape[1])), r.input_axis)
                 if x.shape[1] != m.h.shape[0]:
-                    raise TqsError(f"weight '{w}': its MatMul inputs have {x.shape[1]} columns, expected "
-                                   f"{m.h.shape[0]}")
+                    raise TqsError(f"weight '{w}': its consumers multiply it by rows of {x.shape[1]} inputs, "
+                                   f"expected {m.h.shape[0]}")
                 m.h += x.T @ x
                 m.rows += x.shape[0]
     return sums
@@ -98,10 +143,13 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
 def gptq_codes(w: np.ndarray, moments: InputMoments, tier: Tier, channel_axis: int | None,
                block_axis: int | None) -> np.ndarray:
     """Integers (int8, w's layout) on `tier`'s grid with its round-to-nearest scales, rounded GPTQ's way."""
-    if w.ndim != 2 or tier.is_sign or not tier.is_int:
-        raise TqsError(f"/gptq rounds 2-D weights on int8/int6/int4/int2 grids only (got {tier}, shape {w.shape})")
-    s = broadcast_scales(w, tier, channel_axis, block_axis).astype(np.float64)
-    if moments.input_axis == 1:
+    if w.ndim < 2 or tier.is_sign or not tier.is_int or (w.ndim > 2 and moments.input_axis != 1):
+        raise TqsError(f"/gptq rounds matrices and Conv kernels on int8/int6/int4/int2 grids only (got {tier}, "
+                       f"shape {list(w.shape)})")
+    shape = w.shape
+    s = broadcast_scales(w, tier, channel_axis, block_axis).astype(np.float64).reshape(shape[0], -1)
+    w = w.reshape(shape[0], -1)
+    if moments.input_axis == 1:  # (N, K) or a Conv kernel (O, C * k...): rows of inputs run along axis 1
         w, s = w.T, s.T
     work = w.astype(np.float64).copy()
     h = moments.h.copy()
@@ -123,7 +171,7 @@ def gptq_codes(w: np.ndarray, moments: InputMoments, tier: Tier, channel_axis: i
         work[k + 1:] -= np.outer(u[k, k + 1:], err)
     out = np.empty_like(q)
     out[order] = q
-    return out.T if moments.input_axis == 1 else out
+    return (out.T if moments.input_axis == 1 else out).reshape(shape)
 
 
 @dataclass
