@@ -147,7 +147,7 @@ def test_conv_windows_are_the_rows_the_kernel_multiplies(kernel, pads, strides, 
     node = helper.make_node("Conv", ["x", "w"], ["y"], pads=list(pads), strides=list(strides),
                             dilations=list(dilations))
     y = ReferenceEvaluator(node).run(None, {"x": x, "w": w})[0]
-    rows = Reader("x", 1, conv=(kernel, pads, strides, dilations)).rows(x)
+    rows = Reader(("x",), 1, conv=(kernel, pads, strides, dilations)).rows([x])
     got = (rows @ w.reshape(4, -1).T.astype(np.float64)).reshape(2, *y.shape[2:], 4)
     np.testing.assert_allclose(np.moveaxis(got, -1, 1), y, rtol=1e-4, atol=1e-4)
 
@@ -164,3 +164,33 @@ def test_gptq_rounds_a_conv_kernel_along_its_flattened_inputs():
     q_rtn, scale = quantize(w, t, 0)
     err = lambda q: float(np.sum((x @ (w - dequantize(q, scale, t, 0, None, np.float32)).reshape(6, 12).T) ** 2))  # noqa: E731
     assert err(codes) < 0.8 * err(q_rtn)
+
+
+def test_an_lstm_recurrent_weight_multiplies_the_previous_hidden_states():
+    """R's rows are initial_h, then Y[0..T-2]: the h_{t-1} of every step (onnx's reference LSTM)."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    from tests.tiny import model as tiny_model
+    from tqs_onnx.rounding import _readers
+
+    r = np.random.default_rng(7)
+    seq, batch, inp, hid = 5, 2, 3, 4
+    x = r.standard_normal((seq, batch, inp)).astype(np.float32)
+    h0 = r.standard_normal((1, batch, hid)).astype(np.float32)
+    w, rr = (r.standard_normal((1, 4 * hid, n)).astype(np.float32) for n in (inp, hid))
+    node = helper.make_node("LSTM", ["x", "W", "R", "", "", "h0"], ["Y"], hidden_size=hid)
+    y = ReferenceEvaluator(node).run(None, {"x": x, "W": w, "R": rr, "h0": h0})[0]
+    m = tiny_model([node], [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rr, "R")],
+                   [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(v.shape)) for n, v in
+                    (("x", x), ("h0", h0))],
+                   [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [seq, 1, batch, hid])])
+    readers = _readers(m, {"W", "R"})
+    (rw,), (rr_,) = readers["W"], readers["R"]
+    assert rw.input_axis == rr_.input_axis == 2
+    np.testing.assert_array_equal(rw.rows([x]), x.reshape(-1, inp))
+    rows = rr_.rows([y, h0])
+    np.testing.assert_array_equal(rows[:batch], h0.reshape(batch, hid))
+    np.testing.assert_array_equal(rows[batch:], y[:-1].reshape(-1, hid))
+    codes = gptq_codes(rr, InputMoments(rows.T @ rows, 2), parse_tier("int4/channel/gptq"), 1, 2)
+    assert codes.shape == rr.shape

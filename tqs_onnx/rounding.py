@@ -3,9 +3,9 @@ model itself sees along its nominal rollouts.
 
 A `/gptq` tier stores what its plain tier stores (same integer grid, same scales, computed from the
 weight's absolute max as round-to-nearest does); only the integers differ. For a weight W read as the
-B input of MatMul/Gemm nodes or as the kernel of Conv nodes (one group), H = sum over the sweep
-contexts' nominal rollouts of X^T X, X the rows those nodes multiply it by (a Conv's: its input's
-windows). The integers are chosen input row after input row (largest diag(H) first),
+B input of MatMul/Gemm nodes, as the kernel of Conv nodes (one group) or as W or R of a forward
+LSTM, H = sum over the sweep contexts' nominal rollouts of X^T X, X the rows those nodes multiply it
+by (a Conv's: its input's windows; an LSTM's R: its previous hidden states). The integers are chosen input row after input row (largest diag(H) first),
 each row rounded to nearest and its error spread over the rows not yet rounded through H's inverse
 Cholesky factor (Frantar et al., "GPTQ", 2022), which lowers ||X (W - W_q)||^2 against plain rounding.
 No gradients and no data beyond the sweep's own contexts: X comes from rolling out the FP32 model.
@@ -18,6 +18,7 @@ measured damage, the joint check and the written model see the same values.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ CODES_SUFFIX = ".codes.npz"
 
 @dataclass
 class InputMoments:
-    """H = X^T X (float64) of the rows one weight is multiplied by, and the weight's input axis."""
+    """H = X^T X (float64) of the rows one weight is multiplied by, and the weight's input axis: 0 for a
+    (K, N) matrix, else the first of the axes its inputs run along (the axes before it are outputs)."""
 
     h: np.ndarray
     input_axis: int
@@ -48,18 +50,23 @@ class InputMoments:
 
 @dataclass(frozen=True)
 class Reader:
-    """One node that multiplies a weight by an activation: how to turn the activation into input rows."""
+    """One node that multiplies a weight by activations: how to turn them into the weight's input rows."""
 
-    activation: str
-    input_axis: int  # the weight's axis its inputs run along (1 for Conv: every axis after the first)
+    activations: tuple[str, ...]
+    input_axis: int  # 0: a (K, N) matrix; else the axes before it are outputs, from it inputs (Conv 1, LSTM 2)
     trans_a: bool = False  # Gemm(transA=1): the activation is (K, M)
     conv: tuple | None = None  # Conv: (kernel shape, pads, strides, dilations)
+    recurrent: bool = False  # LSTM R: the previous hidden states, initial_h then Y[:-1]
 
-    def rows(self, x: np.ndarray) -> np.ndarray:
-        """The activation as rows of the weight's flattened inputs, float64."""
-        x = np.asarray(x, dtype=np.float64)
+    def rows(self, values: list[np.ndarray | None]) -> np.ndarray:
+        """The activations as rows of the weight's flattened inputs, float64."""
+        x = np.asarray(values[0], dtype=np.float64) if values[0] is not None else None
         if self.conv is not None:
             return _patches(x, *self.conv)
+        if self.recurrent:  # values: Y (seq, 1, batch, H), initial_h (1, batch, H) or None
+            h = x.shape[-1]
+            first = np.zeros((x.shape[2], h)) if values[1] is None else np.asarray(values[1], np.float64).reshape(-1, h)
+            return np.concatenate([first, x[:-1].reshape(-1, h)])
         return x.T if self.trans_a else x.reshape(-1, x.shape[-1])
 
 
@@ -97,16 +104,24 @@ def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[Reader]]
 def _reader(node: onnx.NodeProto, index: int, shape: tuple) -> Reader | None:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "MatMul" and index == 1 and len(shape) == 2:
-        return Reader(node.input[0], 0)
+        return Reader((node.input[0],), 0)
     if node.op_type == "Gemm" and index == 1:
-        return Reader(node.input[0], 1 if attrs.get("transB", 0) else 0, bool(attrs.get("transA", 0)))
+        return Reader((node.input[0],), 1 if attrs.get("transB", 0) else 0, bool(attrs.get("transA", 0)))
     if node.op_type == "Conv" and index == 1 and len(shape) >= 3 and attrs.get("group", 1) == 1 \
             and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
         kernel = shape[2:]
         r = len(kernel)
-        return Reader(node.input[0], 1, conv=(kernel, tuple(attrs.get("pads", [0] * 2 * r)),
-                                              tuple(attrs.get("strides", [1] * r)),
-                                              tuple(attrs.get("dilations", [1] * r))))
+        return Reader((node.input[0],), 1, conv=(kernel, tuple(attrs.get("pads", [0] * 2 * r)),
+                                                 tuple(attrs.get("strides", [1] * r)),
+                                                 tuple(attrs.get("dilations", [1] * r))))
+    # one forward LSTM, time-major: W multiplies x_t, R the previous hidden state (from Y and initial_h)
+    if node.op_type == "LSTM" and index in (1, 2) and len(shape) == 3 and shape[0] == 1 \
+            and attrs.get("direction", b"forward") in (b"forward", "forward") and not attrs.get("layout", 0):
+        if index == 1:
+            return Reader((node.input[0],), 2)
+        initial = node.input[5] if len(node.input) > 5 and node.input[5] else ""
+        if node.output and node.output[0]:
+            return Reader((node.output[0], initial), 2, recurrent=True)
     return None
 
 
@@ -118,17 +133,17 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     readers = _readers(model, set(weights))
     if not readers:
         return {}
-    acts = sorted({r.activation for rs in readers.values() for r in rs})
+    elem = {a: weights[w] for w, rs in readers.items() for r in rs for a in r.activations if a}
+    acts = sorted(elem)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
-    elem = {r.activation: weights[w] for w, rs in readers.items() for r in rs}
     probe.graph.output.extend(helper.make_tensor_value_info(a, elem[a], None) for a in acts if a not in present)
     sums: dict[str, InputMoments] = {}
     for step in rollout_factory(probe, acts):
         for w, rs in readers.items():
             for r in rs:
-                x = r.rows(step[r.activation])
+                x = r.rows([step[a] if a else None for a in r.activations])
                 m = sums.get(w)
                 if m is None:
                     m = sums[w] = InputMoments(np.zeros((x.shape[1], x.shape[1])), r.input_axis)
@@ -143,13 +158,14 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
 def gptq_codes(w: np.ndarray, moments: InputMoments, tier: Tier, channel_axis: int | None,
                block_axis: int | None) -> np.ndarray:
     """Integers (int8, w's layout) on `tier`'s grid with its round-to-nearest scales, rounded GPTQ's way."""
-    if w.ndim < 2 or tier.is_sign or not tier.is_int or (w.ndim > 2 and moments.input_axis != 1):
-        raise TqsError(f"/gptq rounds matrices and Conv kernels on int8/int6/int4/int2 grids only (got {tier}, "
-                       f"shape {list(w.shape)})")
+    if w.ndim < 2 or tier.is_sign or not tier.is_int or (w.ndim > 2 and not moments.input_axis):
+        raise TqsError(f"/gptq rounds matrices, Conv kernels and LSTM weights on int8/int6/int4/int2 grids only "
+                       f"(got {tier}, shape {list(w.shape)})")
     shape = w.shape
-    s = broadcast_scales(w, tier, channel_axis, block_axis).astype(np.float64).reshape(shape[0], -1)
-    w = w.reshape(shape[0], -1)
-    if moments.input_axis == 1:  # (N, K) or a Conv kernel (O, C * k...): rows of inputs run along axis 1
+    outputs = math.prod(shape[:moments.input_axis]) if moments.input_axis else shape[0]
+    s = broadcast_scales(w, tier, channel_axis, block_axis).astype(np.float64).reshape(outputs, -1)
+    w = w.reshape(outputs, -1)
+    if moments.input_axis:  # (N, K), a Conv kernel (O, C * k...) or an LSTM's (1 * 4H, K): inputs along axis 1
         w, s = w.T, s.T
     work = w.astype(np.float64).copy()
     h = moments.h.copy()
@@ -171,7 +187,7 @@ def gptq_codes(w: np.ndarray, moments: InputMoments, tier: Tier, channel_axis: i
         work[k + 1:] -= np.outer(u[k, k + 1:], err)
     out = np.empty_like(q)
     out[order] = q
-    return (out.T if moments.input_axis == 1 else out).reshape(shape)
+    return (out.T if moments.input_axis else out).reshape(shape)
 
 
 @dataclass
