@@ -194,3 +194,28 @@ def test_an_lstm_recurrent_weight_multiplies_the_previous_hidden_states():
     np.testing.assert_array_equal(rows[batch:], y[:-1].reshape(-1, hid))
     codes = gptq_codes(rr, InputMoments(rows.T @ rows, 2), parse_tier("int4/channel/gptq"), 1, 2)
     assert codes.shape == rr.shape
+
+
+def test_statistics_gathered_in_several_rollouts_equal_those_of_one(monkeypatch):
+    """A small activation budget splits the statistics over more rollouts; H stays the same."""
+    import tqs_onnx.sweep as sweep
+    from tqs_onnx.graph import weight_table
+    from tqs_onnx.rounding import input_moments
+
+    m = recurrent_mlp(n=16, h=32, damp=0.1)
+    spec = RolloutSpec.from_dict(recurrent_spec(6))
+    ctx = Contexts.from_arrays(recurrent_contexts(16, s=2), spec)
+    weights = [w for w in weight_table(m, 1) if w.name.startswith("W")]
+    dev = resolve_device("cpu")
+    one = sweep.rollout_moments(m, weights, spec, ctx, dev, 6)
+    calls = []
+
+    def small_budget(model, elem, factory):
+        return input_moments(model, elem, lambda p, a: (calls.append(a), factory(p, a))[1], chunk_bytes=64)
+
+    monkeypatch.setattr(sweep, "input_moments", small_budget)
+    many = sweep.rollout_moments(m, weights, spec, ctx, dev, 6)
+    assert len(calls) == 3 and set(one) == set(many) == {"W1", "W2", "Wm"}
+    for name in one:
+        np.testing.assert_array_equal(one[name].h, many[name].h)
+        assert one[name].rows == many[name].rows == 2 * 6

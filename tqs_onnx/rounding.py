@@ -36,6 +36,7 @@ from tqs_onnx.util import umask
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I: keeps the inverse stable where inputs are nearly collinear
 CODES_SUFFIX = ".codes.npz"
+CHUNK_BYTES = 1 << 30  # activations one statistics rollout returns per step, at most (estimated)
 
 
 @dataclass
@@ -125,24 +126,24 @@ def _reader(node: onnx.NodeProto, index: int, shape: tuple) -> Reader | None:
     return None
 
 
-def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_factory) -> dict[str, InputMoments]:
+def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_factory,
+                  chunk_bytes: int = CHUNK_BYTES) -> dict[str, InputMoments]:
     """H per weight (name -> element type) from the FP32 model's nominal rollouts.
 
     `rollout_factory(model, extra_outputs)` opens a session on `model` and yields, per context and
-    step, {activation name: host array}; the activations are streamed, never stacked."""
+    step, {activation name: host array}; the activations are streamed, never stacked. Where they would
+    hold more than `chunk_bytes` per step (shape inference's estimate), the rollouts are repeated, each
+    returning a share of them."""
     readers = _readers(model, set(weights))
-    if not readers:
-        return {}
-    elem = {a: weights[w] for w, rs in readers.items() for r in rs for a in r.activations if a}
-    acts = sorted(elem)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(a, elem[a], None) for a in acts if a not in present)
     sums: dict[str, InputMoments] = {}
-    for step in rollout_factory(probe, acts):
-        for w, rs in readers.items():
-            for r in rs:
+    for chunk in _chunks(model, readers, chunk_bytes):
+        elem = {a: weights[w] for w, r in chunk for a in r.activations if a}
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        present = {o.name for o in probe.graph.output}
+        probe.graph.output.extend(helper.make_tensor_value_info(a, t, None) for a, t in elem.items() if a not in present)
+        for step in rollout_factory(probe, sorted(elem)):
+            for w, r in chunk:
                 x = r.rows([step[a] if a else None for a in r.activations])
                 m = sums.get(w)
                 if m is None:
@@ -153,6 +154,31 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
                 m.h += x.T @ x
                 m.rows += x.shape[0]
     return sums
+
+
+def _chunks(model: onnx.ModelProto, readers: dict[str, list[Reader]],
+            chunk_bytes: int) -> list[list[tuple[str, Reader]]]:
+    """Readers packed so that the activations one rollout returns stay below `chunk_bytes` a step (an
+    activation of unknown size gets a rollout of its own)."""
+    from tqs_onnx.graph import infer_value_shapes
+
+    shapes = infer_value_shapes(model) if readers else {}
+
+    def size(a: str) -> int:
+        dims = shapes.get(a)
+        return 4 * math.prod(dims) if dims and all(isinstance(d, int) for d in dims) else chunk_bytes
+
+    chunks: list[list[tuple[str, Reader]]] = []
+    used = chunk_bytes
+    for w, rs in readers.items():
+        for r in rs:
+            need = sum(size(a) for a in r.activations if a)
+            if used + need > chunk_bytes and (not chunks or chunks[-1]):
+                chunks.append([])
+                used = 0
+            chunks[-1].append((w, r))
+            used += need
+    return chunks
 
 
 def gptq_codes(w: np.ndarray, moments: InputMoments, tier: Tier, channel_axis: int | None,
