@@ -143,7 +143,7 @@ def sweep_plans(files: ModelFiles, a: argparse.Namespace, work: Path) -> dict[st
     plans: dict[str, dict[str, Any]] = {}
     for target in targets:
         try:
-            problem, alloc = allocate(scores, target)
+            problem, alloc = allocate(scores, target, gptq=False)  # /gptq: other integers, same forms and bytes
         except TqsError as exc:
             print(f"  tqs {target:g}x: {exc}", flush=True)
             continue

@@ -375,10 +375,13 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
 
 def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = None,
              objective: str = "measured", solver: str = "mckp", fp32_share: float = 0.0,
-             probe: str = "quant", gamma_min: float = -50.0, decode: str = "auto") -> tuple[Problem, Allocation]:
+             probe: str = "quant", gamma_min: float = -50.0, decode: str = "auto",
+             gptq: bool = True) -> tuple[Problem, Allocation]:
     """Build the problem from a scores document and solve it with the chosen objective.
 
-    `decode`: how integer tiers are written per weight (auto, dq or load: tiers.written_form)."""
+    `decode`: how integer tiers are written per weight (auto, dq or load: tiers.written_form).
+    `gptq`: use the swept /gptq tiers by default (their integers come from a sweep setup on the sweep
+    contexts: `sweep.plan_codes`); without, they are left out and a note says so."""
     if objective not in ("measured", "paper"):
         raise TqsError(f"--objective must be measured or paper, not '{objective}'")
     if solver not in ("mckp", "greedy"):
@@ -386,11 +389,15 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
     if not 0 <= fp32_share < 1:
         raise TqsError("--fp32-share must be in [0, 1)")
     tiers = parse_tiers(tiers_text) if tiers_text else default_tiers(scores, objective)
+    dropped = [] if gptq or tiers_text else [t for t in tiers if t.gptq]
+    tiers = [t for t in tiers if t not in dropped]
     p = build_problem(scores, tiers, target, probe, decode)
     check_feasible(p)
-    if objective == "paper":
-        return p, allocate_paper(p, solver, fp32_share, gamma_min)
-    return p, allocate_measured(p, solver)
+    alloc = allocate_paper(p, solver, fp32_share, gamma_min) if objective == "paper" else allocate_measured(p, solver)
+    if dropped:
+        alloc.notes.append(f"/gptq tiers left out ({', '.join(map(str, dropped))}): their integers come from "
+                           "rollouts on the sweep contexts (pass --verify-model, --rollout and --contexts)")
+    return p, alloc
 
 
 def default_tiers(scores: dict[str, Any], objective: str) -> list[Tier]:

@@ -164,7 +164,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     _check_output_files(a.output, inputs=(a.scores, a.verify_model, a.rollout, a.contexts,
                                           scores.get("model", {}).get("path")))
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
-                              a.gamma_min, a.decode)
+                              a.gamma_min, a.decode, gptq=bool(a.verify_model))
     refinement = setup = None
     if a.verify_model:
         refinement, setup = verify_allocation(a, scores, problem, alloc)
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,
                    help="tiers whose measured damage is recorded for `allocate --objective measured` "
                         f"(default {DEFAULT_SWEEP_TIERS}; '' to skip; opt-in: zero, int1, /mse clipped scales "
-                        "such as int4/channel/mse, /gptq rounding on the rollouts' inputs such as int4/channel/gptq)")
+                        "such as int4/channel/mse)")
     s.add_argument("--no-factor", action="store_true",
                    help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before scoring; a model with local functions still has its identical tensors stored once (inlining copies them)")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
@@ -673,7 +673,8 @@ def _frontier_parsers(sub) -> None:
     s.set_defaults(func=cmd_report)
 
 
-DEFAULT_SWEEP_TIERS = "bf16,int8,int8/channel,int6/channel,int4,int4/channel,int2,int2/channel"
+DEFAULT_SWEEP_TIERS = ("bf16,int8,int8/channel,int6/channel,int4,int4/channel,int2,int2/channel,"
+                       "int8/channel/gptq,int6/channel/gptq,int4/channel/gptq,int2/channel/gptq")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,13 +14,14 @@ from tqs_onnx.allocate import Allocation, allocate, plan_document
 from tqs_onnx.cli import DEFAULT_SWEEP_TIERS, format_plan, format_ranking
 from tqs_onnx.evaluate import evaluate, verify_written
 from tqs_onnx.graph import load_model
-from tqs_onnx.refine import rank_key, refine, uniform_assignments
+from tqs_onnx.refine import is_baseline, rank_key, refine, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
-from tqs_onnx.sweep import SweepConfig, joint_divergence, run_sweep, setup_for_scores
+from tqs_onnx.rounding import save_codes
+from tqs_onnx.sweep import SweepConfig, joint_divergence, plan_codes, run_sweep, setup_for_scores
 from tqs_onnx.summary import format_inspect, inspect_model
-from tqs_onnx.tiers import parse_tiers
+from tqs_onnx.tiers import parse_tier, parse_tiers
 from tqs_onnx.util import atomic_write_json
 
 DEMO = "lorenz96_mlp"
@@ -64,7 +65,10 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     if uniform is not None:
         name, assign = uniform
         plans[f"uniform-{name.replace('/', '-')}"] = plan_document(scores, problem, Allocation(assign, "uniform", name))
+    codes = {name: plan_codes(setup, plan["weights"]) for name, plan in plans.items()}
     for name, plan in plans.items():
+        if codes[name]:  # the /gptq integers beside the plan, as `allocate` writes them
+            plan["rounding"] = save_codes(codes[name], out / f"plan-{name}.json")
         atomic_write_json(out / f"plan-{name}.json", plan)
     _say(quiet, f"== 3. allocate at {compression:g}x (measured objective, joint check, "
          f"{refined.rollouts} joint rollouts)\n{format_plan(plans['tqs-measured'])}\n")
@@ -72,7 +76,7 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     rows = [_row("fp32", loaded.file_bytes, loaded.file_bytes, None)]
     for name, plan in plans.items():
         path = out / f"{DEMO}.{name}.onnx"
-        model, _ = rewrite_model(loaded, plan)
+        model, _ = rewrite_model(loaded, plan, codes=codes[name])
         save_model(model, path, keep=loaded.files)
         verify_written(path, device, spec, eval_ctx.subset(slice(0, 1)))
         report = evaluate(loaded.path, path, spec, eval_ctx, device)
@@ -83,7 +87,9 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
 
 
 def _best_uniform(problem, uniform_scores: dict[str, float]):
+    """The best uniform round-to-nearest plan that fits (the baseline the joint check protects)."""
     fits = uniform_assignments(problem)
+    fits = {n: a for n, a in fits.items() if is_baseline(parse_tier(n))} or fits
     if not fits:
         return None
     name = min(fits, key=lambda n: rank_key(uniform_scores.get(n, float("inf"))))

@@ -109,7 +109,7 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
     return moves
 
 
-def _is_baseline(tier: Tier) -> bool:
+def is_baseline(tier: Tier) -> bool:
     """A uniform plan at this tier is a baseline: plain round-to-nearest (not /mse, not /gptq) with fp32 scales, or a float
     tier. (When no such plan fits, every uniform plan is one.)"""
     return not tier.mse and not tier.gptq and tier.scale_fmt == "fp32"
@@ -126,7 +126,7 @@ def _start(p: Problem, own_assign: list[int], own: float, fits: dict[str, list[i
     ship (lorenz96 at the INT4 size: uniform int4/channel/mse 2.4% better than round-to-nearest on the
     sweep contexts, 3% worse on the others; uniform fp16 scales differ from fp32 ones by rounding only,
     and on the chaotic zoo models that noise decided cells either way)."""
-    baseline = {n: d for n, d in uniform.items() if _is_baseline(parse_tier(n))} or dict(uniform)
+    baseline = {n: d for n, d in uniform.items() if is_baseline(parse_tier(n))} or dict(uniform)
     challengers = [(own, list(own_assign), "allocator")]
     challengers += [(d, fits[n], f"uniform {n}") for n, d in uniform.items() if n not in baseline]
     challengers.sort(key=lambda c: rank_key(c[0]))
