@@ -210,8 +210,8 @@ def test_statistics_gathered_in_several_rollouts_equal_those_of_one(monkeypatch)
     one = sweep.rollout_moments(m, weights, spec, ctx, dev, 6)
     calls = []
 
-    def small_budget(model, elem, factory):
-        return input_moments(model, elem, lambda p, a: (calls.append(a), factory(p, a))[1], chunk_bytes=64)
+    def small_budget(model, elem, factory, shapes):
+        return input_moments(model, elem, lambda p, a: (calls.append(a), factory(p, a))[1], shapes, chunk_bytes=64)
 
     monkeypatch.setattr(sweep, "input_moments", small_budget)
     many = sweep.rollout_moments(m, weights, spec, ctx, dev, 6)
@@ -219,3 +219,58 @@ def test_statistics_gathered_in_several_rollouts_equal_those_of_one(monkeypatch)
     for name in one:
         np.testing.assert_array_equal(one[name].h, many[name].h)
         assert one[name].rows == many[name].rows == 2 * 6
+
+
+def test_codes_do_not_depend_on_the_scale_of_the_inputs_with_dead_inputs():
+    t = parse_tier("int4/channel/gptq")
+    w = (np.random.default_rng(8).standard_normal((32, 6)) * 0.3).astype(np.float32)
+    x = _correlated_inputs(300, 32, seed=9)
+    x[:, :8] = 0  # inputs that are always zero
+    codes = [gptq_codes(w, InputMoments((x * c).T @ (x * c), 0), t, 1, None) for c in (1.0, 1e-3)]
+    assert np.array_equal(*codes)
+
+
+def test_a_weight_also_read_inside_a_subgraph_gets_no_statistics():
+    from onnx import helper
+
+    from tests.tiny import model as tiny_model
+    from tqs_onnx.rounding import _readers
+
+    w = np.ones((4, 4), np.float32)
+    branch = helper.make_graph([helper.make_node("Identity", ["W"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [4, 4])])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]),
+             helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch)]
+    m = tiny_model(nodes, [numpy_helper.from_array(w, "W")],
+                   [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+                    helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+                   [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4]),
+                    helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [4, 4])])
+    assert _readers(m, {"W"}) == {}
+
+
+def test_a_gptq_plan_goes_to_a_new_folder_and_an_edited_one_is_refused(gptq_case, tmp_path, capsys):
+    paths, scores = gptq_case
+    plan_path = tmp_path / "new" / "plan.json"
+    assert _allocate(paths, scores, plan_path, tiers="int4/channel/gptq") == 0
+    assert codes_path(plan_path).is_file()
+    plan = json.loads(plan_path.read_text())
+    plan["weights"] = {n: t.replace("int4", "int2") for n, t in plan["weights"].items()}  # codes are int4's
+    plan_path.write_text(json.dumps(plan))
+    assert main(["apply", str(paths["model"]), str(plan_path), "-o", str(tmp_path / "q.onnx"), "--quiet"]) == 2
+    assert "edited" in capsys.readouterr().err
+    plan["rounding"]["keys"] = [["W1"]]
+    plan_path.write_text(json.dumps(plan))
+    assert main(["apply", str(paths["model"]), str(plan_path), "-o", str(tmp_path / "q.onnx"), "--quiet"]) == 2
+    assert "no valid codes file" in capsys.readouterr().err
+
+
+def test_gptq_tiers_the_sweep_did_not_measure_are_refused(tmp_path, capsys):
+    paths = save_case(tmp_path, recurrent_mlp(n=16, h=32), recurrent_spec(4), recurrent_contexts(16, s=2))
+    scores = tmp_path / "scores.json"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "--tiers", "int4/channel", "-o", str(scores), "--quiet"]) == 0
+    assert main(["allocate", str(scores), "--compression", "1", "--objective", "paper", "--tiers",
+                 "fp32,int4/channel/gptq", "-o", str(tmp_path / "p.json"), "--quiet", "--verify-model",
+                 str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"])]) == 2
+    assert "measured no /gptq tier" in capsys.readouterr().err

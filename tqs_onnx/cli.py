@@ -153,6 +153,7 @@ def format_ranking(doc: dict[str, Any]) -> str:
 
 def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document
+    from tqs_onnx.rounding import codes_path
     from tqs_onnx.tiers import parse_tier
 
     if not (a.margin >= 0 and math.isfinite(a.margin)):
@@ -161,8 +162,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
         raise TqsError("--rollout and --contexts are used only with --verify-model MODEL (the joint check)")
     scores = load_scores(a.scores)
     # Also the swept model and its data files (its path as the sweep was given it, if found from here).
-    _check_output_files(a.output, inputs=(a.scores, a.verify_model, a.rollout, a.contexts,
-                                          scores.get("model", {}).get("path")))
+    _check_output_files(a.output, codes_path(a.output), inputs=(a.scores, a.verify_model, a.rollout, a.contexts,
+                                                                scores.get("model", {}).get("path")))
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               a.gamma_min, a.decode, gptq=bool(a.verify_model))
     refinement = setup = None
@@ -177,7 +178,10 @@ def cmd_allocate(a: argparse.Namespace) -> int:
         if setup is None:
             raise TqsError("the plan puts weights at /gptq tiers, whose integers come from the sweep contexts' "
                            "rollouts: pass --verify-model, --rollout and --contexts")
-        plan["rounding"] = save_codes(plan_codes(setup, plan["weights"]), a.output)
+        if setup.rounding is None:
+            raise TqsError(f"{a.scores}: the sweep measured no /gptq tier, so it gathered no statistics for "
+                           "them: sweep with /gptq tiers (they are default tiers) or plan without them")
+        plan["rounding"] = save_codes(plan_codes(setup, plan["weights"]), a.output, sorted(setup.rounding.moments))
     if refinement is not None:
         plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
                                 "diverged_contexts": getattr(refinement.joint, "diverged", 0),
@@ -476,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gamma-min", type=_real(), default=-50.0, help="blocks with gamma <= this are flagged dead")
     s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,
                    help="tiers whose measured damage is recorded for `allocate --objective measured` "
-                        f"(default {DEFAULT_SWEEP_TIERS}; '' to skip; opt-in: zero, int1, /mse clipped scales "
-                        "such as int4/channel/mse)")
+                        f"(default {DEFAULT_SWEEP_TIERS}; /gptq: the plain tier's grid and scales, integers "
+                        "rounded GPTQ's way on the inputs the weight meets along the nominal rollouts; '' to skip; "
+                        "opt-in: zero, int1, /mse clipped scales such as int4/channel/mse)")
     s.add_argument("--no-factor", action="store_true",
                    help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before scoring; a model with local functions still has its identical tensors stored once (inlining copies them)")
     s.add_argument("--checkpoint", help="append-only checkpoint (default OUTPUT.ckpt.jsonl)")
@@ -498,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--objective", default="measured", choices=["measured", "paper"],
                    help="measured (default): knapsack on measured per-tier damage; paper: Algorithm 2 on gamma")
     s.add_argument("--tiers", help="comma list, e.g. fp32,bf16,int8,int4,int2 or int4/channel, int4/block32, "
-                                   "int8/channel/fp16 (default: fp32 + the tiers the sweep measured)")
+                                   "int8/channel/fp16 (default: fp32 + the tiers the sweep measured; its /gptq tiers "
+                                   "only with --verify-model, whose rollouts give their integers)")
     s.add_argument("--fp32-share", type=float, default=0.0, help="paper objective: share of FP32 bits kept for top blocks")
     s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="multiple-choice knapsack (pulp) or greedy")
     s.add_argument("--probe", default="quant", choices=["quant", "gauss"], help="paper objective: which gamma ranks blocks")

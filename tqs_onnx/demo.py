@@ -67,8 +67,9 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
         plans[f"uniform-{name.replace('/', '-')}"] = plan_document(scores, problem, Allocation(assign, "uniform", name))
     codes = {name: plan_codes(setup, plan["weights"]) for name, plan in plans.items()}
     for name, plan in plans.items():
-        if codes[name]:  # the /gptq integers beside the plan, as `allocate` writes them
-            plan["rounding"] = save_codes(codes[name], out / f"plan-{name}.json")
+        if any(parse_tier(t).gptq for t in plan["weights"].values()):  # beside the plan, as `allocate` does
+            plan["rounding"] = save_codes(codes[name], out / f"plan-{name}.json",
+                                          sorted(setup.rounding.moments) if setup.rounding else [])
         atomic_write_json(out / f"plan-{name}.json", plan)
     _say(quiet, f"== 3. allocate at {compression:g}x (measured objective, joint check, "
          f"{refined.rollouts} joint rollouts)\n{format_plan(plans['tqs-measured'])}\n")

@@ -515,14 +515,23 @@ def _expanding_lookups(graph: onnx.GraphProto, constants: set[str]) -> set[str]:
     return found
 
 
-def infer_value_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+def infer_value_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None,
+                       ) -> dict[str, list[int | str | None]]:
     """Dims (value, symbol or None) of every value onnx's shape inference can name, inferred on a copy
-    of `model` without its weights' data; {} where inference fails."""
+    of `model` without its weights' data (`input_shapes`: graph inputs fixed to these shapes first);
+    {} where inference fails."""
     from tqs_onnx.passes.detach import detach  # passes build on this module
 
     try:
+        skeleton = detach(model).skeleton
+        for inp in skeleton.graph.input:
+            shape = (input_shapes or {}).get(inp.name)
+            if shape is not None and inp.type.HasField("tensor_type"):
+                inp.type.tensor_type.ClearField("shape")
+                for d in shape:
+                    inp.type.tensor_type.shape.dim.add().dim_value = int(d)
         # data_prop: shapes computed from Shape/Slice/Concat chains, as ORT's own inference knows them.
-        inferred = onnx.shape_inference.infer_shapes(detach(model).skeleton, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:  # noqa: BLE001 - an exotic graph onnx cannot infer: no shapes, as in ORT
         return {}
     g = inferred.graph

@@ -151,8 +151,9 @@ def quantize(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
     """
     scale = scales_for(w, tier, channel_axis, block_axis)
     if codes is not None:
-        if codes.shape != w.shape:
-            raise TqsError(f"tier {tier}: codes of shape {list(codes.shape)} for a weight of shape {list(w.shape)}")
+        if codes.shape != w.shape or codes.size and int(np.abs(codes.astype(np.int16)).max()) > tier.qmax:
+            raise TqsError(f"tier {tier}: codes of shape {list(codes.shape)} (at most {tier.qmax} in magnitude "
+                           f"expected) for a weight of shape {list(w.shape)}")
         return np.asarray(codes, np.int8).astype(_STORAGE[tier.fmt]), scale
     if tier.is_sign:
         return np.where(w >= 0, 1, -1).astype(np.int8), scale

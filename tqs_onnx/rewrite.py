@@ -18,7 +18,7 @@ from tqs_onnx.graph import LoadedModel, tensor_is_finite, weight_table
 from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
-from tqs_onnx.rounding import load_codes
+from tqs_onnx.rounding import check_codes, load_codes
 from tqs_onnx.passes.qdq import WriteTiers
 from tqs_onnx.tiers import Tier, needed_opset, parse_tier
 
@@ -61,6 +61,7 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     need = max([needed_opset(t, n in half) for n, t in tiers.items() if not t.is_identity], default=0)
     if codes is None:
         codes = load_codes(plan, where) if any(t.gptq for t in tiers.values()) else {}
+        check_codes(plan, tiers, codes, where)
     passes = [UpgradeOpset(need), WriteTiers(tiers, axes, stubs.array, codes)]
     model, reports = run_passes(prepared.model, passes, phase_done)
     stubs.attach(model)

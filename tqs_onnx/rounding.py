@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +29,10 @@ import onnx
 from onnx import helper
 
 from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import infer_value_shapes, subgraph_refs
 from tqs_onnx.quant import broadcast_scales
 from tqs_onnx.tiers import Tier
-from tqs_onnx.util import umask
+from tqs_onnx.util import atomic_write
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I: keeps the inverse stable where inputs are nearly collinear
 CODES_SUFFIX = ".codes.npz"
@@ -85,12 +85,15 @@ def _patches(x: np.ndarray, kernel: tuple, pads: tuple, strides: tuple, dilation
 
 
 def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[Reader]]:
-    """weight -> the main-graph MatMul/Gemm nodes reading it as B and Conv nodes (one group, explicit
-    pads) reading it as their kernel; a weight read by anything else (or as A) gets no entry."""
+    """weight -> the main-graph nodes that multiply it by activations: MatMul/Gemm reading it as B, Conv
+    (one group, explicit pads) as its kernel, a forward time-major LSTM as W or R. A weight read by
+    anything else (as A, by another op, inside a subgraph), or along different input axes, gets no
+    entry: it rounds to nearest."""
     dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
     found: dict[str, list[Reader]] = {}
     other: set[str] = set()
     for node in model.graph.node:
+        other |= subgraph_refs(node) & names
         for i, name in enumerate(node.input):
             if name not in names:
                 continue
@@ -127,16 +130,17 @@ def _reader(node: onnx.NodeProto, index: int, shape: tuple) -> Reader | None:
 
 
 def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_factory,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None,
                   chunk_bytes: int = CHUNK_BYTES) -> dict[str, InputMoments]:
     """H per weight (name -> element type) from the FP32 model's nominal rollouts.
 
     `rollout_factory(model, extra_outputs)` opens a session on `model` and yields, per context and
     step, {activation name: host array}; the activations are streamed, never stacked. Where they would
-    hold more than `chunk_bytes` per step (shape inference's estimate), the rollouts are repeated, each
-    returning a share of them."""
+    hold more than `chunk_bytes` per step (shape inference's estimate from `input_shapes`, the graph
+    inputs' shapes in the contexts), the rollouts are repeated, each returning a share of them."""
     readers = _readers(model, set(weights))
     sums: dict[str, InputMoments] = {}
-    for chunk in _chunks(model, readers, chunk_bytes):
+    for chunk in _chunks(model, readers, chunk_bytes, input_shapes or {}):
         elem = {a: weights[w] for w, r in chunk for a in r.activations if a}
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
@@ -156,28 +160,30 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     return sums
 
 
-def _chunks(model: onnx.ModelProto, readers: dict[str, list[Reader]],
-            chunk_bytes: int) -> list[list[tuple[str, Reader]]]:
-    """Readers packed so that the activations one rollout returns stay below `chunk_bytes` a step (an
-    activation of unknown size gets a rollout of its own)."""
-    from tqs_onnx.graph import infer_value_shapes
-
-    shapes = infer_value_shapes(model) if readers else {}
+def _chunks(model: onnx.ModelProto, readers: dict[str, list[Reader]], chunk_bytes: int,
+            input_shapes: dict[str, tuple[int, ...]]) -> list[list[tuple[str, Reader]]]:
+    """Readers packed so that the activations one rollout returns stay below `chunk_bytes` a step, sized
+    by shape inference with the graph inputs at the contexts' shapes (an activation of unknown size
+    counts as 1/16 of the budget); an activation shared by readers of one rollout counts once."""
+    shapes = infer_value_shapes(model, input_shapes) if readers else {}
 
     def size(a: str) -> int:
         dims = shapes.get(a)
-        return 4 * math.prod(dims) if dims and all(isinstance(d, int) for d in dims) else chunk_bytes
+        known = dims and all(isinstance(d, int) for d in dims)
+        return 4 * math.prod(dims) if known else chunk_bytes // 16
 
     chunks: list[list[tuple[str, Reader]]] = []
-    used = chunk_bytes
+    used, seen = chunk_bytes, set()
     for w, rs in readers.items():
         for r in rs:
-            need = sum(size(a) for a in r.activations if a)
+            need = sum(size(a) for a in r.activations if a and a not in seen)
             if used + need > chunk_bytes and (not chunks or chunks[-1]):
                 chunks.append([])
-                used = 0
+                used, seen = 0, set()
+                need = sum(size(a) for a in r.activations if a)
             chunks[-1].append((w, r))
             used += need
+            seen.update(a for a in r.activations if a)
     return chunks
 
 
@@ -196,11 +202,11 @@ def gptq_codes(w: np.ndarray, moments: InputMoments, tier: Tier, channel_axis: i
     work = w.astype(np.float64).copy()
     h = moments.h.copy()
     dead = np.diag(h) == 0
-    h[dead, dead] = 1.0  # inputs that are always zero: their rows round to nearest
-    work[dead] = w[dead]
+    live_mean = float(np.mean(np.diag(h)[~dead])) if (~dead).any() else 1.0
+    h[dead, dead] = live_mean  # inputs that are always zero: their rows round to nearest, carry nothing
     order = np.argsort(-np.diag(h), kind="stable")
     work, s, h = work[order], s[order], h[np.ix_(order, order)]
-    h += DAMP * np.mean(np.diag(h)) * np.eye(len(h))
+    h += DAMP * live_mean * np.eye(len(h))
     try:
         u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1
     except np.linalg.LinAlgError:
@@ -237,33 +243,48 @@ def codes_path(plan_path: str | os.PathLike) -> Path:
     return p.with_name(p.name.removesuffix(".json") + CODES_SUFFIX)
 
 
-def save_codes(codes: dict[tuple[str, str], np.ndarray], plan_path: str | os.PathLike) -> dict[str, Any]:
-    """Write the plan's /gptq codes beside it (atomically); the plan's `rounding` entry names the file."""
+def save_codes(codes: dict[tuple[str, str], np.ndarray], plan_path: str | os.PathLike,
+               with_statistics: list[str]) -> dict[str, Any]:
+    """Write the plan's /gptq codes beside it (atomically); the plan's `rounding` entry names the file
+    and the weights that have statistics (any of them at a /gptq tier must have its codes)."""
     path = codes_path(plan_path)
     keys = sorted(codes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add '.npz' to a path
             np.savez_compressed(f, **{f"c{i}": codes[k] for i, k in enumerate(keys)})
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
     return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "keys": [list(k) for k in keys]}
+            "keys": [list(k) for k in keys], "weights_with_statistics": sorted(with_statistics)}
 
 
 def load_codes(plan: dict[str, Any], plan_path: str | os.PathLike) -> dict[tuple[str, str], np.ndarray]:
     """The codes a plan's `rounding` entry names (read only for a plan with /gptq tiers)."""
     entry = plan.get("rounding")
-    if not isinstance(entry, dict) or not {"file", "sha256", "keys"} <= set(entry):
-        raise TqsError(f"{plan_path}: plan puts weights at /gptq tiers but names no codes file (allocate "
+    keys = entry.get("keys") if isinstance(entry, dict) else None
+    if not isinstance(entry, dict) or not {"file", "sha256", "keys"} <= set(entry) or not isinstance(keys, list) \
+            or not all(isinstance(k, list) and len(k) == 2 and all(isinstance(x, str) for x in k) for k in keys):
+        raise TqsError(f"{plan_path}: plan puts weights at /gptq tiers but names no valid codes file (allocate "
                        "writes one with --verify-model)")
-    path = Path(plan_path).parent / Path(entry["file"]).name  # beside the plan, never elsewhere
+    path = Path(plan_path).parent / Path(str(entry["file"])).name  # beside the plan, never elsewhere
     if not path.is_file():
         raise TqsError(f"{plan_path}: its /gptq codes file {path} is missing (allocate writes it beside the plan)")
     if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
         raise TqsError(f"{path}: not the codes file this plan was written with (sha256 differs)")
-    with np.load(path, allow_pickle=False) as data:
-        return {(k[0], k[1]): data[f"c{i}"] for i, k in enumerate(entry["keys"])}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {(k[0], k[1]): data[f"c{i}"] for i, k in enumerate(keys)}
+    except (OSError, KeyError, ValueError) as exc:
+        raise TqsError(f"{path}: not a readable codes file ({exc})") from None
+
+
+def check_codes(plan: dict[str, Any], tiers: dict[str, Tier], codes: dict[tuple[str, str], np.ndarray],
+                where: str) -> None:
+    """Every /gptq weight that has statistics must have its codes (else it would be written rounded to
+    nearest under a /gptq name): a plan edited to another /gptq tier than its codes were made for."""
+    with_stats = set((plan.get("rounding") or {}).get("weights_with_statistics") or [])
+    missing = [n for n, t in tiers.items() if t.gptq and n in with_stats and (n, str(t.base)) not in codes]
+    if missing:
+        raise TqsError(f"{where}: no /gptq codes for {', '.join(missing[:3])} at its planned tier (was the plan "
+                       f"edited?); allocate the plan again with --verify-model")

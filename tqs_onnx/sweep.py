@@ -225,7 +225,9 @@ def rollout_moments(model: onnx.ModelProto, weights: list[Weight], spec: Rollout
             for out in rollout.steps(s, None, horizon):
                 yield {a: out[a].numpy() for a in acts}
 
-    return input_moments(model, elem, steps)
+    shapes = {inp: contexts.arrays[key][0].shape for inp, key in [*spec.initial.items(), *spec.fixed.items()]}
+    shapes.update({inp: contexts.arrays[key][0, 0].shape for inp, key in spec.per_step.items()})
+    return input_moments(model, elem, steps, shapes)
 
 
 def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, Any]:
