@@ -208,6 +208,7 @@ def test_statistics_gathered_in_several_rollouts_equal_those_of_one(monkeypatch)
     weights = [w for w in weight_table(m, 1) if w.name.startswith("W")]
     dev = resolve_device("cpu")
     one = sweep.rollout_moments(m, weights, spec, ctx, dev, 6)
+    assert one.forward_passes == 2 * 6
     calls = []
 
     def small_budget(model, elem, factory, shapes):
@@ -215,7 +216,9 @@ def test_statistics_gathered_in_several_rollouts_equal_those_of_one(monkeypatch)
 
     monkeypatch.setattr(sweep, "input_moments", small_budget)
     many = sweep.rollout_moments(m, weights, spec, ctx, dev, 6)
-    assert len(calls) == 3 and set(one) == set(many) == {"W1", "W2", "Wm"}
+    assert len(calls) == 3 and many.forward_passes == 3 * 2 * 6
+    one, many = one.moments, many.moments
+    assert set(one) == set(many) == {"W1", "W2", "Wm"}
     for name in one:
         np.testing.assert_array_equal(one[name].h, many[name].h)
         assert one[name].rows == many[name].rows == 2 * 6

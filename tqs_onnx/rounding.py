@@ -47,6 +47,23 @@ class InputMoments:
     h: np.ndarray
     input_axis: int
     rows: int = 0  # how many input rows were summed
+    _factor: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def factor(self) -> tuple[np.ndarray, np.ndarray]:
+        """(input order, largest diag(H) first; upper Cholesky factor of the damped, reordered H^-1),
+        computed once for every tier of the weight."""
+        if self._factor is None:
+            h = self.h.copy()
+            dead = np.diag(h) == 0
+            live_mean = float(np.mean(np.diag(h)[~dead])) if (~dead).any() else 1.0
+            h[dead, dead] = live_mean  # inputs that are always zero: their rows round to nearest, carry nothing
+            order = np.argsort(-np.diag(h), kind="stable")
+            h = h[np.ix_(order, order)] + DAMP * live_mean * np.eye(len(h))
+            try:
+                self._factor = order, np.linalg.cholesky(np.linalg.inv(h)).T
+            except np.linalg.LinAlgError:
+                raise TqsError("/gptq: the input moments are not positive definite even after damping") from None
+        return self._factor
 
 
 @dataclass(frozen=True)
@@ -199,18 +216,8 @@ def gptq_codes(w: np.ndarray, moments: InputMoments, tier: Tier, channel_axis: i
     w = w.reshape(outputs, -1)
     if moments.input_axis:  # (N, K), a Conv kernel (O, C * k...) or an LSTM's (1 * 4H, K): inputs along axis 1
         w, s = w.T, s.T
-    work = w.astype(np.float64).copy()
-    h = moments.h.copy()
-    dead = np.diag(h) == 0
-    live_mean = float(np.mean(np.diag(h)[~dead])) if (~dead).any() else 1.0
-    h[dead, dead] = live_mean  # inputs that are always zero: their rows round to nearest, carry nothing
-    order = np.argsort(-np.diag(h), kind="stable")
-    work, s, h = work[order], s[order], h[np.ix_(order, order)]
-    h += DAMP * live_mean * np.eye(len(h))
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor of H^-1
-    except np.linalg.LinAlgError:
-        raise TqsError("/gptq: the input moments are not positive definite even after damping") from None
+    order, u = moments.factor()
+    work, s = w.astype(np.float64)[order], s[order]
     q = np.zeros(work.shape, np.int8)
     for k in range(len(work)):
         row = np.clip(np.rint(work[k] / s[k]), -tier.qmax, tier.qmax)
@@ -228,6 +235,7 @@ class Rounding:
 
     moments: dict[str, InputMoments]
     codes: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    forward_passes: int = 0  # of the FP32 rollouts that gathered the moments
 
     def codes_for(self, name: str, w: np.ndarray, tier: Tier, channel_axis: int | None,
                   block_axis: int | None) -> np.ndarray | None:

@@ -201,8 +201,8 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     del model
     rounding = None
     if any(parse_tier(t).gptq for t in config.tiers):
-        rounding = Rounding(rollout_moments(prepared.model, [w for w in weights if w.name in bound], spec,
-                                            contexts, device, horizon, threads))
+        rounding = rollout_moments(prepared.model, [w for w in weights if w.name in bound], spec, contexts,
+                                   device, horizon, threads)
     setup = SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
                        prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note, rounding)
     if setup.replay is not None:
@@ -212,22 +212,25 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
 
 def rollout_moments(model: onnx.ModelProto, weights: list[Weight], spec: RolloutSpec, contexts: Contexts,
                     device: Device, horizon: int, threads: int = 0):
-    """Input moments of `weights` (rounding.input_moments) from the FP32 model's nominal rollouts on the
-    sweep contexts, in a session of their own that also returns the activations."""
+    """The /gptq tiers' rounding: input moments of `weights` (rounding.input_moments) from the FP32 model's
+    nominal rollouts on the sweep contexts, in a session of their own that also returns the activations."""
     elem = {w.name: onnx.helper.np_dtype_to_tensor_dtype(np.dtype(w.dtype)) for w in weights}
+    passes = 0
 
     def steps(probe: onnx.ModelProto, acts: list[str]):
+        nonlocal passes
         raw = spec.to_dict()
         raw["trajectory"] = list(dict.fromkeys([*spec.trajectory, *acts]))
         rollout = Rollout(make_session(probe, device, threads), RolloutSpec.from_dict(raw), contexts, device,
                           "input moments")
         for s in range(contexts.count):
             for out in rollout.steps(s, None, horizon):
+                passes += 1
                 yield {a: out[a].numpy() for a in acts}
 
     shapes = {inp: contexts.arrays[key][0].shape for inp, key in [*spec.initial.items(), *spec.fixed.items()]}
     shapes.update({inp: contexts.arrays[key][0, 0].shape for inp, key in spec.per_step.items()})
-    return input_moments(model, elem, steps, shapes)
+    return Rounding(input_moments(model, elem, steps, shapes), forward_passes=passes)
 
 
 def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, Any]:
@@ -235,10 +238,13 @@ def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, An
     tier's integers come from the setup's rounding, on the host; a weight without statistics rounds
     to nearest."""
     axes = {w.name: (w.channel_axis, w.block_axis) for w in setup.weights if w.name in names}
+    if tier.gptq and setup.rounding is None:
+        raise TqsError(f"tier {tier}: this sweep setup gathered no /gptq statistics (its sweep measured no "
+                       "/gptq tier)")
     out = {}
     for n in names:
         codes = None
-        if tier.gptq and setup.rounding is not None and n in setup.rounding.moments:
+        if tier.gptq and n in setup.rounding.moments:
             host = setup.bound[n].numpy()
             codes = setup.rounding.codes_for(n, host, tier, *axes[n])
             out[n] = setup.ops.device.to_device(apply_tier(host, tier, *axes[n], codes))
@@ -600,8 +606,10 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
         "blocks": [asdict(s) for s in scores],
         "forward_passes": nominal + sum(s.forward_passes for s in scores),
         "nominal_forward_passes": nominal,
-        # weights whose /gptq tiers have input statistics (the others round to nearest at those tiers)
-        **({"gptq_weights": sorted(setup.rounding.moments)} if setup.rounding is not None else {}),
+        # weights whose /gptq tiers have input statistics (the others round to nearest at those tiers), and
+        # the forward passes of the FP32 rollouts that gathered them (not in forward_passes)
+        **({"gptq_weights": sorted(setup.rounding.moments),
+            "statistics_forward_passes": setup.rounding.forward_passes} if setup.rounding is not None else {}),
     }
 
 
