@@ -277,3 +277,14 @@ def test_gptq_tiers_the_sweep_did_not_measure_are_refused(tmp_path, capsys):
                  "fp32,int4/channel/gptq", "-o", str(tmp_path / "p.json"), "--quiet", "--verify-model",
                  str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"])]) == 2
     assert "measured no /gptq tier" in capsys.readouterr().err
+
+
+def test_gptq_codes_come_only_from_the_sweep_contexts(gptq_case, tmp_path, capsys):
+    """Other contexts would give other integers than those whose damage the sweep measured."""
+    paths, scores = gptq_case
+    (tmp_path / "other").mkdir()
+    other = save_case(tmp_path / "other", recurrent_mlp(n=16, h=32), recurrent_spec(8), recurrent_contexts(16, s=3, seed=5))
+    assert main(["allocate", str(scores), "--compression", "1", "-o", str(tmp_path / "p.json"), "--quiet",
+                 "--verify-model", str(paths["model"]), "--rollout", str(paths["spec"]),
+                 "--contexts", str(other["contexts"])]) == 2
+    assert "sweep's --rollout and --contexts" in capsys.readouterr().err

@@ -472,14 +472,16 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def format_frontier(doc: dict[str, Any]) -> str:
     """The frontier as a table: points first (target order), then the uniform baselines."""
     has_truth = any(r.get("degradation_pct") is not None for r in doc["points"])
-    head = (f"{'kind':8s} {'target':>7} {'objective':12s} {'planned':>8} {'on disk':>8} {'bytes':>8} "
+    rows = doc["points"] + doc["uniform"]
+    width = max([12, *(len(r["objective"] if r["kind"] == "tqs" else r["tier"]) for r in rows)])
+    head = (f"{'kind':8s} {'target':>7} {'objective':{width}s} {'planned':>8} {'on disk':>8} {'bytes':>8} "
             f"{'MAE vs FP32':>12} {'RMSE':>10}" + (f" {'MAE vs truth':>13} {'degr.':>9}" if has_truth else "")
             + f" {'s':>6}  pareto kept")
     lines = [head]
-    for r in doc["points"] + doc["uniform"]:
+    for r in rows:
         label = f"{r['target']:.2f}x" if r["target"] is not None else "-"
         obj = r["objective"] if r["kind"] == "tqs" else r["tier"]
-        line = (f"{r['kind']:8s} {label:>7} {obj[:12]:12s} {r['planned_compression']:>7.2f}x "
+        line = (f"{r['kind']:8s} {label:>7} {obj:{width}s} {r['planned_compression']:>7.2f}x "
                 f"{r['on_disk_compression']:>7.2f}x {r['on_disk_bytes']:>8,} {r['mae_vs_fp32']:>12.4g} "
                 f"{r['rmse_vs_fp32']:>10.4g}")
         if has_truth:

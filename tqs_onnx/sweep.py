@@ -31,7 +31,7 @@ from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
 from tqs_onnx.replay import Replay, replay_mode, replay_skipped
 from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
-from tqs_onnx.rounding import Rounding, input_moments
+from tqs_onnx.rounding import ROUNDING_VERSION, Rounding, input_moments
 from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session, setting
 from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
 from tqs_onnx.util import first_line, progress
@@ -534,10 +534,18 @@ class Checkpoint:
 def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, config: SweepConfig) -> str:
     h = hashlib.sha256()
     h.update(loaded.sha256.encode())
-    h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     h.update(divergence_mode().encode())  # the two engines round differently on the CPU (float32 / float64)
     h.update(PASSES_VERSION.encode())
+    h.update(ROUNDING_VERSION.encode())
+    h.update(contexts_digest(spec, contexts).encode())
+    return h.hexdigest()
+
+
+def contexts_digest(spec: RolloutSpec, contexts: Contexts) -> str:
+    """sha256 of the rollout spec and the contexts' arrays: which rollouts a sweep measured."""
+    h = hashlib.sha256()
+    h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
     for k in sorted(contexts.arrays):
         h.update(k.encode())
         h.update(np.ascontiguousarray(contexts.arrays[k]).tobytes())
@@ -601,6 +609,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
         "model": {**model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
                   "opset_graph_delta": {str(k): v for k, v in setup.opset_deltas.items()}},
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
+        "contexts_sha256": contexts_digest(spec, setup.rollout.contexts),
         "horizon": setup.horizon, "device": device.kind,
         "weights": {w.name: weight_entry(w) for w in quantizable},
         "blocks": [asdict(s) for s in scores],
@@ -637,6 +646,11 @@ def setup_for_scores(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts,
     """A sweep setup whose blocks are those of an earlier sweep (same model, same grouping)."""
     if scores["model"]["sha256"] != loaded.sha256:
         raise TqsError(f"{loaded.path}: not the model these scores were computed on (sha256 differs)")
+    swept = scores.get("contexts_sha256")
+    if swept and any(parse_tier(t).gptq for t in scores["config"].get("tiers") or []) \
+            and swept != contexts_digest(spec, contexts):
+        raise TqsError("not the sweep's rollout spec and contexts (sha256 differs): the /gptq tiers' integers "
+                       "must come from the rollouts the sweep measured; pass the sweep's --rollout and --contexts")
     raw = {k: v for k, v in scores["config"].items() if k in SweepConfig.__dataclass_fields__}
     return prepare(loaded, spec, contexts, device, SweepConfig(**raw))
 
