@@ -288,3 +288,40 @@ def test_gptq_codes_come_only_from_the_sweep_contexts(gptq_case, tmp_path, capsy
                  "--verify-model", str(paths["model"]), "--rollout", str(paths["spec"]),
                  "--contexts", str(other["contexts"])]) == 2
     assert "sweep's --rollout and --contexts" in capsys.readouterr().err
+
+
+def test_the_demo_writes_plans_that_apply_reproduces(tmp_path):
+    """The demo's /gptq plans keep their codes beside them: `apply` of a saved plan gives its model."""
+    from tqs_onnx.demo import DEMO, demo_files, run_demo
+
+    out = tmp_path / "demo"
+    run_demo(out, quiet=True)
+    plan = json.loads((out / "plan-tqs-measured.json").read_text())
+    assert any(parse_tier(t).gptq for t in plan["weights"].values()) and codes_path(out / "plan-tqs-measured.json").is_file()
+    assert main(["apply", str(demo_files()["model"]), str(out / "plan-tqs-measured.json"), "-o",
+                 str(tmp_path / "again.onnx"), "--quiet"]) == 0
+    assert (tmp_path / "again.onnx").read_bytes() == (out / f"{DEMO}.tqs-measured.onnx").read_bytes()
+
+
+def test_pareto_writes_gptq_plans_with_their_codes(gptq_case, tmp_path):
+    paths, scores = gptq_case
+    out = tmp_path / "frontier"
+    assert main(["pareto", str(paths["model"]), str(scores), "--rollout", str(paths["spec"]), "--contexts",
+                 str(paths["contexts"]), "--targets", "3:6", "--points", "2", "-o", str(out), "--quiet",
+                 "--max-rollouts", "4"]) == 0
+    doc = json.loads((out / "frontier.json").read_text())
+    gptq_rows = [r for r in doc["points"] + doc["uniform"] if any("gptq" in t for t in r["tiers"])]
+    assert gptq_rows
+    original = {i.name: numpy_helper.to_array(i) for i in onnx.load(paths["model"]).graph.initializer}
+    blocks = [b["weights"] for b in json.loads(scores.read_text())["blocks"]]
+    checked = 0
+    for r in gptq_rows:  # the written integers are not round-to-nearest where a weight is at a /gptq tier
+        written = {i.name: numpy_helper.to_array(i) for i in onnx.load(out / r["model"]).graph.initializer}
+        for names, text in zip(blocks, r["tiers"]):
+            t = parse_tier(text)
+            for name in names:
+                if t.gptq and t.granularity == "channel":
+                    rtn, _ = quantize(original[name], t, 1)
+                    assert not np.array_equal(written[stored_names(name)[0]].astype(np.int8), rtn.astype(np.int8))
+                    checked += 1
+    assert checked
