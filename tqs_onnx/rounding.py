@@ -5,9 +5,10 @@ A `/gptq` tier stores what its plain tier stores (same integer grid, same scales
 weight's absolute max as round-to-nearest does); only the integers differ. For a weight W read as the
 B input of MatMul/Gemm nodes, as the kernel of Conv nodes (one group) or as W or R of a forward
 LSTM, H = sum over the sweep contexts' nominal rollouts of X^T X, X the rows those nodes multiply it
-by (a Conv's: its input's windows; an LSTM's R: its previous hidden states). The integers are chosen input row after input row (largest diag(H) first),
-each row rounded to nearest and its error spread over the rows not yet rounded through H's inverse
-Cholesky factor (Frantar et al., "GPTQ", 2022), which lowers ||X (W - W_q)||^2 against plain rounding.
+by (a Conv's: its input's windows; an LSTM's R: its previous hidden states). The integers are chosen
+input row after input row (largest diag(H) first), each row rounded to nearest and its error spread
+over the rows not yet rounded through H's inverse Cholesky factor (Frantar et al., "GPTQ", 2022),
+which lowers ||X (W - W_q)||^2 against plain rounding.
 No gradients and no data beyond the sweep's own contexts: X comes from rolling out the FP32 model.
 
 A weight with no such statistics (read by any other op, or never reached) rounds to nearest. The codes
@@ -35,7 +36,7 @@ from tqs_onnx.tiers import Tier
 from tqs_onnx.util import atomic_write
 
 ROUNDING_VERSION = "gptq1"  # changed whenever the codes may change (a sweep checkpoint records it)
-DAMP = 0.01  # H += DAMP * mean(diag H) * I: keeps the inverse stable where inputs are nearly collinear
+DAMP = 0.01  # H += DAMP * mean(live diag H) * I: keeps the inverse stable where inputs are nearly collinear
 CODES_SUFFIX = ".codes.npz"
 CHUNK_BYTES = 1 << 30  # activations one statistics rollout returns per step, at most (estimated)
 
@@ -124,6 +125,7 @@ def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[Reader]]
 
 
 def _reader(node: onnx.NodeProto, index: int, shape: tuple) -> Reader | None:
+    """How `node` multiplies its input `index` (a weight of `shape`) by activations; None: it does not."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "MatMul" and index == 1 and len(shape) == 2:
         return Reader((node.input[0],), 0)
