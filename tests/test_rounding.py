@@ -166,8 +166,9 @@ def test_gptq_rounds_a_conv_kernel_along_its_flattened_inputs():
     assert err(codes) < 0.8 * err(q_rtn)
 
 
-def test_an_lstm_recurrent_weight_multiplies_the_previous_hidden_states():
-    """R's rows are initial_h, then Y[0..T-2]: the h_{t-1} of every step (onnx's reference LSTM)."""
+@pytest.mark.parametrize("op,gates,attrs", [("LSTM", 4, {}), ("GRU", 3, {"linear_before_reset": 1}), ("RNN", 1, {})])
+def test_a_recurrent_weight_multiplies_the_previous_hidden_states(op, gates, attrs):
+    """R's rows are initial_h, then Y[0..T-2]: the h_{t-1} of every step (onnx's reference op)."""
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
@@ -178,8 +179,8 @@ def test_an_lstm_recurrent_weight_multiplies_the_previous_hidden_states():
     seq, batch, inp, hid = 5, 2, 3, 4
     x = r.standard_normal((seq, batch, inp)).astype(np.float32)
     h0 = r.standard_normal((1, batch, hid)).astype(np.float32)
-    w, rr = (r.standard_normal((1, 4 * hid, n)).astype(np.float32) for n in (inp, hid))
-    node = helper.make_node("LSTM", ["x", "W", "R", "", "", "h0"], ["Y"], hidden_size=hid)
+    w, rr = (r.standard_normal((1, gates * hid, n)).astype(np.float32) for n in (inp, hid))
+    node = helper.make_node(op, ["x", "W", "R", "", "", "h0"], ["Y"], hidden_size=hid, **attrs)
     y = ReferenceEvaluator(node).run(None, {"x": x, "W": w, "R": rr, "h0": h0})[0]
     m = tiny_model([node], [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rr, "R")],
                    [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(v.shape)) for n, v in
@@ -194,6 +195,11 @@ def test_an_lstm_recurrent_weight_multiplies_the_previous_hidden_states():
     np.testing.assert_array_equal(rows[batch:], y[:-1].reshape(-1, hid))
     codes = gptq_codes(rr, InputMoments(rows.T @ rows, 2), parse_tier("int4/channel/gptq"), 1, 2)
     assert codes.shape == rr.shape
+    # a GRU without linear_before_reset multiplies part of R by r * h_{t-1}: R gets no statistics
+    if op == "GRU":
+        attributes = m.graph.node[0].attribute
+        del attributes[[a.name for a in attributes].index("linear_before_reset")]
+        assert set(_readers(m, {"W", "R"})) == {"W"}
 
 
 def test_statistics_gathered_in_several_rollouts_equal_those_of_one(monkeypatch):

@@ -4,8 +4,9 @@ model itself sees along its nominal rollouts.
 A `/gptq` tier stores what its plain tier stores (same integer grid, same scales, computed from the
 weight's absolute max as round-to-nearest does); only the integers differ. For a weight W read as the
 B input of MatMul/Gemm nodes, as the kernel of Conv nodes (one group) or as W or R of a forward
-LSTM, H = sum over the sweep contexts' nominal rollouts of X^T X, X the rows those nodes multiply it
-by (a Conv's: its input's windows; an LSTM's R: its previous hidden states). The integers are chosen
+LSTM/GRU/RNN, H = sum over the sweep contexts' nominal rollouts of X^T X, X the rows those nodes
+multiply it by (a Conv's: its input's windows; a recurrent R: the previous hidden states). The
+integers are chosen
 input row after input row (largest diag(H) first), each row rounded to nearest and its error spread
 over the rows not yet rounded through H's inverse Cholesky factor (Frantar et al., "GPTQ", 2022),
 which lowers ||X (W - W_q)||^2 against plain rounding.
@@ -73,10 +74,10 @@ class Reader:
     """One node that multiplies a weight by activations: how to turn them into the weight's input rows."""
 
     activations: tuple[str, ...]
-    input_axis: int  # 0: a (K, N) matrix; else the axes before it are outputs, from it inputs (Conv 1, LSTM 2)
+    input_axis: int  # 0: a (K, N) matrix; else the axes before it are outputs, from it inputs (Conv 1, RNNs 2)
     trans_a: bool = False  # Gemm(transA=1): the activation is (K, M)
     conv: tuple | None = None  # Conv: (kernel shape, pads, strides, dilations)
-    recurrent: bool = False  # LSTM R: the previous hidden states, initial_h then Y[:-1]
+    recurrent: bool = False  # LSTM/GRU/RNN R: the previous hidden states, initial_h then Y[:-1]
 
     def rows(self, values: list[np.ndarray | None]) -> np.ndarray:
         """The activations as rows of the weight's flattened inputs, float64."""
@@ -105,7 +106,8 @@ def _patches(x: np.ndarray, kernel: tuple, pads: tuple, strides: tuple, dilation
 
 def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[Reader]]:
     """weight -> the main-graph nodes that multiply it by activations: MatMul/Gemm reading it as B, Conv
-    (one group, explicit pads) as its kernel, a forward time-major LSTM as W or R. A weight read by
+    (one group, explicit pads) as its kernel, a forward time-major LSTM/RNN as W or R, a GRU as W (and
+    as R with linear_before_reset). A weight read by
     anything else (as A, by another op, inside a subgraph), or along different input axes, gets no
     entry: it rounds to nearest."""
     dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
@@ -138,13 +140,14 @@ def _reader(node: onnx.NodeProto, index: int, shape: tuple) -> Reader | None:
         return Reader((node.input[0],), 1, conv=(kernel, tuple(attrs.get("pads", [0] * 2 * r)),
                                                  tuple(attrs.get("strides", [1] * r)),
                                                  tuple(attrs.get("dilations", [1] * r))))
-    # one forward LSTM, time-major: W multiplies x_t, R the previous hidden state (from Y and initial_h)
-    if node.op_type == "LSTM" and index in (1, 2) and len(shape) == 3 and shape[0] == 1 \
+    # one forward recurrent op, time-major: W multiplies x_t, R the previous hidden state (from Y and
+    # initial_h); a GRU's R only with linear_before_reset (else its third gate multiplies r * h_{t-1})
+    if node.op_type in ("LSTM", "GRU", "RNN") and index in (1, 2) and len(shape) == 3 and shape[0] == 1 \
             and attrs.get("direction", b"forward") in (b"forward", "forward") and not attrs.get("layout", 0):
         if index == 1:
             return Reader((node.input[0],), 2)
         initial = node.input[5] if len(node.input) > 5 and node.input[5] else ""
-        if node.output and node.output[0]:
+        if node.output and node.output[0] and (node.op_type != "GRU" or attrs.get("linear_before_reset", 0)):
             return Reader((node.output[0], initial), 2, recurrent=True)
     return None
 
@@ -211,13 +214,13 @@ def gptq_codes(w: np.ndarray, moments: InputMoments, tier: Tier, channel_axis: i
                block_axis: int | None) -> np.ndarray:
     """Integers (int8, w's layout) on `tier`'s grid with its round-to-nearest scales, rounded GPTQ's way."""
     if w.ndim < 2 or tier.is_sign or not tier.is_int or (w.ndim > 2 and not moments.input_axis):
-        raise TqsError(f"/gptq rounds matrices, Conv kernels and LSTM weights on int8/int6/int4/int2 grids only "
+        raise TqsError(f"/gptq rounds matrices, Conv kernels and recurrent weights on int8/int6/int4/int2 grids only "
                        f"(got {tier}, shape {list(w.shape)})")
     shape = w.shape
     outputs = math.prod(shape[:moments.input_axis]) if moments.input_axis else shape[0]
     s = broadcast_scales(w, tier, channel_axis, block_axis).astype(np.float64).reshape(outputs, -1)
     w = w.reshape(outputs, -1)
-    if moments.input_axis:  # (N, K), a Conv kernel (O, C * k...) or an LSTM's (1 * 4H, K): inputs along axis 1
+    if moments.input_axis:  # (N, K), a Conv kernel (O, C * k...) or a recurrent (1 * gates, K): inputs along axis 1
         w, s = w.T, s.T
     order, u = moments.factor()
     work, s = w.astype(np.float64)[order], s[order]
