@@ -172,16 +172,12 @@ def cmd_allocate(a: argparse.Namespace) -> int:
         alloc = refinement.allocation
     plan = plan_document(scores, problem, alloc)
     if any(parse_tier(t).gptq for t in plan["weights"].values()):
-        from tqs_onnx.rounding import save_codes
-        from tqs_onnx.sweep import plan_codes
+        from tqs_onnx.sweep import write_plan_codes
 
         if setup is None:
             raise TqsError("the plan puts weights at /gptq tiers, whose integers come from the sweep contexts' "
                            "rollouts: pass --verify-model, --rollout and --contexts")
-        if setup.rounding is None:
-            raise TqsError(f"{a.scores}: the sweep measured no /gptq tier, so it gathered no statistics for "
-                           "them: sweep with /gptq tiers (they are default tiers) or plan without them")
-        plan["rounding"] = save_codes(plan_codes(setup, plan["weights"]), a.output, sorted(setup.rounding.moments))
+        write_plan_codes(setup, plan, a.output)
     if refinement is not None:
         plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
                                 "diverged_contexts": getattr(refinement.joint, "diverged", 0),

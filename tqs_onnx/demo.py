@@ -18,8 +18,7 @@ from tqs_onnx.refine import is_baseline, rank_key, refine, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
-from tqs_onnx.rounding import save_codes
-from tqs_onnx.sweep import SweepConfig, joint_divergence, plan_codes, run_sweep, setup_for_scores
+from tqs_onnx.sweep import SweepConfig, joint_divergence, run_sweep, setup_for_scores, write_plan_codes
 from tqs_onnx.summary import format_inspect, inspect_model
 from tqs_onnx.tiers import parse_tier, parse_tiers
 from tqs_onnx.util import atomic_write_json
@@ -65,11 +64,9 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     if uniform is not None:
         name, assign = uniform
         plans[f"uniform-{name.replace('/', '-')}"] = plan_document(scores, problem, Allocation(assign, "uniform", name))
-    codes = {name: plan_codes(setup, plan["weights"]) for name, plan in plans.items()}
-    for name, plan in plans.items():
-        if any(parse_tier(t).gptq for t in plan["weights"].values()):  # beside the plan, as `allocate` does
-            plan["rounding"] = save_codes(codes[name], out / f"plan-{name}.json",
-                                          sorted(setup.rounding.moments) if setup.rounding else [])
+    codes = {}
+    for name, plan in plans.items():  # /gptq integers beside each plan, as `allocate` writes them
+        codes[name] = write_plan_codes(setup, plan, out / f"plan-{name}.json")
         atomic_write_json(out / f"plan-{name}.json", plan)
     _say(quiet, f"== 3. allocate at {compression:g}x (measured objective, joint check, "
          f"{refined.rollouts} joint rollouts)\n{format_plan(plans['tqs-measured'])}\n")

@@ -110,8 +110,8 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
 
 
 def is_baseline(tier: Tier) -> bool:
-    """A uniform plan at this tier is a baseline: plain round-to-nearest (not /mse, not /gptq) with fp32 scales, or a float
-    tier. (When no such plan fits, every uniform plan is one.)"""
+    """A uniform plan at this tier is a baseline: plain round-to-nearest (not /mse, not /gptq) with fp32
+    scales, or a float tier. (When no such plan fits, every uniform plan is one.)"""
     return not tier.mse and not tier.gptq and tier.scale_fmt == "fp32"
 
 

@@ -81,7 +81,7 @@ class Reader:
 
     def rows(self, values: list[np.ndarray | None]) -> np.ndarray:
         """The activations as rows of the weight's flattened inputs, float64."""
-        x = np.asarray(values[0], dtype=np.float64) if values[0] is not None else None
+        x = np.asarray(values[0], dtype=np.float64)
         if self.conv is not None:
             return _patches(x, *self.conv)
         if self.recurrent:  # values: Y (seq, 1, batch, H), initial_h (1, batch, H) or None
@@ -163,11 +163,14 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     inputs' shapes in the contexts), the rollouts are repeated, each returning a share of them."""
     readers = _readers(model, set(weights))
     sums: dict[str, InputMoments] = {}
-    for chunk in _chunks(model, readers, chunk_bytes, input_shapes or {}):
+    chunks = _chunks(model, readers, chunk_bytes, input_shapes or {})
+    probe = onnx.ModelProto()
+    if chunks:
+        probe.CopyFrom(model)  # once: each rollout only changes its extra outputs
+    present = {o.name for o in model.graph.output}
+    for chunk in chunks:
         elem = {a: weights[w] for w, r in chunk for a in r.activations if a}
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        present = {o.name for o in probe.graph.output}
+        del probe.graph.output[len(model.graph.output):]
         probe.graph.output.extend(helper.make_tensor_value_info(a, t, None) for a, t in elem.items() if a not in present)
         for step in rollout_factory(probe, sorted(elem)):
             for w, r in chunk:

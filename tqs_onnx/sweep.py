@@ -6,6 +6,7 @@ a probe rebinds only its block's tensors. Nominal trajectories are computed once
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
 from tqs_onnx.replay import Replay, replay_mode, replay_skipped
 from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
-from tqs_onnx.rounding import ROUNDING_VERSION, Rounding, input_moments
+from tqs_onnx.rounding import ROUNDING_VERSION, Rounding, input_moments, save_codes
 from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session, setting
 from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
 from tqs_onnx.util import first_line, progress
@@ -132,6 +133,11 @@ class SweepSetup:
     replay: Replay | None = None  # probes replayed on fixed buffers (None: the step loop)
     replay_note: str = ""  # why there is no replay, or why it stopped
     rounding: Rounding | None = None  # /gptq tiers' input statistics and codes (None: no such tier swept)
+
+    @functools.cached_property
+    def axes(self) -> dict[str, tuple[int | None, int | None]]:
+        """(channel axis, block axis) of every weight, as the tiers quantize it."""
+        return {w.name: (w.channel_axis, w.block_axis) for w in self.weights}
 
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -237,13 +243,12 @@ def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, An
     """The weights `names` at `tier` as the written graph computes with them (device values). A /gptq
     tier's integers come from the setup's rounding, on the host; a weight without statistics rounds
     to nearest."""
-    axes = {w.name: (w.channel_axis, w.block_axis) for w in setup.weights if w.name in names}
+    axes = setup.axes
     if tier.gptq and setup.rounding is None:
         raise TqsError(f"tier {tier}: this sweep setup gathered no /gptq statistics (its sweep measured no "
                        "/gptq tier)")
     out = {}
     for n in names:
-        codes = None
         if tier.gptq and n in setup.rounding.moments:
             host = setup.bound[n].numpy()
             codes = setup.rounding.codes_for(n, host, tier, *axes[n])
@@ -255,12 +260,28 @@ def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, An
 
 def plan_codes(setup: SweepSetup, weights: dict[str, str]) -> dict[tuple[str, str], np.ndarray]:
     """The /gptq codes a plan's weights (name -> tier text) are written with: what its joint check used."""
+    if setup.rounding is None:
+        return {}
+    axes = setup.axes
     codes = {}
     for name, text in weights.items():
         tier = parse_tier(text)
-        if tier.gptq and setup.rounding is not None and name in setup.rounding.moments:
-            tier_values(setup, [name], tier.base)  # computes (and keeps) the codes if not yet done
-            codes[(name, str(tier.base))] = setup.rounding.codes[(name, str(tier.base))]
+        if tier.gptq and name in setup.rounding.moments:
+            codes[(name, str(tier.base))] = setup.rounding.codes_for(name, setup.bound[name].numpy(), tier,
+                                                                     *axes[name])
+    return codes
+
+
+def write_plan_codes(setup: SweepSetup, plan: dict[str, Any], plan_path: str | os.PathLike,
+                     ) -> dict[tuple[str, str], np.ndarray]:
+    """The plan's /gptq codes (`plan_codes`); where it puts weights at /gptq tiers they are also written
+    beside `plan_path` (rounding.save_codes) and named in plan['rounding'], for `apply` to read."""
+    codes = plan_codes(setup, plan["weights"])
+    if any(parse_tier(t).gptq for t in plan["weights"].values()):
+        if setup.rounding is None:
+            raise TqsError("the sweep measured no /gptq tier, so it gathered no statistics for them: sweep "
+                           "with /gptq tiers (they are default tiers) or plan without them")
+        plan["rounding"] = save_codes(codes, plan_path, sorted(setup.rounding.moments))
     return codes
 
 
