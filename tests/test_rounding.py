@@ -13,7 +13,7 @@ from tests.tiny import recurrent_contexts, recurrent_mlp, recurrent_spec, save_c
 from tqs_onnx.cli import main
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import rollouts
-from tqs_onnx.quant import dequantize, quantize
+from tqs_onnx.quant import broadcast_scales, dequantize, quantize
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.rounding import InputMoments, codes_path, gptq_codes
 from tqs_onnx.runtime import resolve_device
@@ -331,3 +331,23 @@ def test_pareto_writes_gptq_plans_with_their_codes(gptq_case, tmp_path):
                     assert not np.array_equal(written[stored_names(name)[0]].astype(np.int8), rtn.astype(np.int8))
                     checked += 1
     assert checked
+
+
+def test_lazy_batches_give_the_codes_of_row_by_row_updates():
+    """GPTQ's batched updates are the row-by-row algorithm regrouped: the same codes over several batches."""
+    from tqs_onnx import rounding
+    rng = np.random.default_rng(5)
+    k, n = 2 * rounding.LAZY_BATCH + 37, 24
+    x = rng.normal(size=(4 * k, k)) @ rng.normal(size=(k, k)) * 0.1
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    moments = InputMoments(x.T @ x, 0)
+    tier = parse_tier("int4/channel/gptq")
+    s = broadcast_scales(w, tier, 1, None).astype(np.float64)
+    order, u = moments.factor()
+    work, sc, q = w.astype(np.float64)[order], s[order], np.zeros((k, n), np.int8)
+    for r in range(k):  # the algorithm as published, one row at a time
+        q[r] = np.clip(np.rint(work[r] / sc[r]), -tier.qmax, tier.qmax)
+        work[r + 1:] -= np.outer(u[r, r + 1:], (work[r] - q[r] * sc[r]) / u[r, r])
+    expected = np.empty_like(q)
+    expected[order] = q
+    assert np.array_equal(gptq_codes(w, moments, tier, 1, None), expected)
