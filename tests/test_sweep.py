@@ -246,6 +246,7 @@ def test_unknown_engine_settings_are_one_line_errors(monkeypatch):
 def test_auto_blocks_split_a_single_layer_into_its_tensors():
     """`auto` grouping: layer blocks, but a model whose weights form one layer (one LSTM op: W, R, B)
     gets a block per tensor, so the knapsack has something to choose; two layers stay two blocks."""
+    import onnx
     from onnx import TensorProto, helper
 
     from tiny import init, model
@@ -280,6 +281,7 @@ def test_block_weight_order_does_not_depend_on_string_hashing(tmp_path):
     import subprocess
     import sys
 
+    import onnx
     import onnx
     from onnx import TensorProto, helper
 
@@ -320,3 +322,27 @@ def test_output_buffers_reused_across_steps_give_the_same_scores(tmp_path, monke
         docs[mode] = sweep(paths, tiers=["int8", "int4/channel"])
     assert docs["on"]["blocks"] == docs["off"]["blocks"] and docs["on"]["forward_passes"] == docs["off"]["forward_passes"]
     assert any(b["quant"]["divergence"] > 0 for b in docs["on"]["blocks"])
+
+
+def test_flop_floor_counts_the_multiply_adds_of_matmul_and_conv(tmp_path):
+    """tools/flop_floor.py: (5x3)(3x4) is 60 multiply-adds, a 3x3 Conv 2->4 channels on 6x6 is 64 x 18."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    import onnx
+    from onnx import TensorProto, helper
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"]), helper.make_node("Conv", ["x", "w"], ["z"])], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [5, 3]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [helper.make_tensor("b", TensorProto.FLOAT, [3, 4], [0.0] * 12),
+         helper.make_tensor("w", TensorProto.FLOAT, [4, 2, 3, 3], [0.0] * 72)])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    tool = Path(__file__).resolve().parents[1] / "tools" / "flop_floor.py"
+    out = subprocess.run([sys.executable, str(tool), str(path), "--passes", "1000", "--peak-tflops", "1e-6"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "2424 FLOP per forward pass (Conv 2304 FLOP, MatMul 120 FLOP)" in out
+    assert "floor at 1e-06 TFLOPS: 2.4 ms per forward pass" in out and "at least 0.0 min" in out

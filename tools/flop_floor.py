@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""The arithmetic floor of a sweep: a model's multiply-adds per forward pass (MatMul, Gemm, Conv, from
+onnx's shape inference without loading the weights' data), and the least time a sweep of a given
+number of forward passes can take at a device's peak rate.
+
+    python tools/flop_floor.py MODEL.onnx [--passes N] [--peak-tflops 67] [--pass-seconds S]
+
+--peak-tflops: the device's dense float32 rate (H100 SXM 67, H100 PCIe 51, without tensor cores:
+the sweep runs in full float32, see the README). --pass-seconds: a measured forward pass, to print how
+far it is from the floor. Nodes whose shapes inference cannot give are counted and named as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from tqs_onnx.graph import infer_value_shapes
+from one_line_errors import run  # tools/: a user's error is one line, exit 2
+
+
+def macs(model: onnx.ModelProto) -> tuple[int, dict[str, int], list[str]]:
+    """Multiply-adds of the main graph's MatMul/Gemm/Conv nodes, per op type, and nodes left uncounted."""
+    shapes = infer_value_shapes(model)
+    known = lambda n: n in shapes and all(isinstance(d, int) and d > 0 for d in shapes[n])  # noqa: E731
+    per_op: dict[str, int] = {}
+    missing = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
+            continue
+        a, b, y = node.input[0], node.input[1], node.output[0]
+        if not (known(a) and known(b) and known(y)):
+            missing.append(node.name or y)
+            continue
+        out = math.prod(shapes[y])
+        if node.op_type == "Conv":  # every output element: in-channels per group x kernel
+            k = math.prod(shapes[b][1:])
+        elif node.op_type == "Gemm":
+            trans_a = any(at.name == "transA" and helper.get_attribute_value(at) for at in node.attribute)
+            k = shapes[a][0] if trans_a else shapes[a][-1]
+        else:
+            k = shapes[a][-1]
+        per_op[node.op_type] = per_op.get(node.op_type, 0) + out * k
+    return sum(per_op.values()), per_op, missing
+
+
+def _flop(n: float) -> str:
+    for unit, size in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:.3f} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s >= 1e-3 else f"{s * 1e6:.2f} us"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--passes", type=int, help="forward passes of the sweep")
+    ap.add_argument("--peak-tflops", type=float, default=67.0, help="dense float32 rate of the device")
+    ap.add_argument("--pass-seconds", type=float, help="a measured forward pass, seconds")
+    a = ap.parse_args()
+    model = onnx.load(str(a.model), load_external_data=False)
+    total, per_op, missing = macs(model)
+    flop = 2 * total
+    floor = flop / (a.peak_tflops * 1e12)
+    print(f"{a.model.name}: {_flop(flop)} per forward pass ("
+          + ", ".join(f"{op} {_flop(2 * n)}" for op, n in sorted(per_op.items())) + ")")
+    if missing:
+        print(f"  not counted (shapes unknown): {len(missing)} nodes, e.g. {', '.join(missing[:3])}")
+    print(f"  floor at {a.peak_tflops:g} TFLOPS: {_ms(floor)} per forward pass")
+    if a.pass_seconds:
+        print(f"  measured {_ms(a.pass_seconds)} per pass: {a.pass_seconds / floor:.2f}x the floor, "
+              f"{flop / a.pass_seconds / 1e12:.1f} TFLOPS achieved")
+    if a.passes:
+        print(f"  {a.passes:,} forward passes: at least {a.passes * floor / 60:.1f} min at the peak rate"
+              + (f"; {a.passes * a.pass_seconds / 60:.1f} min at the measured pass" if a.pass_seconds else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
