@@ -212,3 +212,31 @@ def test_tier_parsing_and_storage():
         parse_tier("int1/mse")
     with pytest.raises(TqsError, match="mse applies to"):
         Tier("int1", mse=True)
+
+
+def test_the_papers_plan_is_a_challenger_in_the_joint_check():
+    """Where the paper's Algorithm 2 (its own tiers, on the same gammas) does better in joint rollouts than
+    the knapsack's plan and every uniform plan, refine starts from it; it costs one rollout per plan."""
+    from tqs_onnx.refine import paper_plans
+
+    tiers = "fp32,bf16,int8,int4,int2,int8/channel,int4/channel"
+    dmg = {i: {t: 1.0 for t in tiers.split(",")[1:]} for i in range(3)}
+    p = _problem([5.0, 0.1, 0.0], [1000, 1000, 1000], tiers, target=4.0, damage=dmg)
+    alloc = allocate_measured(p, "mckp")
+    papers = paper_plans(p)
+    assert papers and all(p.fits(a) and all(str(p.tiers[k]) in "fp32,bf16,int8,int4,int2".split(",") for k in a)
+                          for a in papers.values())
+    label, chosen = next(iter(papers.items()))
+    assert chosen != alloc.assign
+    seen = []
+
+    def joint(assign):
+        seen.append(list(assign))
+        return 0.1 if assign == chosen else 1.0 + sum(assign) * 1e-3
+
+    r = refine(p, alloc, joint, max_rollouts=40)
+    assert r.start == label and r.joint == pytest.approx(0.1) and r.allocation.assign == chosen
+    assert any(f"{label} beat the knapsack allocation" in n for n in r.allocation.notes)
+    assert chosen in seen and p.bytes_of(r.allocation.assign) <= p.budget
+    # without the paper's tiers there is no such challenger
+    assert paper_plans(_problem([1.0, 0.5], [1000, 1000], "fp32,int8/channel,int4/channel")) == {}

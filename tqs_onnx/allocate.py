@@ -250,6 +250,9 @@ def _cheapest(costs: list[int]) -> int:
     return min(range(len(costs)), key=lambda k: costs[k])
 
 
+GAMMA_MIN = -50.0  # Algorithm 2's dead-block threshold on gamma (the --gamma-min default)
+
+
 def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float) -> Allocation:
     """Algorithm 2 of the paper, step by step (budgets in true bytes)."""
     n = len(p.blocks)
@@ -375,7 +378,7 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
 
 def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = None,
              objective: str = "measured", solver: str = "mckp", fp32_share: float = 0.0,
-             probe: str = "quant", gamma_min: float = -50.0, decode: str = "auto",
+             probe: str = "quant", gamma_min: float = GAMMA_MIN, decode: str = "auto",
              gptq: bool = True) -> tuple[Problem, Allocation]:
     """Build the problem from a scores document and solve it with the chosen objective.
 

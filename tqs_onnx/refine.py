@@ -19,12 +19,13 @@ INT4 size: 1.26 vs 1.29 on 3 sweep contexts, worse on 6 of 8 evaluation contexts
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
-from tqs_onnx.allocate import Allocation, Problem
+from tqs_onnx.allocate import GAMMA_MIN, Allocation, Problem, allocate_paper
+from tqs_onnx.errors import TqsError
 from tqs_onnx.tiers import Tier, parse_tier
 
 JointFn = Callable[[list[int]], float]
@@ -115,8 +116,33 @@ def is_baseline(tier: Tier) -> bool:
     return not tier.mse and not tier.gptq and tier.scale_fmt == "fp32"
 
 
+PAPER_TIERS = ("fp32", "bf16", "int8", "int4", "int2")  # Algorithm 2's tiers (allocate.default_tiers)
+
+
+def paper_plans(p: Problem) -> dict[str, list[int]]:
+    """The paper's Algorithm 2 (MCKP and greedy, on the problem's gammas, FP32 share 0) over its own tiers,
+    as assignments into `p`'s tiers: challengers in the joint check, so the measured objective's
+    result is never worse on the sweep contexts than the paper's allocator of the same size either.
+    Empty where `p` lacks those tiers or the paper's plan does not fit."""
+    names = [str(t) for t in p.tiers]
+    if not all(t in names for t in PAPER_TIERS):
+        return {}
+    idx = [names.index(t) for t in PAPER_TIERS]
+    sub = replace(p, tiers=[p.tiers[k] for k in idx], costs=[[c[k] for k in idx] for c in p.costs])
+    out: dict[str, list[int]] = {}
+    for solver in ("mckp", "greedy"):
+        try:
+            assign = [idx[k] for k in allocate_paper(sub, solver, 0.0, GAMMA_MIN).assign]
+        except TqsError:  # the paper's tiers cannot reach this budget
+            continue
+        if p.fits(assign) and assign not in out.values():
+            out[f"paper Alg. 2 ({solver})"] = assign
+    return out
+
+
 def _start(p: Problem, own_assign: list[int], own: float, fits: dict[str, list[int]],
-           uniform: dict[str, float], margin: float) -> tuple[list[int], float, str]:
+           uniform: dict[str, float], margin: float,
+           others: list[tuple[float, list[int], str]] = ()) -> tuple[list[int], float, str]:
     """The local search's start: the best uniform plain round-to-nearest plan (fp32 scales, not
     clipped: the baseline a user compares against), unless the knapsack's plan or another uniform plan
     (`/mse` clipped scales, `/fp16` scales) beats it by `margin`.
@@ -129,6 +155,7 @@ def _start(p: Problem, own_assign: list[int], own: float, fits: dict[str, list[i
     baseline = {n: d for n, d in uniform.items() if is_baseline(parse_tier(n))} or dict(uniform)
     challengers = [(own, list(own_assign), "allocator")]
     challengers += [(d, fits[n], f"uniform {n}") for n, d in uniform.items() if n not in baseline]
+    challengers += list(others)
     challengers.sort(key=lambda c: rank_key(c[0]))
     if not baseline:  # no uniform plan fits
         return list(own_assign), own, "allocator"
@@ -158,7 +185,10 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30
     own = run(alloc.assign)
     fits = uniform_assignments(p)
     uniform = {name: run(assign) for name, assign in fits.items()}
-    best, best_d, start = _start(p, alloc.assign, own, fits, uniform, margin)
+    papers = paper_plans(p) if alloc.objective == "measured" else {}
+    others = [(run(assign), assign, label) for label, assign in papers.items()
+              if assign != alloc.assign and assign not in fits.values()]
+    best, best_d, start = _start(p, alloc.assign, own, fits, uniform, margin, others)
     accepted = 0
     improved = True
     while improved and count < max_rollouts:
@@ -177,7 +207,9 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30
                                  f"{count} joint rollouts"]
     if not math.isfinite(best_d):
         notes.append(f"the chosen plan still diverges on the sweep contexts: {describe(best_d)}")
-    if start != "allocator":
+    if start.startswith("uniform"):
         notes.append(f"uniform {start.split(' ', 1)[1]} beat the knapsack allocation on the sweep contexts")
+    elif start != "allocator":
+        notes.append(f"{start} beat the knapsack allocation on the sweep contexts")
     result = Allocation(best, alloc.objective, alloc.solver, notes)
     return Refinement(result, best_d, start, uniform, count, accepted)
