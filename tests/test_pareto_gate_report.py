@@ -368,3 +368,17 @@ def test_scores_and_plans_of_other_graph_passes_are_refused(demo, tmp_path, caps
     argv = ["apply", str(demo["model"]), str(tmp_path / "old-plan.json"), "-o", str(tmp_path / "q.onnx"), "--quiet"]
     assert main(argv) == 2 and "re-run the sweep" in capsys.readouterr().err
     assert main(argv + ["--force"]) == 0
+
+
+def test_a_checkpointed_model_is_identified_with_its_external_data(tmp_path):
+    """Resuming re-uses a written model only if its .onnx and its .onnx.data are the bytes measured:
+    external data altered to the same size no longer passes."""
+    from tqs_onnx.pareto import _model_digest
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"graph")
+    alone = _model_digest(model)
+    Path(f"{model}.data").write_bytes(b"\x00" * 64)
+    with_data = _model_digest(model)
+    Path(f"{model}.data").write_bytes(b"\x01" * 64)
+    assert len({alone, with_data, _model_digest(model)}) == 3

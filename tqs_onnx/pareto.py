@@ -363,7 +363,7 @@ def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False,
             return done[key].get("row")
         row = _skip_on_error(notes, what, work)
         if checkpoint:
-            digest = file_digest(run.out_dir / row["model"]) if row and row.get("model") else None
+            digest = _model_digest(run.out_dir / row["model"]) if row and row.get("model") else None
             checkpoint.append_row({"id": key, "row": row, "sha256": digest,
                                    "skipped": notes[-1] if row is None else None})
         return row
@@ -405,6 +405,12 @@ def frontier_checkpoint(out_dir: Path, loaded: LoadedModel, inputs: list[str | N
     return Checkpoint(out_dir / CHECKPOINT_NAME, h.hexdigest())
 
 
+def _model_digest(path: Path) -> str:
+    """sha256 of a written model, and of its external data file where it has one (model.onnx.data)."""
+    data = Path(f"{path}.data")
+    return file_digest(path) + (f"+{file_digest(data)}" if data.is_file() else "")
+
+
 def _resumable(run: FrontierRun, rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Checkpoint rows still true on disk: a skipped job, or a row whose model has the bytes measured.
     Their models count as written (a later target choosing the same tiers reuses the file)."""
@@ -416,7 +422,7 @@ def _resumable(run: FrontierRun, rows: dict[str, dict[str, Any]]) -> dict[str, d
                 kept[key] = entry
             continue
         path = run.out_dir / str(row.get("model"))
-        if path.is_file() and file_digest(path) == entry.get("sha256") and \
+        if path.is_file() and _model_digest(path) == entry.get("sha256") and \
                 sum(f.stat().st_size for f in (path, Path(f"{path}.data")) if f.is_file()) == row.get("on_disk_bytes"):
             kept[key] = entry
             run.evaluated.setdefault(tuple(row["tiers"]), {k: v for k, v in row.items() if k not in ROW_OWN})
