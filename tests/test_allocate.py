@@ -238,5 +238,6 @@ def test_the_papers_plan_is_a_challenger_in_the_joint_check():
     assert r.start == label and r.joint == pytest.approx(0.1) and r.allocation.assign == chosen
     assert any(f"{label} beat the knapsack allocation" in n for n in r.allocation.notes)
     assert chosen in seen and p.bytes_of(r.allocation.assign) <= p.budget
+    assert r.challengers[label] == pytest.approx(0.1) and r.rollouts == len(seen)
     # without the paper's tiers there is no such challenger
     assert paper_plans(_problem([1.0, 0.5], [1000, 1000], "fp32,int8/channel,int4/channel")) == {}

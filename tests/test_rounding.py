@@ -113,6 +113,8 @@ def test_the_written_gptq_model_holds_the_values_the_joint_check_measured(gptq_c
     a, b = rollouts(paths["model"], spec, ctx, dev), rollouts(tmp_path / "substituted.onnx", spec, ctx, dev)
     joint = float(np.mean(np.sum((a["x_next"] - b["x_next"]).astype(np.float64) ** 2, axis=(1, 2, 3))))
     assert joint == pytest.approx(plan["verification"]["joint_divergence"], rel=1e-4)
+    v = plan["verification"]  # the paper's plans are checked too, and named with their joint divergence
+    assert isinstance(v["challengers"], dict) and isinstance(v["rollouts"], int) and isinstance(v["accepted_moves"], int)
 
 
 def test_gptq_plans_need_the_sweep_contexts_and_their_codes_file(gptq_case, tmp_path, capsys):

@@ -181,7 +181,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     if refinement is not None:
         plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
                                 "diverged_contexts": getattr(refinement.joint, "diverged", 0),
-                                "uniform": refinement.uniform, "rollouts": refinement.rollouts, "margin": a.margin,
+                                "uniform": refinement.uniform, "challengers": refinement.challengers,
+                                "rollouts": refinement.rollouts, "margin": a.margin,
                                 "accepted_moves": refinement.accepted_moves}
     _write_json(a.output, plan)
     if not a.quiet:

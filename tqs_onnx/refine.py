@@ -37,6 +37,7 @@ class Refinement:
     joint: float  # joint divergence of the result on the sweep contexts
     start: str  # 'allocator' or 'uniform <tier>'
     uniform: dict[str, float] = field(default_factory=dict)  # feasible uniform tier -> joint divergence
+    challengers: dict[str, float] = field(default_factory=dict)  # other plans checked (the paper's) -> joint divergence
     rollouts: int = 0
     accepted_moves: int = 0
 
@@ -212,4 +213,5 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30
     elif start != "allocator":
         notes.append(f"{start} beat the knapsack allocation on the sweep contexts")
     result = Allocation(best, alloc.objective, alloc.solver, notes)
-    return Refinement(result, best_d, start, uniform, count, accepted)
+    return Refinement(result, best_d, start, uniform, rollouts=count, accepted_moves=accepted,
+                      challengers={label: d for d, _, label in others})
