@@ -564,13 +564,18 @@ def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, con
 
 
 def contexts_digest(spec: RolloutSpec, contexts: Contexts) -> str:
-    """sha256 of the rollout spec and the contexts' arrays: which rollouts a sweep measured."""
-    h = hashlib.sha256()
-    h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
-    for k in sorted(contexts.arrays):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(contexts.arrays[k]).tobytes())
-    return h.hexdigest()
+    """sha256 of the rollout spec and the contexts' arrays: which rollouts a sweep measured (computed
+    once per spec and contexts object: a sweep's checkpoint and its scores both ask)."""
+    text = json.dumps(spec.to_dict(), sort_keys=True)
+    memo = contexts.__dict__.setdefault("_digests", {})
+    if text not in memo:
+        h = hashlib.sha256()
+        h.update(text.encode())
+        for k in sorted(contexts.arrays):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(contexts.arrays[k]).tobytes())
+        memo[text] = h.hexdigest()
+    return memo[text]
 
 
 def _from_row(row: dict) -> BlockScore:
