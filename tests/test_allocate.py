@@ -241,3 +241,21 @@ def test_the_papers_plan_is_a_challenger_in_the_joint_check():
     assert r.challengers[label] == pytest.approx(0.1) and r.rollouts == len(seen)
     # without the paper's tiers there is no such challenger
     assert paper_plans(_problem([1.0, 0.5], [1000, 1000], "fp32,int8/channel,int4/channel")) == {}
+
+
+def test_a_challenger_must_beat_the_knapsacks_plan_by_the_margin_too():
+    """A plan a hair better than the knapsack's (paired differences within one standard error) does not
+    replace it, however far both are below uniform."""
+    from tqs_onnx.refine import _start
+    from tqs_onnx.sweep import JointDivergence
+
+    tiers = "fp32,int8,int4"
+    p = _problem([0, 0], [1000, 1000], tiers, target=4.0, damage={i: {"int8": 1.0, "int4": 2.0} for i in range(2)})
+    fits = {"int8": [1, 1], "int4": [2, 2]}
+    uniform = {"int8": JointDivergence(np.ones(4)), "int4": JointDivergence(np.full(4, 2.0))}
+    own = JointDivergence(np.full(4, 0.5))
+    noisy = JointDivergence(np.array([0.2, 0.75, 0.3, 0.7]))  # mean 0.4875: -0.0125 +- 0.14 against own
+    clear = JointDivergence(np.full(4, 0.3))
+    assert _start(p, [1, 2], own, fits, uniform, 1.0, [(noisy, [2, 1], "paper Alg. 2 (mckp)")])[2] == "allocator"
+    got = _start(p, [1, 2], own, fits, uniform, 1.0, [(noisy, [2, 1], "a"), (clear, [0, 2], "b")])
+    assert got[2] == "b" and got[0] == [0, 2]

@@ -282,7 +282,6 @@ def test_block_weight_order_does_not_depend_on_string_hashing(tmp_path):
     import sys
 
     import onnx
-    import onnx
     from onnx import TensorProto, helper
 
     from tiny import init, model

@@ -155,7 +155,8 @@ def measured_plan(scores: dict[str, Any], target: float, setup: SweepSetup, max_
     plan = plan_document(scores, problem, refined.allocation)
     plan["codes"] = plan_codes(setup, plan["weights"])
     plan["bench"] = {"start": refined.start, "joint": refined.joint, "joint_rollouts": refined.rollouts,
-                     "accepted_moves": refined.accepted_moves, "uniform_joint": refined.uniform}
+                     "accepted_moves": refined.accepted_moves, "uniform_joint": refined.uniform,
+                     "allocator_joint": refined.allocator, "challengers_joint": refined.challengers}
     return plan
 
 

@@ -200,6 +200,8 @@ def bench_model(model: va.VendorModel, work: Path, eval_contexts: int, log) -> t
         if pplan is not None:
             try:
                 pair.append(measure(case, ref, f"paper Alg. 2 @ {tier} size", pplan))
+                # the default's joint check rolled the same plan out (refine.paper_plans): show it on its row
+                pair[-1].joint = pair[1].plan.get("verification", {}).get("challengers", {}).get("paper Alg. 2 (mckp)")
             except AssertionError as exc:
                 reason = str(exc).splitlines()[-1].split(": error: ", 1)[-1]
                 case.facts.setdefault("notes", []).append(f"paper Alg. 2 @ {tier} size: apply refused it ({reason[:500]})")

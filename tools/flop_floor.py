@@ -20,8 +20,14 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import infer_value_shapes
 from one_line_errors import run  # tools/: a user's error is one line, exit 2
+
+
+# ops that multiply-add too but are not counted (a recurrent op, a transposed Conv, an einsum, ORT's own)
+UNCOUNTED = ("LSTM", "GRU", "RNN", "ConvTranspose", "Einsum", "MatMulInteger", "ConvInteger", "QLinearMatMul",
+             "QLinearConv", "MatMulNBits", "Attention", "FusedMatMul")
 
 
 def macs(model: onnx.ModelProto) -> tuple[int, dict[str, int], list[str]]:
@@ -31,6 +37,9 @@ def macs(model: onnx.ModelProto) -> tuple[int, dict[str, int], list[str]]:
     per_op: dict[str, int] = {}
     missing = []
     for node in model.graph.node:
+        if node.op_type in UNCOUNTED or any(a.g.node or a.graphs for a in node.attribute):
+            missing.append(f"{node.name or node.output[0]} ({node.op_type}, not counted)")
+            continue
         if node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         a, b, y = node.input[0], node.input[1], node.output[0]
@@ -67,14 +76,21 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=67.0, help="dense float32 rate of the device")
     ap.add_argument("--pass-seconds", type=float, help="a measured forward pass, seconds")
     a = ap.parse_args()
+    if not a.peak_tflops > 0 or (a.pass_seconds is not None and not a.pass_seconds > 0):
+        raise TqsError("--peak-tflops and --pass-seconds must be positive")
     model = onnx.load(str(a.model), load_external_data=False)
     total, per_op, missing = macs(model)
+    if not total:
+        raise TqsError(f"{a.model.name}: no MatMul, Gemm or Conv with known shapes to count"
+                       + (f" ({len(missing)} left out, e.g. {missing[0]}; symbolic input dims are not resolved)"
+                          if missing else ""))
     flop = 2 * total
     floor = flop / (a.peak_tflops * 1e12)
     print(f"{a.model.name}: {_flop(flop)} per forward pass ("
           + ", ".join(f"{op} {_flop(2 * n)}" for op, n in sorted(per_op.items())) + ")")
     if missing:
-        print(f"  not counted (shapes unknown): {len(missing)} nodes, e.g. {', '.join(missing[:3])}")
+        print(f"  not counted (shapes unknown, or an op this tool does not count): {len(missing)} nodes, "
+              f"e.g. {', '.join(missing[:3])}")
     print(f"  floor at {a.peak_tflops:g} TFLOPS: {_ms(floor)} per forward pass")
     if a.pass_seconds:
         print(f"  measured {_ms(a.pass_seconds)} per pass: {a.pass_seconds / floor:.2f}x the floor, "

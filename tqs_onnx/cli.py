@@ -181,7 +181,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     if refinement is not None:
         plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
                                 "diverged_contexts": getattr(refinement.joint, "diverged", 0),
-                                "uniform": refinement.uniform, "challengers": refinement.challengers,
+                                "allocator": refinement.allocator, "uniform": refinement.uniform,
+                                "challengers": refinement.challengers,
                                 "rollouts": refinement.rollouts, "margin": a.margin,
                                 "accepted_moves": refinement.accepted_moves}
     _write_json(a.output, plan)
@@ -203,7 +204,7 @@ def verify_allocation(a: argparse.Namespace, scores, problem, alloc):
     setup = setup_for_scores(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
                              resolve_device(a.device), scores)
     joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
-    return refine(problem, alloc, joint, a.max_rollouts, a.margin), setup
+    return refine(problem, alloc, joint, a.max_rollouts, a.margin, a.gamma_min), setup
 
 
 def format_plan(plan: dict[str, Any]) -> str:
