@@ -353,3 +353,56 @@ def test_lazy_batches_give_the_codes_of_row_by_row_updates():
     expected = np.empty_like(q)
     expected[order] = q
     assert np.array_equal(gptq_codes(w, moments, tier, 1, None), expected)
+
+
+def test_matrix_statistics_summed_in_the_session_equal_the_hosts(monkeypatch):
+    """MatMul readers' X^T X comes out of the session (K x K, float32, and the rows' count) instead of
+    the activations: the same H as summing the host's rows in float64, to float32 rounding."""
+    import tqs_onnx.rounding as rounding
+    import tqs_onnx.sweep as sweep
+    from tqs_onnx.graph import weight_table
+
+    m = recurrent_mlp(n=16, h=32, damp=0.1)
+    spec = RolloutSpec.from_dict(recurrent_spec(6))
+    ctx = Contexts.from_arrays(recurrent_contexts(16, s=2), spec)
+    weights = [w for w in weight_table(m, 1) if w.name.startswith("W")]
+    dev = resolve_device("cpu")
+    readers = rounding._readers(m, {w.name for w in weights})
+    assert len(rounding._gram_nodes(m, readers)) == sum(map(len, readers.values())) > 0
+    seen = []
+    real = rounding.input_moments
+    monkeypatch.setattr(sweep, "input_moments", lambda model, elem, f, shapes: real(
+        model, elem, lambda p, a: (seen.append(list(a)), f(p, a))[1], shapes))
+    in_session = sweep.rollout_moments(m, weights, spec, ctx, dev, 6).moments
+    assert all(a.startswith("__tqs_gram_") for a in seen[0])  # no activation leaves the session
+    monkeypatch.setattr(rounding, "_gram_nodes", lambda model, readers: {})
+    on_host = sweep.rollout_moments(m, weights, spec, ctx, dev, 6).moments
+    assert set(in_session) == set(on_host) == {"W1", "W2", "Wm"}
+    for name in on_host:
+        np.testing.assert_allclose(in_session[name].h, on_host[name].h, rtol=1e-5, atol=1e-6 * np.abs(on_host[name].h).max())
+        assert in_session[name].rows == on_host[name].rows == 2 * 6
+
+
+def test_a_gemm_with_trans_a_sums_the_columns_of_its_activation():
+    """Gemm(transA=1) multiplies W by A^T: its rows are A's columns; the in-session H is A A^T."""
+    from onnx import TensorProto
+    from onnx import helper as oh
+    import tqs_onnx.rounding as rounding
+
+    a = np.random.default_rng(3).normal(size=(5, 7)).astype(np.float32)  # (K, M)
+    w = np.ones((5, 4), np.float32)
+    g = oh.make_graph([oh.make_node("Gemm", ["a", "w"], ["y"], transA=1)], "g",
+                      [oh.make_tensor_value_info("a", TensorProto.FLOAT, [5, 7])],
+                      [oh.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                      [numpy_helper.from_array(w, "w")])
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 10
+    import onnxruntime as ort
+
+    def factory(probe, outputs):
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        yield dict(zip(outputs, sess.run(outputs, {"a": a})))
+
+    m = rounding.input_moments(model, {"w": TensorProto.FLOAT}, factory)["w"]
+    np.testing.assert_allclose(m.h, a.astype(np.float64) @ a.T.astype(np.float64), rtol=1e-5)
+    assert m.rows == 7 and m.input_axis == 0

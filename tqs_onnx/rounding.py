@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import infer_value_shapes, subgraph_refs
@@ -36,7 +36,7 @@ from tqs_onnx.quant import broadcast_scales
 from tqs_onnx.tiers import Tier
 from tqs_onnx.util import atomic_write
 
-ROUNDING_VERSION = "gptq2"  # changed whenever the codes may change (a sweep checkpoint records it)
+ROUNDING_VERSION = "gptq3"  # changed whenever the codes may change (a sweep checkpoint records it)
 DAMP = 0.01  # H += DAMP * mean(live diag H) * I: keeps the inverse stable where inputs are nearly collinear
 CODES_SUFFIX = ".codes.npz"
 CHUNK_BYTES = 1 << 30  # activations one statistics rollout returns per step, at most (estimated)
@@ -91,6 +91,7 @@ class Reader:
     trans_a: bool = False  # Gemm(transA=1): the activation is (K, M)
     conv: tuple | None = None  # Conv: (kernel shape, pads, strides, dilations)
     recurrent: bool = False  # LSTM/GRU/RNN R: the previous hidden states, initial_h then Y[:-1]
+    gram: int = 0  # K: the activations are X^T X (K x K) and X's shape, computed in the session
 
     def rows(self, values: list[np.ndarray | None]) -> np.ndarray:
         """The activations as rows of the weight's flattened inputs, float64."""
@@ -175,38 +176,94 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     hold more than `chunk_bytes` per step (shape inference's estimate from `input_shapes`, the graph
     inputs' shapes in the contexts), the rollouts are repeated, each returning a share of them."""
     readers = _readers(model, set(weights))
+    grams = _gram_nodes(model, readers)  # matrix readers: X^T X summed in the session itself
+    readers = {w: [grams[id(r)][0] if id(r) in grams else r for r in rs] for w, rs in readers.items()}
+    nodes = {g.activations[0]: n for g, n in grams.values()}
     sums: dict[str, InputMoments] = {}
-    chunks = _chunks(model, readers, chunk_bytes, input_shapes or {})
+    chunks = _chunks(model, readers, chunk_bytes, input_shapes or {},
+                     {a: n for r, _ in grams.values() for a, n in zip(r.activations, (4 * r.gram ** 2, 16))})
     probe = onnx.ModelProto()
     if chunks:
-        probe.CopyFrom(model)  # once: each rollout only changes its extra outputs
+        probe.CopyFrom(model)  # once: each rollout only changes its extra nodes and outputs
+        probe.graph.initializer.extend(numpy_helper.from_array(np.array([-1, k], np.int64), _gram_shape(k))
+                                       for k in sorted({r.gram for r, _ in grams.values()}))
     present = {o.name for o in model.graph.output}
     for chunk in chunks:
         elem = {a: weights[w] for w, r in chunk for a in r.activations if a}
+        elem.update({a: onnx.TensorProto.INT64 for w, r in chunk if r.gram for a in r.activations[1:]})
         del probe.graph.output[len(model.graph.output):]
+        del probe.graph.node[len(model.graph.node):]
+        probe.graph.node.extend(n for g in dict.fromkeys(r.activations[0] for _, r in chunk if r.gram)
+                                for n in nodes[g])
         probe.graph.output.extend(helper.make_tensor_value_info(a, t, None) for a, t in elem.items() if a not in present)
         for step in rollout_factory(probe, sorted(elem)):
             for w, r in chunk:
-                x = r.rows([step[a] if a else None for a in r.activations])
+                if r.gram:  # (K, K) and the activation's shape, rows along axis 0 (or 1 for Gemm's transA)
+                    h, rows = np.asarray(step[r.activations[0]], np.float64), int(step[r.activations[1]][int(r.trans_a)])
+                else:
+                    x = r.rows([step[a] if a else None for a in r.activations])
+                    h, rows = x.T @ x, x.shape[0]
                 m = sums.get(w)
                 if m is None:
-                    m = sums[w] = InputMoments(np.zeros((x.shape[1], x.shape[1])), r.input_axis)
-                if x.shape[1] != m.h.shape[0]:
-                    raise TqsError(f"weight '{w}': its consumers multiply it by rows of {x.shape[1]} inputs, "
+                    m = sums[w] = InputMoments(np.zeros(h.shape), r.input_axis)
+                if h.shape != m.h.shape:
+                    raise TqsError(f"weight '{w}': its consumers multiply it by rows of {h.shape[0]} inputs, "
                                    f"expected {m.h.shape[0]}")
-                m.h += x.T @ x
-                m.rows += x.shape[0]
+                m.h += h
+                m.rows += rows
     return sums
 
 
+def _gram_shape(k: int) -> str:
+    return f"__tqs_gram_shape_{k}"
+
+
+def _gram_nodes(model: onnx.ModelProto, readers: dict[str, list[Reader]]) -> dict[int, tuple[Reader, list]]:
+    """id(reader) -> (a reader of the gram outputs, the nodes that compute them) for every MatMul/Gemm
+    reader of a weight whose input count K is known: the session returns X^T X (K x K, float32) and
+    the activation's shape instead of the activation, so nothing larger than K x K leaves the device
+    and the sum runs on it. Conv windows and recurrent rows are still formed on the host."""
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 5:
+        return {}  # Reshape takes its shape as an input from opset 5
+    dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    out: dict[int, tuple[Reader, list]] = {}
+    done: dict[tuple[str, bool, int], Reader] = {}
+    for w, rs in readers.items():
+        shape = dims.get(w, ())
+        for r in rs:
+            if r.conv is not None or r.recurrent or len(shape) != 2:
+                continue
+            a, k = r.activations[0], shape[r.input_axis]
+            key = (a, r.trans_a, k)
+            nodes = []
+            if key not in done:
+                g, size = f"__tqs_gram_{len(done)}", f"__tqs_gram_{len(done)}_shape"
+                if r.trans_a:  # the activation is (K, M)
+                    nodes = [helper.make_node("Transpose", [a], [g + "_t"]),
+                             helper.make_node("MatMul", [a, g + "_t"], [g]), helper.make_node("Shape", [a], [size])]
+                else:
+                    nodes = [helper.make_node("Reshape", [a, _gram_shape(k)], [g + "_rows"]),
+                             helper.make_node("Transpose", [g + "_rows"], [g + "_t"], perm=[1, 0]),
+                             helper.make_node("MatMul", [g + "_t", g + "_rows"], [g]),
+                             helper.make_node("Shape", [g + "_rows"], [size])]
+                done[key] = Reader((g, size), r.input_axis, r.trans_a, gram=k)
+            out[id(r)] = (done[key], nodes or next(n for g2, n in out.values() if g2 is done[key]))
+    return out
+
+
 def _chunks(model: onnx.ModelProto, readers: dict[str, list[Reader]], chunk_bytes: int,
-            input_shapes: dict[str, tuple[int, ...]]) -> list[list[tuple[str, Reader]]]:
+            input_shapes: dict[str, tuple[int, ...]], known: dict[str, int] | None = None,
+            ) -> list[list[tuple[str, Reader]]]:
     """Readers packed so that the activations one rollout returns stay below `chunk_bytes` a step, sized
     by shape inference with the graph inputs at the contexts' shapes (an activation of unknown size
-    counts as 1/16 of the budget); an activation shared by readers of one rollout counts once."""
-    shapes = infer_value_shapes(model, input_shapes) if readers else {}
+    counts as 1/16 of the budget; `known`: sizes given, such as the gram outputs); an activation shared
+    by readers of one rollout counts once."""
+    given = known or {}
+    shapes = infer_value_shapes(model, input_shapes) if any(not r.gram for rs in readers.values() for r in rs) else {}
 
     def size(a: str) -> int:
+        if a in given:
+            return given[a]
         dims = shapes.get(a)
         known = dims and all(isinstance(d, int) for d in dims)
         return 4 * math.prod(dims) if known else chunk_bytes // 16
