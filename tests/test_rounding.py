@@ -406,3 +406,24 @@ def test_a_gemm_with_trans_a_sums_the_columns_of_its_activation():
     m = rounding.input_moments(model, {"w": TensorProto.FLOAT}, factory)["w"]
     np.testing.assert_allclose(m.h, a.astype(np.float64) @ a.T.astype(np.float64), rtol=1e-5)
     assert m.rows == 7 and m.input_axis == 0
+
+
+def test_a_plan_verified_on_another_device_than_the_sweep_says_its_codes_are_this_devices(gptq_case, tmp_path):
+    """/gptq integers follow the statistics of the device that rolls the contexts out (its kernels round
+    differently): a joint check on another device than the sweep's says so in the plan's notes."""
+    paths, scores = gptq_case
+
+    def allocate(out):
+        return main(["allocate", str(scores), "--compression", "3", "--tiers", "fp32,int4/channel/gptq", "-o", str(out),
+                     "--quiet", "--verify-model", str(paths["model"]), "--rollout", str(paths["spec"]),
+                     "--contexts", str(paths["contexts"])])
+
+    assert allocate(tmp_path / "same.json") == 0
+    assert not any("the sweep ran on" in n for n in json.loads((tmp_path / "same.json").read_text())["notes"])
+    doc = json.loads(scores.read_text())
+    doc["device"] = "cuda"  # as if swept on a GPU
+    scores.write_text(json.dumps(doc))
+    assert allocate(tmp_path / "other.json") == 0
+    plan = json.loads((tmp_path / "other.json").read_text())
+    assert any(p.startswith("int4/channel/gptq") for p in plan["weights"].values())
+    assert any("the sweep ran on cuda, this joint check on cpu" in n for n in plan["notes"])
