@@ -368,14 +368,19 @@ def test_matrix_statistics_summed_in_the_session_equal_the_hosts(monkeypatch):
     weights = [w for w in weight_table(m, 1) if w.name.startswith("W")]
     dev = resolve_device("cpu")
     readers = rounding._readers(m, {w.name for w in weights})
-    assert len(rounding._gram_nodes(m, readers)) == sum(map(len, readers.values())) > 0
+    elem = {w.name: onnx.TensorProto.FLOAT for w in weights}
+    assert len(rounding._gram_nodes(m, readers, elem, {})[0]) == sum(map(len, readers.values())) > 0
+    # one row a step (a context at a time) against K = 16 and 32: the activations are smaller than H
+    shapes = rounding.infer_value_shapes(m, {"x": (1, 16)})
+    assert rounding._gram_nodes(m, readers, elem, shapes)[0] == {}
+    monkeypatch.setattr(rounding, "infer_value_shapes", lambda model, shapes: {})  # rows unknown: in session
     seen = []
     real = rounding.input_moments
     monkeypatch.setattr(sweep, "input_moments", lambda model, elem, f, shapes: real(
         model, elem, lambda p, a: (seen.append(list(a)), f(p, a))[1], shapes))
     in_session = sweep.rollout_moments(m, weights, spec, ctx, dev, 6).moments
     assert all(a.startswith("__tqs_gram_") for a in seen[0])  # no activation leaves the session
-    monkeypatch.setattr(rounding, "_gram_nodes", lambda model, readers: {})
+    monkeypatch.setattr(rounding, "_gram_nodes", lambda *a: ({}, {}, []))
     on_host = sweep.rollout_moments(m, weights, spec, ctx, dev, 6).moments
     assert set(in_session) == set(on_host) == {"W1", "W2", "Wm"}
     for name in on_host:
@@ -427,3 +432,52 @@ def test_a_plan_verified_on_another_device_than_the_sweep_says_its_codes_are_thi
     plan = json.loads((tmp_path / "other.json").read_text())
     assert any(p.startswith("int4/channel/gptq") for p in plan["weights"].values())
     assert any("the sweep ran on cuda, this joint check on cpu" in n for n in plan["notes"])
+
+
+def _moments_both_ways(model, feeds, elem, monkeypatch):
+    """input_moments with the sums in the session (rows unknown) and on the host, on one ORT run."""
+    import onnxruntime as ort
+    import tqs_onnx.rounding as rounding
+
+    def factory(probe, outputs):
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        yield dict(zip(outputs, sess.run(outputs, feeds)))
+
+    with monkeypatch.context() as mp:
+        mp.setattr(rounding, "infer_value_shapes", lambda m, shapes: {})
+        in_session = rounding.input_moments(model, elem, factory)
+    with monkeypatch.context() as mp:
+        mp.setattr(rounding, "_gram_nodes", lambda *a: ({}, {}, []))
+        on_host = rounding.input_moments(model, elem, factory)
+    return in_session, on_host
+
+
+def test_in_session_sums_keep_each_weights_axis_cast_float16_and_avoid_taken_names(monkeypatch):
+    """One activation read by MatMul (K, N) and Gemm(transB=1) (N, K): each weight keeps its input axis;
+    a float16 weight's activation is summed in float32 (float16 overflows); names already in the graph
+    (even '__tqs_gram_0') are not reused."""
+    from onnx import TensorProto
+    from onnx import helper as oh
+
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(64, 6)) * 8).astype(np.float32)
+    g = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "a"], ["__tqs_gram_0"]), oh.make_node("Gemm", ["x", "b"], ["y2"], transB=1),
+         oh.make_node("Cast", ["x"], ["xh"], to=TensorProto.FLOAT16), oh.make_node("MatMul", ["xh", "c"], ["y3"])],
+        "g", [oh.make_tensor_value_info("x", TensorProto.FLOAT, [64, 6])],
+        [oh.make_tensor_value_info(n, t, None) for n, t in
+         (("__tqs_gram_0", TensorProto.FLOAT), ("y2", TensorProto.FLOAT), ("y3", TensorProto.FLOAT16))],
+        [numpy_helper.from_array(rng.normal(size=(6, 4)).astype(np.float32), "a"),
+         numpy_helper.from_array(rng.normal(size=(4, 6)).astype(np.float32), "b"),
+         numpy_helper.from_array(rng.normal(size=(6, 3)).astype(np.float16), "c")])
+    model = oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 10
+    elem = {"a": TensorProto.FLOAT, "b": TensorProto.FLOAT, "c": TensorProto.FLOAT16}
+    in_session, on_host = _moments_both_ways(model, {"x": x}, elem, monkeypatch)
+    assert (in_session["a"].input_axis, in_session["b"].input_axis) == (0, 1) == (on_host["a"].input_axis, on_host["b"].input_axis)
+    for name in "abc":
+        assert np.isfinite(in_session[name].h).all() and in_session[name].rows == on_host[name].rows == 64
+        np.testing.assert_allclose(in_session[name].h, on_host[name].h, rtol=2e-3 if name == "c" else 1e-5)
+    w = rng.normal(size=(4, 6)).astype(np.float32)
+    t = parse_tier("int4/channel/gptq")
+    assert np.array_equal(gptq_codes(w, in_session["b"], t, 0, None), gptq_codes(w, on_host["b"], t, 0, None))

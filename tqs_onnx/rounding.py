@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,21 +176,21 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     hold more than `chunk_bytes` per step (shape inference's estimate from `input_shapes`, the graph
     inputs' shapes in the contexts), the rollouts are repeated, each returning a share of them."""
     readers = _readers(model, set(weights))
-    grams = _gram_nodes(model, readers)  # matrix readers: X^T X summed in the session itself
-    readers = {w: [grams[id(r)][0] if id(r) in grams else r for r in rs] for w, rs in readers.items()}
-    nodes = {g.activations[0]: n for g, n in grams.values()}
+    shapes = infer_value_shapes(model, input_shapes or {}) if readers else {}
+    grams, nodes, consts = _gram_nodes(model, readers, weights, shapes)  # X^T X summed in the session
+    readers = {w: [grams.get(id(r), r) for r in rs] for w, rs in readers.items()}
     sums: dict[str, InputMoments] = {}
-    chunks = _chunks(model, readers, chunk_bytes, input_shapes or {},
-                     {a: n for r, _ in grams.values() for a, n in zip(r.activations, (4 * r.gram ** 2, 16))})
+    chunks = _chunks(readers, chunk_bytes, shapes,
+                     {a: n for r in grams.values() for a, n in zip(r.activations, (4 * r.gram ** 2, 16))})
     probe = onnx.ModelProto()
     if chunks:
         probe.CopyFrom(model)  # once: each rollout only changes its extra nodes and outputs
-        probe.graph.initializer.extend(numpy_helper.from_array(np.array([-1, k], np.int64), _gram_shape(k))
-                                       for k in sorted({r.gram for r, _ in grams.values()}))
+        probe.graph.initializer.extend(consts)
     present = {o.name for o in model.graph.output}
     for chunk in chunks:
         elem = {a: weights[w] for w, r in chunk for a in r.activations if a}
-        elem.update({a: onnx.TensorProto.INT64 for w, r in chunk if r.gram for a in r.activations[1:]})
+        elem.update({r.activations[0]: onnx.TensorProto.FLOAT for w, r in chunk if r.gram})
+        elem.update({r.activations[1]: onnx.TensorProto.INT64 for w, r in chunk if r.gram})
         del probe.graph.output[len(model.graph.output):]
         del probe.graph.node[len(model.graph.node):]
         probe.graph.node.extend(n for g in dict.fromkeys(r.activations[0] for _, r in chunk if r.gram)
@@ -214,52 +214,80 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     return sums
 
 
-def _gram_shape(k: int) -> str:
-    return f"__tqs_gram_shape_{k}"
+def _gram_nodes(model: onnx.ModelProto, readers: dict[str, list[Reader]], weights: dict[str, int],
+                shapes: dict[str, list]) -> tuple[dict[int, Reader], dict[str, list], list[onnx.TensorProto]]:
+    """In-session sums for the MatMul/Gemm readers of weights whose input count K is known and whose
+    activation brings at least K rows a step (or an unknown number): the session returns X^T X
+    (K x K, float32, the activation cast to float first where it is not) and the activation's shape
+    instead of the activation, so a large activation never leaves the device and its sum runs there.
+    Where a step has fewer rows than K the activation itself is smaller: it is returned as before.
+    Conv windows and recurrent rows are formed on the host.
 
-
-def _gram_nodes(model: onnx.ModelProto, readers: dict[str, list[Reader]]) -> dict[int, tuple[Reader, list]]:
-    """id(reader) -> (a reader of the gram outputs, the nodes that compute them) for every MatMul/Gemm
-    reader of a weight whose input count K is known: the session returns X^T X (K x K, float32) and
-    the activation's shape instead of the activation, so nothing larger than K x K leaves the device
-    and the sum runs on it. Conv windows and recurrent rows are still formed on the host."""
+    Returns id(reader) -> its gram reader (the reader's own input axis), gram output -> the nodes
+    computing it, and the shape constants those nodes read."""
     if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 5:
-        return {}  # Reshape takes its shape as an input from opset 5
+        return {}, {}, []  # Reshape takes its shape as an input from opset 5
     dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
-    out: dict[int, tuple[Reader, list]] = {}
-    done: dict[tuple[str, bool, int], Reader] = {}
+    taken = {v for n in model.graph.node for v in (*n.input, *n.output)}
+    taken |= {v.name for v in (*model.graph.input, *model.graph.output, *model.graph.value_info, *model.graph.initializer)}
+
+    def fresh(base: str) -> str:
+        name, i = base, 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        taken.add(name)
+        return name
+
+    out: dict[int, Reader] = {}
+    nodes: dict[str, list] = {}
+    done: dict[tuple[str, bool, int], tuple[str, str]] = {}
+    consts: dict[int, str] = {}
     for w, rs in readers.items():
         shape = dims.get(w, ())
         for r in rs:
             if r.conv is not None or r.recurrent or len(shape) != 2:
                 continue
             a, k = r.activations[0], shape[r.input_axis]
+            adims = shapes.get(a)
+            if adims and all(isinstance(d, int) for d in adims):
+                rows = adims[1] if r.trans_a else math.prod(adims[:-1])
+                if rows < k:
+                    continue  # the activation is smaller than its gram
             key = (a, r.trans_a, k)
-            nodes = []
             if key not in done:
-                g, size = f"__tqs_gram_{len(done)}", f"__tqs_gram_{len(done)}_shape"
+                g = fresh(f"__tqs_gram_{len(done)}")
+                size, x = fresh(f"{g}_shape"), a
+                made = []
+                if weights[w] != onnx.TensorProto.FLOAT:  # sum in float32 whatever the activation's type
+                    x = fresh(f"{g}_float")
+                    made.append(helper.make_node("Cast", [a], [x], to=onnx.TensorProto.FLOAT))
                 if r.trans_a:  # the activation is (K, M)
-                    nodes = [helper.make_node("Transpose", [a], [g + "_t"]),
-                             helper.make_node("MatMul", [a, g + "_t"], [g]), helper.make_node("Shape", [a], [size])]
+                    t = fresh(f"{g}_t")
+                    made += [helper.make_node("Transpose", [x], [t]), helper.make_node("MatMul", [x, t], [g]),
+                             helper.make_node("Shape", [x], [size])]
                 else:
-                    nodes = [helper.make_node("Reshape", [a, _gram_shape(k)], [g + "_rows"]),
-                             helper.make_node("Transpose", [g + "_rows"], [g + "_t"], perm=[1, 0]),
-                             helper.make_node("MatMul", [g + "_t", g + "_rows"], [g]),
-                             helper.make_node("Shape", [g + "_rows"], [size])]
-                done[key] = Reader((g, size), r.input_axis, r.trans_a, gram=k)
-            out[id(r)] = (done[key], nodes or next(n for g2, n in out.values() if g2 is done[key]))
-    return out
+                    if k not in consts:
+                        consts[k] = fresh(f"__tqs_gram_shape_{k}")
+                    rows_name, t = fresh(f"{g}_rows"), fresh(f"{g}_t")
+                    made += [helper.make_node("Reshape", [x, consts[k]], [rows_name]),
+                             helper.make_node("Transpose", [rows_name], [t], perm=[1, 0]),
+                             helper.make_node("MatMul", [t, rows_name], [g]),
+                             helper.make_node("Shape", [rows_name], [size])]
+                done[key] = (g, size)
+                nodes[g] = made
+            out[id(r)] = replace(r, activations=done[key], gram=k)
+    inits = [numpy_helper.from_array(np.array([-1, k], np.int64), name) for k, name in consts.items()]
+    return out, nodes, inits
 
 
-def _chunks(model: onnx.ModelProto, readers: dict[str, list[Reader]], chunk_bytes: int,
-            input_shapes: dict[str, tuple[int, ...]], known: dict[str, int] | None = None,
-            ) -> list[list[tuple[str, Reader]]]:
+def _chunks(readers: dict[str, list[Reader]], chunk_bytes: int, shapes: dict[str, list],
+            known: dict[str, int] | None = None) -> list[list[tuple[str, Reader]]]:
     """Readers packed so that the activations one rollout returns stay below `chunk_bytes` a step, sized
-    by shape inference with the graph inputs at the contexts' shapes (an activation of unknown size
-    counts as 1/16 of the budget; `known`: sizes given, such as the gram outputs); an activation shared
-    by readers of one rollout counts once."""
+    by `shapes` (shape inference with the graph inputs at the contexts' shapes; an activation of unknown
+    size counts as 1/16 of the budget; `known`: sizes given, such as the gram outputs); an activation
+    shared by readers of one rollout counts once."""
     given = known or {}
-    shapes = infer_value_shapes(model, input_shapes) if any(not r.gram for rs in readers.values() for r in rs) else {}
 
     def size(a: str) -> int:
         if a in given:
