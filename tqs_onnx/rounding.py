@@ -36,7 +36,7 @@ from tqs_onnx.quant import broadcast_scales
 from tqs_onnx.tiers import Tier
 from tqs_onnx.util import atomic_write
 
-ROUNDING_VERSION = "gptq3"  # changed whenever the codes may change (a sweep checkpoint records it)
+ROUNDING_VERSION = "gptq4"  # changed whenever the codes may change (a sweep checkpoint records it)
 DAMP = 0.01  # H += DAMP * mean(live diag H) * I: keeps the inverse stable where inputs are nearly collinear
 CODES_SUFFIX = ".codes.npz"
 CHUNK_BYTES = 1 << 30  # activations one statistics rollout returns per step, at most (estimated)
