@@ -191,10 +191,16 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
                       for t in tiers])
     m = scores["model"]
     half = [any(winfo[n].get("dtype") == "float16" for n in b.weights) for b in blocks]
-    needed = {needed_opset(t, h) for t in tiers for h in set(half)}
     deltas = {int(k): int(v) for k, v in (m.get("opset_graph_delta") or {}).items()}
     return Problem(blocks, tiers, costs, m["fixed_bytes"], m["file_bytes"], target, m.get("graph_bytes", 0),
-                   m["quantizable_bytes"], {k: v for k, v in deltas.items() if k in needed}, half, decode)
+                   m["quantizable_bytes"], opset_deltas_for(deltas, tiers, half), half, decode)
+
+
+def opset_deltas_for(deltas: dict[int, int], tiers: list[Tier], half: list[bool]) -> dict[int, int]:
+    """Of the graph's opset conversions (opset -> bytes it adds), those some tier may need on blocks
+    with these float16 flags."""
+    needed = {needed_opset(t, h) for t in tiers for h in set(half)}
+    return {k: v for k, v in deltas.items() if k in needed}
 
 
 def weight_tier(w: dict[str, Any], tier: Tier, decode: str) -> Tier:

@@ -170,7 +170,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     if a.verify_model:
         refinement, setup = verify_allocation(a, scores, problem, alloc)
         alloc = refinement.allocation
-        swept_on = scores.get("device") or scores.get("config", {}).get("device")
+        swept_on = scores.get("device")
         if swept_on and swept_on != setup.ops.device.kind and any(problem.tiers[k].gptq for k in alloc.assign):
             alloc.notes.append(f"the sweep ran on {swept_on}, this joint check on {setup.ops.device.kind}: the "
                                "/gptq integers come from this device's rollouts and may differ from those the "

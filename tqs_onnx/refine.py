@@ -24,9 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from tqs_onnx.allocate import GAMMA_MIN, Allocation, Problem, allocate_paper
+from tqs_onnx.allocate import GAMMA_MIN, Allocation, Problem, allocate_paper, opset_deltas_for
 from tqs_onnx.errors import TqsError
-from tqs_onnx.tiers import Tier, needed_opset, parse_tier
+from tqs_onnx.tiers import Tier, parse_tier
 
 JointFn = Callable[[list[int]], float]
 
@@ -132,9 +132,8 @@ def paper_plans(p: Problem, gamma_min: float = GAMMA_MIN) -> dict[str, list[int]
         return {}
     idx = [names.index(t) for t in PAPER_TIERS]
     tiers = [p.tiers[k] for k in idx]
-    needed = {needed_opset(t, h) for t in tiers for h in set(p.half or [False])}  # as allocate.build_problem
     sub = replace(p, tiers=tiers, costs=[[c[k] for k in idx] for c in p.costs],
-                  opset_deltas={k: v for k, v in p.opset_deltas.items() if k in needed})
+                  opset_deltas=opset_deltas_for(p.opset_deltas, tiers, p.half or [False]))
     out: dict[str, list[int]] = {}
     for solver in ("mckp", "greedy"):
         try:
@@ -217,9 +216,7 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30
                                  f"{count} joint rollouts"]
     if not math.isfinite(best_d):
         notes.append(f"the chosen plan still diverges on the sweep contexts: {describe(best_d)}")
-    if start.startswith("uniform"):
-        notes.append(f"uniform {start.split(' ', 1)[1]} beat the knapsack allocation on the sweep contexts")
-    elif start != "allocator":
+    if start != "allocator":
         notes.append(f"{start} beat the knapsack allocation on the sweep contexts")
     result = Allocation(best, alloc.objective, alloc.solver, notes)
     return Refinement(result, best_d, start, uniform, rollouts=count, accepted_moves=accepted,

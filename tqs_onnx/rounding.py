@@ -188,9 +188,10 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
         probe.graph.initializer.extend(consts)
     present = {o.name for o in model.graph.output}
     for chunk in chunks:
-        elem = {a: weights[w] for w, r in chunk for a in r.activations if a}
-        elem.update({r.activations[0]: onnx.TensorProto.FLOAT for w, r in chunk if r.gram})
-        elem.update({r.activations[1]: onnx.TensorProto.INT64 for w, r in chunk if r.gram})
+        elem = {}  # output -> element type: the activations, or a gram (float32) and its shape (int64)
+        for w, r in chunk:
+            types = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) if r.gram else (weights[w],) * len(r.activations)
+            elem.update((a, t) for a, t in zip(r.activations, types) if a)
         del probe.graph.output[len(model.graph.output):]
         del probe.graph.node[len(model.graph.node):]
         probe.graph.node.extend(n for g in dict.fromkeys(r.activations[0] for _, r in chunk if r.gram)
