@@ -1,4 +1,4 @@
-"""Raise the default-domain opset when a tier needs it (INT4 and blocked scales: 21; INT2: 25)."""
+"""Raise the default-domain opset when a tier needs it (INT4 and blocked scales: 21; INT2 and INT6: 25)."""
 
 from __future__ import annotations
 

@@ -430,3 +430,18 @@ def test_same_seed_gives_identical_files(small, tmp_path):
     assert again.model.read_bytes() == small.model.read_bytes()
     other = pr.build_pangu(tmp_path / "other", grid="small", seed=1, n_contexts=0)
     assert other.model.read_bytes() != small.model.read_bytes()
+
+
+def test_bench_moments_sums_in_the_session_what_the_host_sums(small):
+    """tools/bench_moments.py on the replica: its MatMul statistics are summed in the session, and the
+    host's sums of the copied activations agree with them."""
+    import re
+    import subprocess
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_moments.py"
+    out = subprocess.run([sys.executable, str(tool), str(small.model), str(small.spec), str(small.contexts),
+                          "--host", "--tiers", "int4/channel/gptq"],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    summed = int(re.search(r"(\d+) activations summed in the session", out).group(1))
+    difference = float(re.search(r"largest relative difference of H: (\S+)", out).group(1))
+    assert summed > 0 and difference < 1e-5
+    assert re.search(r"rounding at int4/channel/gptq: \d+ weights in", out)

@@ -1,6 +1,6 @@
 """Precision tiers: (format, scale granularity) pairs with their true storage cost.
 
-Tier strings:  fp32 | fp16 | bf16 | int8 | int4 | int2 | int1 | zero, the int formats optionally followed by
+Tier strings:  fp32 | fp16 | bf16 | int8 | int6 | int4 | int2 | int1 | zero, the int formats optionally followed by
 a granularity and a scale type: ``int8`` (per-tensor, as the paper), ``int4/channel``,
 ``int4/block32``, ``int8/channel/fp16`` (fp16 scales), ``int4/channel/mse`` (clipped scales, below). ``zero`` drops the weight: the graph makes a
 tensor of zeros of its shape (ConstantOfShape), which stores no data; it is meant for dead blocks,
