@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from tiny import init, model, vec
 from tqs_onnx.passes.narrow_ints import NarrowIntegerConstants, narrowest

@@ -246,7 +246,6 @@ def test_unknown_engine_settings_are_one_line_errors(monkeypatch):
 def test_auto_blocks_split_a_single_layer_into_its_tensors():
     """`auto` grouping: layer blocks, but a model whose weights form one layer (one LSTM op: W, R, B)
     gets a block per tensor, so the knapsack has something to choose; two layers stay two blocks."""
-    import onnx
     from onnx import TensorProto, helper
 
     from tiny import init, model

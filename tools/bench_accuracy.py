@@ -37,12 +37,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 from scipy.stats import spearmanr
 
 from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, plan_document
-from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
+from tqs_onnx.tiers import DEFAULT_SWEEP_TIERS
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import evaluate, verify_written
 from tqs_onnx.graph import LoadedModel, load_model

@@ -101,7 +101,7 @@ def tier_mix(plan: dict[str, Any]) -> str:
 
 def sweep_scores(files: ModelFiles, spec: RolloutSpec, cache: Path, reuse: bool) -> dict[str, Any]:
     """The one sweep (quant probe, the default sweep tiers), cached beside the candidates."""
-    from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
+    from tqs_onnx.tiers import DEFAULT_SWEEP_TIERS
     from tqs_onnx.graph import load_model
     from tqs_onnx.sweep import SweepConfig, run_sweep
     from tqs_onnx.tiers import parse_tiers
@@ -352,12 +352,12 @@ def markdown(doc: dict) -> str:
              "optimizer. Ratios are against the FP32 model of the same run. `DQ left` = DequantizeLinear nodes "
              "left after optimization / written; `per call KB` = float bytes rebuilt from stored weights on "
              "every call (in brackets: once re-expanded by constant indices, e.g. a factored table's Gather); `expanded KB` = decodes constant-folded at load (held as float in memory).", ""]
-    for run in doc["runs"]:
-        lines += [f"## {run['model']} on {run['device']} ({run['machine']})", "",
-                  f"{describe(run['rows'][0]['report'])}; {run['rounds']} round(s), calls {run['calls']}, "
-                  f"rollouts {run['rollouts']}, horizon {run['rows'][0]['report'].get('horizon', '-')}; "
-                  f"{run['date']}.", "", table(run["rows"], markdown=True), ""]
-        lines += [f"- {v}" for v in verdicts(run["rows"])] + [""]
+    for one in doc["runs"]:
+        lines += [f"## {one['model']} on {one['device']} ({one['machine']})", "",
+                  f"{describe(one['rows'][0]['report'])}; {one['rounds']} round(s), calls {one['calls']}, "
+                  f"rollouts {one['rollouts']}, horizon {one['rows'][0]['report'].get('horizon', '-')}; "
+                  f"{one['date']}.", "", table(one["rows"], markdown=True), ""]
+        lines += [f"- {v}" for v in verdicts(one["rows"])] + [""]
         decoded = per_call_lines(run["rows"])
         if decoded:
             lines += ["Weights decoded per call:", ""] + [f"- {d}" for d in decoded] + [""]

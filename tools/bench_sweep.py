@@ -36,7 +36,7 @@ from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec, reuse_outputs
 from tqs_onnx.replay import replay_mode
 from tqs_onnx.runtime import _ort as ort_module, make_session, resolve_device
 from tqs_onnx.allocate import allocate
-from tqs_onnx.cli import DEFAULT_SWEEP_TIERS
+from tqs_onnx.tiers import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.sweep import (SweepConfig, divergence_mode, gpu_stream_mode, joint_divergence, prepare, rollout_moments,
@@ -330,7 +330,7 @@ def main() -> None:
           f"{res['naive_ms_per_probe']:.2f} ms ({res['naive_over_sweep']:.1f}x)")
     if a.protocols:
         res["protocols"] = pr = protocols(setup, spec, device, a.probes, a.target, a.max_rollouts)
-        print(f"  protocols (same session), forward passes and seconds:")
+        print("  protocols (same session), forward passes and seconds:")
         print(f"    paper: 1 quant + {a.probes} Gaussian probes per block   {pr['paper']['forward_passes']:>10,} "
               f"{pr['paper']['seconds']:9.2f} s")
         print(f"    /gptq statistics: FP32 rollouts of the sweep contexts "

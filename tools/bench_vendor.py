@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "vendor"))
 
 import vendor_assets as va  # noqa: E402
 
-from tqs_onnx.cli import DEFAULT_SWEEP_TIERS  # noqa: E402
+from tqs_onnx.tiers import DEFAULT_SWEEP_TIERS  # noqa: E402
 
 UNIFORM_TIERS = ("int8/channel", "int6/channel", "int4/channel", "int2/channel")
 SWEEP_TIERS = DEFAULT_SWEEP_TIERS  # every default tier (int6/channel included: the INT6 size has its tier)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.tiers import DECODES
+from tqs_onnx.tiers import DECODES, DEFAULT_SWEEP_TIERS
 
 
 # ------------------------------------------------------------------------------------ option groups
@@ -134,21 +134,10 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     _write_json(a.output, doc)
     ckpt.unlink(missing_ok=True)
     if not a.quiet:
+        from tqs_onnx.tables import format_ranking
+
         print(f"{format_ranking(doc)}\nwall time {time.perf_counter() - t0:.1f} s (not stored: scores stay byte-identical)")
     return 0
-
-
-def format_ranking(doc: dict[str, Any]) -> str:
-    rows = sorted(doc["blocks"], key=lambda b: -(b["quant"] or b["gauss"])["gamma_task"])
-    lines = [f"{len(rows)} blocks, {doc['forward_passes']:,} forward passes",
-             f"{'rank':>4} {'block':32s} {'params':>10} {'gamma_quant':>12} {'gamma_gauss':>12} {'A_max':>10}  flags"]
-    for r, b in enumerate(rows, 1):
-        gq = f"{b['quant']['gamma_task']:.4f}" if b["quant"] else "-"
-        gg = f"{b['gauss']['gamma_task']:.4f}" if b["gauss"] else "-"
-        am = (b["quant"] or b["gauss"])["a_max"]
-        flags = ",".join(f for f, on in (("dead", b["dead"]), ("non-finite", b["nonfinite"])) if on)
-        lines.append(f"{r:4d} {b['name'][:32]:32s} {b['size']:>10,} {gq:>12} {gg:>12} {am:>10.3g}  {flags}")
-    return "\n".join(lines)
 
 
 def cmd_allocate(a: argparse.Namespace) -> int:
@@ -168,13 +157,18 @@ def cmd_allocate(a: argparse.Namespace) -> int:
                               a.gamma_min, a.decode, gptq=bool(a.verify_model))
     refinement = setup = None
     if a.verify_model:
-        refinement, setup = verify_allocation(a, scores, problem, alloc)
+        from tqs_onnx.graph import load_model
+        from tqs_onnx.joint_check import joint_check
+        from tqs_onnx.rollout import Contexts, RolloutSpec
+        from tqs_onnx.runtime import resolve_device
+
+        if not (a.rollout and a.contexts):
+            raise TqsError("--verify-model needs --rollout and --contexts (the sweep contexts)")
+        spec = RolloutSpec.load(a.rollout)
+        refinement, setup = joint_check(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
+                                        resolve_device(a.device), scores, problem, alloc, a.max_rollouts,
+                                        a.margin, a.gamma_min)
         alloc = refinement.allocation
-        swept_on = scores.get("device")
-        if swept_on and swept_on != setup.ops.device.kind and any(problem.tiers[k].gptq for k in alloc.assign):
-            alloc.notes.append(f"the sweep ran on {swept_on}, this joint check on {setup.ops.device.kind}: the "
-                               "/gptq integers come from this device's rollouts and may differ from those the "
-                               "sweep measured (the joint check and the written model use these)")
     plan = plan_document(scores, problem, alloc)
     if any(parse_tier(t).gptq for t in plan["weights"].values()):
         from tqs_onnx.sweep import write_plan_codes
@@ -184,43 +178,15 @@ def cmd_allocate(a: argparse.Namespace) -> int:
                            "rollouts: pass --verify-model, --rollout and --contexts")
         write_plan_codes(setup, plan, a.output)
     if refinement is not None:
-        plan["verification"] = {"joint_divergence": refinement.joint, "start": refinement.start,
-                                "diverged_contexts": getattr(refinement.joint, "diverged", 0),
-                                "allocator": refinement.allocator, "uniform": refinement.uniform,
-                                "challengers": refinement.challengers,
-                                "rollouts": refinement.rollouts, "margin": a.margin,
-                                "accepted_moves": refinement.accepted_moves}
+        from tqs_onnx.joint_check import verification_record
+
+        plan["verification"] = verification_record(refinement, a.margin)
     _write_json(a.output, plan)
     if not a.quiet:
+        from tqs_onnx.tables import format_plan
+
         print(format_plan(plan))
     return 0
-
-
-def verify_allocation(a: argparse.Namespace, scores, problem, alloc):
-    from tqs_onnx.graph import load_model
-    from tqs_onnx.refine import refine
-    from tqs_onnx.rollout import Contexts, RolloutSpec
-    from tqs_onnx.runtime import resolve_device
-    from tqs_onnx.sweep import joint_divergence, setup_for_scores
-
-    if not (a.rollout and a.contexts):
-        raise TqsError("--verify-model needs --rollout and --contexts (the sweep contexts)")
-    spec = RolloutSpec.load(a.rollout)
-    setup = setup_for_scores(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
-                             resolve_device(a.device), scores)
-    joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
-    return refine(problem, alloc, joint, a.max_rollouts, a.margin, a.gamma_min), setup
-
-
-def format_plan(plan: dict[str, Any]) -> str:
-    lines = [f"plan: objective {plan['objective']}, solver {plan['solver']}, target {plan['compression_target']:g}x, "
-             f"planned {plan['planned_compression']:.2f}x on disk ({plan['planned_bytes']:,} bytes), "
-             f"{plan['param_compression']:.2f}x in the planned weights' bits (scales not counted)"]
-    for b in plan["blocks"]:
-        lines.append(f"  {b['id']:3d} {b['name'][:36]:36s} {b['tier']:18s} {b['bytes']:>10,} B"
-                     + ("  dead" if b["dead"] else ""))
-    lines += [f"  note: {n}" for n in plan.get("notes", [])]
-    return "\n".join(lines)
 
 
 def cmd_apply(a: argparse.Namespace) -> int:
@@ -314,29 +280,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(doc, indent=1))
     elif not a.quiet:
+        from tqs_onnx.tables import format_eval
+
         print(format_eval(doc))
         if "runtime" in doc:
             from tqs_onnx.runtime_report import format_comparison
 
             print(format_comparison(doc["runtime"]))
     return 0
-
-
-def format_eval(doc: dict[str, Any]) -> str:
-    c = doc["compression"]
-    lines = [f"{doc['candidate']} vs {doc['reference']}: {c['on_disk']:.2f}x on disk, "
-             f"{c['param_level']:.2f}x parameter-level (bits of every stored tensor, scales included); "
-             f"{doc['contexts']} contexts x {doc['horizon']} steps"]
-    for k, e in doc["outputs"].items():
-        line = f"  {k}: MAE vs FP32 {e['mae_vs_fp32']:.4g}, RMSE {e['rmse_vs_fp32']:.4g}, finite {e['finite']}"
-        if "mae_vs_truth" in e:
-            line += f"; MAE vs truth {e['mae_vs_truth']:.4g} (FP32 {e['mae_fp32_vs_truth']:.4g}, {e['degradation_pct']:+.2f}%)"
-        lines.append(line)
-        per = e["mae_vs_fp32_per_channel"]
-        if len(per) > 1:
-            lines.append(f"    per channel MAE vs FP32: min {min(per):.3g}, max {max(per):.3g} over {len(per)} channels")
-    lines += [f"  note: {n}" for n in doc.get("notes", [])]
-    return "\n".join(lines)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -680,10 +631,6 @@ def _frontier_parsers(sub) -> None:
     s.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for index.html and the PNGs")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_report)
-
-
-DEFAULT_SWEEP_TIERS = ("bf16,int8,int8/channel,int6/channel,int4,int4/channel,int2,int2/channel,"
-                       "int8/channel/gptq,int6/channel/gptq,int4/channel/gptq,int2/channel/gptq")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,16 +11,17 @@ from importlib import resources
 from pathlib import Path
 
 from tqs_onnx.allocate import Allocation, allocate, plan_document
-from tqs_onnx.cli import DEFAULT_SWEEP_TIERS, format_plan, format_ranking
 from tqs_onnx.evaluate import evaluate, verify_written
 from tqs_onnx.graph import load_model
-from tqs_onnx.refine import is_baseline, rank_key, refine, uniform_assignments
+from tqs_onnx.joint_check import joint_check, verification_record
+from tqs_onnx.refine import is_baseline, rank_key, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
-from tqs_onnx.sweep import SweepConfig, joint_divergence, run_sweep, setup_for_scores, write_plan_codes
+from tqs_onnx.sweep import SweepConfig, run_sweep, write_plan_codes
 from tqs_onnx.summary import format_inspect, inspect_model
-from tqs_onnx.tiers import parse_tier, parse_tiers
+from tqs_onnx.tables import format_plan, format_ranking
+from tqs_onnx.tiers import DEFAULT_SWEEP_TIERS, parse_tier, parse_tiers
 from tqs_onnx.util import atomic_write_json
 
 DEMO = "lorenz96_mlp"
@@ -54,10 +55,9 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     _say(quiet, f"== 2. sweep ({sweep_ctx.count} sweep contexts, T={spec.horizon}) -> {out / 'scores.json'}\n"
          f"{format_ranking(scores)}\n")
 
-    setup = setup_for_scores(loaded, spec, sweep_ctx, device, scores)
-    joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
-    refined = refine(problem, alloc, joint)
+    refined, setup = joint_check(loaded, spec, sweep_ctx, device, scores, problem, alloc)
     plans = {"tqs-measured": plan_document(scores, problem, refined.allocation)}
+    plans["tqs-measured"]["verification"] = verification_record(refined)
     paper_problem, paper = allocate(scores, compression, "fp32,bf16,int8,int4,int2", objective="paper")
     plans["tqs-paper"] = plan_document(scores, paper_problem, paper)
     uniform = _best_uniform(problem, refined.uniform)

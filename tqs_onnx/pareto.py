@@ -25,6 +25,7 @@ from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, defa
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import compare, compression, rollouts, truth_arrays, verify_written
 from tqs_onnx.graph import LoadedModel, file_digest, load_model
+from tqs_onnx.joint_check import verification_record
 from tqs_onnx.refine import refine, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
@@ -168,12 +169,16 @@ def plan_for(run: FrontierRun, target: float, objective: str, tiers_text: str | 
     tiers = tiers_text or (PAPER_TIERS if objective == "paper" else None)
     problem, alloc = allocate(run.scores, target, tiers, objective, decode=decode)
     joint = lambda assign: run.joint(problem.tiers, assign)  # noqa: E731
+    record = None
     if objective == "measured":
         refined = refine(problem, alloc, joint, max_rollouts)
-        alloc, value = refined.allocation, refined.joint
+        alloc, value, record = refined.allocation, refined.joint, verification_record(refined)
     else:
         value = joint(alloc.assign)
-    return plan_document(run.scores, problem, alloc), value
+    plan = plan_document(run.scores, problem, alloc)
+    if record is not None:
+        plan["verification"] = record
+    return plan, value
 
 
 def write_and_measure(run: FrontierRun, plan: dict[str, Any], rel: str) -> dict[str, Any]:

@@ -176,9 +176,10 @@ def _start(p: Problem, own_assign: list[int], own: float, fits: dict[str, list[i
 
 
 MARGIN = 1.0  # standard errors a plan must win by to replace the incumbent
+MAX_ROLLOUTS = 30  # joint rollouts of one refinement, at most (the --max-rollouts default)
 
 
-def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = 30,
+def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = MAX_ROLLOUTS,
            margin: float = MARGIN, gamma_min: float = GAMMA_MIN) -> Refinement:
     """Joint check against uniform, then bounded local search; rollouts capped at `max_rollouts`.
 

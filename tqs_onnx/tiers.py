@@ -156,6 +156,9 @@ class Tier:
 
 
 DECODES = ("auto", "dq", "load", "load-compact")
+# What `sweep --tiers` measures by default (the demo and the benchmarks too).
+DEFAULT_SWEEP_TIERS = ("bf16,int8,int8/channel,int6/channel,int4,int4/channel,int2,int2/channel,"
+                       "int8/channel/gptq,int6/channel/gptq,int4/channel/gptq,int2/channel/gptq")
 FUSED_CONSUMERS = {"MatMul", "Gemm"}  # ORT fuses DequantizeLinear of their 2-D B weight into MatMulNBits
 
 
