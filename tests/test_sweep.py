@@ -112,6 +112,65 @@ def test_resume_after_interruption_gives_same_scores(tmp_path):
     assert len(Checkpoint(ckpt, "x").path.read_text().splitlines()) == 1 + len(full["blocks"])
 
 
+def _swept_with_checkpoint(tmp_path):
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    config = SweepConfig(probes=2, min_size=16, blocks="tensor", tiers=["int8"])
+    model = load_model(paths["model"])
+    ckpt = tmp_path / "ck.jsonl"
+    full = run_sweep(model, spec, ctx, CPU, config, ckpt, quiet=True)
+    return (model, spec, ctx, config, ckpt), full
+
+
+def test_resume_rescores_rows_that_are_not_block_scores(tmp_path):
+    """Rows edited or damaged by hand (not a dict, no id, an unknown field) are scored again, no traceback."""
+    (model, spec, ctx, config, ckpt), full = _swept_with_checkpoint(tmp_path)
+    head, *rows = ckpt.read_text().splitlines()
+    extra = json.loads(rows[0])
+    extra["surprise"] = 1
+    no_id = json.loads(rows[1])
+    del no_id["id"]
+    for damaged in ([json.dumps(extra), *rows[1:]], [rows[0], json.dumps(no_id), *rows[2:]],
+                    [rows[0], "[1, 2]", *rows[2:]]):
+        ckpt.write_text("\n".join([head, *damaged]) + "\n")
+        resumed = run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)
+        strip = lambda d: [{k: v for k, v in x.items() if k not in ("seconds", "forward_passes")} for x in d["blocks"]]
+        assert strip(resumed) == strip(full)
+
+
+def test_an_empty_checkpoint_is_called_damaged_and_another_devices_refused(tmp_path):
+    from tqs_onnx.errors import TqsError
+
+    (model, spec, ctx, config, ckpt), _ = _swept_with_checkpoint(tmp_path)
+    # The fingerprint names the device: a CPU run's rows are not resumed on CUDA (refused before set-up).
+    with pytest.raises(TqsError, match="belongs to another run"):
+        run_sweep(model, spec, ctx, Device("cuda"), config, ckpt, resume=True, quiet=True)
+    for text in ("", '{"fingerp'):
+        ckpt.write_text(text)
+        with pytest.raises(TqsError, match="empty or damaged"):
+            run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)
+
+
+def test_a_changed_external_data_file_makes_another_model(tmp_path):
+    """A model's identity (scores, plans, checkpoints) covers its external data, not only the .onnx file."""
+    import onnx
+    from tqs_onnx.graph import file_digest
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    alone = load_model(paths["model"])
+    assert alone.sha256 == file_digest(paths["model"])
+    m = onnx.load(str(paths["model"]))
+    ext = tmp_path / "ext.onnx"
+    onnx.save_model(m, str(ext), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+                    size_threshold=0)
+    before, onnx_file = load_model(ext).sha256, file_digest(ext)
+    data = (tmp_path / "ext.data").read_bytes()
+    (tmp_path / "ext.data").write_bytes(data[:-4] + bytes(4))
+    after = load_model(ext).sha256
+    assert before != after and file_digest(ext) == onnx_file  # the .onnx file alone did not change
+
+
 def test_resume_rescores_a_block_whose_weights_were_ordered_otherwise(tmp_path):
     """A checkpoint row from an older grouping (its weights in another order, so other Gaussian draws)
     is not reused: that block is scored again."""

@@ -274,10 +274,12 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
     require_ray()
     if workers < 1:
         raise TqsError(f"--workers must be >= 1, not {workers}")
-    ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config)) if checkpoint else None
     with ray_session(address) as ray:
         cluster = ray.cluster_resources()
         kind = worker_device(device, cluster)
+        ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, kind)) if checkpoint else None
+        if ckpt:
+            ckpt.check(resume)  # before the workers start
         resources, threads = worker_resources(workers, kind, cluster)
         job = WorkerJob(str(loaded.path.resolve()), loaded.sha256, spec.to_dict(), asdict(config), kind, threads)
         pool = WorkerPool.launch(ray, job, contexts.arrays, workers, resources)

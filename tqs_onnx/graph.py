@@ -240,6 +240,20 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def model_digest(path: Path, data_files: list[Path]) -> str:
+    """A model's identity: the sha256 of its file, or, where it keeps weights in external-data files,
+    of the file's digest followed by each data file's name (relative to the model's folder) and digest,
+    so that changed weights make another model."""
+    own = file_digest(path)
+    if not data_files:
+        return own
+    h = hashlib.sha256(own.encode())
+    folder = path.parent.resolve()  # as _check_external_data resolves the data files
+    for f in sorted(data_files):
+        h.update(f"\0{f.relative_to(folder).as_posix()}\0{file_digest(f)}".encode())
+    return h.hexdigest()
+
+
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Read an ONNX file as untrusted input; any problem becomes a one-line TqsError."""
     path = Path(path)
@@ -270,7 +284,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     _check_tensor_sizes(model, path)
     _check_acyclic(model, path)
     total = path.stat().st_size + sum(f.stat().st_size for f in data_files)
-    return LoadedModel(path, model, total, file_digest(path), data_files)
+    return LoadedModel(path, model, total, model_digest(path, data_files), data_files)
 
 
 def main_opset(model: onnx.ModelProto) -> int:

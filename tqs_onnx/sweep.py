@@ -501,20 +501,25 @@ class Checkpoint:
     def load(self) -> dict[Any, dict]:
         if not self.path.exists():
             return {}
-        lines = self.path.read_text().splitlines()
+        lines = self.path.read_text(errors="replace").splitlines()
         try:
-            head = json.loads(lines[0]) if lines else {}
+            head = json.loads(lines[0]) if lines else None
         except json.JSONDecodeError:
-            head = {}
-        if head.get("fingerprint") != self.fingerprint:
+            head = None
+        if not isinstance(head, dict) or "fingerprint" not in head:
+            raise TqsError(f"{self.path}: checkpoint is empty or damaged (no run fingerprint on its first line); "
+                           "delete it to start again")
+        if head["fingerprint"] != self.fingerprint:
             raise TqsError(f"{self.path}: checkpoint belongs to another run (model, scores, spec, contexts, "
-                           "options or the tool's version differ); delete it to start again")
+                           "options, device or the tool's version differ); delete it to start again")
         done = {}
         for line in lines[1:]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 break  # the block in flight when the run was killed
+            if not isinstance(row, dict) or not isinstance(row.get("id"), (int, str)):
+                break  # damaged: this row and those after it are done again
             done[row["id"]] = row
         return done
 
@@ -552,9 +557,11 @@ class Checkpoint:
             os.fsync(f.fileno())
 
 
-def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, config: SweepConfig) -> str:
+def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, config: SweepConfig,
+                 device_kind: str) -> str:
     h = hashlib.sha256()
-    h.update(loaded.sha256.encode())
+    h.update(loaded.sha256.encode())  # the model file and its external data
+    h.update(device_kind.encode())  # another provider runs other kernels: its scores differ in the digits
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     h.update(divergence_mode().encode())  # the two engines round differently on the CPU (float32 / float64)
     h.update(PASSES_VERSION.encode())
@@ -578,18 +585,24 @@ def contexts_digest(spec: RolloutSpec, contexts: Contexts) -> str:
     return memo[text]
 
 
-def _from_row(row: dict) -> BlockScore:
-    row = dict(row)
-    for key in ("quant", "gauss"):
-        if row.get(key) is not None:
-            row[key] = ProbeScore(**row[key])
-    return BlockScore(**row)
+def _from_row(row: dict) -> BlockScore | None:
+    """The row's block score, or None where the row is not one (edited or damaged by hand)."""
+    try:
+        row = dict(row)
+        for key in ("quant", "gauss"):
+            if row.get(key) is not None:
+                row[key] = ProbeScore(**row[key])
+        return BlockScore(**row)
+    except (TypeError, ValueError):
+        return None
 
 
 def resumed_scores(rows: dict[int, dict], weights: dict[int, list[str]]) -> dict[int, BlockScore]:
     """Checkpoint rows still valid for blocks id -> tensors: a row whose tensors are listed otherwise
-    (an older grouping, so other Gaussian draws) is left out and its block scored again."""
-    return {i: _from_row(r) for i, r in rows.items() if r["weights"] == weights.get(i)}
+    (an older grouping, so other Gaussian draws), or that is no block score, is left out and its block
+    scored again."""
+    scores = {i: _from_row(r) for i, r in rows.items() if r.get("weights") == weights.get(i)}
+    return {i: score for i, score in scores.items() if score is not None}
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -599,8 +612,12 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
               quiet: bool = False) -> dict[str, Any]:
     """Score every block; return the scores document (also what `sweep -o` writes)."""
     tiers = [parse_tier(t) for t in config.tiers]
+    ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, device.kind)) if checkpoint else None
+    if ckpt:
+        ckpt.check(resume)  # before the set-up, which on a large model takes minutes
+        if resume and not ckpt.path.exists() and not quiet:
+            print(f"note: no checkpoint at {ckpt.path}: scoring every block", file=sys.stderr)
     setup = prepare(loaded, spec, contexts, device, config)
-    ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config)) if checkpoint else None
     done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})
     scores: list[BlockScore] = []
     for block in progress(setup.blocks, "sweep", quiet, unit="block"):
