@@ -260,6 +260,23 @@ def test_a_weight_also_read_inside_a_subgraph_gets_no_statistics():
     assert _readers(m, {"W"}) == {}
 
 
+def test_a_new_plan_at_an_old_plans_path_never_breaks_the_old_pair(gptq_case, tmp_path):
+    """The codes file is named by its sha256: codes written for a new plan (an allocate killed before its
+    plan was in place) leave the old plan applicable; once the new plan is written, the old file goes."""
+    from tqs_onnx.rounding import save_codes
+
+    paths, scores = gptq_case
+    plan_path = tmp_path / "plan.json"
+    assert _allocate(paths, scores, plan_path, tiers="int4/channel/gptq") == 0
+    old_codes = codes_path(plan_path)
+    save_codes({("W1", "int2/channel"): np.zeros((2, 2), np.int8)}, plan_path, ["W1"])  # then killed
+    assert len(list(tmp_path.glob("plan.*.codes.npz"))) == 2
+    assert main(["apply", str(paths["model"]), str(plan_path), "-o", str(tmp_path / "a.onnx"), "--quiet"]) == 0
+    assert _allocate(paths, scores, plan_path, tiers="int2/channel/gptq") == 0
+    assert list(tmp_path.glob("plan.*.codes.npz")) == [codes_path(plan_path)] and not old_codes.exists()
+    assert main(["apply", str(paths["model"]), str(plan_path), "-o", str(tmp_path / "b.onnx"), "--quiet"]) == 0
+
+
 def test_a_gptq_plan_goes_to_a_new_folder_and_an_edited_one_is_refused(gptq_case, tmp_path, capsys):
     paths, scores = gptq_case
     plan_path = tmp_path / "new" / "plan.json"

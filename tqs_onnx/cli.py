@@ -142,7 +142,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document
-    from tqs_onnx.rounding import codes_path
+    from tqs_onnx.rounding import remove_stale_codes
     from tqs_onnx.tiers import parse_tier
 
     if not (a.margin >= 0 and math.isfinite(a.margin)):
@@ -151,8 +151,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
         raise TqsError("--rollout and --contexts are used only with --verify-model MODEL (the joint check)")
     scores = load_scores(a.scores)
     # Also the swept model and its data files (its path as the sweep was given it, if found from here).
-    _check_output_files(a.output, codes_path(a.output), inputs=(a.scores, a.verify_model, a.rollout, a.contexts,
-                                                                scores.get("model", {}).get("path")))
+    _check_output_files(a.output, inputs=(a.scores, a.verify_model, a.rollout, a.contexts,
+                                          scores.get("model", {}).get("path")))
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               a.gamma_min, a.decode, gptq=bool(a.verify_model))
     refinement = setup = None
@@ -182,6 +182,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
 
         plan["verification"] = verification_record(refinement, a.margin)
     _write_json(a.output, plan)
+    if a.output:
+        remove_stale_codes(a.output, plan)
     if not a.quiet:
         from tqs_onnx.tables import format_plan
 

@@ -16,6 +16,7 @@ from tqs_onnx.graph import load_model
 from tqs_onnx.joint_check import joint_check, verification_record
 from tqs_onnx.refine import is_baseline, rank_key, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
+from tqs_onnx.rounding import remove_stale_codes
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
 from tqs_onnx.sweep import SweepConfig, run_sweep, write_plan_codes
@@ -68,6 +69,7 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     for name, plan in plans.items():  # /gptq integers beside each plan, as `allocate` writes them
         codes[name] = write_plan_codes(setup, plan, out / f"plan-{name}.json")
         atomic_write_json(out / f"plan-{name}.json", plan)
+        remove_stale_codes(out / f"plan-{name}.json", plan)
     _say(quiet, f"== 3. allocate at {compression:g}x (measured objective, joint check, "
          f"{refined.rollouts} joint rollouts)\n{format_plan(plans['tqs-measured'])}\n")
 

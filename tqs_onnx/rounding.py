@@ -19,9 +19,13 @@ measured damage, the joint check and the written model see the same values.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import io
+import json
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -366,25 +370,53 @@ class Rounding:
         return self.codes.get(key)
 
 
-def codes_path(plan_path: str | os.PathLike) -> Path:
+def _codes_name(plan_path: str | os.PathLike, digest: str) -> Path:
     p = Path(plan_path)
-    return p.with_name(p.name.removesuffix(".json") + CODES_SUFFIX)
+    return p.with_name(f"{p.name.removesuffix('.json')}.{digest[:12]}{CODES_SUFFIX}")
+
+
+def codes_path(plan_path: str | os.PathLike) -> Path:
+    """The codes file the plan at `plan_path` names (beside it)."""
+    p = Path(plan_path)
+    try:
+        return p.with_name(Path(str(json.loads(p.read_text())["rounding"]["file"])).name)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TqsError(f"{p}: not a plan that names a codes file") from None
 
 
 def save_codes(codes: dict[tuple[str, str], np.ndarray], plan_path: str | os.PathLike,
                with_statistics: list[str]) -> dict[str, Any]:
     """Write the plan's /gptq codes beside it (atomically); the plan's `rounding` entry names the file
-    and the weights that have statistics (any of them at a /gptq tier must have its codes)."""
-    path = codes_path(plan_path)
+    and the weights that have statistics (any of them at a /gptq tier must have its codes).
+
+    The file is named by the plan and its own sha256 (`plan.<sha256[:12]>.codes.npz`), so writing a new
+    plan at a plan's path never replaces the codes the old plan reads: killed before the new plan is in
+    place, the old pair still applies. `remove_stale_codes` drops the old file once the plan is written."""
     keys = sorted(codes)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{f"c{i}": codes[k] for i, k in enumerate(keys)})
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    path = _codes_name(plan_path, digest)
 
     def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would add '.npz' to a path
-            np.savez_compressed(f, **{f"c{i}": codes[k] for i, k in enumerate(keys)})
+        tmp.write_bytes(data)
 
     atomic_write(path, write)
-    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    return {"file": path.name, "sha256": digest,
             "keys": [list(k) for k in keys], "weights_with_statistics": sorted(with_statistics)}
+
+
+def remove_stale_codes(plan_path: str | os.PathLike, plan: dict[str, Any]) -> None:
+    """After `plan` is written at `plan_path`: remove the codes files earlier plans at that path named
+    (`plan.<12 hex digits>.codes.npz`, or `plan.codes.npz` of versions before), except the plan's own."""
+    p = Path(plan_path)
+    stem = p.name.removesuffix(".json")
+    keep = ((plan.get("rounding") or {}).get("file") if isinstance(plan.get("rounding"), dict) else None)
+    pattern = re.compile(re.escape(stem) + r"(\.[0-9a-f]{12})?" + re.escape(CODES_SUFFIX))
+    for old in p.parent.glob(f"{glob.escape(stem)}*{CODES_SUFFIX}"):
+        if old.name != keep and pattern.fullmatch(old.name):
+            old.unlink(missing_ok=True)
 
 
 def load_codes(plan: dict[str, Any], plan_path: str | os.PathLike) -> dict[tuple[str, str], np.ndarray]:
