@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -1083,3 +1084,63 @@ def test_probe_that_blows_up_is_recorded_and_the_sweep_goes_on(tmp_path):
         assert not b["nonfinite"] and math.isfinite(b["quant"]["gamma_task"]) and math.isfinite(b["damage"]["int4"])
     assert main(["allocate", str(out), "--compression", "1.5", "-o", str(tmp_path / "p.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "p.json").read_text())["weights"]["We"] in ("fp32", "bf16")
+
+
+# ------------------------------------------------------------------------ outputs and leftovers
+
+def test_an_output_that_is_a_fifo_or_too_long_a_name_is_refused_before_any_work(base, tmp_path, capfd):
+    fifo = tmp_path / "out.onnx"
+    os.mkfifo(fifo)
+    rc, err = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(fifo)], capfd)
+    assert rc == 2 and "not a regular file" in err and len(err.strip().splitlines()) == 1
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the FIFO
+    long = tmp_path / ("s" * 250 + ".json")
+    rc, err = run_cli(["allocate", str(base["scores"]), "--compression", "2", "-o", str(long)], capfd)
+    assert rc == 2 and "file name too long" in err and not long.exists()
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_a_live_runs_kept(base, tmp_path, capfd):
+    """Temporaries name their process: the next write beside them removes those whose process is gone."""
+    out = tmp_path / "m.onnx"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_dir = tmp_path / f".m.onnx.{dead.pid}.abcd1234"
+    stale_dir.mkdir()
+    (stale_dir / "m.onnx").write_bytes(b"x" * 100)
+    stale_file = tmp_path / f".m.onnx.{dead.pid}.wxyz_987.tmp"
+    stale_file.write_bytes(b"y")
+    live = tmp_path / f".m.onnx.{os.getppid()}.abcd1234"  # a running process's work
+    live.mkdir()
+    rc, _ = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(out), "--quiet"], capfd)
+    assert rc == 0 and out.is_file()
+    assert not stale_dir.exists() and not stale_file.exists() and live.is_dir()
+
+
+def test_apply_refuses_to_write_over_its_plans_codes_file(tmp_path, capfd):
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    scores, plan = tmp_path / "s.json", tmp_path / "p.json"
+    rollout = ["--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"])]
+    assert main(["sweep", str(paths["model"]), *rollout, "-o", str(scores), "--probes", "1", "--min-size", "16",
+                 "--quiet", "--tiers", "int4/channel,int4/channel/gptq"]) == 0
+    assert main(["allocate", str(scores), "--compression", "1", "--tiers", "int4/channel/gptq", "-o", str(plan),
+                 "--verify-model", str(paths["model"]), *rollout, "--quiet"]) == 0
+    codes = tmp_path / json.loads(plan.read_text())["rounding"]["file"]
+    before = codes.read_bytes()
+    rc, err = run_cli(["apply", str(paths["model"]), str(plan), "-o", str(codes)], capfd)
+    assert rc == 2 and "refusing to overwrite the input" in err and codes.read_bytes() == before
+
+
+def test_the_demo_removes_what_an_earlier_demo_left_under_other_names(tmp_path):
+    from tqs_onnx.demo import DEMO, run_demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    old = [out / "plan-uniform-int1.json", out / "plan-uniform-int1.0123456789ab.codes.npz",
+           out / f"{DEMO}.uniform-int1.onnx"]
+    for p in old:
+        p.write_text("from an earlier run")
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    run_demo(out, quiet=True)
+    assert not any(p.exists() for p in old) and keep.exists()
+    assert (out / "plan-tqs-measured.json").is_file()

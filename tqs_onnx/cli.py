@@ -50,6 +50,7 @@ def _check_output_files(*paths: str | None, inputs: tuple[str | None, ...] = ())
     files (it would be replaced by the output), an input model's external-data files included, before
     any work is done."""
     from tqs_onnx.graph import external_data_files
+    from tqs_onnx.util import check_output_target
 
     given = {Path(i).resolve(): i for i in inputs if i}
     for i in [i for i in inputs if i and i.endswith(".onnx") and Path(i).is_file()]:
@@ -65,6 +66,7 @@ def _check_output_files(*paths: str | None, inputs: tuple[str | None, ...] = ())
             raise TqsError(f"{p}: cannot write here, '{parent}' is not a folder")
         if p.resolve() in given:
             raise TqsError(f"{p}: refusing to overwrite the input '{given[p.resolve()]}' of this command")
+        check_output_target(p)
 
 
 class _UsageError(Exception):
@@ -198,8 +200,14 @@ def cmd_apply(a: argparse.Namespace) -> int:
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
+    from tqs_onnx.rounding import codes_path
+
+    try:
+        codes = str(codes_path(a.plan))  # the plan's /gptq codes file is an input too
+    except TqsError:
+        codes = None  # no such plan, or one without codes: load_plan says what is wrong
     _check_output_files(a.output, a.report, f"{a.output}.data" if a.external_data else None,
-                        inputs=(a.model, a.plan, a.rollout, a.contexts))
+                        inputs=(a.model, a.plan, a.rollout, a.contexts, codes))
     if bool(a.rollout) != bool(a.contexts):
         raise TqsError("--rollout and --contexts go together (the written model is verified by a rollout on the "
                        "contexts); without both it is checked on one step of synthetic inputs")
@@ -324,6 +332,9 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     ckpt = frontier_checkpoint(out, loaded, [a.scores, a.contexts, a.eval_contexts], spec, config, device)
     ckpt.check(a.resume)  # before the reference rollouts
+    if not a.resume:  # an earlier frontier here no longer describes the models this run overwrites
+        for name in FRONTIER_FILES:
+            (out / name).unlink(missing_ok=True)
     run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
     doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume)
     json_path, csv_path = write_frontier(out, doc)
@@ -641,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while the libraries still load
+        print("tqs-onnx: interrupted", file=sys.stderr)
+        return 130
     try:
         from tqs_onnx.runtime import check_settings
 
@@ -656,9 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command in ("sweep", "pareto"):
-            from tqs_onnx.pareto import CHECKPOINT_NAME
+            from tqs_onnx.util import FRONTIER_CHECKPOINT  # light: the interrupt may come while libraries load
 
-            ckpt = checkpoint_path(args) if args.command == "sweep" else Path(args.output) / CHECKPOINT_NAME
+            ckpt = checkpoint_path(args) if args.command == "sweep" else Path(args.output) / FRONTIER_CHECKPOINT
             what = "blocks" if args.command == "sweep" else "points"
             if ckpt.exists():
                 hint = f"; the finished {what} are kept in {ckpt}: run the same command with --resume to go on"

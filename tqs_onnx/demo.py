@@ -77,13 +77,25 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     for name, plan in plans.items():
         path = out / f"{DEMO}.{name}.onnx"
         model, _ = rewrite_model(loaded, plan, codes=codes[name])
-        save_model(model, path, keep=loaded.files)
-        verify_written(path, device, spec, eval_ctx.subset(slice(0, 1)))
+        save_model(model, path, keep=loaded.files,  # verified before it takes the final name
+                   check=lambda tmp: verify_written(tmp, device, spec, eval_ctx.subset(slice(0, 1)), label=path))
         report = evaluate(loaded.path, path, spec, eval_ctx, device)
         rows.append(_row(name, loaded.file_bytes, report["compression"]["candidate_bytes"], report, plan))
+    _remove_earlier_runs(out, plans)
     _say(quiet, f"== 4. apply + 5. eval on {eval_ctx.count} held-out contexts (never used by the sweep)\n"
          f"{format_table(rows)}\n\nwrote {out}/ in {time.perf_counter() - t0:.1f} s")
     return rows
+
+
+def _remove_earlier_runs(out: Path, plans: dict[str, dict]) -> None:
+    """The plans and models an earlier demo left in `out` under names this run did not write (another
+    target picks another uniform baseline)."""
+    names = {f"plan-{n}.json" for n in plans} | {f"{DEMO}.{n}.onnx" for n in plans}
+    for path in [*out.glob("plan-*.json"), *out.glob(f"{DEMO}.*.onnx")]:
+        if path.name not in names and path.is_file():
+            if path.suffix == ".json":
+                remove_stale_codes(path, {})
+            path.unlink()
 
 
 def _best_uniform(problem, uniform_scores: dict[str, float]):

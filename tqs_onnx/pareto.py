@@ -33,7 +33,7 @@ from tqs_onnx.runtime import Device
 from tqs_onnx.prepare import PASSES_VERSION
 from tqs_onnx.sweep import Checkpoint, SweepSetup, divergence_mode, joint_divergence, plan_codes, setup_for_scores
 from tqs_onnx.tiers import Tier, parse_tiers
-from tqs_onnx.util import atomic_write, atomic_write_json, progress
+from tqs_onnx.util import FRONTIER_CHECKPOINT, atomic_write, atomic_write_json, progress
 
 OBJECTIVES = ("measured", "paper", "both")
 PAPER_TIERS = "fp32,bf16,int8,int4,int2"
@@ -188,12 +188,9 @@ def write_and_measure(run: FrontierRun, plan: dict[str, Any], rel: str) -> dict[
         return {**run.evaluated[key], "reused": True}
     path = run.out_dir / rel
     model, _ = rewrite_model(run.loaded, plan, codes=run.codes(plan["weights"]))
-    save_model(model, path, keep=run.loaded.files)
-    try:
-        verify_written(path, run.device, run.spec, run.eval_contexts.subset(slice(0, 1)))
-    except TqsError:
-        remove_model(path)
-        raise
+    save_model(model, path, keep=run.loaded.files,  # verified before it takes the final name
+               check=lambda tmp: verify_written(tmp, run.device, run.spec, run.eval_contexts.subset(slice(0, 1)),
+                                                label=path))
     written = load_model(path)
     errors = compare(run.reference, rollouts(path, run.spec, run.eval_contexts, run.device), run.spec, run.truth)
     if not all(e["finite"] for e in errors.values()):
@@ -393,7 +390,7 @@ def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False,
     return frontier_document(run, config, targets, reachable, points, baselines, notes, time.perf_counter() - t0)
 
 
-CHECKPOINT_NAME = "frontier.ckpt.jsonl"
+CHECKPOINT_NAME = FRONTIER_CHECKPOINT
 
 
 def frontier_checkpoint(out_dir: Path, loaded: LoadedModel, inputs: list[str | None], spec: RolloutSpec,

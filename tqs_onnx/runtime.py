@@ -157,11 +157,12 @@ def cuda_options() -> dict[str, str]:
 
 
 def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: int = 0, optimize: bool = True,
-                 shared_stream: bool = False, cuda_graph: bool = False, config: dict[str, str] | None = None):
+                 shared_stream: bool = False, cuda_graph: bool = False, config: dict[str, str] | None = None,
+                 label: str | None = None):
     """One ORT session; all optimisations on (basic only when `optimize` is False), logging off;
     `config`: session config entries (e.g. session.qdq_matmulnbits_accuracy_level).
 
-    `model` may be a proto, bytes or a path. `shared_stream`: on CUDA, run on `cuda_stream()`.
+    `model` may be a proto, bytes or a path; `label` names it in errors (default: the path). `shared_stream`: on CUDA, run on `cuda_stream()`.
     `cuda_graph`: on CUDA, ORT captures each run (per `gpu_graph_id`) as a CUDA graph and replays it;
     every bound input and output must then keep its address from one run to the next.
     """
@@ -195,7 +196,8 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
     try:
         return ort.InferenceSession(model, so, providers=providers)
     except Exception as exc:
-        raise TqsError(f"ONNX Runtime cannot load the model: {first_line(exc)}") from None
+        name = label or (str(model) if isinstance(model, (str, os.PathLike)) else "the model")
+        raise TqsError(f"{name}: ONNX Runtime cannot load it: {first_line(exc)}") from None
 
 
 def io_signature(session) -> tuple[dict[str, tuple], dict[str, tuple]]:

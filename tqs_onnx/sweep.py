@@ -171,7 +171,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     if divergence_mode() == "model" and set(spec.trajectory) <= {o.name for o in model.graph.output}:
         measured = AddDivergenceOutputs(spec.trajectory).run(model)
         model, pairs = measured.model, measured.report["pairs"]
-    session = make_session(model, device, threads, shared_stream=shared)
+    session = make_session(model, device, threads, shared_stream=shared, label=str(loaded.path))
     inputs, outputs = io_signature(session)
     weight_inputs = set(names)
     extra = {sq for _, sq in pairs.values()}

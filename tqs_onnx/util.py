@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+FRONTIER_CHECKPOINT = "frontier.ckpt.jsonl"  # pareto's checkpoint in its output folder
 
 
 # ORT puts the C++ source location and function signature before its message:
@@ -61,11 +64,62 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise TqsError(f"{path}: not a readable {what} JSON ({type(exc).__name__})") from None
 
 
+def temp_prefix(path: Path) -> str:
+    """The start of the name of a temporary beside `path` (file or folder) made by this process: it names
+    the process, so a later run can tell a killed run's leftovers from a live run's work."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def check_output_target(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output path whose temporaries the file system cannot name, or that
+    exists but is not a regular file (a device such as /dev/null, a FIFO: the rename would replace it)."""
+    from tqs_onnx.errors import TqsError
+
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise TqsError(f"{path}: output exists and is not a regular file (a device, FIFO or socket); "
+                       "give a file name")
+    folder = next((q for q in path.parents if q.exists()), Path("."))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = len(temp_prefix(path)) + 8 + len(".tmp")  # the random part and suffix mkstemp adds
+    if len(path.name.encode()) + len(".ckpt.jsonl") > limit or longest > limit:
+        raise TqsError(f"{path}: file name too long for this file system (limit {limit} bytes, and the "
+                       f"temporary or checkpoint written beside it adds up to {longest - len(path.name)} more)")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries beside `path` that a killed run left (`temp_prefix` + mkstemp's or
+    mkdtemp's 8 random characters; their process is gone)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[A-Za-z0-9_]{8}(\.tmp)?")
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        match = pattern.fullmatch(leftover.name)
+        if match and not _alive(int(match.group(1))):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temp path beside `path`, fsync, then rename over `path`."""
     path = Path(path)
+    check_output_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
