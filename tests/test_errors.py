@@ -112,3 +112,38 @@ def test_cuda_provider_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("TQS_TF32", "yes")
     with pytest.raises(TqsError, match="TQS_TF32"):
         cuda_options()
+
+
+def _edit(doc, how):
+    b0 = doc["blocks"][0]
+    if how == "block removed":
+        doc["blocks"] = doc["blocks"][1:]
+    elif how == "block twice":
+        doc["blocks"].append(dict(b0))
+    elif how == "NaN gamma":
+        b0["quant"]["gamma_task"] = float("nan")
+    elif how == "damage a list":
+        b0["damage"] = [1.0]
+    elif how == "damage a string":
+        b0["damage"] = {"int8": "small"}
+    elif how == "no name":
+        del b0["name"]
+    elif how == "shape of strings":
+        next(iter(doc["weights"].values()))["shape"] = ["4", "4"]
+    elif how == "axis outside the shape":
+        next(iter(doc["weights"].values()))["channel_axis"] = 7
+    elif how == "opset delta a string":
+        doc["model"]["opset_graph_delta"] = {"21": "many"}
+    return doc
+
+
+@pytest.mark.parametrize("how", ["block removed", "block twice", "NaN gamma", "damage a list", "damage a string",
+                                 "no name", "shape of strings", "axis outside the shape", "opset delta a string"])
+def test_a_hand_edited_scores_file_is_one_line(case, capsys, how):
+    """The allocator checks every field it reads: a scores file with a block removed would otherwise plan a
+    size the written file cannot have; other edits would end in tracebacks."""
+    edited = case["dir"] / "edited.json"
+    edited.write_text(json.dumps(_edit(json.loads(case["scores"].read_text()), how)))
+    for objective in ("measured", "paper"):
+        one_line_error(capsys, ["allocate", str(edited), "--compression", "2", "--objective", objective,
+                                "-o", str(case["dir"] / "p.json")], "malformed scores file")

@@ -142,31 +142,72 @@ def load_scores(path: str | os.PathLike, sizes: bool = True) -> dict[str, Any]:
     return doc
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    """A number, inf allowed (a diverged probe), NaN not."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
 def _check_scores(doc: dict[str, Any], path: Path) -> None:
-    """The fields the allocator reads exist and have the right types (the file may be hand-edited)."""
+    """Every field the allocator reads exists with the right type, and the blocks cover the quantizable
+    weights once each (the file may be hand-edited: a wrong field is one line, not a traceback)."""
     def bad(what: str) -> TqsError:
         return TqsError(f"{path}: malformed scores file ({what})")
 
     model, weights, blocks = doc.get("model"), doc.get("weights"), doc.get("blocks")
-    if not isinstance(model, dict) or not all(isinstance(model.get(k), int) for k in ("file_bytes", "fixed_bytes")):
-        raise bad("'model' needs integer file_bytes and fixed_bytes")
+    if not isinstance(model, dict) or not all(_is_int(model.get(k)) for k in ("file_bytes", "fixed_bytes",
+                                                                               "quantizable_bytes")):
+        raise bad("'model' needs integer file_bytes, fixed_bytes and quantizable_bytes")
+    if model["file_bytes"] <= 0 or not _is_int(model.get("graph_bytes", 0)):
+        raise bad("'model' needs a positive file_bytes and an integer graph_bytes")
+    deltas = model.get("opset_graph_delta") or {}
+    if not isinstance(deltas, dict) or not all(str(k).isdecimal() and _is_int(v) for k, v in deltas.items()):
+        raise bad("'model.opset_graph_delta' maps opsets to byte counts")
     if not isinstance(doc.get("config"), dict):
         raise bad("'config' missing")
-    if not isinstance(weights, dict) or not all(
-            isinstance(w, dict) and isinstance(w.get("shape"), list) and isinstance(w.get("bits"), int)
-            for w in weights.values()):
-        raise bad("'weights' needs a shape and bits per weight")
+    if not isinstance(weights, dict) or not weights:
+        raise bad("'weights' missing or empty")
+    for name, w in weights.items():
+        if not isinstance(w, dict) or not isinstance(w.get("shape"), list) or not all(
+                _is_int(d) and d >= 0 for d in w["shape"]) or not _is_int(w.get("bits")) or w["bits"] <= 0:
+            raise bad(f"weight '{name}' needs a shape of integers and integer bits")
+        rank = len(w["shape"])
+        for axis in ("channel_axis", "block_axis"):
+            a = w.get(axis)
+            if a is not None and not (_is_int(a) and -rank <= a < rank):
+                raise bad(f"weight '{name}': {axis} {a!r} is no axis of its shape")
+        if not isinstance(w.get("consumer_ops") or [], list):
+            raise bad(f"weight '{name}': consumer_ops is a list")
     if not isinstance(blocks, list) or not blocks:
         raise bad("'blocks' missing or empty")
+    seen_ids, owner = set(), {}
     for b in blocks:
-        if not isinstance(b, dict) or not isinstance(b.get("weights"), list) or "id" not in b:
-            raise bad("every block needs an id and a list of weights")
-        missing = [n for n in b["weights"] if n not in weights]
+        if not isinstance(b, dict) or not _is_int(b.get("id")) or not isinstance(b.get("name"), str) \
+                or not isinstance(b.get("weights"), list) or not b["weights"] or not _is_int(b.get("size")):
+            raise bad("every block needs an integer id and size, a name and a list of weights")
+        if b["id"] in seen_ids:
+            raise bad(f"block id {b['id']} appears twice")
+        seen_ids.add(b["id"])
+        missing = [n for n in b["weights"] if not isinstance(n, str) or n not in weights]
         if missing:
             raise bad(f"block {b['id']} names weights {missing[:3]} that 'weights' does not describe")
-        if not any(isinstance(b.get(k), dict) and isinstance(b[k].get("gamma_task"), (int, float))
-                   for k in ("quant", "gauss")):
-            raise bad(f"block {b['id']} has no quant or gauss score")
+        for n in b["weights"]:
+            if n in owner:
+                raise bad(f"weight '{n}' is in blocks {owner[n]} and {b['id']}")
+            owner[n] = b["id"]
+        probes = [b.get(k) for k in ("quant", "gauss") if b.get(k) is not None]
+        if not probes or not all(isinstance(p, dict) and _is_number(p.get("gamma_task")) for p in probes):
+            raise bad(f"block {b['id']} needs a quant or gauss score with a gamma_task number (not NaN)")
+        damage = b.get("damage", {})
+        if not isinstance(damage, dict) or not all(isinstance(k, str) and _is_number(v) and v >= 0
+                                                   for k, v in damage.items()):
+            raise bad(f"block {b['id']}: damage maps tiers to measured divergences >= 0")
+    unplaced = [n for n in weights if n not in owner]  # the table lists the quantizable weights
+    if unplaced:
+        raise bad(f"weights {unplaced[:3]} are in no block (a block removed?)")
 
 
 def block_gamma(block: dict[str, Any], probe: str) -> float:

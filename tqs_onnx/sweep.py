@@ -585,8 +585,14 @@ def contexts_digest(spec: RolloutSpec, contexts: Contexts) -> str:
     return memo[text]
 
 
+_ROW_TYPES = {"id": int, "name": str, "weights": list, "size": int, "norm": (int, float), "damage": dict,
+              "dead": bool, "nonfinite": bool, "forward_passes": int, "unreached": bool}
+
+
 def _from_row(row: dict) -> BlockScore | None:
     """The row's block score, or None where the row is not one (edited or damaged by hand)."""
+    if any(k in row and not isinstance(row[k], t) for k, t in _ROW_TYPES.items()):
+        return None
     try:
         row = dict(row)
         for key in ("quant", "gauss"):
