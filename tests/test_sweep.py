@@ -403,3 +403,22 @@ def test_flop_floor_counts_the_multiply_adds_of_matmul_and_conv(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "2424 FLOP per forward pass (Conv 2304 FLOP, MatMul 120 FLOP)" in out
     assert "floor at 1e-06 TFLOPS: 2.4 ms per forward pass" in out and "at least 0.0 min" in out
+
+
+def test_an_ir3_model_listing_its_initializers_as_inputs_sweeps_like_its_ir9_copy(tmp_path):
+    """IR < 4 lists initializers as inputs and ORT then refuses to feed any initializer (the sweep feeds
+    its reference trajectory): the prepared graph is raised to IR 4, the weights staying constants."""
+    from onnx import helper
+
+    new = recurrent_mlp()
+    old = recurrent_mlp()
+    old.ir_version, old.opset_import[0].version = 3, 8
+    new.opset_import[0].version = 8
+    old.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                           for t in old.graph.initializer)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    a = sweep(save_case(tmp_path / "old", old, recurrent_spec(), recurrent_contexts()))
+    b = sweep(save_case(tmp_path / "new", new, recurrent_spec(), recurrent_contexts()))
+    gammas = lambda d: [(x["weights"], x["quant"]["gamma_task"]) for x in d["blocks"]]
+    assert gammas(a) == gammas(b)

@@ -37,6 +37,18 @@ class PreparedGraph:
     stubs: Stubs | None = None
 
 
+def _raise_to_ir4(model: onnx.ModelProto) -> None:
+    """IR < 4 lists every initializer as a graph input too, and ONNX Runtime then treats an initializer as
+    a constant that cannot be fed, so the sweep's own fed initializers (a reference trajectory with a
+    default) would fail. From IR 4 an initializer listed as an input is one a caller may override:
+    those listings are dropped (the weights stay constants, as IR 3 meant) and the IR raised to 4."""
+    names = {i.name for i in model.graph.initializer}
+    kept = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.ir_version = 4
+
+
 def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bool = False) -> PreparedGraph:
     """Inline local functions, lift hidden weights, factor expanded tables and store identical tensors
     once and store integer constants narrow (the last three are the lossless passes `factor` turns off)
@@ -80,6 +92,8 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
     # newer than the installed onnx knows is left for ONNX Runtime to refuse.
     if ORT_MAX_IR < out.ir_version <= onnx.IR_VERSION:
         out.ir_version = ORT_MAX_IR
+    if out.ir_version < 4:
+        _raise_to_ir4(out)
     origins = lifted.report.get("origins", {})
     if keep_detached:
         return PreparedGraph(out, origins, reports, detached.by_name(out))

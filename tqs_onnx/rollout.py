@@ -73,6 +73,15 @@ class RolloutSpec:
         for key in ("feedback", "initial", "per_step", "fixed", "constants", "truth", "channel_axis"):
             if not isinstance(raw.get(key, {}), dict):
                 raise TqsError(f"{where}: '{key}' must be a mapping")
+        for key in ("feedback", "initial", "per_step", "fixed", "truth"):  # names -> names
+            for k, v in (raw.get(key) or {}).items():
+                if not isinstance(v, str):
+                    raise TqsError(f"{where}: '{key}' maps names to names; '{k}' maps to {v!r}")
+        trajectory = raw.get("trajectory", [])
+        if not isinstance(trajectory, list) or not all(isinstance(t, str) for t in trajectory):
+            raise TqsError(f"{where}: 'trajectory' must be a list of output names, not {trajectory!r}")
+        if not isinstance(raw.get("name", ""), str):
+            raise TqsError(f"{where}: 'name' must be a string")
         channel_axis = {name: _integer(axis) for name, axis in (raw.get("channel_axis") or {}).items()}
         for name, axis in channel_axis.items():
             if axis is None:
