@@ -259,3 +259,16 @@ def test_a_challenger_must_beat_the_knapsacks_plan_by_the_margin_too():
     assert _start(p, [1, 2], own, fits, uniform, 1.0, [(noisy, [2, 1], "paper Alg. 2 (mckp)")])[2] == "allocator"
     got = _start(p, [1, 2], own, fits, uniform, 1.0, [(noisy, [2, 1], "a"), (clear, [0, 2], "b")])
     assert got[2] == "b" and got[0] == [0, 2]
+
+
+@pytest.mark.parametrize("text, needle", [("int4/block99999999999999999999", "block size must be"),
+                                          ("int4/block\u00b2", "unknown option"),
+                                          ("int4/block32/channel", "both set its granularity"),
+                                          ("int8/channel/fp16/fp32", "both set its scale type"),
+                                          ("int4/gptq/gptq", "given twice")])
+def test_tier_names_with_conflicting_or_out_of_range_options_are_refused(text, needle):
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.tiers import parse_tier
+
+    with pytest.raises(TqsError, match=needle):
+        parse_tier(text)

@@ -147,3 +147,43 @@ def test_a_hand_edited_scores_file_is_one_line(case, capsys, how):
     for objective in ("measured", "paper"):
         one_line_error(capsys, ["allocate", str(edited), "--compression", "2", "--objective", objective,
                                 "-o", str(case["dir"] / "p.json")], "malformed scores file")
+
+
+def test_a_hand_written_plan_may_not_rewrite_an_overridable_input(case, capsys):
+    """An initializer that is also a graph input is part of the model's interface: rewriting it would drop it."""
+    m = recurrent_mlp()
+    m.graph.input.append(onnx.helper.make_tensor_value_info("W1", onnx.TensorProto.FLOAT,
+                                                            list(next(i for i in m.graph.initializer if i.name == "W1").dims)))
+    path = case["dir"] / "ov.onnx"
+    onnx.save(m, path)
+    plan = case["dir"] / "ov.json"
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {"W1": "int8"}}))
+    one_line_error(capsys, ["apply", str(path), str(plan), "-o", str(case["dir"] / "o.onnx")],
+                   "W1", "cannot be rewritten", "overridable")
+
+
+def test_a_model_with_two_initializers_of_one_name_is_refused(case, capsys):
+    m = recurrent_mlp()
+    m.graph.initializer.append(next(i for i in m.graph.initializer if i.name == "W1"))
+    path = case["dir"] / "dup.onnx"
+    onnx.save(m, path)
+    one_line_error(capsys, ["inspect", str(path)], "dup.onnx", "two initializers are named 'W1'")
+
+
+def test_a_report_input_of_the_right_kind_but_no_content_is_one_line(case, capsys):
+    frontier = case["dir"] / "f.json"
+    frontier.write_text(json.dumps({"kind": "tqs-frontier"}))
+    one_line_error(capsys, ["report", str(case["scores"]), "--frontier", str(frontier), "-o",
+                            str(case["dir"] / "rep")], "f.json", "lacks points")
+
+
+def test_codes_that_are_not_integers_are_refused():
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.quant import quantize
+    from tqs_onnx.tiers import parse_tier
+
+    w = np.ones((2, 2), np.float32)
+    with pytest.raises(TqsError, match="must be integers"):
+        quantize(w, parse_tier("int4/channel"), 0, None, np.full((2, 2), np.nan))
+    with pytest.raises(TqsError, match="at most 7"):
+        quantize(w, parse_tier("int4/channel"), 0, None, np.full((2, 2), 65536, np.int64))

@@ -194,6 +194,15 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
                            f"need {n:,} (truncated or corrupt)")
 
 
+def _check_unique_initializers(model: onnx.ModelProto, path: Path) -> None:
+    """Two main-graph initializers of one name: which one a consumer reads is undefined."""
+    seen: set[str] = set()
+    for init in model.graph.initializer:
+        if init.name in seen:
+            raise TqsError(f"{path}: two initializers are named '{init.name}' (the model is invalid ONNX)")
+        seen.add(init.name)
+
+
 def _check_acyclic(model: onnx.ModelProto, path: Path) -> None:
     """Exports must be DAGs: a cycle would hang or crash every later stage."""
     for g in iter_graphs(model.graph):
@@ -282,6 +291,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         except Exception as exc:
             raise TqsError(f"{path}: cannot read external data ({exc})") from None
     _check_tensor_sizes(model, path)
+    _check_unique_initializers(model, path)
     _check_acyclic(model, path)
     total = path.stat().st_size + sum(f.stat().st_size for f in data_files)
     return LoadedModel(path, model, total, model_digest(path, data_files), data_files)

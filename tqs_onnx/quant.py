@@ -151,7 +151,9 @@ def quantize(w: np.ndarray, tier: Tier, channel_axis: int | None = None,
     """
     scale = scales_for(w, tier, channel_axis, block_axis)
     if codes is not None:
-        if codes.shape != w.shape or codes.size and int(np.abs(codes.astype(np.int16)).max()) > tier.qmax:
+        if codes.dtype.kind not in "iu":
+            raise TqsError(f"tier {tier}: codes must be integers, not {codes.dtype}")
+        if codes.shape != w.shape or codes.size and int(np.abs(codes.astype(np.int64)).max()) > tier.qmax:
             raise TqsError(f"tier {tier}: codes of shape {list(codes.shape)} (at most {tier.qmax} in magnitude "
                            f"expected) for a weight of shape {list(w.shape)}")
         return np.asarray(codes, np.int8).astype(_STORAGE[tier.fmt]), scale

@@ -35,7 +35,14 @@ def load_document(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     doc = read_json(path, kind)
     if not isinstance(doc, dict) or doc.get("kind") != kind:
         raise TqsError(f"{path}: not a {kind} document (kind '{doc.get('kind') if isinstance(doc, dict) else '?'}')")
+    missing = [k for k in REQUIRED.get(kind, ()) if k not in doc]
+    if missing:
+        raise TqsError(f"{path}: {kind} document lacks {', '.join(missing)} (not written by tqs-onnx?)")
     return doc
+
+
+REQUIRED = {"tqs-frontier": ("points", "uniform", "model"), "tqs-plan": ("blocks", "weights", "model"),
+            "tqs-eval": ("outputs", "compression")}
 
 
 def check_same_model(scores: dict[str, Any], doc: dict[str, Any] | None, where: str) -> None:

@@ -69,6 +69,9 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     return model, {**prepared.reports, **reports, "weight-forms": forms}
 
 
+INTERFACE_REASONS = ("also a graph input (overridable)", "graph output")  # graph.quantizable's wording
+
+
 def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, where: str = "plan",
                   source: Callable[[onnx.TensorProto], onnx.TensorProto] = lambda t: t,
                   ) -> tuple[dict[str, Tier], dict[str, tuple[int | None, int | None]], dict[str, dict]]:
@@ -90,6 +93,8 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
             tiers[name] = parse_tier(tier_text)
         except TqsError as exc:
             raise TqsError(f"{where}: weight '{name}': {exc}") from None
+        if not tiers[name].is_identity and w.reason in INTERFACE_REASONS:  # rewriting it changes the model's I/O
+            raise TqsError(f"{where}: weight '{name}' cannot be rewritten: {w.reason}")
         axes[name] = (info.get("channel_axis", w.channel_axis), info.get("block_axis", w.block_axis))
         if any(a is not None and (not isinstance(a, int) or not -len(w.shape) <= a < len(w.shape))
                for a in axes[name]):

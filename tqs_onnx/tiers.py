@@ -156,6 +156,7 @@ class Tier:
 
 
 DECODES = ("auto", "dq", "load", "load-compact")
+MAX_BLOCK = 1 << 20  # blocked scales: one per this many weights at most (a block of a whole large row)
 # What `sweep --tiers` measures by default (the demo and the benchmarks too).
 DEFAULT_SWEEP_TIERS = ("bf16,int8,int8/channel,int6/channel,int4,int4/channel,int2,int2/channel,"
                        "int8/channel/gptq,int6/channel/gptq,int4/channel/gptq,int2/channel/gptq")
@@ -222,7 +223,14 @@ def parse_tier(text: str) -> Tier:
     if fmt not in INT_BITS:
         raise TqsError(f"unknown tier '{text}' (formats: {', '.join([*FLOAT_BITS, *INT_BITS, ZERO])})")
     granularity, block, scale_fmt, at_load, mse, gptq = "tensor", 0, "fp32", False, False, False
+    seen: dict[str, str] = {}
     for p in parts[1:]:
+        kind = ("granularity" if p in ("tensor", "channel") or p.startswith("block") else
+                "scale type" if p in ("fp16", "fp32") else p)
+        if kind in seen:
+            raise TqsError(f"tier '{text}': " + (f"option '{p}' given twice" if seen[kind] == p
+                                                  else f"'{seen[kind]}' and '{p}' both set its {kind}"))
+        seen[kind] = p
         if p == "load":
             at_load = True
         elif p in ("mse", "gptq"):
@@ -231,8 +239,10 @@ def parse_tier(text: str) -> Tier:
             mse, gptq = mse or p == "mse", gptq or p == "gptq"
         elif p in ("tensor", "channel"):
             granularity = p
-        elif p.startswith("block") and p[5:].isdigit() and int(p[5:]) >= 2:
+        elif p.startswith("block") and p[5:].isascii() and p[5:].isdigit() and 2 <= int(p[5:]) <= MAX_BLOCK:
             granularity, block = "block", int(p[5:])
+        elif p.startswith("block") and p[5:].isascii() and p[5:].isdigit():
+            raise TqsError(f"tier '{text}': block size must be 2 to {MAX_BLOCK}")
         elif p in ("fp16", "fp32"):
             scale_fmt = p
         else:
