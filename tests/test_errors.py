@@ -187,3 +187,14 @@ def test_codes_that_are_not_integers_are_refused():
         quantize(w, parse_tier("int4/channel"), 0, None, np.full((2, 2), np.nan))
     with pytest.raises(TqsError, match="at most 7"):
         quantize(w, parse_tier("int4/channel"), 0, None, np.full((2, 2), 65536, np.int64))
+
+
+def test_an_input_of_unknown_rank_is_fed_the_contexts_arrays(tmp_path):
+    """ORT reports an input of unknown rank as () like a scalar: the rollout still feeds it the contexts'
+    arrays (a real scalar fed another shape fails in ORT's first run, as a one-line error)."""
+    m = recurrent_mlp()
+    for v in (*m.graph.input, *m.graph.output):
+        v.type.tensor_type.ClearField("shape")
+    paths = save_case(tmp_path, m, recurrent_spec(), recurrent_contexts())
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "-o", str(tmp_path / "s.json"), "--probes", "1", "--min-size", "16", "--quiet", "--tiers", "int8"]) == 0

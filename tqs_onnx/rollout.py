@@ -140,6 +140,11 @@ def _integer(value: Any) -> int | None:
 
 
 def _shapes_compatible(a: tuple, b: tuple) -> bool:
+    """Same rank and no fixed dimension that differs. ORT reports an input or output of unknown rank
+    as () like a scalar: () fits any shape here, and a real scalar fed another shape fails in ORT's
+    first run, which the rollout turns into a one-line error."""
+    if not a or not b:
+        return True
     if len(a) != len(b):
         return False
     return all(not isinstance(x, int) or not isinstance(y, int) or x == y for x, y in zip(a, b))
@@ -250,6 +255,8 @@ class Rollout:
 
     def _check_array(self, inp: str, a: np.ndarray, key: str, where: str) -> None:
         shape, typ = self.inputs[inp]
+        if not str(typ).startswith("tensor("):
+            raise TqsError(f"{where}: input '{inp}' takes {typ}; a rollout feeds tensors only")
         if not _shapes_compatible(tuple(a.shape), shape):
             raise TqsError(f"{where}: contexts array '{key}' has per-context shape {list(a.shape)}, "
                            f"input '{inp}' needs {list(shape)}")
