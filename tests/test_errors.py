@@ -198,3 +198,25 @@ def test_an_input_of_unknown_rank_is_fed_the_contexts_arrays(tmp_path):
     paths = save_case(tmp_path, m, recurrent_spec(), recurrent_contexts())
     assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
                  "-o", str(tmp_path / "s.json"), "--probes", "1", "--min-size", "16", "--quiet", "--tiers", "int8"]) == 0
+
+
+def test_a_horizon_whose_trajectories_cannot_be_held_is_refused_before_rolling_out(case, capsys):
+    spec = case["dir"] / "long.rollout.json"
+    spec.write_text(json.dumps({**recurrent_spec(), "horizon": 10 ** 12}))
+    one_line_error(capsys, sweep_argv(case, spec=spec), "steps of the trajectory take", "shorten the horizon")
+
+
+def test_a_truth_array_holding_nan_is_refused_not_averaged(case, capsys):
+    data = dict(np.load(case["contexts"]))
+    spec = json.loads(case["spec"].read_text())
+    out = next(iter(spec["feedback"]))
+    steps = spec["horizon"]
+    x0 = data[spec["initial"][spec["feedback"][out]]] if spec.get("initial") else next(iter(data.values()))
+    truth = np.zeros((x0.shape[0], steps, *x0.shape[1:]), np.float32)
+    truth[0, 0] = np.nan
+    ctx = case["dir"] / "truth.npz"
+    np.savez(ctx, **data, truth=truth)
+    spec_path = case["dir"] / "truth.rollout.json"
+    spec_path.write_text(json.dumps({**spec, "truth": {out: "truth"}}))
+    one_line_error(capsys, ["eval", str(case["model"]), str(case["model"]), "--rollout", str(spec_path),
+                            "--contexts", str(ctx)], "truth array 'truth' holds NaN")

@@ -142,6 +142,7 @@ def rollouts(path_or_session, spec: RolloutSpec, contexts: Contexts, device: Dev
     where = str(label or path_or_session)
     spec.check_against(*io_signature(session), where)
     rollout = Rollout(session, spec, contexts, device, where)
+    rollout.check_memory(horizon or spec.horizon)
     try:
         trajs = [rollout.trajectory_host(s, horizon=horizon) for s in range(contexts.count)]
     except TqsError:
@@ -174,6 +175,9 @@ def truth_arrays(spec: RolloutSpec, contexts: Contexts, traj: dict[str, np.ndarr
                            f"gives {list(want)} (contexts, steps, *shape): the truth needs the same, with at least "
                            f"{want[1]} steps")
         out[k] = a[:, : want[1]]
+        if np.issubdtype(out[k].dtype, np.floating) and not np.isfinite(out[k]).all():
+            raise TqsError(f"{where}: truth array '{key}' holds NaN or inf in the steps rolled out: errors "
+                           "against it would be NaN")
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -246,6 +247,27 @@ class Rollout:
         """Wait for the steps queued without waiting."""
         while self._pending:
             self._pending.pop().synchronize_outputs()
+
+    def check_memory(self, horizon: int, share: float = 0.8) -> None:
+        """Refuse, before rolling out, trajectories that could not be held: every context's `horizon`
+        steps of the trajectory outputs (sized from the fed-back states, else the outputs' fixed shapes)
+        against this machine's memory."""
+        per_step = 0
+        back = {out: inp for out, inp in self.spec.feedback.items()}
+        for out in self.spec.trajectory:
+            if out in back and back[out] in self.spec.initial:
+                per_step += self.contexts.arrays[self.spec.initial[back[out]]][0].nbytes
+            elif self.outputs.get(out) and all(isinstance(d, int) for d in self.outputs[out][0]):
+                per_step += 4 * math.prod(self.outputs[out][0])
+        need = per_step * horizon * self.contexts.count
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (OSError, ValueError, AttributeError):
+            return
+        if need > share * have:
+            raise TqsError(f"{self.where}: {self.contexts.count} contexts x {horizon} steps of the trajectory "
+                           f"take {need / 2**30:.1f} GiB, more than this machine's memory allows "
+                           f"({have / 2**30:.1f} GiB); shorten the horizon or use fewer contexts")
 
     def _check_contexts(self, where: str) -> None:
         for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items()]:

@@ -178,6 +178,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs},
                        {k: v for k, v in outputs.items() if k not in extra}, str(loaded.path))
     rollout = Rollout(session, spec, contexts, device, str(loaded.path), divergence=pairs)
+    rollout.check_memory(horizon)  # the nominal trajectories are kept
     # The device copies are all the sweep keeps: no host copy of the weights stays alive.
     bound = {n: device.to_device(v) for n, v in exposed.report["values"].items()}
     del exposed
