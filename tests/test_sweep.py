@@ -112,11 +112,11 @@ def test_resume_after_interruption_gives_same_scores(tmp_path):
     assert len(Checkpoint(ckpt, "x").path.read_text().splitlines()) == 1 + len(full["blocks"])
 
 
-def _swept_with_checkpoint(tmp_path):
+def _swept_with_checkpoint(tmp_path, blocks="tensor"):
     paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
     spec = RolloutSpec.load(paths["spec"])
     ctx = Contexts.load(paths["contexts"], spec)
-    config = SweepConfig(probes=2, min_size=16, blocks="tensor", tiers=["int8"])
+    config = SweepConfig(probes=2, min_size=16, blocks=blocks, tiers=["int8"])
     model = load_model(paths["model"])
     ckpt = tmp_path / "ck.jsonl"
     full = run_sweep(model, spec, ctx, CPU, config, ckpt, quiet=True)
@@ -174,13 +174,7 @@ def test_a_changed_external_data_file_makes_another_model(tmp_path):
 def test_resume_rescores_a_block_whose_weights_were_ordered_otherwise(tmp_path):
     """A checkpoint row from an older grouping (its weights in another order, so other Gaussian draws)
     is not reused: that block is scored again."""
-    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
-    spec = RolloutSpec.load(paths["spec"])
-    ctx = Contexts.load(paths["contexts"], spec)
-    config = SweepConfig(probes=2, min_size=16, blocks="fixed:2", tiers=["int8"])
-    model = load_model(paths["model"])
-    ckpt = tmp_path / "ck.jsonl"
-    full = run_sweep(model, spec, ctx, CPU, config, ckpt, quiet=True)
+    (model, spec, ctx, config, ckpt), full = _swept_with_checkpoint(tmp_path, blocks="fixed:2")
     lines = ckpt.read_text().splitlines()
     rows = [json.loads(x) for x in lines[1:]]
     multi = next(r for r in rows if len(r["weights"]) > 1)
