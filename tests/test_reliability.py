@@ -1144,3 +1144,14 @@ def test_the_demo_removes_what_an_earlier_demo_left_under_other_names(tmp_path):
     run_demo(out, quiet=True)
     assert not any(p.exists() for p in old) and keep.exists()
     assert (out / "plan-tqs-measured.json").is_file()
+
+
+def test_apply_notes_an_on_disk_size_that_is_not_the_planned_one(base, tmp_path, capfd):
+    plan = json.loads(base["plan"].read_text())
+    rc, err = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(tmp_path / "a.onnx"), "--quiet"],
+                      capfd)
+    assert rc == 0 and "note:" not in err and (tmp_path / "a.onnx").stat().st_size == plan["planned_bytes"]
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({**plan, "planned_bytes": plan["planned_bytes"] // 2}))
+    rc, err = run_cli(["apply", str(base["model"]), str(edited), "-o", str(tmp_path / "b.onnx"), "--quiet"], capfd)
+    assert rc == 0 and "against" in err and "planned" in err and "edited" in err

@@ -242,6 +242,11 @@ def cmd_apply(a: argparse.Namespace) -> int:
               "planned_compression": plan.get("planned_compression"), "checks": checks,
               "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {}), weight_forms),
               "passes": {k: {kk: vv for kk, vv in v.items() if kk != "rewritten"} for k, v in reports.items()}}
+    planned_bytes = plan.get("planned_bytes")
+    if isinstance(planned_bytes, int) and planned_bytes > 0 and abs(on_disk / planned_bytes - 1) > SIZE_TOLERANCE:
+        report["size_note"] = (f"on disk {on_disk:,} bytes against {planned_bytes:,} planned "
+                               f"({100 * (on_disk / planned_bytes - 1):+.2f}%): was the plan or its scores edited?")
+        print(f"tqs-onnx apply: note: {report['size_note']}", file=sys.stderr)
     if not a.quiet:
         forms = ", ".join(f"{n} {what}" for what, n in report["forms"].items() if n)
         planned = report["planned_compression"]
@@ -252,6 +257,9 @@ def cmd_apply(a: argparse.Namespace) -> int:
     if a.report:
         _write_json(a.report, report)
     return 0
+
+
+SIZE_TOLERANCE = 0.005  # planned = on disk to the byte in one file; external data adds a few bytes per tensor
 
 
 def written_forms(rewritten: dict[str, str], info: dict[str, dict] | None = None) -> dict[str, int]:
