@@ -382,3 +382,33 @@ def test_a_checkpointed_model_is_identified_with_its_external_data(tmp_path):
     with_data = _model_digest(model)
     Path(f"{model}.data").write_bytes(b"\x01" * 64)
     assert len({alone, with_data, _model_digest(model)}) == 3
+
+
+def test_pareto_keeps_the_earlier_frontier_when_a_new_run_fails_and_cleans_up_after_a_resumed_one(
+        demo, tmp_path, monkeypatch, capsys):
+    """A fresh run that fails before writing models leaves the earlier frontier.json; one interrupted
+    after removing it carries the earlier run's models in its checkpoint, so --resume still removes them."""
+    import tqs_onnx.pareto as pareto
+
+    out = tmp_path / "f"
+    base = ["pareto", str(demo["model"]), str(demo["scores"]), "--rollout", str(demo["spec"]),
+            "--contexts", str(demo["sweep"]), "--no-uniform", "-o", str(out), "--max-rollouts", "3", "--quiet"]
+    assert main([*base, "--targets", "3:4", "--points", "2"]) == 0
+    first = {p["model"] for p in json.loads((out / "frontier.json").read_text())["points"] if p["model"]}
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x0=np.zeros((2, 3), np.float32))
+    assert main([*base, "--targets", "5:6", "--points", "2", "--eval-contexts", str(bad)]) == 2
+    assert (out / "frontier.json").is_file()
+    real = pareto.run_point
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pareto, "run_point", dies)
+    assert main([*base, "--targets", "5:6", "--points", "2"]) == 130
+    assert not (out / "frontier.json").exists() and all((out / m).is_file() for m in first)
+    monkeypatch.setattr(pareto, "run_point", real)
+    capsys.readouterr()
+    assert main([*base, "--targets", "5:6", "--points", "2", "--resume"]) == 0
+    second = {p["model"] for p in json.loads((out / "frontier.json").read_text())["points"] if p["model"]}
+    assert {str(p.relative_to(out)) for p in out.rglob("*.onnx")} == second and not first & second

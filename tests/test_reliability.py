@@ -1130,20 +1130,24 @@ def test_apply_refuses_to_write_over_its_plans_codes_file(tmp_path, capfd):
     assert rc == 2 and "refusing to overwrite the input" in err and codes.read_bytes() == before
 
 
-def test_the_demo_removes_what_an_earlier_demo_left_under_other_names(tmp_path):
-    from tqs_onnx.demo import DEMO, run_demo
+def test_the_demo_removes_what_an_earlier_demo_wrote_under_other_names_and_nothing_else(tmp_path):
+    from tqs_onnx.demo import DEMO, MANIFEST, run_demo
 
     out = tmp_path / "demo"
     out.mkdir()
     old = [out / "plan-uniform-int1.json", out / "plan-uniform-int1.0123456789ab.codes.npz",
            out / f"{DEMO}.uniform-int1.onnx"]
-    for p in old:
-        p.write_text("from an earlier run")
-    keep = out / "notes.txt"
-    keep.write_text("mine")
+    mine = [out / "notes.txt", out / "plan-mine.json", out / "plan-mine.0123456789ab.codes.npz",
+            out / f"{DEMO}.mine.onnx"]  # the user's own, in the same folder and with the demo's patterns
+    for p in old + mine:
+        p.write_text("earlier")
+    (out / MANIFEST).write_text(json.dumps({"files": ["plan-uniform-int1.json", f"{DEMO}.uniform-int1.onnx",
+                                                      "../outside.json"]}))
+    (tmp_path / "outside.json").write_text("not the demo's")
     run_demo(out, quiet=True)
-    assert not any(p.exists() for p in old) and keep.exists()
-    assert (out / "plan-tqs-measured.json").is_file()
+    assert not any(p.exists() for p in old) and all(p.exists() for p in mine)
+    assert (tmp_path / "outside.json").exists() and (out / "plan-tqs-measured.json").is_file()
+    assert "plan-tqs-measured.json" in json.loads((out / MANIFEST).read_text())["files"]
 
 
 def test_apply_notes_an_on_disk_size_that_is_not_the_planned_one(base, tmp_path, capfd):
@@ -1155,3 +1159,14 @@ def test_apply_notes_an_on_disk_size_that_is_not_the_planned_one(base, tmp_path,
     edited.write_text(json.dumps({**plan, "planned_bytes": plan["planned_bytes"] // 2}))
     rc, err = run_cli(["apply", str(base["model"]), str(edited), "-o", str(tmp_path / "b.onnx"), "--quiet"], capfd)
     assert rc == 0 and "against" in err and "planned" in err and "edited" in err
+
+
+def test_temporaries_named_like_no_process_and_names_long_in_bytes(base, tmp_path, capfd):
+    odd = tmp_path / ".p.json.99999999999999999999.abcdefgh.tmp"  # no pid fits: kept, no traceback
+    odd.write_text("x")
+    rc, err = run_cli(["allocate", str(base["scores"]), "--compression", "2", "-o", str(tmp_path / "p.json"),
+                       "--quiet"], capfd)
+    assert rc == 0 and odd.exists()
+    wide = tmp_path / ("\u00e9" * 100 + ".json")  # 205 bytes in 105 characters
+    rc, err = run_cli(["allocate", str(base["scores"]), "--compression", "2", "-o", str(wide)], capfd)
+    assert rc == 2 and "file name too long (205 bytes)" in err

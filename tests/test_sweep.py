@@ -171,6 +171,24 @@ def test_a_changed_external_data_file_makes_another_model(tmp_path):
     assert before != after and file_digest(ext) == onnx_file  # the .onnx file alone did not change
 
 
+def test_documents_from_before_the_identity_covered_external_data_still_name_their_model(tmp_path):
+    """Scores and plans written before (no `identity` field) recorded the .onnx file's own digest."""
+    import onnx
+    from tqs_onnx.graph import IDENTITY, same_model
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    ext = tmp_path / "ext.onnx"
+    onnx.save_model(onnx.load(str(paths["model"])), str(ext), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    loaded = load_model(ext)
+    assert loaded.sha256 != loaded.file_sha256
+    assert same_model({"sha256": loaded.sha256, "identity": IDENTITY}, loaded)
+    assert same_model({"sha256": loaded.file_sha256}, loaded)  # an older document
+    assert not same_model({"sha256": loaded.file_sha256, "identity": IDENTITY}, loaded)
+    alone = load_model(paths["model"])
+    assert not same_model({"sha256": loaded.file_sha256}, alone)
+
+
 def test_resume_rescores_a_block_whose_weights_were_ordered_otherwise(tmp_path):
     """A checkpoint row from an older grouping (its weights in another order, so other Gaussian draws)
     is not reused: that block is scored again."""

@@ -411,7 +411,7 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
                    else math.prod(winfo[n]["shape"]) * winfo[n]["bits"] for n, t in weights.items())
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-plan", "tool_version": __version__,
-        "model": {k: scores["model"][k] for k in ("path", "sha256", "file_bytes")},
+        "model": {k: scores["model"][k] for k in ("path", "sha256", "identity", "file_bytes") if k in scores["model"]},
         "factor": scores["config"].get("factor", True), "passes": scores.get("passes"),
         "objective": alloc.objective, "solver": alloc.solver, "notes": alloc.notes,
         "tiers": [str(t) for t in p.tiers], "compression_target": p.target,

@@ -223,7 +223,9 @@ def cmd_apply(a: argparse.Namespace) -> int:
                        f"now {PASSES_VERSION}): the written size would not be the planned one; re-run the sweep "
                        "(--force to apply anyway)")
     loaded = load_model(a.model)
-    if plan["model"].get("sha256") not in (None, loaded.sha256) and not a.force:
+    from tqs_onnx.graph import same_model
+
+    if plan["model"].get("sha256") is not None and not same_model(plan["model"], loaded) and not a.force:
         raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
     model, reports = rewrite_model(loaded, plan, a.plan)
     weight_forms = {**(plan.get("weight_info") or {}), **reports.pop("weight-forms", {})}  # the graph's own
@@ -319,8 +321,8 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import load_scores
     from tqs_onnx.graph import load_model
     from tqs_onnx.pareto import (CHECKPOINT_NAME, FRONTIER_FILES, FrontierConfig, format_frontier,
-                                 frontier_checkpoint, open_run, previous_models, remove_stale_models, run_frontier,
-                                 write_frontier)
+                                 carried_models, frontier_checkpoint, open_run, previous_models, remove_stale_models,
+                                 run_frontier, write_frontier)
     from tqs_onnx.report import REPORT_FILES, write_report
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
@@ -336,15 +338,18 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     sweep_ctx = Contexts.load(a.contexts, spec)
     eval_ctx = Contexts.load(a.eval_contexts, spec) if a.eval_contexts else None
     out = Path(a.output)
-    previous = previous_models(out, loaded.sha256)
     device = resolve_device(a.device)
     ckpt = frontier_checkpoint(out, loaded, [a.scores, a.contexts, a.eval_contexts], spec, config, device)
     ckpt.check(a.resume)  # before the reference rollouts
+    # The earlier run's models: those its frontier.json lists, and, resuming, those the interrupted run
+    # carried in its checkpoint (it removed that frontier.json before overwriting any model).
+    previous = previous_models(out, loaded) | (carried_models(ckpt.load()) if a.resume else set())
+    run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
     if not a.resume:  # an earlier frontier here no longer describes the models this run overwrites
         for name in FRONTIER_FILES:
             (out / name).unlink(missing_ok=True)
-    run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
-    doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume)
+    doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume,
+                       carry=sorted(previous))
     json_path, csv_path = write_frontier(out, doc)
     ckpt.path.unlink(missing_ok=True)
     stale = remove_stale_models(out, previous, doc,  # an earlier run's models into the same folder

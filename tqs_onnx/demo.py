@@ -6,6 +6,7 @@ baseline of the same budget) -> apply -> eval on held-out contexts never used by
 
 from __future__ import annotations
 
+import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -87,15 +88,26 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     return rows
 
 
+MANIFEST = "demo-files.json"  # what the demo wrote in its folder, so that the next run can tidy up
+
+
 def _remove_earlier_runs(out: Path, plans: dict[str, dict]) -> None:
-    """The plans and models an earlier demo left in `out` under names this run did not write (another
-    target picks another uniform baseline)."""
+    """Remove the plans and models an earlier demo wrote in `out` (its manifest names them) under names
+    this run did not write (another target picks another uniform baseline); then record this run's.
+    Files the demo did not write are never touched."""
     names = {f"plan-{n}.json" for n in plans} | {f"{DEMO}.{n}.onnx" for n in plans}
-    for path in [*out.glob("plan-*.json"), *out.glob(f"{DEMO}.*.onnx")]:
-        if path.name not in names and path.is_file():
+    try:
+        earlier = json.loads((out / MANIFEST).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    for name in earlier if isinstance(earlier, list) else []:
+        path = out / Path(str(name)).name  # inside `out`, whatever the manifest says
+        if path.name not in names and path.is_file() and path.name.endswith((".json", ".onnx")) \
+                and path.name != MANIFEST:
             if path.suffix == ".json":
                 remove_stale_codes(path, {})
             path.unlink()
+    atomic_write_json(out / MANIFEST, {"kind": "tqs-demo-files", "files": sorted(names)})
 
 
 def _best_uniform(problem, uniform_scores: dict[str, float]):

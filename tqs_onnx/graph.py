@@ -15,6 +15,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import networkx as nx
@@ -232,8 +233,9 @@ class LoadedModel:
     path: Path
     model: onnx.ModelProto
     file_bytes: int  # the .onnx file plus its external-data files
-    sha256: str
+    sha256: str  # model_digest: the file and its external data
     data_files: list[Path] = field(default_factory=list)  # its external-data files (resolved)
+    file_sha256: str = ""  # the .onnx file's own digest (what identified a model before IDENTITY)
 
     @property
     def files(self) -> list[Path]:
@@ -249,11 +251,14 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_digest(path: Path, data_files: list[Path]) -> str:
+IDENTITY = "file+data"  # what a document's model sha256 covers (recorded beside it since this scheme)
+
+
+def model_digest(path: Path, data_files: list[Path], own: str | None = None) -> str:
     """A model's identity: the sha256 of its file, or, where it keeps weights in external-data files,
     of the file's digest followed by each data file's name (relative to the model's folder) and digest,
-    so that changed weights make another model."""
-    own = file_digest(path)
+    so that changed weights make another model. `own`: the file's digest, if already computed."""
+    own = own or file_digest(path)
     if not data_files:
         return own
     h = hashlib.sha256(own.encode())
@@ -294,7 +299,17 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     _check_unique_initializers(model, path)
     _check_acyclic(model, path)
     total = path.stat().st_size + sum(f.stat().st_size for f in data_files)
-    return LoadedModel(path, model, total, model_digest(path, data_files), data_files)
+    own = file_digest(path)
+    return LoadedModel(path, model, total, model_digest(path, data_files, own), data_files, own)
+
+
+def same_model(recorded: dict[str, Any], loaded: LoadedModel) -> bool:
+    """Was the document's `model` entry (scores, plan, frontier) made for `loaded`? A document written
+    before the identity covered external data (no `identity` field) names the .onnx file's own digest."""
+    sha = recorded.get("sha256")
+    if sha == loaded.sha256:
+        return True
+    return bool(loaded.data_files) and "identity" not in recorded and sha == loaded.file_sha256
 
 
 def main_opset(model: onnx.ModelProto) -> int:

@@ -24,7 +24,7 @@ from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, default_tiers, plan_document
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import compare, compression, rollouts, truth_arrays, verify_written
-from tqs_onnx.graph import LoadedModel, file_digest, load_model
+from tqs_onnx.graph import IDENTITY, LoadedModel, file_digest, load_model, same_model
 from tqs_onnx.joint_check import verification_record
 from tqs_onnx.refine import refine, uniform_assignments
 from tqs_onnx.rewrite import rewrite_model, save_model
@@ -136,7 +136,7 @@ class FrontierRun:
 def open_run(loaded: LoadedModel, scores: dict[str, Any], spec: RolloutSpec, sweep_contexts: Contexts,
              eval_contexts: Contexts | None, device: Device, out_dir: Path) -> FrontierRun:
     """Roll out the reference on the evaluation contexts (default: the sweep's) once; memoise joint rollouts."""
-    if scores["model"]["sha256"] != loaded.sha256:
+    if not same_model(scores["model"], loaded):
         raise TqsError(f"{loaded.path}: not the model these scores were computed on (sha256 differs)")
     in_sample = eval_contexts is None
     eval_contexts = sweep_contexts if in_sample else eval_contexts
@@ -282,16 +282,16 @@ def prune_models(out_dir: Path, rows: list[dict[str, Any]]) -> list[str]:
     return sorted(set(removed))
 
 
-def previous_models(out_dir: Path, sha256: str) -> set[str]:
+def previous_models(out_dir: Path, loaded: LoadedModel) -> set[str]:
     """The models an earlier frontier.json in out_dir lists (paths relative to out_dir), when it was
-    made from the same model (sha256); a frontier of another model in a shared folder is left alone."""
+    made from the same model; a frontier of another model in a shared folder is left alone."""
     try:
         doc = json.loads((out_dir / "frontier.json").read_text())
     except (OSError, ValueError):
         return set()
     if not isinstance(doc, dict) or doc.get("kind") != "tqs-frontier":
         return set()
-    if not isinstance(doc.get("model"), dict) or doc["model"].get("sha256") != sha256:
+    if not isinstance(doc.get("model"), dict) or not same_model(doc["model"], loaded):
         return set()
     rows = [r for key in ("points", "uniform") for r in doc.get(key) or [] if isinstance(r, dict)]
     return {r["model"] for r in rows if isinstance(r.get("model"), str)}
@@ -342,19 +342,34 @@ def uniform_baselines(scores: dict[str, Any], tiers: list[Tier], lowest_target: 
     return problem, uniform_assignments(problem)
 
 
+CARRIED = "earlier run's models"  # the checkpoint row that carries them
+
+
+def carried_models(rows: dict[Any, dict]) -> set[str]:
+    """The earlier run's model names a checkpoint carries (`run_frontier`'s `carry`)."""
+    models = (rows.get(CARRIED) or {}).get("models")
+    return {m for m in models if isinstance(m, str)} if isinstance(models, list) else set()
+
+
 def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False,
-                 checkpoint: Checkpoint | None = None, resume: bool = False) -> dict[str, Any]:
+                 checkpoint: Checkpoint | None = None, resume: bool = False,
+                 carry: list[str] | None = None) -> dict[str, Any]:
     """Every target x objective, plus the uniform baselines; returns the frontier document.
 
     With a `checkpoint`, each finished point or baseline is appended to it; `resume` takes the rows a
-    killed run left there (whose models are still on disk as they were measured) instead of redoing them."""
+    killed run left there (whose models are still on disk as they were measured) instead of redoing them.
+    `carry`: an earlier run's model names, kept in a fresh checkpoint so that a resumed run still knows
+    which to remove (`carried_models`)."""
     t0 = time.perf_counter()
     tiers = frontier_tiers(run.scores, config)
     reachable = reachable_range(run.scores, tiers, config.decode)
     targets, notes = target_grid(config.targets, config.points, reachable)
     if run.in_sample:
         notes.append("errors measured on the sweep contexts (in-sample); pass --eval-contexts for held-out numbers")
-    done = _resumable(run, checkpoint.start(resume)) if checkpoint else {}
+    rows = checkpoint.start(resume) if checkpoint else {}
+    if checkpoint and not rows and carry:
+        checkpoint.append_row({"id": CARRIED, "models": carry})
+    done = _resumable(run, rows)
     if done:
         notes.append(f"{len(done)} point(s) and baseline(s) taken from the checkpoint of an interrupted run")
 
@@ -447,7 +462,8 @@ def frontier_document(run: FrontierRun, config: FrontierConfig, targets: list[fl
                       points: list[dict], baselines: list[dict], notes: list[str], seconds: float) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-frontier", "tool_version": __version__,
-        "model": {"path": str(run.loaded.path), "sha256": run.loaded.sha256, "file_bytes": run.loaded.file_bytes},
+        "model": {"path": str(run.loaded.path), "sha256": run.loaded.sha256, "identity": IDENTITY,
+                  "file_bytes": run.loaded.file_bytes},
         "objective": config.objective, "requested_targets": list(config.targets),
         "targets": targets, "achievable": list(reachable),
         "eval_contexts": run.eval_contexts.count, "in_sample": run.in_sample, "horizon": run.spec.horizon,

@@ -22,7 +22,8 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import Block, LoadedModel, Weight, main_opset, make_blocks, tensor_is_finite, weight_table
+from tqs_onnx.graph import (IDENTITY, Block, LoadedModel, Weight, main_opset, make_blocks, same_model,
+                            tensor_is_finite, weight_table)
 from tqs_onnx.passes.detach import detach_initializers
 from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
@@ -683,7 +684,7 @@ def model_summary(loaded: LoadedModel, weights: list[Weight], prepared_bytes: in
     """Sizes: the original file, and what of the prepared graph no tier touches (`fixed_bytes`)."""
     float_bytes = sum(w.nbytes for w in weights)
     q_bytes = sum(w.nbytes for w in weights if w.quantizable)
-    return {"path": str(loaded.path), "sha256": loaded.sha256, "file_bytes": loaded.file_bytes,
+    return {"path": str(loaded.path), "sha256": loaded.sha256, "identity": IDENTITY, "file_bytes": loaded.file_bytes,
             "float_weight_bytes": float_bytes, "quantizable_bytes": q_bytes,
             "fixed_bytes": prepared_bytes - q_bytes,
             "graph_bytes": graph_bytes,
@@ -694,7 +695,7 @@ def model_summary(loaded: LoadedModel, weights: list[Weight], prepared_bytes: in
 def setup_for_scores(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
                      scores: dict[str, Any]) -> SweepSetup:
     """A sweep setup whose blocks are those of an earlier sweep (same model, same grouping)."""
-    if scores["model"]["sha256"] != loaded.sha256:
+    if not same_model(scores["model"], loaded):
         raise TqsError(f"{loaded.path}: not the model these scores were computed on (sha256 differs)")
     swept = scores.get("contexts_sha256")
     if swept and any(parse_tier(t).gptq for t in scores["config"].get("tiers") or []) \

@@ -64,6 +64,11 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise TqsError(f"{path}: not a readable {what} JSON ({type(exc).__name__})") from None
 
 
+# Bytes a name may grow by in what is written beside it: a temporary (".NAME.<pid>.<8>.tmp"), a checkpoint
+# ("NAME.ckpt.jsonl"), a plan's codes file ("STEM.<12 hex>.codes.npz") and that file's own temporary.
+NAME_ROOM = 64
+
+
 def temp_prefix(path: Path) -> str:
     """The start of the name of a temporary beside `path` (file or folder) made by this process: it names
     the process, so a later run can tell a killed run's leftovers from a live run's work."""
@@ -84,10 +89,11 @@ def check_output_target(path: str | os.PathLike) -> None:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
-    longest = len(temp_prefix(path)) + 8 + len(".tmp")  # the random part and suffix mkstemp adds
-    if len(path.name.encode()) + len(".ckpt.jsonl") > limit or longest > limit:
-        raise TqsError(f"{path}: file name too long for this file system (limit {limit} bytes, and the "
-                       f"temporary or checkpoint written beside it adds up to {longest - len(path.name)} more)")
+    size = len(path.name.encode())
+    if size + NAME_ROOM > limit:
+        raise TqsError(f"{path}: file name too long ({size} bytes): the temporaries and side files written "
+                       f"beside it (checkpoint, codes file) need names of up to {NAME_ROOM} bytes more; "
+                       f"this file system takes {limit}")
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -108,7 +114,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
+    except (PermissionError, OverflowError, ValueError):  # another user's process; no pid at all: keep it
         return True
     return True
 
