@@ -434,3 +434,17 @@ def test_an_ir3_model_listing_its_initializers_as_inputs_sweeps_like_its_ir9_cop
     b = sweep(save_case(tmp_path / "new", new, recurrent_spec(), recurrent_contexts()))
     gammas = lambda d: [(x["weights"], x["quant"]["gamma_task"]) for x in d["blocks"]]
     assert gammas(a) == gammas(b)
+
+
+def test_a_checkpoint_is_created_by_one_run_only(tmp_path):
+    """Two runs started at once on one output: the checkpoint is created exclusively, the second stops."""
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.sweep import Checkpoint
+
+    first, second = Checkpoint(tmp_path / "c.jsonl", "f"), Checkpoint(tmp_path / "c.jsonl", "f")
+    first.check(False)
+    second.check(False)  # both looked before either started
+    first.start(False)
+    with pytest.raises(TqsError, match="another run"):
+        second._create()  # what second.start does after its own look found nothing
+    assert first.load() == {}

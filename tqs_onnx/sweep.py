@@ -537,11 +537,21 @@ class Checkpoint:
         self.check(resume)
         done = self.load() if resume else {}
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.append_row({"fingerprint": self.fingerprint, "schema_version": SCHEMA_VERSION})
+            self._create()
         elif done or resume:
             self._truncate_partial_tail()
         return done
+
+    def _create(self) -> None:
+        """The file with its fingerprint line, created exclusively: of two runs that both found no
+        checkpoint (started at once on one output), the second stops here."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            raise TqsError(f"{self.path}: another run has just started this checkpoint") from None
+        os.close(fd)
+        self.append_row({"fingerprint": self.fingerprint, "schema_version": SCHEMA_VERSION})
 
     def _truncate_partial_tail(self) -> None:
         data = self.path.read_bytes()
