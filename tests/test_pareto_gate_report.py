@@ -386,8 +386,9 @@ def test_a_checkpointed_model_is_identified_with_its_external_data(tmp_path):
 
 def test_pareto_keeps_the_earlier_frontier_when_a_new_run_fails_and_cleans_up_after_a_resumed_one(
         demo, tmp_path, monkeypatch, capsys):
-    """A fresh run that fails before writing models leaves the earlier frontier.json; one interrupted
-    after removing it carries the earlier run's models in its checkpoint, so --resume still removes them."""
+    """A fresh run that fails before writing a model leaves the earlier frontier.json; one interrupted
+    after its first model (frontier.json removed then) carries the earlier run's models in its
+    checkpoint, so --resume still removes them."""
     import tqs_onnx.pareto as pareto
 
     out = tmp_path / "f"
@@ -399,12 +400,15 @@ def test_pareto_keeps_the_earlier_frontier_when_a_new_run_fails_and_cleans_up_af
     np.savez(bad, x0=np.zeros((2, 3), np.float32))
     assert main([*base, "--targets", "5:6", "--points", "2", "--eval-contexts", str(bad)]) == 2
     assert (out / "frontier.json").is_file()
-    real = pareto.run_point
+    real, calls = pareto.run_point, []
 
-    def dies(*args, **kwargs):
-        raise KeyboardInterrupt
+    def dies_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(pareto, "run_point", dies)
+    monkeypatch.setattr(pareto, "run_point", dies_after_one)
     assert main([*base, "--targets", "5:6", "--points", "2"]) == 130
     assert not (out / "frontier.json").exists() and all((out / m).is_file() for m in first)
     monkeypatch.setattr(pareto, "run_point", real)
@@ -412,3 +416,17 @@ def test_pareto_keeps_the_earlier_frontier_when_a_new_run_fails_and_cleans_up_af
     assert main([*base, "--targets", "5:6", "--points", "2", "--resume"]) == 0
     second = {p["model"] for p in json.loads((out / "frontier.json").read_text())["points"] if p["model"]}
     assert {str(p.relative_to(out)) for p in out.rglob("*.onnx")} == second and not first & second
+
+
+def test_report_refuses_a_plan_of_another_model_also_beside_older_scores(demo, tmp_path, capsys):
+    """Scores from before the identity covered external data (no `identity` field) are still checked:
+    a plan whose digest differs and whose weights are not the scores' is another model's."""
+    old = json.loads(demo["scores"].read_text())
+    del old["model"]["identity"]
+    scores = tmp_path / "old.json"
+    scores.write_text(json.dumps(old))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {"sha256": "0" * 64, "identity": "file+data"},
+                                "blocks": [], "weights": {"not_this_models": "int8"}}))
+    assert main(["report", str(scores), "--plan", str(plan), "-o", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "another model" in capsys.readouterr().err

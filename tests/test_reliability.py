@@ -1142,10 +1142,12 @@ def test_the_demo_removes_what_an_earlier_demo_wrote_under_other_names_and_nothi
     for p in old + mine:
         p.write_text("earlier")
     (out / MANIFEST).write_text(json.dumps({"files": ["plan-uniform-int1.json", f"{DEMO}.uniform-int1.onnx",
-                                                      "../outside.json"]}))
+                                                      "../outside.json", "scores.json", "notes.json"]}))
+    (out / "notes.json").write_text("a name the demo never writes, listed by a hand-edited manifest")
     (tmp_path / "outside.json").write_text("not the demo's")
     run_demo(out, quiet=True)
     assert not any(p.exists() for p in old) and all(p.exists() for p in mine)
+    assert (out / "scores.json").is_file() and (out / "notes.json").is_file()
     assert (tmp_path / "outside.json").exists() and (out / "plan-tqs-measured.json").is_file()
     assert "plan-tqs-measured.json" in json.loads((out / MANIFEST).read_text())["files"]
 
@@ -1159,6 +1161,10 @@ def test_apply_notes_an_on_disk_size_that_is_not_the_planned_one(base, tmp_path,
     edited.write_text(json.dumps({**plan, "planned_bytes": plan["planned_bytes"] // 2}))
     rc, err = run_cli(["apply", str(base["model"]), str(edited), "-o", str(tmp_path / "b.onnx"), "--quiet"], capfd)
     assert rc == 0 and "against" in err and "planned" in err and "edited" in err
+    # external data adds its references' bytes per tensor: no note there
+    rc, err = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(tmp_path / "c.onnx"), "--quiet",
+                       "--external-data"], capfd)
+    assert rc == 0 and "note:" not in err
 
 
 def test_temporaries_named_like_no_process_and_names_long_in_bytes(base, tmp_path, capfd):

@@ -245,7 +245,8 @@ def cmd_apply(a: argparse.Namespace) -> int:
               "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {}), weight_forms),
               "passes": {k: {kk: vv for kk, vv in v.items() if kk != "rewritten"} for k, v in reports.items()}}
     planned_bytes = plan.get("planned_bytes")
-    if isinstance(planned_bytes, int) and planned_bytes > 0 and abs(on_disk / planned_bytes - 1) > SIZE_TOLERANCE:
+    if isinstance(planned_bytes, int) and planned_bytes > 0 and len(files) == 1 \
+            and abs(on_disk / planned_bytes - 1) > SIZE_TOLERANCE:
         report["size_note"] = (f"on disk {on_disk:,} bytes against {planned_bytes:,} planned "
                                f"({100 * (on_disk / planned_bytes - 1):+.2f}%): was the plan or its scores edited?")
         print(f"tqs-onnx apply: note: {report['size_note']}", file=sys.stderr)
@@ -261,7 +262,7 @@ def cmd_apply(a: argparse.Namespace) -> int:
     return 0
 
 
-SIZE_TOLERANCE = 0.005  # planned = on disk to the byte in one file; external data adds a few bytes per tensor
+SIZE_TOLERANCE = 0.005  # planned = on disk to the byte in one file (external data adds bytes per tensor: not checked)
 
 
 def written_forms(rewritten: dict[str, str], info: dict[str, dict] | None = None) -> dict[str, int]:
@@ -345,9 +346,8 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     # carried in its checkpoint (it removed that frontier.json before overwriting any model).
     previous = previous_models(out, loaded) | (carried_models(ckpt.load()) if a.resume else set())
     run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
-    if not a.resume:  # an earlier frontier here no longer describes the models this run overwrites
-        for name in FRONTIER_FILES:
-            (out / name).unlink(missing_ok=True)
+    if not a.resume:  # an earlier frontier here no longer describes the models this run will overwrite
+        run.before_write = lambda: [(out / name).unlink(missing_ok=True) for name in FRONTIER_FILES]
     doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume,
                        carry=sorted(previous))
     json_path, csv_path = write_frontier(out, doc)

@@ -7,6 +7,7 @@ baseline of the same budget) -> apply -> eval on held-out contexts never used by
 from __future__ import annotations
 
 import json
+import re
 import time
 from importlib import resources
 from pathlib import Path
@@ -102,8 +103,8 @@ def _remove_earlier_runs(out: Path, plans: dict[str, dict]) -> None:
         earlier = []
     for name in earlier if isinstance(earlier, list) else []:
         path = out / Path(str(name)).name  # inside `out`, whatever the manifest says
-        if path.name not in names and path.is_file() and path.name.endswith((".json", ".onnx")) \
-                and path.name != MANIFEST:
+        ours = re.fullmatch(r"plan-[\w.-]+\.json|" + re.escape(DEMO) + r"\.[\w.-]+\.onnx", path.name)
+        if ours and path.name not in names and path.is_file():
             if path.suffix == ".json":
                 remove_stale_codes(path, {})
             path.unlink()

@@ -127,6 +127,7 @@ class FrontierRun:
     truth: dict[str, np.ndarray]
     in_sample: bool = False  # evaluated on the sweep contexts themselves
     evaluated: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)  # tiers per block -> result
+    before_write: Callable[[], None] | None = None  # called once, before the first model is written
 
     @property
     def stem(self) -> str:
@@ -188,6 +189,9 @@ def write_and_measure(run: FrontierRun, plan: dict[str, Any], rel: str) -> dict[
         return {**run.evaluated[key], "reused": True}
     path = run.out_dir / rel
     model, _ = rewrite_model(run.loaded, plan, codes=run.codes(plan["weights"]))
+    if run.before_write is not None:
+        run.before_write()
+        run.before_write = None
     save_model(model, path, keep=run.loaded.files,  # verified before it takes the final name
                check=lambda tmp: verify_written(tmp, run.device, run.spec, run.eval_contexts.subset(slice(0, 1)),
                                                 label=path))

@@ -49,10 +49,14 @@ def check_same_model(scores: dict[str, Any], doc: dict[str, Any] | None, where: 
     """A plan or frontier made for another model would draw the wrong blocks."""
     model = (doc or {}).get("model") or {}
     sha = model.get("sha256")
-    # Two digests of one scheme (graph.same_model): a document from before the identity covered
-    # external data names the .onnx file alone, which a newer one's digest cannot be checked against.
+    if not sha or sha == scores["model"]["sha256"]:
+        return
+    # Digests of two schemes (graph.same_model): a document from before the identity covered external
+    # data names the .onnx file alone, so an external-data model's two digests differ. Then the plan's
+    # weights must at least be the scores' own.
     same_scheme = ("identity" in model) == ("identity" in scores["model"])
-    if sha and same_scheme and sha != scores["model"]["sha256"]:
+    foreign = set((doc or {}).get("weights") or {}) - set(scores.get("weights") or {})
+    if same_scheme or foreign:
         raise TqsError(f"{where}: made for another model than the scores (sha256 differs)")
 
 

@@ -13,7 +13,7 @@ import onnx
 
 from tqs_onnx.encoding import ModelEncoding
 from tqs_onnx.errors import TqsError
-from tqs_onnx.util import check_output_target, read_json, remove_stale_temporaries, temp_prefix, umask
+from tqs_onnx.util import TEMP_ROOM, check_output_target, read_json, remove_stale_temporaries, temp_prefix, umask
 from tqs_onnx.graph import LoadedModel, tensor_is_finite, weight_table
 from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
@@ -121,7 +121,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
     for target in [out] + ([out.with_name(f"{out.name}.data")] if external else []):
         if target.resolve() in kept:
             raise TqsError(f"{target}: refusing to overwrite a file of the input model")
-    check_output_target(out)
+    check_output_target(out, TEMP_ROOM)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     tmpdir = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))

@@ -67,6 +67,7 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 # Bytes a name may grow by in what is written beside it: a temporary (".NAME.<pid>.<8>.tmp"), a checkpoint
 # ("NAME.ckpt.jsonl"), a plan's codes file ("STEM.<12 hex>.codes.npz") and that file's own temporary.
 NAME_ROOM = 64
+TEMP_ROOM = 32  # of which a temporary alone needs (pids up to 7 digits)
 
 
 def temp_prefix(path: Path) -> str:
@@ -75,7 +76,7 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}."
 
 
-def check_output_target(path: str | os.PathLike) -> None:
+def check_output_target(path: str | os.PathLike, room: int = NAME_ROOM) -> None:
     """Refuse, before any work, an output path whose temporaries the file system cannot name, or that
     exists but is not a regular file (a device such as /dev/null, a FIFO: the rename would replace it)."""
     from tqs_onnx.errors import TqsError
@@ -90,9 +91,9 @@ def check_output_target(path: str | os.PathLike) -> None:
     except (OSError, ValueError):
         limit = 255
     size = len(path.name.encode())
-    if size + NAME_ROOM > limit:
+    if size + room > limit:
         raise TqsError(f"{path}: file name too long ({size} bytes): the temporaries and side files written "
-                       f"beside it (checkpoint, codes file) need names of up to {NAME_ROOM} bytes more; "
+                       f"beside it (checkpoint, codes file) need names of up to {room} bytes more; "
                        f"this file system takes {limit}")
 
 
@@ -122,7 +123,7 @@ def _alive(pid: int) -> bool:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temp path beside `path`, fsync, then rename over `path`."""
     path = Path(path)
-    check_output_target(path)
+    check_output_target(path, TEMP_ROOM)  # the command checked its outputs with room for side files
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
