@@ -430,3 +430,84 @@ def test_report_refuses_a_plan_of_another_model_also_beside_older_scores(demo, t
                                 "blocks": [], "weights": {"not_this_models": "int8"}}))
     assert main(["report", str(scores), "--plan", str(plan), "-o", str(tmp_path / "r"), "--quiet"]) == 2
     assert "another model" in capsys.readouterr().err
+
+
+def test_gate_against_truth_the_reference_matches_exactly_fails_any_error(demo, tmp_path, capsys):
+    """Truth made from the reference's own rollout: its error is 0, so any candidate error is infinitely
+    worse, never +0%."""
+    from tqs_onnx.evaluate import rollouts
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import resolve_device
+
+    spec = RolloutSpec.load(demo["spec"])
+    golden = rollouts(demo["model"], spec, Contexts.load(demo["eval"], spec), resolve_device("cpu"))["x_next"]
+    data = dict(np.load(demo["eval"]))
+    data["truth"] = golden
+    ctx = tmp_path / "golden.npz"
+    np.savez(ctx, **data)
+    bad = _write_uniform(demo, "int2", tmp_path / "bad.onnx")
+    argv = ["gate", str(demo["model"]), "{}", "--rollout", str(demo["spec"]), "--contexts", str(ctx),
+            "--max-degradation", "1%", "--quiet"]
+    assert main([a.replace("{}", str(bad)) for a in argv]) == 1
+    assert main([a.replace("{}", str(demo["model"])) for a in argv]) == 0
+
+
+def test_gate_fails_a_candidate_whose_outputs_have_another_shape(demo, tmp_path, capsys):
+    """Fixed dimensions must agree: a wider output would be broadcast against the reference's, an extra
+    axis would not compare at all; both are a failed io_signature, never a pass or a traceback."""
+    for extra_axis in (False, True):
+        m = onnx.load(str(demo["model"]))
+        out = m.graph.output[0]
+        name = out.name
+        m.graph.node[-1].output[0] = f"{name}_inner"
+        if extra_axis:
+            axes = onnx.helper.make_tensor("axes", onnx.TensorProto.INT64, [1], [0])
+            m.graph.initializer.append(axes)
+            m.graph.node.append(onnx.helper.make_node("Unsqueeze", [f"{name}_inner", "axes"], [name]))
+        else:
+            m.graph.node.append(onnx.helper.make_node("Concat", [f"{name}_inner", f"{name}_inner"], [name], axis=0))
+        dims = out.type.tensor_type.shape.dim
+        if extra_axis:
+            dims.add()
+        for d in dims:  # symbolic: only the run shows the difference (or the rank does)
+            d.dim_param = "n"
+        path = tmp_path / f"shape{int(extra_axis)}.onnx"
+        onnx.save(m, path)
+        junit = tmp_path / f"shape{int(extra_axis)}.xml"
+        capsys.readouterr()
+        rc = main(_argv_gate(demo, path, "--max-degradation", "1000%", "--junit", str(junit), "--quiet"))
+        assert rc == 1 and "Traceback" not in capsys.readouterr().err
+        cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
+        assert any(c.find("failure") is not None for n, c in cases.items() if n == "io_signature")
+
+
+def test_gate_bad_input_leaves_no_earlier_verdict_and_outputs_must_differ(demo, tmp_path, capsys):
+    junit, report = tmp_path / "g.xml", tmp_path / "g.json"
+    assert main(_argv_gate(demo, demo["model"], "--max-degradation", "1%", "--junit", str(junit), "-o",
+                           str(report), "--quiet")) == 0
+    assert junit.exists() and report.exists()
+    assert main(_argv_gate(demo, demo["model"], "--max-degradation", "1%", "--junit", str(junit), "-o",
+                           str(report), "--contexts", str(tmp_path / "missing.npz"), "--quiet")) == 2
+    assert not junit.exists() and not report.exists()
+    assert main(_argv_gate(demo, demo["model"], "--max-degradation", "1%", "--junit", str(junit), "-o",
+                           str(junit))) == 2
+    assert "same file" in capsys.readouterr().err
+
+
+def test_gate_degradation_without_truth_is_bad_input(demo, tmp_path, capsys):
+    data = {k: v for k, v in np.load(demo["eval"]).items() if k != "truth"}
+    ctx = tmp_path / "notruth.npz"
+    np.savez(ctx, **data)
+    argv = ["gate", str(demo["model"]), str(demo["model"]), "--rollout", str(demo["spec"]), "--contexts", str(ctx),
+            "--max-degradation", "1%", "--max-mae", "1"]
+    assert main(argv) == 2 and "needs ground truth" in capsys.readouterr().err
+
+
+def test_junit_holds_no_character_xml_cannot_carry():
+    from tqs_onnx.gate import junit_xml
+
+    doc = {"checks": [{"name": "io_signature", "status": "fail", "message": "output 'y\x01': missing",
+                       "seconds": 0.0}], "seconds": 0.0, "reference": "r.onnx", "candidate": "c\x02.onnx",
+           "reference_bytes": 1, "candidate_bytes": 1, "contexts": 1, "horizon": 1, "device": "cpu"}
+    root = ET.fromstring(junit_xml(doc))
+    assert root.find("testsuite/testcase/failure") is not None

@@ -53,6 +53,9 @@ def _check_output_files(*paths: str | None, inputs: tuple[str | None, ...] = ())
     from tqs_onnx.util import check_output_target
 
     given = {Path(i).resolve(): i for i in inputs if i}
+    named = [Path(p).resolve() for p in paths if p]
+    if len(set(named)) < len(named):
+        raise TqsError(f"two outputs of this command are the same file: {', '.join(p for p in paths if p)}")
     for i in [i for i in inputs if i and i.endswith(".onnx") and Path(i).is_file()]:
         given.update({f: f"{i}'s data file {f.name}" for f in external_data_files(i)})
     for path in paths:
@@ -381,6 +384,9 @@ def cmd_gate(a: argparse.Namespace) -> int:
     from tqs_onnx.util import atomic_write
 
     _check_output_files(a.junit, a.output, inputs=(a.reference, a.candidate, a.rollout, a.contexts))
+    for old in (a.junit, a.output):  # an earlier run's verdict must not stand for a run that stops on bad input
+        if old:
+            Path(old).unlink(missing_ok=True)
     spec = RolloutSpec.load(a.rollout)
     contexts = Contexts.load(a.contexts, spec)
     config = GateConfig(a.max_degradation, a.max_mae, a.max_size, a.min_compression)

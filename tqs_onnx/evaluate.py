@@ -195,12 +195,23 @@ def _per_channel(err: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(err, axis, -1).reshape(-1, err.shape[axis]).mean(axis=0)
 
 
+def _degradation(mae: float, mae_ref: float) -> float:
+    """Percent by which the candidate's error against the truth exceeds the reference's; where the
+    reference matches the truth exactly (truth made from its own rollout) any error is infinitely worse."""
+    if mae_ref:
+        return float(100 * (mae - mae_ref) / mae_ref)
+    return 0.0 if mae == 0 else math.inf
+
+
 def compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], spec: RolloutSpec,
             truth: dict[str, np.ndarray]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in spec.trajectory:
         axis = spec.channel_axis.get(k, -1)
         a, b = ref[k].astype(np.float64), cand[k].astype(np.float64)
+        if a.shape != b.shape:  # broadcasting would give errors of other elements
+            raise TqsError(f"output '{k}': the candidate's trajectory has shape {list(b.shape)}, the "
+                           f"reference's {list(a.shape)} (contexts, steps, *shape)")
         d = b - a
         entry: dict[str, Any] = {
             "finite": bool(np.all(np.isfinite(b))),
@@ -215,7 +226,7 @@ def compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], spec: Rollo
             entry.update({"mae_fp32_vs_truth": float(mae_ref), "mae_vs_truth": float(mae_q),
                           "mae_vs_truth_per_channel": _per_channel(np.abs(b - tr), axis).tolist(),
                           "mae_fp32_vs_truth_per_channel": _per_channel(np.abs(a - tr), axis).tolist(),
-                          "degradation_pct": float(100 * (mae_q - mae_ref) / mae_ref) if mae_ref else 0.0})
+                          "degradation_pct": _degradation(mae_q, mae_ref)})
         out[k] = entry
     return out
 

@@ -17,6 +17,7 @@ fit, no threshold that applies to an output) are TqsErrors: exit code 2, not a f
 from __future__ import annotations
 
 import math
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
@@ -127,7 +128,17 @@ def check_signature(ref_session, cand_session) -> Check:
 def _signature_diffs(ref: dict[str, tuple], cand: dict[str, tuple]) -> list[tuple[str, str]]:
     out = [(n, "missing") for n in ref if n not in cand] + [(n, "not in the reference") for n in cand if n not in ref]
     out += [(n, f"type {cand[n][1]}, reference {ref[n][1]}") for n in ref if n in cand and ref[n][1] != cand[n][1]]
+    out += [(n, f"shape {list(cand[n][0])}, reference {list(ref[n][0])}") for n in ref
+            if n in cand and not _same_shape(ref[n][0], cand[n][0])]
     return out
+
+
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Same rank and the same fixed dimensions; a symbolic dimension (or an unknown rank, which ORT
+    reports as ()) may differ."""
+    if not a or not b:
+        return True
+    return len(a) == len(b) and all(not isinstance(x, int) or not isinstance(y, int) or x == y for x, y in zip(a, b))
 
 
 def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -188,6 +199,10 @@ def required_thresholds(spec: RolloutSpec, contexts: Contexts, config: GateConfi
     """Every trajectory output must get an error check; otherwise the gate would pass vacuously."""
     for out in spec.trajectory:
         has_truth = spec.truth.get(out) in contexts.arrays
+        if config.max_degradation_pct is not None and not has_truth:
+            raise TqsError(f"--max-degradation needs ground truth, and the contexts carry none for output '{out}'"
+                           + (f" (no array '{spec.truth[out]}')" if out in spec.truth else "")
+                           + "; drop it or add truth to the contexts")
         if config.max_mae is None and not (has_truth and config.max_degradation_pct is not None):
             why = ("--max-degradation is not set" if has_truth
                    else f"the contexts carry no truth array '{spec.truth[out]}' for it" if out in spec.truth
@@ -271,9 +286,25 @@ def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj:
             checks.append(finite)
             pending.remove("finite")
             if traj is not None:
-                checks += error_checks(compare(reference_traj, traj, spec, truth), config)
+                try:
+                    checks += error_checks(compare(reference_traj, traj, spec, truth), config)
+                except TqsError as exc:  # trajectories the reference's cannot be compared with
+                    checks.append(Check("io_signature", FAIL, str(exc), None, None))
+    pending += [n for n in requested_checks(spec, truth, config) if n not in {c.name for c in checks}]
     checks += [Check(n, SKIP, "not run: an earlier structural check failed") for n in pending]
     return checks, cand
+
+
+def requested_checks(spec: RolloutSpec, truth: dict[str, np.ndarray], config: GateConfig) -> list[str]:
+    """The names of the threshold checks `config` asks for: a run stopped early lists them as skipped,
+    so that a CI report always holds the same test cases."""
+    names = [n for n, v in (("max_size", config.max_size), ("min_compression", config.min_compression)) if v is not None]
+    for out in spec.trajectory:
+        if config.max_degradation_pct is not None and out in truth:
+            names.append(f"degradation[{out}]")
+        if config.max_mae is not None:
+            names.append(f"mae[{out}]")
+    return names
 
 
 def gate_document(ref: LoadedModel, cand_path: Path, cand: LoadedModel | None, spec: RolloutSpec,
@@ -309,6 +340,13 @@ def format_gate(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters XML 1.0 cannot hold
+
+
+def _xml_text(text: Any) -> str:
+    return _NOT_XML.sub("\ufffd", str(text))
+
+
 def junit_xml(doc: dict[str, Any]) -> bytes:
     """JUnit XML: one testsuite, one testcase per check (failure / skipped elements as CI tools expect)."""
     checks = doc["checks"]
@@ -316,18 +354,20 @@ def junit_xml(doc: dict[str, Any]) -> bytes:
               "errors": "0", "skipped": str(sum(c["status"] == SKIP for c in checks)),
               "time": f"{doc['seconds']:.3f}"}
     root = ET.Element("testsuites", {"name": "tqs-onnx gate", **counts})
-    suite = ET.SubElement(root, "testsuite", {"name": f"tqs-onnx gate: {Path(doc['candidate']).name}", **counts})
+    suite = ET.SubElement(root, "testsuite", {"name": _xml_text(f"tqs-onnx gate: {Path(doc['candidate']).name}"),
+                                              **counts})
     props = ET.SubElement(suite, "properties")
     for key in ("reference", "candidate", "reference_bytes", "candidate_bytes", "contexts", "horizon", "device"):
-        ET.SubElement(props, "property", {"name": key, "value": str(doc[key])})
+        ET.SubElement(props, "property", {"name": key, "value": _xml_text(doc[key])})
     for c in checks:
-        case = ET.SubElement(suite, "testcase", {"classname": "tqs_onnx.gate", "name": c["name"],
+        case = ET.SubElement(suite, "testcase", {"classname": "tqs_onnx.gate", "name": _xml_text(c["name"]),
                                                  "time": f"{c['seconds']:.4f}"})
+        message = _xml_text(c["message"])
         if c["status"] == FAIL:
-            ET.SubElement(case, "failure", {"message": c["message"], "type": "tqs-gate"}).text = c["message"]
+            ET.SubElement(case, "failure", {"message": message, "type": "tqs-gate"}).text = message
         elif c["status"] == SKIP:
-            ET.SubElement(case, "skipped", {"message": c["message"]})
+            ET.SubElement(case, "skipped", {"message": message})
         elif c["status"] == INFO:
-            ET.SubElement(case, "system-out").text = c["message"]
+            ET.SubElement(case, "system-out").text = message
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)

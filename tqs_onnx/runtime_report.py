@@ -560,11 +560,11 @@ def runtime_comparison(reference: str | Path, candidate: str | Path, device: Dev
 
 
 def _mb(n: int | None) -> str:
-    return "-" if n is None else f"{n / MIB:.1f} MB"
+    return "-" if n is None else f"{n / MIB:.1f} MiB"
 
 
 def _kb(n: int) -> str:
-    return f"{n / 1024:,.1f} KB" if n < MIB else f"{n / MIB:,.2f} MB"
+    return f"{n / 1024:,.1f} KiB" if n < MIB else f"{n / MIB:,.2f} MiB"
 
 
 def format_report(doc: dict[str, Any], label: str = "") -> str:
