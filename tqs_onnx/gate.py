@@ -316,6 +316,7 @@ def gate_document(ref: LoadedModel, cand_path: Path, cand: LoadedModel | None, s
         "passed": not failed, "failed": failed,
         "reference": str(ref.path), "candidate": str(cand_path),
         "reference_bytes": ref.file_bytes, "candidate_bytes": cand.file_bytes if cand else cand_path.stat().st_size,
+        "candidate_loaded": cand is not None,
         "contexts": contexts.count, "horizon": spec.horizon, "device": device.kind,
         "thresholds": asdict(config),
         "checks": [asdict(c) for c in checks], "seconds": round(seconds, 3),
@@ -328,9 +329,11 @@ def format_gate(doc: dict[str, Any]) -> str:
     """One screen: verdict, sizes, one line per check."""
     verdict = "PASS" if doc["passed"] else "FAIL"
     ratio = doc["reference_bytes"] / doc["candidate_bytes"] if doc["candidate_bytes"] else math.inf
+    size = (f"{doc['candidate_bytes']:,} bytes vs {doc['reference_bytes']:,} ({ratio:.2f}x compression)"
+            if doc.get("candidate_loaded", True) else
+            f"{doc['candidate_bytes']:,} bytes in the .onnx file (not loaded: its data files are not counted)")
     lines = [f"tqs-onnx gate: {verdict}  {doc['candidate']}  vs  {doc['reference']}",
-             f"  {doc['candidate_bytes']:,} bytes vs {doc['reference_bytes']:,} ({ratio:.2f}x compression); "
-             f"{doc['contexts']} contexts x {doc['horizon']} steps on {doc['device']}"]
+             f"  {size}; {doc['contexts']} contexts x {doc['horizon']} steps on {doc['device']}"]
     width = max(len(c["name"]) for c in doc["checks"])
     for c in doc["checks"]:
         lines.append(f"  {c['status'].upper():4s}  {c['name']:{width}s}  {c['message']}")
