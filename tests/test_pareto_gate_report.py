@@ -491,7 +491,7 @@ def test_gate_bad_input_leaves_no_earlier_verdict_and_outputs_must_differ(demo, 
     assert not junit.exists() and not report.exists()
     assert main(_argv_gate(demo, demo["model"], "--max-degradation", "1%", "--junit", str(junit), "-o",
                            str(junit))) == 2
-    assert "same file" in capsys.readouterr().err
+    assert "must be two files" in capsys.readouterr().err
 
 
 def test_gate_degradation_without_truth_is_bad_input(demo, tmp_path, capsys):

@@ -55,7 +55,8 @@ def _check_output_files(*paths: str | None, inputs: tuple[str | None, ...] = ())
     given = {Path(i).resolve(): i for i in inputs if i}
     named = [Path(p).resolve() for p in paths if p]
     if len(set(named)) < len(named):
-        raise TqsError(f"two outputs of this command are the same file: {', '.join(p for p in paths if p)}")
+        raise TqsError(f"{next(p for p in paths if p)}: this command's outputs must be two files, not one "
+                       f"({', '.join(p for p in paths if p)})")
     for i in [i for i in inputs if i and i.endswith(".onnx") and Path(i).is_file()]:
         given.update({f: f"{i}'s data file {f.name}" for f in external_data_files(i)})
     for path in paths:
