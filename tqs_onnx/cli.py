@@ -110,9 +110,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from tqs_onnx.tiers import parse_tiers
 
     ckpt = checkpoint_path(a)
-    _check_output_files(a.output, str(ckpt), inputs=(a.model, a.rollout, a.contexts))
-    if ckpt.resolve() == Path(a.output).resolve():
-        raise TqsError(f"{ckpt}: the checkpoint and the scores (-o) must be two files")
+    _check_output_files(a.output, str(ckpt), inputs=(a.model, a.rollout, a.contexts))  # two files, too
     if a.horizon is not None and a.horizon < 1:
         raise TqsError(f"--horizon must be >= 1, not {a.horizon}")
     if a.ray_address is not None and not a.ray_address.strip():
