@@ -448,7 +448,10 @@ def test_gate_against_truth_the_reference_matches_exactly_fails_any_error(demo, 
     bad = _write_uniform(demo, "int2", tmp_path / "bad.onnx")
     argv = ["gate", str(demo["model"]), "{}", "--rollout", str(demo["spec"]), "--contexts", str(ctx),
             "--max-degradation", "1%", "--quiet"]
-    assert main([a.replace("{}", str(bad)) for a in argv]) == 1
+    report = tmp_path / "g.json"
+    assert main([a.replace("{}", str(bad)) for a in argv] + ["-o", str(report)]) == 1
+    strict = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert "degradation[x_next]" in strict["failed"]
     assert main([a.replace("{}", str(demo["model"])) for a in argv]) == 0
 
 
@@ -477,8 +480,8 @@ def test_gate_fails_a_candidate_whose_outputs_have_another_shape(demo, tmp_path,
         capsys.readouterr()
         rc = main(_argv_gate(demo, path, "--max-degradation", "1000%", "--junit", str(junit), "--quiet"))
         assert rc == 1 and "Traceback" not in capsys.readouterr().err
-        cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
-        assert any(c.find("failure") is not None for n, c in cases.items() if n == "io_signature")
+        cases = [c for c in ET.parse(junit).getroot().iter("testcase") if c.get("name") == "io_signature"]
+        assert len(cases) == 1 and cases[0].find("failure") is not None  # one testcase per check, always
 
 
 def test_gate_bad_input_leaves_no_earlier_verdict_and_outputs_must_differ(demo, tmp_path, capsys):

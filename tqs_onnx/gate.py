@@ -3,7 +3,8 @@
 Checks, in order (a failed structural check skips the checks that need it):
 - ``checker``: the candidate reads as ONNX and passes ``onnx.checker``;
 - ``ort_load``: ONNX Runtime opens it;
-- ``io_signature``: its inputs and outputs match the reference's (names and element types);
+- ``io_signature``: its inputs and outputs match the reference's (names, element types, rank and fixed
+  dimensions; symbolic ones may differ), and so do its trajectories' shapes once rolled out;
 - ``finite``: a rollout on every context stays finite;
 - ``max_size`` / ``min_compression``: optional size limits;
 - per trajectory output, ``degradation[OUT]`` when the contexts carry ground truth: the relative
@@ -112,7 +113,7 @@ def check_session(path: Path, device: Device) -> tuple[Check, Any]:
 
 
 def check_signature(ref_session, cand_session) -> Check:
-    """Same input and output names and element types; shapes may differ in symbolic dims."""
+    """Same input and output names, element types, ranks and fixed dimensions (symbolic ones may differ)."""
     def body():
         ref_in, ref_out = io_signature(ref_session)
         cand_in, cand_out = io_signature(cand_session)
@@ -288,8 +289,8 @@ def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj:
             if traj is not None:
                 try:
                     checks += error_checks(compare(reference_traj, traj, spec, truth), config)
-                except TqsError as exc:  # trajectories the reference's cannot be compared with
-                    checks.append(Check("io_signature", FAIL, str(exc), None, None))
+                except TqsError as exc:  # trajectories of other shapes: the signature did not match after all
+                    checks[checks.index(signature)] = Check("io_signature", FAIL, str(exc), None, signature.seconds)
     pending += [n for n in requested_checks(spec, truth, config) if n not in {c.name for c in checks}]
     checks += [Check(n, SKIP, "not run: an earlier structural check failed") for n in pending]
     return checks, cand
@@ -316,7 +317,7 @@ def gate_document(ref: LoadedModel, cand_path: Path, cand: LoadedModel | None, s
         "passed": not failed, "failed": failed,
         "reference": str(ref.path), "candidate": str(cand_path),
         "reference_bytes": ref.file_bytes, "candidate_bytes": cand.file_bytes if cand else cand_path.stat().st_size,
-        "candidate_loaded": cand is not None,
+        "candidate_checked": cand is not None,  # else candidate_bytes is the .onnx file's alone
         "contexts": contexts.count, "horizon": spec.horizon, "device": device.kind,
         "thresholds": asdict(config),
         "checks": [asdict(c) for c in checks], "seconds": round(seconds, 3),
@@ -330,8 +331,8 @@ def format_gate(doc: dict[str, Any]) -> str:
     verdict = "PASS" if doc["passed"] else "FAIL"
     ratio = doc["reference_bytes"] / doc["candidate_bytes"] if doc["candidate_bytes"] else math.inf
     size = (f"{doc['candidate_bytes']:,} bytes vs {doc['reference_bytes']:,} ({ratio:.2f}x compression)"
-            if doc.get("candidate_loaded", True) else
-            f"{doc['candidate_bytes']:,} bytes in the .onnx file (not loaded: its data files are not counted)")
+            if doc.get("candidate_checked", True) else
+            f"{doc['candidate_bytes']:,} bytes in the .onnx file (it failed the checker: data files not counted)")
     lines = [f"tqs-onnx gate: {verdict}  {doc['candidate']}  vs  {doc['reference']}",
              f"  {size}; {doc['contexts']} contexts x {doc['horizon']} steps on {doc['device']}"]
     width = max(len(c["name"]) for c in doc["checks"])
@@ -343,7 +344,7 @@ def format_gate(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters XML 1.0 cannot hold
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # what XML 1.0 cannot hold
 
 
 def _xml_text(text: Any) -> str:

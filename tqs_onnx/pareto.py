@@ -33,7 +33,7 @@ from tqs_onnx.runtime import Device
 from tqs_onnx.prepare import PASSES_VERSION
 from tqs_onnx.sweep import Checkpoint, SweepSetup, divergence_mode, joint_divergence, plan_codes, setup_for_scores
 from tqs_onnx.tiers import Tier, parse_tiers
-from tqs_onnx.util import FRONTIER_CHECKPOINT, atomic_write, atomic_write_json, progress
+from tqs_onnx.util import FRONTIER_CHECKPOINT, atomic_write, atomic_write_json, json_safe, progress
 
 OBJECTIVES = ("measured", "paper", "both")
 PAPER_TIERS = "fp32,bf16,int8,int4,int2"
@@ -484,7 +484,7 @@ FRONTIER_FILES = ("frontier.json", "frontier.csv")
 def write_frontier(out_dir: Path, doc: dict[str, Any]) -> tuple[Path, Path]:
     """frontier.json (everything) and frontier.csv (one row per point and baseline)."""
     json_path, csv_path = (out_dir / name for name in FRONTIER_FILES)
-    atomic_write_json(json_path, doc)
+    atomic_write_json(json_path, json_safe(doc))
     atomic_write(csv_path, lambda p: _write_csv(p, doc["points"] + doc["uniform"]))
     return json_path, csv_path
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -145,6 +146,19 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def json_safe(doc: Any) -> Any:
+    """`doc` with every non-finite float as null: reports read by CI tools and other languages must be
+    strict JSON (Python writes Infinity and NaN, which JSON.parse and most parsers reject). Stage files
+    that tqs-onnx reads back itself (scores, plans) keep their infinities."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: json_safe(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [json_safe(v) for v in doc]
+    return doc
 
 
 def atomic_write_json(path: str | os.PathLike, doc: Any) -> None:
