@@ -448,3 +448,40 @@ def test_a_checkpoint_is_created_by_one_run_only(tmp_path):
     with pytest.raises(TqsError, match="another run"):
         second._create()  # what second.start does after its own look found nothing
     assert first.load() == {}
+
+
+def test_checkpoint_rows_damaged_inside_or_mid_file_are_rescored_and_the_rest_kept(tmp_path):
+    from tqs_onnx.sweep import Checkpoint
+
+    (model, spec, ctx, config, ckpt), full = _swept_with_checkpoint(tmp_path)
+    head, *rows = ckpt.read_text().splitlines()
+    nested = json.loads(rows[0])
+    nested["quant"]["gamma_task"] = None  # a row of the right shape with a value of the wrong type
+    ckpt.write_text("\n".join([head, json.dumps(nested), "garbage", *rows[1:]]) + "\n")
+    assert set(Checkpoint(ckpt, json.loads(head)["fingerprint"]).load()) == {json.loads(r)["id"] for r in rows}
+    resumed = run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)
+    strip = lambda d: [{k: v for k, v in x.items() if k not in ("seconds", "forward_passes")} for x in d["blocks"]]
+    assert strip(resumed) == strip(full)
+
+
+def test_two_resuming_runs_that_found_no_checkpoint_do_not_share_one(tmp_path):
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.sweep import Checkpoint
+
+    first, second = Checkpoint(tmp_path / "c.jsonl", "f"), Checkpoint(tmp_path / "c.jsonl", "f")
+    first.check(True)
+    second.check(True)
+    first.start(True)
+    with pytest.raises(TqsError, match="another run"):
+        second.start(True)
+    (tmp_path / "c.jsonl").unlink()  # the first run finished and removed it
+    with pytest.raises(TqsError, match="vanished"):
+        first.append_row({"id": 1})
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def test_auto_device_of_workers_needs_a_gpu_for_each():
+    from tqs_onnx.distributed import worker_device
+
+    assert worker_device("auto", {"CPU": 8.0, "GPU": 1.0}, workers=2) == "cpu"
+    assert worker_device("auto", {"CPU": 8.0, "GPU": 2.0}, workers=2) == "cuda"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,10 +126,10 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                        f"({exc.strerror or type(exc).__name__}); is `ray start --head` running?") from None
 
 
-def worker_device(name: str, cluster: dict[str, float]) -> str:
-    """cpu or cuda for every worker; `auto` means cuda when the cluster has GPUs."""
+def worker_device(name: str, cluster: dict[str, float], workers: int = 1) -> str:
+    """cpu or cuda for every worker; `auto` means cuda when the cluster has a GPU for each worker."""
     if name == "auto":
-        return "cuda" if cluster.get("GPU", 0) >= 1 else "cpu"
+        return "cuda" if cluster.get("GPU", 0) >= max(workers, 1) else "cpu"
     if name not in ("cpu", "cuda"):
         raise TqsError(f"unknown device '{name}' (cpu, cuda, auto)")
     return name
@@ -276,10 +277,12 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
         raise TqsError(f"--workers must be >= 1, not {workers}")
     with ray_session(address) as ray:
         cluster = ray.cluster_resources()
-        kind = worker_device(device, cluster)
+        kind = worker_device(device, cluster, workers)
         ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, kind)) if checkpoint else None
         if ckpt:
             ckpt.check(resume)  # before the workers start
+            if resume and not ckpt.path.exists() and not quiet:
+                print(f"note: no checkpoint at {ckpt.path}: scoring every block", file=sys.stderr)
         resources, threads = worker_resources(workers, kind, cluster)
         job = WorkerJob(str(loaded.path.resolve()), loaded.sha256, spec.to_dict(), asdict(config), kind, threads)
         pool = WorkerPool.launch(ray, job, contexts.arrays, workers, resources)

@@ -499,6 +499,7 @@ class Checkpoint:
     def __init__(self, path: Path, fingerprint: str):
         self.path = path
         self.fingerprint = fingerprint
+        self._found: bool | None = None  # whether the file existed when `check` looked
 
     def load(self) -> dict[Any, dict]:
         if not self.path.exists():
@@ -519,27 +520,29 @@ class Checkpoint:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                break  # the block in flight when the run was killed
+                continue  # the block in flight when the run was killed, or a damaged line: done again
             if not isinstance(row, dict) or not isinstance(row.get("id"), (int, str)):
-                break  # damaged: this row and those after it are done again
+                continue  # not a row of ours: its block is done again, the rows after it still count
             done[row["id"]] = row
         return done
 
     def check(self, resume: bool) -> None:
         """Refuse, before any work, what `start` would: an existing checkpoint without `resume`, or
         another run's with it."""
-        if self.path.exists() and not resume:
+        self._found = self.path.exists()  # what start creates exclusively if it was not there
+        if self._found and not resume:
             raise TqsError(f"{self.path}: a checkpoint exists; pass --resume to continue it or delete it")
         if resume:
             self.load()
 
     def start(self, resume: bool) -> dict[Any, dict]:
-        self.check(resume)
-        done = self.load() if resume else {}
-        if not self.path.exists():
+        if self._found is None:  # not looked at yet (a caller may look before its set-up: `check`)
+            self.check(resume)
+        if not self._found:  # absent when looked at: create it, and stop if another run just did
             self._create()
-        elif done or resume:
-            self._truncate_partial_tail()
+            return {}
+        done = self.load() if resume else {}
+        self._truncate_partial_tail()  # the row a killed run left half-written
         return done
 
     def _create(self) -> None:
@@ -563,7 +566,12 @@ class Checkpoint:
         self.append_row(asdict(score))
 
     def append_row(self, row: dict) -> None:
-        with open(self.path, "a") as f:
+        try:  # never creates the file: one that vanished (another run finished with it) is an error
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            raise TqsError(f"{self.path}: the checkpoint vanished while this run wrote it (did another run on "
+                           "the same output finish?)") from None
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -604,6 +612,11 @@ _ROW_TYPES = {"id": int, "name": str, "weights": list, "size": int, "norm": (int
 def _from_row(row: dict) -> BlockScore | None:
     """The row's block score, or None where the row is not one (edited or damaged by hand)."""
     if any(k in row and not isinstance(row[k], t) for k, t in _ROW_TYPES.items()):
+        return None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    probes = [row.get(k) for k in ("quant", "gauss") if row.get(k) is not None]
+    if not all(isinstance(p, dict) and number(p.get("gamma_task")) for p in probes) \
+            or not all(number(v) for v in row.get("damage", {}).values()):
         return None
     try:
         row = dict(row)
