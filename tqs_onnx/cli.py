@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.util import json_safe
 from tqs_onnx.tiers import DECODES, DEFAULT_SWEEP_TIERS
+from tqs_onnx.util import json_safe
 
 
 # ------------------------------------------------------------------------------------ option groups
@@ -300,9 +300,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
         doc["runtime"] = runtime_comparison(a.reference, a.candidate, resolve_device(a.device), spec,
                                             Contexts.load(a.contexts, spec))
-    _write_json(a.output, json_safe(doc))
+    report = json_safe(doc)  # strict JSON for other tools
+    _write_json(a.output, report)
     if a.json:
-        print(json.dumps(json_safe(doc), indent=1))
+        print(json.dumps(report, indent=1))
     elif not a.quiet:
         from tqs_onnx.tables import format_eval
 
@@ -393,9 +394,10 @@ def cmd_gate(a: argparse.Namespace) -> int:
     doc = run_gate(a.reference, a.candidate, spec, contexts, resolve_device(a.device), config)
     if a.junit:
         atomic_write(a.junit, lambda p: p.write_bytes(junit_xml(doc)))
-    _write_json(a.output, json_safe(doc))
+    report = json_safe(doc)  # strict JSON for CI tools
+    _write_json(a.output, report)
     if a.json:
-        print(json.dumps(json_safe(doc), indent=1))
+        print(json.dumps(report, indent=1))
     elif not a.quiet:
         print(format_gate(doc))
     return 0 if doc["passed"] else 1

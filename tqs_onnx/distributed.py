@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,8 +25,8 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
-from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, prepare, resumed_scores,
-                            score_block, scores_document)
+from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, checked_checkpoint, prepare,
+                            resumed_scores, score_block, scores_document)
 from tqs_onnx.tiers import parse_tier
 from tqs_onnx.util import first_line, progress
 
@@ -278,11 +277,8 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
     with ray_session(address) as ray:
         cluster = ray.cluster_resources()
         kind = worker_device(device, cluster, workers)
-        ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, kind)) if checkpoint else None
-        if ckpt:
-            ckpt.check(resume)  # before the workers start
-            if resume and not ckpt.path.exists() and not quiet:
-                print(f"note: no checkpoint at {ckpt.path}: scoring every block", file=sys.stderr)
+        # Checked before the workers start.
+        ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, kind), resume, quiet)
         resources, threads = worker_resources(workers, kind, cluster)
         job = WorkerJob(str(loaded.path.resolve()), loaded.sha256, spec.to_dict(), asdict(config), kind, threads)
         pool = WorkerPool.launch(ray, job, contexts.arrays, workers, resources)

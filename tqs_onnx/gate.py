@@ -32,7 +32,7 @@ from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import compare, require_finite_reference, rollouts, truth_arrays
 from tqs_onnx.graph import LoadedModel, load_model
-from tqs_onnx.rollout import Contexts, RolloutSpec
+from tqs_onnx.rollout import Contexts, RolloutSpec, shapes_compatible
 from tqs_onnx.runtime import Device, io_signature, make_session
 from tqs_onnx.util import first_line
 
@@ -130,16 +130,8 @@ def _signature_diffs(ref: dict[str, tuple], cand: dict[str, tuple]) -> list[tupl
     out = [(n, "missing") for n in ref if n not in cand] + [(n, "not in the reference") for n in cand if n not in ref]
     out += [(n, f"type {cand[n][1]}, reference {ref[n][1]}") for n in ref if n in cand and ref[n][1] != cand[n][1]]
     out += [(n, f"shape {list(cand[n][0])}, reference {list(ref[n][0])}") for n in ref
-            if n in cand and not _same_shape(ref[n][0], cand[n][0])]
+            if n in cand and not shapes_compatible(ref[n][0], cand[n][0])]
     return out
-
-
-def _same_shape(a: tuple, b: tuple) -> bool:
-    """Same rank and the same fixed dimensions; a symbolic dimension (or an unknown rank, which ORT
-    reports as ()) may differ."""
-    if not a or not b:
-        return True
-    return len(a) == len(b) and all(not isinstance(x, int) or not isinstance(y, int) or x == y for x, y in zip(a, b))
 
 
 def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: Device,

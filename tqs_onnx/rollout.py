@@ -122,7 +122,7 @@ class RolloutSpec:
             raise TqsError(f"{where}: rollout spec does not say how to feed inputs {sorted(missing)}")
         for out, inp in self.feedback.items():
             (s_out, t_out), (s_in, t_in) = outputs[out], inputs[inp]
-            if t_out != t_in or not _shapes_compatible(s_out, s_in):
+            if t_out != t_in or not shapes_compatible(s_out, s_in):
                 raise TqsError(f"{where}: feedback '{out}' {t_out}{list(s_out)} does not fit input "
                                f"'{inp}' {t_in}{list(s_in)}")
 
@@ -140,7 +140,7 @@ def _integer(value: Any) -> int | None:
     return None
 
 
-def _shapes_compatible(a: tuple, b: tuple) -> bool:
+def shapes_compatible(a: tuple, b: tuple) -> bool:
     """Same rank and no fixed dimension that differs. ORT reports an input or output of unknown rank
     as () like a scalar: () fits any shape here, and a real scalar fed another shape fails in ORT's
     first run, which the rollout turns into a one-line error."""
@@ -253,9 +253,9 @@ class Rollout:
         steps of the trajectory outputs (sized from the fed-back states, else the outputs' fixed shapes)
         against this machine's memory."""
         per_step = 0
-        back = {out: inp for out, inp in self.spec.feedback.items()}
+        back = self.spec.feedback  # output -> the input it is fed back to
         for out in self.spec.trajectory:
-            if out in back and back[out] in self.spec.initial:
+            if back.get(out) in self.spec.initial:
                 per_step += self.contexts.arrays[self.spec.initial[back[out]]][0].nbytes
             elif self.outputs.get(out) and all(isinstance(d, int) for d in self.outputs[out][0]):
                 per_step += 4 * math.prod(self.outputs[out][0])
@@ -279,7 +279,7 @@ class Rollout:
         shape, typ = self.inputs[inp]
         if not str(typ).startswith("tensor("):
             raise TqsError(f"{where}: input '{inp}' takes {typ}; a rollout feeds tensors only")
-        if not _shapes_compatible(tuple(a.shape), shape):
+        if not shapes_compatible(tuple(a.shape), shape):
             raise TqsError(f"{where}: contexts array '{key}' has per-context shape {list(a.shape)}, "
                            f"input '{inp}' needs {list(shape)}")
         want = ORT_NUMPY_TYPES.get(typ)

@@ -162,7 +162,8 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
     """One ORT session; all optimisations on (basic only when `optimize` is False), logging off;
     `config`: session config entries (e.g. session.qdq_matmulnbits_accuracy_level).
 
-    `model` may be a proto, bytes or a path; `label` names it in errors (default: the path). `shared_stream`: on CUDA, run on `cuda_stream()`.
+    `model` may be a proto, bytes or a path; `label` names it in errors (default: the path).
+    `shared_stream`: on CUDA, run on `cuda_stream()`.
     `cuda_graph`: on CUDA, ORT captures each run (per `gpu_graph_id`) as a CUDA graph and replays it;
     every bound input and output must then keep its address from one run to the next.
     """

@@ -577,6 +577,18 @@ class Checkpoint:
             os.fsync(f.fileno())
 
 
+def checked_checkpoint(path: Path | None, fingerprint: str, resume: bool, quiet: bool) -> Checkpoint | None:
+    """The sweep's checkpoint at `path` (None: none), checked as `Checkpoint.check` does; a --resume that
+    finds none says so."""
+    if path is None:
+        return None
+    ckpt = Checkpoint(path, fingerprint)
+    ckpt.check(resume)
+    if resume and not ckpt.path.exists() and not quiet:
+        print(f"note: no checkpoint at {ckpt.path}: scoring every block", file=sys.stderr)
+    return ckpt
+
+
 def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, config: SweepConfig,
                  device_kind: str) -> str:
     h = hashlib.sha256()
@@ -643,11 +655,8 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
               quiet: bool = False) -> dict[str, Any]:
     """Score every block; return the scores document (also what `sweep -o` writes)."""
     tiers = [parse_tier(t) for t in config.tiers]
-    ckpt = Checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, device.kind)) if checkpoint else None
-    if ckpt:
-        ckpt.check(resume)  # before the set-up, which on a large model takes minutes
-        if resume and not ckpt.path.exists() and not quiet:
-            print(f"note: no checkpoint at {ckpt.path}: scoring every block", file=sys.stderr)
+    # Checked before the set-up, which on a large model takes minutes.
+    ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, device.kind), resume, quiet)
     setup = prepare(loaded, spec, contexts, device, config)
     done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})
     scores: list[BlockScore] = []
