@@ -1100,20 +1100,30 @@ def test_an_output_that_is_a_fifo_or_too_long_a_name_is_refused_before_any_work(
 
 
 def test_leftovers_of_a_killed_run_are_removed_and_a_live_runs_kept(base, tmp_path, capfd):
-    """Temporaries name their process: the next write beside them removes those whose process is gone."""
+    """Temporaries name their host and process: the next write beside them removes this host's whose
+    process is gone, and keeps a live run's and another host's (whose processes it cannot see)."""
+    from tqs_onnx.util import host_tag
+
     out = tmp_path / "m.onnx"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale_dir = tmp_path / f".m.onnx.{dead.pid}.abcd1234"
+    tag = host_tag()
+    stale_dir = tmp_path / f".m.onnx.{tag}-{dead.pid}.abcd1234"
     stale_dir.mkdir()
     (stale_dir / "m.onnx").write_bytes(b"x" * 100)
-    stale_file = tmp_path / f".m.onnx.{dead.pid}.wxyz_987.tmp"
+    stale_file = tmp_path / f".m.onnx.{tag}-{dead.pid}.wxyz_987.tmp"
     stale_file.write_bytes(b"y")
-    live = tmp_path / f".m.onnx.{os.getppid()}.abcd1234"  # a running process's work
+    older = tmp_path / f".m.onnx.{dead.pid}.wxyz_988.tmp"  # written before the host tag
+    older.write_bytes(b"y")
+    live = tmp_path / f".m.onnx.{tag}-{os.getppid()}.abcd1234"  # a running process's work
     live.mkdir()
+    other = "0" * 8 if tag != "0" * 8 else "1" * 8
+    elsewhere = tmp_path / f".m.onnx.{other}-{dead.pid}.abcd1234"  # another host's: its pid means nothing here
+    elsewhere.mkdir()
     rc, _ = run_cli(["apply", str(base["model"]), str(base["plan"]), "-o", str(out), "--quiet"], capfd)
     assert rc == 0 and out.is_file()
-    assert not stale_dir.exists() and not stale_file.exists() and live.is_dir()
+    assert not stale_dir.exists() and not stale_file.exists() and not older.exists()
+    assert live.is_dir() and elsewhere.is_dir()
 
 
 def test_apply_refuses_to_write_over_its_plans_codes_file(tmp_path, capfd):

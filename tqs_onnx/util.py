@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -65,16 +68,28 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise TqsError(f"{path}: not a readable {what} JSON ({type(exc).__name__})") from None
 
 
-# Bytes a name may grow by in what is written beside it: a temporary (".NAME.<pid>.<8>.tmp"), a checkpoint
-# ("NAME.ckpt.jsonl"), a plan's codes file ("STEM.<12 hex>.codes.npz") and that file's own temporary.
+# Bytes a name may grow by in what is written beside it: a temporary (".NAME.<host>-<pid>.<8>.tmp"), a
+# checkpoint ("NAME.ckpt.jsonl"), a plan's codes file ("STEM.<12 hex>.codes.npz") and that file's own temporary.
 NAME_ROOM = 64
-TEMP_ROOM = 32  # of which a temporary alone needs (pids up to 7 digits)
+TEMP_ROOM = 32  # of which a temporary alone needs (an 8-character host tag, pids up to 7 digits)
+
+
+@functools.lru_cache(maxsize=1)
+def host_tag() -> str:
+    """8 hex characters naming this host and its process-id namespace (a container has its own): a pid
+    in a temporary's name means something only where the tag is the same."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:8]
 
 
 def temp_prefix(path: Path) -> str:
     """The start of the name of a temporary beside `path` (file or folder) made by this process: it names
-    the process, so a later run can tell a killed run's leftovers from a live run's work."""
-    return f".{path.name}.{os.getpid()}."
+    the host and the process, so a later run on the same host can tell a killed run's leftovers from a
+    live run's work (and leaves another host's alone: it cannot see that host's processes)."""
+    return f".{path.name}.{host_tag()}-{os.getpid()}."
 
 
 def check_output_target(path: str | os.PathLike, room: int = NAME_ROOM) -> None:
@@ -99,12 +114,13 @@ def check_output_target(path: str | os.PathLike, room: int = NAME_ROOM) -> None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Remove the temporaries beside `path` that a killed run left (`temp_prefix` + mkstemp's or
-    mkdtemp's 8 random characters; their process is gone)."""
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[A-Za-z0-9_]{8}(\.tmp)?")
+    """Remove the temporaries beside `path` that a killed run on this host left (`temp_prefix` + mkstemp's
+    or mkdtemp's 8 random characters; their process is gone). Those of another host or container are kept;
+    so are those of tqs-onnx before the host tag (".NAME.<pid>.<8>"), unless their process is gone here."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(?:([0-9a-f]{8})-)?(\d+)\.[A-Za-z0-9_]{8}(\.tmp)?")
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
         match = pattern.fullmatch(leftover.name)
-        if match and not _alive(int(match.group(1))):
+        if match and match.group(1) in (None, host_tag()) and not _alive(int(match.group(2))):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
