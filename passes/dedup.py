@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -79,6 +80,8 @@ class DeduplicateTensors:
             # No two tensors share a dtype and shape: skip the onnx-ir round trip (a copy of the model).
             return PassResult(model=model, modified=False, report=_report([]))
         ir_model = ir.from_proto(model)
+        self._root = ir_model.graph
+        self._sub_bound = _subgraph_bindings(ir_model)
         self._digests: dict[int, bytes] = {}  # by id(value), for values hashed as canonical candidates
         merges: list[_Merge] = []
         self._dedup_graph(ir_model.graph, "main", _Scope(), merges)
@@ -120,10 +123,21 @@ class DeduplicateTensors:
         if kept is None or value.is_graph_output() or self._bytes(_constant_of(kept)) != data:
             scope.hashed.setdefault((key, digest), value)
             return False
+        if self._shadowed(kept, value):
+            return False
         value.replace_all_uses_with(kept)
         merges.append(_Merge(removed=str(value.name), kept=str(kept.name), graph=path, nbytes=len(data)))
         log.debug("dedup: %s -> %s (%d bytes)", value.name, kept.name, len(data))
         return True
+
+    def _shadowed(self, kept: ir.Value, value: ir.Value) -> bool:
+        """Could a reader of `value` inside a subgraph see another value under `kept`'s name? Names resolve
+        by scope, so a subgraph that binds that name itself (a Loop body input, say) would read its own
+        value after the merge. Conservative: any other subgraph binding of the name refuses the merge."""
+        if all(use.node.graph is self._root for use in value.uses()):
+            return False
+        own = 0 if kept.graph is self._root else 1
+        return self._sub_bound[str(kept.name)] > own
 
     def _has_candidates(self, model: onnx.ModelProto) -> bool:
         seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -147,6 +161,16 @@ class DeduplicateTensors:
         if self.read is not None and isinstance(proto, onnx.TensorProto):
             return np.ascontiguousarray(self.read(proto)).tobytes()
         return tensor.tobytes()
+
+
+def _subgraph_bindings(model: ir.Model) -> Counter[str]:
+    """How many subgraphs bind each name (an input, initializer or node output of theirs)."""
+    bound: Counter[str] = Counter()
+    for g in model.graphs():
+        if g is not model.graph:
+            names = {v.name for v in g.inputs} | set(g.initializers) | {o.name for n in g for o in n.outputs}
+            bound.update(n for n in names if n)
+    return bound
 
 
 def _constant_of(value: ir.Value) -> ir.TensorProtocol | None:

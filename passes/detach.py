@@ -14,6 +14,7 @@ by name: the version converter and the tier writer keep names (the converter dro
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,9 @@ from tqs_onnx.graph import iter_tensors
 
 DETACH_MIN_ELEMENTS = 1024  # smaller tensors (shapes, axes, scales an adapter may read) stay in the skeleton
 DATA_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "raw_data", "double_data", "uint64_data")
-_MARK = "tqs-detached:"
+# Marks a stub in its doc_string. The token is drawn per process, so a file's own doc_strings can never
+# pass for a mark (a crafted "tqs-detached:0" would otherwise take another tensor's data).
+_MARK = f"tqs-detached-{secrets.token_hex(8)}:"
 _NESTING_ATTRS = (onnx.AttributeProto.TENSOR, onnx.AttributeProto.TENSORS,
                   onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
@@ -183,4 +186,4 @@ def _has_data(t: onnx.TensorProto) -> bool:
 
 def _mark_of(t: onnx.TensorProto) -> int | None:
     doc = t.doc_string
-    return int(doc[len(_MARK):]) if doc.startswith(_MARK) else None
+    return int(doc[len(_MARK):]) if doc.startswith(_MARK) and doc[len(_MARK):].isdigit() else None

@@ -71,6 +71,7 @@ class NarrowIntegerConstants:
         keep = ({i.name for i in graph.input} | {o.name for o in graph.output}
                 | {n.input[1] for n in graph.node if n.op_type in GATHERS and len(n.input) > 1})
         taken = _names(graph)
+        node_names = {n.name for n in graph.node if n.name}  # ORT refuses two nodes of one name
         casts, narrowed, saved = [], [], 0
         for init in graph.initializer:
             width = WIDE.get(init.data_type)
@@ -90,7 +91,13 @@ class NarrowIntegerConstants:
             taken.add(stored)
             original_type, name = init.data_type, init.name
             init.CopyFrom(numpy_helper.from_array(values.astype(np_type), stored))
-            casts.append(helper.make_node("Cast", [stored], [name], to=original_type, name=f"{stored}/Cast"))
+            node_name = base_name = f"{stored}/Cast"
+            suffix = 0
+            while node_name in node_names:
+                suffix += 1
+                node_name = f"{base_name}_{suffix}"
+            node_names.add(node_name)
+            casts.append(helper.make_node("Cast", [stored], [name], to=original_type, name=node_name))
             narrowed.append({"tensor": name, "from": onnx.TensorProto.DataType.Name(original_type),
                              "to": onnx.TensorProto.DataType.Name(onnx_type), "elements": count})
             saved += count * (width - np.dtype(np_type).itemsize)

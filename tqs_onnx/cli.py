@@ -239,7 +239,8 @@ def cmd_apply(a: argparse.Namespace) -> int:
     checks: dict[str, Any] = {}
     # Checked on the temporary copy: a model that fails never replaces `out`.
     files = save_model(model, out, a.external_data or None, keep=loaded.files,
-                       check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out)))
+                       check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out,
+                                                                         reference=loaded.path)))
     on_disk = sum(f.stat().st_size for f in files)  # the model and its data file, as written
     report = {"schema_version": SCHEMA_VERSION, "kind": "tqs-apply-report", "tool_version": __version__,
               "output": str(out), "on_disk_bytes": on_disk,
@@ -253,12 +254,21 @@ def cmd_apply(a: argparse.Namespace) -> int:
         report["size_note"] = (f"on disk {on_disk:,} bytes against {planned_bytes:,} planned "
                                f"({100 * (on_disk / planned_bytes - 1):+.2f}%): was the plan or its scores edited?")
         print(f"tqs-onnx apply: note: {report['size_note']}", file=sys.stderr)
+    conversion = reports.get("upgrade-opset", {}).get("check")
+    if conversion and not conversion["checked"]:
+        report["conversion_note"] = (f"the opset was raised from {conversion['from']} to {conversion['to']} for the "
+                                     f"chosen tiers and the conversion was not checked: {conversion['why_not']}; "
+                                     "compare the written model with the original (eval) before shipping it")
+        print(f"tqs-onnx apply: note: {report['conversion_note']}", file=sys.stderr)
     if not a.quiet:
         forms = ", ".join(f"{n} {what}" for what, n in report["forms"].items() if n)
         planned = report["planned_compression"]
         print(f"wrote {out}: {on_disk:,} bytes, {report['on_disk_compression']:.2f}x on disk "
               f"({'planned %.2fx' % planned if planned else 'no planned size: a hand-written plan'}); "
               "onnx.checker ok, ORT loads, outputs finite"
+              + (" where the original's are" if checks.get("nonfinite_as_original") else "")
+              + (f"; opset {conversion['from']} -> {conversion['to']}, checked" if conversion and conversion["checked"]
+                 else "")
               + (f"\n  weights written: {forms}" if forms else ""))
     if a.report:
         _write_json(a.report, report)
@@ -436,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "auto: layer, or tensor when the layers form a single block)")
     s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before listing weights")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before listing weights; a model with local functions still has its identical tensors stored once (inlining copies them)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("-o", "--output", help="also write the JSON here")
     s.set_defaults(func=cmd_inspect)
@@ -525,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(s, what="ONNX model")
     s.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 1.5 GB)")
     s.add_argument("--no-factor", action="store_true",
-                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow); only for a plan from a sweep with --no-factor, which this is then checked to be")
+                   help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; a model with local functions still has its identical tensors stored once); only for a plan from a sweep with --no-factor, which this is then checked to be")
     s.add_argument("--force", action="store_true",
                    help="apply a plan whose model checksum or graph passes differ (its size may then not be the planned one)")
     s.add_argument("--report", metavar="JSON", help="write the apply report here")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import LoadedModel, iter_tensors, load_model
+from tqs_onnx.graph import IDENTITY, LoadedModel, iter_tensors, load_model
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session, synthetic_feeds
 from tqs_onnx.util import first_line
@@ -32,10 +32,13 @@ def stored_bits(model: onnx.ModelProto) -> int:
 
 
 def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
-                   contexts: Contexts | None = None, label: str | Path | None = None) -> dict[str, Any]:
+                   contexts: Contexts | None = None, label: str | Path | None = None,
+                   reference: str | Path | None = None) -> dict[str, Any]:
     """onnx.checker, ORT load, finite outputs (one rollout step per context if a spec is given).
 
-    `label` names the model in messages when `path` is a temporary copy.
+    `label` names the model in messages when `path` is a temporary copy. `reference`, the original
+    model: where the written model's outputs are not finite, it is run the same way, and non-finite
+    values where the original's are too (a model that outputs -inf by design) are accepted.
     """
     label = label or path
     try:
@@ -44,25 +47,18 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
         raise TqsError(f"{label}: written model fails onnx.checker: {first_line(exc)[:200]}") from None
     session = make_session(str(path), device)
     try:
-        if spec is not None and contexts is not None:
-            spec.check_against(*io_signature(session), str(label))
-            rollout = Rollout(session, spec, contexts, device, str(label))
-            outs = [step for s in range(contexts.count) for step in rollout.trajectory_host(s)]
-            finite = all(np.all(np.isfinite(v)) for o in outs for v in o.values())
-        else:
-            import onnxruntime as ort
-
-            quiet = ort.RunOptions()
-            quiet.log_severity_level = 4  # the failure is reported below, in one line
-            finite = all(np.all(np.isfinite(v)) for v in session.run(None, synthetic_feeds(session), quiet)
-                         if np.asarray(v).dtype.kind == "f")
+        outs = _verification_outputs(session, device, spec, contexts, str(label))
     except TqsError:
         raise
     except Exception as exc:
         hint = "" if spec is not None and contexts is not None else \
             " on synthetic inputs (dynamic input shapes?); pass --rollout and --contexts to verify it on real data"
         raise TqsError(f"{label}: written model does not run{hint}: {first_line(exc)}") from None
-    if not finite:
+    finite = all(np.all(np.isfinite(v)) for o in outs for v in o.values())
+    as_original = False
+    if not finite and reference is not None:
+        as_original = _nonfinite_as_original(outs, reference, device, spec, contexts)
+    if not finite and not as_original:
         raise TqsError(f"{label}: written model gives non-finite outputs")
     first = _first_step(session, device, spec, contexts)
     del session  # free its device memory before the unoptimized session below allocates its own
@@ -71,7 +67,113 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
     if err > FIDELITY_TOL:  # NaN (not checked) compares False
         raise TqsError(f"{label}: ONNX Runtime's optimized graph computes other values than the written graph "
                        f"(relative error {err:.2g} on one step){_fidelity_cause(path, device, spec, contexts, plain)}")
-    return {"checker": True, "ort_load": True, "finite": True, "optimized_rel_err": err}
+    return {"checker": True, "ort_load": True, "finite": finite,
+            **({"nonfinite_as_original": True} if as_original else {}), "optimized_rel_err": err}
+
+
+def _verification_outputs(session, device: Device, spec: RolloutSpec | None, contexts: Contexts | None,
+                          label: str) -> list[dict[str, np.ndarray]]:
+    """The float outputs verify_written checks: every rollout step of every context, or one run on
+    synthetic inputs without a spec."""
+    if spec is not None and contexts is not None:
+        spec.check_against(*io_signature(session), label)
+        rollout = Rollout(session, spec, contexts, device, label)
+        return [step for s in range(contexts.count) for step in rollout.trajectory_host(s)]
+    import onnxruntime as ort
+
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # a failure is reported by the caller, in one line
+    names = [o.name for o in session.get_outputs()]
+    return [{n: v for n, v in zip(names, session.run(None, synthetic_feeds(session), quiet))
+             if np.asarray(v).dtype.kind == "f"}]
+
+
+def _nonfinite_as_original(outs: list[dict[str, np.ndarray]], reference: str | Path, device: Device,
+                           spec: RolloutSpec | None, contexts: Contexts | None) -> bool:
+    """Is every non-finite value of `outs` non-finite in the original model's outputs too?"""
+    try:
+        ref = _verification_outputs(make_session(str(reference), device), device, spec, contexts, str(reference))
+    except Exception:
+        return False
+    if len(ref) != len(outs):
+        return False
+    for got, want in zip(outs, ref):
+        for name, value in got.items():
+            original = want.get(name)
+            if original is None or np.shape(original) != np.shape(value) \
+                    or np.any(~np.isfinite(value) & np.isfinite(original)):
+                return False
+    return True
+
+
+CONVERSION_CHECK_BYTES = 256 * 2**20  # models up to this size are run before and after an opset conversion
+CONVERSION_TOL = 1e-4  # relative to the output's largest magnitude (a converted AveragePool moved by 1 ulp)
+_RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, model_bytes: int, label: str | Path,
+                     attach: Callable[[onnx.ModelProto], Any] = lambda m: None) -> dict[str, Any]:
+    """Does the opset-converted model compute what the model computed? onnx's version converter has
+    adapters that change meaning (Upsample(linear) of opset 9 became a Resize with half-pixel
+    coordinates; Hardmax of opset 11 kept its axis, whose meaning changed in 13), and the sweep scored
+    the unconverted graph. Both run once on the CPU on seeded synthetic inputs; a difference above
+    `CONVERSION_TOL` is an error. `attach(m)` gives a skeleton's stubs their data (a copy is attached).
+    Returns what the apply report records: checked or not, and why not."""
+    from tqs_onnx.graph import iter_graphs
+    from tqs_onnx.runtime import resolve_device
+
+    frm = next((o.version for o in before.opset_import if o.domain in ("", "ai.onnx")), 0)
+    to = next((o.version for o in after.opset_import if o.domain in ("", "ai.onnx")), 0)
+    record: dict[str, Any] = {"from": frm, "to": to, "checked": False}
+    if model_bytes > CONVERSION_CHECK_BYTES:
+        return {**record, "why_not": f"model over {CONVERSION_CHECK_BYTES >> 20} MiB"}
+    if any(n.op_type in _RANDOM_OPS for g in iter_graphs(before.graph) for n in g.node):
+        return {**record, "why_not": "the model draws random numbers"}
+    cpu = resolve_device("cpu")
+    runs: list[dict[str, np.ndarray]] = []
+    feeds: dict[str, np.ndarray] | None = None
+    for which, proto in (("original", before), ("converted", after)):
+        full = onnx.ModelProto()
+        full.CopyFrom(proto)
+        attach(full)
+        try:
+            session = make_session(full, cpu, label=str(label))
+            del full
+            if feeds is None:
+                feeds = synthetic_feeds(session)
+            names = [o.name for o in session.get_outputs()]
+            runs.append(dict(zip(names, session.run(None, feeds))))
+        except Exception as exc:
+            if which == "original":
+                return {**record, "why_not": f"it does not run on synthetic inputs ({first_line(exc)[:120]})"}
+            raise TqsError(f"{label}: the model converted from opset {frm} to {to} (needed by the chosen tiers) "
+                           f"does not run in ONNX Runtime: {first_line(exc)[:200]}") from None
+        del session
+    worst = 0.0
+    for name, ref in runs[0].items():
+        got = np.asarray(runs[1].get(name))
+        ref = np.asarray(ref)
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            err, detail = math.inf, f"{got.dtype}{list(got.shape)} instead of {ref.dtype}{list(ref.shape)}"
+        elif ref.dtype.kind != "f":
+            err = 0.0 if np.array_equal(got, ref) else math.inf
+            detail = "other values"
+        else:
+            same_nan = np.array_equal(np.isnan(ref), np.isnan(got))
+            finite = np.isfinite(ref) & np.isfinite(got)
+            same_inf = np.array_equal(ref[~finite & ~np.isnan(ref)], got[~finite & ~np.isnan(ref)])
+            scale = float(np.max(np.abs(ref[finite]), initial=0.0)) or 1.0
+            diff = float(np.max(np.abs(ref[finite].astype(np.float64) - got[finite]), initial=0.0))
+            err = diff / scale if same_nan and same_inf else math.inf
+            detail = f"largest difference {diff:.3g} against values up to {scale:.3g}" if same_nan and same_inf \
+                else "non-finite values at other places"
+        if err > CONVERSION_TOL:
+            raise TqsError(f"{label}: onnx's version converter changed what the model computes when raising its "
+                           f"opset from {frm} to {to}, which the chosen tiers need (output '{name}': {detail}); "
+                           f"keep its weights at tiers that need no newer opset, or convert the model with a "
+                           f"tool you have checked and sweep it again")
+        worst = max(worst, err)
+    return {**record, "checked": True, "max_rel_err": worst}
 
 
 def _fidelity_cause(path: Path, device: Device, spec: RolloutSpec | None, contexts: Contexts | None,
@@ -128,9 +230,16 @@ def _step_error(optimized: dict, plain: dict | None) -> float:
     """Largest relative difference over float outputs; NaN when there is no plain step to compare."""
     if plain is None:
         return math.nan
-    errs = [float(np.linalg.norm(np.asarray(optimized[k], np.float64) - plain[k])
-                  / (np.linalg.norm(np.asarray(plain[k], np.float64)) + 1e-12))
-            for k in plain if np.asarray(plain[k]).dtype.kind == "f"]
+    errs = []
+    for k in plain:
+        if np.asarray(plain[k]).dtype.kind != "f":
+            continue
+        a, b = np.asarray(optimized[k], np.float64), np.asarray(plain[k], np.float64)
+        finite = np.isfinite(a) & np.isfinite(b)
+        if a.shape != b.shape or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
+            errs.append(math.inf)  # non-finite at other places, or other non-finite values
+            continue
+        errs.append(float(np.linalg.norm(a[finite] - b[finite]) / (np.linalg.norm(b[finite]) + 1e-12)))
     return max(errs, default=0.0)
 
 
@@ -242,8 +351,10 @@ def evaluate(ref_path: str | Path, cand_path: str | Path, spec: RolloutSpec, con
     b = rollouts(cand.path, spec, contexts, device)
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-eval", "tool_version": __version__,
-        "reference": str(ref.path), "candidate": str(cand.path), "contexts": contexts.count,
-        "horizon": spec.horizon, "notes": missing_truth(spec, contexts),
+        "reference": str(ref.path), "candidate": str(cand.path),
+        "reference_model": {"path": str(ref.path), "sha256": ref.sha256, "identity": IDENTITY,
+                            "file_bytes": ref.file_bytes},
+        "contexts": contexts.count, "horizon": spec.horizon, "notes": missing_truth(spec, contexts),
         "outputs": compare(a, b, spec, truth),
         "compression": compression(ref, cand),
         "seconds": round(time.perf_counter() - t0, 3),

@@ -194,7 +194,7 @@ def write_and_measure(run: FrontierRun, plan: dict[str, Any], rel: str) -> dict[
         run.before_write = None
     save_model(model, path, keep=run.loaded.files,  # verified before it takes the final name
                check=lambda tmp: verify_written(tmp, run.device, run.spec, run.eval_contexts.subset(slice(0, 1)),
-                                                label=path))
+                                                label=path, reference=run.loaded.path))
     written = load_model(path)
     errors = compare(run.reference, rollouts(path, run.spec, run.eval_contexts, run.device), run.spec, run.truth)
     if not all(e["finite"] for e in errors.values()):

@@ -25,7 +25,7 @@ from tqs_onnx.passes.sparse import hide_sparse_initializers
 LIFT_FLOOR = 16  # smallest Constant-node tensor lifted to an initializer, and smallest tensor deduplicated
 # Names the passes below; changed whenever they may prepare a model differently, so a sweep checkpoint
 # of an earlier version is not resumed on another graph (it is part of the checkpoint's fingerprint).
-PASSES_VERSION = "inline,sparse,lift,factor,dedup16,narrow16"
+PASSES_VERSION = "ir4,inline,sparse,lift-unique,factor,dedup16-scoped,narrow16"
 
 
 @dataclass
@@ -63,6 +63,8 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
     detached = detach(model)
     # Training-only graphs name the FP32 weights this rewrite replaces: an inference model drops them.
     detached.skeleton.ClearField("training_info")
+    if detached.skeleton.ir_version < 4:
+        _raise_to_ir4(detached.skeleton)  # first: the passes below leave overridable initializers alone
     inlined = InlineLocalFunctions().run(detached.skeleton)  # keeps sparse initializers; may bring sparse Constants
     sparse = hide_sparse_initializers(inlined.model)
     lifted = LiftWeights(size_floor=LIFT_FLOOR, inplace=True).run(inlined.model)
@@ -92,8 +94,6 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
     # newer than the installed onnx knows is left for ONNX Runtime to refuse.
     if ORT_MAX_IR < out.ir_version <= onnx.IR_VERSION:
         out.ir_version = ORT_MAX_IR
-    if out.ir_version < 4:
-        _raise_to_ir4(out)
     origins = lifted.report.get("origins", {})
     if keep_detached:
         return PreparedGraph(out, origins, reports, detached.by_name(out))

@@ -62,8 +62,14 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     if codes is None:
         codes = load_codes(plan, where) if any(t.gptq for t in tiers.values()) else {}
         check_codes(plan, tiers, codes, where)
-    passes = [UpgradeOpset(need), WriteTiers(tiers, axes, stubs.array, codes)]
-    model, reports = run_passes(prepared.model, passes, phase_done)
+    converted, reports = run_passes(prepared.model, [UpgradeOpset(need)], phase_done)
+    if reports[UpgradeOpset.name]["modified"]:
+        from tqs_onnx.evaluate import check_conversion
+
+        reports[UpgradeOpset.name]["check"] = check_conversion(prepared.model, converted, loaded.file_bytes,
+                                                               loaded.path, stubs.attach)
+    model, written = run_passes(converted, [WriteTiers(tiers, axes, stubs.array, codes)], phase_done)
+    reports.update(written)
     stubs.attach(model)
     phase_done("attach")
     return model, {**prepared.reports, **reports, "weight-forms": forms}

@@ -1,0 +1,235 @@
+"""The lossless passes and the opset raise keep what a model computes where names, scopes and opsets
+make that easy to get wrong: subgraph names that shadow or collide, forged stub marks, node names,
+Constant(value_floats), IR 3 listings, version-converter adapters that change meaning, and outputs
+that are non-finite by design."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+from tqs_onnx.cli import main
+from tqs_onnx.prepare import prepare_graph
+
+
+def _vi(name: str, shape=(32,), dtype=TP.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, list(shape))
+
+
+def _model(graph: onnx.GraphProto, opset: int = 17, ir: int = 9) -> onnx.ModelProto:
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = ir
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    s = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+
+
+def _same_bits(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.asarray(a[k]).tobytes() == np.asarray(b[k]).tobytes() for k in a)
+
+
+def _apply_empty(tmp_path, model: onnx.ModelProto, name: str = "m") -> tuple[int, str]:
+    """`apply` with a plan that changes no weight: only the lossless passes run."""
+    path, plan, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}.plan.json", tmp_path / f"{name}.out.onnx"
+    onnx.save(model, path)
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {}}))
+    return main(["apply", str(path), str(plan), "-o", str(out), "--quiet"]), str(out)
+
+
+def _loop(body: onnx.GraphProto, outer: list, init: list) -> onnx.GraphProto:
+    nodes = [helper.make_node("Loop", ["n", "", "x"], ["acc"], body=body), *outer]
+    return helper.make_graph(nodes, "g", [_vi("x"), _vi("n", [], TP.INT64)], [_vi("y")], init)
+
+
+LOOP_FEEDS = {"x": np.zeros(32, np.float32), "n": np.array(3, np.int64)}
+
+
+def test_a_merge_into_a_name_that_a_loop_body_binds_is_refused(tmp_path):
+    """K and Q are equal; the body reads Q and has an input named K: rewiring Q to K would make the body
+    read its own input."""
+    c = np.full(32, 100, np.float32)
+    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
+                              helper.make_node("Add", ["K", "Q"], ["acc_out"])], "body",
+                             [_vi("i", [], TP.INT64), _vi("c_in", [], TP.BOOL), _vi("K")],
+                             [_vi("c_out", [], TP.BOOL), _vi("acc_out")])
+    m = _model(_loop(body, [helper.make_node("Add", ["acc", "K"], ["y"])],
+                     [numpy_helper.from_array(c, "K"), numpy_helper.from_array(c.copy(), "Q")]))
+    want = _run(m, LOOP_FEEDS)
+    assert _same_bits(_run(prepare_graph(m).model, LOOP_FEEDS), want)
+    rc, out = _apply_empty(tmp_path, m)
+    assert rc == 0 and _same_bits(_run(out, LOOP_FEEDS), want)
+
+
+def test_a_merge_into_a_subgraph_still_happens_where_no_name_is_shadowed():
+    c = np.full(32, 100, np.float32)
+    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
+                              helper.make_node("Add", ["s", "Q"], ["acc_out"])], "body",
+                             [_vi("i", [], TP.INT64), _vi("c_in", [], TP.BOOL), _vi("s")],
+                             [_vi("c_out", [], TP.BOOL), _vi("acc_out")])
+    m = _model(_loop(body, [helper.make_node("Add", ["acc", "K"], ["y"])],
+                     [numpy_helper.from_array(c, "K"), numpy_helper.from_array(c.copy(), "Q")]))
+    prepared = prepare_graph(m)
+    assert prepared.reports["dedup"]["tensors_removed"] == 1
+    assert _same_bits(_run(prepared.model, LOOP_FEEDS), _run(m, LOOP_FEEDS))
+
+
+def test_a_lifted_initializer_is_not_renamed_into_a_name_a_loop_body_binds():
+    """The body's own W would be lifted as W_1 (the main graph has a W), a name the body binds as input."""
+    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
+                              helper.make_node("Add", ["W_1", "W"], ["acc_out"])], "body",
+                             [_vi("i", [], TP.INT64), _vi("c_in", [], TP.BOOL), _vi("W_1")],
+                             [_vi("c_out", [], TP.BOOL), _vi("acc_out")],
+                             [numpy_helper.from_array(np.full(32, 100, np.float32), "W")])
+    m = _model(_loop(body, [helper.make_node("Add", ["acc", "W"], ["y"])],
+                     [numpy_helper.from_array(np.arange(32, dtype=np.float32), "W")]))
+    prepared = prepare_graph(m)
+    assert len(prepared.model.graph.initializer) == 2
+    assert set(prepared.origins.values()) == {"subgraph"}
+    assert prepared.origins.keys() <= {i.name for i in prepared.model.graph.initializer}
+    assert _same_bits(_run(prepared.model, LOOP_FEEDS), _run(m, LOOP_FEEDS))
+
+
+def test_a_lifted_initializer_does_not_clash_with_a_sibling_branch_value(tmp_path):
+    then_g = helper.make_graph([helper.make_node("Add", ["x", "V"], ["t_out"])], "then", [], [_vi("t_out")],
+                               [numpy_helper.from_array(np.arange(32, dtype=np.float32), "V")])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["V"]), helper.make_node("Abs", ["V"], ["e_out"])],
+                               "else", [], [_vi("e_out")])
+    g = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)], "g",
+                          [_vi("x"), _vi("cond", [], TP.BOOL)], [_vi("y")])
+    m = _model(g)
+    for cond in (True, False):
+        feeds = {"x": np.linspace(-1, 1, 32).astype(np.float32), "cond": np.array(cond)}
+        assert _same_bits(_run(prepare_graph(m).model, feeds), _run(m, feeds))
+    rc, _ = _apply_empty(tmp_path, m)
+    assert rc == 0
+
+
+def test_constant_value_floats_is_a_weight_like_constant_value():
+    floats = np.random.default_rng(0).standard_normal(1024).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["W"], value_floats=floats.tolist()),
+             helper.make_node("Add", ["x", "W"], ["y"])]
+    m = _model(helper.make_graph(nodes, "g", [_vi("x", (1024,))], [_vi("y", (1024,))]))
+    prepared = prepare_graph(m)
+    assert prepared.origins == {"W": "constant"}
+    assert [i.name for i in prepared.model.graph.initializer] == ["W"]
+    x = {"x": np.ones(1024, np.float32)}
+    assert _same_bits(_run(prepared.model, x), _run(m, x))
+
+
+def test_a_doc_string_that_looks_like_a_stub_mark_is_only_a_doc_string(tmp_path):
+    big = np.random.default_rng(1).standard_normal(2048).astype(np.float32)
+    small = np.arange(16, dtype=np.float32)
+    b = numpy_helper.from_array(small, "B")
+    b.doc_string = "tqs-detached:0"
+    a = numpy_helper.from_array(big, "A")
+    nodes = [helper.make_node("Add", ["x", "A"], ["y"]), helper.make_node("Add", ["z", "B"], ["w"])]
+    m = _model(helper.make_graph(nodes, "g", [_vi("x", (2048,)), _vi("z", (16,))], [_vi("y", (2048,)), _vi("w", (16,))],
+                                 [a, b]))
+    feeds = {"x": np.ones(2048, np.float32), "z": np.ones(16, np.float32)}
+    assert _same_bits(_run(prepare_graph(m).model, feeds), _run(m, feeds))
+    b.doc_string = "tqs-detached: not a number"
+    m.graph.initializer[1].CopyFrom(b)
+    assert main(["inspect", str(_save(tmp_path, m))]) == 0
+
+
+def _save(tmp_path, m: onnx.ModelProto):
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    return path
+
+
+def test_narrowed_integer_constants_get_node_names_of_their_own():
+    idx = np.arange(100, dtype=np.int64) % 7
+    nodes = [helper.make_node("Identity", ["x"], ["I__uint8/Cast"], name="I__uint8/Cast"),
+             helper.make_node("Add", ["I", "I__uint8/Cast"], ["y"])]
+    m = _model(helper.make_graph(nodes, "g", [_vi("x", (100,), TP.INT64)], [_vi("y", (100,), TP.INT64)],
+                                 [numpy_helper.from_array(idx, "I")]))
+    prepared = prepare_graph(m)
+    names = [n.name for n in prepared.model.graph.node]
+    assert prepared.reports["narrow-ints"]["narrowed"] == 1 and len(names) == len(set(names))
+    feeds = {"x": np.arange(100, dtype=np.int64)}
+    assert _same_bits(_run(prepared.model, feeds), _run(m, feeds))
+
+
+def test_an_ir3_model_gets_the_lossless_passes_too():
+    c = np.random.default_rng(2).standard_normal(4096).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x", "A"], ["a"]), helper.make_node("Add", ["a", "B"], ["y"])]
+    inits = [numpy_helper.from_array(c, "A"), numpy_helper.from_array(c.copy(), "B")]
+    g = helper.make_graph(nodes, "g", [_vi("x", (4096,)), _vi("A", (4096,)), _vi("B", (4096,))],
+                          [_vi("y", (4096,))], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)])
+    m.ir_version = 3
+    prepared = prepare_graph(m)
+    assert prepared.model.ir_version == 4 and [i.name for i in prepared.model.graph.input] == ["x"]
+    assert prepared.reports["dedup"]["tensors_removed"] == 1
+
+
+def _upsample_opset9() -> tuple[onnx.ModelProto, np.ndarray]:
+    w = np.random.default_rng(0).integers(-7, 8, (2, 3, 8, 8)).astype(np.float32)
+    w.flat[0] = 7  # int4 with scale 1: the weight itself is stored exactly
+    nodes = [helper.make_node("Add", ["x", "W"], ["a"]), helper.make_node("Upsample", ["a", "sc"], ["y"], mode="linear")]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")]
+    g = helper.make_graph(nodes, "g", [_vi("x", (2, 3, 8, 8))], [_vi("y", (2, 3, 16, 16))], inits)
+    return _model(g, opset=9, ir=5), w
+
+
+def test_an_opset_conversion_that_changes_the_outputs_is_refused(tmp_path, capsys):
+    """onnx's converter turns opset-9 Upsample(linear), asymmetric, into a half-pixel Resize."""
+    m, _ = _upsample_opset9()
+    path, plan = _save(tmp_path, m), tmp_path / "p.json"
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {"W": "int4"}}))
+    out = tmp_path / "o.onnx"
+    assert main(["apply", str(path), str(plan), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "version converter changed what the model computes" in err and "from 9 to 21" in err
+    assert not out.exists()
+
+
+def test_an_opset_conversion_that_keeps_the_outputs_is_checked_and_reported(tmp_path):
+    w = np.random.default_rng(0).integers(-7, 8, (16, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    m = _model(helper.make_graph(nodes, "g", [_vi("x", (4, 16))], [_vi("y", (4, 16))],
+                                 [numpy_helper.from_array(w, "W")]), opset=11, ir=6)
+    path, plan, report = _save(tmp_path, m), tmp_path / "p.json", tmp_path / "r.json"
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {"W": "int4"}}))
+    assert main(["apply", str(path), str(plan), "-o", str(tmp_path / "o.onnx"), "--report", str(report),
+                 "--quiet"]) == 0
+    check = json.loads(report.read_text())["passes"]["upgrade-opset"]["check"]
+    assert check["checked"] and check["from"] == 11 and check["to"] == 21 and check["max_rel_err"] <= 1e-4
+
+
+@pytest.mark.parametrize("value", [-np.inf, np.nan])
+def test_outputs_non_finite_by_design_do_not_block_apply(tmp_path, value):
+    w = np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32)
+    mask = np.zeros((4, 64), np.float32)
+    mask[:, ::2] = value
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Add", ["a", "M"], ["y"])]
+    m = _model(helper.make_graph(nodes, "g", [_vi("x", (4, 64))], [_vi("y", (4, 64))],
+                                 [numpy_helper.from_array(w, "W"), numpy_helper.from_array(mask, "M")]), opset=21, ir=10)
+    path, plan = _save(tmp_path, m), tmp_path / "p.json"
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {"W": "int8/channel"}}))
+    assert main(["apply", str(path), str(plan), "-o", str(tmp_path / "o.onnx"), "--quiet"]) == 0
+    # non-finite values where the original's are finite are still refused
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.evaluate import verify_written
+    from tqs_onnx.runtime import Device
+
+    shifted = tmp_path / "shifted.onnx"
+    m.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.roll(mask, 1, axis=1), "M"))
+    onnx.save(m, shifted)
+    assert verify_written(shifted, Device("cpu"), reference=shifted)["nonfinite_as_original"]
+    with pytest.raises(TqsError, match="non-finite"):
+        verify_written(shifted, Device("cpu"), reference=path)
