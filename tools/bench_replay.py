@@ -32,6 +32,7 @@ from tqs_onnx.rollout import Contexts, RolloutSpec  # noqa: E402
 from tqs_onnx.runtime import resolve_device  # noqa: E402
 from tqs_onnx.sweep import SweepConfig, prepare  # noqa: E402
 from tqs_onnx.util import first_line  # noqa: E402
+from one_line_errors import run  # noqa: E402  tools/: a user's error is one line, exit 2
 
 
 def main() -> None:
@@ -92,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

