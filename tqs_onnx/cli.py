@@ -415,7 +415,7 @@ def cmd_gate(a: argparse.Namespace) -> int:
 
 def cmd_report(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import load_scores
-    from tqs_onnx.report import REPORT_FILES, check_same_model, load_document, write_report
+    from tqs_onnx.report import REPORT_FILES, check_document, load_document, write_report
 
     _check_output_dir(a.output, REPORT_FILES, (a.scores, a.frontier, a.plan, a.eval))
     scores = load_scores(a.scores, sizes=False)  # plots only
@@ -423,7 +423,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     for key, path, kind in (("frontier", a.frontier, "tqs-frontier"), ("plan", a.plan, "tqs-plan"),
                             ("eval_doc", a.eval, "tqs-eval")):
         docs[key] = load_document(path, kind) if path else None
-        check_same_model(scores, docs[key], str(path))
+        check_document(scores, docs[key], str(path))
     index = write_report(a.output, scores, **docs)
     if not a.quiet:
         print(f"wrote {index}")
