@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pulp
 
 from tqs_onnx import SCHEMA_VERSION, __version__
@@ -267,13 +268,59 @@ def check_feasible(p: Problem) -> None:
 
 # ----------------------------------------------------------------------------------------- solvers
 
+MCKP_MAX_STATES = 200_000  # Pareto states per group before the exact solver hands over to pulp/CBC
+
+
 def solve_mckp(values: list[list[float]], costs: list[list[int]], budget: int,
                allowed: list[list[bool]] | None = None) -> list[int]:
-    """Multiple-choice knapsack: one option per group, minimise value, total cost <= budget (pulp/CBC).
+    """Multiple-choice knapsack: one option per group, minimise value, total cost <= budget.
 
-    Ties (equal values, e.g. gamma' = 0 for the least sensitive block) go to the cheaper option, so
-    the answer is deterministic and never spends storage that buys nothing.
+    Exact: dynamic programming over the Pareto frontier of (cost, value) states, group by group (the
+    values are compared as they are: measured damages span 1e-6 to 1e14 and the paper's gamma 2^-b
+    spans 2^-32 to 2^-1, beyond an LP solver's tolerances, which picked plans up to 2% worse). Of
+    equal values the cheaper plan wins, so storage that buys nothing is never spent. Should the
+    frontier grow past MCKP_MAX_STATES states it hands over to pulp/CBC.
     """
+    n = len(costs)
+    ok = allowed or [[True] * len(c) for c in costs]
+    options = [[k for k in range(len(costs[l])) if ok[l][k]] for l in range(n)]
+    if any(not o for o in options):
+        raise TqsError("knapsack found no feasible assignment (a block has no allowed tier)")
+    floor = [min(costs[l][k] for k in options[l]) for l in range(n)]
+    rest = np.concatenate([np.cumsum(floor[::-1])[::-1][1:], [0]]) if n else np.zeros(0)
+    cost, value = np.zeros(1, np.int64), np.zeros(1, np.float64)
+    parents: list[tuple[np.ndarray, np.ndarray]] = []
+    for l in range(n):
+        ks = np.array(options[l])
+        c = (cost[:, None] + np.array([costs[l][k] for k in options[l]], np.int64)[None, :]).ravel()
+        v = (value[:, None] + np.array([values[l][k] for k in options[l]], np.float64)[None, :]).ravel()
+        parent = np.repeat(np.arange(cost.size), ks.size)
+        choice = np.tile(ks, cost.size)
+        fits = c <= budget - rest[l]  # the groups after this one still need their cheapest option
+        c, v, parent, choice = c[fits], v[fits], parent[fits], choice[fits]
+        if c.size == 0:
+            raise TqsError("knapsack found no feasible assignment (the budget is below the cheapest plan)")
+        order = np.lexsort((v, c))  # by cost, then value
+        c, v, parent, choice = c[order], v[order], parent[order], choice[order]
+        best_before = np.concatenate([[np.inf], np.minimum.accumulate(v)[:-1]])
+        keep = v < best_before  # Pareto: each kept state is strictly better than every cheaper one
+        c, v, parent, choice = c[keep], v[keep], parent[keep], choice[keep]
+        if c.size > MCKP_MAX_STATES:
+            return _solve_mckp_lp(values, costs, budget, allowed)
+        cost, value = c, v
+        parents.append((parent, choice))
+    at = int(np.argmin(value))  # the last state: the lowest value, and the cheapest that reaches it
+    assign = [0] * n
+    for l in range(n - 1, -1, -1):
+        parent, choice = parents[l]
+        assign[l] = int(choice[at])
+        at = int(parent[at])
+    return assign
+
+
+def _solve_mckp_lp(values: list[list[float]], costs: list[list[int]], budget: int,
+                   allowed: list[list[bool]] | None = None) -> list[int]:
+    """The knapsack as a 0/1 program for pulp/CBC (large instances; ties towards cheaper options)."""
     prob = pulp.LpProblem("mckp", pulp.LpMinimize)
     x = {(l, k): pulp.LpVariable(f"x_{l}_{k}", cat="Binary")
          for l in range(len(costs)) for k in range(len(costs[l]))
@@ -300,38 +347,63 @@ def _cheapest(costs: list[int]) -> int:
 GAMMA_MIN = -50.0  # Algorithm 2's dead-block threshold on gamma (the --gamma-min default)
 
 
-def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float) -> Allocation:
-    """Algorithm 2 of the paper, step by step (budgets in true bytes)."""
+PAPER_VARIANTS = ("spec", "exact")
+
+
+def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
+                   variant: str = "spec") -> Allocation:
+    """Algorithm 2 of the paper, step by step.
+
+    `variant` 'spec' (the default; the method spec's and issue #13's form): budgets in the true bytes
+    of the written file (scales, nodes and what no tier touches included, so plans compare with
+    uniform models at matched on-disk sizes), and the knapsack on gamma' = gamma - min gamma.
+    'exact': the paper's appendix A.1.2 to the letter: B = C^-1 sum 32 n_l and B* = p_FP32 sum 32 n_l
+    in parameter bits, a tier costs b_k n_l, and the knapsack minimises sum gamma_l 2^-b_k (no shift);
+    the written file is then larger than 1/C of the original by its scales and fixed parts (the plan
+    reports both)."""
+    if variant not in PAPER_VARIANTS:
+        raise TqsError(f"--paper-variant must be one of {', '.join(PAPER_VARIANTS)}, not '{variant}'")
+    exact = variant == "exact"
     n = len(p.blocks)
+    costs = [[t.bits * b.size for t in p.tiers] for b in p.blocks] if exact else p.costs
     assign: list[int | None] = [None] * n
-    bottom = [_cheapest(c) for c in p.costs]
-    for l, b in enumerate(p.blocks):  # step 2: dead blocks to the bottom tier
-        if b.dead or b.gamma <= gamma_min:
+    bottom = [_cheapest(c) for c in costs]
+    for l, b in enumerate(p.blocks):  # step 2: dead blocks (gamma <= gamma_min) to the bottom tier
+        if b.gamma <= gamma_min:
             assign[l] = bottom[l]
     fp32 = next((k for k, t in enumerate(p.tiers) if t.is_identity), None)
     live = sorted((l for l in range(n) if assign[l] is None), key=lambda l: -_finite(p.blocks[l].gamma))
+    full = sum(32 * b.size for b in p.blocks) if exact else sum(b.size * 4 for b in p.blocks)
     if fp32 is not None and fp32_share > 0:  # steps 3-4: top-ranked blocks to FP32 up to B*
-        b_star = fp32_share * sum(b.size * 4 for b in p.blocks)
+        b_star = fp32_share * full
         used = 0
         for l in live:
-            if used + p.costs[l][fp32] > b_star:
+            if used + costs[l][fp32] > b_star:
                 break
-            assign[l], used = fp32, used + p.costs[l][fp32]
+            assign[l], used = fp32, used + costs[l][fp32]
     rest = [l for l in range(n) if assign[l] is None]
-    budget = p.budget - sum(p.costs[l][k] for l, k in enumerate(assign) if k is not None)
-    if budget < sum(min(p.costs[l]) for l in rest):
+    total = math.floor(full / p.target) if exact else p.budget  # step 1: B
+    budget = total - sum(costs[l][k] for l, k in enumerate(assign) if k is not None)  # step 6: B'
+    if budget < sum(min(costs[l]) for l in rest):
+        if exact and not fp32_share:
+            raise TqsError(f"compression {p.target:g}x is not reachable in parameter bits with tiers "
+                           f"{','.join(map(str, p.tiers))}")
         raise TqsError(f"compression {p.target:g}x: the FP32 share {fp32_share} leaves too little budget; lower it")
     if rest:
         gammas = [_finite(p.blocks[l].gamma) for l in rest]
-        g0 = min(gammas)
-        if solver == "mckp":  # step 7: min sum gamma' 2^-b
+        g0 = 0.0 if exact else min(gammas)
+        if solver == "mckp":  # step 7: min sum gamma' 2^-b (gamma itself in the exact variant)
             values = [[(g - g0) * 2.0 ** -t.bits for t in p.tiers] for g in gammas]
-            picks = solve_mckp(values, [p.costs[l] for l in rest], budget)
+            picks = solve_mckp(values, [costs[l] for l in rest], budget)
         else:
-            picks = _greedy_promotion([p.costs[l] for l in rest], gammas, budget)
+            picks = _greedy_promotion([costs[l] for l in rest], gammas, budget)
         for l, k in zip(rest, picks):
             assign[l] = k
-    return Allocation([int(k) for k in assign], "paper", solver)
+    alloc = Allocation([int(k) for k in assign], "paper", solver)
+    if exact:
+        alloc.notes.append(f"the paper's Algorithm 2 exactly: budget {total:,} parameter bits ({p.target:g}x of "
+                           f"{full:,}); the file is sized in true bytes, scales and fixed parts included")
+    return alloc
 
 
 def _finite(g: float) -> float:
@@ -363,7 +435,10 @@ def allocate_measured(p: Problem, solver: str) -> Allocation:
                            f"rerun sweep with --tiers including it, or use --objective paper")
         row = [b.damage_at(t) for t in p.tiers]
         bottom = _cheapest(p.costs[l])
-        allowed.append([(k == bottom) if b.dead else math.isfinite(v) for k, v in enumerate(row)])
+        # A dead block (its probe changed nothing) goes to the bottom tier unless its measured damage
+        # there is above another tier's: a probe too small to cross a threshold says nothing of int2.
+        dead = b.dead and math.isfinite(row[bottom]) and row[bottom] <= min(row)
+        allowed.append([(k == bottom) if dead else math.isfinite(v) for k, v in enumerate(row)])
         if not any(allowed[-1]):  # every tier diverges: keep the most precise one rather than none
             allowed[-1][max(range(len(p.tiers)), key=lambda k: p.costs[l][k])] = True
         values.append([v if math.isfinite(v) else 0.0 for v in row])
@@ -423,10 +498,18 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
     }
 
 
+def sweep_gamma_min(scores: dict[str, Any], gamma_min: float | None = None) -> float:
+    """The dead-block threshold: the one given, else the sweep's own (its dead flags used it)."""
+    if gamma_min is not None:
+        return gamma_min
+    swept = scores.get("config", {}).get("gamma_min")
+    return float(swept) if _is_number(swept) else GAMMA_MIN
+
+
 def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = None,
              objective: str = "measured", solver: str = "mckp", fp32_share: float = 0.0,
-             probe: str = "quant", gamma_min: float = GAMMA_MIN, decode: str = "auto",
-             gptq: bool = True) -> tuple[Problem, Allocation]:
+             probe: str = "quant", gamma_min: float | None = None, decode: str = "auto",
+             gptq: bool = True, paper_variant: str = "spec") -> tuple[Problem, Allocation]:
     """Build the problem from a scores document and solve it with the chosen objective.
 
     `decode`: how integer tiers are written per weight (auto, dq or load: tiers.written_form).
@@ -443,7 +526,10 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
     tiers = [t for t in tiers if t not in dropped]
     p = build_problem(scores, tiers, target, probe, decode)
     check_feasible(p)
-    alloc = allocate_paper(p, solver, fp32_share, gamma_min) if objective == "paper" else allocate_measured(p, solver)
+    if objective == "paper":
+        alloc = allocate_paper(p, solver, fp32_share, sweep_gamma_min(scores, gamma_min), paper_variant)
+    else:
+        alloc = allocate_measured(p, solver)
     if dropped:
         alloc.notes.append(f"/gptq tiers left out ({', '.join(map(str, dropped))}): their integers come from "
                            "rollouts on the sweep contexts (pass --verify-model, --rollout and --contexts)")

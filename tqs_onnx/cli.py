@@ -146,7 +146,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_allocate(a: argparse.Namespace) -> int:
-    from tqs_onnx.allocate import allocate, load_scores, plan_document
+    from tqs_onnx.allocate import allocate, load_scores, plan_document, sweep_gamma_min
     from tqs_onnx.rounding import remove_stale_codes
     from tqs_onnx.tiers import parse_tier
 
@@ -158,8 +158,11 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     # Also the swept model and its data files (its path as the sweep was given it, if found from here).
     _check_output_files(a.output, inputs=(a.scores, a.verify_model, a.rollout, a.contexts,
                                           scores.get("model", {}).get("path")))
+    if a.paper_variant != "spec" and a.objective != "paper":
+        raise TqsError("--paper-variant is an option of --objective paper")
+    gamma_min = sweep_gamma_min(scores, a.gamma_min)
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
-                              a.gamma_min, a.decode, gptq=bool(a.verify_model))
+                              gamma_min, a.decode, gptq=bool(a.verify_model), paper_variant=a.paper_variant)
     refinement = setup = None
     if a.verify_model:
         from tqs_onnx.graph import load_model
@@ -172,7 +175,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
         spec = RolloutSpec.load(a.rollout)
         refinement, setup = joint_check(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
                                         resolve_device(a.device), scores, problem, alloc, a.max_rollouts,
-                                        a.margin, a.gamma_min)
+                                        a.margin, gamma_min)
         alloc = refinement.allocation
     plan = plan_document(scores, problem, alloc)
     if any(parse_tier(t).gptq for t in plan["weights"].values()):
@@ -506,7 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fp32-share", type=float, default=0.0, help="paper objective: share of FP32 bits kept for top blocks")
     s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="multiple-choice knapsack (pulp) or greedy")
     s.add_argument("--probe", default="quant", choices=["quant", "gauss"], help="paper objective: which gamma ranks blocks")
-    s.add_argument("--gamma-min", type=_real(), default=-50.0, help="paper objective: dead-block threshold")
+    s.add_argument("--gamma-min", type=_real(), default=None,
+                   help="paper objective: dead-block threshold on the --probe gamma (default: the sweep's)")
+    s.add_argument("--paper-variant", default="spec", choices=["spec", "exact"],
+                   help="paper objective: spec (default) budgets the written file's true bytes and ranks on "
+                        "gamma - min gamma, as the method spec does, so plans compare with uniform models at "
+                        "matched on-disk sizes; exact: the paper's appendix A.1.2 to the letter (budget "
+                        "C^-1 sum 32 n in parameter bits, tier cost b n, knapsack on gamma 2^-b)")
     s.add_argument("--verify-model", metavar="MODEL",
                    help="check the allocation by joint rollouts against uniform and refine it (needs --rollout/--contexts)")
     s.add_argument("--max-rollouts", type=int, default=30, help="cap on joint rollouts of the refinement (default 30)")

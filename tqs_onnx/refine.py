@@ -55,6 +55,10 @@ def better(a: float, b: float, margin: float = 0.0) -> bool:
     ka, kb = rank_key(a), rank_key(b)
     if ka[0] != kb[0]:
         return ka[0] < kb[0]
+    if not ka < kb:
+        # Never better than the ranking says: with as many diverged contexts but other ones, the paired
+        # test below sees only the contexts finite in both and would miss a's large values on the others.
+        return False
     pa, pb = getattr(a, "per_context", None), getattr(b, "per_context", None)
     if margin <= 0 or pa is None or pb is None or len(pa) != len(pb):
         return ka < kb

@@ -476,8 +476,18 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
         quant_zero = not np.any(qdiv)
     if config.probe in ("gauss", "both"):
         score.gauss, score.unreached = gauss_score(setup, w, block, config, norm, stop, quant_zero)
-    for tier in tiers:
-        if tier.is_identity:
+    measured = [t for t in tiers if not t.is_identity]
+    if score.unreached and measured:
+        # Two small probes changed nothing; the coarsest tier is rolled out once before every tier is
+        # taken as harmless: a threshold (Relu(x w - 6)) that probes of the int8 residual's norm never
+        # cross, int2 may.
+        coarsest = min(measured, key=lambda t: (t.bits, t.granularity != "tensor"))
+        d = divergence(setup, tier_values(setup, list(w), coarsest)).sum(axis=-1)
+        if np.any(d):
+            score.unreached = False
+            score.damage[str(coarsest)] = float(d.mean()) if np.all(np.isfinite(d)) else math.inf
+    for tier in measured:
+        if str(tier) in score.damage:
             continue
         if score.unreached:  # outputs do not depend on these weights under this spec and these contexts
             score.damage[str(tier)] = 0.0
