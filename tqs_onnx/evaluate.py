@@ -45,7 +45,7 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise TqsError(f"{label}: written model fails onnx.checker: {first_line(exc)[:200]}") from None
-    session = make_session(str(path), device)
+    session = make_session(str(path), device, label=str(label))
     try:
         outs = _verification_outputs(session, device, spec, contexts, str(label))
     except TqsError:
@@ -196,6 +196,7 @@ ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 
 # ORT's fused MatMulNBits quantizes activations to int8 by default (accuracy level 4): a few 1e-3 relative.
 FIDELITY_TOL = 0.05
+ZERO_OUTPUT_TOL = 1e-3  # absolute, where the written graph's output is exactly zero (fused kernels: ~1e-4)
 
 
 def _first_step(session, device: Device, spec: RolloutSpec | None, contexts: Contexts | None) -> dict:
@@ -239,7 +240,11 @@ def _step_error(optimized: dict, plain: dict | None) -> float:
         if a.shape != b.shape or not np.array_equal(a[~finite], b[~finite], equal_nan=True):
             errs.append(math.inf)  # non-finite at other places, or other non-finite values
             continue
-        errs.append(float(np.linalg.norm(a[finite] - b[finite]) / (np.linalg.norm(b[finite]) + 1e-12)))
+        scale = float(np.linalg.norm(b[finite]))
+        if scale == 0:  # an output of exact zeros (an all-zero weight) has no scale to be relative to
+            errs.append(0.0 if float(np.max(np.abs(a[finite]), initial=0.0)) <= ZERO_OUTPUT_TOL else math.inf)
+            continue
+        errs.append(float(np.linalg.norm(a[finite] - b[finite]) / scale))
     return max(errs, default=0.0)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from tqs_onnx.encoding import ModelEncoding
 from tqs_onnx.errors import TqsError
@@ -86,6 +87,7 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
     (`fused_dq`, `const_lookup`: what a hand-written plan's report needs)."""
     table = {w.name: w for w in weight_table(model, min_size=1, check_finite=False)}
     inits = {i.name: i for i in model.graph.initializer}
+    taken = _value_names(model.graph)
     tiers, axes, forms = {}, {}, {}
     for name, tier_text in plan["weights"].items():
         w = table.get(name)
@@ -102,14 +104,50 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
         if not tiers[name].is_identity and w.reason in INTERFACE_REASONS:  # rewriting it changes the model's I/O
             raise TqsError(f"{where}: weight '{name}' cannot be rewritten: {w.reason}")
         axes[name] = (info.get("channel_axis", w.channel_axis), info.get("block_axis", w.block_axis))
-        if any(a is not None and (not isinstance(a, int) or not -len(w.shape) <= a < len(w.shape))
+        if any(a is not None and (not isinstance(a, int) or isinstance(a, bool) or not -len(w.shape) <= a < len(w.shape))
                for a in axes[name]):
             raise TqsError(f"{where}: weight '{name}' of shape {list(w.shape)} has invalid axes {list(axes[name])}")
-        if tiers[name].is_int and not tensor_is_finite(source(inits[name])):
+        axes[name] = tuple(None if a is None else a % len(w.shape) for a in axes[name])  # -1: the last
+        tier = tiers[name]
+        if tier.is_identity:
+            forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup}
+            continue
+        if w.size == 0:
+            raise TqsError(f"{where}: weight '{name}' has no elements (shape {list(w.shape)}); keep it at fp32")
+        if tier.is_int and w.dtype == "float64":
+            raise TqsError(f"{where}: weight '{name}' is float64, which the integer tiers do not write (their "
+                           "scales are float32); keep it at fp32, fp16 or bf16")
+        if tier.is_int and not tensor_is_finite(source(inits[name])):
             raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
-                           f"{tiers[name]}; keep it at fp32 (or a float tier)")
+                           f"{tier}; keep it at fp32 (or a float tier)")
+        if tier.fmt == "fp16":
+            largest = float(np.max(np.abs(numpy_helper.to_array(source(inits[name]))), initial=0.0))
+            if largest > FP16_MAX:
+                raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}, beyond float16's "
+                               f"{FP16_MAX:g}; keep it at fp32 or bf16")
+        clash = sorted(n for n in taken if n.startswith(f"{name}__"))
+        if clash:
+            raise TqsError(f"{where}: the model already has a value named '{clash[0]}', a name the writer "
+                           f"gives a part of weight '{name}'; rename it in the model first")
         forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup}
     return tiers, axes, forms
+
+
+FP16_MAX = 65504.0
+
+
+def _value_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value and node name of the graph and its subgraphs."""
+    from tqs_onnx.graph import iter_graphs
+
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        for n in g.node:
+            names.update(n.output)
+            names.add(n.name)
+    return names
 
 
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None,

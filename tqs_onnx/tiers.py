@@ -100,8 +100,8 @@ class Tier:
 
     @property
     def min_opset(self) -> int:
-        if not self.is_int:
-            return 13
+        if not self.is_int:  # a Cast from float16 exists since opset 6, from bfloat16 since 13; zeros: 9
+            return 13 if self.fmt == "bf16" else 9 if self.is_zero else 6
         base = INT_MIN_OPSET[self.fmt]
         if self.scale_fmt == "fp16":
             base = max(base, FP16_SCALE_MIN_OPSET)
@@ -189,14 +189,19 @@ def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], de
     every call keeps it compact, for one small Gather per table."""
     if decode not in DECODES:
         raise TqsError(f"decode must be one of {', '.join(DECODES)}, not '{decode}'")
-    if not tier.is_int or tier.at_load or decode == "dq":
+    if not tier.is_int or tier.at_load:
         return tier
     if fused_dq is None:
         fused_dq = len(shape) == 2 and bool(consumer_ops) and set(consumer_ops) <= FUSED_CONSUMERS
     if tier.granularity == "block" and not fusable_block(tier.block_size):
         fused_dq = False
-    if tier.fmt == "int2" and shape and shape[-1 if n_axis is None else n_axis] % 4:
-        fused_dq = False  # ORT 1.31's 2-bit MatMulNBits miscomputes N % 4 != 0 (apply would refuse it)
+    # ORT 1.31's 2-bit MatMulNBits miscomputes N % 4 != 0 (apply would refuse it): decoded at load,
+    # with --decode dq too.
+    bad_int2 = tier.fmt == "int2" and bool(shape) and shape[-1 if n_axis is None else n_axis] % 4 != 0
+    if decode == "dq":
+        return replace(tier, at_load=True) if fused_dq and bad_int2 else tier
+    if bad_int2:
+        fused_dq = False
     if decode == "auto" and (fused_dq or const_lookup) or decode == "load-compact" and const_lookup:
         return tier
     return replace(tier, at_load=True)

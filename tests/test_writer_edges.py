@@ -1,0 +1,87 @@
+"""The tier writer on hand-written plans and odd weights (found by a review): int2 under --decode dq,
+float tiers on old opsets, negative axes, float64 and empty weights, float16 overflow, names the
+writer would reuse, and outputs of exact zeros."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tqs_onnx.cli import main
+from tqs_onnx.tiers import parse_tier, written_form
+
+
+def _matmul(tmp_path, w: np.ndarray, opset: int = 17, extra_nodes=(), name="m") -> str:
+    k, n = w.shape
+    dtype = TensorProto.DOUBLE if w.dtype == np.float64 else TensorProto.FLOAT
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"]), *extra_nodes], "g",
+                          [helper.make_tensor_value_info("x", dtype, [2, k])],
+                          [helper.make_tensor_value_info("y", dtype, [2, n])], [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(m, path)
+    return str(path)
+
+
+def _apply(tmp_path, model: str, weights: dict, info: dict | None = None, out: str = "o.onnx") -> tuple[int, str]:
+    plan = tmp_path / "p.json"
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": weights, "weight_info": info or {}}))
+    target = tmp_path / out
+    return main(["apply", model, str(plan), "-o", str(target), "--quiet"]), str(target)
+
+
+def test_int2_with_n_not_a_multiple_of_4_is_decoded_at_load_with_decode_dq_too():
+    tier = parse_tier("int2/channel")
+    assert written_form(tier, ["MatMul"], (32, 22), "dq").at_load
+    assert not written_form(tier, ["MatMul"], (32, 24), "dq").at_load
+    assert not written_form(tier, ["Conv"], (8, 4, 3, 3), "dq").at_load  # not fused: DequantizeLinear is right
+
+
+@pytest.mark.parametrize("tier", ["fp16", "zero"])
+def test_float_tiers_do_not_raise_an_old_opset(tmp_path, tier):
+    w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    rc, out = _apply(tmp_path, _matmul(tmp_path, w, opset=11), {"W": tier})
+    assert rc == 0 and onnx.load(out).opset_import[0].version == 11
+
+
+def test_negative_axes_in_a_plan_mean_what_numpy_means(tmp_path):
+    w = np.random.default_rng(1).standard_normal((32, 24)).astype(np.float32)
+    model = _matmul(tmp_path, w)
+    rc, out = _apply(tmp_path, model, {"W": "int4/channel"}, {"W": {"shape": [32, 24], "channel_axis": -1}})
+    scale = next(numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer if i.name.endswith("__scale"))
+    assert rc == 0 and scale.shape == (24,)
+    rc, _ = _apply(tmp_path, model, {"W": "int4/block8"}, {"W": {"shape": [32, 24], "block_axis": -2}}, "b.onnx")
+    assert rc == 0
+
+
+@pytest.mark.parametrize("case, tier, needle", [
+    ("float64", "int8", "float64"),
+    ("huge", "fp16", "beyond float16"),
+    ("empty", "int4/block8", "no elements"),
+    ("clash", "int8", "already has a value named 'W__scale'"),
+])
+def test_weights_the_writer_cannot_store_are_refused_in_one_line(tmp_path, capsys, case, tier, needle):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((16, 8)).astype(np.float64 if case == "float64" else np.float32)
+    extra = ()
+    if case == "huge":
+        w[0, 0] = 1e6
+    if case == "empty":
+        w = np.zeros((0, 8), np.float32)
+    if case == "clash":
+        extra = (helper.make_node("Identity", ["x"], ["W__scale"]),)
+    rc, out = _apply(tmp_path, _matmul(tmp_path, w, extra_nodes=extra), {"W": tier})
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tier", ["int8", "int4/channel"])
+def test_an_all_zero_weight_fused_by_ort_is_written(tmp_path, tier):
+    """The written graph's output is exactly zero; ORT's fused kernel returns ~1e-4 there."""
+    rc, _ = _apply(tmp_path, _matmul(tmp_path, np.zeros((32, 16), np.float32)), {"W": tier})
+    assert rc == 0
