@@ -171,3 +171,15 @@ def test_a_block_small_probes_leave_unchanged_is_measured_at_its_coarsest_tier(t
     assert main(["allocate", str(scores), "--compression", "2", "-o", str(plan), "--quiet"]) == 0
     tiers = {b["name"]: b["tier"] for b in json.loads(plan.read_text())["blocks"]}
     assert tiers["W"] != "int2"
+
+
+def test_the_exact_variant_reaches_targets_of_the_bit_budget_beyond_the_file_bytes(tmp_path):
+    rollout = ["--rollout", "models/lorenz96_mlp.rollout.json", "--contexts", "models/lorenz96_sweep.npz"]
+    scores = tmp_path / "s.json"
+    assert main(["sweep", "models/lorenz96_mlp.onnx", *rollout, "--probe", "quant", "--tiers", "int8",
+                 "--horizon", "3", "--quiet", "-o", str(scores)]) == 0
+    args = ["allocate", str(scores), "--compression", "16", "--objective", "paper", "--tiers", TIERS, "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "spec.json")]) == 2  # 16x of the file is out of reach
+    assert main([*args, "--paper-variant", "exact", "-o", str(tmp_path / "exact.json")]) == 0
+    plan = json.loads((tmp_path / "exact.json").read_text())
+    assert {b["tier"] for b in plan["blocks"]} == {"int2"} and plan["param_compression"] == pytest.approx(16, rel=0.01)

@@ -233,3 +233,37 @@ def test_outputs_non_finite_by_design_do_not_block_apply(tmp_path, value):
     assert verify_written(shifted, Device("cpu"), reference=shifted)["nonfinite_as_original"]
     with pytest.raises(TqsError, match="non-finite"):
         verify_written(shifted, Device("cpu"), reference=path)
+
+
+def test_an_opset_conversion_is_checked_on_more_than_one_pixel(tmp_path, capsys):
+    """With dynamic image sizes as 1, opset 9's Upsample and the Resize it became agree."""
+    m, _ = _upsample_opset9()
+    for vi in (*m.graph.input, *m.graph.output):
+        for d, sym in zip(vi.type.tensor_type.shape.dim[2:], ("h", "w")):
+            d.dim_param = sym
+    path, plan = _save(tmp_path, m), tmp_path / "p.json"
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {}}))
+    w = np.random.default_rng(0).integers(-7, 8, (2, 3, 8, 8)).astype(np.float32)
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(w[:, :, :1, :1].copy(), "W"))  # broadcasts
+    onnx.save(m, path)
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {"W": "int4"}}))
+    assert main(["apply", str(path), str(plan), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "version converter changed" in capsys.readouterr().err
+
+
+def test_weights_renamed_by_lift_can_be_written(tmp_path):
+    """Both branches hold a Constant W: the prepared graph has W and W__1, and a plan may name either."""
+    def branch(tag: str, value: float) -> onnx.GraphProto:
+        w = np.full((16, 16), value, np.float32) + np.eye(16, dtype=np.float32)
+        return helper.make_graph([helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w)),
+                                  helper.make_node("MatMul", ["x", "W"], [f"{tag}_out"])], tag, [],
+                                 [_vi(f"{tag}_out", (4, 16))])
+    g = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", 1.0),
+                                            else_branch=branch("else", 2.0))], "g",
+                          [_vi("x", (4, 16)), _vi("cond", [], TP.BOOL)], [_vi("y", (4, 16))])
+    m = _model(g)
+    names = {i.name for i in prepare_graph(m).model.graph.initializer}
+    assert names == {"W", "W__1"}
+    path, plan = _save(tmp_path, m), tmp_path / "p.json"
+    plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {"W": "int8", "W__1": "int8"}}))
+    assert main(["apply", str(path), str(plan), "-o", str(tmp_path / "o.onnx"), "--quiet"]) == 0

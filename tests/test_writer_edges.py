@@ -63,7 +63,7 @@ def test_negative_axes_in_a_plan_mean_what_numpy_means(tmp_path):
     ("float64", "int8", "float64"),
     ("huge", "fp16", "beyond float16"),
     ("empty", "int4/block8", "no elements"),
-    ("clash", "int8", "already has a value named 'W__scale'"),
+    ("clash", "int8", "already has a value or node named 'W__scale'"),
 ])
 def test_weights_the_writer_cannot_store_are_refused_in_one_line(tmp_path, capsys, case, tier, needle):
     rng = np.random.default_rng(2)

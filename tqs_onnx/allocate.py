@@ -279,10 +279,13 @@ def solve_mckp(values: list[list[float]], costs: list[list[int]], budget: int,
     values are compared as they are: measured damages span 1e-6 to 1e14 and the paper's gamma 2^-b
     spans 2^-32 to 2^-1, beyond an LP solver's tolerances, which picked plans up to 2% worse). Of
     equal values the cheaper plan wins, so storage that buys nothing is never spent. Should the
-    frontier grow past MCKP_MAX_STATES states it hands over to pulp/CBC.
+    frontier grow past MCKP_MAX_STATES states it hands over to pulp/CBC, within its tolerances (there
+    ties may go to a dearer plan).
     """
     n = len(costs)
     ok = allowed or [[True] * len(c) for c in costs]
+    if any(not math.isfinite(values[l][k]) for l in range(n) for k in range(len(costs[l])) if ok[l][k]):
+        raise TqsError("knapsack values must be finite where a tier is allowed")
     options = [[k for k in range(len(costs[l])) if ok[l][k]] for l in range(n)]
     if any(not o for o in options):
         raise TqsError("knapsack found no feasible assignment (a block has no allowed tier)")
@@ -525,7 +528,8 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
     dropped = [] if gptq or tiers_text else [t for t in tiers if t.gptq]
     tiers = [t for t in tiers if t not in dropped]
     p = build_problem(scores, tiers, target, probe, decode)
-    check_feasible(p)
+    if not (objective == "paper" and paper_variant == "exact"):  # that one budgets bits (allocate_paper)
+        check_feasible(p)
     if objective == "paper":
         alloc = allocate_paper(p, solver, fp32_share, sweep_gamma_min(scores, gamma_min), paper_variant)
     else:

@@ -817,14 +817,16 @@ def write_report(out_dir: str | os.PathLike, scores: dict[str, Any], frontier: d
                  plan: dict[str, Any] | None = None, eval_doc: dict[str, Any] | None = None) -> Path:
     """Draw every plot the inputs allow and write index.html into out_dir; returns the page's path.
 
-    All or nothing: everything is drawn into a temporary folder beside out_dir first, so a run that fails
-    leaves the earlier report as it was; then the earlier page is removed, the plots moved in and the new
-    page last (an earlier report's plots that this one does not draw are removed)."""
-    out = Path(os.path.realpath(out_dir))  # the staging folder on the file system of the real folder
+    All or nothing: everything is drawn into a temporary folder inside out_dir first (the folder may be
+    writable where its parent is not: a CI artifact folder), so a run that fails leaves the earlier
+    report as it was; then the earlier page is removed, the plots moved in and the new page last (an
+    earlier report's plots that this one does not draw are removed)."""
+    out = Path(os.path.realpath(out_dir))
     check_output_target(out, TEMP_ROOM)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+    out.mkdir(parents=True, exist_ok=True)
+    inside = out / out.name  # names the staging folder ".<out>.<host>-<pid>.<8>" inside out
+    remove_stale_temporaries(inside)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(inside), dir=out))
     try:
         _move_in(staging, out, _render(staging, scores, frontier, plan, eval_doc))
     finally:

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections import Counter
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -71,6 +72,7 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
                                                                loaded.path, stubs.attach)
     model, written = run_passes(converted, [WriteTiers(tiers, axes, stubs.array, codes)], phase_done)
     reports.update(written)
+    check_written_names(model, [n for n, t in tiers.items() if not t.is_identity], where)
     stubs.attach(model)
     phase_done("attach")
     return model, {**prepared.reports, **reports, "weight-forms": forms}
@@ -87,7 +89,6 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
     (`fused_dq`, `const_lookup`: what a hand-written plan's report needs)."""
     table = {w.name: w for w in weight_table(model, min_size=1, check_finite=False)}
     inits = {i.name: i for i in model.graph.initializer}
-    taken = _value_names(model.graph)
     tiers, axes, forms = {}, {}, {}
     for name, tier_text in plan["weights"].items():
         w = table.get(name)
@@ -125,10 +126,6 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
             if largest > FP16_MAX:
                 raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}, beyond float16's "
                                f"{FP16_MAX:g}; keep it at fp32 or bf16")
-        clash = sorted(n for n in taken if n.startswith(f"{name}__"))
-        if clash:
-            raise TqsError(f"{where}: the model already has a value named '{clash[0]}', a name the writer "
-                           f"gives a part of weight '{name}'; rename it in the model first")
         forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup}
     return tiers, axes, forms
 
@@ -136,18 +133,18 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
 FP16_MAX = 65504.0
 
 
-def _value_names(graph: onnx.GraphProto) -> set[str]:
-    """Every value and node name of the graph and its subgraphs."""
-    from tqs_onnx.graph import iter_graphs
-
-    names: set[str] = set()
-    for g in iter_graphs(graph):
-        names.update(t.name for t in g.initializer)
-        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
-        for n in g.node:
-            names.update(n.output)
-            names.add(n.name)
-    return names
+def check_written_names(model: onnx.ModelProto, weights: Iterable[str], where: str) -> None:
+    """The writer names a weight's parts NAME__<suffix> and its nodes NAME/<Op>: refuse, in one line, a
+    model where one of those names was already taken (onnx.checker would refuse the written graph)."""
+    graph = model.graph
+    values = Counter([t.name for t in graph.initializer] + [o for n in graph.node for o in n.output if o])
+    nodes = Counter(n.name for n in graph.node if n.name)
+    twice = sorted({v for v, c in values.items() if c > 1} | {v for v, c in nodes.items() if c > 1})
+    for name in twice:
+        owner = next((w for w in weights if name.startswith((f"{w}__", f"{w}/"))), None)
+        if owner is not None:
+            raise TqsError(f"{where}: the model already has a value or node named '{name}', a name the writer "
+                           f"gives a part of weight '{owner}'; rename it in the model first")
 
 
 def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | None = None,

@@ -207,11 +207,11 @@ def io_signature(session) -> tuple[dict[str, tuple], dict[str, tuple]]:
     return inputs, outputs
 
 
-def synthetic_feeds(session) -> dict[str, np.ndarray]:
-    """Seeded inputs of the session's shapes (dynamic dims as 1): floats normal, integers ones."""
+def synthetic_feeds(session, dynamic: int = 1) -> dict[str, np.ndarray]:
+    """Seeded inputs of the session's shapes (dynamic dims as `dynamic`): floats normal, integers ones."""
     feeds = {}
     for i in session.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        shape = [d if isinstance(d, int) and d > 0 else dynamic for d in i.shape]
         dtype = ORT_NUMPY_TYPES.get(i.type, np.float32)
         feeds[i.name] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
                          if np.dtype(dtype).kind == "f" else np.ones(shape, dtype))
