@@ -34,8 +34,9 @@ def test_planted_insensitive_branch_is_flagged_dead(tmp_path):
 
 
 def test_unreached_block_skips_its_other_probes_and_scores_as_the_full_sweep(tmp_path):
-    """Quant probe and one Gaussian draw leave every output bit-identical: the other draws and the tier
-    rollouts are skipped, the scores equal those of the full sweep, and the passes saved are counted."""
+    """Quant probe and one Gaussian draw leave every output bit-identical: the other draws are skipped,
+    the coarsest tier is rolled out once (it too changes nothing, so the other tiers are skipped), the
+    scores equal those of the full sweep, and the passes saved are counted."""
     paths = save_case(tmp_path, recurrent_mlp(dead_branch=True), recurrent_spec(horizon=4), recurrent_contexts(s=2))
     kw = dict(probe="both", probes=4, tiers=["int8", "int4/channel"])
     fast, full = sweep(paths, **kw), sweep(paths, skip_unreached=False, **kw)
@@ -45,9 +46,9 @@ def test_unreached_block_skips_its_other_probes_and_scores_as_the_full_sweep(tmp
     strip = lambda b: {k: v for k, v in b.items() if k not in ("forward_passes", "unreached")}
     assert all(strip(b_fast[n]) == strip(b_full[n]) for n in b_full)
     assert b_full["Wd"]["damage"] == {"int8": 0.0, "int4/channel": 0.0}
-    # full: 1 quant + 4 draws + 2 tiers; skipped: 1 quant + 1 draw, of 2 contexts x 4 steps each
-    assert b_full["Wd"]["forward_passes"] - b_fast["Wd"]["forward_passes"] == (3 + 2) * 2 * 4
-    assert full["forward_passes"] - fast["forward_passes"] == (3 + 2) * 2 * 4
+    # full: 1 quant + 4 draws + 2 tiers; skipped: 1 quant + 1 draw + the coarsest tier, of 2 contexts x 4 steps
+    assert b_full["Wd"]["forward_passes"] - b_fast["Wd"]["forward_passes"] == (3 + 1) * 2 * 4
+    assert full["forward_passes"] - fast["forward_passes"] == (3 + 1) * 2 * 4
 
 
 def test_a_probe_that_moves_the_outputs_keeps_every_draw(tmp_path):
