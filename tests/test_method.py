@@ -183,3 +183,6 @@ def test_the_exact_variant_reaches_targets_of_the_bit_budget_beyond_the_file_byt
     assert main([*args, "--paper-variant", "exact", "-o", str(tmp_path / "exact.json")]) == 0
     plan = json.loads((tmp_path / "exact.json").read_text())
     assert {b["tier"] for b in plan["blocks"]} == {"int2"} and plan["param_compression"] == pytest.approx(16, rel=0.01)
+    # the joint check compares plans within the byte budget: not with the bit budget of the exact variant
+    assert main([*args, "--paper-variant", "exact", "-o", str(tmp_path / "v.json"), "--verify-model",
+                 "models/lorenz96_mlp.onnx", *rollout]) == 2

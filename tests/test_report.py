@@ -345,3 +345,18 @@ def test_malformed_documents_are_one_line_errors(lorenz, tmp_path, capsys, flag,
     break_it(doc)
     assert _report(lorenz["scores"], flag, _write(tmp_path / "d.json", doc), "-o", tmp_path / "r") == 2
     assert "malformed" in _one_line_error(capsys)
+
+
+def test_a_folder_with_a_page_or_plots_of_someone_else_is_not_taken_over(tmp_path, capsys):
+    scores = _write(tmp_path / "s.json", _scores_doc(["a", "b"], [0.2, 0.1]))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html>my own page</html>")
+    assert _report(scores, "-o", site) == 2 and "did not write" in _one_line_error(capsys)
+    assert (site / "index.html").read_text() == "<html>my own page</html>"
+    (site / "index.html").unlink()
+    (site / "tiers.png").write_bytes(b"mine")
+    assert _report(scores, "-o", site) == 2 and "tiers.png" in _one_line_error(capsys)
+    assert (site / "tiers.png").read_bytes() == b"mine"
+    (site / "tiers.png").unlink()
+    assert _report(scores, "-o", site) == 0 and _report(scores, "-o", site) == 0  # its own page is replaced

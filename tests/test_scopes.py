@@ -233,6 +233,12 @@ def test_outputs_non_finite_by_design_do_not_block_apply(tmp_path, value):
     assert verify_written(shifted, Device("cpu"), reference=shifted)["nonfinite_as_original"]
     with pytest.raises(TqsError, match="non-finite"):
         verify_written(shifted, Device("cpu"), reference=path)
+    other = tmp_path / "other.onnx"  # the same places, another kind: NaN for -inf, or the reverse
+    m.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.where(np.isnan(mask), -np.inf, np.where(
+        np.isinf(mask), np.nan, mask)).astype(np.float32), "M"))
+    onnx.save(m, other)
+    with pytest.raises(TqsError, match="non-finite"):
+        verify_written(other, Device("cpu"), reference=path)
 
 
 def test_an_opset_conversion_is_checked_on_more_than_one_pixel(tmp_path, capsys):

@@ -64,6 +64,7 @@ def test_negative_axes_in_a_plan_mean_what_numpy_means(tmp_path):
     ("huge", "fp16", "beyond float16"),
     ("empty", "int4/block8", "no elements"),
     ("clash", "int8", "already has a value or node named 'W__scale'"),
+    ("input", "int8", "already has a value or node named 'W__scale'"),
 ])
 def test_weights_the_writer_cannot_store_are_refused_in_one_line(tmp_path, capsys, case, tier, needle):
     rng = np.random.default_rng(2)
@@ -75,7 +76,14 @@ def test_weights_the_writer_cannot_store_are_refused_in_one_line(tmp_path, capsy
         w = np.zeros((0, 8), np.float32)
     if case == "clash":
         extra = (helper.make_node("Identity", ["x"], ["W__scale"]),)
-    rc, out = _apply(tmp_path, _matmul(tmp_path, w, extra_nodes=extra), {"W": tier})
+    model = _matmul(tmp_path, w, extra_nodes=extra)
+    if case == "input":  # a graph input of the writer's name: its initializer would become the input's default
+        m = onnx.load(model)
+        m.graph.input.append(helper.make_tensor_value_info("W__scale", TensorProto.FLOAT, []))
+        m.graph.node.append(helper.make_node("Identity", ["W__scale"], ["z"]))
+        m.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, []))
+        onnx.save(m, model)
+    rc, out = _apply(tmp_path, model, {"W": tier})
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
@@ -85,3 +93,11 @@ def test_an_all_zero_weight_fused_by_ort_is_written(tmp_path, tier):
     """The written graph's output is exactly zero; ORT's fused kernel returns ~1e-4 there."""
     rc, _ = _apply(tmp_path, _matmul(tmp_path, np.zeros((32, 16), np.float32)), {"W": tier})
     assert rc == 0
+
+
+def test_fp16_stores_infinities_and_refuses_only_finite_values_it_would_overflow(tmp_path):
+    w = np.random.default_rng(3).standard_normal((16, 8)).astype(np.float32)
+    w[0, 0], w[1, 1] = -np.inf, 65510.0  # 65510 rounds to 65504, not to inf
+    rc, out = _apply(tmp_path, _matmul(tmp_path, w), {"W": "fp16"})
+    stored = next(numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer if i.name == "W__fp16")
+    assert rc == 0 and stored[0, 0] == -np.inf and stored[1, 1] == 65504

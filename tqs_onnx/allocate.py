@@ -268,7 +268,7 @@ def check_feasible(p: Problem) -> None:
 
 # ----------------------------------------------------------------------------------------- solvers
 
-MCKP_MAX_STATES = 200_000  # Pareto states per group before the exact solver hands over to pulp/CBC
+MCKP_MAX_STATES = 50_000  # Pareto states per group before the exact solver hands over to pulp/CBC
 
 
 def solve_mckp(values: list[list[float]], costs: list[list[int]], budget: int,
@@ -279,8 +279,8 @@ def solve_mckp(values: list[list[float]], costs: list[list[int]], budget: int,
     values are compared as they are: measured damages span 1e-6 to 1e14 and the paper's gamma 2^-b
     spans 2^-32 to 2^-1, beyond an LP solver's tolerances, which picked plans up to 2% worse). Of
     equal values the cheaper plan wins, so storage that buys nothing is never spent. Should the
-    frontier grow past MCKP_MAX_STATES states it hands over to pulp/CBC, within its tolerances (there
-    ties may go to a dearer plan).
+    frontier grow past MCKP_MAX_STATES states (hundreds of blocks of distinct sizes) it hands over to
+    pulp/CBC, within its tolerances (there ties may go to a dearer plan).
     """
     n = len(costs)
     ok = allowed or [[True] * len(c) for c in costs]
@@ -311,7 +311,7 @@ def solve_mckp(values: list[list[float]], costs: list[list[int]], budget: int,
         if c.size > MCKP_MAX_STATES:
             return _solve_mckp_lp(values, costs, budget, allowed)
         cost, value = c, v
-        parents.append((parent, choice))
+        parents.append((parent.astype(np.int32), choice.astype(np.int16)))  # what the answer is read back from
     at = int(np.argmin(value))  # the last state: the lowest value, and the cheapest that reaches it
     assign = [0] * n
     for l in range(n - 1, -1, -1):
@@ -387,10 +387,10 @@ def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
     rest = [l for l in range(n) if assign[l] is None]
     total = math.floor(full / p.target) if exact else p.budget  # step 1: B
     budget = total - sum(costs[l][k] for l, k in enumerate(assign) if k is not None)  # step 6: B'
+    if exact and total < sum(min(c) for c in costs):
+        raise TqsError(f"compression {p.target:g}x is not reachable in parameter bits with tiers "
+                       f"{','.join(map(str, p.tiers))}")
     if budget < sum(min(costs[l]) for l in rest):
-        if exact and not fp32_share:
-            raise TqsError(f"compression {p.target:g}x is not reachable in parameter bits with tiers "
-                           f"{','.join(map(str, p.tiers))}")
         raise TqsError(f"compression {p.target:g}x: the FP32 share {fp32_share} leaves too little budget; lower it")
     if rest:
         gammas = [_finite(p.blocks[l].gamma) for l in rest]
@@ -429,7 +429,9 @@ def _greedy_promotion(costs: list[list[int]], gammas: list[float], budget: int) 
 
 
 def allocate_measured(p: Problem, solver: str) -> Allocation:
-    """Minimise the sum of measured damage D[l, k] under the budget; dead blocks to the bottom tier."""
+    """Minimise the sum of measured damage D[l, k] under the budget. A dead block is held to the bottom
+    tier where that tier's measured damage is the least of its row (what the exact knapsack picks
+    anyway; it decides for the CBC fallback), never where it is measured harmful."""
     values, allowed = [], []
     for l, b in enumerate(p.blocks):
         missing = [t for t in p.tiers if not t.is_identity and b.measured(t) is None]

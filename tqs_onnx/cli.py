@@ -160,6 +160,9 @@ def cmd_allocate(a: argparse.Namespace) -> int:
                                           scores.get("model", {}).get("path")))
     if a.paper_variant != "spec" and a.objective != "paper":
         raise TqsError("--paper-variant is an option of --objective paper")
+    if a.paper_variant == "exact" and a.verify_model:
+        raise TqsError("--paper-variant exact budgets parameter bits, the joint check (--verify-model) compares "
+                       "plans within the file's byte budget: use one or the other")
     gamma_min = sweep_gamma_min(scores, a.gamma_min)
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               gamma_min, a.decode, gptq=bool(a.verify_model), paper_variant=a.paper_variant)
@@ -262,6 +265,12 @@ def cmd_apply(a: argparse.Namespace) -> int:
         report["conversion_note"] = (f"the opset was raised from {conversion['from']} to {conversion['to']} for the "
                                      f"chosen tiers and the conversion was not checked: {conversion['why_not']}; "
                                      "compare the written model with the original (eval) before shipping it")
+    elif conversion and conversion.get("dynamic_size") == 1:
+        report["conversion_note"] = (f"the opset was raised from {conversion['from']} to {conversion['to']} for the "
+                                     "chosen tiers and checked with every dynamic dimension as 1 only (the model "
+                                     "does not run at 7), where resizing ops may agree that differ at other sizes; "
+                                     "compare the written model with the original (eval) before shipping it")
+    if "conversion_note" in report:
         print(f"tqs-onnx apply: note: {report['conversion_note']}", file=sys.stderr)
     if not a.quiet:
         forms = ", ".join(f"{n} {what}" for what, n in report["forms"].items() if n)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tqs_onnx import SCHEMA_VERSION, __version__
-from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, default_tiers, plan_document
+from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, default_tiers, plan_document, sweep_gamma_min
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import compare, compression, rollouts, truth_arrays, verify_written
 from tqs_onnx.graph import IDENTITY, LoadedModel, file_digest, load_model, same_model
@@ -172,7 +172,7 @@ def plan_for(run: FrontierRun, target: float, objective: str, tiers_text: str | 
     joint = lambda assign: run.joint(problem.tiers, assign)  # noqa: E731
     record = None
     if objective == "measured":
-        refined = refine(problem, alloc, joint, max_rollouts)
+        refined = refine(problem, alloc, joint, max_rollouts, gamma_min=sweep_gamma_min(run.scores))
         alloc, value, record = refined.allocation, refined.joint, verification_record(refined)
     else:
         value = joint(alloc.assign)

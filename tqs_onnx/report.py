@@ -811,6 +811,22 @@ CAPTIONS = {
 
 
 REPORT_FILES = ("index.html", *CAPTIONS)  # what write_report may write into its folder
+GENERATOR = '<meta name="generator" content="tqs-onnx report">'  # marks a page as ours: it may be replaced
+
+
+def _check_folder(out: Path) -> None:
+    """Refuse a folder whose index.html or plot names hold files a tqs-onnx report did not write (a
+    report replaces its page and removes the plots an earlier report drew that it does not)."""
+    page = out / "index.html"
+    if page.is_file():
+        with open(page, "rb") as f:
+            ours = GENERATOR.encode() in f.read(4096)
+        if not ours:
+            raise TqsError(f"{out}: holds an index.html that tqs-onnx report did not write; choose another folder")
+    elif out.is_dir():
+        found = [n for n in REPORT_FILES if (out / n).exists()]
+        if found:
+            raise TqsError(f"{out}: holds {found[0]} but no report page of tqs-onnx; choose another folder")
 
 
 def write_report(out_dir: str | os.PathLike, scores: dict[str, Any], frontier: dict[str, Any] | None = None,
@@ -823,7 +839,9 @@ def write_report(out_dir: str | os.PathLike, scores: dict[str, Any], frontier: d
     earlier report's plots that this one does not draw are removed)."""
     out = Path(os.path.realpath(out_dir))
     check_output_target(out, TEMP_ROOM)
+    _check_folder(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # staging folders beside it, where earlier versions made them
     inside = out / out.name  # names the staging folder ".<out>.<host>-<pid>.<8>" inside out
     remove_stale_temporaries(inside)
     staging = Path(tempfile.mkdtemp(prefix=temp_prefix(inside), dir=out))
@@ -842,7 +860,7 @@ def _render(folder: Path, scores: dict[str, Any], frontier: dict[str, Any] | Non
         _synced(folder / png, plot)
         names.append(png)
         body.append(f"<h2>{html.escape(title)}</h2>{_figure(png, CAPTIONS[png])}{extra}")
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>tqs-onnx report</title>'
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>tqs-onnx report</title>'
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
     _synced(folder / "index.html", lambda p: p.write_text(page, encoding="utf-8"))  # as it declares
     return [*names, "index.html"]

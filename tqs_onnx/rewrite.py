@@ -122,8 +122,11 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
             raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
                            f"{tier}; keep it at fp32 (or a float tier)")
         if tier.fmt == "fp16":
-            largest = float(np.max(np.abs(numpy_helper.to_array(source(inits[name]))), initial=0.0))
-            if largest > FP16_MAX:
+            values = numpy_helper.to_array(source(inits[name]))
+            with np.errstate(over="ignore"):
+                overflow = np.isfinite(values) & ~np.isfinite(values.astype(np.float16))
+            if overflow.any():  # finite values float16 rounds to inf (an inf is stored as it is)
+                largest = float(np.max(np.abs(values[overflow])))
                 raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}, beyond float16's "
                                f"{FP16_MAX:g}; keep it at fp32 or bf16")
         forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup}
@@ -136,9 +139,15 @@ FP16_MAX = 65504.0
 def check_written_names(model: onnx.ModelProto, weights: Iterable[str], where: str) -> None:
     """The writer names a weight's parts NAME__<suffix> and its nodes NAME/<Op>: refuse, in one line, a
     model where one of those names was already taken (onnx.checker would refuse the written graph)."""
-    graph = model.graph
-    values = Counter([t.name for t in graph.initializer] + [o for n in graph.node for o in n.output if o])
-    nodes = Counter(n.name for n in graph.node if n.name)
+    from tqs_onnx.graph import iter_graphs
+
+    values: Counter[str] = Counter()
+    for g in iter_graphs(model.graph):  # every scope: onnx.checker wants each name defined once
+        # A graph input of a name the writer gives an initializer would make it that input's default.
+        values.update(t.name for t in g.initializer)
+        values.update(i.name for i in g.input)
+        values.update(o for n in g.node for o in n.output if o)
+    nodes = Counter(n.name for n in model.graph.node if n.name)
     twice = sorted({v for v, c in values.items() if c > 1} | {v for v, c in nodes.items() if c > 1})
     for name in twice:
         owner = next((w for w in weights if name.startswith((f"{w}__", f"{w}/"))), None)

@@ -217,9 +217,10 @@ def fetch_model(model: VendorModel) -> Path:
         except KeyError:
             raise AssertionError(f"{archive.name} has no member {model.member}") from None
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".part")
-        tmp.write_bytes(data)
-        tmp.replace(target)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        with os.fdopen(fd, "wb") as out:  # a name of its own: two runs unpacking at once do not collide
+            out.write(data)
+        os.replace(tmp_name, target)
     if model.sha256 and sha256_of(target) != model.sha256:
         raise AssertionError(f"{target}: sha256 {sha256_of(target)} is not the pinned {model.sha256}")
     return target
