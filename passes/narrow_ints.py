@@ -46,6 +46,16 @@ def narrowest(values: np.ndarray) -> tuple[type, int] | None:
     return None
 
 
+def _fresh(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ...: the first not in `taken`, which it joins."""
+    name, suffix = base, 0
+    while name in taken:
+        suffix += 1
+        name = f"{base}_{suffix}"
+    taken.add(name)
+    return name
+
+
 def _names(graph: onnx.GraphProto) -> set[str]:
     """Every value name of the graph and its subgraphs (a new name must clash with none)."""
     names: set[str] = set()
@@ -83,20 +93,10 @@ class NarrowIntegerConstants:
             if found is None or count * (width - np.dtype(found[0]).itemsize) < MIN_SAVING:
                 continue
             np_type, onnx_type = found
-            stored = base = f"{init.name}__{np.dtype(np_type).name}"
-            suffix = 0
-            while stored in taken:
-                suffix += 1
-                stored = f"{base}_{suffix}"
-            taken.add(stored)
+            stored = _fresh(f"{init.name}__{np.dtype(np_type).name}", taken)
             original_type, name = init.data_type, init.name
             init.CopyFrom(numpy_helper.from_array(values.astype(np_type), stored))
-            node_name = base_name = f"{stored}/Cast"
-            suffix = 0
-            while node_name in node_names:
-                suffix += 1
-                node_name = f"{base_name}_{suffix}"
-            node_names.add(node_name)
+            node_name = _fresh(f"{stored}/Cast", node_names)
             casts.append(helper.make_node("Cast", [stored], [name], to=original_type, name=node_name))
             narrowed.append({"tensor": name, "from": onnx.TensorProto.DataType.Name(original_type),
                              "to": onnx.TensorProto.DataType.Name(onnx_type), "elements": count})

@@ -3,7 +3,8 @@
 
 Runs the full protocol (1 quant + N Gaussian probes per block over the whole horizon, every block
 probed fully: --no-skip-unreached), then the default sweep (blocks whose quant probe and first draw
-leave every output bit-identical skip the rest), then that with the paper's sliding-window tolerance
+leave every output bit-identical skip their other draws, and their other tiers where the coarsest
+changes nothing too), then that with the paper's sliding-window tolerance
 on the Gaussian draws; prints forward passes and time of each and the Spearman rank agreement of
 gamma_quant and gamma_gauss with the full sweep.
 

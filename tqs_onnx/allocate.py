@@ -5,7 +5,8 @@ Two objectives:
 - ``measured`` (default): knapsack on the measured trajectory damage D[l, k] of each block at each
   tier; then (refine.py) a joint-rollout check against uniform quantization and a bounded local search.
 Budgets count true storage (packed integers, scales, node headers) against the original file, so
-planned compression is what lands on disk.
+planned compression is what lands on disk; but for the paper objective's `exact` variant, which
+budgets parameter bits as the paper does (its files are larger than 1/C by scales and fixed parts).
 """
 
 from __future__ import annotations

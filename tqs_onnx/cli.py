@@ -478,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "window (the paper's rule; default 0: off; 0.01 kept rankings at Spearman >= 0.99)")
     s.add_argument("--no-skip-unreached", action="store_true",
                    help="probe every block fully, even one whose first two probes (quant and one Gaussian draw) "
-                        "left every output bit-identical; by default such a block's other draws and tier "
-                        "rollouts are skipped and its damage is 0")
+                        "left every output bit-identical; by default such a block's other Gaussian draws are "
+                        "skipped and its coarsest tier is rolled out once: if that too changes nothing its damage "
+                        "is 0 at every tier, else every tier is measured")
     s.add_argument("--early-window", type=_integer(1), default=3, help="window of the early-stop rule (default 3)")
     s.add_argument("--early-horizon", action="store_true",
                    help="with --early-stop, also cut each rollout once gamma_task(T) converges; cheaper, but on "
@@ -509,14 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("allocate", help="precision tiers per block under a compression target")
     s.add_argument("scores", help="scores JSON written by `sweep`")
-    s.add_argument("--compression", type=float, required=True, help="target compression C of the file on disk")
+    s.add_argument("--compression", type=float, required=True, help="target compression C of the file on disk (with --objective paper --paper-variant exact: of "
+                        "the parameter bits, sum 32 n / C)")
     s.add_argument("--objective", default="measured", choices=["measured", "paper"],
                    help="measured (default): knapsack on measured per-tier damage; paper: Algorithm 2 on gamma")
     s.add_argument("--tiers", help="comma list, e.g. fp32,bf16,int8,int4,int2 or int4/channel, int4/block32, "
                                    "int8/channel/fp16 (default: fp32 + the tiers the sweep measured; its /gptq tiers "
                                    "only with --verify-model, whose rollouts give their integers)")
     s.add_argument("--fp32-share", type=float, default=0.0, help="paper objective: share of FP32 bits kept for top blocks")
-    s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="multiple-choice knapsack (pulp) or greedy")
+    s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="mckp: exact multiple-choice knapsack (dynamic programming; pulp/CBC only for very large "
+                        "instances), or greedy")
     s.add_argument("--probe", default="quant", choices=["quant", "gauss"], help="paper objective: which gamma ranks blocks")
     s.add_argument("--gamma-min", type=_real(), default=None,
                    help="paper objective: dead-block threshold on the --probe gamma (default: the sweep's)")
@@ -539,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "which ORT decodes once at load instead of on every call (`inspect` shows which); "
                         "a table read by a Gather through constant indices (a factored table) keeps "
                         "DequantizeLinear: decoded at load, ORT would fold it through the Gather back to the "
-                        "expanded FP32 tensor; dq: DequantizeLinear everywhere (least memory); load: /load "
+                        "expanded FP32 tensor; dq: DequantizeLinear everywhere (least memory) but for int2 weights ORT 1.31's fused kernel would miscompute (N % 4 != 0), decoded at load; load: /load "
                         "everywhere (the FP32 graph after load: its kernels, speed and memory); load-compact: "
                         "/load except those tables (FP32 kernels, compact tables: CPU deployment)")
     _rollout_args(s, required=False)

@@ -109,7 +109,7 @@ class BlockScore:
     dead: bool = False
     nonfinite: bool = False
     forward_passes: int = 0
-    unreached: bool = False  # its remaining probes and tier rollouts were skipped (see score_block)
+    unreached: bool = False  # its other draws skipped; its coarsest tier changed nothing either (score_block)
 
     @property
     def gamma(self) -> float:
