@@ -360,3 +360,19 @@ def test_a_folder_with_a_page_or_plots_of_someone_else_is_not_taken_over(tmp_pat
     assert (site / "tiers.png").read_bytes() == b"mine"
     (site / "tiers.png").unlink()
     assert _report(scores, "-o", site) == 0 and _report(scores, "-o", site) == 0  # its own page is replaced
+
+
+def test_a_page_of_an_earlier_version_is_ours_and_pareto_checks_its_report_folder_first(tmp_path, capsys):
+    scores = _write(tmp_path / "s.json", _scores_doc(["a", "b"], [0.2, 0.1]))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+                                     "<title>tqs-onnx report</title></head><body></body></html>")
+    assert _report(scores, "-o", site) == 0  # a page without the generator tag, from before it
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "index.html").write_text("<html>mine</html>")
+    rc = main(["pareto", "models/lorenz96_mlp.onnx", str(scores), "--rollout", "models/lorenz96_mlp.rollout.json",
+               "--contexts", "models/lorenz96_sweep.npz", "--targets", "2:4", "-o", str(tmp_path / "front"),
+               "--report", str(foreign)])
+    assert rc == 2 and "did not write" in _one_line_error(capsys) and not (tmp_path / "front").exists()

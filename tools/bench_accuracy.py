@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy.stats import spearmanr
 
-from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, plan_document
+from tqs_onnx.allocate import Allocation, Problem, allocate, build_problem, plan_document, sweep_gamma_min
 from tqs_onnx.tiers import DEFAULT_SWEEP_TIERS
 from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import evaluate, verify_written
@@ -149,7 +149,7 @@ def measured_plan(scores: dict[str, Any], target: float, setup: SweepSetup, max_
     """TQS-PTQ default: measured damage, MCKP, then joint check against uniform + local search. A plan
     with /gptq tiers carries their integers under 'codes' (what `allocate` writes beside the plan)."""
     problem, alloc = allocate(scores, target)
-    refined = refine(problem, alloc, joint_factory(setup)(problem), max_rollouts)
+    refined = refine(problem, alloc, joint_factory(setup)(problem), max_rollouts, gamma_min=sweep_gamma_min(scores))
     plan = plan_document(scores, problem, refined.allocation)
     plan["codes"] = plan_codes(setup, plan["weights"])
     plan["bench"] = {"start": refined.start, "joint": refined.joint, "joint_rollouts": refined.rollouts,

@@ -128,7 +128,7 @@ def sweep_scores(files: ModelFiles, spec: RolloutSpec, cache: Path, reuse: bool)
 
 def sweep_plans(files: ModelFiles, a: argparse.Namespace, work: Path) -> dict[str, dict[str, Any]]:
     """One sweep, then the measured objective at each target and the uniform plans."""
-    from tqs_onnx.allocate import Allocation, allocate, build_problem, plan_document
+    from tqs_onnx.allocate import Allocation, allocate, build_problem, plan_document, sweep_gamma_min
     from tqs_onnx.graph import load_model
     from tqs_onnx.refine import refine
     from tqs_onnx.sweep import joint_divergence, setup_for_scores
@@ -148,7 +148,8 @@ def sweep_plans(files: ModelFiles, a: argparse.Namespace, work: Path) -> dict[st
             print(f"  tqs {target:g}x: {exc}", flush=True)
             continue
         joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
-        plans[f"tqs-{target:g}x"] = plan_document(scores, problem, refine(problem, alloc, joint, max_rollouts).allocation)
+        plans[f"tqs-{target:g}x"] = plan_document(scores, problem, refine(problem, alloc, joint, max_rollouts,
+                                                                            gamma_min=sweep_gamma_min(scores)).allocation)
     for tier in uniform:
         problem = build_problem(scores, parse_tiers(f"fp32,{tier}"), 1.0)
         plans[f"uniform-{tier.replace('/', '-')}"] = plan_document(

@@ -35,7 +35,7 @@ from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec, reuse_outputs
 from tqs_onnx.replay import replay_mode
 from tqs_onnx.runtime import _ort as ort_module, make_session, resolve_device
-from tqs_onnx.allocate import allocate
+from tqs_onnx.allocate import allocate, sweep_gamma_min
 from tqs_onnx.tiers import DEFAULT_SWEEP_TIERS
 from tqs_onnx.refine import refine
 from tqs_onnx.prepare import prepare_graph
@@ -206,7 +206,8 @@ def protocols(setup, spec, device, probes: int, target: float, max_rollouts: int
     doc = scores_document(setup, spec, measured, scores, device)
     problem, alloc = allocate(doc, target)
     joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
-    r_s, r_n, refined = timed(setup, lambda: refine(problem, alloc, joint, max_rollouts))
+    r_s, r_n, refined = timed(setup, lambda: refine(problem, alloc, joint, max_rollouts,
+                                                     gamma_min=sweep_gamma_min(doc)))
     return {"target": target, "paper": {"forward_passes": p_n, "seconds": p_s},
             "gptq_statistics": {"forward_passes": g_n, "seconds": g_s},
             "measured_sweep": {"forward_passes": m_n, "seconds": m_s},

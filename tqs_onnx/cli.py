@@ -350,13 +350,15 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     from tqs_onnx.pareto import (CHECKPOINT_NAME, FRONTIER_FILES, FrontierConfig, format_frontier,
                                  carried_models, frontier_checkpoint, open_run, previous_models, remove_stale_models,
                                  run_frontier, write_frontier)
-    from tqs_onnx.report import REPORT_FILES, write_report
+    from tqs_onnx.report import REPORT_FILES, check_report_folder, write_report
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
     inputs = (a.model, a.scores, a.rollout, a.contexts, a.eval_contexts)
     _check_output_dir(a.output, FRONTIER_FILES + (CHECKPOINT_NAME,), inputs)
     _check_output_dir(a.report, REPORT_FILES, inputs)
+    if a.report:
+        check_report_folder(Path(a.report))  # before the frontier runs, not after
     config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform,
                             decode=a.decode)
     scores = load_scores(a.scores)

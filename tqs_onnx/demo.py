@@ -81,7 +81,8 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
         path = out / f"{DEMO}.{name}.onnx"
         model, _ = rewrite_model(loaded, plan, codes=codes[name])
         save_model(model, path, keep=loaded.files,  # verified before it takes the final name
-                   check=lambda tmp: verify_written(tmp, device, spec, eval_ctx.subset(slice(0, 1)), label=path))
+                   check=lambda tmp: verify_written(tmp, device, spec, eval_ctx.subset(slice(0, 1)), label=path,
+                                                    reference=loaded.path))
         report = evaluate(loaded.path, path, spec, eval_ctx, device)
         rows.append(_row(name, loaded.file_bytes, report["compression"]["candidate_bytes"], report, plan))
     _remove_earlier_runs(out, plans)

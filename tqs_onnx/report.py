@@ -814,13 +814,18 @@ REPORT_FILES = ("index.html", *CAPTIONS)  # what write_report may write into its
 GENERATOR = '<meta name="generator" content="tqs-onnx report">'  # marks a page as ours: it may be replaced
 
 
-def _check_folder(out: Path) -> None:
+OLD_TITLE = "<title>tqs-onnx report</title>"  # how pages of earlier versions, without GENERATOR, begin
+
+
+def check_report_folder(out: Path) -> None:
     """Refuse a folder whose index.html or plot names hold files a tqs-onnx report did not write (a
     report replaces its page and removes the plots an earlier report drew that it does not)."""
+    out = Path(os.path.realpath(out))
     page = out / "index.html"
     if page.is_file():
         with open(page, "rb") as f:
-            ours = GENERATOR.encode() in f.read(4096)
+            head = f.read(4096)
+        ours = GENERATOR.encode() in head or OLD_TITLE.encode() in head
         if not ours:
             raise TqsError(f"{out}: holds an index.html that tqs-onnx report did not write; choose another folder")
     elif out.is_dir():
@@ -839,7 +844,7 @@ def write_report(out_dir: str | os.PathLike, scores: dict[str, Any], frontier: d
     earlier report's plots that this one does not draw are removed)."""
     out = Path(os.path.realpath(out_dir))
     check_output_target(out, TEMP_ROOM)
-    _check_folder(out)
+    check_report_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # staging folders beside it, where earlier versions made them
     inside = out / out.name  # names the staging folder ".<out>.<host>-<pid>.<8>" inside out
