@@ -65,6 +65,9 @@ def test_negative_axes_in_a_plan_mean_what_numpy_means(tmp_path):
     ("empty", "int4/block8", "no elements"),
     ("clash", "int8", "already has a value or node named 'W__scale'"),
     ("input", "int8", "already has a value or node named 'W__scale'"),
+    ("bf16", "bf16", "beyond bfloat16"),
+    ("fp16scale", "int2/fp16", "scale would exceed float16"),
+    ("near-max", "int8", "at float32's limit"),
 ])
 def test_weights_the_writer_cannot_store_are_refused_in_one_line(tmp_path, capsys, case, tier, needle):
     rng = np.random.default_rng(2)
@@ -72,6 +75,9 @@ def test_weights_the_writer_cannot_store_are_refused_in_one_line(tmp_path, capsy
     extra = ()
     if case == "huge":
         w[0, 0] = 1e6
+    big = {"bf16": 3.4e38, "fp16scale": 1e5, "near-max": 3.4e38}
+    if case in big:
+        w[0, 0] = big[case]
     if case == "empty":
         w = np.zeros((0, 8), np.float32)
     if case == "clash":

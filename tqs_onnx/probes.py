@@ -96,7 +96,8 @@ def _scale_nodes(tier: Tier) -> tuple[list, list, str]:
 
 def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None],
                 qmax: int | None = None, scale_input: bool = False) -> bytes:
-    """W -> the values the written graph computes with at an integer tier (bit-identical to DQ).
+    """W -> the values the written graph computes with at an integer tier (bit-identical to DQ but
+    for the sign of a zero: a negative weight rounded to 0 is -0.0 here, +0.0 there).
 
     `qmax` overrides the tier's grid, for the paper's b-bit probe at widths no tier stores (e.g. 6).
     `scale_input`: the graph takes the scales as input S (float32, one per group in the grouped

@@ -121,19 +121,47 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
         if tier.is_int and not tensor_is_finite(source(inits[name])):
             raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
                            f"{tier}; keep it at fp32 (or a float tier)")
-        if tier.fmt == "fp16":
-            values = numpy_helper.to_array(source(inits[name]))
-            with np.errstate(over="ignore"):
-                overflow = np.isfinite(values) & ~np.isfinite(values.astype(np.float16))
-            if overflow.any():  # finite values float16 rounds to inf (an inf is stored as it is)
-                largest = float(np.max(np.abs(values[overflow])))
-                raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}, beyond float16's "
-                               f"{FP16_MAX:g}; keep it at fp32 or bf16")
+        _check_range(where, name, tier, source(inits[name]))
         forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup}
     return tiers, axes, forms
 
 
 FP16_MAX = 65504.0
+BF16_MAX = 3.3895313892515355e38
+# Largest |w| an integer tier stores without its scale or a decoded value overflowing float32.
+INT_AMAX = float(np.finfo(np.float32).max) * 0.99
+
+
+def _check_range(where: str, name: str, tier: Tier, tensor: onnx.TensorProto) -> None:
+    """Refuse, in one line, finite values a tier would turn into inf: beyond float16 at `fp16`, beyond
+    bfloat16 at `bf16`, and at integer tiers a scale beyond its fp16 storage or a largest value so near
+    float32's limit that qmax x scale overflows (the sweep measured a non-finite tier there too)."""
+    if not (tier.fmt in ("fp16", "bf16") or tier.is_int):
+        return
+    import ml_dtypes
+
+    values = numpy_helper.to_array(tensor).reshape(-1)
+    largest, overflow = 0.0, False
+    narrow = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}.get(tier.fmt)
+    for i in range(0, values.size, 1 << 22):  # in chunks: a Pangu table is 170 MB
+        chunk = values[i:i + (1 << 22)]
+        finite = np.isfinite(chunk)
+        largest = max(largest, float(np.max(np.abs(chunk[finite]), initial=0.0)))
+        if narrow is not None:
+            with np.errstate(over="ignore"):
+                overflow |= bool(np.any(finite & ~np.isfinite(chunk.astype(narrow))))  # an inf stays an inf
+    if narrow is not None:
+        limit, what = (FP16_MAX, "float16") if tier.fmt == "fp16" else (BF16_MAX, "bfloat16")
+        if overflow:
+            raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}, beyond {what}'s "
+                           f"{limit:.4g}; keep it at fp32" + (" or bf16" if tier.fmt == "fp16" else ""))
+        return
+    if tier.scale_fmt == "fp16" and largest / tier.qmax > FP16_MAX:
+        raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}: its {tier} scale would exceed "
+                       f"float16's {FP16_MAX:g}; use fp32 scales (drop /fp16) or keep it at fp32")
+    if largest > INT_AMAX:
+        raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}, at float32's limit, where "
+                       f"{tier}'s decoded values overflow; keep it at fp32")
 
 
 def check_written_names(model: onnx.ModelProto, weights: Iterable[str], where: str) -> None:
