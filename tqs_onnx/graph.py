@@ -404,6 +404,9 @@ class Use:
     order: int  # topological position of the main-graph node it belongs to
     direct: bool  # reads the stored tensor itself, not a reshaped or sliced view
     main: bool = True  # a node of the main graph, not of an If/Loop/Scan body
+    # Through Transposes (and ops that pass the tensor unchanged) only: the stored axis of each axis of
+    # the tensor this node reads; None through any other reshaping op (or when direct).
+    perm: tuple[int, ...] | None = None
 
 
 def _subgraphs(node: onnx.NodeProto):
@@ -431,10 +434,14 @@ def _uses_in(graph: onnx.GraphProto, value: str, prefix: str, order: int | None,
     return out
 
 
-def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], topo: dict) -> list[Use]:
-    """Follow data-movement ops, into subgraph bodies too, from a weight to the ops that compute with it."""
+def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], topo: dict,
+                         ndim: int = 0) -> list[Use]:
+    """Follow data-movement ops, into subgraph bodies too, from a weight (of `ndim` axes) to the ops that
+    compute with it."""
     found, seen = [], set()
     stack = [(g, u) for g, u in _uses_in(graph, name, "", None, names, topo)]
+    for _, u in stack:
+        u.perm = tuple(range(ndim))
     while stack:
         g, use = stack.pop()
         key = (id(use.node), use.slot)
@@ -444,15 +451,32 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
         if use.node.op_type in DATA_MOVEMENT and use.slot == 0 and use.node.output:
             prefix = use.name.rsplit("/", 1)[0] + "/" if "/" in use.name else ""
             is_main = g is graph
+            perm = _view_perm(use.node, use.perm)
             for o in use.node.output:
                 if o:
                     for g2, u2 in _uses_in(g, o, prefix if not is_main else "", use.order if not is_main else None,
                                            names if is_main else None, topo if is_main else None, use.main):
                         u2.direct = use.direct and _same_tensor(use.node)
+                        u2.perm = perm
                         stack.append((g2, u2))
         else:
             found.append(use)
     return found
+
+
+def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """The stored axis of each axis of `node`'s output, given those of its input (`perm`): through a
+    Transpose the axes move, through an op that passes the tensor unchanged they stay, through any
+    other data-movement op (Reshape, Slice, Concat, ...) they are not followed (None)."""
+    if perm is None:
+        return None
+    if node.op_type == "Transpose":
+        order = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        order = order or list(range(len(perm)))[::-1]
+        if sorted(order) != list(range(len(perm))):
+            return None
+        return tuple(perm[i] for i in order)
+    return perm if _same_tensor(node) else None
 
 
 def _same_tensor(node: onnx.NodeProto) -> bool:
@@ -471,10 +495,18 @@ def _axes_for(op: str, slot: int, node: onnx.NodeProto, ndim: int) -> tuple[int 
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if op == "MatMul" and slot == 1:
         return ndim - 1, ndim - 2  # (K, N): scale per output column, blocks along K
+    if op == "MatMul" and slot == 0:
+        return ndim - 2, ndim - 1  # the weight on the left, (M, K): scale per output row
     if op == "Gemm" and slot == 1:
         return (0, 1) if attrs.get("transB", 0) else (1, 0)
-    if op in ("Conv", "ConvTranspose") and slot == 1:
-        return (0, 1) if op == "Conv" else (1, 0)
+    if op == "Gemm" and slot == 0:
+        return (1, 0) if attrs.get("transA", 0) else (0, 1)
+    if op == "Conv" and slot == 1:
+        return 0, 1
+    if op == "ConvTranspose" and slot == 1:
+        # (C, M/group, k...): per output channel for group 1; grouped (depthwise), axis 1 has M/group
+        # entries (1 when depthwise), so the scales go per input channel, which is per output channel there.
+        return (0, 1) if attrs.get("group", 1) > 1 else (1, 0)
     if op in ("LSTM", "GRU", "RNN") and slot in (1, 2):
         return 1, 2
     if op == "Gather" and slot == 0:
@@ -515,7 +547,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         shape = tuple(int(d) for d in init.dims)
         w = Weight(init.name, shape, onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name,
                    FLOAT_TYPES[init.data_type], (origins or {}).get(init.name, "initializer"))
-        eff = _effective_consumers(init.name, graph, names, topo)
+        eff = _effective_consumers(init.name, graph, names, topo, len(shape))
         w.consumers = [u.name for u in eff]
         w.consumer_ops = [u.node.op_type for u in eff]
         # One consumer only: ORT (1.31) fuses none of the DequantizeLinear copies it makes for a weight
@@ -528,9 +560,14 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         if eff:
             first = min(eff, key=lambda u: u.order)
             w.order = first.order
-            # Reached through reshaping ops, the consumer's axes do not describe the stored layout.
-            op, slot = (first.node.op_type, first.slot) if first.direct else ("", 0)
-            w.channel_axis, w.block_axis = _axes_for(op, slot, first.node, len(shape))
+            # Reached through reshaping ops, the consumer's axes do not describe the stored layout; through
+            # Transposes they do, moved by the permutation.
+            if first.direct or first.perm is not None:
+                axes = _axes_for(first.node.op_type, first.slot, first.node, len(shape))
+                perm = first.perm or tuple(range(len(shape)))
+                w.channel_axis, w.block_axis = (None if a is None else perm[a] for a in axes)
+            else:
+                w.channel_axis, w.block_axis = _axes_for("", 0, first.node, len(shape))
             w.scope = scope_of(first.node.name, init.name)
         w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init if check_finite else None)
         weights.append(w)
