@@ -1,0 +1,47 @@
+"""Per-channel scales go on the axis that is the weight's output channel, however the graph reads it
+(found by a review: through a Transpose, on a MatMul's left, in a grouped ConvTranspose)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tqs_onnx.graph import weight_table
+
+
+def _axes(nodes, inputs, outputs, w: np.ndarray, opset: int = 17) -> tuple:
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    (weight,) = [x for x in weight_table(m, min_size=1) if x.name == "W"]
+    return weight.channel_axis, weight.block_axis
+
+
+def test_a_weight_read_through_a_transpose_gets_its_output_channel_axis():
+    w = np.zeros((32, 16), np.float32)  # stored (N, K), transposed to (K, N) for MatMul's B
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Wt"], ["y"])]
+    assert _axes(nodes, [("x", [4, 16])], [("y", [4, 32])], w) == (0, 1)
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"]), helper.make_node("Identity", ["Wt"], ["Wi"]),
+             helper.make_node("MatMul", ["x", "Wi"], ["y"])]  # default perm reverses, Identity passes it on
+    assert _axes(nodes, [("x", [4, 16])], [("y", [4, 32])], w) == (0, 1)
+
+
+@pytest.mark.parametrize("op, attrs, shape, want", [
+    ("MatMul", {}, (32, 16), (0, 1)),            # W (M, K) on the left: per output row
+    ("Gemm", {}, (32, 16), (0, 1)),
+    ("Gemm", {"transA": 1}, (16, 32), (1, 0)),   # stored (K, M)
+])
+def test_a_weight_on_the_left_gets_per_row_scales(op, attrs, shape, want):
+    nodes = [helper.make_node(op, ["W", "x"], ["y"], **attrs)]
+    assert _axes(nodes, [("x", [16, 4])], [("y", [32, 4])], np.zeros(shape, np.float32)) == want
+
+
+@pytest.mark.parametrize("group, want", [(1, (1, 0)), (16, (0, 1))])
+def test_conv_transpose_kernels_get_scales_per_output_channel_where_they_can(group, want):
+    w = np.zeros((16, 16 // group if group > 1 else 8, 3, 3), np.float32)  # (C, M/group, k, k)
+    out_c = 16 if group > 1 else 8
+    nodes = [helper.make_node("ConvTranspose", ["x", "W"], ["y"], group=group)]
+    assert _axes(nodes, [("x", [1, 16, 5, 5])], [("y", [1, out_c, 7, 7])], w) == want
