@@ -45,3 +45,14 @@ def test_conv_transpose_kernels_get_scales_per_output_channel_where_they_can(gro
     out_c = 16 if group > 1 else 8
     nodes = [helper.make_node("ConvTranspose", ["x", "W"], ["y"], group=group)]
     assert _axes(nodes, [("x", [1, 16, 5, 5])], [("y", [1, out_c, 7, 7])], w) == want
+
+
+def test_the_proposed_spec_pairs_names_first_over_all_outputs():
+    from tqs_onnx.rollout import propose_spec
+
+    io = ([1, 64], "float32")
+    spec = propose_spec({"h": io, "c": io}, {"y": io, "h_out": io, "c_out": io})
+    assert spec["feedback"] == {"h_out": "h", "c_out": "c"}
+    spec = propose_spec({"h": io, "x": io}, {"y": io, "h_out": io})
+    assert spec["feedback"] == {"y": "x", "h_out": "h"}
+    assert propose_spec({"s": ([], "?")}, {"s_out": ([], "?")}) is None  # sequences are not fed back

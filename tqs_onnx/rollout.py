@@ -449,19 +449,22 @@ def _tokens(name: str) -> set[str]:
 def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[str, Any] | None:
     """A spec for models whose outputs match inputs in shape and dtype.
 
-    Candidates must agree exactly (a dynamic dim never pairs with a fixed one); among them the input
-    sharing most name tokens with the output wins (hn -> h, state_0_out -> state_0_in), then order.
+    Candidates must agree exactly (a dynamic dim never pairs with a fixed one) and be tensors; the
+    pairs sharing most name tokens are made first, over all outputs (h_out -> h and c_out -> c, whatever
+    the outputs' order; state_0_out -> state_0_in), then the rest in order.
     """
+    pairs = [(len(_tokens(i) & _tokens(out)), -a, -b, out, i)
+             for a, (out, (shape, typ)) in enumerate(outputs.items())
+             for b, (i, (s, t)) in enumerate(inputs.items())
+             if t == typ and typ not in (None, "?") and _same_shape(tuple(s), tuple(shape))]
     feedback: dict[str, str] = {}
-    free = dict(inputs)
-    for out, (shape, typ) in outputs.items():
-        match = [i for i, (s, t) in free.items() if t == typ and _same_shape(tuple(s), tuple(shape))]
-        if match:
-            pick = max(match, key=lambda i: len(_tokens(i) & _tokens(out)))
-            feedback[out] = pick
-            free.pop(pick)
+    for _, _, _, out, i in sorted(pairs, reverse=True):
+        if out not in feedback and i not in feedback.values():
+            feedback[out] = i
     if not feedback:
         return None
+    feedback = {o: feedback[o] for o in outputs if o in feedback}  # in the outputs' order
+    free = {i: v for i, v in inputs.items() if i not in feedback.values()}
     return {"horizon": 10, "feedback": feedback, "trajectory": list(feedback),
             "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
             "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: -1 for o in feedback}}
