@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 
 from tqs_onnx.graph import iter_graphs
 from tqs_onnx.passes.base import PassResult
+from tqs_onnx.util import fresh_name
 
 __all__ = ["NarrowIntegerConstants"]
 
@@ -44,16 +45,6 @@ def narrowest(values: np.ndarray) -> tuple[type, int] | None:
         if info.min <= lo and hi <= info.max:
             return np_type, onnx_type
     return None
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    """`base`, or `base_1`, `base_2`, ...: the first not in `taken`, which it joins."""
-    name, suffix = base, 0
-    while name in taken:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    taken.add(name)
-    return name
 
 
 def _names(graph: onnx.GraphProto) -> set[str]:
@@ -93,10 +84,10 @@ class NarrowIntegerConstants:
             if found is None or count * (width - np.dtype(found[0]).itemsize) < MIN_SAVING:
                 continue
             np_type, onnx_type = found
-            stored = _fresh(f"{init.name}__{np.dtype(np_type).name}", taken)
+            stored = fresh_name(f"{init.name}__{np.dtype(np_type).name}", taken)
             original_type, name = init.data_type, init.name
             init.CopyFrom(numpy_helper.from_array(values.astype(np_type), stored))
-            node_name = _fresh(f"{stored}/Cast", node_names)
+            node_name = fresh_name(f"{stored}/Cast", node_names)
             casts.append(helper.make_node("Cast", [stored], [name], to=original_type, name=node_name))
             narrowed.append({"tensor": name, "from": onnx.TensorProto.DataType.Name(original_type),
                              "to": onnx.TensorProto.DataType.Name(onnx_type), "elements": count})

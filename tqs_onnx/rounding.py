@@ -38,7 +38,7 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import infer_value_shapes, subgraph_refs
 from tqs_onnx.quant import broadcast_scales
 from tqs_onnx.tiers import Tier
-from tqs_onnx.util import atomic_write
+from tqs_onnx.util import atomic_write, fresh_name
 
 ROUNDING_VERSION = "gptq4"  # changed whenever the codes may change (a sweep checkpoint records it)
 DAMP = 0.01  # H += DAMP * mean(live diag H) * I: keeps the inverse stable where inputs are nearly collinear
@@ -237,12 +237,7 @@ def _gram_nodes(model: onnx.ModelProto, readers: dict[str, list[Reader]], weight
     taken |= {v.name for v in (*model.graph.input, *model.graph.output, *model.graph.value_info, *model.graph.initializer)}
 
     def fresh(base: str) -> str:
-        name, i = base, 0
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
+        return fresh_name(base, taken)
 
     out: dict[int, Reader] = {}
     nodes: dict[str, list] = {}
