@@ -56,3 +56,23 @@ def test_the_proposed_spec_pairs_names_first_over_all_outputs():
     spec = propose_spec({"h": io, "x": io}, {"y": io, "h_out": io})
     assert spec["feedback"] == {"y": "x", "h_out": "h"}
     assert propose_spec({"s": ([], "?")}, {"s_out": ([], "?")}) is None  # sequences are not fed back
+
+
+def test_consumers_behind_a_transpose_chain_in_a_loop_body_are_found_every_time():
+    """Seen-sets keyed by the ids of protobuf's short-lived node wrappers dropped them at random."""
+    vi = lambda n, s, t=TensorProto.FLOAT: helper.make_tensor_value_info(n, t, s)  # noqa: E731
+    body = helper.make_graph(
+        [helper.make_node("Transpose", ["W"], ["T1"], perm=[1, 0]), helper.make_node("Transpose", ["T1"], ["T2"], perm=[1, 0]),
+         helper.make_node("Identity", ["T2"], ["T2i"]), helper.make_node("Transpose", ["T2i"], ["T3"]),
+         helper.make_node("MatMul", ["s", "T3"], ["h"]), helper.make_node("Tanh", ["h"], ["s2"]),
+         helper.make_node("Identity", ["c"], ["c2"])], "body",
+        [vi("i", [], TensorProto.INT64), vi("c", [], TensorProto.BOOL), vi("s", [1, 32])],
+        [vi("c2", [], TensorProto.BOOL), vi("s2", [1, 64])])
+    g = helper.make_graph([helper.make_node("Loop", ["M", "C", "x"], ["x_next"], body=body)], "g",
+                          [vi("x", [1, 32]), vi("M", [], TensorProto.INT64), vi("C", [], TensorProto.BOOL)],
+                          [vi("x_next", [1, 64])],
+                          [numpy_helper.from_array(np.zeros((64, 32), np.float32), "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    for _ in range(8):
+        (w,) = [x for x in weight_table(onnx.load_from_string(m.SerializeToString()), min_size=1) if x.name == "W"]
+        assert w.consumers and w.consumers[0].endswith("MatMul_4") and w.channel_axis == 0

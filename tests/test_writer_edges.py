@@ -61,21 +61,16 @@ def test_negative_axes_in_a_plan_mean_what_numpy_means(tmp_path):
 
 @pytest.mark.parametrize("case, tier, needle", [
     ("float64", "int8", "float64"),
-    ("huge", "fp16", "beyond float16"),
     ("empty", "int4/block8", "no elements"),
     ("clash", "int8", "already has a value or node named 'W__scale'"),
     ("input", "int8", "already has a value or node named 'W__scale'"),
-    ("bf16", "bf16", "beyond bfloat16"),
     ("fp16scale", "int2/fp16", "scale would exceed float16"),
-    ("near-max", "int8", "at float32's limit"),
 ])
 def test_weights_the_writer_cannot_store_are_refused_in_one_line(tmp_path, capsys, case, tier, needle):
     rng = np.random.default_rng(2)
     w = rng.standard_normal((16, 8)).astype(np.float64 if case == "float64" else np.float32)
     extra = ()
-    if case == "huge":
-        w[0, 0] = 1e6
-    big = {"bf16": 3.4e38, "fp16scale": 1e5, "near-max": 3.4e38}
+    big = {"fp16scale": 1e5}
     if case in big:
         w[0, 0] = big[case]
     if case == "empty":
@@ -107,3 +102,42 @@ def test_fp16_stores_infinities_and_refuses_only_finite_values_it_would_overflow
     rc, out = _apply(tmp_path, _matmul(tmp_path, w), {"W": "fp16"})
     stored = next(numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer if i.name == "W__fp16")
     assert rc == 0 and stored[0, 0] == -np.inf and stored[1, 1] == 65504
+
+
+@pytest.mark.parametrize("tier", ["int8", "int4/channel", "bf16", "fp16"])
+def test_a_mask_at_float32s_limit_is_written_with_a_note(tmp_path, capsys, tier):
+    """Exports store -inf masks as -3.4e38; a tier may decode them to -inf, as harmless before a Softmax,
+    and the sweep measured the same values: a note, not a refusal."""
+    w = np.random.default_rng(4).standard_normal((16, 8)).astype(np.float32)
+    mask = np.where(np.tri(2, 8, dtype=bool), 0, np.finfo(np.float32).min).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Add", ["a", "M"], ["s"]),
+                           helper.make_node("Softmax", ["s"], ["y"], axis=-1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.tile(mask, (1, 1)), "M")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    rc, _ = _apply(tmp_path, str(path), {"M": tier})
+    err = capsys.readouterr().err
+    assert rc == 0 and "Traceback" not in err
+    if tier != "int4/channel":  # int4's grid decodes the limit itself; int8's and the floats' do not
+        assert "note:" in err and "'M'" in err
+
+
+def test_every_command_prints_its_help():
+    import subprocess
+    import sys
+
+    for cmd in ("inspect", "sweep", "allocate", "apply", "eval", "demo", "pareto", "gate", "report"):
+        done = subprocess.run([sys.executable, "-m", "tqs_onnx.cli", cmd, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "usage:" in done.stdout, (cmd, done.stderr[-300:])
+
+
+def test_a_weight_whose_overflow_makes_outputs_non_finite_is_refused_by_name(tmp_path, capsys):
+    w = np.random.default_rng(2).standard_normal((16, 8)).astype(np.float32)
+    w[0, 0] = 1e6  # fp16 stores inf, and y = x W is then inf
+    rc, _ = _apply(tmp_path, _matmul(tmp_path, w), {"W": "fp16"})
+    err = capsys.readouterr().err
+    assert rc == 2 and "non-finite outputs: weight 'W'" in err and "Traceback" not in err and "Warning" not in err

@@ -243,15 +243,25 @@ def cmd_apply(a: argparse.Namespace) -> int:
     contexts = Contexts.load(a.contexts, spec) if spec and a.contexts else None
     device = resolve_device(a.device)
     checks: dict[str, Any] = {}
+    overflows = [f["overflow"] for f in weight_forms.values() if isinstance(f, dict) and f.get("overflow")]
+    for note in overflows:
+        print(f"tqs-onnx apply: note: {note}", file=sys.stderr)
     # Checked on the temporary copy: a model that fails never replaces `out`.
-    files = save_model(model, out, a.external_data or None, keep=loaded.files,
-                       check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out,
-                                                                         reference=loaded.path)))
+    try:
+        files = save_model(model, out, a.external_data or None, keep=loaded.files,
+                           check=lambda tmp: checks.update(verify_written(tmp, device, spec, contexts, label=out,
+                                                                             reference=loaded.path)))
+    except TqsError as exc:
+        if overflows and "non-finite" in str(exc):
+            raise TqsError(f"{exc}: {overflows[0]}" + (f" (and {len(overflows) - 1} more)" if len(overflows) > 1
+                                                        else "") + "; keep such weights at fp32") from None
+        raise
     on_disk = sum(f.stat().st_size for f in files)  # the model and its data file, as written
     report = {"schema_version": SCHEMA_VERSION, "kind": "tqs-apply-report", "tool_version": __version__,
               "output": str(out), "on_disk_bytes": on_disk,
               "on_disk_compression": loaded.file_bytes / on_disk,
               "planned_compression": plan.get("planned_compression"), "checks": checks,
+              **({"overflow_notes": overflows} if overflows else {}),
               "forms": written_forms(reports.get("write-tiers", {}).get("rewritten", {}), weight_forms),
               "passes": {k: {kk: vv for kk, vv in v.items() if kk != "rewritten"} for k, v in reports.items()}}
     planned_bytes = plan.get("planned_bytes")
@@ -544,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "which ORT decodes once at load instead of on every call (`inspect` shows which); "
                         "a table read by a Gather through constant indices (a factored table) keeps "
                         "DequantizeLinear: decoded at load, ORT would fold it through the Gather back to the "
-                        "expanded FP32 tensor; dq: DequantizeLinear everywhere (least memory) but for int2 weights ORT 1.31's fused kernel would miscompute (N % 4 != 0), decoded at load; load: /load "
+                        "expanded FP32 tensor; dq: DequantizeLinear everywhere (least memory) but for int2 weights ORT 1.31's fused kernel would miscompute (N %% 4 != 0), decoded at load; load: /load "
                         "everywhere (the FP32 graph after load: its kernels, speed and memory); load-compact: "
                         "/load except those tables (FP32 kernels, compact tables: CPU deployment)")
     _rollout_args(s, required=False)

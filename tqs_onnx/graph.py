@@ -438,7 +438,7 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
                          ndim: int = 0) -> list[Use]:
     """Follow data-movement ops, into subgraph bodies too, from a weight (of `ndim` axes) to the ops that
     compute with it."""
-    found, seen = [], set()
+    found, seen, held = [], set(), []
     stack = [(g, u) for g, u in _uses_in(graph, name, "", None, names, topo)]
     for _, u in stack:
         u.perm = tuple(range(ndim))
@@ -448,6 +448,7 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
         if key in seen:
             continue
         seen.add(key)
+        held.append(use.node)  # protobuf wraps subgraph nodes anew: a dropped wrapper's id would be reused
         if use.node.op_type in DATA_MOVEMENT and use.slot == 0 and use.node.output:
             prefix = use.name.rsplit("/", 1)[0] + "/" if "/" in use.name else ""
             is_main = g is graph

@@ -193,7 +193,8 @@ def dequantize(q: np.ndarray, scale: np.ndarray, tier: Tier, channel_axis: int |
 
 def to_storage(w: np.ndarray, tier: Tier) -> np.ndarray:
     """Float tier: the stored low-precision array (fp16 / bf16)."""
-    return w.astype(_FLOAT_STORAGE[tier.fmt])
+    with np.errstate(over="ignore"):  # beyond the format: inf, as the sweep measured (rewrite notes it)
+        return w.astype(_FLOAT_STORAGE[tier.fmt])
 
 
 def apply_tier(w: np.ndarray, tier: Tier, channel_axis: int | None = None,

@@ -121,23 +121,23 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
         if tier.is_int and not tensor_is_finite(source(inits[name])):
             raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
                            f"{tier}; keep it at fp32 (or a float tier)")
-        _check_range(where, name, tier, source(inits[name]))
-        forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup}
+        overflow = _check_range(where, name, tier, source(inits[name]))
+        forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup,
+                       **({"overflow": overflow} if overflow else {})}
     return tiers, axes, forms
 
 
 FP16_MAX = 65504.0
-BF16_MAX = 3.3895313892515355e38
-# Largest |w| an integer tier stores without its scale or a decoded value overflowing float32.
-INT_AMAX = float(np.finfo(np.float32).max) * 0.99
 
 
-def _check_range(where: str, name: str, tier: Tier, tensor: onnx.TensorProto) -> None:
-    """Refuse, in one line, finite values a tier would turn into inf: beyond float16 at `fp16`, beyond
-    bfloat16 at `bf16`, and at integer tiers a scale beyond its fp16 storage or a largest value so near
-    float32's limit that qmax x scale overflows (the sweep measured a non-finite tier there too)."""
+def _check_range(where: str, name: str, tier: Tier, tensor: onnx.TensorProto) -> str | None:
+    """Values a tier turns into inf: finite values beyond float16 at `fp16` or beyond bfloat16 at `bf16`,
+    or an integer tier's decoded values past float32's limit (qmax x scale). Not refused: the sweep
+    measured the same values (a -3.4e38 mask before a Softmax is as harmless as -inf), and a written
+    model whose outputs this makes non-finite fails verification; returned as a note that names the
+    weight. An fp16 scale beyond float16 is refused (the weight would decode to NaN)."""
     if not (tier.fmt in ("fp16", "bf16") or tier.is_int):
-        return
+        return None
     import ml_dtypes
 
     values = numpy_helper.to_array(tensor).reshape(-1)
@@ -151,17 +151,17 @@ def _check_range(where: str, name: str, tier: Tier, tensor: onnx.TensorProto) ->
             with np.errstate(over="ignore"):
                 overflow |= bool(np.any(finite & ~np.isfinite(chunk.astype(narrow))))  # an inf stays an inf
     if narrow is not None:
-        limit, what = (FP16_MAX, "float16") if tier.fmt == "fp16" else (BF16_MAX, "bfloat16")
-        if overflow:
-            raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}, beyond {what}'s "
-                           f"{limit:.4g}; keep it at fp32" + (" or bf16" if tier.fmt == "fp16" else ""))
-        return
+        what = "float16" if tier.fmt == "fp16" else "bfloat16"
+        return (f"weight '{name}' holds values up to {largest:.4g}, which {tier} stores as inf (beyond "
+                f"{what})") if overflow else None
     if tier.scale_fmt == "fp16" and largest / tier.qmax > FP16_MAX:
         raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}: its {tier} scale would exceed "
                        f"float16's {FP16_MAX:g}; use fp32 scales (drop /fp16) or keep it at fp32")
-    if largest > INT_AMAX:
-        raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}, at float32's limit, where "
-                       f"{tier}'s decoded values overflow; keep it at fp32")
+    with np.errstate(over="ignore"):
+        decoded = np.float32(tier.qmax) * (np.float32(largest) / np.float32(tier.qmax))
+    if not np.isfinite(decoded):
+        return f"weight '{name}' holds values up to {largest:.4g}, which {tier} decodes as inf (float32's limit)"
+    return None
 
 
 def check_written_names(model: onnx.ModelProto, weights: Iterable[str], where: str) -> None:
