@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
@@ -24,6 +25,18 @@ class GraphPass(Protocol):
     name: str
 
     def run(self, model: onnx.ModelProto) -> PassResult: ...
+
+
+def graph_bindings(model, subgraphs_only: bool = False) -> Counter[str]:
+    """How many graphs of an onnx-ir `model` (only its subgraphs with `subgraphs_only`) bind each name:
+    as an input, an initializer or a node output of theirs."""
+    bound: Counter[str] = Counter()
+    for g in model.graphs():
+        if subgraphs_only and g is model.graph:
+            continue
+        names = {v.name for v in g.inputs} | set(g.initializers) | {o.name for n in g for o in n.outputs}
+        bound.update(n for n in names if n)
+    return bound
 
 
 def run_passes(model: onnx.ModelProto, passes: Sequence[GraphPass],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from tqs_onnx.graph import iter_tensors
-from tqs_onnx.passes.base import PassResult
+from tqs_onnx.passes.base import PassResult, graph_bindings
 
 __all__ = ["DeduplicateTensors"]
 
@@ -81,7 +80,7 @@ class DeduplicateTensors:
             return PassResult(model=model, modified=False, report=_report([]))
         ir_model = ir.from_proto(model)
         self._root = ir_model.graph
-        self._sub_bound = _subgraph_bindings(ir_model)
+        self._sub_bound = graph_bindings(ir_model, subgraphs_only=True)
         self._digests: dict[int, bytes] = {}  # by id(value), for values hashed as canonical candidates
         merges: list[_Merge] = []
         self._dedup_graph(ir_model.graph, "main", _Scope(), merges)
@@ -161,16 +160,6 @@ class DeduplicateTensors:
         if self.read is not None and isinstance(proto, onnx.TensorProto):
             return np.ascontiguousarray(self.read(proto)).tobytes()
         return tensor.tobytes()
-
-
-def _subgraph_bindings(model: ir.Model) -> Counter[str]:
-    """How many subgraphs bind each name (an input, initializer or node output of theirs)."""
-    bound: Counter[str] = Counter()
-    for g in model.graphs():
-        if g is not model.graph:
-            names = {v.name for v in g.inputs} | set(g.initializers) | {o.name for n in g for o in n.outputs}
-            bound.update(n for n in names if n)
-    return bound
 
 
 def _constant_of(value: ir.Value) -> ir.TensorProtocol | None:

@@ -7,7 +7,7 @@ and rewriting need only one place to look.
 
 from __future__ import annotations
 
-from collections import Counter
+import math
 
 import numpy as np
 import onnx
@@ -15,7 +15,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, LiftSubgraphInitializersToMainGraphPass
 
 from tqs_onnx.graph import FLOAT_TYPES
-from tqs_onnx.passes.base import PassResult, restore_value_info
+from tqs_onnx.passes.base import PassResult, graph_bindings, restore_value_info
 
 _IR_FLOATS = {ir.DataType(t) for t in FLOAT_TYPES}
 
@@ -35,17 +35,10 @@ def hidden_weight_origins(model: onnx.ModelProto, size_floor: int) -> dict[str, 
         for node in g.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for a in node.attribute:
-                    if (a.name == "value" and a.t.data_type in FLOAT_TYPES and _count(a.t.dims) >= size_floor) \
+                    if (a.name == "value" and a.t.data_type in FLOAT_TYPES and math.prod(a.t.dims) >= size_floor) \
                             or (a.name == "value_floats" and len(a.floats) >= size_floor):
                         origins[node.output[0]] = "subgraph-constant" if sub else "constant"
     return origins
-
-
-def _count(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
 
 
 def _ir_origins(irm: ir.Model, size_floor: int) -> dict[str, str]:
@@ -89,10 +82,7 @@ def _unique_subgraph_names(irm: ir.Model) -> int:
     subgraph could be captured there (a Loop body input of the new name) or clash (a sibling's value).
     Renaming a value renames its every use (onnx-ir values are objects). Returns how many were renamed."""
     graphs = list(irm.graphs())
-    bound: Counter[str] = Counter()
-    for g in graphs:
-        names = {v.name for v in g.inputs} | set(g.initializers) | {o.name for n in g for o in n.outputs}
-        bound.update(n for n in names if n)
+    bound = graph_bindings(irm)
     taken = set(bound)
     renamed = 0
     for g in graphs:

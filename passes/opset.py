@@ -6,6 +6,7 @@ import onnx
 from onnx import version_converter
 
 from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import main_opset
 from tqs_onnx.passes.base import PassResult, restore_opset_imports, restore_value_info
 from tqs_onnx.passes.detach import detach_initializers
 from tqs_onnx.passes.sparse import hide_sparse_initializers
@@ -27,7 +28,7 @@ class UpgradeOpset:
         self.min_opset = min_opset
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        current = main_opset(model)
         if current >= self.min_opset:
             return PassResult(model, False, {"opset": current})
         # The converter serializes the model to C++ and back: hand it the graph without the weights' data.

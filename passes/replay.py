@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from tqs_onnx.errors import TqsError
+from tqs_onnx.graph import main_opset
 from tqs_onnx.passes.base import PassResult
 
 STEP, STEP_NEXT = "tqs::step", "tqs::step_next"
@@ -38,7 +39,7 @@ class IndexedSteps:
         self.rows = rows
 
     def run(self, model: onnx.ModelProto) -> PassResult:
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = main_opset(model)
         if opset < MIN_OPSET:
             raise TqsError(f"indexed steps need opset >= {MIN_OPSET} (the model has {opset})")
         out = onnx.ModelProto()

@@ -57,14 +57,19 @@ def _loop(body: onnx.GraphProto, outer: list, init: list) -> onnx.GraphProto:
 LOOP_FEEDS = {"x": np.zeros(32, np.float32), "n": np.array(3, np.int64)}
 
 
+def _adding_body(a: str, b: str, carried: str, inits: tuple = ()) -> onnx.GraphProto:
+    """A Loop body carrying `carried` that outputs a + b (names as the body resolves them)."""
+    return helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
+                              helper.make_node("Add", [a, b], ["acc_out"])], "body",
+                             [_vi("i", [], TP.INT64), _vi("c_in", [], TP.BOOL), _vi(carried)],
+                             [_vi("c_out", [], TP.BOOL), _vi("acc_out")], list(inits))
+
+
 def test_a_merge_into_a_name_that_a_loop_body_binds_is_refused(tmp_path):
     """K and Q are equal; the body reads Q and has an input named K: rewiring Q to K would make the body
     read its own input."""
     c = np.full(32, 100, np.float32)
-    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
-                              helper.make_node("Add", ["K", "Q"], ["acc_out"])], "body",
-                             [_vi("i", [], TP.INT64), _vi("c_in", [], TP.BOOL), _vi("K")],
-                             [_vi("c_out", [], TP.BOOL), _vi("acc_out")])
+    body = _adding_body("K", "Q", carried="K")
     m = _model(_loop(body, [helper.make_node("Add", ["acc", "K"], ["y"])],
                      [numpy_helper.from_array(c, "K"), numpy_helper.from_array(c.copy(), "Q")]))
     want = _run(m, LOOP_FEEDS)
@@ -75,10 +80,7 @@ def test_a_merge_into_a_name_that_a_loop_body_binds_is_refused(tmp_path):
 
 def test_a_merge_into_a_subgraph_still_happens_where_no_name_is_shadowed():
     c = np.full(32, 100, np.float32)
-    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
-                              helper.make_node("Add", ["s", "Q"], ["acc_out"])], "body",
-                             [_vi("i", [], TP.INT64), _vi("c_in", [], TP.BOOL), _vi("s")],
-                             [_vi("c_out", [], TP.BOOL), _vi("acc_out")])
+    body = _adding_body("s", "Q", carried="s")
     m = _model(_loop(body, [helper.make_node("Add", ["acc", "K"], ["y"])],
                      [numpy_helper.from_array(c, "K"), numpy_helper.from_array(c.copy(), "Q")]))
     prepared = prepare_graph(m)
@@ -88,11 +90,7 @@ def test_a_merge_into_a_subgraph_still_happens_where_no_name_is_shadowed():
 
 def test_a_lifted_initializer_is_not_renamed_into_a_name_a_loop_body_binds():
     """The body's own W would be lifted as W_1 (the main graph has a W), a name the body binds as input."""
-    body = helper.make_graph([helper.make_node("Identity", ["c_in"], ["c_out"]),
-                              helper.make_node("Add", ["W_1", "W"], ["acc_out"])], "body",
-                             [_vi("i", [], TP.INT64), _vi("c_in", [], TP.BOOL), _vi("W_1")],
-                             [_vi("c_out", [], TP.BOOL), _vi("acc_out")],
-                             [numpy_helper.from_array(np.full(32, 100, np.float32), "W")])
+    body = _adding_body("W_1", "W", carried="W_1", inits=(numpy_helper.from_array(np.full(32, 100, np.float32), "W"),))
     m = _model(_loop(body, [helper.make_node("Add", ["acc", "W"], ["y"])],
                      [numpy_helper.from_array(np.arange(32, dtype=np.float32), "W")]))
     prepared = prepare_graph(m)

@@ -12,7 +12,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from tqs_onnx.allocate import Allocation, allocate, plan_document, sweep_gamma_min
+from tqs_onnx.allocate import Allocation, allocate, plan_document
 from tqs_onnx.evaluate import evaluate, verify_written
 from tqs_onnx.graph import load_model
 from tqs_onnx.joint_check import joint_check, verification_record
@@ -58,8 +58,7 @@ def run_demo(out: Path, compression: float = 4.0, device_name: str = "cpu", quie
     _say(quiet, f"== 2. sweep ({sweep_ctx.count} sweep contexts, T={spec.horizon}) -> {out / 'scores.json'}\n"
          f"{format_ranking(scores)}\n")
 
-    refined, setup = joint_check(loaded, spec, sweep_ctx, device, scores, problem, alloc,
-                                 gamma_min=sweep_gamma_min(scores))
+    refined, setup = joint_check(loaded, spec, sweep_ctx, device, scores, problem, alloc)
     plans = {"tqs-measured": plan_document(scores, problem, refined.allocation)}
     plans["tqs-measured"]["verification"] = verification_record(refined)
     paper_problem, paper = allocate(scores, compression, "fp32,bf16,int8,int4,int2", objective="paper")

@@ -12,7 +12,7 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import IDENTITY, LoadedModel, iter_tensors, load_model
+from tqs_onnx.graph import IDENTITY, LoadedModel, iter_tensors, load_model, main_opset
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.runtime import Device, io_signature, make_session, synthetic_feeds
 from tqs_onnx.util import first_line
@@ -60,7 +60,7 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
         as_original = _nonfinite_as_original(outs, reference, device, spec, contexts)
     if not finite and not as_original:
         raise TqsError(f"{label}: written model gives non-finite outputs")
-    first = _first_step(session, device, spec, contexts)
+    first = outs[0]  # the first step of the first context (or the synthetic run), as _first_step gives it
     del session  # free its device memory before the unoptimized session below allocates its own
     plain = _plain_step(path, device, spec, contexts)
     err = _step_error(first, plain)
@@ -125,8 +125,7 @@ def check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, model_byte
     from tqs_onnx.graph import iter_graphs
     from tqs_onnx.runtime import resolve_device
 
-    frm = next((o.version for o in before.opset_import if o.domain in ("", "ai.onnx")), 0)
-    to = next((o.version for o in after.opset_import if o.domain in ("", "ai.onnx")), 0)
+    frm, to = main_opset(before), main_opset(after)
     record: dict[str, Any] = {"from": frm, "to": to, "checked": False}
     if model_bytes > CONVERSION_CHECK_BYTES:
         return {**record, "why_not": f"model over {CONVERSION_CHECK_BYTES >> 20} MiB"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tqs_onnx.allocate import GAMMA_MIN, Allocation, Problem
+from tqs_onnx.allocate import Allocation, Problem, sweep_gamma_min
 from tqs_onnx.graph import LoadedModel
 from tqs_onnx.refine import MARGIN, MAX_ROLLOUTS, Refinement, refine
 from tqs_onnx.rollout import Contexts, RolloutSpec
@@ -17,12 +17,13 @@ from tqs_onnx.sweep import SweepSetup, joint_divergence, setup_for_scores
 
 def joint_check(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
                 scores: dict[str, Any], problem: Problem, alloc: Allocation, max_rollouts: int = MAX_ROLLOUTS,
-                margin: float = MARGIN, gamma_min: float = GAMMA_MIN) -> tuple[Refinement, SweepSetup]:
+                margin: float = MARGIN, gamma_min: float | None = None) -> tuple[Refinement, SweepSetup]:
     """`alloc` checked and refined by joint rollouts on `contexts` (the sweep's); also the sweep setup,
-    whose /gptq integers the written plan must carry (`sweep.write_plan_codes`)."""
+    whose /gptq integers the written plan must carry (`sweep.write_plan_codes`). `gamma_min`: the paper
+    challengers' dead threshold, by default the sweep's."""
     setup = setup_for_scores(loaded, spec, contexts, device, scores)
     joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
-    refinement = refine(problem, alloc, joint, max_rollouts, margin, gamma_min)
+    refinement = refine(problem, alloc, joint, max_rollouts, margin, sweep_gamma_min(scores, gamma_min))
     swept_on = scores.get("device")
     if swept_on and swept_on != device.kind and any(problem.tiers[k].gptq for k in refinement.allocation.assign):
         refinement.allocation.notes.append(

@@ -11,12 +11,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from tqs_onnx.encoding import ModelEncoding
 from tqs_onnx.errors import TqsError
 from tqs_onnx.util import TEMP_ROOM, check_output_target, read_json, remove_stale_temporaries, temp_prefix, umask
-from tqs_onnx.graph import LoadedModel, tensor_is_finite, weight_table
+from tqs_onnx.graph import LoadedModel, tensor_chunks, weight_table
 from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
@@ -118,9 +117,6 @@ def planned_tiers(model: onnx.ModelProto, plan: dict[str, Any], path: Path, wher
         if tier.is_int and w.dtype == "float64":
             raise TqsError(f"{where}: weight '{name}' is float64, which the integer tiers do not write (their "
                            "scales are float32); keep it at fp32, fp16 or bf16")
-        if tier.is_int and not tensor_is_finite(source(inits[name])):
-            raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
-                           f"{tier}; keep it at fp32 (or a float tier)")
         overflow = _check_range(where, name, tier, source(inits[name]))
         forms[name] = {"fused_dq": w.fused_dq, "const_lookup": w.const_lookup,
                        **({"overflow": overflow} if overflow else {})}
@@ -131,21 +127,21 @@ FP16_MAX = 65504.0
 
 
 def _check_range(where: str, name: str, tier: Tier, tensor: onnx.TensorProto) -> str | None:
-    """Values a tier turns into inf: finite values beyond float16 at `fp16` or beyond bfloat16 at `bf16`,
-    or an integer tier's decoded values past float32's limit (qmax x scale). Not refused: the sweep
+    """One pass over a weight's values for what its tier cannot store. Refused: NaN/inf at an integer
+    tier, and an fp16 scale beyond float16 (the weight would decode to NaN). Noted (returned): values the
+    tier turns into inf, finite values beyond float16 at `fp16` or beyond bfloat16 at `bf16`, or an
+    integer tier's decoded values past float32's limit (qmax x scale); not refused, since the sweep
     measured the same values (a -3.4e38 mask before a Softmax is as harmless as -inf), and a written
-    model whose outputs this makes non-finite fails verification; returned as a note that names the
-    weight. An fp16 scale beyond float16 is refused (the weight would decode to NaN)."""
+    model whose outputs this makes non-finite fails verification, which then names the weight."""
     if not (tier.fmt in ("fp16", "bf16") or tier.is_int):
         return None
     import ml_dtypes
 
-    values = numpy_helper.to_array(tensor).reshape(-1)
-    largest, overflow = 0.0, False
+    largest, overflow, nonfinite = 0.0, False, False
     narrow = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}.get(tier.fmt)
-    for i in range(0, values.size, 1 << 22):  # in chunks: a Pangu table is 170 MB
-        chunk = values[i:i + (1 << 22)]
+    for chunk in tensor_chunks(tensor):
         finite = np.isfinite(chunk)
+        nonfinite |= not finite.all()
         largest = max(largest, float(np.max(np.abs(chunk[finite]), initial=0.0)))
         if narrow is not None:
             with np.errstate(over="ignore"):
@@ -154,6 +150,9 @@ def _check_range(where: str, name: str, tier: Tier, tensor: onnx.TensorProto) ->
         what = "float16" if tier.fmt == "fp16" else "bfloat16"
         return (f"weight '{name}' holds values up to {largest:.4g}, which {tier} stores as inf (beyond "
                 f"{what})") if overflow else None
+    if nonfinite:
+        raise TqsError(f"{where}: weight '{name}' holds NaN/inf values and cannot be stored at "
+                       f"{tier}; keep it at fp32 (or a float tier)")
     if tier.scale_fmt == "fp16" and largest / tier.qmax > FP16_MAX:
         raise TqsError(f"{where}: weight '{name}' holds values up to {largest:.4g}: its {tier} scale would exceed "
                        f"float16's {FP16_MAX:g}; use fp32 scales (drop /fp16) or keep it at fp32")

@@ -35,7 +35,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import infer_value_shapes, subgraph_refs
+from tqs_onnx.graph import infer_value_shapes, main_opset, subgraph_refs
 from tqs_onnx.quant import broadcast_scales
 from tqs_onnx.tiers import Tier
 from tqs_onnx.util import atomic_write, fresh_name
@@ -230,7 +230,7 @@ def _gram_nodes(model: onnx.ModelProto, readers: dict[str, list[Reader]], weight
 
     Returns id(reader) -> its gram reader (the reader's own input axis), gram output -> the nodes
     computing it, and the shape constants those nodes read."""
-    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 5:
+    if main_opset(model) < 5:
         return {}, {}, []  # Reshape takes its shape as an input from opset 5
     dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
     taken = {v for n in model.graph.node for v in (*n.input, *n.output)}

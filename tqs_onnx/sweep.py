@@ -457,6 +457,11 @@ def gauss_score(setup: SweepSetup, w: dict[str, Any], block: Block, config: Swee
     return scored(), False
 
 
+def _mean_damage(d: np.ndarray) -> float:
+    """A tier's measured damage: the mean over contexts, inf where any diverged."""
+    return float(d.mean()) if np.all(np.isfinite(d)) else math.inf
+
+
 def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: list[Tier]) -> BlockScore:
     """All probes of one block: quant residual, Gaussian draws of the same norm, tier damage.
 
@@ -476,24 +481,22 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
         quant_zero = not np.any(qdiv)
     if config.probe in ("gauss", "both"):
         score.gauss, score.unreached = gauss_score(setup, w, block, config, norm, stop, quant_zero)
+    def damage(tier: Tier) -> np.ndarray:  # per context: squared divergence summed over the steps
+        return divergence(setup, tier_values(setup, list(w), tier)).sum(axis=-1)
+
     measured = [t for t in tiers if not t.is_identity]
     if score.unreached and measured:
         # Two small probes changed nothing; the coarsest tier is rolled out once before every tier is
         # taken as harmless: a threshold (Relu(x w - 6)) that probes of the int8 residual's norm never
         # cross, int2 may.
         coarsest = min(measured, key=lambda t: (t.bits, t.granularity != "tensor"))
-        d = divergence(setup, tier_values(setup, list(w), coarsest)).sum(axis=-1)
+        d = damage(coarsest)
         if np.any(d):
             score.unreached = False
-            score.damage[str(coarsest)] = float(d.mean()) if np.all(np.isfinite(d)) else math.inf
+            score.damage[str(coarsest)] = _mean_damage(d)
     for tier in measured:
-        if str(tier) in score.damage:
-            continue
-        if score.unreached:  # outputs do not depend on these weights under this spec and these contexts
-            score.damage[str(tier)] = 0.0
-            continue
-        d = divergence(setup, tier_values(setup, list(w), tier)).sum(axis=-1)
-        score.damage[str(tier)] = float(d.mean()) if np.all(np.isfinite(d)) else math.inf
+        if str(tier) not in score.damage:  # unreached: outputs do not depend on these weights here
+            score.damage[str(tier)] = 0.0 if score.unreached else _mean_damage(damage(tier))
     score.nonfinite = any(p is not None and p.nonfinite for p in (score.quant, score.gauss))
     score.dead = not score.nonfinite and score.gamma <= config.gamma_min
     score.forward_passes = setup.rollout.forward_passes - passes0
