@@ -76,3 +76,79 @@ def test_consumers_behind_a_transpose_chain_in_a_loop_body_are_found_every_time(
     for _ in range(8):
         (w,) = [x for x in weight_table(onnx.load_from_string(m.SerializeToString()), min_size=1) if x.name == "W"]
         assert w.consumers and w.consumers[0].endswith("MatMul_4") and w.channel_axis == 0
+
+
+def test_an_embedding_gets_a_scale_per_row_and_is_used_at_its_gather():
+    """Indices from the graph's input: the Gather is where the table is used, one scale per row; the op
+    reading the gathered rows (a MatMul here) neither sets the axes nor joins the table to its weight."""
+    table = np.zeros((50, 16), np.float32)
+    w2 = numpy_helper.from_array(np.zeros((16, 8), np.float32), "W2")
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["e"]), helper.make_node("MatMul", ["e", "W2"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                          [numpy_helper.from_array(table, "W"), w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    from tqs_onnx.graph import make_blocks
+
+    weights = {w.name: w for w in weight_table(m, min_size=1)}
+    assert (weights["W"].channel_axis, weights["W"].block_axis) == (0, 1)
+    assert weights["W"].consumer_ops == ["Gather"]
+    assert sorted(len(b.weights) for b in make_blocks(list(weights.values()), "layer")) == [1, 1]
+    nodes[0] = helper.make_node("Gather", ["W", "ids"], ["e"], axis=1)  # columns gathered: a scale per column
+    assert _axes(nodes[:1], [("ids", [4])], [("e", [50, 4])], table)[0] == 1
+
+
+def test_a_gather_through_constant_indices_is_still_followed():
+    """A factored lookup (constant indices) belongs to the op reading the expanded tensor."""
+    idx = numpy_helper.from_array(np.array([0, 1, 1, 0], np.int64), "idx")
+    g = helper.make_graph([helper.make_node("Gather", ["W", "idx"], ["e"]), helper.make_node("Add", ["e", "x"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 300])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 300])],
+                          [numpy_helper.from_array(np.zeros((2, 300), np.float32), "W"), idx])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    (w,) = [x for x in weight_table(m, min_size=1) if x.name == "W"]
+    assert w.consumer_ops == ["Add"]
+
+
+@pytest.mark.parametrize("equation, slot, shape, want", [
+    ("bk,kn->bn", 1, (16, 32), (1, 0)),          # a MatMul as Einsum
+    ("bk,nk->bn", 1, (32, 16), (0, 1)),          # stored (N, K)
+    ("bhd,hdo->bho", 1, (4, 8, 32), (2, 1)),     # h is batch-like (in the input too): o is the channel
+    ("bk,kn", 1, (16, 32), (1, 0)),              # implicit output 'bn'
+    ("...k,kn->...n", 1, (16, 32), (1, 0)),      # the ellipsis is the other operand's
+    ("...k,...kn->...n", 1, (16, 32), (1, 0)),   # an ellipsis in the weight: the default (last) axis
+    ("bk,kk->bk", 1, (16, 16), (1, 0)),          # a repeated letter: the default
+])
+def test_einsum_weights_get_the_axis_the_equation_keeps(equation, slot, shape, want):
+    x_shape = [2, shape[0]] if equation.startswith("bk") or equation.startswith("...k") else [2, 4, 8]
+    if equation == "bk,nk->bn":
+        x_shape = [2, 16]
+    ins = ["x", "W"] if slot == 1 else ["W", "x"]
+    nodes = [helper.make_node("Einsum", ins, ["y"], equation=equation)]
+    assert _axes(nodes, [("x", x_shape)], [("y", None)], np.zeros(shape, np.float32), opset=17) == want
+
+
+@pytest.mark.parametrize("shape, quantizable", [((1, 512), False), ((512, 1), False), ((1, 1, 512), False),
+                                                ((2, 512), True)])
+def test_row_and_column_vectors_are_vectors(shape, quantizable):
+    g = helper.make_graph([helper.make_node("Add", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+                          [numpy_helper.from_array(np.ones(shape, np.float32), "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    (w,) = weight_table(m, min_size=1)
+    assert w.quantizable is quantizable
+    assert quantizable or w.reason.startswith("vector")
+
+
+def test_a_bidirectional_rnn_bias_gets_a_scale_per_direction():
+    hidden, inp = 8, 4
+    nodes = [helper.make_node("LSTM", ["x", "Wx", "R", "W"], ["y"], hidden_size=hidden, direction="bidirectional")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1, inp])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.zeros((2, 8 * hidden), np.float32), "W"),
+                           numpy_helper.from_array(np.zeros((2, 4 * hidden, inp), np.float32), "Wx"),
+                           numpy_helper.from_array(np.zeros((2, 4 * hidden, hidden), np.float32), "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    (w,) = [x for x in weight_table(m, min_size=1) if x.name == "W"]
+    assert (w.channel_axis, w.block_axis) == (0, 1)

@@ -439,9 +439,10 @@ def _uses_in(graph: onnx.GraphProto, value: str, prefix: str, order: int | None,
 
 
 def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], topo: dict,
-                         ndim: int = 0) -> list[Use]:
+                         ndim: int = 0, constants: set[str] | None = None) -> list[Use]:
     """Follow data-movement ops, into subgraph bodies too, from a weight (of `ndim` axes) to the ops that
-    compute with it."""
+    compute with it. A Gather whose indices are not among `constants` (an embedding lookup) is where
+    the weight is used: it reads rows, not the whole tensor."""
     found, seen, held = [], set(), []
     stack = [(g, u) for g, u in _uses_in(graph, name, "", None, names, topo)]
     for _, u in stack:
@@ -453,7 +454,8 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
             continue
         seen.add(key)
         held.append(use.node)  # protobuf wraps subgraph nodes anew: a dropped wrapper's id would be reused
-        if use.node.op_type in DATA_MOVEMENT and use.slot == 0 and use.node.output:
+        if use.node.op_type in DATA_MOVEMENT and use.slot == 0 and use.node.output \
+                and not _data_lookup(use.node, constants):
             prefix = use.name.rsplit("/", 1)[0] + "/" if "/" in use.name else ""
             is_main = g is graph
             perm = _view_perm(use.node, use.perm)
@@ -467,6 +469,24 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
         else:
             found.append(use)
     return found
+
+
+def _data_lookup(node: onnx.NodeProto, constants: set[str] | None) -> bool:
+    """A Gather whose indices are computed (an embedding): each call reads other rows of the table."""
+    return constants is not None and node.op_type == "Gather" and len(node.input) > 1 \
+        and node.input[1] not in constants
+
+
+def constant_names(model: onnx.ModelProto) -> set[str]:
+    """Names bound to constants in any graph: initializers that are no graph input, subgraph
+    initializers, Constant outputs (a name shadowed in a body by a computed value counts as constant)."""
+    inputs = {i.name for i in model.graph.input}
+    names = {i.name for i in model.graph.initializer} - inputs
+    for g in iter_graphs(model.graph):
+        if g is not model.graph:
+            names.update(i.name for i in g.initializer)
+        names.update(o for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") for o in n.output)
+    return names
 
 
 def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -514,9 +534,39 @@ def _axes_for(op: str, slot: int, node: onnx.NodeProto, ndim: int) -> tuple[int 
         return (0, 1) if attrs.get("group", 1) > 1 else (1, 0)
     if op in ("LSTM", "GRU", "RNN") and slot in (1, 2):
         return 1, 2
-    if op == "Gather" and slot == 0:
-        return 0, ndim - 1
+    if op in ("LSTM", "GRU", "RNN") and slot in (3, 7):  # B (dirs, 8H) and P (dirs, 3H): per direction
+        return 0, 1
+    if op == "Gather" and slot == 0:  # an embedding: a scale per gathered row
+        axis = attrs.get("axis", 0) % ndim
+        return axis, ndim - 1 if axis != ndim - 1 else ndim - 2
+    if op == "Einsum":
+        eq = attrs.get("equation", b"")
+        axes = _einsum_axes(eq.decode(errors="replace") if isinstance(eq, bytes) else str(eq), slot, ndim)
+        if axes:
+            return axes
     return ndim - 1, 0
+
+
+def _einsum_axes(equation: str, slot: int, ndim: int) -> tuple[int, int] | None:
+    """An Einsum operand's output-channel axis (its last letter kept in the output that no other operand
+    has) and block axis (its last letter summed over); None where the equation does not say (an
+    ellipsis, a repeated letter, no such letter)."""
+    equation = equation.replace(" ", "")
+    lhs, _, out = equation.partition("->")
+    terms = lhs.split(",")
+    if slot >= len(terms) or "." in terms[slot] or len(terms[slot]) != ndim or len(set(terms[slot])) != ndim:
+        return None
+    term = terms[slot]
+    others = set("".join(t for k, t in enumerate(terms) if k != slot))
+    if "->" not in equation:  # implicit output: the letters written once, in alphabetical order
+        counts = Counter(lhs.replace(",", ""))
+        out = "".join(sorted(c for c, k in counts.items() if k == 1 and c != "."))
+    channel = [k for k, c in enumerate(term) if c in out and c not in others]
+    summed = [k for k, c in enumerate(term) if c not in out]
+    if not channel:
+        return None
+    block = summed[-1] if summed else next((k for k in reversed(range(ndim)) if k != channel[-1]), None)
+    return channel[-1], block
 
 
 def scope_of(node_name: str, weight_name: str, depth: int = 0) -> str:
@@ -544,6 +594,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
     outputs = {o.name for o in graph.output}
     constants = {i.name for i in graph.initializer} - inputs
     lookups = _expanding_lookups(graph, constants)
+    bound = constant_names(model)
     fusion = _OrtFusion(model)  # shapes inferred only if a weight asks
     weights = []
     for init in graph.initializer:
@@ -552,7 +603,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         shape = tuple(int(d) for d in init.dims)
         w = Weight(init.name, shape, onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name,
                    FLOAT_TYPES[init.data_type], (origins or {}).get(init.name, "initializer"))
-        eff = _effective_consumers(init.name, graph, names, topo, len(shape))
+        eff = _effective_consumers(init.name, graph, names, topo, len(shape), bound)
         w.consumers = [u.name for u in eff]
         w.consumer_ops = [u.node.op_type for u in eff]
         # One consumer only: ORT (1.31) fuses none of the DequantizeLinear copies it makes for a weight
@@ -732,8 +783,9 @@ def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
         return False, "empty tensor"
     if w.size < min_size:
         return False, f"below size floor ({w.size} < {min_size})"
-    if len(w.shape) <= 1:
-        # A vector saves little and ORT would dequantize it on every call (tools/bench_runtime.py).
+    if sum(d != 1 for d in w.shape) <= 1:
+        # A vector ((N,), or (1, N) such as an LSTM's bias) saves little and ORT would dequantize it on
+        # every call (tools/bench_runtime.py).
         return False, "vector (bias or scale): kept at full precision"
     if w.dtype == "bfloat16":
         return False, "already stored as bfloat16"
