@@ -128,12 +128,16 @@ def test_einsum_weights_get_the_axis_the_equation_keeps(equation, slot, shape, w
     assert _axes(nodes, [("x", x_shape)], [("y", None)], np.zeros(shape, np.float32), opset=17) == want
 
 
-@pytest.mark.parametrize("shape, quantizable", [((1, 512), False), ((512, 1), False), ((1, 1, 512), False),
-                                                ((2, 512), True)])
-def test_row_and_column_vectors_are_vectors(shape, quantizable):
-    g = helper.make_graph([helper.make_node("Add", ["x", "W"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+@pytest.mark.parametrize("op, shape, quantizable", [
+    ("Add", (1, 512), False), ("Add", (512, 1), False), ("Add", (1, 1, 512), False), ("Add", (2, 512), True),
+    ("MatMul", (512, 1), True),    # a matrix with one output column: one scale
+    ("MatMul", (1, 512), False),   # one input row: a scale per output would be a scale per element
+])
+def test_row_and_column_vectors_are_vectors(op, shape, quantizable):
+    x_shape = list(shape) if op == "Add" else [3, shape[0]]
+    g = helper.make_graph([helper.make_node(op, ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(np.ones(shape, np.float32), "W")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     (w,) = weight_table(m, min_size=1)
@@ -141,14 +145,16 @@ def test_row_and_column_vectors_are_vectors(shape, quantizable):
     assert quantizable or w.reason.startswith("vector")
 
 
-def test_a_bidirectional_rnn_bias_gets_a_scale_per_direction():
+@pytest.mark.parametrize("direction, dirs", [("forward", 1), ("bidirectional", 2)])
+def test_rnn_biases_are_vectors(direction, dirs):
     hidden, inp = 8, 4
-    nodes = [helper.make_node("LSTM", ["x", "Wx", "R", "W"], ["y"], hidden_size=hidden, direction="bidirectional")]
+    nodes = [helper.make_node("LSTM", ["x", "Wx", "R", "W"], ["y"], hidden_size=hidden, direction=direction)]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1, inp])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(np.zeros((2, 8 * hidden), np.float32), "W"),
-                           numpy_helper.from_array(np.zeros((2, 4 * hidden, inp), np.float32), "Wx"),
-                           numpy_helper.from_array(np.zeros((2, 4 * hidden, hidden), np.float32), "R")])
+                          [numpy_helper.from_array(np.zeros((dirs, 8 * hidden), np.float32), "W"),
+                           numpy_helper.from_array(np.zeros((dirs, 4 * hidden, inp), np.float32), "Wx"),
+                           numpy_helper.from_array(np.zeros((dirs, 4 * hidden, hidden), np.float32), "R")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    (w,) = [x for x in weight_table(m, min_size=1) if x.name == "W"]
-    assert (w.channel_axis, w.block_axis) == (0, 1)
+    weights = {w.name: w for w in weight_table(m, min_size=1)}
+    assert not weights["W"].quantizable and weights["W"].reason.startswith("vector")
+    assert weights["Wx"].quantizable and weights["R"].quantizable

@@ -534,8 +534,6 @@ def _axes_for(op: str, slot: int, node: onnx.NodeProto, ndim: int) -> tuple[int 
         return (0, 1) if attrs.get("group", 1) > 1 else (1, 0)
     if op in ("LSTM", "GRU", "RNN") and slot in (1, 2):
         return 1, 2
-    if op in ("LSTM", "GRU", "RNN") and slot in (3, 7):  # B (dirs, 8H) and P (dirs, 3H): per direction
-        return 0, 1
     if op == "Gather" and slot == 0:  # an embedding: a scale per gathered row
         axis = attrs.get("axis", 0) % ndim
         return axis, ndim - 1 if axis != ndim - 1 else ndim - 2
@@ -625,7 +623,9 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
             else:
                 w.channel_axis, w.block_axis = _axes_for("", 0, first.node, len(shape))
             w.scope = scope_of(first.node.name, init.name)
-        w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init if check_finite else None)
+        vector = _is_vector(shape, *((first.node.op_type, first.slot) if eff else ("", 0)), w.channel_axis)
+        w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init if check_finite else None,
+                                               vector)
         weights.append(w)
     weights.sort(key=lambda w: (w.order, w.name))
     return weights
@@ -777,15 +777,31 @@ def _removed_by_ort(node: onnx.NodeProto) -> bool:
     return _same_tensor(node) or node.op_type == "Dropout"
 
 
+# Ops reading a matrix (or kernel) whose output-channel axis may have one entry: a (K, 1) MatMul weight
+# is a matrix with one output column, not a vector.
+_MATRIX_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Gather"}
+
+
+def _is_vector(shape: tuple[int, ...], op: str, slot: int, channel_axis: int | None) -> bool:
+    """A bias or scale: 1-D, an RNN's bias or peepholes (directions, n), or a tensor of one non-unit axis
+    ((1, N), (N, 1)) but a matrix op's weight with a single output channel, one scale anyway."""
+    if len(shape) <= 1 or op in ("LSTM", "GRU", "RNN") and slot in (3, 7):
+        return True
+    if sum(d != 1 for d in shape) > 1:
+        return False
+    return not (op in _MATRIX_OPS and channel_axis is not None and shape[channel_axis] == 1)
+
+
 def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
-                 model: onnx.ModelProto, init: onnx.TensorProto | None = None) -> tuple[bool, str]:
+                 model: onnx.ModelProto, init: onnx.TensorProto | None = None,
+                 vector: bool | None = None) -> tuple[bool, str]:
     if w.size == 0:
         return False, "empty tensor"
     if w.size < min_size:
         return False, f"below size floor ({w.size} < {min_size})"
-    if sum(d != 1 for d in w.shape) <= 1:
-        # A vector ((N,), or (1, N) such as an LSTM's bias) saves little and ORT would dequantize it on
-        # every call (tools/bench_runtime.py).
+    if len(w.shape) <= 1 if vector is None else vector:
+        # A vector saves little, and quantized with one scale per element (its only non-unit axis is
+        # the channel axis) it would cost more than float32.
         return False, "vector (bias or scale): kept at full precision"
     if w.dtype == "bfloat16":
         return False, "already stored as bfloat16"

@@ -8,7 +8,9 @@ CPU tests exercise the CUDA path's code.
 The Gaussian comes from a counter-based generator (a quadratic hash of the element index mod
 2^31-1, then Box-Muller), because RandomNormalLike on CUDA is not reproducible even with a seed.
 Each (seed, block, probe, tensor) gets its own counter offset, so a resumed or distributed sweep
-draws the same numbers as an uninterrupted one.
+draws the same numbers as an uninterrupted one. Each draw's norm over the whole block equals the
+quantization residual's, as the paper asks: one graph gives each tensor's N(0, 1) values z and sum(z^2),
+and once the block's sigma is known a second computes W + sigma * z.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tqs_onnx.runtime import ORT_NUMPY_TYPES
 from tqs_onnx.tiers import Tier
 
+PROBES_VERSION = "gauss-exact-norm"  # changed whenever a probe's values may change (checkpoints, scores record it)
 P = 2147483647  # 2^31 - 1: products of two residues stay below 2^62 in int64
 _ROUNDS = [(1103515245 % P, 12345), (48271, 2654435761 % P), (69621, 40014), (16807, 40692)]
 _OPSET = 17
@@ -217,8 +220,9 @@ def copy_graph() -> bytes:
     return _model([helper.make_node("Identity", ["W"], ["Y"])], [_f("W")], [_f("Y")])
 
 
-def gauss_graph() -> bytes:
-    """(W, offset, sigma) -> W + sigma * N(0, 1), N from the counter hash of each element's index."""
+def normal_graph() -> bytes:
+    """(W, offset) -> (Z, S): Z of W's shape, N(0, 1) from the counter hash of each element's index, and
+    S = sum(Z^2) (float64), which sets the block's sigma before `axpy_graph` adds the draw."""
     n = helper.make_node
     inits = [_const("zero_i", 0, np.int64), _const("one_i", 1, np.int64), _const("two_i", 2, np.int64),
              _const("p", P, np.int64), _const("half", 0.5), _const("pf", float(P)), _const("m2", -2.0),
@@ -239,10 +243,19 @@ def gauss_graph() -> bytes:
                   n("Div", [f"{tag}h", "pf"], [f"{tag}u"])]
     nodes += [n("Log", ["c1u"], ["lg"]), n("Mul", ["lg", "m2"], ["lg2"]), n("Sqrt", ["lg2"], ["rad"]),
               n("Mul", ["c2u", "tau"], ["ang"]), n("Cos", ["ang"], ["cs"]), n("Mul", ["rad", "cs"], ["z"]),
-              n("Shape", ["W"], ["shp"]), n("Reshape", ["z", "shp"], ["zr"]), n("Mul", ["zr", "sigma"], ["dz"]),
-              n("Add", ["W", "dz"], ["Y"])]
-    ins = [_f("W"), helper.make_tensor_value_info("offset", TensorProto.INT64, []), _f("sigma", [])]
-    return _model(nodes, ins, [_f("Y")], inits)
+              n("Shape", ["W"], ["shp"]), n("Reshape", ["z", "shp"], ["Z"]),
+              # summed in float64: a float32 sum of 4M squares on the CPU provider was 1.6e-4 short. keepdims:
+              # CUDA refuses to drop an empty axis; S is then [0] or [1] (the caller sums it).
+              n("Cast", ["z"], ["z64"], to=TensorProto.DOUBLE), n("ReduceSumSquare", ["z64"], ["S"], keepdims=1)]
+    ins = [_f("W"), helper.make_tensor_value_info("offset", TensorProto.INT64, [])]
+    return _model(nodes, ins, [_f("Z"), helper.make_tensor_value_info("S", TensorProto.DOUBLE, None)], inits)
+
+
+def axpy_graph() -> bytes:
+    """(W, Z, sigma) -> W + sigma * Z."""
+    n = helper.make_node
+    nodes = [n("Mul", ["Z", "sigma"], ["dz"]), n("Add", ["W", "dz"], ["Y"])]
+    return _model(nodes, [_f("W"), _f("Z"), _f("sigma", [])], [_f("Y")])
 
 
 def sqdiff_graph() -> bytes:
@@ -297,11 +310,17 @@ class DeviceProbes:
             self._sessions[key] = self._make(build())
         return self._sessions[key]
 
-    def _run(self, session, feeds: dict[str, Any], wait: bool = True) -> Any:
+    def _bind(self, session, feeds: dict[str, Any]) -> Any:
+        """An IOBinding of `feeds`, every output on the device."""
         binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output(session.get_outputs()[0].name, self.device.kind)
+        for out in session.get_outputs():
+            binding.bind_output(out.name, self.device.kind)
+        return binding
+
+    def _run(self, session, feeds: dict[str, Any], wait: bool = True) -> Any:
+        binding = self._bind(session, feeds)
         if wait:
             session.run_with_iobinding(binding)
         else:
@@ -363,10 +382,36 @@ class DeviceProbes:
                                                                        2 ** (bits - 1) - 1))
         return self._run(s, {"W": w})
 
+    def normal(self, w, offset: int) -> tuple[Any, float]:
+        """(z, sum(z^2)): standard normal values of w's shape from counter `offset` (`counter_normal`), on
+        the device, and their sum of squares on the host."""
+        s = self._session("normal", normal_graph)
+        binding = self._bind(s, {"W": w, "offset": self.device.to_device(np.array(offset, np.int64))})
+        s.run_with_iobinding(binding)
+        z, sumsq = binding.get_outputs()
+        return z, float(sumsq.numpy().sum())
+
+    def axpy(self, w, z, sigma: float):
+        """w + sigma * z."""
+        s = self._session("axpy", axpy_graph)
+        return self._run(s, {"W": w, "Z": z, "sigma": self.device.to_device(np.array(sigma, np.float32))})
+
     def gauss(self, w, offset: int, sigma: float):
-        s = self._session("gauss", gauss_graph)
-        return self._run(s, {"W": w, "offset": self.device.to_device(np.array(offset, np.int64)),
-                             "sigma": self.device.to_device(np.array(sigma, np.float32))})
+        """w + sigma * z, z the standard normal values of counter `offset`."""
+        return self.axpy(w, self.normal(w, offset)[0], sigma)
+
+    def gauss_probe(self, w: dict[str, Any], offsets: list[int], norm: float) -> dict[str, Any]:
+        """One Gaussian draw over a block's tensors `w` (tensor j from counter offsets[j]), scaled so that the
+        perturbation of the whole block has Frobenius norm `norm`: sigma = norm / sqrt(sum_j ||z_j||^2).
+        Norm 0, or no element to draw, leaves the weights as they are."""
+        if norm == 0:
+            return dict(w)
+        noise = {n: self.normal(v, off) for (n, v), off in zip(w.items(), offsets, strict=True)}
+        sumsq = sum(s for _, s in noise.values())
+        sigma = norm / math.sqrt(sumsq) if sumsq > 0 else 0.0
+        # Each z is dropped once its draw is made: the z and draws held together never exceed the block by
+        # more than one tensor.
+        return {n: self.axpy(w[n], noise.pop(n)[0], sigma) for n in list(noise)}
 
     def sqdiff(self, a, b) -> float:
         """sum((a - b)^2); on the CPU provider device memory is host memory, so numpy reads it in place."""
@@ -396,8 +441,3 @@ class DeviceProbes:
 
 def _numpy_types(*values) -> bool:
     return all(v.data_type() in ORT_NUMPY_TYPES for v in values)
-
-
-def gauss_sigma(norm: float, size: int) -> float:
-    """sigma of an isotropic draw whose expected squared norm over `size` elements is norm^2."""
-    return norm / math.sqrt(size) if size else 0.0

@@ -29,7 +29,7 @@ from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import PASSES_VERSION, prepare_graph
-from tqs_onnx.probes import DeviceProbes, gauss_sigma, probe_offset
+from tqs_onnx.probes import PROBES_VERSION, DeviceProbes, probe_offset
 from tqs_onnx.replay import Replay, replay_mode, replay_skipped
 from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
@@ -428,14 +428,14 @@ def horizon_stop(norm: float, tol: float, window: int) -> StopFn | None:
 
 def gauss_score(setup: SweepSetup, w: dict[str, Any], block: Block, config: SweepConfig, norm: float,
                 stop: StopFn | None, quant_zero: bool | None = None) -> tuple[ProbeScore, bool]:
-    """Seeded Gaussian draws of the quant residual's norm; with early stopping, draws end once the
-    running gamma has converged. Rollouts cut short at different steps are scored on their common length.
+    """Seeded Gaussian draws, each scaled to the quant residual's norm over the whole block
+    (`DeviceProbes.gauss_probe`); with early stopping, draws end once the running gamma has converged.
+    Rollouts cut short at different steps are scored on their common length.
 
     Also returns whether the block is unreached: the quant probe (`quant_zero`: it ran and changed no
     output; None: it did not run) and the draws so far, two probes at least, all of nonzero norm,
     changed no output at any step of any context. The remaining draws would give the same zeros, so
     they are skipped (`config.skip_unreached`)."""
-    sigma = gauss_sigma(norm, block.size)
     divs, running = [], []
 
     def scored() -> ProbeScore:
@@ -446,8 +446,8 @@ def gauss_score(setup: SweepSetup, w: dict[str, Any], block: Block, config: Swee
     may_skip = config.skip_unreached and norm > 0 and quant_zero is not False
     zero_before = 1 if quant_zero else 0
     for p in range(config.probes):
-        divs.append(divergence(setup, {n: setup.ops.gauss(v, probe_offset(config.seed, block.id, p, j), sigma)
-                                       for j, (n, v) in enumerate(w.items())}, stop))
+        offsets = [probe_offset(config.seed, block.id, p, j) for j in range(len(w))]
+        divs.append(divergence(setup, setup.ops.gauss_probe(w, offsets, norm), stop))
         if may_skip and zero_before + len(divs) >= 2 and not any(np.any(d) for d in divs):
             return scored(), True
         if config.early_stop > 0:
@@ -610,6 +610,7 @@ def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, con
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     h.update(divergence_mode().encode())  # the two engines round differently on the CPU (float32 / float64)
     h.update(PASSES_VERSION.encode())
+    h.update(PROBES_VERSION.encode())  # another probe draws other numbers: rows of both must not mix
     h.update(ROUNDING_VERSION.encode())
     h.update(contexts_digest(spec, contexts).encode())
     return h.hexdigest()
@@ -702,6 +703,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
     return {
         "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
         "passes": PASSES_VERSION,  # the prepared graph the sizes are of (allocate and apply check it)
+        "probes": PROBES_VERSION,  # how the probes were drawn (recorded only)
         "model": {**model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
                   "opset_graph_delta": {str(k): v for k, v in setup.opset_deltas.items()}},
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
