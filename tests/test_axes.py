@@ -131,16 +131,19 @@ def test_einsum_weights_get_the_axis_the_equation_keeps(equation, slot, shape, w
 @pytest.mark.parametrize("op, shape, quantizable", [
     ("Add", (1, 512), False), ("Add", (512, 1), False), ("Add", (1, 1, 512), False), ("Add", (2, 512), True),
     ("MatMul", (512, 1), True),    # a matrix with one output column: one scale
-    ("MatMul", (1, 512), False),   # one input row: a scale per output would be a scale per element
+    ("MatMul", (1, 512), True),    # one input row: still a matrix (per-tensor and blocked tiers apply)
+    ("Gemm", (512, 1), False),     # Gemm's C: a bias
 ])
 def test_row_and_column_vectors_are_vectors(op, shape, quantizable):
-    x_shape = list(shape) if op == "Add" else [3, shape[0]]
-    g = helper.make_graph([helper.make_node(op, ["x", "W"], ["y"])], "g",
+    x_shape = list(shape) if op == "Add" else [3, shape[0]] if op == "MatMul" else [512, 4]
+    ins = ["x", "W"] if op != "Gemm" else ["x", "B", "W"]
+    inits = [] if op != "Gemm" else [numpy_helper.from_array(np.ones((4, 1), np.float32), "B")]
+    g = helper.make_graph([helper.make_node(op, ins, ["y"])], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          [numpy_helper.from_array(np.ones(shape, np.float32), "W")])
+                          [numpy_helper.from_array(np.ones(shape, np.float32), "W"), *inits])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    (w,) = weight_table(m, min_size=1)
+    (w,) = [x for x in weight_table(m, min_size=1) if x.name == "W"]
     assert w.quantizable is quantizable
     assert quantizable or w.reason.startswith("vector")
 
@@ -158,3 +161,48 @@ def test_rnn_biases_are_vectors(direction, dirs):
     weights = {w.name: w for w in weight_table(m, min_size=1)}
     assert not weights["W"].quantizable and weights["W"].reason.startswith("vector")
     assert weights["Wx"].quantizable and weights["R"].quantizable
+
+
+def test_a_univariate_rnn_input_weight_is_a_matrix():
+    """W (1, 4H, 1) of an LSTM with one input feature has one non-unit axis but is a weight matrix."""
+    hidden = 64
+    nodes = [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=hidden)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.zeros((1, 4 * hidden, 1), np.float32), "W"),
+                           numpy_helper.from_array(np.zeros((1, 4 * hidden, hidden), np.float32), "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert all(w.quantizable for w in weight_table(m, min_size=1))
+
+
+def test_scopes_decide_whether_gather_indices_are_constant():
+    """Two sibling If branches bind `idx`, one to a Constant, one to a computed value: only the first
+    Gather is a constant lookup. Indices computed from constants alone (an Unsqueeze) are constant."""
+    from tqs_onnx.graph import scope_constants
+
+    vi = helper.make_tensor_value_info
+    then_b = helper.make_graph([helper.make_node("Constant", [], ["idx"], value=numpy_helper.from_array(
+        np.array([0, 1], np.int64))), helper.make_node("Gather", ["E", "idx"], ["g1"]),
+        helper.make_node("MatMul", ["g1", "M"], ["o1"])], "then", [], [vi("o1", TensorProto.FLOAT, [2, 32])])
+    else_b = helper.make_graph([helper.make_node("Cast", ["ids"], ["idx"], to=TensorProto.INT64),
+                                helper.make_node("Gather", ["E", "idx"], ["o2"])], "else", [],
+                               [vi("o2", TensorProto.FLOAT, [2, 32])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], then_branch=then_b, else_branch=else_b)], "g",
+                          [vi("c", TensorProto.BOOL, []), vi("ids", TensorProto.INT32, [2])],
+                          [vi("y", TensorProto.FLOAT, [2, 32])],
+                          [numpy_helper.from_array(np.zeros((16, 32), np.float32), "E"),
+                           numpy_helper.from_array(np.zeros((32, 32), np.float32), "M")])
+    scopes = scope_constants(g)
+    assert "idx" in scopes["If_0/then_branch/"] and "idx" not in scopes["If_0/else_branch/"]
+    (w,) = [x for x in weight_table(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), min_size=1)
+            if x.name == "E"]
+    assert sorted(w.consumer_ops) == ["Gather", "MatMul"]  # the then-branch lookup followed, the else one not
+    idx = numpy_helper.from_array(np.array(1, np.int64), "i0")
+    nodes = [helper.make_node("Unsqueeze", ["i0", "ax"], ["idx"]), helper.make_node("Gather", ["W", "idx"], ["e"]),
+             helper.make_node("Add", ["e", "x"], ["y"])]
+    g = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, [1, 300])], [vi("y", TensorProto.FLOAT, [1, 300])],
+                          [numpy_helper.from_array(np.zeros((4, 300), np.float32), "W"), idx,
+                           numpy_helper.from_array(np.array([0], np.int64), "ax")])
+    (w,) = [x for x in weight_table(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), min_size=1)
+            if x.name == "W"]
+    assert w.consumer_ops == ["Add"]  # followed: a constant lookup, not an embedding

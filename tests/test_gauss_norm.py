@@ -103,3 +103,18 @@ def test_a_checkpoint_of_other_probes_is_refused_and_the_scores_name_the_probes(
         run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)
     ckpt.unlink()
     assert run_sweep(model, spec, ctx, CPU, config, quiet=True)["probes"] == PROBES_VERSION
+
+
+def test_the_fingerprint_names_the_probes_only_where_gaussian_draws_run_and_always_the_analysis(tmp_path,
+                                                                                               monkeypatch):
+    from dataclasses import replace
+
+    model, spec, ctx = _case(tmp_path)
+    both = SweepConfig(probes=2, min_size=16, blocks="fixed:2")
+    quant = replace(both, probe="quant")
+    before = {c.probe: sweep._fingerprint(model, spec, ctx, c, CPU.kind) for c in (both, quant)}
+    monkeypatch.setattr(sweep, "PROBES_VERSION", "another")
+    assert sweep._fingerprint(model, spec, ctx, both, CPU.kind) != before["both"]
+    assert sweep._fingerprint(model, spec, ctx, quant, CPU.kind) == before["quant"]  # its rows did not change
+    monkeypatch.setattr(sweep, "ANALYSIS_VERSION", "another")
+    assert sweep._fingerprint(model, spec, ctx, quant, CPU.kind) != before["quant"]

@@ -33,6 +33,9 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16,
 DATA_MOVEMENT = {"Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Identity",
                  "Cast", "Flatten", "Expand", "Gather", "Tile", "Pad", "DequantizeLinear"}
 DEFAULT_MIN_SIZE = 256
+# Changed whenever the weight table may give a weight other axes, blocks or quantizability (a sweep's
+# checkpoint records it: its rows' tier damage was measured with those axes).
+ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors"
 NONFINITE_REASON = "holds NaN/inf values"
 
 
@@ -411,6 +414,7 @@ class Use:
     # Through Transposes (and ops that pass the tensor unchanged) only: the stored axis of each axis of
     # the tensor this node reads; None through any other reshaping op (or when direct).
     perm: tuple[int, ...] | None = None
+    scope: str = ""  # the prefix of `name` naming the graph the node is in ('' for the main graph)
 
 
 def _subgraphs(node: onnx.NodeProto):
@@ -432,17 +436,18 @@ def _uses_in(graph: onnx.GraphProto, value: str, prefix: str, order: int | None,
         where = order if order is not None else (topo or {}).get(j, 0)
         for slot, inp in enumerate(node.input):
             if inp == value:
-                out.append((graph, Use(node, slot, f"{prefix}{label}", where, True, main)))
+                out.append((graph, Use(node, slot, f"{prefix}{label}", where, True, main, scope=prefix)))
         for attr_name, sub in _subgraphs(node):
             out += _uses_in(sub, value, f"{prefix}{label}/{attr_name}/", where, main=False)
     return out
 
 
 def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], topo: dict,
-                         ndim: int = 0, constants: set[str] | None = None) -> list[Use]:
+                         ndim: int = 0, constants: dict[str, set[str]] | None = None) -> list[Use]:
     """Follow data-movement ops, into subgraph bodies too, from a weight (of `ndim` axes) to the ops that
-    compute with it. A Gather whose indices are not among `constants` (an embedding lookup) is where
-    the weight is used: it reads rows, not the whole tensor."""
+    compute with it. A Gather whose indices are not constant in its graph (`constants`: scope ->
+    names, `scope_constants`) reads other rows on every call, an embedding: it is where the weight is
+    used."""
     found, seen, held = [], set(), []
     stack = [(g, u) for g, u in _uses_in(graph, name, "", None, names, topo)]
     for _, u in stack:
@@ -455,13 +460,12 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
         seen.add(key)
         held.append(use.node)  # protobuf wraps subgraph nodes anew: a dropped wrapper's id would be reused
         if use.node.op_type in DATA_MOVEMENT and use.slot == 0 and use.node.output \
-                and not _data_lookup(use.node, constants):
-            prefix = use.name.rsplit("/", 1)[0] + "/" if "/" in use.name else ""
+                and not _data_lookup(use, constants):
             is_main = g is graph
             perm = _view_perm(use.node, use.perm)
             for o in use.node.output:
                 if o:
-                    for g2, u2 in _uses_in(g, o, prefix if not is_main else "", use.order if not is_main else None,
+                    for g2, u2 in _uses_in(g, o, use.scope, use.order if not is_main else None,
                                            names if is_main else None, topo if is_main else None, use.main):
                         u2.direct = use.direct and _same_tensor(use.node)
                         u2.perm = perm
@@ -471,22 +475,41 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
     return found
 
 
-def _data_lookup(node: onnx.NodeProto, constants: set[str] | None) -> bool:
+def _data_lookup(use: Use, constants: dict[str, set[str]] | None) -> bool:
     """A Gather whose indices are computed (an embedding): each call reads other rows of the table."""
+    node = use.node
     return constants is not None and node.op_type == "Gather" and len(node.input) > 1 \
-        and node.input[1] not in constants
+        and node.input[1] not in constants.get(use.scope, ())
 
 
-def constant_names(model: onnx.ModelProto) -> set[str]:
-    """Names bound to constants in any graph: initializers that are no graph input, subgraph
-    initializers, Constant outputs (a name shadowed in a body by a computed value counts as constant)."""
-    inputs = {i.name for i in model.graph.input}
-    names = {i.name for i in model.graph.initializer} - inputs
-    for g in iter_graphs(model.graph):
-        if g is not model.graph:
-            names.update(i.name for i in g.initializer)
-        names.update(o for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") for o in n.output)
-    return names
+# Ops whose output is not a function of their inputs: never constant.
+_RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def scope_constants(graph: onnx.GraphProto, names: list[str] | None = None) -> dict[str, set[str]]:
+    """For each graph (keyed by the scope prefix `_uses_in` gives its nodes: '' for the main graph,
+    'If_3/then_branch/' for a body), the names that hold constants there: initializers that are no
+    graph input, Constant outputs, and outputs of ops computed from constants alone (a Cast or
+    Unsqueeze of constant indices); outer constants too unless the graph rebinds the name."""
+    out: dict[str, set[str]] = {}
+
+    def visit(g: onnx.GraphProto, prefix: str, outer: set[str], labels: list[str] | None) -> None:
+        inputs = {i.name for i in g.input}
+        known = (outer - inputs) | ({i.name for i in g.initializer} - inputs)
+        for node in g.node:  # in topological order, as ONNX requires
+            if node.domain in ("", "ai.onnx") and node.op_type not in _RANDOM_OPS \
+                    and not any(True for _ in _subgraphs(node)) and all(i in known for i in node.input if i):
+                known.update(o for o in node.output if o)
+            else:
+                known.difference_update(node.output)  # a computed value rebinding an outer constant's name
+        out[prefix] = known
+        for j, node in enumerate(g.node):
+            label = labels[j] if labels else (node.name or f"{node.op_type}_{j}")
+            for attr_name, sub in _subgraphs(node):
+                visit(sub, f"{prefix}{label}/{attr_name}/", known, None)
+
+    visit(graph, "", set(), names)
+    return out
 
 
 def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -592,7 +615,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
     outputs = {o.name for o in graph.output}
     constants = {i.name for i in graph.initializer} - inputs
     lookups = _expanding_lookups(graph, constants)
-    bound = constant_names(model)
+    bound = scope_constants(graph, names)
     fusion = _OrtFusion(model)  # shapes inferred only if a weight asks
     weights = []
     for init in graph.initializer:
@@ -623,7 +646,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
             else:
                 w.channel_axis, w.block_axis = _axes_for("", 0, first.node, len(shape))
             w.scope = scope_of(first.node.name, init.name)
-        vector = _is_vector(shape, *((first.node.op_type, first.slot) if eff else ("", 0)), w.channel_axis)
+        vector = _is_vector(shape, *((first.node.op_type, first.slot) if eff else ("", 0)))
         w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init if check_finite else None,
                                                vector)
         weights.append(w)
@@ -777,19 +800,20 @@ def _removed_by_ort(node: onnx.NodeProto) -> bool:
     return _same_tensor(node) or node.op_type == "Dropout"
 
 
-# Ops reading a matrix (or kernel) whose output-channel axis may have one entry: a (K, 1) MatMul weight
-# is a matrix with one output column, not a vector.
-_MATRIX_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Gather"}
+# Inputs that hold an op's weight matrix or kernel (any operand of an Einsum): a tensor read there is a
+# matrix even with one non-unit axis (a univariate LSTM's W (1, 4H, 1), a (K, 1) MatMul weight).
+_WEIGHT_SLOTS = {"MatMul": (0, 1), "Gemm": (0, 1), "Conv": (1,), "ConvTranspose": (1,), "Gather": (0,),
+                 "LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 
 
-def _is_vector(shape: tuple[int, ...], op: str, slot: int, channel_axis: int | None) -> bool:
-    """A bias or scale: 1-D, an RNN's bias or peepholes (directions, n), or a tensor of one non-unit axis
-    ((1, N), (N, 1)) but a matrix op's weight with a single output channel, one scale anyway."""
+def _is_vector(shape: tuple[int, ...], op: str, slot: int) -> bool:
+    """A bias or scale, kept at full precision: 1-D, an RNN's bias or peepholes (directions, n), or a
+    tensor of one non-unit axis ((1, N), (N, 1)) read anywhere but as an op's weight matrix."""
     if len(shape) <= 1 or op in ("LSTM", "GRU", "RNN") and slot in (3, 7):
         return True
     if sum(d != 1 for d in shape) > 1:
         return False
-    return not (op in _MATRIX_OPS and channel_axis is not None and shape[channel_axis] == 1)
+    return not (op == "Einsum" or slot in _WEIGHT_SLOTS.get(op, ()))
 
 
 def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
@@ -800,8 +824,7 @@ def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
     if w.size < min_size:
         return False, f"below size floor ({w.size} < {min_size})"
     if len(w.shape) <= 1 if vector is None else vector:
-        # A vector saves little, and quantized with one scale per element (its only non-unit axis is
-        # the channel axis) it would cost more than float32.
+        # A bias or scale saves little (it is small), and a (1, N) bias would get one scale per element.
         return False, "vector (bias or scale): kept at full precision"
     if w.dtype == "bfloat16":
         return False, "already stored as bfloat16"
@@ -839,7 +862,7 @@ class Block:
 
 _BLOCK_MODES = re.compile(r"^(auto|tensor|layer|scope(:\d+)?|fixed:\d+)$")
 # `auto`: layer blocks, or tensor blocks when there is a single layer block: a knapsack over one block
-# can only choose uniform (one LSTM op is one layer: W, R and B).
+# can only choose uniform (one LSTM op is one layer: W and R, its bias a vector).
 AUTO_MIN_BLOCKS = 2
 
 

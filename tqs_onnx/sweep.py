@@ -22,7 +22,7 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import (IDENTITY, Block, LoadedModel, Weight, main_opset, make_blocks, same_model,
+from tqs_onnx.graph import (ANALYSIS_VERSION, IDENTITY, Block, LoadedModel, Weight, main_opset, make_blocks, same_model,
                             tensor_is_finite, weight_table)
 from tqs_onnx.passes.detach import detach_initializers
 from tqs_onnx.passes.divergence import AddDivergenceOutputs
@@ -610,7 +610,9 @@ def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, con
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     h.update(divergence_mode().encode())  # the two engines round differently on the CPU (float32 / float64)
     h.update(PASSES_VERSION.encode())
-    h.update(PROBES_VERSION.encode())  # another probe draws other numbers: rows of both must not mix
+    if config.probe != "quant":  # another Gaussian probe draws other numbers: rows of both must not mix
+        h.update(PROBES_VERSION.encode())
+    h.update(ANALYSIS_VERSION.encode())  # the tier damage of a row was measured with its weights' axes
     h.update(ROUNDING_VERSION.encode())
     h.update(contexts_digest(spec, contexts).encode())
     return h.hexdigest()
@@ -704,6 +706,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
         "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
         "passes": PASSES_VERSION,  # the prepared graph the sizes are of (allocate and apply check it)
         "probes": PROBES_VERSION,  # how the probes were drawn (recorded only)
+        "analysis": ANALYSIS_VERSION,  # the weight table's rules (axes, vectors; recorded only)
         "model": {**model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
                   "opset_graph_delta": {str(k): v for k, v in setup.opset_deltas.items()}},
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
