@@ -82,14 +82,22 @@ class ProbeScore:
 
 
 def score_divergence(div: np.ndarray, norm: float) -> ProbeScore:
-    """div: squared divergence per step, shape (..., T) over probes/contexts; norm = ||d_theta||_F."""
-    cum = np.cumsum(div.reshape(-1, div.shape[-1]), axis=-1).mean(axis=0)
+    """div: squared divergence per step, shape (..., T) over probes/contexts; norm = ||d_theta||_F.
+
+    Eq. 1 takes the mean over rollouts (contexts, and draws) inside the log. Eq. 2 and A_max are the
+    paper's single-context quantities: Eq. 2 is computed per rollout and averaged over the rollouts that
+    diverged at all by T (-inf where none did), A_max is the largest over rollouts and horizons."""
+    rows = np.cumsum(div.reshape(-1, div.shape[-1]), axis=-1)
+    cum = rows.mean(axis=0)
     t = np.arange(1, cum.size + 1)
     nonfinite = not np.all(np.isfinite(cum))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         eq1 = np.log(cum / (norm ** 2 + EPS)) / t
-        eq2 = np.log(np.sqrt(cum) / (norm + EPS)) / t
-        amax = float(np.max(np.sqrt(cum) / (norm + EPS)))
+        per_row = np.where(rows > 0, np.log(np.sqrt(rows) / (norm + EPS)) / t, np.nan)
+        some = (rows > 0).any(axis=0)
+        eq2 = np.where(some, np.nanmean(np.where(some, per_row, 0.0), axis=0), -np.inf)
+        ratio = np.sqrt(rows) / (norm + EPS)
+        amax = float(np.max(np.where(np.isfinite(rows), ratio, np.inf))) if rows.size else 0.0
     if nonfinite:
         eq1 = np.where(np.isfinite(cum), eq1, np.inf)
         eq2 = np.where(np.isfinite(cum), eq2, np.inf)
