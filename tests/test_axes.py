@@ -206,3 +206,37 @@ def test_scopes_decide_whether_gather_indices_are_constant():
     (w,) = [x for x in weight_table(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), min_size=1)
             if x.name == "W"]
     assert w.consumer_ops == ["Add"]  # followed: a constant lookup, not an embedding
+
+
+@pytest.mark.parametrize("constant_first", [True, False])
+def test_two_body_nodes_of_one_name_are_two_scopes(constant_first):
+    """Two Ifs named 'sel' in one Loop body, one gathering by a Constant, one by computed indices:
+    each Gather is judged in its own branch (the scopes were keyed by name and one overwrote the other)."""
+    vi = helper.make_tensor_value_info
+
+    def sel(tag: str, constant: bool) -> onnx.NodeProto:
+        idx = (helper.make_node("Constant", [], ["idx"], value=numpy_helper.from_array(np.array([0, 1], np.int64)))
+               if constant else helper.make_node("Cast", ["ids"], ["idx"], to=TensorProto.INT64))
+        then_b = helper.make_graph([idx, helper.make_node("Gather", ["T", "idx"], [f"g{tag}"]),
+                                    helper.make_node("MatMul", [f"g{tag}", "M"], [f"o{tag}"])], f"then{tag}", [],
+                                   [vi(f"o{tag}", TensorProto.FLOAT, [2, 32])])
+        else_b = helper.make_graph([helper.make_node("Constant", [], [f"e{tag}"], value=numpy_helper.from_array(
+            np.zeros((2, 32), np.float32)))], f"else{tag}", [], [vi(f"e{tag}", TensorProto.FLOAT, [2, 32])])
+        return helper.make_node("If", ["c"], [f"y{tag}"], name="sel", then_branch=then_b, else_branch=else_b)
+
+    pair = [sel("a", True), sel("b", False)]
+    body = helper.make_graph(
+        [helper.make_node("Transpose", ["E"], ["T"], perm=[1, 0]), *(pair if constant_first else pair[::-1]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [vi("i", TensorProto.INT64, []), vi("cond_in", TensorProto.BOOL, [])],
+        [vi("cond_out", TensorProto.BOOL, []), vi("ya", TensorProto.FLOAT, [2, 32]), vi("yb", TensorProto.FLOAT, [2, 32])])
+    g = helper.make_graph([helper.make_node("Loop", ["n", ""], ["sa", "sb"], body=body)], "g",
+                          [vi("n", TensorProto.INT64, []), vi("c", TensorProto.BOOL, []), vi("ids", TensorProto.INT32, [2])],
+                          [vi("sa", TensorProto.FLOAT, ["N", 2, 32]), vi("sb", TensorProto.FLOAT, ["N", 2, 32])],
+                          [numpy_helper.from_array(np.zeros((32, 16), np.float32), "E"),
+                           numpy_helper.from_array(np.zeros((32, 32), np.float32), "M")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m, full_check=True)
+    (e,) = [w for w in weight_table(m, min_size=1) if w.name == "E"]
+    assert sorted(e.consumer_ops) == ["Gather", "MatMul"]
+    assert len(set(e.consumers)) == 2  # two nodes, two names (sel, sel#2)

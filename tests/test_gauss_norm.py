@@ -105,8 +105,8 @@ def test_a_checkpoint_of_other_probes_is_refused_and_the_scores_name_the_probes(
     assert run_sweep(model, spec, ctx, CPU, config, quiet=True)["probes"] == PROBES_VERSION
 
 
-def test_the_fingerprint_names_the_probes_only_where_gaussian_draws_run_and_always_the_analysis(tmp_path,
-                                                                                               monkeypatch):
+def test_the_fingerprint_names_the_probes_where_gaussian_draws_run_and_always_analysis_and_scores(
+        tmp_path, monkeypatch):
     from dataclasses import replace
 
     model, spec, ctx = _case(tmp_path)
@@ -118,3 +118,6 @@ def test_the_fingerprint_names_the_probes_only_where_gaussian_draws_run_and_alwa
     assert sweep._fingerprint(model, spec, ctx, quant, CPU.kind) == before["quant"]  # its rows did not change
     monkeypatch.setattr(sweep, "ANALYSIS_VERSION", "another")
     assert sweep._fingerprint(model, spec, ctx, quant, CPU.kind) != before["quant"]
+    changed = sweep._fingerprint(model, spec, ctx, quant, CPU.kind)
+    monkeypatch.setattr(sweep, "SCORES_VERSION", "another")  # Eq. 2 / A_max computed otherwise
+    assert sweep._fingerprint(model, spec, ctx, quant, CPU.kind) != changed

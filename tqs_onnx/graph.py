@@ -429,10 +429,12 @@ def _subgraphs(node: onnx.NodeProto):
 def _uses_in(graph: onnx.GraphProto, value: str, prefix: str, order: int | None,
              names: list[str] | None = None, topo: dict | None = None,
              main: bool = True) -> list[tuple[onnx.GraphProto, Use]]:
-    """Every node of `graph` (and of its subgraphs, recursively) that reads `value`."""
+    """Every node of `graph` (and of its subgraphs, recursively) that reads `value`. Nodes are labelled
+    as `_node_names` names them (unique in their graph: two body nodes of one name are two scopes)."""
     out = []
+    names = names or _node_names(graph)
     for j, node in enumerate(graph.node):
-        label = names[j] if names else (node.name or f"{node.op_type}_{j}")
+        label = names[j]
         where = order if order is not None else (topo or {}).get(j, 0)
         for slot, inp in enumerate(node.input):
             if inp == value:
@@ -486,14 +488,17 @@ def _data_lookup(use: Use, constants: dict[str, set[str]] | None) -> bool:
 _RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
-def scope_constants(graph: onnx.GraphProto, names: list[str] | None = None) -> dict[str, set[str]]:
+def scope_constants(graph: onnx.GraphProto) -> dict[str, set[str]]:
     """For each graph (keyed by the scope prefix `_uses_in` gives its nodes: '' for the main graph,
-    'If_3/then_branch/' for a body), the names that hold constants there: initializers that are no
-    graph input, Constant outputs, and outputs of ops computed from constants alone (a Cast or
-    Unsqueeze of constant indices); outer constants too unless the graph rebinds the name."""
+    'If_3/then_branch/' for a body), the Gather indices that hold constants there: initializers that
+    are no graph input, Constant outputs, and outputs of ops computed from constants alone (a Cast or
+    Unsqueeze of constant indices); outer constants too unless the graph rebinds the name. Only names
+    some Gather reads as indices are kept (a set per scope of every constant would grow as scopes x
+    constants)."""
     out: dict[str, set[str]] = {}
+    wanted = {n.input[1] for g in iter_graphs(graph) for n in g.node if n.op_type == "Gather" and len(n.input) > 1}
 
-    def visit(g: onnx.GraphProto, prefix: str, outer: set[str], labels: list[str] | None) -> None:
+    def visit(g: onnx.GraphProto, prefix: str, outer: set[str]) -> None:
         inputs = {i.name for i in g.input}
         known = (outer - inputs) | ({i.name for i in g.initializer} - inputs)
         for node in g.node:  # in topological order, as ONNX requires
@@ -502,13 +507,12 @@ def scope_constants(graph: onnx.GraphProto, names: list[str] | None = None) -> d
                 known.update(o for o in node.output if o)
             else:
                 known.difference_update(node.output)  # a computed value rebinding an outer constant's name
-        out[prefix] = known
-        for j, node in enumerate(g.node):
-            label = labels[j] if labels else (node.name or f"{node.op_type}_{j}")
+        out[prefix] = known & wanted
+        for label, node in zip(_node_names(g), g.node):
             for attr_name, sub in _subgraphs(node):
-                visit(sub, f"{prefix}{label}/{attr_name}/", known, None)
+                visit(sub, f"{prefix}{label}/{attr_name}/", known)
 
-    visit(graph, "", set(), names)
+    visit(graph, "", set())
     return out
 
 
@@ -615,7 +619,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
     outputs = {o.name for o in graph.output}
     constants = {i.name for i in graph.initializer} - inputs
     lookups = _expanding_lookups(graph, constants)
-    bound = scope_constants(graph, names)
+    bound = scope_constants(graph)
     fusion = _OrtFusion(model)  # shapes inferred only if a weight asks
     weights = []
     for init in graph.initializer:

@@ -25,7 +25,9 @@ from onnx import TensorProto, helper, numpy_helper
 from tqs_onnx.runtime import ORT_NUMPY_TYPES
 from tqs_onnx.tiers import Tier
 
-PROBES_VERSION = "gauss-exact-norm"  # changed whenever a probe's values may change (checkpoints, scores record it)
+# Changed whenever the Gaussian draws may change (the checkpoints of sweeps that draw them and the scores
+# record it; a change to the quant probe's values needs its own entry in the sweep's fingerprint).
+PROBES_VERSION = "gauss-exact-norm"
 P = 2147483647  # 2^31 - 1: products of two residues stay below 2^62 in int64
 _ROUNDS = [(1103515245 % P, 12345), (48271, 2654435761 % P), (69621, 40014), (16807, 40692)]
 _OPSET = 17

@@ -81,6 +81,11 @@ class ProbeScore:
     nonfinite: bool
 
 
+# Changed whenever a probe's recorded figures may be computed otherwise from the same rollouts (a
+# checkpoint's rows must not mix two definitions).
+SCORES_VERSION = "eq2-amax-per-rollout"
+
+
 def score_divergence(div: np.ndarray, norm: float) -> ProbeScore:
     """div: squared divergence per step, shape (..., T) over probes/contexts; norm = ||d_theta||_F.
 
@@ -93,9 +98,10 @@ def score_divergence(div: np.ndarray, norm: float) -> ProbeScore:
     nonfinite = not np.all(np.isfinite(cum))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         eq1 = np.log(cum / (norm ** 2 + EPS)) / t
-        per_row = np.where(rows > 0, np.log(np.sqrt(rows) / (norm + EPS)) / t, np.nan)
-        some = (rows > 0).any(axis=0)
-        eq2 = np.where(some, np.nanmean(np.where(some, per_row, 0.0), axis=0), -np.inf)
+        diverged = rows > 0
+        count = diverged.sum(axis=0)
+        per_row = np.where(diverged, np.log(np.sqrt(rows) / (norm + EPS)) / t, 0.0)
+        eq2 = np.where(count > 0, per_row.sum(axis=0) / np.maximum(count, 1), -np.inf)
         ratio = np.sqrt(rows) / (norm + EPS)
         amax = float(np.max(np.where(np.isfinite(rows), ratio, np.inf))) if rows.size else 0.0
     if nonfinite:
@@ -621,6 +627,7 @@ def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, con
     if config.probe != "quant":  # another Gaussian probe draws other numbers: rows of both must not mix
         h.update(PROBES_VERSION.encode())
     h.update(ANALYSIS_VERSION.encode())  # the tier damage of a row was measured with its weights' axes
+    h.update(SCORES_VERSION.encode())  # how a row's figures are computed from its rollouts
     h.update(ROUNDING_VERSION.encode())
     h.update(contexts_digest(spec, contexts).encode())
     return h.hexdigest()
@@ -715,6 +722,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
         "passes": PASSES_VERSION,  # the prepared graph the sizes are of (allocate and apply check it)
         "probes": PROBES_VERSION,  # how the probes were drawn (recorded only)
         "analysis": ANALYSIS_VERSION,  # the weight table's rules (axes, vectors; recorded only)
+        "scores": SCORES_VERSION,  # how Eq. 1, Eq. 2 and A_max are computed (recorded only)
         "model": {**model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
                   "opset_graph_delta": {str(k): v for k, v in setup.opset_deltas.items()}},
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
