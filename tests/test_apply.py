@@ -178,6 +178,10 @@ def test_cli_pipeline_on_demo_planned_equals_on_disk(tmp_path, capsys):
         doc = json.loads(plan.read_text())
         assert load_model(out).file_bytes == doc["planned_bytes"]  # byte-exact, not approximately
         assert doc["planned_compression"] >= target
+        assert any(n.startswith("not verified") for n in doc["notes"])  # no --verify-model: said so
+    assert main(["allocate", str(scores), "--compression", "6", "-o", str(plan), "--quiet", "--verify-model",
+                 str(f["model"]), "--rollout", str(f["spec"]), "--contexts", str(f["sweep"])]) == 0
+    assert not any(n.startswith("not verified") for n in json.loads(plan.read_text())["notes"])
     assert main(["eval", str(f["model"]), str(out), "--rollout", str(f["spec"]), "--contexts", str(f["eval"]),
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
