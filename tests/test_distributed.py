@@ -201,3 +201,17 @@ def test_unreachable_ray_address_fails_at_once(tmp_path, monkeypatch):
             with distributed.ray_session(f"127.0.0.1:{port}"):
                 pass
     assert time.monotonic() - t0 < 30
+
+
+def test_a_worker_running_other_code_is_refused():
+    """A worker's scores document names the code that made it; another version must not add rows."""
+    from tqs_onnx.distributed import check_worker_versions
+    from tqs_onnx.sweep import SweepConfig, document_versions
+
+    config = SweepConfig()
+    check_worker_versions(dict(document_versions(config)), config)  # the same code: accepted
+    for key in document_versions(config):
+        with pytest.raises(TqsError, match=f"other tqs-onnx code than the driver: {key}"):
+            check_worker_versions({**document_versions(config), key: "another"}, config)
+    quant = SweepConfig(probe="quant")
+    assert "probes" not in document_versions(quant) and "probes" in document_versions(config)

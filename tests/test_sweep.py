@@ -80,12 +80,13 @@ def test_eq1_eq2_and_amax_from_one_rollout():
 def test_eq2_and_amax_are_per_rollout_as_the_paper_defines_them():
     """Eq. 2 and A_max are single-context quantities: Eq. 2 is averaged over the rollouts that diverged
     by T, A_max is the largest of any rollout; Eq. 1 keeps the mean inside the log."""
-    div = np.array([[0.0, 1.0, 2.0], [0.0, 0.0, 4.0]])
+    div = np.array([[0.0, 3.0, 1.0], [0.0, 0.0, 4.0]])
     s = score_divergence(div, 1.0)
-    assert s.gamma_eq2_t[0] == -math.inf and s.gamma_eq2_t[1] == pytest.approx(0.0)  # only the first diverged
-    assert s.gamma_eq2_t[2] == pytest.approx((np.log(np.sqrt(3.0)) + np.log(2.0)) / 2 / 3)
+    assert s.gamma_eq2_t[0] == -math.inf  # no rollout diverged by T=1
+    assert s.gamma_eq2_t[1] == pytest.approx(np.log(np.sqrt(3.0)) / 2)  # only the first had, by T=2
+    assert s.gamma_eq2_t[2] == pytest.approx((np.log(np.sqrt(4.0)) + np.log(2.0)) / 2 / 3)
     assert s.a_max == pytest.approx(2.0)
-    assert s.gamma_task == pytest.approx(np.log(3.5) / 3)
+    assert s.gamma_task == pytest.approx(np.log(4.0) / 3)
 
 
 def test_nonfinite_probe_is_recorded_not_raised():

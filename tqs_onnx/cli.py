@@ -182,7 +182,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
         alloc = refinement.allocation
     plan = plan_document(scores, problem, alloc)
     if refinement is None and a.objective == "measured":
-        plan["notes"] = [*plan["notes"], "not verified: the plan is the knapsack's on summed single-block damage, "
+        plan["notes"] = [*plan["notes"], "not verified: the plan is the allocator's on summed single-block damage, "
                          "not rolled out against uniform of the same size (pass --verify-model MODEL, --rollout "
                          "and --contexts, the sweep's; `demo` and `pareto` do)"]
     if any(parse_tier(t).gptq for t in plan["weights"].values()):

@@ -25,8 +25,8 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
-from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, checked_checkpoint, prepare,
-                            resumed_scores, score_block, scores_document)
+from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, checked_checkpoint,
+                            document_versions, prepare, resumed_scores, score_block, scores_document)
 from tqs_onnx.tiers import parse_tier
 from tqs_onnx.util import first_line, progress
 
@@ -162,6 +162,7 @@ class WorkerPool:
     losses: Counter = field(default_factory=Counter)  # block id -> workers lost while scoring it
     last_loss: str = ""  # why the last worker died, as Ray reported it
     info: dict[str, Any] | None = None  # the first worker's start(): block ids and document skeleton
+    config: SweepConfig | None = None  # the driver's: workers must record the versions it would
 
     @classmethod
     def launch(cls, ray: Any, job: WorkerJob, arrays: dict[str, np.ndarray], workers: int,
@@ -169,7 +170,7 @@ class WorkerPool:
         """Start `workers` actors; the contexts go into the object store once, for all of them."""
         actor = ray.remote(BlockWorker).options(max_restarts=0, **resources)
         arrays_ref = ray.put(arrays)
-        pool = cls(ray)
+        pool = cls(ray, config=SweepConfig(**job.config))
         for _ in range(workers):
             handle = actor.remote(job, arrays_ref)
             pool.starting[handle.start.remote()] = handle
@@ -224,6 +225,8 @@ class WorkerPool:
         info = self._get(ref)
         if info is _LOST:
             return
+        if self.config is not None:
+            check_worker_versions(info["document"], self.config)
         if self.info is None:
             self.info = info
         elif (info["blocks"], info["weights"]) != (self.info["blocks"], self.info["weights"]):
@@ -264,6 +267,16 @@ _LOST = object()  # the result of a ref whose worker died
 
 
 # ------------------------------------------------------------------------------------------- run
+
+def check_worker_versions(document: dict[str, Any], config: SweepConfig) -> None:
+    """A worker whose code computes other scores (another tool version, passes, draws, weight rules or
+    figures) must not add rows to this sweep."""
+    mine, theirs = document_versions(config), {k: document.get(k) for k in document_versions(config)}
+    if theirs != mine:
+        diff = ", ".join(f"{k} {theirs[k]!r} (here {mine[k]!r})" for k in mine if theirs[k] != mine[k])
+        raise TqsError(f"a Ray worker runs other tqs-onnx code than the driver: {diff}; install the same version "
+                       "on every node")
+
 
 def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: str,
                           config: SweepConfig, checkpoint: Path | None = None, resume: bool = False,

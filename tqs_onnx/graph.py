@@ -35,7 +35,7 @@ DATA_MOVEMENT = {"Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueez
 DEFAULT_MIN_SIZE = 256
 # Changed whenever the weight table may give a weight other axes, blocks or quantizability (a sweep's
 # checkpoint records it: its rows' tier damage was measured with those axes).
-ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors"
+ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels"
 NONFINITE_REASON = "holds NaN/inf values"
 
 

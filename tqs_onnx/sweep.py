@@ -86,6 +86,16 @@ class ProbeScore:
 SCORES_VERSION = "eq2-amax-per-rollout"
 
 
+def document_versions(config: SweepConfig) -> dict[str, str]:
+    """What a scores document records of the code that made it: the tool, the prepared graph's passes
+    (allocate and apply check them), the Gaussian draws (where the sweep drew any), the weight table's
+    rules and how the figures are computed (recorded; distributed sweeps compare their workers')."""
+    versions = {"tool_version": __version__, "passes": PASSES_VERSION}
+    if config.probe != "quant":
+        versions["probes"] = PROBES_VERSION
+    return {**versions, "analysis": ANALYSIS_VERSION, "scores": SCORES_VERSION}
+
+
 def score_divergence(div: np.ndarray, norm: float) -> ProbeScore:
     """div: squared divergence per step, shape (..., T) over probes/contexts; norm = ||d_theta||_F.
 
@@ -718,11 +728,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
     quantizable = [w for w in setup.weights if w.quantizable]
     nominal = setup.rollout.contexts.count * setup.horizon
     return {
-        "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", "tool_version": __version__,
-        "passes": PASSES_VERSION,  # the prepared graph the sizes are of (allocate and apply check it)
-        "probes": PROBES_VERSION,  # how the probes were drawn (recorded only)
-        "analysis": ANALYSIS_VERSION,  # the weight table's rules (axes, vectors; recorded only)
-        "scores": SCORES_VERSION,  # how Eq. 1, Eq. 2 and A_max are computed (recorded only)
+        "schema_version": SCHEMA_VERSION, "kind": "tqs-scores", **document_versions(config),
         "model": {**model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
                   "opset_graph_delta": {str(k): v for k, v in setup.opset_deltas.items()}},
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
