@@ -65,7 +65,8 @@ def test_gptq_tier_names_and_where_they_apply():
 
 @pytest.fixture
 def gptq_case(tmp_path):
-    paths = save_case(tmp_path, recurrent_mlp(n=16, h=32), recurrent_spec(8), recurrent_contexts(16, s=3))
+    # 3 contexts x 12 steps = 36 rows, at least as many as W2's 32 inputs (fewer: no statistics)
+    paths = save_case(tmp_path, recurrent_mlp(n=16, h=32), recurrent_spec(12), recurrent_contexts(16, s=3))
     scores = tmp_path / "scores.json"
     assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
                  "--tiers", "int4/channel,int4/channel/gptq,int2/channel,int2/channel/gptq", "-o", str(scores),
@@ -205,31 +206,32 @@ def test_a_recurrent_weight_multiplies_the_previous_hidden_states(op, gates, att
 
 
 def test_statistics_gathered_in_several_rollouts_equal_those_of_one(monkeypatch):
-    """A small activation budget splits the statistics over more rollouts; H stays the same."""
+    """A small activation budget splits the statistics over more rollouts; H stays the same (2 contexts x
+    20 steps: more rows than the weights' inputs, else they would have no statistics)."""
     import tqs_onnx.sweep as sweep
     from tqs_onnx.graph import weight_table
     from tqs_onnx.rounding import input_moments
 
     m = recurrent_mlp(n=16, h=32, damp=0.1)
-    spec = RolloutSpec.from_dict(recurrent_spec(6))
+    spec = RolloutSpec.from_dict(recurrent_spec(20))
     ctx = Contexts.from_arrays(recurrent_contexts(16, s=2), spec)
     weights = [w for w in weight_table(m, 1) if w.name.startswith("W")]
     dev = resolve_device("cpu")
-    one = sweep.rollout_moments(m, weights, spec, ctx, dev, 6)
-    assert one.forward_passes == 2 * 6
+    one = sweep.rollout_moments(m, weights, spec, ctx, dev, 20)
+    assert one.forward_passes == 2 * 20
     calls = []
 
     def small_budget(model, elem, factory, shapes):
         return input_moments(model, elem, lambda p, a: (calls.append(a), factory(p, a))[1], shapes, chunk_bytes=64)
 
     monkeypatch.setattr(sweep, "input_moments", small_budget)
-    many = sweep.rollout_moments(m, weights, spec, ctx, dev, 6)
-    assert len(calls) == 3 and many.forward_passes == 3 * 2 * 6
+    many = sweep.rollout_moments(m, weights, spec, ctx, dev, 20)
+    assert len(calls) == 3 and many.forward_passes == 3 * 2 * 20
     one, many = one.moments, many.moments
     assert set(one) == set(many) == {"W1", "W2", "Wm"}
     for name in one:
         np.testing.assert_array_equal(one[name].h, many[name].h)
-        assert one[name].rows == many[name].rows == 2 * 6
+        assert one[name].rows == many[name].rows == 2 * 20
 
 
 def test_codes_do_not_depend_on_the_scale_of_the_inputs_with_dead_inputs():
@@ -379,8 +381,8 @@ def test_matrix_statistics_summed_in_the_session_equal_the_hosts(monkeypatch):
     import tqs_onnx.sweep as sweep
     from tqs_onnx.graph import weight_table
 
-    m = recurrent_mlp(n=16, h=32, damp=0.1)
-    spec = RolloutSpec.from_dict(recurrent_spec(6))
+    m = recurrent_mlp(n=16, h=32, damp=0.1)  # 2 contexts x 20 steps: more rows than inputs
+    spec = RolloutSpec.from_dict(recurrent_spec(20))
     ctx = Contexts.from_arrays(recurrent_contexts(16, s=2), spec)
     weights = [w for w in weight_table(m, 1) if w.name.startswith("W")]
     dev = resolve_device("cpu")
@@ -395,14 +397,14 @@ def test_matrix_statistics_summed_in_the_session_equal_the_hosts(monkeypatch):
     real = rounding.input_moments
     monkeypatch.setattr(sweep, "input_moments", lambda model, elem, f, shapes: real(
         model, elem, lambda p, a: (seen.append(list(a)), f(p, a))[1], shapes))
-    in_session = sweep.rollout_moments(m, weights, spec, ctx, dev, 6).moments
+    in_session = sweep.rollout_moments(m, weights, spec, ctx, dev, 20).moments
     assert all(a.startswith("__tqs_gram_") for a in seen[0])  # no activation leaves the session
     monkeypatch.setattr(rounding, "_gram_nodes", lambda *a: ({}, {}, []))
-    on_host = sweep.rollout_moments(m, weights, spec, ctx, dev, 6).moments
+    on_host = sweep.rollout_moments(m, weights, spec, ctx, dev, 20).moments
     assert set(in_session) == set(on_host) == {"W1", "W2", "Wm"}
     for name in on_host:
         np.testing.assert_allclose(in_session[name].h, on_host[name].h, rtol=1e-5, atol=1e-6 * np.abs(on_host[name].h).max())
-        assert in_session[name].rows == on_host[name].rows == 2 * 6
+        assert in_session[name].rows == on_host[name].rows == 2 * 20
 
 
 def test_a_gemm_with_trans_a_sums_the_columns_of_its_activation():
@@ -498,3 +500,19 @@ def test_in_session_sums_keep_each_weights_axis_cast_float16_and_avoid_taken_nam
     w = rng.normal(size=(4, 6)).astype(np.float32)
     t = parse_tier("int4/channel/gptq")
     assert np.array_equal(gptq_codes(w, in_session["b"], t, 0, None), gptq_codes(w, on_host["b"], t, 0, None))
+
+
+def test_a_weight_with_fewer_statistics_rows_than_inputs_rounds_to_nearest(tmp_path, capsys):
+    """3 contexts x 8 steps = 24 rows for W2's 32 inputs: X^T X is singular, GPTQ would fit the sweep
+    contexts; W2 rounds to nearest at the /gptq tiers, W1 (16 inputs) keeps its statistics, and the
+    sweep says so."""
+    paths = save_case(tmp_path, recurrent_mlp(n=16, h=32), recurrent_spec(8), recurrent_contexts(16, s=3))
+    scores = tmp_path / "scores.json"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "--tiers", "int4/channel,int4/channel/gptq", "-o", str(scores), "--probes", "1"]) == 0
+    doc = json.loads(scores.read_text())
+    assert doc["gptq_too_few_rows"] == {"W2": [24, 32]} and doc["gptq_weights"] == ["W1"]
+    assert "round to nearest at the /gptq tiers" in capsys.readouterr().err
+    damage = {b["weights"][0]: b["damage"] for b in doc["blocks"] if len(b["weights"]) == 1}
+    if "W2" in damage:  # its /gptq tier is round-to-nearest: the same values, the same damage
+        assert damage["W2"]["int4/channel/gptq"] == damage["W2"]["int4/channel"]

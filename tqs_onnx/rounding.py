@@ -40,7 +40,7 @@ from tqs_onnx.quant import broadcast_scales
 from tqs_onnx.tiers import Tier
 from tqs_onnx.util import atomic_write, fresh_name
 
-ROUNDING_VERSION = "gptq4"  # changed whenever the codes may change (a sweep checkpoint records it)
+ROUNDING_VERSION = "gptq5"  # changed whenever the codes may change (a sweep checkpoint records it)
 DAMP = 0.01  # H += DAMP * mean(live diag H) * I: keeps the inverse stable where inputs are nearly collinear
 CODES_SUFFIX = ".codes.npz"
 CHUNK_BYTES = 1 << 30  # activations one statistics rollout returns per step, at most (estimated)
@@ -355,6 +355,18 @@ class Rounding:
     moments: dict[str, InputMoments]
     codes: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
     forward_passes: int = 0  # of the FP32 rollouts that gathered the moments
+    # Weights left to round to nearest: fewer statistics rows than inputs (name -> (rows, inputs)).
+    too_few_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_moments(cls, moments: dict[str, InputMoments], forward_passes: int = 0) -> "Rounding":
+        """Keeps the statistics of weights with at least as many rows as inputs. With fewer, X^T X is
+        singular: GPTQ then pushes the rounding error into directions the sweep contexts never excite,
+        which other inputs do (a GRU's R with 48 rows for 128 inputs: 26x less damage than round-to-
+        nearest on the sweep contexts, 4x more on others); such a weight rounds to nearest."""
+        few = {n: (m.rows, int(m.h.shape[0])) for n, m in moments.items() if m.rows < m.h.shape[0]}
+        return cls({n: m for n, m in moments.items() if n not in few}, forward_passes=forward_passes,
+                   too_few_rows=few)
 
     def codes_for(self, name: str, w: np.ndarray, tier: Tier, channel_axis: int | None,
                   block_axis: int | None) -> np.ndarray | None:

@@ -262,7 +262,7 @@ def rollout_moments(model: onnx.ModelProto, weights: list[Weight], spec: Rollout
 
     shapes = {inp: contexts.arrays[key][0].shape for inp, key in [*spec.initial.items(), *spec.fixed.items()]}
     shapes.update({inp: contexts.arrays[key][0, 0].shape for inp, key in spec.per_step.items()})
-    return Rounding(input_moments(model, elem, steps, shapes), forward_passes=passes)
+    return Rounding.from_moments(input_moments(model, elem, steps, shapes), forward_passes=passes)
 
 
 def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, Any]:
@@ -711,7 +711,17 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
             ckpt.append(score)
     if not quiet:
         print(f"sweep engine: {engine_summary(setup)}", file=sys.stderr)
+        if setup.rounding is not None and setup.rounding.too_few_rows:
+            print(f"note: {too_few_rows_note(setup.rounding.too_few_rows)}", file=sys.stderr)
     return scores_document(setup, spec, config, scores, device)
+
+
+def too_few_rows_note(few: dict[str, tuple[int, int]]) -> str:
+    name, (rows, inputs) = next(iter(sorted(few.items())))
+    more = f" and {len(few) - 1} more" if len(few) > 1 else ""
+    return (f"{len(few)} weight(s) round to nearest at the /gptq tiers: the sweep contexts give fewer rows than "
+            f"inputs ('{name}': {rows} rows, {inputs} inputs{more}), too few to fit GPTQ's rounding without "
+            f"fitting the contexts themselves; more contexts or a longer horizon give them statistics")
 
 
 def engine_summary(setup: SweepSetup) -> str:
@@ -742,6 +752,8 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
         # the forward passes of the FP32 rollouts that gathered them (not in forward_passes)
         **({"gptq_weights": sorted(setup.rounding.moments),
             "statistics_forward_passes": setup.rounding.forward_passes} if setup.rounding is not None else {}),
+        **({"gptq_too_few_rows": {n: list(v) for n, v in sorted(setup.rounding.too_few_rows.items())}}
+           if setup.rounding is not None and setup.rounding.too_few_rows else {}),
     }
 
 
