@@ -516,3 +516,17 @@ def test_a_weight_with_fewer_statistics_rows_than_inputs_rounds_to_nearest(tmp_p
     damage = {b["weights"][0]: b["damage"] for b in doc["blocks"] if len(b["weights"]) == 1}
     if "W2" in damage:  # its /gptq tier is round-to-nearest: the same values, the same damage
         assert damage["W2"]["int4/channel/gptq"] == damage["W2"]["int4/channel"]
+
+
+def test_force_does_not_apply_another_models_gptq_integers(gptq_case, tmp_path, capsys):
+    """A /gptq plan's integers were rounded for its model's weights: applied with --force to another
+    model (the same graph, other weights) they would write that model's rounding."""
+    import onnx
+
+    paths, scores = gptq_case
+    plan = tmp_path / "plan.json"
+    assert _allocate(paths, scores, plan, tiers="int4/channel/gptq") == 0
+    other = tmp_path / "other.onnx"
+    onnx.save(recurrent_mlp(n=16, h=32, seed=5), other)
+    assert main(["apply", str(other), str(plan), "-o", str(tmp_path / "q.onnx"), "--force", "--quiet"]) == 2
+    assert "holds /gptq tiers" in capsys.readouterr().err and not (tmp_path / "q.onnx").exists()

@@ -210,6 +210,7 @@ def cmd_apply(a: argparse.Namespace) -> int:
     from tqs_onnx.graph import load_model
     from tqs_onnx.evaluate import verify_written
     from tqs_onnx.rewrite import load_plan, rewrite_model, save_model
+    from tqs_onnx.tiers import parse_tier
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
 
@@ -238,8 +239,13 @@ def cmd_apply(a: argparse.Namespace) -> int:
     loaded = load_model(a.model)
     from tqs_onnx.graph import same_model
 
-    if plan["model"].get("sha256") is not None and not same_model(plan["model"], loaded) and not a.force:
-        raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
+    if plan["model"].get("sha256") is not None and not same_model(plan["model"], loaded):
+        if not a.force:
+            raise TqsError(f"{a.plan}: plan was made for another model (sha256 differs; --force to apply anyway)")
+        if any(parse_tier(t).gptq for t in plan.get("weights", {}).values()):
+            raise TqsError(f"{a.plan}: plan was made for another model and holds /gptq tiers, whose integers were "
+                           "rounded for that model's weights; --force cannot apply them to this one (allocate "
+                           "again from a sweep of this model)")
     model, reports = rewrite_model(loaded, plan, a.plan)
     weight_forms = {**(plan.get("weight_info") or {}), **reports.pop("weight-forms", {})}  # the graph's own
     out = Path(a.output)
@@ -574,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-factor", action="store_true",
                    help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; a model with local functions still has its identical tensors stored once); only for a plan from a sweep with --no-factor, which this is then checked to be")
     s.add_argument("--force", action="store_true",
-                   help="apply a plan whose model checksum or graph passes differ (its size may then not be the planned one)")
+                   help="apply a plan whose model checksum or graph passes differ (its size may then not be the planned "
+                        "one); not a plan of another model with /gptq tiers, whose integers are that model's")
     s.add_argument("--report", metavar="JSON", help="write the apply report here")
     _rollout_args(s, required=False)
     _device_args(s)
