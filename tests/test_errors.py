@@ -68,6 +68,13 @@ def test_infeasible_compression(case, capsys):
                             str(case["dir"] / "p.json")], "not reachable", "achievable")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs a folder no one can create files in")
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(case, capsys):
+    assert main(["allocate", str(case["scores"]), "--compression", "2", "-o", "/proc/plan.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot write in '/proc'" in err and len(err.splitlines()) == 1 and "plan:" not in err
+
+
 def test_plan_for_another_model(case, capsys):
     assert main(["allocate", str(case["scores"]), "--compression", "2", "-o", str(case["dir"] / "p.json"),
                  "--quiet"]) == 0

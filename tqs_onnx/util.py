@@ -102,6 +102,12 @@ def check_output_target(path: str | os.PathLike, room: int = NAME_ROOM) -> None:
         raise TqsError(f"{path}: output exists and is not a regular file (a device, FIFO or socket); "
                        "give a file name")
     folder = next((q for q in path.parents if q.exists()), Path("."))
+    try:  # a read-only folder is found now, not after the work (the temporary is made there)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tqs-onnx-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise TqsError(f"{path}: cannot write in '{folder}' ({exc.strerror or exc})") from None
     try:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
