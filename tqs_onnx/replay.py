@@ -254,5 +254,5 @@ class Replay:
         try:
             self.session.run_with_iobinding(self.bindings[parity], self.run_options[parity])
         except Exception as exc:
-            raise TqsError(f"replay fails at step {t + 1} of context {s}: {first_line(exc)}") from None
+            raise TqsError(f"replay fails at step {t + 1} (of 1..horizon) of context {s}: {first_line(exc)}") from None
         self.rollout.forward_passes += 1

@@ -102,7 +102,8 @@ class RolloutSpec:
         """Every model input covered exactly once; named outputs exist; feedback shapes agree."""
         sources = [*self.feedback.values(), *self.per_step, *self.fixed, *self.constants]
         for name in set(sources) - set(inputs):
-            raise TqsError(f"{where}: rollout spec names input '{name}' the model does not have")
+            raise TqsError(f"{where}: rollout spec names input '{name}' the model does not have "
+                           f"(inputs: {', '.join(inputs)})")
         for name in [*self.feedback, *self.trajectory, *self.truth, *self.channel_axis]:
             if name not in outputs:
                 raise TqsError(f"{where}: rollout spec names output '{name}' the model does not have "
@@ -184,7 +185,8 @@ class Contexts:
                                f"(has: {', '.join(arrays) or 'nothing'})")
         counts = {arrays[k].shape[0] if arrays[k].ndim else -1 for k in needed}
         if len(counts) != 1 or -1 in counts:
-            raise TqsError(f"{where}: arrays disagree on the number of contexts (leading axis)")
+            sizes = ", ".join(f"'{k}' {arrays[k].shape[0] if arrays[k].ndim else 'a scalar'}" for k in dict.fromkeys(needed))
+            raise TqsError(f"{where}: arrays disagree on the number of contexts, their leading axis ({sizes})")
         count = counts.pop() if needed else 1
         if count < 1:
             raise TqsError(f"{where}: no contexts (the arrays' leading axis is 0)")
@@ -392,7 +394,8 @@ class Rollout:
         try:
             self.session.run_with_iobinding(binding, self._run_options)
         except Exception as exc:  # ORT: a shape or value the graph cannot take
-            raise TqsError(f"{self.where}: ONNX Runtime fails at step {t + 1} of context {s}: "
+            raise TqsError(f"{self.where}: ONNX Runtime fails at step {t + 1} (of 1..horizon) of context {s} "
+                           f"(of 0..{self.contexts.count - 1}): "
                            f"{first_line(exc)}") from None
         self.forward_passes += 1
         if self._run_options is not None and binding not in self._pending:
