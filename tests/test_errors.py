@@ -227,3 +227,16 @@ def test_a_truth_array_holding_nan_is_refused_not_averaged(case, capsys):
     spec_path.write_text(json.dumps({**spec, "truth": {out: "truth"}}))
     one_line_error(capsys, ["eval", str(case["model"]), str(case["model"]), "--rollout", str(spec_path),
                             "--contexts", str(ctx)], "truth array 'truth' holds NaN")
+
+
+def test_targets_below_the_original_size_are_refused_and_one_point_is_allowed(case, capsys):
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.pareto import FrontierConfig, parse_targets
+
+    one_line_error(capsys, ["allocate", str(case["scores"]), "--compression", "0.5", "-o",
+                            str(case["dir"] / "p.json")], ">= 1")
+    with pytest.raises(TqsError, match="1 <= LOW"):
+        parse_targets("0.5:4")
+    assert FrontierConfig(targets=(4.0, 4.0), points=1).points == 1  # one target, one point
+    with pytest.raises(TqsError, match="--points"):
+        FrontierConfig(targets=(2.0, 4.0), points=1)

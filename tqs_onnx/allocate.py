@@ -223,8 +223,8 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
                   decode: str = "auto") -> Problem:
     """Costs per block and tier from the scores file's weight table, each weight in the form `decode`
     writes it in (tiers.written_form)."""
-    if not target or target <= 0 or not math.isfinite(target):
-        raise TqsError(f"compression target must be a positive number, not {target}")
+    if not target or target < 1 or not math.isfinite(target):
+        raise TqsError(f"compression target must be a number >= 1 (1: the original file's size), not {target}")
     winfo = scores["weights"]
     blocks, costs = [], []
     for b in scores["blocks"]:

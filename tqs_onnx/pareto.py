@@ -57,11 +57,11 @@ class FrontierConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise TqsError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{self.objective}'")
-        if self.points < 2:
-            raise TqsError("--points must be >= 2")
         lo, hi = self.targets
-        if not (0 < lo <= hi and math.isfinite(hi)):
-            raise TqsError(f"--targets needs 0 < LOW <= HIGH, not {lo:g}:{hi:g}")
+        if self.points < (1 if lo == hi else 2):
+            raise TqsError("--points must be >= 2 (1 where LOW = HIGH)")
+        if not (1 <= lo <= hi and math.isfinite(hi)):
+            raise TqsError(f"--targets needs 1 <= LOW <= HIGH, not {lo:g}:{hi:g}")
 
 
 def parse_targets(text: str) -> tuple[float, float]:
@@ -73,8 +73,8 @@ def parse_targets(text: str) -> tuple[float, float]:
         raise TqsError(f"--targets must be LOW:HIGH compression factors such as 2:32, not '{text}'") from None
     if len(values) == 1:
         values *= 2
-    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values) or values[0] > values[1]:
-        raise TqsError(f"--targets must be LOW:HIGH with 0 < LOW <= HIGH, not '{text}'")
+    if len(values) != 2 or not all(math.isfinite(v) and v >= 1 for v in values) or values[0] > values[1]:
+        raise TqsError(f"--targets must be LOW:HIGH with 1 <= LOW <= HIGH (1: the original size), not '{text}'")
     return values[0], values[1]
 
 
