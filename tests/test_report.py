@@ -237,6 +237,9 @@ def test_plan_tiers_are_the_tiers_apply_writes(lorenz, tmp_path):
     row = page[page.index(f'<td class="l">{two["name"]}</td>'):].split("</tr>")[0]
     assert row.endswith("<td>fp32 / int4</td>")
     assert report.tier_rows(scores, plan, None)[0][1][two["id"]] == "fp32 / int4"
+    # the written form is no other tier: one colour on the map for what a frontier calls int8/channel
+    plan["weights"].update({two["weights"][0]: "int8/channel/load", two["weights"][1]: "int8/channel"})
+    assert report.tier_rows(scores, plan, None)[0][1][two["id"]] == "int8/channel"
 
 
 # ---------------------------------------------------------------------------- 7 all or nothing

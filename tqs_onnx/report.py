@@ -346,9 +346,9 @@ def block_labels(scores: dict[str, Any], width: int = LABEL_WIDTH) -> list[str]:
 
 
 def plan_block_tiers(scores: dict[str, Any], plan: dict[str, Any]) -> list[str]:
-    """The tier of every block in graph order, from the plan's weights (what `apply` writes); a block
-    whose weights have different tiers gets them all ('fp32 / int8')."""
-    return [" / ".join(tier_order({plan["weights"][n] for n in b["weights"]})) for b in scores["blocks"]]
+    """The tier of every block in graph order, from the plan's weights (what `apply` writes, without the
+    written form: `_stored_tier`); a block whose weights have different tiers gets them all ('fp32 / int8')."""
+    return [" / ".join(tier_order({_stored_tier(plan["weights"][n]) for n in b["weights"]})) for b in scores["blocks"]]
 
 
 def tier_order(tiers: set[str]) -> list[str]:
@@ -608,9 +608,19 @@ def plot_steps(curves: list[tuple[str, list[float], bool]], path: Path) -> None:
     _save(fig, path)
 
 
+def _stored_tier(tier: str) -> str:
+    """A tier without its written form: `int8/channel/load` stores what `int8/channel` does (plans name
+    the form each weight is written in, frontiers the tier), so the map gives them one colour."""
+    try:
+        return str(parse_tier(tier).base)
+    except TqsError:
+        return tier
+
+
 def tier_rows(scores: dict[str, Any], plan: dict[str, Any] | None,
               frontier: dict[str, Any] | None) -> list[tuple[str, list[str]]]:
-    """(label, tier per block in graph order) rows: the plan first, then kept frontier points by size."""
+    """(label, tier per block in graph order) rows: the plan first, then kept frontier points by size;
+    tiers without their written form (`_stored_tier`)."""
     rows = []
     if plan is not None:
         rows.append((f"plan {plan['planned_compression']:.2f}x", plan_block_tiers(scores, plan)))
@@ -620,7 +630,7 @@ def tier_rows(scores: dict[str, Any], plan: dict[str, Any] | None,
         for p in kept:
             if tuple(p["tiers"]) not in seen:
                 seen.add(tuple(p["tiers"]))
-                rows.append((f"{p['on_disk_compression']:.2f}x {p['objective']}", p["tiers"]))
+                rows.append((f"{p['on_disk_compression']:.2f}x {p['objective']}", [_stored_tier(t) for t in p["tiers"]]))
     return rows
 
 
