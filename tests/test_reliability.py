@@ -507,9 +507,9 @@ case("--probes 0", "--probes")(lambda c: c.sweep(None, None, None, "--probes", "
 case("--bits 1", "--bits")(lambda c: c.sweep(None, None, None, "--bits", "1"))
 case("--fp32-share above 1", "--fp32-share")(lambda c: c.allocate(None, "--fp32-share", "1.5"))
 case("negative --margin", "--margin")(lambda c: c.allocate(None, "--margin", "-1"))
-case("negative compression", "positive")(
+case("negative compression", ">= 1")(
     lambda c: ["allocate", c.copy("scores"), "--compression", "-2", "-o", c.path("p.json")])
-case("NaN compression", "positive")(
+case("NaN compression", ">= 1")(
     lambda c: ["allocate", c.copy("scores"), "--compression", "nan", "-o", c.path("p.json")])
 case("infeasible target", "not reachable", "achievable")(
     lambda c: ["allocate", c.copy("scores"), "--compression", "1000", "-o", c.path("p.json")])
