@@ -58,6 +58,25 @@ def test_the_proposed_spec_pairs_names_first_over_all_outputs():
     assert propose_spec({"s": ([], "?")}, {"s_out": ([], "?")}) is None  # sequences are not fed back
 
 
+@pytest.mark.parametrize("inputs, outputs, trajectory", [
+    (["x", "h", "c"], ["y", "h_next", "c_next"], ["y"]),           # the forecast, not the LSTM's states
+    (["x", "h"], ["x_next", "h_next"], ["x_next"]),
+    (["input", "h", "c"], ["speech_probs", "hn", "cn"], ["speech_probs"]),  # only states fed back
+    (["input", "input_surface"], ["output", "output_surface"], ["output", "output_surface"]),
+    (["state"], ["state_out"], ["state_out"]),                      # nothing else to follow
+])
+def test_the_proposed_trajectory_is_the_forecast_not_the_recurrent_state(inputs, outputs, trajectory):
+    from tqs_onnx.rollout import propose_spec
+
+    io = ([1, 64], "float32")
+    ins = {i: io for i in inputs}
+    outs = {o: (io if o != "speech_probs" else ([1], "float32")) for o in outputs}
+    if "input" in ins and "speech_probs" in outs:
+        ins["input"] = ([1, 512], "float32")
+    spec = propose_spec(ins, outs)
+    assert spec["trajectory"] == trajectory and set(spec["channel_axis"]) == set(trajectory)
+
+
 def test_consumers_behind_a_transpose_chain_in_a_loop_body_are_found_every_time():
     """Seen-sets keyed by the ids of protobuf's short-lived node wrappers dropped them at random."""
     vi = lambda n, s, t=TensorProto.FLOAT: helper.make_tensor_value_info(n, t, s)  # noqa: E731

@@ -468,6 +468,14 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
         return None
     feedback = {o: feedback[o] for o in outputs if o in feedback}  # in the outputs' order
     free = {i: v for i, v in inputs.items() if i not in feedback.values()}
-    return {"horizon": 10, "feedback": feedback, "trajectory": list(feedback),
+    # The trajectory is the forecast, not a recurrent state: the fed-back outputs not named like one
+    # (x_next -> x, but not h_next -> h), else the outputs not fed back (a VAD's probability), else all.
+    forecast = [o for o in feedback if not (_tokens(o) | _tokens(feedback[o])) & _STATE_WORDS]
+    trajectory = forecast or [o for o in outputs if o not in feedback] or list(feedback)
+    return {"horizon": 10, "feedback": feedback, "trajectory": trajectory,
             "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
-            "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: -1 for o in feedback}}
+            "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: -1 for o in trajectory}}
+
+
+# Name tokens of recurrent states (after _tokens: hn -> h, cn -> c).
+_STATE_WORDS = {"h", "c", "state", "states", "hidden", "cell", "cache", "caches", "mem", "memory", "carry"}
