@@ -259,3 +259,17 @@ def test_two_body_nodes_of_one_name_are_two_scopes(constant_first):
     (e,) = [w for w in weight_table(m, min_size=1) if w.name == "E"]
     assert sorted(e.consumer_ops) == ["Gather", "MatMul"]
     assert len(set(e.consumers)) == 2  # two nodes, two names (sel, sel#2)
+
+
+def test_a_state_held_fixed_beside_its_next_value_gets_a_hint():
+    from tqs_onnx.rollout import RolloutSpec
+
+    io = ([1, 64], "float32")
+    ins, outs = {"x": io, "h": io, "input_2": io}, {"x_next": io, "h_next": io, "activation_2": io}
+    spec = RolloutSpec.from_dict({"horizon": 5, "feedback": {"x_next": "x"}, "trajectory": ["x_next"],
+                                  "initial": {"x": "x0"}, "fixed": {"h": "h0"}, "per_step": {"input_2": "a"}})
+    (hint,) = spec.hints(ins, outs)  # not activation_2 -> input_2: a shared number is not a name
+    assert "'h_next'" in hint and "'h'" in hint and "held fixed" in hint
+    fed = RolloutSpec.from_dict({"horizon": 5, "feedback": {"x_next": "x", "h_next": "h"}, "trajectory": ["x_next"],
+                                 "initial": {"x": "x0", "h": "h0"}, "per_step": {"input_2": "a"}})
+    assert fed.hints(ins, outs) == []

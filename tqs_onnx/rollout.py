@@ -98,6 +98,18 @@ class RolloutSpec:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def hints(self, inputs: dict[str, tuple], outputs: dict[str, tuple]) -> list[str]:
+        """Notes on a spec that may not be what was meant: an input given from data or held fixed whose
+        name and shape match an output the spec does not feed back (`h` fixed beside an `h_next`)."""
+        proposed = propose_spec(inputs, outputs) or {"feedback": {}}
+        given = {**{i: "held fixed" for i in self.fixed}, **{i: "a constant" for i in self.constants},
+                 **{i: "read from data at each step" for i in self.per_step}}
+        return [f"output '{o}' looks like the next value of input '{i}', which the spec has {given[i]}; if it is "
+                f"a state, feed it back (\"feedback\": {{\"{o}\": \"{i}\"}})"
+                for o, i in proposed["feedback"].items()
+                if o not in self.feedback and i in given
+                and any(not t.isdigit() for t in _tokens(o) & _tokens(i))]  # a name, not 'input_2' / 'act_2'
+
     def check_against(self, inputs: dict[str, tuple], outputs: dict[str, tuple], where: str) -> None:
         """Every model input covered exactly once; named outputs exist; feedback shapes agree."""
         sources = [*self.feedback.values(), *self.per_step, *self.fixed, *self.constants]

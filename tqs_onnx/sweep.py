@@ -158,6 +158,7 @@ class SweepSetup:
     replay: Replay | None = None  # probes replayed on fixed buffers (None: the step loop)
     replay_note: str = ""  # why there is no replay, or why it stopped
     rounding: Rounding | None = None  # /gptq tiers' input statistics and codes (None: no such tier swept)
+    spec_hints: list[str] = field(default_factory=list)  # RolloutSpec.hints: a spec that may not be meant
 
     @functools.cached_property
     def axes(self) -> dict[str, tuple[int | None, int | None]]:
@@ -200,8 +201,9 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     inputs, outputs = io_signature(session)
     weight_inputs = set(names)
     extra = {sq for _, sq in pairs.values()}
-    spec.check_against({k: v for k, v in inputs.items() if k not in weight_inputs},
-                       {k: v for k, v in outputs.items() if k not in extra}, str(loaded.path))
+    model_io = ({k: v for k, v in inputs.items() if k not in weight_inputs},
+                {k: v for k, v in outputs.items() if k not in extra})
+    spec.check_against(*model_io, str(loaded.path))
     rollout = Rollout(session, spec, contexts, device, str(loaded.path), divergence=pairs)
     rollout.check_memory(horizon)  # the nominal trajectories are kept
     # The device copies are all the sweep keeps: no host copy of the weights stays alive.
@@ -237,6 +239,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
                                    device, horizon, threads)
     setup = SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
                        prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note, rounding)
+    setup.spec_hints = spec.hints(*model_io)
     if setup.replay is not None:
         check_replay(setup)
     return setup
@@ -711,6 +714,8 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
             ckpt.append(score)
     if not quiet:
         print(f"sweep engine: {engine_summary(setup)}", file=sys.stderr)
+        for hint in setup.spec_hints:
+            print(f"note: {hint}", file=sys.stderr)
         if setup.rounding is not None and setup.rounding.too_few_rows:
             print(f"note: {too_few_rows_note(setup.rounding.too_few_rows)}", file=sys.stderr)
     return scores_document(setup, spec, config, scores, device)
