@@ -273,3 +273,11 @@ def test_a_state_held_fixed_beside_its_next_value_gets_a_hint():
     fed = RolloutSpec.from_dict({"horizon": 5, "feedback": {"x_next": "x", "h_next": "h"}, "trajectory": ["x_next"],
                                  "initial": {"x": "x0", "h": "h0"}, "per_step": {"input_2": "a"}})
     assert fed.hints(ins, outs) == []
+
+
+def test_the_proposed_trajectory_is_a_float_output():
+    from tqs_onnx.rollout import propose_spec
+
+    io = ([1, 64], "float32")
+    spec = propose_spec({"x": ([1, 8], "float32"), "h": io}, {"label": ([1], "int64"), "hn": io})
+    assert spec["trajectory"] == ["hn"]  # not the class label

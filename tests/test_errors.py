@@ -240,3 +240,28 @@ def test_targets_below_the_original_size_are_refused_and_one_point_is_allowed(ca
     assert FrontierConfig(targets=(4.0, 4.0), points=1).points == 1  # one target, one point
     with pytest.raises(TqsError, match="--points"):
         FrontierConfig(targets=(2.0, 4.0), points=1)
+
+
+def test_a_model_the_tiers_cannot_shrink_is_said_so_in_one_line():
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.pareto import target_grid
+
+    with pytest.raises(TqsError, match="cannot make this model smaller"):
+        target_grid((1.0, 1.0), 1, (0.9, 0.99999))
+    assert target_grid((2.0, 4.0), 3, (1.0, 8.0))[0] == [2.0, 2.82843, 4.0]
+
+
+def test_an_existing_output_folder_is_probed_inside(tmp_path, monkeypatch):
+    """A report folder may be writable where its parent is not: the write check goes inside it."""
+    import tempfile
+
+    from tqs_onnx.util import check_output_target
+
+    out = tmp_path / "artifacts"
+    out.mkdir()
+    seen = []
+    real = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **kw: (seen.append(kw["dir"]), real(**kw))[1])
+    check_output_target(out)
+    check_output_target(out / "new" / "plan.json")
+    assert seen == [out, out] and sorted(p.name for p in out.iterdir()) == []

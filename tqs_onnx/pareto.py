@@ -92,6 +92,9 @@ def target_grid(bounds: tuple[float, float], points: int, reachable: tuple[float
     """Geometric targets between the bounds after clamping them to the reachable range; duplicates dropped."""
     lo, hi = bounds
     notes = []
+    if reachable[1] < 1:
+        raise TqsError(f"the tiers reach at most {reachable[1]:.4f}x: they cannot make this model smaller than "
+                       "its file (its quantizable weights are too small a share of it)")
     c_lo, c_hi = max(lo, reachable[0]), min(hi, reachable[1])
     if c_hi < c_lo:  # the whole requested range lies outside what the tiers reach
         c_lo = c_hi = min(max(lo, reachable[0]), reachable[1])

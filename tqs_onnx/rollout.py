@@ -483,7 +483,8 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
     # The trajectory is the forecast, not a recurrent state: the fed-back outputs not named like one
     # (x_next -> x, but not h_next -> h), else the outputs not fed back (a VAD's probability), else all.
     forecast = [o for o in feedback if not (_tokens(o) | _tokens(feedback[o])) & _STATE_WORDS]
-    trajectory = forecast or [o for o in outputs if o not in feedback] or list(feedback)
+    others = [o for o in outputs if o not in feedback and "float" in str(outputs[o][1])]  # not a class label
+    trajectory = forecast or others or list(feedback)
     return {"horizon": 10, "feedback": feedback, "trajectory": trajectory,
             "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
             "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: -1 for o in trajectory}}

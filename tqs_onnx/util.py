@@ -101,7 +101,9 @@ def check_output_target(path: str | os.PathLike, room: int = NAME_ROOM) -> None:
     if path.exists() and not path.is_file() and not path.is_dir():
         raise TqsError(f"{path}: output exists and is not a regular file (a device, FIFO or socket); "
                        "give a file name")
-    folder = next((q for q in path.parents if q.exists()), Path("."))
+    # An output folder (a report's) that exists is where its temporaries go: it may be writable where
+    # its parent is not (a CI artifact folder).
+    folder = path if path.is_dir() else next((q for q in path.parents if q.exists()), Path("."))
     try:  # a read-only folder is found now, not after the work (the temporary is made there)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".tqs-onnx-write-check.")
         os.close(fd)
