@@ -503,7 +503,7 @@ def scope_constants(graph: onnx.GraphProto) -> dict[str, set[str]]:
         known = (outer - inputs) | ({i.name for i in g.initializer} - inputs)
         for node in g.node:  # in topological order, as ONNX requires
             if node.domain in ("", "ai.onnx") and node.op_type not in _RANDOM_OPS \
-                    and not any(True for _ in _subgraphs(node)) and all(i in known for i in node.input if i):
+                    and not any(_subgraphs(node)) and all(i in known for i in node.input if i):
                 known.update(o for o in node.output if o)
             else:
                 known.difference_update(node.output)  # a computed value rebinding an outer constant's name
@@ -821,13 +821,12 @@ def _is_vector(shape: tuple[int, ...], op: str, slot: int) -> bool:
 
 
 def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
-                 model: onnx.ModelProto, init: onnx.TensorProto | None = None,
-                 vector: bool | None = None) -> tuple[bool, str]:
+                 model: onnx.ModelProto, init: onnx.TensorProto | None, vector: bool) -> tuple[bool, str]:
     if w.size == 0:
         return False, "empty tensor"
     if w.size < min_size:
         return False, f"below size floor ({w.size} < {min_size})"
-    if len(w.shape) <= 1 if vector is None else vector:
+    if vector:  # _is_vector
         # A bias or scale saves little (it is small), and a (1, N) bias would get one scale per element.
         return False, "vector (bias or scale): kept at full precision"
     if w.dtype == "bfloat16":

@@ -454,6 +454,10 @@ def _same_shape(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(x == y for x, y in zip(a, b))
 
 
+# Name tokens of recurrent states (after _tokens: hn -> h, cn -> c).
+_STATE_WORDS = {"h", "c", "state", "states", "hidden", "cell", "cache", "caches", "mem", "memory", "carry"}
+
+
 def _tokens(name: str) -> set[str]:
     import re
 
@@ -489,6 +493,3 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
             "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
             "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: -1 for o in trajectory}}
 
-
-# Name tokens of recurrent states (after _tokens: hn -> h, cn -> c).
-_STATE_WORDS = {"h", "c", "state", "states", "hidden", "cell", "cache", "caches", "mem", "memory", "carry"}

@@ -636,11 +636,11 @@ def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, con
     h.update(device_kind.encode())  # another provider runs other kernels: its scores differ in the digits
     h.update(json.dumps(asdict(config), sort_keys=True).encode())
     h.update(divergence_mode().encode())  # the two engines round differently on the CPU (float32 / float64)
-    h.update(PASSES_VERSION.encode())
-    if config.probe != "quant":  # another Gaussian probe draws other numbers: rows of both must not mix
-        h.update(PROBES_VERSION.encode())
-    h.update(ANALYSIS_VERSION.encode())  # the tier damage of a row was measured with its weights' axes
-    h.update(SCORES_VERSION.encode())  # how a row's figures are computed from its rollouts
+    # The code's versions the scores document records but the tool's own (whose other releases may
+    # resume): passes, Gaussian draws where drawn, weight rules, how a row's figures are computed.
+    for key, version in document_versions(config).items():
+        if key != "tool_version":
+            h.update(version.encode())
     h.update(ROUNDING_VERSION.encode())
     h.update(contexts_digest(spec, contexts).encode())
     return h.hexdigest()
