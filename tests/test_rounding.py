@@ -15,7 +15,7 @@ from tqs_onnx.errors import TqsError
 from tqs_onnx.evaluate import rollouts
 from tqs_onnx.quant import broadcast_scales, dequantize, quantize
 from tqs_onnx.rollout import Contexts, RolloutSpec
-from tqs_onnx.rounding import InputMoments, codes_path, gptq_codes
+from tqs_onnx.rounding import ROUNDING_VERSION, InputMoments, codes_path, gptq_codes
 from tqs_onnx.runtime import resolve_device
 from tqs_onnx.tiers import parse_tier, stored_names
 
@@ -304,6 +304,26 @@ def test_gptq_tiers_the_sweep_did_not_measure_are_refused(tmp_path, capsys):
                  "fp32,int4/channel/gptq", "-o", str(tmp_path / "p.json"), "--quiet", "--verify-model",
                  str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"])]) == 2
     assert "measured no /gptq tier" in capsys.readouterr().err
+
+
+def test_gptq_damage_measured_by_another_rounding_version_is_not_used(gptq_case, tmp_path, capsys):
+    """The plan's /gptq integers are rounded now; damage the sweep measured with other integers is stale."""
+    paths, scores = gptq_case
+    doc = json.loads(scores.read_text())
+    assert doc["rounding"] == ROUNDING_VERSION
+    doc["rounding"] = "gptq4"
+    old = tmp_path / "old_scores.json"
+    old.write_text(json.dumps(doc))
+    assert _allocate(paths, old, tmp_path / "p.json") == 2  # asked for by name: refused
+    assert "re-run the sweep" in capsys.readouterr().err
+    args = ["allocate", str(old), "--compression", "2", "-o", str(tmp_path / "p.json"), "--quiet",
+            "--verify-model", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"])]
+    assert main(args) == 0  # the default tiers: /gptq left out, and the plan says why
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert not any("gptq" in t for t in plan["weights"].values())
+    assert any("another version rounds (gptq4" in n for n in plan["notes"])
+    assert main([*args[:1], str(scores), *args[2:]]) == 0  # this version's scores keep them
+    assert not any("another version" in n for n in json.loads((tmp_path / "p.json").read_text())["notes"])
 
 
 def test_gptq_codes_come_only_from_the_sweep_contexts(gptq_case, tmp_path, capsys):

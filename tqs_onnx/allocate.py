@@ -23,6 +23,7 @@ import pulp
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.prepare import PASSES_VERSION
+from tqs_onnx.rounding import ROUNDING_VERSION
 from tqs_onnx.tiers import Tier, needed_opset, overhead_bytes, parse_tier, parse_tiers, written_form
 from tqs_onnx.util import read_json
 
@@ -528,7 +529,12 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
     if not 0 <= fp32_share < 1:
         raise TqsError("--fp32-share must be in [0, 1)")
     tiers = parse_tiers(tiers_text) if tiers_text else default_tiers(scores, objective)
-    dropped = [] if gptq or tiers_text else [t for t in tiers if t.gptq]
+    swept_gptq = any(parse_tier(t).gptq for t in scores["config"].get("tiers") or ())
+    stale = swept_gptq and scores.get("rounding") != ROUNDING_VERSION  # /gptq damage of other integers
+    if stale and tiers_text and any(t.gptq for t in tiers):
+        raise TqsError(f"/gptq tiers: the sweep measured their damage with integers rounded by another version "
+                       f"({scores.get('rounding') or 'not recorded'}; now {ROUNDING_VERSION}): re-run the sweep")
+    dropped = [] if (gptq and not stale) or tiers_text else [t for t in tiers if t.gptq]
     tiers = [t for t in tiers if t not in dropped]
     p = build_problem(scores, tiers, target, probe, decode)
     if not (objective == "paper" and paper_variant == "exact"):  # that one budgets bits (allocate_paper)
@@ -537,7 +543,11 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
         alloc = allocate_paper(p, solver, fp32_share, sweep_gamma_min(scores, gamma_min), paper_variant)
     else:
         alloc = allocate_measured(p, solver)
-    if dropped:
+    if dropped and gptq:
+        alloc.notes.append(f"/gptq tiers left out ({', '.join(map(str, dropped))}): the sweep measured their "
+                           f"damage with integers another version rounds ({scores.get('rounding') or 'not recorded'}; "
+                           f"now {ROUNDING_VERSION}); re-run the sweep to use them")
+    elif dropped:
         alloc.notes.append(f"/gptq tiers left out ({', '.join(map(str, dropped))}): their integers come from "
                            "rollouts on the sweep contexts (pass --verify-model, --rollout and --contexts)")
     return p, alloc

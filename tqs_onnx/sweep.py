@@ -88,11 +88,14 @@ SCORES_VERSION = "eq2-amax-per-rollout"
 
 def document_versions(config: SweepConfig) -> dict[str, str]:
     """What a scores document records of the code that made it: the tool, the prepared graph's passes
-    (allocate and apply check them), the Gaussian draws (where the sweep drew any), the weight table's
-    rules and how the figures are computed (recorded; distributed sweeps compare their workers')."""
+    (allocate and apply check them), the Gaussian draws (where the sweep drew any), the `/gptq` rounding
+    (where swept: allocate uses those tiers only with the same), the weight table's rules and how the
+    figures are computed (recorded; distributed sweeps compare their workers')."""
     versions = {"tool_version": __version__, "passes": PASSES_VERSION}
     if config.probe != "quant":
         versions["probes"] = PROBES_VERSION
+    if any(parse_tier(t).gptq for t in config.tiers or ()):
+        versions["rounding"] = ROUNDING_VERSION  # the /gptq integers the measured damage was rolled out with
     return {**versions, "analysis": ANALYSIS_VERSION, "scores": SCORES_VERSION}
 
 
@@ -639,7 +642,7 @@ def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, con
     # The code's versions the scores document records but the tool's own (whose other releases may
     # resume): passes, Gaussian draws where drawn, weight rules, how a row's figures are computed.
     for key, version in document_versions(config).items():
-        if key != "tool_version":
+        if key not in ("tool_version", "rounding"):  # rounding: hashed below, /gptq swept or not
             h.update(version.encode())
     h.update(ROUNDING_VERSION.encode())
     h.update(contexts_digest(spec, contexts).encode())
