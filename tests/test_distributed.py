@@ -16,6 +16,7 @@ from tqs_onnx.distributed import (BlockWorker, WorkerJob, WorkerPool, require_ra
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
+from tqs_onnx.runtime import resolve_device
 from tqs_onnx.runtime import Device
 from tqs_onnx.sweep import SweepConfig, run_sweep
 
@@ -215,3 +216,16 @@ def test_a_worker_running_other_code_is_refused():
             check_worker_versions({**document_versions(config), key: "another"}, config)
     quant = SweepConfig(probe="quant")
     assert "probes" not in document_versions(quant) and "probes" in document_versions(config)
+
+
+@needs_ray
+def test_a_distributed_sweep_prints_the_notes_of_a_local_one(ray_cluster, case, capsys):
+    _, model, spec, contexts, config = case
+    config = SweepConfig(probes=1, min_size=16, blocks="tensor", tiers=["int8/channel/gptq"], seed=3)
+    run_sweep(model, spec, contexts, resolve_device("cpu"), config)
+    local = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert any("round to nearest at the /gptq tiers" in line for line in local)  # few rows: a note to print
+    run_distributed_sweep(model, spec, contexts, "cpu", config, workers=2)
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("note:")] == local
+    assert "sweep engine: 2 Ray worker(s), each " in err

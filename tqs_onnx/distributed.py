@@ -26,7 +26,8 @@ from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
 from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, checked_checkpoint,
-                            document_versions, prepare, resumed_scores, score_block, scores_document)
+                            document_versions, engine_summary, prepare, print_sweep_notes, resumed_scores,
+                            score_block, scores_document, sweep_notes)
 from tqs_onnx.tiers import parse_tier
 from tqs_onnx.util import first_line, progress
 
@@ -80,7 +81,7 @@ class BlockWorker:
         self.blocks = {b.id: b for b in self.setup.blocks}
         skeleton = scores_document(self.setup, spec, self.config, [], device)
         return {"blocks": [b.id for b in self.setup.blocks], "weights": [b.weights for b in self.setup.blocks],
-                "document": skeleton}
+                "document": skeleton, "engine": engine_summary(self.setup), "notes": sweep_notes(self.setup)}
 
     def score(self, block_id: int) -> dict[str, Any]:
         """One block's checkpoint row."""
@@ -303,6 +304,8 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
             fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
         finally:
             pool.close()
+    if not quiet:
+        print_sweep_notes(f"{workers} Ray worker(s), each {info['engine']}", info["notes"])
     scores = [done[b] if b in done else fresh[b] for b in info["blocks"]]
     doc = _document(info["document"], scores)
     doc["model"] = {**doc["model"], "path": str(loaded.path)}  # as given here, not the absolute path workers open

@@ -716,12 +716,23 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
         if ckpt:
             ckpt.append(score)
     if not quiet:
-        print(f"sweep engine: {engine_summary(setup)}", file=sys.stderr)
-        for hint in setup.spec_hints:
-            print(f"note: {hint}", file=sys.stderr)
-        if setup.rounding is not None and setup.rounding.too_few_rows:
-            print(f"note: {too_few_rows_note(setup.rounding.too_few_rows)}", file=sys.stderr)
+        print_sweep_notes(engine_summary(setup), sweep_notes(setup))
     return scores_document(setup, spec, config, scores, device)
+
+
+def sweep_notes(setup: SweepSetup) -> list[str]:
+    """What a user should know of this sweep's set-up: a spec that may not be meant, /gptq weights
+    that round to nearest (printed after a sweep, local or on Ray workers)."""
+    notes = list(setup.spec_hints)
+    if setup.rounding is not None and setup.rounding.too_few_rows:
+        notes.append(too_few_rows_note(setup.rounding.too_few_rows))
+    return notes
+
+
+def print_sweep_notes(engine: str, notes: list[str]) -> None:
+    print(f"sweep engine: {engine}", file=sys.stderr)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def too_few_rows_note(few: dict[str, tuple[int, int]]) -> str:
