@@ -281,3 +281,13 @@ def test_the_proposed_trajectory_is_a_float_output():
     io = ([1, 64], "float32")
     spec = propose_spec({"x": ([1, 8], "float32"), "h": io}, {"label": ([1], "int64"), "hn": io})
     assert spec["trajectory"] == ["hn"]  # not the class label
+
+
+@pytest.mark.parametrize("op, shape, want", [("Conv", (8, 4, 3, 3), (0, 1)), ("ConvTranspose", (4, 8, 3, 3), (1, 0))])
+def test_a_kernel_cast_to_float16_before_use_keeps_its_output_channel_axis(op, shape, want):
+    """Float16 compute of float32 weights (an autocast export): Cast changes the values' type, not their
+    axes (found by a new user's trial: the scales went along the kernel's width)."""
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["W"], ["W16"], to=TensorProto.FLOAT16),
+             helper.make_node(op, ["x16", "W16"], ["y16"]), helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)]
+    assert _axes(nodes, [("x", [1, 4 if op == "Conv" else 4, 6, 6])], [("y", None)], np.zeros(shape, np.float32)) == want

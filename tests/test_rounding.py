@@ -550,3 +550,21 @@ def test_force_does_not_apply_another_models_gptq_integers(gptq_case, tmp_path, 
     onnx.save(recurrent_mlp(n=16, h=32, seed=5), other)
     assert main(["apply", str(other), str(plan), "-o", str(tmp_path / "q.onnx"), "--force", "--quiet"]) == 2
     assert "holds /gptq tiers" in capsys.readouterr().err and not (tmp_path / "q.onnx").exists()
+
+
+def test_a_weight_cast_to_float16_before_its_matmul_gets_statistics_of_float16_activations():
+    from onnx import helper
+
+    from tests.tiny import model as tiny_model
+    from tqs_onnx.rounding import _readers
+
+    f16 = onnx.TensorProto.FLOAT16
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=f16), helper.make_node("Cast", ["W"], ["W16"], to=f16),
+             helper.make_node("Identity", ["W16"], ["Wi"]), helper.make_node("MatMul", ["x16", "Wi"], ["y"])]
+    vi = helper.make_tensor_value_info
+    m = tiny_model(nodes, [numpy_helper.from_array(np.ones((4, 4), np.float32), "W")],
+                   [vi("x", onnx.TensorProto.FLOAT, [1, 4])], [vi("y", f16, [1, 4])])
+    (reader,) = _readers(m, {"W"})["W"]
+    assert reader.activations == ("x16",) and reader.elem == f16
+    m.graph.output.append(vi("W16", f16, [4, 4]))  # the cast weight also leaves the graph: not only multiplied
+    assert _readers(m, {"W"}) == {}

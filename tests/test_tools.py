@@ -393,3 +393,16 @@ def test_compare_scores_rejects_a_file_that_is_no_scores_in_one_line(tmp_path, m
     assert run(compare_scores.main) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and str(bad) in err, err
+
+
+# ----------------------------------------------------------------------------- check_device_probes
+
+def test_check_device_probes_passes_on_the_cpu_and_fails_a_wrong_norm(monkeypatch, capsys):
+    import check_device_probes as cdp
+
+    assert cdp.main(["--device", "cpu"]) == 0
+    assert "all checks passed" in capsys.readouterr().out
+    real = cdp.DeviceProbes.gauss_probe
+    monkeypatch.setattr(cdp.DeviceProbes, "gauss_probe", lambda self, w, offs, norm: real(self, w, offs, 1.01 * norm))
+    assert cdp.main(["--device", "cpu"]) == 1
+    assert "FAILED" in capsys.readouterr().out

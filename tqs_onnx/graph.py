@@ -35,7 +35,7 @@ DATA_MOVEMENT = {"Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueez
 DEFAULT_MIN_SIZE = 256
 # Changed whenever the weight table may give a weight other axes, blocks or quantizability (a sweep's
 # checkpoint records it: its rows' tier damage was measured with those axes).
-ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels"
+ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels,cast-axes"
 NONFINITE_REASON = "holds NaN/inf values"
 
 
@@ -528,7 +528,12 @@ def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None) -> tuple[int,
         if sorted(order) != list(range(len(perm))):
             return None
         return tuple(perm[i] for i in order)
-    return perm if _same_tensor(node) else None
+    return perm if _same_tensor(node) or _float_cast(node) else None
+
+
+def _float_cast(node: onnx.NodeProto) -> bool:
+    """A Cast to a float type (float16 compute reading a stored weight): its axes are the stored ones."""
+    return node.op_type == "Cast" and any(a.name == "to" and a.i in FLOAT_TYPES for a in node.attribute)
 
 
 def _same_tensor(node: onnx.NodeProto) -> bool:

@@ -40,7 +40,7 @@ from tqs_onnx.quant import broadcast_scales
 from tqs_onnx.tiers import Tier
 from tqs_onnx.util import atomic_write, fresh_name
 
-ROUNDING_VERSION = "gptq5"  # changed whenever the codes may change (a sweep checkpoint records it)
+ROUNDING_VERSION = "gptq6"  # changed whenever the codes may change (a sweep checkpoint records it)
 DAMP = 0.01  # H += DAMP * mean(live diag H) * I: keeps the inverse stable where inputs are nearly collinear
 CODES_SUFFIX = ".codes.npz"
 CHUNK_BYTES = 1 << 30  # activations one statistics rollout returns per step, at most (estimated)
@@ -96,6 +96,7 @@ class Reader:
     conv: tuple | None = None  # Conv: (kernel shape, pads, strides, dilations)
     recurrent: bool = False  # LSTM/GRU/RNN R: the previous hidden states, initial_h then Y[:-1]
     gram: int = 0  # K: the activations are X^T X (K x K) and X's shape, computed in the session
+    elem: int = 0  # the activations' element type where the weight is cast before use (0: the weight's)
 
     def rows(self, values: list[np.ndarray | None]) -> np.ndarray:
         """The activations as rows of the weight's flattened inputs, float64."""
@@ -125,23 +126,39 @@ def _patches(x: np.ndarray, kernel: tuple, pads: tuple, strides: tuple, dilation
 def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[Reader]]:
     """weight -> the main-graph nodes that multiply it by activations: MatMul/Gemm reading it as B, Conv
     (one group, explicit pads) as its kernel, a forward time-major LSTM/RNN as W or R, a GRU as W (and
-    as R with linear_before_reset). A weight read by
-    anything else (as A, by another op, inside a subgraph), or along different input axes, gets no
-    entry: it rounds to nearest."""
+    as R with linear_before_reset), directly or through an Identity or a Cast to a float type (float16
+    compute of a float32 weight). A weight read by anything else (as A, by another op, inside a
+    subgraph), or along different input axes, gets no entry: it rounds to nearest."""
     dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
     found: dict[str, list[Reader]] = {}
     other: set[str] = set()
-    for node in model.graph.node:
-        other |= subgraph_refs(node) & names
+    alias = {n: (n, 0) for n in names}  # value -> (weight, element type it is cast to; 0: its own)
+    for node in model.graph.node:  # in topological order, as ONNX requires
+        other |= {alias[v][0] for v in subgraph_refs(node) if v in alias}
+        if node.op_type in ("Identity", "Cast") and node.input and node.input[0] in alias and node.output \
+                and (node.op_type == "Identity" or _cast_to(node) in _FLOATS):  # float16 compute of a weight
+            w, elem = alias[node.input[0]]
+            alias[node.output[0]] = (w, _cast_to(node) or elem)
+            continue
         for i, name in enumerate(node.input):
-            if name not in names:
+            if name not in alias:
                 continue
-            reader = _reader(node, i, dims.get(name, ()))
+            w, elem = alias[name]
+            reader = _reader(node, i, dims.get(w, ()))
             if reader is None:
-                other.add(name)
+                other.add(w)
             else:
-                found.setdefault(name, []).append(reader)
+                found.setdefault(w, []).append(replace(reader, elem=elem) if elem else reader)
+    other |= {alias[o.name][0] for o in model.graph.output if o.name in alias}
     return {n: r for n, r in found.items() if n not in other and len({x.input_axis for x in r}) == 1}
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _cast_to(node: onnx.NodeProto) -> int:
+    """A Cast's target element type (0 for another op)."""
+    return next((a.i for a in node.attribute if a.name == "to"), 0) if node.op_type == "Cast" else 0
 
 
 def _reader(node: onnx.NodeProto, index: int, shape: tuple) -> Reader | None:
@@ -194,7 +211,8 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     for chunk in chunks:
         elem = {}  # output -> element type: the activations, or a gram (float32) and its shape (int64)
         for w, r in chunk:
-            types = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) if r.gram else (weights[w],) * len(r.activations)
+            types = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64) if r.gram else \
+                (r.elem or weights[w],) * len(r.activations)
             elem.update((a, t) for a, t in zip(r.activations, types) if a)
         del probe.graph.output[len(model.graph.output):]
         del probe.graph.node[len(model.graph.node):]
@@ -259,7 +277,7 @@ def _gram_nodes(model: onnx.ModelProto, readers: dict[str, list[Reader]], weight
                 g = fresh(f"__tqs_gram_{len(done)}")
                 size, x = fresh(f"{g}_shape"), a
                 made = []
-                if weights[w] != onnx.TensorProto.FLOAT:  # sum in float32 whatever the activation's type
+                if (r.elem or weights[w]) != onnx.TensorProto.FLOAT:  # sum in float32 whatever the activation's type
                     x = fresh(f"{g}_float")
                     made.append(helper.make_node("Cast", [a], [x], to=onnx.TensorProto.FLOAT))
                 if r.trans_a:  # the activation is (K, M)
