@@ -7,10 +7,15 @@ import onnx
 from onnx import numpy_helper
 
 from tqs_onnx.passes.base import PassResult
+from tqs_onnx.util import fresh_name
 
 
 class ExposeWeights:
-    """Move the named initializers to graph inputs; their values go to `report['values']`."""
+    """Move the named initializers to graph inputs; their values go to `report['values']`.
+
+    Every exposed input is float32, the type the probe graphs make: a float16 weight becomes a float32
+    input (its values upcast, exactly) read through a Cast back to float16, so the graph computes with
+    what it stored, and a perturbed value is rounded to float16 as the written model's decode is."""
 
     name = "expose-weights"
 
@@ -30,9 +35,52 @@ class ExposeWeights:
         del out.graph.initializer[:]
         out.graph.initializer.extend(keep)
         existing = {i.name for i in out.graph.input}
+        taken = _names(out.graph)
+        casts = []
         for name in self.names:
-            if name in values and name not in existing:
-                v: np.ndarray = values[name]
-                out.graph.input.append(onnx.helper.make_tensor_value_info(
-                    name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+            if name not in values or name in existing:
+                continue
+            v: np.ndarray = values[name]
+            if v.dtype == np.float16:
+                half = fresh_name(f"{name}__float16", taken)
+                _rename_reads(out.graph, name, half)
+                casts.append(onnx.helper.make_node("Cast", [name], [half], name=half, to=onnx.TensorProto.FLOAT16))
+                values[name] = v = v.astype(np.float32)
+            out.graph.input.append(onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+        if casts:
+            nodes = casts + list(out.graph.node)
+            del out.graph.node[:]
+            out.graph.node.extend(nodes)
         return PassResult(out, bool(values), {"values": values})
+
+
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name of `graph` and its bodies (a new name must shadow none of them)."""
+    names = {v.name for v in (*graph.input, *graph.output, *graph.initializer, *graph.value_info)}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        names.add(node.name)
+        for sub in _bodies(node):
+            names |= _names(sub)
+    return names
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [b for a in node.attribute for b in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of `old` in `graph` becomes a read of `new`, in bodies too unless one binds `old` itself."""
+    for vi in graph.value_info:
+        if vi.name == old:
+            vi.name = new
+    for node in graph.node:
+        for i, v in enumerate(node.input):
+            if v == old:
+                node.input[i] = new
+        for sub in _bodies(node):
+            own = {v.name for v in (*sub.input, *sub.initializer)} | {o for n in sub.node for o in n.output}
+            if old not in own:
+                _rename_reads(sub, old, new)

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from tqs_onnx.graph import subgraph_refs
 from tqs_onnx.passes.base import PassResult
 from tqs_onnx.quant import quantize, stored_parts, to_storage
-from tqs_onnx.tiers import Tier, load_scale_dims, rewrite_nodes, stored_names
+from tqs_onnx.tiers import Tier, for_weight, load_scale_dims, rewrite_nodes, stored_names
 
 
 class WriteTiers:
@@ -55,7 +55,11 @@ class WriteTiers:
                                            tuple(init.dims))
             elif tier.is_int:
                 axes, shape = self.axes[init.name], tuple(init.dims)
-                q, scale = quantize(self.read(init), tier, *axes, self.codes.get((init.name, str(tier.base))))
+                # A float16 weight is quantized as the sweep measured it: its float32 values (exact), its
+                # scales float16 (for_weight), as planned.
+                values = self.read(init)
+                q, scale = quantize(values.astype(np.float32), for_weight(tier, values.dtype.name), *axes,
+                                    self.codes.get((init.name, str(tier.base))))
                 if init.name in flip:  # Gemm(transB=1) -> transB=0 on the transposed weight
                     q = np.ascontiguousarray(q.T)
                     scale = np.ascontiguousarray(scale.T) if scale.ndim == 2 else scale

@@ -291,3 +291,12 @@ def test_a_kernel_cast_to_float16_before_use_keeps_its_output_channel_axis(op, s
              helper.make_node("Cast", ["W"], ["W16"], to=TensorProto.FLOAT16),
              helper.make_node(op, ["x16", "W16"], ["y16"]), helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)]
     assert _axes(nodes, [("x", [1, 4 if op == "Conv" else 4, 6, 6])], [("y", None)], np.zeros(shape, np.float32)) == want
+
+
+def test_the_proposed_channel_axis_of_a_grid_is_axis_1():
+    from tqs_onnx.rollout import propose_spec
+
+    grid, seq = ([1, 4, 16, 16], "float32"), ([1, 8, 3], "float32")
+    spec = propose_spec({"state": grid, "h": seq}, {"next_state": grid, "h_next": seq})
+    assert spec["channel_axis"]["next_state"] == 1 and spec["channel_axis"].get("h_next", -1) == -1
+    assert propose_spec({"x": seq}, {"x_next": seq})["channel_axis"] == {"x_next": -1}

@@ -68,6 +68,12 @@ def test_infeasible_compression(case, capsys):
                             str(case["dir"] / "p.json")], "not reachable", "achievable")
 
 
+def test_an_unmeasured_tier_is_named_before_an_unreachable_target(case, capsys):
+    """fp16 was not swept: that is the reason, not the budget fp16 cannot reach (a new user's trial)."""
+    one_line_error(capsys, ["allocate", str(case["scores"]), "--compression", "2", "--tiers", "fp32,fp16", "-o",
+                            str(case["dir"] / "p.json")], "lack the measured damage of tier fp16")
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs a folder no one can create files in")
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(case, capsys):
     assert main(["allocate", str(case["scores"]), "--compression", "2", "-o", "/proc/plan.json"]) == 2

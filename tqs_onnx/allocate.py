@@ -24,7 +24,7 @@ from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.prepare import PASSES_VERSION
 from tqs_onnx.rounding import ROUNDING_VERSION
-from tqs_onnx.tiers import Tier, needed_opset, overhead_bytes, parse_tier, parse_tiers, written_form
+from tqs_onnx.tiers import Tier, for_weight, needed_opset, overhead_bytes, parse_tier, parse_tiers, written_form
 from tqs_onnx.util import read_json
 
 
@@ -256,6 +256,7 @@ def weight_tier(w: dict[str, Any], tier: Tier, decode: str) -> Tier:
 def _weight_cost(name: str, w: dict[str, Any], tier: Tier) -> int:
     shape = tuple(w["shape"])
     axes = (w["channel_axis"], w["block_axis"])
+    tier = for_weight(tier, w.get("dtype", "float32"))  # a float16 weight's scales are float16
     return tier.storage_bytes(shape, *axes, w["bits"]) + overhead_bytes(name, tier, shape, axes, w["bits"])
 
 
@@ -430,16 +431,23 @@ def _greedy_promotion(costs: list[list[int]], gammas: list[float], budget: int) 
     return assign
 
 
-def allocate_measured(p: Problem, solver: str) -> Allocation:
-    """Minimise the sum of measured damage D[l, k] under the budget. A dead block is held to the bottom
-    tier where that tier's measured damage is the least of its row (what the exact knapsack picks
-    anyway; it decides for the CBC fallback), never where it is measured harmful."""
-    values, allowed = [], []
-    for l, b in enumerate(p.blocks):
+def check_measured(p: Problem) -> None:
+    """Every tier but fp32 has measured damage on every block (checked before the budget: an unmeasured
+    tier is the first thing to say)."""
+    for b in p.blocks:
         missing = [t for t in p.tiers if not t.is_identity and b.measured(t) is None]
         if missing:
             raise TqsError(f"scores lack the measured damage of tier {missing[0]} (block '{b.name}'); "
                            f"rerun sweep with --tiers including it, or use --objective paper")
+
+
+def allocate_measured(p: Problem, solver: str) -> Allocation:
+    """Minimise the sum of measured damage D[l, k] under the budget. A dead block is held to the bottom
+    tier where that tier's measured damage is the least of its row (what the exact knapsack picks
+    anyway; it decides for the CBC fallback), never where it is measured harmful."""
+    check_measured(p)
+    values, allowed = [], []
+    for l, b in enumerate(p.blocks):
         row = [b.damage_at(t) for t in p.tiers]
         bottom = _cheapest(p.costs[l])
         # A dead block (its probe changed nothing) goes to the bottom tier unless its measured damage
@@ -537,6 +545,8 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
     dropped = [] if (gptq and not stale) or tiers_text else [t for t in tiers if t.gptq]
     tiers = [t for t in tiers if t not in dropped]
     p = build_problem(scores, tiers, target, probe, decode)
+    if objective == "measured":
+        check_measured(p)
     if not (objective == "paper" and paper_variant == "exact"):  # that one budgets bits (allocate_paper)
         check_feasible(p)
     if objective == "paper":

@@ -35,7 +35,7 @@ DATA_MOVEMENT = {"Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueez
 DEFAULT_MIN_SIZE = 256
 # Changed whenever the weight table may give a weight other axes, blocks or quantizability (a sweep's
 # checkpoint records it: its rows' tier damage was measured with those axes).
-ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels,cast-axes"
+ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels,cast-axes,float16"
 NONFINITE_REASON = "holds NaN/inf values"
 
 
@@ -836,8 +836,8 @@ def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
         return False, "vector (bias or scale): kept at full precision"
     if w.dtype == "bfloat16":
         return False, "already stored as bfloat16"
-    if w.dtype != "float32":  # the probe graphs and the sweep's weight inputs are float32
-        return False, f"{w.dtype} weight: only float32 weights are probed and quantized"
+    if w.dtype not in ("float32", "float16"):  # the sweep probes float16 ones as float32 (ExposeWeights)
+        return False, f"{w.dtype} weight: only float32 and float16 weights are probed and quantized"
     if w.name in outputs:
         return False, "graph output"
     if w.name in inputs and model.ir_version >= 4:

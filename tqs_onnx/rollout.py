@@ -491,5 +491,11 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
     trajectory = forecast or others or list(feedback)
     return {"horizon": 10, "feedback": feedback, "trajectory": trajectory,
             "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
-            "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: -1 for o in trajectory}}
+            "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: _channel_guess(outputs[o][0]) for o in trajectory}}
+
+
+def _channel_guess(shape) -> int:
+    """A grid's channels are axis 1 (N, C, H, W) or (N, C, D, H, W), as ONNX's Conv lays them out; else
+    the last axis (N, T, C) or (N, C). A guess, for the user to edit."""
+    return 1 if len(tuple(shape)) in (4, 5) else -1
 

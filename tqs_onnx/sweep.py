@@ -35,7 +35,7 @@ from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.rounding import ROUNDING_VERSION, Rounding, input_moments, save_codes
 from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session, setting
-from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, parse_tier
+from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, for_weight, parse_tier
 from tqs_onnx.util import first_line, progress
 
 EPS = 1e-12
@@ -168,6 +168,11 @@ class SweepSetup:
         """(channel axis, block axis) of every weight, as the tiers quantize it."""
         return {w.name: (w.channel_axis, w.block_axis) for w in self.weights}
 
+    @functools.cached_property
+    def dtypes(self) -> dict[str, str]:
+        """Every weight's stored type (float16 ones are bound as float32, cast back in the graph)."""
+        return {w.name: w.dtype for w in self.weights}
+
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
             config: SweepConfig, threads: int = 0) -> SweepSetup:
@@ -184,7 +189,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
     if not blocks:
-        raise TqsError(f"{loaded.path}: no quantizable weights (float32, >= {config.min_size} elements; "
+        raise TqsError(f"{loaded.path}: no quantizable weights (float32 or float16, >= {config.min_size} elements; "
                        f"`tqs-onnx inspect` gives each weight's reason)")
     names = [n for b in blocks for n in b.weights]
     exposed = ExposeWeights(names).run(prepared.model)
@@ -281,12 +286,13 @@ def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, An
                        "/gptq tier)")
     out = {}
     for n in names:
+        t = for_weight(tier, setup.dtypes[n])  # a float16 weight: float16 scales, as written
         if tier.gptq and n in setup.rounding.moments:
             host = setup.bound[n].numpy()
-            codes = setup.rounding.codes_for(n, host, tier, *axes[n])
-            out[n] = setup.ops.device.to_device(apply_tier(host, tier, *axes[n], codes))
+            codes = setup.rounding.codes_for(n, host, t, *axes[n])
+            out[n] = setup.ops.device.to_device(apply_tier(host, t, *axes[n], codes))
         else:
-            out[n] = setup.ops.tier(setup.bound[n], tier, axes[n])
+            out[n] = setup.ops.tier(setup.bound[n], t, axes[n])
     return out
 
 
@@ -299,8 +305,8 @@ def plan_codes(setup: SweepSetup, weights: dict[str, str]) -> dict[tuple[str, st
     for name, text in weights.items():
         tier = parse_tier(text)
         if tier.gptq and name in setup.rounding.moments:
-            codes[(name, str(tier.base))] = setup.rounding.codes_for(name, setup.bound[name].numpy(), tier,
-                                                                     *axes[name])
+            codes[(name, str(tier.base))] = setup.rounding.codes_for(
+                name, setup.bound[name].numpy(), for_weight(tier, setup.dtypes[name]), *axes[name])
     return codes
 
 
@@ -369,12 +375,19 @@ def gpu_stream_mode() -> str:
 StopFn = Callable[[np.ndarray], bool]
 
 
+FLOAT16 = Tier("fp16")
+
+
 def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None = None) -> np.ndarray:
     """Squared trajectory divergence per (context, step) with `replaced` (device values) swapped in.
 
     Contexts advance in lockstep so `stop` (given the divergences so far) can end every rollout at
     the step where the score has converged; the result then has fewer than `horizon` columns.
+    A float16 weight's value is rounded to float16 first: what its written model can hold (ORT's CPU
+    provider may drop the graph's own Cast back to float16, computing in float32).
     """
+    replaced = {n: setup.ops.tier(v, FLOAT16, (None, None)) if setup.dtypes[n] == "float16" else v
+                for n, v in replaced.items()}
     if setup.replay is not None and stop is None:
         try:
             out = setup.replay.divergence(replaced)

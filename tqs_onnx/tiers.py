@@ -207,6 +207,15 @@ def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], de
     return replace(tier, at_load=True)
 
 
+def for_weight(tier: Tier, dtype: str) -> Tier:
+    """The tier as a weight of `dtype` stores it: a float16 weight's integer tiers keep float16 scales
+    (DequantizeLinear returns the scale's type; a float32 scale would make a float32 weight). The sweep,
+    the planner and the writer all quantize with this tier, so the values and sizes agree."""
+    if dtype == "float16" and tier.is_int and tier.scale_fmt != "fp16":
+        return replace(tier, scale_fmt="fp16")
+    return tier
+
+
 def needed_opset(tier: Tier, fp16_weight: bool = False) -> int:
     """Opset the written graph needs for `tier` on a weight: an integer tier of a float16 weight has
     float16 scales, which DequantizeLinear takes from opset 19."""
@@ -474,7 +483,8 @@ def overhead_bytes(name: str, tier: Tier, shape: tuple[int, ...], axes: tuple[in
     n = math.prod(shape)
     gran = tier.granularity_for(*axes) if shape else "tensor"
     rank = 0 if gran == "tensor" or tier.scale_count(shape, *axes) == 1 else (1 if gran == "channel" else len(shape))
-    added = sum(_field_bytes(node.ByteSize()) for node in rewrite_nodes(name, tier, rank, axes, shape=shape))
+    orig_type = onnx.TensorProto.FLOAT16 if orig_bits == 16 else onnx.TensorProto.FLOAT  # bfloat16: not quantized
+    added = sum(_field_bytes(node.ByteSize()) for node in rewrite_nodes(name, tier, rank, axes, orig_type, shape))
     if tier.is_zero:
         pass  # nothing stored: the nodes hold the shape
     elif tier.is_int:
