@@ -68,6 +68,15 @@ def test_infeasible_compression(case, capsys):
                             str(case["dir"] / "p.json")], "not reachable", "achievable")
 
 
+def test_early_horizon_without_early_stop_is_refused(case, capsys):
+    one_line_error(capsys, [*sweep_argv(case), "--early-horizon"], "--early-stop")
+
+
+def test_a_negative_rollout_cap_is_refused(case, capsys):
+    one_line_error(capsys, ["allocate", str(case["scores"]), "--compression", "2", "--max-rollouts", "-1", "-o",
+                            str(case["dir"] / "p.json")], "--max-rollouts")
+
+
 def test_an_unmeasured_tier_is_named_before_an_unreachable_target(case, capsys):
     """fp16 was not swept: that is the reason, not the budget fp16 cannot reach (a new user's trial)."""
     one_line_error(capsys, ["allocate", str(case["scores"]), "--compression", "2", "--tiers", "fp32,fp16", "-o",

@@ -114,6 +114,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     _check_output_files(a.output, str(ckpt), inputs=(a.model, a.rollout, a.contexts))  # two files, too
     if a.horizon is not None and a.horizon < 1:
         raise TqsError(f"--horizon must be >= 1, not {a.horizon}")
+    if a.early_horizon and not a.early_stop:
+        raise TqsError("--early-horizon cuts rollouts by the early-stop rule: give --early-stop TOL too")
     if a.ray_address is not None and not a.ray_address.strip():
         raise TqsError("--ray-address is empty (give host:port, or auto)")
     distributed = a.workers > 1 or a.ray_address is not None
@@ -478,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="ONNX file (external data must sit in its folder)")
     s.add_argument("--blocks", default="auto", help="grouping: auto | tensor | layer | scope[:DEPTH] | fixed:K (default "
                                                     "auto: layer, or tensor when the layers form a single block)")
-    s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized")
+    s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized (default 256)")
     s.add_argument("--no-factor", action="store_true",
                    help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before listing weights; a model with local functions still has its identical tensors stored once (inlining copies them)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -486,12 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("sweep", help="TQS scores per block from perturbed rollouts (one ORT session)")
-    s.add_argument("model")
+    s.add_argument("model", help="ONNX file (external data must sit in its folder)")
     _rollout_args(s)
     _output_args(s, what="scores JSON")
     s.add_argument("--probe", default="both", choices=["quant", "gauss", "both"],
                    help="quant: per-tensor b-bit residual; gauss: norm-matched Gaussian draws; both (default)")
-    s.add_argument("--bits", type=int, default=8, help="bit-width of the quant probe (default 8)")
+    s.add_argument("--bits", type=int, default=8, help="bit-width of the quant probe, 2 to 16 (default 8)")
     s.add_argument("--probes", type=int, default=8, help="Gaussian draws per block (default 8)")
     s.add_argument("--horizon", type=int, help="rollout steps T_max (default: the spec's horizon)")
     s.add_argument("--seed", type=_integer(0), default=0, help="seed of the Gaussian probes (default 0)")
@@ -509,8 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "saturating (chaotic) models it reordered blocks (tools/bench_early_stop.py)")
     s.add_argument("--blocks", default="auto", help="grouping: auto (default: layer, or tensor when the layers form "
                                                     "a single block) | tensor | layer | scope[:DEPTH] | fixed:K")
-    s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized")
-    s.add_argument("--gamma-min", type=_real(), default=-50.0, help="blocks with gamma <= this are flagged dead")
+    s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized (default 256)")
+    s.add_argument("--gamma-min", type=_real(), default=-50.0,
+                   help="blocks with gamma <= this are flagged dead (default -50: a divergence that shrank by "
+                        "e^50 per step, i.e. none)")
     s.add_argument("--tiers", default=DEFAULT_SWEEP_TIERS,
                    help="tiers whose measured damage is recorded for `allocate --objective measured` "
                         f"(default {DEFAULT_SWEEP_TIERS}; /gptq: the plain tier's grid and scales, integers "
@@ -539,10 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiers", help="comma list, e.g. fp32,bf16,int8,int4,int2 or int4/channel, int4/block32, "
                                    "int8/channel/fp16 (default: fp32 + the tiers the sweep measured; its /gptq tiers "
                                    "only with --verify-model, whose rollouts give their integers)")
-    s.add_argument("--fp32-share", type=float, default=0.0, help="paper objective: share of FP32 bits kept for top blocks")
+    s.add_argument("--fp32-share", type=float, default=0.0, help="paper objective: share of FP32 bits kept for top blocks (default 0)")
     s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="mckp: exact multiple-choice knapsack (dynamic programming; pulp/CBC only for very large "
                         "instances), or greedy")
-    s.add_argument("--probe", default="quant", choices=["quant", "gauss"], help="paper objective: which gamma ranks blocks")
+    s.add_argument("--probe", default="quant", choices=["quant", "gauss"], help="paper objective: which gamma ranks blocks (default quant)")
     s.add_argument("--gamma-min", type=_real(), default=None,
                    help="paper objective: dead-block threshold on the --probe gamma (default: the sweep's)")
     s.add_argument("--paper-variant", default="spec", choices=["spec", "exact"],
@@ -552,7 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "C^-1 sum 32 n in parameter bits, tier cost b n, knapsack on gamma 2^-b)")
     s.add_argument("--verify-model", metavar="MODEL",
                    help="check the allocation by joint rollouts against uniform and refine it (needs --rollout/--contexts)")
-    s.add_argument("--max-rollouts", type=int, default=30, help="cap on joint rollouts of the refinement (default 30)")
+    s.add_argument("--max-rollouts", type=_integer(0), default=30,
+                   help="cap on the local search's joint rollouts (default 30); the plan itself, every uniform plan "
+                        "that fits and the paper's plans are always rolled out once each")
     s.add_argument("--margin", type=float, default=1.0, metavar="SE",
                    help="with --verify-model: standard errors of the paired per-context differences by which a "
                         "plan must beat the uniform incumbent (default 1; 0: a lower mean suffices; higher: "
@@ -573,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_allocate)
 
     s = sub.add_parser("apply", help="write the model with the plan's tiers (QDQ / Cast), then verify it")
-    s.add_argument("model")
+    s.add_argument("model", help="the model the plan was made for")
     s.add_argument("plan", help="plan JSON written by `allocate`")
     _output_args(s, what="ONNX model")
     s.add_argument("--external-data", action="store_true", help="store tensors in OUTPUT.data (automatic above 1.5 GB)")
@@ -593,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     _rollout_args(s)
     s.add_argument("-o", "--output", help="write the JSON report here")
     s.add_argument("--json", action="store_true", help="print JSON")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="print nothing but errors")
     s.add_argument("--runtime", action="store_true",
                    help="also measure both models in ONNX Runtime, each in a fresh process: session time, memory "
                         "after load and peak, latency per call and per rollout step, fused/unfused weights")
@@ -603,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the whole pipeline on the bundled Lorenz-96 forecaster")
     s.add_argument("--out", default="tqs-demo-out", help="folder for scores, plans and models (default ./tqs-demo-out)")
     s.add_argument("--compression", type=float, default=4.0, help="target compression (default 4)")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _device_args(s)
     s.set_defaults(func=cmd_demo)
     _frontier_parsers(sub)
@@ -675,7 +681,9 @@ def _frontier_parsers(sub) -> None:
                                    "fp32,bf16,int8,int4,int2 for paper)")
     s.add_argument("--decode", default="auto", choices=DECODES,
                    help="how integer tiers are written, as in `allocate --decode` (default auto)")
-    s.add_argument("--max-rollouts", type=int, default=30, help="joint rollouts per refinement (default 30)")
+    s.add_argument("--max-rollouts", type=_integer(0), default=30,
+                   help="cap on each refinement's local-search joint rollouts (default 30; the plans it compares "
+                        "are rolled out once each besides)")
     s.add_argument("--no-uniform", action="store_true", help="skip the uniform (single-tier) baselines")
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from DIR/frontier.ckpt.jsonl (each finished point is "
@@ -717,7 +725,7 @@ def _frontier_parsers(sub) -> None:
     s.add_argument("--plan", metavar="JSON", help="plan JSON written by `allocate` (tier map, tiers in the block table)")
     s.add_argument("--eval", metavar="JSON", help="report written by `eval -o` (per-step error growth)")
     s.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for index.html and the PNGs")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="print nothing but errors")
     s.set_defaults(func=cmd_report)
 
 

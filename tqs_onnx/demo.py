@@ -12,6 +12,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from tqs_onnx import SCHEMA_VERSION
 from tqs_onnx.allocate import Allocation, allocate, plan_document
 from tqs_onnx.evaluate import evaluate, verify_written
 from tqs_onnx.graph import load_model
@@ -109,7 +110,7 @@ def _remove_earlier_runs(out: Path, plans: dict[str, dict]) -> None:
             if path.suffix == ".json":
                 remove_stale_codes(path, {})
             path.unlink()
-    atomic_write_json(out / MANIFEST, {"kind": "tqs-demo-files", "files": sorted(names)})
+    atomic_write_json(out / MANIFEST, {"schema_version": SCHEMA_VERSION, "kind": "tqs-demo-files", "files": sorted(names)})
 
 
 def _best_uniform(problem, uniform_scores: dict[str, float]):
