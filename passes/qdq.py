@@ -45,21 +45,24 @@ class WriteTiers:
         flip = self._transposable(graph)
         new_nodes, new_inits, keep = [], [], []
         done: dict[str, str] = {}
+        as_stored = set()  # float16 weights planned at fp16: kept as they are
         for init in graph.initializer:
-            tier = self.tiers.get(init.name)
-            if tier is None:
+            planned = self.tiers.get(init.name)
+            # As the planner priced it and the sweep measured it: a float16 weight's own tiers (for_weight).
+            tier = None if planned is None else for_weight(planned, _dtype(init))
+            if tier is None or tier.is_identity:
                 keep.append(init)
+                if tier is not None:
+                    as_stored.add(init.name)
                 continue
             if tier.is_zero:  # nothing stored, nothing read: the nodes make zeros of its shape
                 new_nodes += rewrite_nodes(init.name, tier, 0, self.axes[init.name], init.data_type,
                                            tuple(init.dims))
             elif tier.is_int:
                 axes, shape = self.axes[init.name], tuple(init.dims)
-                # A float16 weight is quantized as the sweep measured it: its float32 values (exact), its
-                # scales float16 (for_weight), as planned.
-                values = self.read(init)
-                q, scale = quantize(values.astype(np.float32), for_weight(tier, values.dtype.name), *axes,
-                                    self.codes.get((init.name, str(tier.base))))
+                # A float16 weight is quantized as the sweep measured it: its float32 values (exact).
+                q, scale = quantize(self.read(init).astype(np.float32), tier, *axes,
+                                    self.codes.get((init.name, str(planned.base))))
                 if init.name in flip:  # Gemm(transB=1) -> transB=0 on the transposed weight
                     q = np.ascontiguousarray(q.T)
                     scale = np.ascontiguousarray(scale.T) if scale.ndim == 2 else scale
@@ -76,8 +79,8 @@ class WriteTiers:
                 low = f"{init.name}__{tier.fmt}"
                 new_inits.append(numpy_helper.from_array(to_storage(self.read(init), tier), low))
                 new_nodes += rewrite_nodes(init.name, tier, 0, self.axes[init.name], init.data_type)
-            done[init.name] = str(tier)
-        missing = set(self.tiers) - set(done)
+            done[init.name] = str(planned)
+        missing = set(self.tiers) - set(done) - as_stored
         if missing:
             raise KeyError(f"weights not found as initializers: {sorted(missing)[:5]}")
         del graph.initializer[:]
@@ -123,3 +126,7 @@ class WriteTiers:
         # its scales for the weight as stored).
         return {n for n, t in self.tiers.items() if t.is_int and not t.at_load and dims.get(n) == 2 and n not in typed
                 and readers.get(n) and all(gemm_b(node, i) for node, i in readers[n])}
+
+
+def _dtype(init: onnx.TensorProto) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name

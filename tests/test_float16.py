@@ -106,3 +106,91 @@ def test_a_written_float16_model_is_its_planned_size_and_holds_what_the_joint_ch
     assert joint == pytest.approx(plan["verification"]["joint_divergence"], rel=1e-4)
     c = rollouts(out, spec, ctx, dev)
     assert np.all(np.isfinite(c["x_next"]))
+
+
+def test_float32_contexts_beyond_float16_for_a_float16_input_are_refused(tmp_path, capsys):
+    vi = helper.make_tensor_value_info
+    w = rng_weights(0, (16, 16))[0].astype(np.float16)
+    m = model([helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["x_next"])],
+              [numpy_helper.from_array(w, "W")], [vi("x", F16, [1, 16])], [vi("x_next", F16, [1, 16])])
+    ctx = recurrent_contexts(16, s=2)
+    ctx["x0"] = ctx["x0"].astype(np.float32)
+    ctx["x0"][1, 0, 3] = 1e5  # float32: fits; float16: inf
+    paths = save_case(tmp_path, m, recurrent_spec(4), ctx)
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "-o", str(tmp_path / "s.json"), "--quiet", "--min-size", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "beyond float16" in err and "'x0'" in err and "'x'" in err
+
+
+def _write(tmp_path, m, weights, info):
+    from tqs_onnx.graph import load_model
+    from tqs_onnx.rewrite import rewrite_model, save_model
+
+    onnx.save(m, tmp_path / "m.onnx")
+    plan = {"kind": "tqs-plan", "schema_version": 1, "model": {}, "weights": weights, "weight_info": info}
+    out, _ = rewrite_model(load_model(tmp_path / "m.onnx"), plan)
+    save_model(out, tmp_path / "q.onnx")
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
+
+
+def test_a_float16_weights_tiny_channel_keeps_its_values(tmp_path):
+    """float16 scales of a float16 weight go down to float16's subnormals: a channel whose largest value
+    is 4e-5 keeps its values (at float16's smallest normal, 6.1e-5, below 8e-6 they were zeros, and the
+    grid coarse below 7.9e-3; a user's trial). A subnormal scale has few bits: the largest value clips a
+    little."""
+    m = half_mlp()
+    w1 = next(i for i in m.graph.initializer if i.name == "W1")
+    w = numpy_helper.to_array(w1).copy()
+    w[:, 0] *= 4e-5 / np.abs(w[:, 0]).max()
+    w1.CopyFrom(numpy_helper.from_array(w, "W1"))
+    written = _write(tmp_path, m, {"W1": "int8/channel"}, {"W1": {"shape": [16, 32], "channel_axis": 1, "block_axis": 0}})
+    q, s = (written[n] for n in stored_names("W1"))
+    assert s.dtype == np.float16 and s[0] < 6e-5
+    decoded = q[:, 0].astype(np.float32) * np.float32(s[0])
+    assert np.count_nonzero(decoded) == 16 and np.abs(decoded - w[:, 0]).max() < 0.1 * 4e-5
+
+
+def test_the_fp16_tier_of_a_float16_weight_is_the_weight_as_stored(tmp_path):
+    m = half_mlp()
+    written = _write(tmp_path, m, {"W1": "fp16"}, {})
+    np.testing.assert_array_equal(written["W1"], numpy_helper.to_array(next(i for i in m.graph.initializer
+                                                                            if i.name == "W1")))
+    assert (tmp_path / "q.onnx").stat().st_size <= (tmp_path / "m.onnx").stat().st_size
+
+
+def test_a_float16_weight_cast_to_float_before_its_matmul_is_not_counted_fused():
+    """Its DequantizeLinear returns float16 and the Cast after it stays: ORT decodes it on every call."""
+    from tqs_onnx.graph import weight_table
+
+    vi = helper.make_tensor_value_info
+    w = numpy_helper.from_array(rng_weights(0, (32, 16))[0].astype(np.float16), "W")
+    direct = model([helper.make_node("MatMul", ["x", "W"], ["y"])], [w], [vi("x", F16, [4, 32])], [vi("y", F16, [4, 16])])
+    cast = model([helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["x", "Wf"], ["y"])],
+                 [w], [vi("x", TensorProto.FLOAT, [4, 32])], [vi("y", TensorProto.FLOAT, [4, 16])])
+    assert [x.fused_dq for x in weight_table(direct, min_size=1)] == [True]
+    assert [x.fused_dq for x in weight_table(cast, min_size=1)] == [False]
+
+
+def test_an_unperturbed_float16_rollout_diverges_by_nothing_and_a_float32_one_is_replayed(tmp_path):
+    """ORT's CPU provider drops the Cast pair a float16 output makes with a divergence computed in the
+    model (an unperturbed rollout measured 4e-5): float16 trajectories are compared from the outputs.
+    A float16-weight model with float32 outputs keeps the replay engine."""
+    from tqs_onnx.graph import load_model
+    from tqs_onnx.sweep import SweepConfig, divergence, prepare
+
+    vi = helper.make_tensor_value_info
+    w = rng_weights(0, (16, 16))[0].astype(np.float16)
+    io16 = model([helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["b"]),
+                  helper.make_node("Add", ["x", "b"], ["x_next"])],
+                 [numpy_helper.from_array(0.3 * w, "W")], [vi("x", F16, [1, 16])], [vi("x_next", F16, [1, 16])])
+    dev = resolve_device("cpu")
+    for m, replayed in ((io16, False), (half_mlp(), True)):
+        paths = save_case(tmp_path, m, recurrent_spec(6), recurrent_contexts(16, s=2))
+        spec = RolloutSpec.load(paths["spec"])
+        setup = prepare(load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), dev,
+                        SweepConfig(tiers=[], min_size=16))
+        assert not np.any(divergence(setup, {}))
+        w0 = setup.blocks[0].weights[0]
+        assert not np.any(divergence(setup, {w0: setup.bound[w0]}))
+        assert (setup.replay is not None) is replayed, setup.replay_note

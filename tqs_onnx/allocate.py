@@ -364,14 +364,16 @@ def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
     of the written file (scales, nodes and what no tier touches included, so plans compare with
     uniform models at matched on-disk sizes), and the knapsack on gamma' = gamma - min gamma.
     'exact': the paper's appendix A.1.2 to the letter: B = C^-1 sum 32 n_l and B* = p_FP32 sum 32 n_l
-    in parameter bits, a tier costs b_k n_l, and the knapsack minimises sum gamma_l 2^-b_k (no shift);
+    in parameter bits (16 for a float16 block's parameters: its stored width), a tier costs b_k n_l, and the knapsack minimises sum gamma_l 2^-b_k (no shift);
     the written file is then larger than 1/C of the original by its scales and fixed parts (the plan
     reports both)."""
     if variant not in PAPER_VARIANTS:
         raise TqsError(f"--paper-variant must be one of {', '.join(PAPER_VARIANTS)}, not '{variant}'")
     exact = variant == "exact"
     n = len(p.blocks)
-    costs = [[t.bits * b.size for t in p.tiers] for b in p.blocks] if exact else p.costs
+    # parameter bits as stored: 32, or 16 for a block of float16 weights (no tier stores it wider)
+    stored = [16 if p.half and p.half[l] else 32 for l in range(n)]
+    costs = [[min(t.bits, s) * b.size for t in p.tiers] for b, s in zip(p.blocks, stored)] if exact else p.costs
     assign: list[int | None] = [None] * n
     bottom = [_cheapest(c) for c in costs]
     for l, b in enumerate(p.blocks):  # step 2: dead blocks (gamma <= gamma_min) to the bottom tier
@@ -379,7 +381,7 @@ def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
             assign[l] = bottom[l]
     fp32 = next((k for k, t in enumerate(p.tiers) if t.is_identity), None)
     live = sorted((l for l in range(n) if assign[l] is None), key=lambda l: -_finite(p.blocks[l].gamma))
-    full = sum(32 * b.size for b in p.blocks) if exact else sum(b.size * 4 for b in p.blocks)
+    full = sum(s * b.size // (1 if exact else 8) for b, s in zip(p.blocks, stored))  # bits, or bytes
     if fp32 is not None and fp32_share > 0:  # steps 3-4: top-ranked blocks to FP32 up to B*
         b_star = fp32_share * full
         used = 0

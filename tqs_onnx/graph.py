@@ -638,8 +638,11 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
         w.consumer_ops = [u.node.op_type for u in eff]
         # One consumer only: ORT (1.31) fuses none of the DequantizeLinear copies it makes for a weight
         # that several MatMuls read (a tied weight, or one stored once by passes/dedup.py).
+        # A float16 weight must be read as stored: its DequantizeLinear returns float16, and a Cast to
+        # float after it (float32 compute of a float16 export) stays, unfused, run on every call.
         w.fused_dq = len(eff) == 1 and len(shape) == 2 and all(
-            u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff)
+            u.direct and u.main and u.slot == 1 and u.node.op_type in FUSED_CONSUMERS for u in eff) and (
+            init.data_type != onnx.TensorProto.FLOAT16 or all(u.node.input[u.slot] == init.name for u in eff))
         w.const_lookup = init.name in lookups
         if w.fused_dq and fusion.leaves_dq(eff[0].node, init.name):
             w.fused_dq = False

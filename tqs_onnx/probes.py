@@ -96,7 +96,7 @@ def _scale_nodes(tier: Tier) -> tuple[list, list, str]:
         return nodes, [], "s"
     nodes += [n("Cast", ["s"], ["s16"], to=TensorProto.FLOAT16), n("Cast", ["s16"], ["s32"], to=TensorProto.FLOAT),
               n("Max", ["s32", "smin"], ["sf"])]
-    return nodes, [_const("smin", float(np.float16(6.2e-5)))], "sf"
+    return nodes, [_const("smin", float(np.float16(tier.scale_floor)))], "sf"
 
 
 def quant_graph(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, int | None],

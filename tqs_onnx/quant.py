@@ -72,7 +72,7 @@ def _scales_from_amax(amax: np.ndarray, tier: Tier, dtype: np.dtype) -> np.ndarr
     else:
         scale = np.where(amax > 0, amax / np.float32(tier.qmax), np.float32(1.0)).astype(np.float32)
     if tier.scale_fmt == "fp16" and not tier.is_sign:
-        scale = np.maximum(scale.astype(np.float16), np.float16(6.2e-5))
+        scale = np.maximum(scale.astype(np.float16), np.float16(tier.scale_floor))
     return scale.astype(dtype)
 
 

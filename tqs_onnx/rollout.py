@@ -288,6 +288,13 @@ class Rollout:
             self._check_array(inp, self.contexts.arrays[key][0], key, where)
         for inp, key in self.spec.per_step.items():
             self._check_array(inp, self.contexts.arrays[key][0, 0], key, where)
+        for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items(), *self.spec.per_step.items()]:
+            a = self.contexts.arrays[key]
+            if self.input_dtype(inp) == np.float16 and a.dtype.kind == "f" and a.dtype.itemsize > 2:
+                finite = np.abs(a[np.isfinite(a)])
+                if finite.size and finite.max() > np.finfo(np.float16).max:
+                    raise TqsError(f"{where}: contexts array '{key}' holds values up to {finite.max():.6g}, beyond "
+                                   f"float16's {np.finfo(np.float16).max:g}, and input '{inp}' takes float16")
 
     def _check_array(self, inp: str, a: np.ndarray, key: str, where: str) -> None:
         shape, typ = self.inputs[inp]

@@ -202,7 +202,12 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     model, pairs = exposed.model, {}
     # Each step's run also measures its divergence (see `divergence`); a spec naming outputs the model
     # lacks is left to `check_against`, which says so.
-    if divergence_mode() == "model" and set(spec.trajectory) <= {o.name for o in model.graph.output}:
+    # Not on float16/bfloat16 trajectories: ORT's CPU provider computes such an op in float32 and drops
+    # the Cast pair it makes with the divergence's Cast back to float32, so the divergence would read
+    # the unrounded value (an unperturbed rollout measured 4e-5, not 0); the graph engine reads the outputs.
+    half = {o.name for o in model.graph.output
+            if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    if divergence_mode() == "model" and set(spec.trajectory) <= {o.name for o in model.graph.output} - half:
         measured = AddDivergenceOutputs(spec.trajectory).run(model)
         model, pairs = measured.model, measured.report["pairs"]
     session = make_session(model, device, threads, shared_stream=shared, label=str(loaded.path))
@@ -234,7 +239,9 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     replay = None
     # replay_mode also checks the settings: a bad value is the user's error.
     note = "TQS_REPLAY=off" if replay_mode(device) == "off" else replay_skipped(per_pass) \
-        or ("queued steps" if queue else "")
+        or ("queued steps" if queue else "") \
+        or ("float16 or bfloat16 trajectory: its divergence is read from the outputs" if half & set(spec.trajectory)
+            else "")
     if not note:
         try:
             replay = Replay(model, rollout, bound, nominal, horizon, ops, threads)
@@ -328,7 +335,7 @@ def check_replay(setup: SweepSetup, rtol: float = 1e-3) -> None:
     that disagrees by more than float noise (the two sessions may run different kernels) is dropped,
     and the sweep runs on the step loop. A safeguard for CUDA graphs; on the CPU they agree to the bit."""
     replay = setup.replay
-    probe = {n: setup.ops.quant_probe(setup.bound[n], 8) for n in setup.blocks[0].weights}
+    probe = as_stored(setup, {n: setup.ops.quant_probe(setup.bound[n], 8) for n in setup.blocks[0].weights})
     setup.replay = None
     loop = divergence(setup, probe)
     try:
@@ -378,6 +385,12 @@ StopFn = Callable[[np.ndarray], bool]
 FLOAT16 = Tier("fp16")
 
 
+def as_stored(setup: SweepSetup, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with each float16 weight's rounded to float16 (the float32 value it is bound as)."""
+    return {n: setup.ops.tier(v, FLOAT16, (None, None)) if setup.dtypes[n] == "float16" else v
+            for n, v in values.items()}
+
+
 def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None = None) -> np.ndarray:
     """Squared trajectory divergence per (context, step) with `replaced` (device values) swapped in.
 
@@ -386,8 +399,7 @@ def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None 
     A float16 weight's value is rounded to float16 first: what its written model can hold (ORT's CPU
     provider may drop the graph's own Cast back to float16, computing in float32).
     """
-    replaced = {n: setup.ops.tier(v, FLOAT16, (None, None)) if setup.dtypes[n] == "float16" else v
-                for n, v in replaced.items()}
+    replaced = as_stored(setup, replaced)
     if setup.replay is not None and stop is None:
         try:
             out = setup.replay.divergence(replaced)

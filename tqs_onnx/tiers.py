@@ -55,6 +55,7 @@ class Tier:
     at_load: bool = False  # decoded by Cast/Mul, which ORT folds at load, instead of DequantizeLinear
     mse: bool = False  # scales clipped to the squared-error-best ratio of each group's absolute max
     gptq: bool = False  # integers rounded GPTQ's way on the nominal rollouts' inputs (rounding.py)
+    half_weight: bool = False  # a float16 weight's own float16 scales (for_weight): not named, see scale_floor
 
     def __post_init__(self) -> None:
         for option in ("mse", "gptq"):
@@ -92,6 +93,13 @@ class Tier:
     def is_packed6(self) -> bool:
         """int6: u = q + 32 stored as a uint4 plane (low bits) and a uint2 plane (high bits)."""
         return self.fmt == "int6"
+
+    @property
+    def scale_floor(self) -> float:
+        """Smallest float16 scale: float16's smallest normal (6.1e-5) for the fp16 scales of a float32
+        weight; the smallest subnormal (6e-8) for a float16 weight's scales, whose values may be that small
+        (at the normal floor an int8 channel whose largest value is below 7.9e-3 got a coarser grid)."""
+        return 2.0 ** -24 if self.half_weight else 6.2e-5
 
     @property
     def qmax(self) -> int:
@@ -209,11 +217,14 @@ def written_form(tier: Tier, consumer_ops: list[str], shape: tuple[int, ...], de
 
 def for_weight(tier: Tier, dtype: str) -> Tier:
     """The tier as a weight of `dtype` stores it: a float16 weight's integer tiers keep float16 scales
-    (DequantizeLinear returns the scale's type; a float32 scale would make a float32 weight). The sweep,
-    the planner and the writer all quantize with this tier, so the values and sizes agree."""
-    if dtype == "float16" and tier.is_int and tier.scale_fmt != "fp16":
-        return replace(tier, scale_fmt="fp16")
-    return tier
+    (DequantizeLinear returns the scale's type; a float32 scale would make a float32 weight), floored at
+    float16's smallest subnormal, and its `fp16` tier is the weight as stored. The sweep, the planner and
+    the writer all quantize with this tier, so the values and sizes agree."""
+    if dtype != "float16":
+        return tier
+    if tier.is_int:
+        return replace(tier, scale_fmt="fp16", half_weight=True)
+    return Tier("fp32") if tier.fmt == "fp16" else tier  # fp16: the weight as stored
 
 
 def needed_opset(tier: Tier, fp16_weight: bool = False) -> int:
