@@ -194,3 +194,15 @@ def test_an_unperturbed_float16_rollout_diverges_by_nothing_and_a_float32_one_is
         w0 = setup.blocks[0].weights[0]
         assert not np.any(divergence(setup, {w0: setup.bound[w0]}))
         assert (setup.replay is not None) is replayed, setup.replay_note
+
+
+def test_a_float16_block_kept_as_it_is_is_called_float16_in_the_plan(half_case, tmp_path):
+    from tqs_onnx.tables import format_plan
+
+    _, scores = half_case
+    assert main(["allocate", str(scores), "--compression", "1", "--tiers", "fp32,int8/channel", "-o",
+                 str(tmp_path / "p.json"), "--quiet"]) == 0
+    plan = json.loads((tmp_path / "p.json").read_text())
+    kept = [b for b in plan["blocks"] if b["tier"] == "fp32"]
+    assert kept and all(b["stored_as"] == "float16" for b in kept)
+    assert "float16 as stored" in format_plan(plan)

@@ -110,6 +110,18 @@ def test_pareto_evaluates_uniform_baselines_and_csv(frontier):
             "mae_vs_truth", "seconds"} <= set(rows[0])
 
 
+def test_no_gptq_uniform_baseline_where_no_weight_has_statistics(demo):
+    """It would be the plain tier's model again, listed twice (a user's trial: weights behind a Cast)."""
+    from tqs_onnx.pareto import uniform_baselines
+
+    scores = load_scores(demo["scores"])
+    tiers = parse_tiers("fp32,int4/channel,int4/channel/gptq")
+    some = {**scores, "gptq_weights": [next(iter(scores["weights"]))]}
+    assert "int4/channel/gptq" in uniform_baselines(some, tiers, 2.0)[1]
+    none = {**scores, "gptq_weights": []}
+    assert set(uniform_baselines(none, tiers, 2.0)[1]) == {"int4/channel"}
+
+
 def test_pareto_both_objectives_keeps_one_model_per_target(demo, tmp_path):
     out = tmp_path / "both"
     assert main(["pareto", str(demo["model"]), str(demo["scores"]), "--rollout", str(demo["spec"]),

@@ -494,7 +494,9 @@ def plan_document(scores: dict[str, Any], p: Problem, alloc: Allocation) -> dict
         tier = p.tiers[k]
         blocks.append({"id": b.id, "name": b.name, "tier": str(tier), "bytes": p.costs[l][k],
                        "gamma": b.gamma, "dead": b.dead,
-                       "damage": b.measured(tier) or 0.0})
+                       "damage": b.measured(tier) or 0.0,
+                       # the identity tier keeps a float16 block float16: tables say so, not "fp32"
+                       **({"stored_as": "float16"} if tier.is_identity and p.half and p.half[l] else {})})
         for n in b.weights:
             weights[n] = str(weight_tier(scores["weights"][n], tier, p.decode))
     winfo = scores["weights"]

@@ -32,7 +32,7 @@ from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device
 from tqs_onnx.prepare import PASSES_VERSION
 from tqs_onnx.sweep import Checkpoint, SweepSetup, divergence_mode, joint_divergence, plan_codes, setup_for_scores
-from tqs_onnx.tiers import Tier, parse_tiers
+from tqs_onnx.tiers import Tier, parse_tier, parse_tiers
 from tqs_onnx.util import FRONTIER_CHECKPOINT, atomic_write, atomic_write_json, json_safe, progress
 
 OBJECTIVES = ("measured", "paper", "both")
@@ -344,9 +344,13 @@ def frontier_tiers(scores: dict[str, Any], config: FrontierConfig) -> list[Tier]
 
 def uniform_baselines(scores: dict[str, Any], tiers: list[Tier], lowest_target: float,
                       decode: str = "auto") -> tuple[Problem, dict[str, list[int]]]:
-    """Every single-tier allocation whose size fits the loosest target of the sweep."""
+    """Every single-tier allocation whose size fits the loosest target of the sweep; a /gptq one only where
+    some weight has statistics (else it is the plain tier's model again)."""
     problem = build_problem(scores, tiers, lowest_target, decode=decode)
-    return problem, uniform_assignments(problem)
+    fits = uniform_assignments(problem)
+    if not scores.get("gptq_weights"):
+        fits = {name: a for name, a in fits.items() if not parse_tier(name).gptq}
+    return problem, fits
 
 
 CARRIED = "earlier run's models"  # the checkpoint row that carries them

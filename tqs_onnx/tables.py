@@ -25,7 +25,8 @@ def format_plan(plan: dict[str, Any]) -> str:
              f"planned {plan['planned_compression']:.2f}x on disk ({plan['planned_bytes']:,} bytes), "
              f"{plan['param_compression']:.2f}x in the planned weights' bits (scales not counted)"]
     for b in plan["blocks"]:
-        lines.append(f"  {b['id']:3d} {b['name'][:36]:36s} {b['tier']:18s} {b['bytes']:>10,} B"
+        tier = f"{b['stored_as']} as stored" if b.get("stored_as") else b["tier"]
+        lines.append(f"  {b['id']:3d} {b['name'][:36]:36s} {tier:18s} {b['bytes']:>10,} B"
                      + ("  dead" if b["dead"] else ""))
     lines += [f"  note: {n}" for n in plan.get("notes", [])]
     return "\n".join(lines)
