@@ -171,7 +171,24 @@ def copy_fields(src, dst, skip: tuple[str, ...]) -> None:
                 setattr(dst, fd.name, getattr(src, fd.name))
 
 
+HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def raw_half(t: onnx.TensorProto) -> bool:
+    """Store a float16/bfloat16 tensor held in int32_data (a varint of about 3 bytes per value, as
+    onnxconverter-common writes tensors it read from float_data) as raw_data, 2 bytes per value: the
+    size the planner counts. The values are the same bits. Returns whether it changed `t`."""
+    if t.data_type not in HALF_TYPES or not len(t.int32_data):
+        return False
+    t.raw_data = np.asarray(t.int32_data, np.uint32).astype("<u2").tobytes()
+    t.ClearField("int32_data")
+    return True
+
+
 def _copy_data(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+    if src.data_type in HALF_TYPES and len(src.int32_data):  # as raw_data (raw_half)
+        dst.raw_data = np.asarray(src.int32_data, np.uint32).astype("<u2").tobytes()
+        return
     for name in DATA_FIELDS:
         if name == "raw_data":
             if src.HasField("raw_data"):

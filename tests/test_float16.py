@@ -206,3 +206,80 @@ def test_a_float16_block_kept_as_it_is_is_called_float16_in_the_plan(half_case, 
     kept = [b for b in plan["blocks"] if b["tier"] == "fp32"]
     assert kept and all(b["stored_as"] == "float16" for b in kept)
     assert "float16 as stored" in format_plan(plan)
+
+
+def test_float16_weights_held_in_int32_data_are_planned_at_their_written_size(tmp_path):
+    """onnxconverter-common writes float16 tensors it read from float_data into int32_data (a varint of
+    about 3 bytes a value): they are stored raw (2 bytes) from the prepared graph on, so the plan's size
+    is the file's (a review found the plan 34% larger than the file)."""
+    m = half_mlp()
+    for init in m.graph.initializer:
+        bits = numpy_helper.to_array(init).view(np.uint16)
+        init.ClearField("raw_data")
+        init.int32_data.extend(int(b) for b in bits.ravel())
+    assert all(len(i.int32_data) for i in m.graph.initializer)
+    paths = save_case(tmp_path, m, recurrent_spec(12), recurrent_contexts(16, s=3))
+    scores, plan_path, out = tmp_path / "s.json", tmp_path / "p.json", tmp_path / "q.onnx"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "--tiers", "int8/channel,int4/channel", "-o", str(scores), "--quiet", "--probes", "1"]) == 0
+    for tiers in ("fp32,int4/channel", "fp32"):
+        assert main(["allocate", str(scores), "--compression", "1", "--tiers", tiers, "-o", str(plan_path),
+                     "--quiet"]) == 0
+        assert main(["apply", str(paths["model"]), str(plan_path), "-o", str(out), "--quiet"]) == 0
+        assert out.stat().st_size == json.loads(plan_path.read_text())["planned_bytes"]
+
+
+def test_an_autocast_weight_is_measured_as_the_file_rounds_it(tmp_path):
+    """Float32 weights read only through a Cast to float16: the file's Cast rounds the constant, but with
+    the weight a session input ORT's CPU provider drops that Cast (a review measured the sweep's nominal
+    rollout 2e-4 off the model's and the fp16 tier's damage 2.6e-7 instead of 0)."""
+    from tqs_onnx.graph import load_model
+    from tqs_onnx.sweep import SweepConfig, prepare
+
+    m = half_mlp()
+    nodes = [helper.make_node("Cast", [w], [f"{w}16"], to=F16) for w in ("W1", "W2")]
+    for node in m.graph.node:
+        for k, i in enumerate(node.input):
+            if i in ("W1", "W2"):
+                node.input[k] = f"{i}16"
+    for init in m.graph.initializer:
+        if init.name in ("W1", "W2"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32) * 1.001, init.name))
+    kept = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes + kept)
+    onnx.checker.check_model(m)
+    paths = save_case(tmp_path, m, recurrent_spec(12), recurrent_contexts(16, s=3))
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    dev = resolve_device("cpu")
+    setup = prepare(load_model(paths["model"]), spec, ctx, dev, SweepConfig(tiers=["fp16"]))
+    assert set(setup.stored) == {"W1", "W2"}
+    own = rollouts(paths["model"], spec, ctx, dev)["x_next"]
+    nominal = np.stack([[step["x_next"].numpy() for step in traj] for traj in setup.nominal])
+    np.testing.assert_allclose(nominal, own, rtol=0, atol=1e-6)
+    scores = tmp_path / "s.json"
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "--tiers", "fp16,int8/channel", "-o", str(scores), "--quiet", "--probes", "1"]) == 0
+    for b in json.loads(scores.read_text())["blocks"]:
+        assert b["damage"]["fp16"] == 0 and b["damage"]["int8/channel"] > 0
+
+
+def test_the_papers_exact_budget_counts_a_float16_parameter_at_16_bits(half_case, tmp_path):
+    _, scores = half_case
+    params = sum(np.prod(w["shape"]) for w in json.loads(scores.read_text())["weights"].values())
+    assert main(["allocate", str(scores), "--compression", "2", "--objective", "paper", "--paper-variant", "exact",
+                 "--tiers", "fp32,int8/channel,int4/channel", "-o", str(tmp_path / "p.json"), "--quiet"]) == 0
+    note = json.loads((tmp_path / "p.json").read_text())["notes"][0]
+    assert f"(2x of {16 * params:,})" in note
+
+
+def test_a_float16_weight_that_decodes_past_float16_gets_a_note(tmp_path):
+    """-65504 (a causal mask) at int8: its float16 scale 65504/127 rounds up to 516, and 127 x 516 is
+    inf in float16 (a review); the sweep measures the same values, so it is noted, not refused."""
+    from tqs_onnx.rewrite import _check_range
+
+    t = numpy_helper.from_array(np.full((16, 16), -65504.0, np.float16), "M")
+    assert "float16's limit" in _check_range("m", "M", parse_tier("int8"), t)
+    assert "beyond float16" in _check_range("m", "M", parse_tier("bf16"), t)
+    assert _check_range("m", "M", parse_tier("int8"), numpy_helper.from_array(np.ones((4, 4), np.float16), "M")) is None

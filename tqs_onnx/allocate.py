@@ -70,6 +70,7 @@ class Problem:
     opset_deltas: dict[int, int] = field(default_factory=dict)
     half: list[bool] = field(default_factory=list)  # per block: holds float16 weights (fp16 scales: opset 19)
     decode: str = "auto"  # how integer tiers are written per weight (tiers.written_form)
+    stored_bits: list[int] = field(default_factory=list)  # per block: its weights' bits as stored
 
     def opset_delta(self, assign: list[int]) -> int:
         """What converting the graph to the opset the assigned tiers need adds to the file."""
@@ -236,8 +237,9 @@ def build_problem(scores: dict[str, Any], tiers: list[Tier], target: float, prob
     m = scores["model"]
     half = [any(winfo[n].get("dtype") == "float16" for n in b.weights) for b in blocks]
     deltas = {int(k): int(v) for k, v in (m.get("opset_graph_delta") or {}).items()}
+    stored_bits = [sum(math.prod(winfo[n]["shape"]) * winfo[n]["bits"] for n in b.weights) for b in blocks]
     return Problem(blocks, tiers, costs, m["fixed_bytes"], m["file_bytes"], target, m.get("graph_bytes", 0),
-                   m["quantizable_bytes"], opset_deltas_for(deltas, tiers, half), half, decode)
+                   m["quantizable_bytes"], opset_deltas_for(deltas, tiers, half), half, decode, stored_bits)
 
 
 def opset_deltas_for(deltas: dict[int, int], tiers: list[Tier], half: list[bool]) -> dict[int, int]:
@@ -371,9 +373,9 @@ def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
         raise TqsError(f"--paper-variant must be one of {', '.join(PAPER_VARIANTS)}, not '{variant}'")
     exact = variant == "exact"
     n = len(p.blocks)
-    # parameter bits as stored: 32, or 16 for a block of float16 weights (no tier stores it wider)
-    stored = [16 if p.half and p.half[l] else 32 for l in range(n)]
-    costs = [[min(t.bits, s) * b.size for t in p.tiers] for b, s in zip(p.blocks, stored)] if exact else p.costs
+    # parameter bits as stored: 32 a float32 parameter, 16 a float16 one (no tier stores it wider)
+    stored = [p.stored_bits[l] if p.stored_bits else 32 * b.size for l, b in enumerate(p.blocks)]
+    costs = [[min(t.bits * b.size, s) for t in p.tiers] for b, s in zip(p.blocks, stored)] if exact else p.costs
     assign: list[int | None] = [None] * n
     bottom = [_cheapest(c) for c in costs]
     for l, b in enumerate(p.blocks):  # step 2: dead blocks (gamma <= gamma_min) to the bottom tier
@@ -381,7 +383,7 @@ def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
             assign[l] = bottom[l]
     fp32 = next((k for k, t in enumerate(p.tiers) if t.is_identity), None)
     live = sorted((l for l in range(n) if assign[l] is None), key=lambda l: -_finite(p.blocks[l].gamma))
-    full = sum(s * b.size // (1 if exact else 8) for b, s in zip(p.blocks, stored))  # bits, or bytes
+    full = sum(s // (1 if exact else 8) for s in stored)  # bits, or bytes
     if fp32 is not None and fp32_share > 0:  # steps 3-4: top-ranked blocks to FP32 up to B*
         b_star = fp32_share * full
         used = 0
@@ -557,7 +559,7 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
         alloc = allocate_paper(p, solver, fp32_share, sweep_gamma_min(scores, gamma_min), paper_variant)
     else:
         alloc = allocate_measured(p, solver)
-    if dropped and gptq:
+    if dropped and stale:  # with or without --verify-model: the sweep is what to re-run
         alloc.notes.append(f"/gptq tiers left out ({', '.join(map(str, dropped))}): the sweep measured their "
                            f"damage with integers another version rounds ({scores.get('rounding') or 'not recorded'}; "
                            f"now {ROUNDING_VERSION}); re-run the sweep to use them")

@@ -13,7 +13,8 @@ from typing import Any
 import onnx
 
 from tqs_onnx.passes.dedup import DeduplicateTensors
-from tqs_onnx.passes.detach import Stubs, detach
+from tqs_onnx.graph import iter_tensors
+from tqs_onnx.passes.detach import Stubs, detach, raw_half
 from tqs_onnx.passes.factor_tables import FactorExpandedTables
 from tqs_onnx.passes.inline import InlineLocalFunctions
 from tqs_onnx.passes.lift import LiftWeights
@@ -25,7 +26,7 @@ from tqs_onnx.passes.sparse import hide_sparse_initializers
 LIFT_FLOOR = 16  # smallest Constant-node tensor lifted to an initializer, and smallest tensor deduplicated
 # Names the passes below; changed whenever they may prepare a model differently, so a sweep checkpoint
 # of an earlier version is not resumed on another graph (it is part of the checkpoint's fingerprint).
-PASSES_VERSION = "ir4,inline,sparse,lift-unique,factor,dedup16-scoped,narrow16"
+PASSES_VERSION = "ir4,inline,sparse,lift-unique,factor,dedup16-scoped,narrow16,raw-half"
 
 
 @dataclass
@@ -94,6 +95,8 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
     # newer than the installed onnx knows is left for ONNX Runtime to refuse.
     if ORT_MAX_IR < out.ir_version <= onnx.IR_VERSION:
         out.ir_version = ORT_MAX_IR
+    for t in iter_tensors(out):  # attached below: _copy_data does the same for them
+        raw_half(t)
     origins = lifted.report.get("origins", {})
     if keep_detached:
         return PreparedGraph(out, origins, reports, detached.by_name(out))

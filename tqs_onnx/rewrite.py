@@ -139,15 +139,19 @@ def _check_range(where: str, name: str, tier: Tier, tensor: onnx.TensorProto) ->
 
     largest, overflow, nonfinite = 0.0, False, False
     narrow = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}.get(tier.fmt)
+    half = tensor.data_type == onnx.TensorProto.FLOAT16  # decodes in float16, with float16 scales
     for chunk in tensor_chunks(tensor):
         finite = np.isfinite(chunk)
         nonfinite |= not finite.all()
         largest = max(largest, float(np.max(np.abs(chunk[finite]), initial=0.0)))
         if narrow is not None:
             with np.errstate(over="ignore"):
-                overflow |= bool(np.any(finite & ~np.isfinite(chunk.astype(narrow))))  # an inf stays an inf
+                stored = chunk.astype(narrow)
+                if half:  # decoded back to the weight's float16
+                    stored = stored.astype(np.float16)
+                overflow |= bool(np.any(finite & ~np.isfinite(stored)))  # an inf stays an inf
     if narrow is not None:
-        what = "float16" if tier.fmt == "fp16" else "bfloat16"
+        what = "float16" if tier.fmt == "fp16" or half else "bfloat16"
         return (f"weight '{name}' holds values up to {largest:.4g}, which {tier} stores as inf (beyond "
                 f"{what})") if overflow else None
     if nonfinite:
@@ -158,8 +162,11 @@ def _check_range(where: str, name: str, tier: Tier, tensor: onnx.TensorProto) ->
                        f"float16's {FP16_MAX:g}; use fp32 scales (drop /fp16) or keep it at fp32")
     with np.errstate(over="ignore"):
         decoded = np.float32(tier.qmax) * (np.float32(largest) / np.float32(tier.qmax))
+        if half:  # its scale rounded to float16, the product too (65504 / 127 rounds up to 516)
+            decoded = np.float16(tier.qmax) * np.float16(np.float32(largest) / np.float32(tier.qmax))
     if not np.isfinite(decoded):
-        return f"weight '{name}' holds values up to {largest:.4g}, which {tier} decodes as inf (float32's limit)"
+        limit = "float16's" if half else "float32's"
+        return f"weight '{name}' holds values up to {largest:.4g}, which {tier} decodes as inf ({limit} limit)"
     return None
 
 

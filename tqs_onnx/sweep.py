@@ -23,7 +23,7 @@ import onnx
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import (ANALYSIS_VERSION, IDENTITY, Block, LoadedModel, Weight, main_opset, make_blocks, same_model,
-                            tensor_is_finite, weight_table)
+                            subgraph_refs, tensor_is_finite, weight_table)
 from tqs_onnx.passes.detach import detach_initializers
 from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
@@ -161,6 +161,10 @@ class SweepSetup:
     replay: Replay | None = None  # probes replayed on fixed buffers (None: the step loop)
     replay_note: str = ""  # why there is no replay, or why it stopped
     rounding: Rounding | None = None  # /gptq tiers' input statistics and codes (None: no such tier swept)
+    # Float32 weights read only through a Cast to float16 (an autocast export): bound rounded to float16
+    # (the file's Cast folds that rounding into the constant; with the weight an input ORT's CPU provider
+    # drops the Cast), their stored float32 values kept here for the tiers and probes made from them.
+    stored: dict[str, Any] = field(default_factory=dict)
     spec_hints: list[str] = field(default_factory=list)  # RolloutSpec.hints: a spec that may not be meant
 
     @functools.cached_property
@@ -172,6 +176,10 @@ class SweepSetup:
     def dtypes(self) -> dict[str, str]:
         """Every weight's stored type (float16 ones are bound as float32, cast back in the graph)."""
         return {w.name: w.dtype for w in self.weights}
+
+    def source(self, name: str) -> Any:
+        """The weight as stored (device value), from which its tiers and probes are made."""
+        return self.stored.get(name, self.bound[name])
 
 
 def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -222,6 +230,9 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     # The device copies are all the sweep keeps: no host copy of the weights stays alive.
     bound = {n: device.to_device(v) for n, v in exposed.report["values"].items()}
     del exposed
+    ops = DeviceProbes(device, threads, shared_stream=shared)
+    stored = {n: bound[n] for n in sorted(half_reads(prepared.model, set(bound)))}
+    bound.update((n, ops.tier(v, FLOAT16, (None, None))) for n, v in stored.items())
     nominal, per_pass = [], math.inf
     for s in range(max(contexts.count, 2)):  # one context: timed again, warm (the first pass pays set-up)
         t0, n0 = time.perf_counter(), rollout.forward_passes
@@ -230,7 +241,6 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
         if s < contexts.count:
             nominal.append(trajectory)
     rollout.async_steps = queue
-    ops = DeviceProbes(device, threads, shared_stream=shared)
     for traj in nominal:
         if not all(math.isfinite(ops.sqdiff(v, v)) for step in traj for v in step.values()):
             bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
@@ -255,6 +265,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     setup = SweepSetup(loaded, weights, blocks, rollout, bound, nominal, horizon, prepared.model.ByteSize(),
                        prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note, rounding)
     setup.spec_hints = spec.hints(*model_io)
+    setup.stored = stored
     if setup.replay is not None:
         check_replay(setup)
     return setup
@@ -295,11 +306,11 @@ def tier_values(setup: SweepSetup, names: list[str], tier: Tier) -> dict[str, An
     for n in names:
         t = for_weight(tier, setup.dtypes[n])  # a float16 weight: float16 scales, as written
         if tier.gptq and n in setup.rounding.moments:
-            host = setup.bound[n].numpy()
+            host = setup.source(n).numpy()
             codes = setup.rounding.codes_for(n, host, t, *axes[n])
             out[n] = setup.ops.device.to_device(apply_tier(host, t, *axes[n], codes))
         else:
-            out[n] = setup.ops.tier(setup.bound[n], t, axes[n])
+            out[n] = setup.ops.tier(setup.source(n), t, axes[n])
     return out
 
 
@@ -313,7 +324,7 @@ def plan_codes(setup: SweepSetup, weights: dict[str, str]) -> dict[tuple[str, st
         tier = parse_tier(text)
         if tier.gptq and name in setup.rounding.moments:
             codes[(name, str(tier.base))] = setup.rounding.codes_for(
-                name, setup.bound[name].numpy(), for_weight(tier, setup.dtypes[name]), *axes[name])
+                name, setup.source(name).numpy(), for_weight(tier, setup.dtypes[name]), *axes[name])
     return codes
 
 
@@ -335,7 +346,7 @@ def check_replay(setup: SweepSetup, rtol: float = 1e-3) -> None:
     that disagrees by more than float noise (the two sessions may run different kernels) is dropped,
     and the sweep runs on the step loop. A safeguard for CUDA graphs; on the CPU they agree to the bit."""
     replay = setup.replay
-    probe = as_stored(setup, {n: setup.ops.quant_probe(setup.bound[n], 8) for n in setup.blocks[0].weights})
+    probe = as_stored(setup, {n: setup.ops.quant_probe(setup.source(n), 8) for n in setup.blocks[0].weights})
     setup.replay = None
     loop = divergence(setup, probe)
     try:
@@ -386,9 +397,25 @@ FLOAT16 = Tier("fp16")
 
 
 def as_stored(setup: SweepSetup, values: dict[str, Any]) -> dict[str, Any]:
-    """`values` with each float16 weight's rounded to float16 (the float32 value it is bound as)."""
-    return {n: setup.ops.tier(v, FLOAT16, (None, None)) if setup.dtypes[n] == "float16" else v
-            for n, v in values.items()}
+    """`values` with each float16 weight's, and each weight read only in float16, rounded to float16
+    (what the written model computes with; bound as float32)."""
+    return {n: setup.ops.tier(v, FLOAT16, (None, None)) if setup.dtypes[n] == "float16" or n in setup.stored
+            else v for n, v in values.items()}
+
+
+def half_reads(model: onnx.ModelProto, names: set[str]) -> set[str]:
+    """Of the float32 weights `names`, those every reader of which is a main-graph Cast to float16."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    other: set[str] = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        other |= subgraph_refs(node)
+        for v in node.input:
+            if v in names:
+                readers.setdefault(v, []).append(node)
+    floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    return {n for n, rs in readers.items() if n in floats and n not in other and all(
+        r.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in r.attribute)
+        for r in rs)}
 
 
 def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None = None) -> np.ndarray:
@@ -524,7 +551,7 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
     """
     passes0 = setup.rollout.forward_passes
     ops = setup.ops
-    w = {n: setup.bound[n] for n in block.weights}
+    w = {n: setup.source(n) for n in block.weights}
     quantized = {n: ops.quant_probe(v, config.bits) for n, v in w.items()}
     norm = math.sqrt(sum(ops.sqdiff(quantized[n], v) for n, v in w.items()))
     score = BlockScore(block.id, block.name, block.weights, block.size, norm)
