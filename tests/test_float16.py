@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tiny import model, recurrent_contexts, recurrent_spec, rng_weights, save_case
+from tiny import joint_divergence, model, recurrent_contexts, recurrent_spec, rng_weights, save_case
 from tqs_onnx.cli import main
 from tqs_onnx.evaluate import rollouts
 from tqs_onnx.passes.expose_weights import ExposeWeights
@@ -97,14 +97,11 @@ def test_a_written_float16_model_is_its_planned_size_and_holds_what_the_joint_ch
             w = dequantize(written[qname], written[sname].reshape(-1), tier.base, 1, None, np.float16)
             init.CopyFrom(numpy_helper.from_array(w.astype(np.float16), init.name))
     onnx.save(substituted, tmp_path / "substituted.onnx")
-    spec = RolloutSpec.load(paths["spec"])
-    ctx = Contexts.load(paths["contexts"], spec)
-    dev = resolve_device("cpu")
-    a, b = rollouts(paths["model"], spec, ctx, dev), rollouts(tmp_path / "substituted.onnx", spec, ctx, dev)
-    joint = float(np.mean(np.sum((a["x_next"] - b["x_next"]).astype(np.float64) ** 2, axis=(1, 2, 3))))
+    joint = joint_divergence(paths, tmp_path / "substituted.onnx")
     assert joint > 0
     assert joint == pytest.approx(plan["verification"]["joint_divergence"], rel=1e-4)
-    c = rollouts(out, spec, ctx, dev)
+    spec = RolloutSpec.load(paths["spec"])
+    c = rollouts(out, spec, Contexts.load(paths["contexts"], spec), resolve_device("cpu"))
     assert np.all(np.isfinite(c["x_next"]))
 
 

@@ -9,10 +9,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.tiny import recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
+from tests.tiny import joint_divergence, recurrent_contexts, recurrent_mlp, recurrent_spec, save_case
 from tqs_onnx.cli import main
 from tqs_onnx.errors import TqsError
-from tqs_onnx.evaluate import rollouts
 from tqs_onnx.quant import broadcast_scales, dequantize, quantize
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.rounding import ROUNDING_VERSION, InputMoments, codes_path, gptq_codes
@@ -108,11 +107,7 @@ def test_the_written_gptq_model_holds_the_values_the_joint_check_measured(gptq_c
             assert not np.array_equal(q.astype(np.int8), rtn.astype(np.int8))  # not plain rounding
             init.CopyFrom(numpy_helper.from_array(dequantize(q, scale, t, 1, None, np.float32), init.name))
     onnx.save(substituted, tmp_path / "substituted.onnx")
-    spec = RolloutSpec.load(paths["spec"])
-    ctx = Contexts.load(paths["contexts"], spec)
-    dev = resolve_device("cpu")
-    a, b = rollouts(paths["model"], spec, ctx, dev), rollouts(tmp_path / "substituted.onnx", spec, ctx, dev)
-    joint = float(np.mean(np.sum((a["x_next"] - b["x_next"]).astype(np.float64) ** 2, axis=(1, 2, 3))))
+    joint = joint_divergence(paths, tmp_path / "substituted.onnx")
     assert joint == pytest.approx(plan["verification"]["joint_divergence"], rel=1e-4)
     v = plan["verification"]  # the paper's plans are checked too, and named with their joint divergence
     assert isinstance(v["challengers"], dict) and isinstance(v["rollouts"], int) and isinstance(v["accepted_moves"], int)

@@ -84,3 +84,18 @@ def recurrent_spec(horizon: int = 8) -> dict:
 
 def recurrent_contexts(n: int = 16, s: int = 3, seed: int = 1) -> dict[str, np.ndarray]:
     return {"x0": np.random.default_rng(seed).standard_normal((s, 1, n)).astype(np.float32)}
+
+
+def joint_divergence(paths: dict[str, Path], other: Path, output: str = "x_next") -> float:
+    """The joint check's figure for model `other` against the case's model, rolled out on its contexts
+    (CPU): the squared divergence summed over steps and elements, averaged over contexts."""
+    from tqs_onnx.evaluate import rollouts
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+    from tqs_onnx.runtime import resolve_device
+
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    dev = resolve_device("cpu")
+    a, b = rollouts(paths["model"], spec, ctx, dev), rollouts(other, spec, ctx, dev)
+    d = (a[output] - b[output]).astype(np.float64)
+    return float(np.mean(np.sum(d ** 2, axis=tuple(range(1, d.ndim)))))
