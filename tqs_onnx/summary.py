@@ -77,7 +77,10 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
                  "(integer tiers: fused into MatMulNBits, decoded at load, or per call before a lookup)"]
     for w in doc["weights"][:max_rows]:
         form = "fused" if w.get("fused_dq") else "per call (lookup)" if w.get("const_lookup") else "at load"
-        lines.append(f"{w['name'][:40]:40s} {str(w['shape'])[:18]:18s} {w['origin'][:11]:11s} "
+        # the stored type where it is not float32 (f16: a float16 export; f64, bf16)
+        short = {"float16": "f16", "bfloat16": "bf16", "float64": "f64"}.get(w.get("dtype", "float32"), "")
+        shape = f"{w['shape']} {short}" if short else str(w["shape"])
+        lines.append(f"{w['name'][:40]:40s} {shape[:18]:18s} {w['origin'][:11]:11s} "
                      f"{','.join(w['consumer_ops'])[:18]:18s} "
                      f"{f'yes, {form}' if w['quantizable'] else 'no: ' + w['reason']}")
     if len(doc["weights"]) > max_rows:
