@@ -280,3 +280,28 @@ def test_an_existing_output_folder_is_probed_inside(tmp_path, monkeypatch):
     check_output_target(out)
     check_output_target(out / "new" / "plan.json")
     assert seen == [out, out] and sorted(p.name for p in out.iterdir()) == []
+
+
+def test_an_already_quantized_model_is_named_so(tmp_path, capsys):
+    """A vendor's int8 model: its weights behind DequantizeLinear are listed by inspect and named in the
+    sweep's refusal (it said only 'no quantizable weights', listing the scales; a new user's trial)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(0)
+    q = numpy_helper.from_array(r.integers(-127, 128, (16, 32)).astype(np.int8), "Wq")
+    s = numpy_helper.from_array(np.full(32, 0.01, np.float32), "Ws")
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["Wq", "Ws"], ["W"], axis=1),
+         helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["b"]),
+         helper.make_node("ReduceMean", ["b"], ["c"], axes=[1], keepdims=1),
+         helper.make_node("Add", ["x", "c"], ["x_next"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, 16])], [q, s]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    paths = save_case(tmp_path, m, recurrent_spec(), recurrent_contexts(16))
+    assert main(["inspect", str(paths["model"])]) == 0
+    assert "already quantized: 1 integer tensor(s) behind DequantizeLinear, 512 parameters" in capsys.readouterr().out
+    err = one_line_error(capsys, ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts",
+                                  str(paths["contexts"]), "-o", str(tmp_path / "s.json")], "already quantized")
+    assert "512 parameters" in err

@@ -500,3 +500,26 @@ def test_auto_device_of_workers_needs_a_gpu_for_each():
 
     assert worker_device("auto", {"CPU": 8.0, "GPU": 1.0}, workers=2) == "cpu"
     assert worker_device("auto", {"CPU": 8.0, "GPU": 2.0}, workers=2) == "cuda"
+
+
+def test_a_block_reaching_only_an_output_outside_the_trajectory_is_named(tmp_path, capsys):
+    """The dead branch's weight feeds an output the spec neither follows nor feeds back: the sweep says
+    that its block changed no trajectory output and names the other output (a new user's trial: the
+    plan put such a block at int2, its output 83% off, no word said)."""
+    import onnx
+    from onnx import helper
+
+    m = recurrent_mlp(dead_branch=True)
+    m.graph.node.append(helper.make_node("MatMul", ["x", "Wd"], ["y"], name="/side/MatMul"))
+    m.graph.output.append(helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16]))
+    paths = save_case(tmp_path, m, recurrent_spec(), recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    doc = run_sweep(load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), Device("cpu"),
+                    SweepConfig(probes=1, min_size=16, blocks="tensor", tiers=["int8"]))
+    err = capsys.readouterr().err
+    assert any(b["unreached"] or b["dead"] for b in doc["blocks"])
+    assert "changed no trajectory output" in err and "(y)" in err
+    spec2 = RolloutSpec.from_dict({**recurrent_spec(), "trajectory": ["x_next", "y"]})
+    run_sweep(load_model(paths["model"]), spec2, Contexts.load(paths["contexts"], spec2), Device("cpu"),
+              SweepConfig(probes=1, min_size=16, blocks="tensor", tiers=["int8"]))
+    assert "changed no trajectory output" not in capsys.readouterr().err

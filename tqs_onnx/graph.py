@@ -964,3 +964,11 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     for g in iter_graphs(model.graph):
         hist.update(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in g.node)
     return dict(sorted(hist.items(), key=lambda kv: -kv[1]))
+
+
+def prequantized(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Integer initializers a main-graph DequantizeLinear decodes: weights a vendor already quantized
+    (name -> shape). The sweep probes float weights only, so these are kept as they are."""
+    ints = {i.name: tuple(int(d) for d in i.dims) for i in model.graph.initializer if i.data_type not in FLOAT_TYPES}
+    return {n.input[0]: ints[n.input[0]] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input and n.input[0] in ints}

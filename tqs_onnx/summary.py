@@ -9,7 +9,8 @@ from typing import Any
 import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
-from tqs_onnx.graph import DEFAULT_MIN_SIZE, LoadedModel, main_opset, make_blocks, op_histogram, weight_table
+from tqs_onnx.graph import (DEFAULT_MIN_SIZE, LoadedModel, main_opset, make_blocks, op_histogram, prequantized,
+                            weight_table)
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.rollout import propose_spec
 from tqs_onnx.sweep import weight_entry
@@ -52,6 +53,9 @@ def inspect_model(loaded: LoadedModel, blocks: str = "auto", min_size: int = DEF
         "by_consumer_op": {k: {"parameters": v[0], "quantizable": v[1]} for k, v in by_op.items()},
         "weights": [{"name": w.name, **weight_entry(w), "size": w.size, "consumers": w.consumers[:4],
                      "quantizable": w.quantizable, "reason": w.reason} for w in weights],
+        # integer weights a vendor already quantized (behind DequantizeLinear): kept as they are
+        "prequantized": [{"name": n, "shape": list(s), "size": math.prod(s)}
+                         for n, s in prequantized(prepared.model).items()],
         "blocks": [{"id": b.id, "name": b.name, "weights": b.weights, "size": b.size}
                    for b in make_blocks(weights, blocks)],
         "block_mode": blocks,
@@ -72,7 +76,10 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
              "outputs: " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in doc["outputs"].items()),
              "ops:     " + ", ".join(f"{k} {v}" for k, v in list(doc["op_histogram"].items())[:12]),
              f"weights: {len(doc['weights'])} float tensors, {doc['parameters']:,} parameters, "
-             f"{doc['quantizable_share']:.1%} quantizable",
+             f"{doc['quantizable_share']:.1%} quantizable"
+             + (f"; already quantized: {len(doc['prequantized'])} integer tensor(s) behind DequantizeLinear, "
+                f"{sum(p['size'] for p in doc['prequantized']):,} parameters, kept as they are"
+                if doc.get("prequantized") else ""),
              "", f"{'weight':40s} {'shape':18s} {'origin':11s} {'consumers':18s} quantizable "
                  "(integer tiers: fused into MatMulNBits, decoded at load, or per call before a lookup)"]
     for w in doc["weights"][:max_rows]:

@@ -23,7 +23,7 @@ import onnx
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import (ANALYSIS_VERSION, IDENTITY, Block, LoadedModel, Weight, main_opset, make_blocks, same_model,
-                            subgraph_refs, tensor_is_finite, weight_table)
+                            prequantized, subgraph_refs, tensor_is_finite, weight_table)
 from tqs_onnx.passes.detach import detach_initializers
 from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
@@ -197,6 +197,12 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
     if not blocks:
+        done = prequantized(prepared.model)
+        if done:
+            raise TqsError(f"{loaded.path}: no quantizable weights: the model is already quantized ({len(done)} "
+                           f"integer tensor(s) behind DequantizeLinear, {sum(math.prod(s) for s in done.values()):,} "
+                           "parameters, kept as they are), and no float weight of at least "
+                           f"{config.min_size} elements is left; `tqs-onnx inspect` lists them")
         raise TqsError(f"{loaded.path}: no quantizable weights (float32 or float16, >= {config.min_size} elements; "
                        f"`tqs-onnx inspect` gives each weight's reason)")
     names = [n for b in blocks for n in b.weights]
@@ -768,8 +774,23 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
         if ckpt:
             ckpt.append(score)
     if not quiet:
-        print_sweep_notes(engine_summary(setup), sweep_notes(setup))
+        extra = unreached_note(scores, spec, [o.name for o in setup.loaded.model.graph.output])
+        print_sweep_notes(engine_summary(setup), sweep_notes(setup) + ([extra] if extra else []))
     return scores_document(setup, spec, config, scores, device)
+
+
+def unreached_note(scores: list[BlockScore], spec: RolloutSpec, outputs: list[str]) -> str | None:
+    """Blocks that changed no trajectory output, where the model has outputs the spec neither follows nor
+    feeds back: the allocator puts such blocks at its cheapest tier, whatever they do to those outputs
+    (a new user's trial: an output 83% off at int2, no word said)."""
+    idle = [s.name for s in scores if s.unreached or s.dead]
+    others = [o for o in outputs if o not in spec.trajectory and o not in spec.feedback]
+    if not idle or not others:
+        return None
+    more = f" and {len(idle) - 1} more" if len(idle) > 1 else ""
+    return (f"{len(idle)} block(s) changed no trajectory output ('{idle[0]}'{more}): the allocator may put them "
+            f"at any tier; if the model's other outputs ({', '.join(others)}) matter, add them to the spec's "
+            "trajectory")
 
 
 def sweep_notes(setup: SweepSetup) -> list[str]:

@@ -14,7 +14,8 @@ def format_ranking(doc: dict[str, Any]) -> str:
         gq = f"{b['quant']['gamma_task']:.4f}" if b["quant"] else "-"
         gg = f"{b['gauss']['gamma_task']:.4f}" if b["gauss"] else "-"
         am = (b["quant"] or b["gauss"])["a_max"]
-        flags = ",".join(f for f, on in (("dead", b["dead"]), ("non-finite", b["nonfinite"])) if on)
+        flags = ",".join(f for f, on in (("dead", b["dead"]), ("unreached", b.get("unreached")),
+                                          ("non-finite", b["nonfinite"])) if on)
         lines.append(f"{r:4d} {b['name'][:32]:32s} {b['size']:>10,} {gq:>12} {gg:>12} {am:>10.3g}  {flags}")
     return "\n".join(lines)
 
