@@ -80,14 +80,14 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
              + (f"; already quantized: {len(doc['prequantized'])} integer tensor(s) behind DequantizeLinear, "
                 f"{sum(p['size'] for p in doc['prequantized']):,} parameters, kept as they are"
                 if doc.get("prequantized") else ""),
-             "", f"{'weight':40s} {'shape':18s} {'origin':11s} {'consumers':18s} quantizable "
+             "", f"{'weight':40s} {'shape':18s} {'origin':17s} {'consumers':18s} quantizable "
                  "(integer tiers: fused into MatMulNBits, decoded at load, or per call before a lookup)"]
     for w in doc["weights"][:max_rows]:
         form = "fused" if w.get("fused_dq") else "per call (lookup)" if w.get("const_lookup") else "at load"
         # the stored type where it is not float32 (f16: a float16 export; f64, bf16)
         short = {"float16": "f16", "bfloat16": "bf16", "float64": "f64"}.get(w.get("dtype", "float32"), "")
         shape = f"{w['shape']} {short}" if short else str(w["shape"])
-        lines.append(f"{w['name'][:40]:40s} {shape[:18]:18s} {w['origin'][:11]:11s} "
+        lines.append(f"{w['name'][:40]:40s} {shape[:18]:18s} {w['origin'][:17]:17s} "
                      f"{','.join(w['consumer_ops'])[:18]:18s} "
                      f"{f'yes, {form}' if w['quantizable'] else 'no: ' + w['reason']}")
     if len(doc["weights"]) > max_rows:
