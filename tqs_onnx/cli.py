@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ def _check_output_files(*paths: str | None, inputs: tuple[str | None, ...] = ())
         raise TqsError(f"{next(p for p in paths if p)}: this command's outputs must be two files, not one "
                        f"({', '.join(p for p in paths if p)})")
     for i in [i for i in inputs if i and i.endswith(".onnx") and Path(i).is_file()]:
-        given.update({f: f"{i}'s data file {f.name}" for f in external_data_files(i)})
+        given.update({f: f"{i}'s data file {os.path.relpath(f, Path(i).resolve().parent)}" for f in external_data_files(i)})
     for path in paths:
         if not path:
             continue
