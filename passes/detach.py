@@ -178,16 +178,25 @@ def raw_half(t: onnx.TensorProto) -> bool:
     """Store a float16/bfloat16 tensor held in int32_data (a varint of about 3 bytes per value, as
     onnxconverter-common writes tensors it read from float_data) as raw_data, 2 bytes per value: the
     size the planner counts. The values are the same bits. Returns whether it changed `t`."""
-    if t.data_type not in HALF_TYPES or not len(t.int32_data):
+    if not _int32_half(t):
         return False
-    t.raw_data = np.asarray(t.int32_data, np.uint32).astype("<u2").tobytes()
+    t.raw_data = _half_bytes(t)
     t.ClearField("int32_data")
     return True
 
 
+def _int32_half(t: onnx.TensorProto) -> bool:
+    return t.data_type in HALF_TYPES and len(t.int32_data) > 0
+
+
+def _half_bytes(t: onnx.TensorProto) -> bytes:
+    """A float16/bfloat16 tensor's int32_data as raw_data: its 16-bit patterns, little-endian."""
+    return np.asarray(t.int32_data, np.uint32).astype("<u2").tobytes()
+
+
 def _copy_data(src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
-    if src.data_type in HALF_TYPES and len(src.int32_data):  # as raw_data (raw_half)
-        dst.raw_data = np.asarray(src.int32_data, np.uint32).astype("<u2").tobytes()
+    if _int32_half(src):  # as raw_data (raw_half)
+        dst.raw_data = _half_bytes(src)
         return
     for name in DATA_FIELDS:
         if name == "raw_data":

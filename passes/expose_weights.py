@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from tqs_onnx.graph import iter_graphs, node_subgraphs, value_names
 from tqs_onnx.passes.base import PassResult
 from tqs_onnx.util import fresh_name
 
@@ -35,7 +36,7 @@ class ExposeWeights:
         del out.graph.initializer[:]
         out.graph.initializer.extend(keep)
         existing = {i.name for i in out.graph.input}
-        taken = _names(out.graph)
+        taken = value_names(out.graph) | {n.name for g in iter_graphs(out.graph) for n in g.node}
         casts = []
         for name in self.names:
             if name not in values or name in existing:
@@ -55,22 +56,6 @@ class ExposeWeights:
         return PassResult(out, bool(values), {"values": values})
 
 
-def _names(graph: onnx.GraphProto) -> set[str]:
-    """Every value name of `graph` and its bodies (a new name must shadow none of them)."""
-    names = {v.name for v in (*graph.input, *graph.output, *graph.initializer, *graph.value_info)}
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        names.add(node.name)
-        for sub in _bodies(node):
-            names |= _names(sub)
-    return names
-
-
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [b for a in node.attribute for b in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
-
-
 def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Every read of `old` in `graph` becomes a read of `new`, in bodies too unless one binds `old` itself."""
     for vi in graph.value_info:
@@ -80,7 +65,7 @@ def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
         for i, v in enumerate(node.input):
             if v == old:
                 node.input[i] = new
-        for sub in _bodies(node):
+        for _, sub in node_subgraphs(node):
             own = {v.name for v in (*sub.input, *sub.initializer)} | {o for n in sub.node for o in n.output}
             if old not in own:
                 _rename_reads(sub, old, new)

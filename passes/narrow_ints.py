@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from tqs_onnx.graph import iter_graphs
+from tqs_onnx.graph import value_names
 from tqs_onnx.passes.base import PassResult
 from tqs_onnx.util import fresh_name
 
@@ -47,16 +47,6 @@ def narrowest(values: np.ndarray) -> tuple[type, int] | None:
     return None
 
 
-def _names(graph: onnx.GraphProto) -> set[str]:
-    """Every value name of the graph and its subgraphs (a new name must clash with none)."""
-    names: set[str] = set()
-    for g in iter_graphs(graph):
-        names.update(t.name for t in g.initializer)
-        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
-        names.update(o for n in g.node for o in list(n.output) + list(n.input))
-    return names
-
-
 class NarrowIntegerConstants:
     """Store wide integer initializers narrow, with a Cast back to their type under their name."""
 
@@ -71,7 +61,7 @@ class NarrowIntegerConstants:
         graph = model.graph
         keep = ({i.name for i in graph.input} | {o.name for o in graph.output}
                 | {n.input[1] for n in graph.node if n.op_type in GATHERS and len(n.input) > 1})
-        taken = _names(graph)
+        taken = value_names(graph)
         node_names = {n.name for n in graph.node if n.name}  # ORT refuses two nodes of one name
         casts, narrowed, saved = [], [], 0
         for init in graph.initializer:

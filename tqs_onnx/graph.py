@@ -52,6 +52,16 @@ def iter_graphs(graph: onnx.GraphProto):
                     yield from iter_graphs(g)
 
 
+def value_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name of the graph and its subgraphs (a new name must clash with none)."""
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        names.update(o for n in g.node for o in list(n.output) + list(n.input))
+    return names
+
+
 def iter_tensors(model: onnx.ModelProto):
     """Every tensor a model stores: initializers (sparse ones as values and indices) and Constant
     values of all graphs (training_info's too), and the Constant values inside local functions' bodies."""
@@ -417,7 +427,8 @@ class Use:
     scope: str = ""  # the prefix of `name` naming the graph the node is in ('' for the main graph)
 
 
-def _subgraphs(node: onnx.NodeProto):
+def node_subgraphs(node: onnx.NodeProto):
+    """(label, body) of each graph a node holds: If's branches, Loop's and Scan's bodies."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.name, attr.g
@@ -439,7 +450,7 @@ def _uses_in(graph: onnx.GraphProto, value: str, prefix: str, order: int | None,
         for slot, inp in enumerate(node.input):
             if inp == value:
                 out.append((graph, Use(node, slot, f"{prefix}{label}", where, True, main, scope=prefix)))
-        for attr_name, sub in _subgraphs(node):
+        for attr_name, sub in node_subgraphs(node):
             out += _uses_in(sub, value, f"{prefix}{label}/{attr_name}/", where, main=False)
     return out
 
@@ -503,13 +514,13 @@ def scope_constants(graph: onnx.GraphProto) -> dict[str, set[str]]:
         known = (outer - inputs) | ({i.name for i in g.initializer} - inputs)
         for node in g.node:  # in topological order, as ONNX requires
             if node.domain in ("", "ai.onnx") and node.op_type not in _RANDOM_OPS \
-                    and not any(_subgraphs(node)) and all(i in known for i in node.input if i):
+                    and not any(node_subgraphs(node)) and all(i in known for i in node.input if i):
                 known.update(o for o in node.output if o)
             else:
                 known.difference_update(node.output)  # a computed value rebinding an outer constant's name
         out[prefix] = known & wanted
         for label, node in zip(_node_names(g), g.node):
-            for attr_name, sub in _subgraphs(node):
+            for attr_name, sub in node_subgraphs(node):
                 visit(sub, f"{prefix}{label}/{attr_name}/", known)
 
     visit(graph, "", set())
@@ -531,16 +542,20 @@ def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None) -> tuple[int,
     return perm if _same_tensor(node) or _float_cast(node) else None
 
 
+def cast_to(node: onnx.NodeProto) -> int:
+    """A Cast's target element type (0 for another op)."""
+    return next((a.i for a in node.attribute if a.name == "to"), 0) if node.op_type == "Cast" else 0
+
+
 def _float_cast(node: onnx.NodeProto) -> bool:
     """A Cast to a float type (float16 compute reading a stored weight): its axes are the stored ones."""
-    return node.op_type == "Cast" and any(a.name == "to" and a.i in FLOAT_TYPES for a in node.attribute)
+    return cast_to(node) in FLOAT_TYPES
 
 
 def _same_tensor(node: onnx.NodeProto) -> bool:
     """An op whose output is its float input unchanged (Identity, a Cast to float): ORT removes it, and
     a weight read through it is read as stored (ORT fuses its DequantizeLinear as if read directly)."""
-    return node.op_type == "Identity" or node.op_type == "Cast" and any(
-        a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+    return node.op_type == "Identity" or cast_to(node) == onnx.TensorProto.FLOAT
 
 
 def _axes_for(op: str, slot: int, node: onnx.NodeProto, ndim: int) -> tuple[int | None, int | None]:

@@ -285,18 +285,13 @@ class Rollout:
 
     def _check_contexts(self, where: str) -> None:
         for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items()]:
-            self._check_array(inp, self.contexts.arrays[key][0], key, where)
+            self._check_array(inp, self.contexts.arrays[key], 1, key, where)
         for inp, key in self.spec.per_step.items():
-            self._check_array(inp, self.contexts.arrays[key][0, 0], key, where)
-        for inp, key in [*self.spec.initial.items(), *self.spec.fixed.items(), *self.spec.per_step.items()]:
-            a = self.contexts.arrays[key]
-            if self.input_dtype(inp) == np.float16 and a.dtype.kind == "f" and a.dtype.itemsize > 2:
-                finite = np.abs(a[np.isfinite(a)])
-                if finite.size and finite.max() > np.finfo(np.float16).max:
-                    raise TqsError(f"{where}: contexts array '{key}' holds values up to {finite.max():.6g}, beyond "
-                                   f"float16's {np.finfo(np.float16).max:g}, and input '{inp}' takes float16")
+            self._check_array(inp, self.contexts.arrays[key], 2, key, where)
 
-    def _check_array(self, inp: str, a: np.ndarray, key: str, where: str) -> None:
+    def _check_array(self, inp: str, arrays: np.ndarray, lead: int, key: str, where: str) -> None:
+        """The contexts array fed to `inp`, whose first `lead` axes index contexts (and steps)."""
+        a = arrays[(0,) * lead]
         shape, typ = self.inputs[inp]
         if not str(typ).startswith("tensor("):
             raise TqsError(f"{where}: input '{inp}' takes {typ}; a rollout feeds tensors only")
@@ -306,6 +301,11 @@ class Rollout:
         want = ORT_NUMPY_TYPES.get(typ)
         if want is not None and np.dtype(a.dtype).kind != np.dtype(want).kind:
             raise TqsError(f"{where}: contexts array '{key}' is {a.dtype}, input '{inp}' needs {typ}")
+        if want == np.float16 and a.dtype.kind == "f" and a.dtype.itemsize > 2:
+            finite = np.abs(arrays[np.isfinite(arrays)])
+            if finite.size and finite.max() > np.finfo(np.float16).max:
+                raise TqsError(f"{where}: contexts array '{key}' holds values up to {finite.max():.6g}, beyond "
+                               f"float16's {np.finfo(np.float16).max:g}, and input '{inp}' takes float16")
 
     def input_dtype(self, inp: str) -> Any:
         """The numpy type an input is fed with."""

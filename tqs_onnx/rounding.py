@@ -35,7 +35,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import infer_value_shapes, main_opset, subgraph_refs
+from tqs_onnx.graph import FLOAT_TYPES, cast_to, infer_value_shapes, main_opset, subgraph_refs
 from tqs_onnx.quant import broadcast_scales
 from tqs_onnx.tiers import Tier
 from tqs_onnx.util import atomic_write, fresh_name
@@ -136,9 +136,9 @@ def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[Reader]]
     for node in model.graph.node:  # in topological order, as ONNX requires
         other |= {alias[v][0] for v in subgraph_refs(node) if v in alias}
         if node.op_type in ("Identity", "Cast") and node.input and node.input[0] in alias and node.output \
-                and (node.op_type == "Identity" or _cast_to(node) in _FLOATS):  # float16 compute of a weight
+                and (node.op_type == "Identity" or cast_to(node) in FLOAT_TYPES):  # float16 compute of a weight
             w, elem = alias[node.input[0]]
-            alias[node.output[0]] = (w, _cast_to(node) or elem)
+            alias[node.output[0]] = (w, cast_to(node) or elem)
             continue
         for i, name in enumerate(node.input):
             if name not in alias:
@@ -151,14 +151,6 @@ def _readers(model: onnx.ModelProto, names: set[str]) -> dict[str, list[Reader]]
                 found.setdefault(w, []).append(replace(reader, elem=elem) if elem else reader)
     other |= {alias[o.name][0] for o in model.graph.output if o.name in alias}
     return {n: r for n, r in found.items() if n not in other and len({x.input_axis for x in r}) == 1}
-
-
-_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-
-
-def _cast_to(node: onnx.NodeProto) -> int:
-    """A Cast's target element type (0 for another op)."""
-    return next((a.i for a in node.attribute if a.name == "to"), 0) if node.op_type == "Cast" else 0
 
 
 def _reader(node: onnx.NodeProto, index: int, shape: tuple) -> Reader | None:

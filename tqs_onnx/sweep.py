@@ -23,8 +23,8 @@ import onnx
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.graph import (ANALYSIS_VERSION, IDENTITY, Block, LoadedModel, Weight, main_opset, make_blocks, same_model,
-                            prequantized, subgraph_refs, tensor_is_finite, weight_table)
-from tqs_onnx.passes.detach import detach_initializers
+                            cast_to, prequantized, subgraph_refs, tensor_is_finite, weight_table)
+from tqs_onnx.passes.detach import HALF_TYPES, detach_initializers
 from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
 from tqs_onnx.passes.opset import UpgradeOpset
@@ -219,8 +219,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     # Not on float16/bfloat16 trajectories: ORT's CPU provider computes such an op in float32 and drops
     # the Cast pair it makes with the divergence's Cast back to float32, so the divergence would read
     # the unrounded value (an unperturbed rollout measured 4e-5, not 0); the graph engine reads the outputs.
-    half = {o.name for o in model.graph.output
-            if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    half = {o.name for o in model.graph.output if o.type.tensor_type.elem_type in HALF_TYPES}
     if divergence_mode() == "model" and set(spec.trajectory) <= {o.name for o in model.graph.output} - half:
         measured = AddDivergenceOutputs(spec.trajectory).run(model)
         model, pairs = measured.model, measured.report["pairs"]
@@ -420,8 +419,7 @@ def half_reads(model: onnx.ModelProto, names: set[str]) -> set[str]:
                 readers.setdefault(v, []).append(node)
     floats = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     return {n for n, rs in readers.items() if n in floats and n not in other and all(
-        r.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in r.attribute)
-        for r in rs)}
+        cast_to(r) == onnx.TensorProto.FLOAT16 for r in rs)}
 
 
 def divergence(setup: SweepSetup, replaced: dict[str, Any], stop: StopFn | None = None) -> np.ndarray:
