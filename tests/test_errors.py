@@ -305,3 +305,27 @@ def test_an_already_quantized_model_is_named_so(tmp_path, capsys):
     err = one_line_error(capsys, ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts",
                                   str(paths["contexts"]), "-o", str(tmp_path / "s.json")], "already quantized")
     assert "512 parameters" in err
+
+
+def test_integer_contexts_beyond_the_inputs_type_are_refused(tmp_path, capsys):
+    """int64 data fed to an int32 input was cast without a word, wrapping 2**31 to a negative index."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32) * 0.2
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Cast", ["k"], ["kf"], to=1),
+             helper.make_node("Mul", ["a", "kf"], ["b"]), helper.make_node("Tanh", ["b"], ["x_next"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16]),
+                                       helper.make_tensor_value_info("k", TensorProto.INT32, [1])],
+                          [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, 16])],
+                          [numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    ctx = {**recurrent_contexts(), "k": np.ones((3, 1), np.int64)}
+    spec = {**recurrent_spec(), "fixed": {"k": "k"}}
+    paths = save_case(tmp_path, m, spec, ctx)
+    argv = ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+            "-o", str(tmp_path / "s.json"), "--probes", "1", "--min-size", "16", "--quiet", "--tiers", "int8"]
+    assert main(argv) == 0  # int64 values that fit int32 are fed as int32
+    os.remove(tmp_path / "s.json")
+    ctx["k"][2, 0] = 2 ** 31
+    np.savez(paths["contexts"], **ctx)
+    one_line_error(capsys, argv, "'k'", "2147483648", "int32")

@@ -301,6 +301,12 @@ class Rollout:
         want = ORT_NUMPY_TYPES.get(typ)
         if want is not None and np.dtype(a.dtype).kind != np.dtype(want).kind:
             raise TqsError(f"{where}: contexts array '{key}' is {a.dtype}, input '{inp}' needs {typ}")
+        if want is not None and np.dtype(want).kind in "iu" and arrays.size and \
+                np.dtype(a.dtype).itemsize > np.dtype(want).itemsize:
+            lo, hi, info = arrays.min(), arrays.max(), np.iinfo(want)
+            if lo < info.min or hi > info.max:
+                raise TqsError(f"{where}: contexts array '{key}' holds values from {lo} to {hi}, beyond "
+                               f"{np.dtype(want).name}'s range, and input '{inp}' takes {typ}")
         if want == np.float16 and a.dtype.kind == "f" and a.dtype.itemsize > 2:
             finite = np.abs(arrays[np.isfinite(arrays)])
             if finite.size and finite.max() > np.finfo(np.float16).max:
