@@ -185,3 +185,16 @@ def test_a_lookup_table_with_fp16_scales_is_per_call_and_not_expanded_at_load(tm
     inits = [init("E", E), init("idx", (np.arange(80, dtype=np.int64) % 64)), init("ax", np.array([0], np.int64))]
     f = _written_figures(tmp_path, nodes, inits, [vec("x", 32)], [vec("y", 32)], {"E": "int4/channel/fp16"})
     assert f["expanded_at_load"] == [] and [e["weight"] for e in f["per_call"]] == ["E"]
+
+
+def test_a_scalar_cast_per_call_is_not_a_weight_decoded_per_call():
+    """ORT's CPU provider casts a float16 model's zero-point scalars to float32 for its float kernels
+    (`InsertedPrecisionFreeCast_...`); the report listed one as a weight decoded per call."""
+    nodes = [helper.make_node("Cast", ["zp"], ["zpf"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["W"], ["Wf"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["x", "zpf"], ["a"]), helper.make_node("MatMul", ["a", "Wf"], ["y"])]
+    inits = [helper.make_tensor("zp", TensorProto.FLOAT16, [], np.array([1.0], np.float16).view(np.uint16)),
+             init("W", np.ones((N_IN, N_OUT), np.float16))]
+    m = model(nodes, inits, [vec("x", N_IN)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N_OUT])])
+    f = graph_figures(m, m)
+    assert [e["weight"] for e in f["per_call"]] == ["Wf"]

@@ -349,6 +349,8 @@ def graph_figures(written: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[
     per_call = []
     for node, inits in _constant_decodes(optimized.graph):
         stored = [inits[i] for i in node.input if i]
+        if math.prod(stored[0].dims) <= 1:
+            continue  # a scalar (ORT's Cast of a float16 zero point for a float32 kernel): no weight
         dtype = _decoded_type(node, inits)
         numel, chain = _materialized(node.output[0], list(stored[0].dims), users, inits)
         per_call.append({"weight": node.output[0], "op": node.op_type,
