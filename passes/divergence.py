@@ -1,9 +1,9 @@
 """Let the model's own run measure a step's trajectory divergence: ||y - y_ref||^2 per output.
 
 For each named output y the pass adds an input `y::tqs_ref` (zeros as its default, so runs that do not
-feed it still work) and an output `y::tqs_sqdiff` = sum((y - y_ref)^2), float32. A sweep feeds the
-nominal trajectory's step as the reference and reads one scalar per output: one ORT run per step
-instead of the model's and a divergence graph's (2-11% faster on a 2-core CPU, equal within noise on
+feed it still work) and an output `y::tqs_sqdiff` = sum((y - y_ref)^2), float32 (double outputs are
+subtracted in double). A sweep feeds the nominal trajectory's step as the reference and reads one
+scalar per output: one ORT run per step instead of the model's and a divergence graph's (2-11% faster on a 2-core CPU, equal within noise on
 an H100: `tools/bench_sweep.py --compare-divergence`).
 """
 
@@ -57,12 +57,25 @@ class AddDivergenceOutputs:
 
     @staticmethod
     def _nodes(y: str, ref: str, sq: str, elem: int) -> list[onnx.NodeProto]:
-        h = helper.make_node
-        a, b = y, ref
-        nodes = []
-        if elem != TensorProto.FLOAT:  # integer, float16, bfloat16, double: compared in float32
-            a, b = sq + "/a", sq + "/b"
-            nodes += [h("Cast", [y], [a], to=TensorProto.FLOAT), h("Cast", [ref], [b], to=TensorProto.FLOAT)]
-        nodes += [h("Sub", [a, b], [sq + "/d"]),
-                  h("ReduceSumSquare", [sq + "/d"], [sq], keepdims=0)]
-        return nodes
+        return sqdiff_nodes(y, ref, sq, elem, sq + "/")
+
+
+# Types whose difference float32 cannot hold to their own precision: compared in double, the sum cast
+# to float32 (a float64 state near 1e4 lost its divergences below 1e-3 in float32: blocks scored dead).
+WIDE_TYPES = (TensorProto.DOUBLE, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT32, TensorProto.UINT64)
+
+
+def sqdiff_nodes(a: str, b: str, out: str, elem: int, prefix: str, keepdims: int = 0) -> list[onnx.NodeProto]:
+    """Nodes computing `out` = float32 sum((a - b)^2) of two tensors of ONNX type `elem`: float16,
+    bfloat16 and small integers subtracted in float32 (exact), double and wide integers in double."""
+    h = helper.make_node
+    work = TensorProto.DOUBLE if elem in WIDE_TYPES else TensorProto.FLOAT
+    nodes = []
+    if elem != work:
+        nodes += [h("Cast", [a], [prefix + "a"], to=work), h("Cast", [b], [prefix + "b"], to=work)]
+        a, b = prefix + "a", prefix + "b"
+    total = out if work == TensorProto.FLOAT else prefix + "s"
+    nodes += [h("Sub", [a, b], [prefix + "d"]), h("ReduceSumSquare", [prefix + "d"], [total], keepdims=keepdims)]
+    if total != out:
+        nodes.append(h("Cast", [total], [out], to=TensorProto.FLOAT))
+    return nodes

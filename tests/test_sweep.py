@@ -523,3 +523,40 @@ def test_a_block_reaching_only_an_output_outside_the_trajectory_is_named(tmp_pat
     run_sweep(load_model(paths["model"]), spec2, Contexts.load(paths["contexts"], spec2), Device("cpu"),
               SweepConfig(probes=1, min_size=16, blocks="tensor", tiers=["int8"]))
     assert "changed no trajectory output" not in capsys.readouterr().err
+
+
+def test_a_float64_trajectory_is_differenced_in_float64(tmp_path, monkeypatch):
+    """A float64 state near 1e4: divergences below float32's resolution there (~1e-3) read as exactly 0
+    when the outputs were cast to float32 before the difference (bf16 damage 0, blocks scored dead)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from tiny import init, model, rng_weights
+    from tqs_onnx.probes import sqdiff_many_graph
+
+    n = 16
+    w1, w2 = rng_weights(0, (n, 32), (32, n))
+    h = helper.make_node
+    nodes = [h("Cast", ["W1"], ["W1d"], to=TensorProto.DOUBLE), h("Cast", ["W2"], ["W2d"], to=TensorProto.DOUBLE),
+             h("Sub", ["x", "off"], ["xc"]), h("MatMul", ["xc", "W1d"], ["a"]), h("Tanh", ["a"], ["b"]),
+             h("MatMul", ["b", "W2d"], ["c"]), h("Mul", ["c", "small"], ["cs"]), h("Mul", ["xc", "k"], ["xs"]),
+             h("Add", ["xs", "cs"], ["y"]), h("Add", ["y", "off"], ["x_next"])]
+    inits = [init("W1", w1), init("W2", w2), init("k", np.float64(0.9)), init("off", np.float64(1e4)),
+             init("small", np.float64(1e-5))]
+    vi = [helper.make_tensor_value_info(v, TensorProto.DOUBLE, [1, n]) for v in ("x", "x_next")]
+    ctx = {"x0": recurrent_contexts()["x0"].astype(np.float64) + 1e4}
+    paths = save_case(tmp_path, model(nodes, inits, vi[:1], vi[1:]), recurrent_spec(), ctx)
+    loaded, spec = load_model(paths["model"]), RolloutSpec.load(paths["spec"])
+    config = SweepConfig(probes=2, tiers=["bf16", "int8", "int2"], min_size=16)
+    scores = {}
+    for mode in ("model", "graph"):
+        monkeypatch.setenv("TQS_DIVERGENCE", mode)
+        scores[mode] = run_sweep(loaded, spec, Contexts.load(paths["contexts"], spec), Device("cpu"), config)
+    for a, b in zip(scores["model"]["blocks"], scores["graph"]["blocks"]):
+        assert not a["dead"] and not a["unreached"]
+        assert 0 < a["damage"]["bf16"] < 1e-10
+        assert a["damage"] == pytest.approx(b["damage"], rel=1e-5)
+    # the GPU's divergence graph (the same nodes): float64 pairs differenced in float64
+    s = ort.InferenceSession(sqdiff_many_graph([TensorProto.DOUBLE]), providers=["CPUExecutionProvider"])
+    a = np.full((4,), 1e4)
+    assert s.run(None, {"a0": a + 1e-4, "b0": a})[0][0] == pytest.approx(4e-8, rel=1e-5)
