@@ -140,8 +140,10 @@ def test_a_dead_block_is_not_sent_to_a_bottom_tier_measured_harmful():
     assert str(p.tiers[a.assign[0]]) != "int2"
 
 
-def test_a_block_small_probes_leave_unchanged_is_measured_at_its_coarsest_tier(tmp_path):
-    """Relu(x W - 6): probes of the int8 residual's norm never cross the threshold, int2 does."""
+@pytest.mark.parametrize("tiers", ["int8,int4,int2", "int8,int4,int2,zero", "int8,int4,int2,int1"])
+def test_a_block_small_probes_leave_unchanged_is_measured_at_its_coarsest_tier(tmp_path, tiers):
+    """Relu(x W - 6): probes of the int8 residual's norm never cross the threshold, int2 does; `zero`
+    and int1 (fewer bits, but W -> 0 or +-scale) cross it neither, and did not stand in for int2."""
     rng = np.random.default_rng(0)
     w = rng.uniform(0.55, 0.7, (8, 32)).astype(np.float32)
     w[0, 0] = 1.0
@@ -163,10 +165,10 @@ def test_a_block_small_probes_leave_unchanged_is_measured_at_its_coarsest_tier(t
                                 "initial": {"x": "x0"}}))
     np.savez(ctx, x0=rng.uniform(0.2, 1.0, (4, 1, 8)).astype(np.float32))
     assert main(["sweep", str(model), "--rollout", str(spec), "--contexts", str(ctx), "--blocks", "tensor",
-                 "--tiers", "int8,int4,int2", "--probes", "2", "--quiet", "-o", str(scores)]) == 0
+                 "--tiers", tiers, "--probes", "2", "--quiet", "-o", str(scores)]) == 0
     blocks = {b["name"]: b for b in json.loads(scores.read_text())["blocks"]}
     assert blocks["W"]["damage"]["int2"] > 1e6 and not blocks["W"]["unreached"]
-    assert blocks["P"]["damage"] == {"int8": 0.0, "int4": 0.0, "int2": 0.0}
+    assert blocks["P"]["damage"] == dict.fromkeys(tiers.split(","), 0.0) and blocks["P"]["unreached"]
     plan = tmp_path / "p.json"
     assert main(["allocate", str(scores), "--compression", "2", "-o", str(plan), "--quiet"]) == 0
     tiers = {b["name"]: b["tier"] for b in json.loads(plan.read_text())["blocks"]}

@@ -572,14 +572,21 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
 
     measured = [t for t in tiers if not t.is_identity]
     if score.unreached and measured:
-        # Two small probes changed nothing; the coarsest tier is rolled out once before every tier is
-        # taken as harmless: a threshold (Relu(x w - 6)) that probes of the int8 residual's norm never
-        # cross, int2 may.
-        coarsest = min(measured, key=lambda t: (t.bits, t.granularity != "tensor"))
-        d = damage(coarsest)
-        if np.any(d):
-            score.unreached = False
-            score.damage[str(coarsest)] = _mean_damage(d)
+        # Two small probes changed nothing; the coarsest integer grid (int2 before int4, per tensor first)
+        # is rolled out once before every tier is taken as harmless: a threshold (Relu(x w - 6)) that
+        # probes of the int8 residual's norm never cross, int2 may. `zero` and int1 move the weights
+        # otherwise (to 0, to +-scale) and may cross none, so they are rolled out besides, not instead.
+        coarsest = {}
+        for t in sorted(measured, key=lambda t: (t.bits, t.granularity != "tensor")):
+            coarsest.setdefault(t.fmt if t.bits < 2 else "grid", t)
+        for tier in sorted(coarsest.values(), key=lambda t: t.bits < 2):
+            d = damage(tier)
+            score.damage[str(tier)] = _mean_damage(d)
+            if np.any(d):
+                score.unreached = False
+                break
+        if score.unreached:
+            score.damage = {}  # every tier harmless here: recorded as 0 below
     for tier in measured:
         if str(tier) not in score.damage:  # unreached: outputs do not depend on these weights here
             score.damage[str(tier)] = 0.0 if score.unreached else _mean_damage(damage(tier))
