@@ -64,8 +64,9 @@ def test_gptq_tier_names_and_where_they_apply():
 
 @pytest.fixture
 def gptq_case(tmp_path):
-    # 3 contexts x 12 steps = 36 rows, at least as many as W2's 32 inputs (fewer: no statistics)
-    paths = save_case(tmp_path, recurrent_mlp(n=16, h=32), recurrent_spec(12), recurrent_contexts(16, s=3))
+    # 16 contexts x 12 steps = 192 rows: W2's GPTQ rounding (32 inputs) fitted on either half of the
+    # contexts beats rounding to nearest on the other (W1's, on the states x, does not: it rounds to nearest)
+    paths = save_case(tmp_path, recurrent_mlp(n=16, h=32), recurrent_spec(12), recurrent_contexts(16, s=16))
     scores = tmp_path / "scores.json"
     assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
                  "--tiers", "int4/channel,int4/channel/gptq,int2/channel,int2/channel/gptq", "-o", str(scores),
@@ -84,8 +85,9 @@ def _allocate(paths, scores, out, tiers="fp32,int4/channel/gptq", verify=True) -
 def test_the_written_gptq_model_holds_the_values_the_joint_check_measured(gptq_case, tmp_path):
     paths, scores = gptq_case
     doc = json.loads(scores.read_text())
-    for b in doc["blocks"]:  # measured: the rounding helps on every block of this model
-        assert b["damage"]["int4/channel/gptq"] < b["damage"]["int4/channel"]
+    damage = {b["name"]: b["damage"] for b in doc["blocks"]}  # measured: the rounding helps W2's block,
+    assert damage["l2"]["int4/channel/gptq"] < 0.5 * damage["l2"]["int4/channel"]  # W1's keeps nearest
+    assert damage["l1"]["int4/channel/gptq"] == damage["l1"]["int4/channel"]
     plan_path = tmp_path / "plan.json"
     assert _allocate(paths, scores, plan_path, tiers="int4/channel/gptq") == 0  # the only tier
     plan = json.loads(plan_path.read_text())
@@ -104,7 +106,7 @@ def test_the_written_gptq_model_holds_the_values_the_joint_check_measured(gptq_c
             qname, sname = stored_names(init.name)
             q, scale = written[qname], written[sname].reshape(-1)
             rtn, _ = quantize(numpy_helper.to_array(init), t, 1)
-            assert not np.array_equal(q.astype(np.int8), rtn.astype(np.int8))  # not plain rounding
+            assert np.array_equal(q.astype(np.int8), rtn.astype(np.int8)) == (init.name == "W1")  # W2: GPTQ's
             init.CopyFrom(numpy_helper.from_array(dequantize(q, scale, t, 1, None, np.float32), init.name))
     onnx.save(substituted, tmp_path / "substituted.onnx")
     joint = joint_divergence(paths, tmp_path / "substituted.onnx")
@@ -362,7 +364,7 @@ def test_pareto_writes_gptq_plans_with_their_codes(gptq_case, tmp_path):
         for names, text in zip(blocks, r["tiers"]):
             t = parse_tier(text)
             for name in names:
-                if t.gptq and t.granularity == "channel":
+                if t.gptq and t.granularity == "channel" and name == "W2":  # W1 keeps nearest's (held out)
                     rtn, _ = quantize(original[name], t, 1)
                     assert not np.array_equal(written[stored_names(name)[0]].astype(np.int8), rtn.astype(np.int8))
                     checked += 1
@@ -440,7 +442,7 @@ def test_a_gemm_with_trans_a_sums_the_columns_of_its_activation():
 
     def factory(probe, outputs):
         sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        yield dict(zip(outputs, sess.run(outputs, {"a": a})))
+        yield 0, dict(zip(outputs, sess.run(outputs, {"a": a})))
 
     m = rounding.input_moments(model, {"w": TensorProto.FLOAT}, factory)["w"]
     np.testing.assert_allclose(m.h, a.astype(np.float64) @ a.T.astype(np.float64), rtol=1e-5)
@@ -475,7 +477,7 @@ def _moments_both_ways(model, feeds, elem, monkeypatch):
 
     def factory(probe, outputs):
         sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        yield dict(zip(outputs, sess.run(outputs, feeds)))
+        yield 0, dict(zip(outputs, sess.run(outputs, feeds)))
 
     with monkeypatch.context() as mp:
         mp.setattr(rounding, "infer_value_shapes", lambda m, shapes: {})
@@ -563,3 +565,30 @@ def test_a_weight_cast_to_float16_before_its_matmul_gets_statistics_of_float16_a
     assert reader.activations == ("x16",) and reader.elem == f16
     m.graph.output.append(vi("W16", f16, [4, 4]))  # the cast weight also leaves the graph: not only multiplied
     assert _readers(m, {"W"}) == {}
+
+
+def test_gptq_codes_that_lose_to_nearest_on_held_out_contexts_are_not_kept(gptq_case, capsys):
+    """GPTQ fitted on one half of the contexts must beat rounding to nearest on the other half: rows
+    from other subspaces than the fit's (what a few correlated rollouts give) make it lose, iid rows not."""
+    from tqs_onnx.rounding import _beats_nearest_held_out
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 32)) / 4).astype(np.float32)
+    t = parse_tier("int4/channel")
+
+    def moments(xa, xb):
+        return InputMoments(xa.T @ xa + xb.T @ xb, 0, rows=len(xa) + len(xb), odd=xb.T @ xb, halves={0, 1})
+
+    mix = rng.standard_normal((16, 16))
+    iid = moments(rng.standard_normal((40, 16)) @ mix, rng.standard_normal((40, 16)) @ mix)
+    assert _beats_nearest_held_out(w, iid, t, 1, None)
+    basis = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    apart = moments(rng.standard_normal((40, 8)) @ basis[:8], rng.standard_normal((40, 8)) @ basis[8:])
+    assert not _beats_nearest_held_out(w, apart, t, 1, None)
+    assert _beats_nearest_held_out(w, InputMoments(apart.h, 0, rows=80), t, 1, None)  # one context: no check
+    # in a sweep: W1's (the states x) loses held out, so its /gptq tiers keep nearest's integers, said
+    paths, _ = gptq_case
+    assert main(["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"]),
+                 "--tiers", "int4/channel,int4/channel/gptq", "-o", str(paths["model"].with_name("again.json"))]) == 0
+    err = capsys.readouterr().err
+    assert "1 weight(s) keep round-to-nearest integers at /gptq tiers ('W1' at int4/channel/gptq)" in err

@@ -271,6 +271,12 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
                        prepared.model.graph.ByteSize(), ops, opset_deltas(prepared.model), replay, note, rounding)
     setup.spec_hints = spec.hints(*model_io)
     setup.stored = stored
+    if rounding is not None:
+        # Every /gptq code now, not when a block first needs it: which weights keep nearest's integers
+        # (the held-out check) is then known to the sweep's note, however its blocks are resumed or shared
+        # among workers.
+        for tier in dict.fromkeys(str(parse_tier(t).base) for t in config.tiers if parse_tier(t).gptq):
+            plan_codes(setup, dict.fromkeys(rounding.moments, tier))
     if setup.replay is not None:
         check_replay(setup)
     return setup
@@ -292,7 +298,7 @@ def rollout_moments(model: onnx.ModelProto, weights: list[Weight], spec: Rollout
         for s in range(contexts.count):
             for out in rollout.steps(s, None, horizon):
                 passes += 1
-                yield {a: out[a].numpy() for a in acts}
+                yield s, {a: out[a].numpy() for a in acts}
 
     shapes = {inp: contexts.arrays[key][0].shape for inp, key in [*spec.initial.items(), *spec.fixed.items()]}
     shapes.update({inp: contexts.arrays[key][0, 0].shape for inp, key in spec.per_step.items()})
@@ -804,6 +810,12 @@ def sweep_notes(setup: SweepSetup) -> list[str]:
     notes = list(setup.spec_hints)
     if setup.rounding is not None and setup.rounding.too_few_rows:
         notes.append(too_few_rows_note(setup.rounding.too_few_rows))
+    if setup.rounding is not None and setup.rounding.nearest:
+        name, tiers = next(iter(sorted(setup.rounding.nearest.items())))
+        more = f"; {len(setup.rounding.nearest) - 1} more weight(s)" if len(setup.rounding.nearest) > 1 else ""
+        notes.append(f"{len(setup.rounding.nearest)} weight(s) keep round-to-nearest integers at /gptq tiers "
+                     f"('{name}' at {', '.join(tiers)}{more}): GPTQ's rounding fitted on half the sweep contexts "
+                     "did worse than rounding to nearest on the other half")
     return notes
 
 
