@@ -280,3 +280,31 @@ def test_a_float16_weight_that_decodes_past_float16_gets_a_note(tmp_path):
     assert "float16's limit" in _check_range("m", "M", parse_tier("int8"), t)
     assert "beyond float16" in _check_range("m", "M", parse_tier("bf16"), t)
     assert _check_range("m", "M", parse_tier("int8"), numpy_helper.from_array(np.ones((4, 4), np.float16), "M")) is None
+
+
+@pytest.mark.parametrize("tier", ["int8/channel/load", "int4/load", "int6/channel/load", "int1/load"])
+def test_a_float16_weights_load_form_is_folded_by_ort_on_the_cpu_to_the_sweeps_values(tmp_path, tier):
+    """The `/load` decode of a float16 weight computes in float32 and casts back: ORT's CPU provider has
+    no float16 Mul to fold, so a float16 Cast/Mul chain ran on every call (4.4x the reference per call in
+    a trial). The decoded values must still be the sweep's (float16 scales, one rounding to float16)."""
+    import onnxruntime as ort
+
+    from tqs_onnx.quant import apply_tier
+    from tqs_onnx.runtime_report import graph_figures, optimized_graph
+    from tqs_onnx.tiers import for_weight
+
+    m = half_mlp()
+    _write(tmp_path, m, {"W1": tier}, {"W1": {"shape": [16, 32], "channel_axis": 1, "block_axis": 0}})
+    written = onnx.load(tmp_path / "q.onnx")
+    opt = optimized_graph(tmp_path / "q.onnx", resolve_device("cpu"))
+    per_call = graph_figures(written, opt)["per_call"]  # folded at load: no Mul of two initializers left
+    assert per_call == [], per_call
+    # the decoded weight, as the written graph computes it (no optimizer), equals the sweep's value
+    written.graph.output.append(helper.make_tensor_value_info("W1", F16, [16, 32]))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(written.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    decoded = s.run(["W1"], {"x": np.zeros((1, 16), np.float32)})[0]
+    w = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "W1")).astype(np.float32)
+    expected = apply_tier(w, for_weight(parse_tier(tier), "float16"), 1, 0).astype(np.float16)
+    assert decoded.dtype == np.float16 and np.array_equal(decoded, expected)

@@ -44,7 +44,9 @@ from tqs_onnx.util import first_line
 # Contrib ops that compute directly on stored integers: a weight feeding one is not decoded per call.
 FUSED_QUANT_OPS = ("MatMulNBits", "GatherBlockQuantized", "QLinearMatMul", "QLinearConv", "QGemm", "QAttention",
                    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger", "ConvInteger")
-DECODE_OPS = ("DequantizeLinear", "Cast")
+# Ops that rebuild a weight from stored tensors; a Mul or Sub of initializers only is a `/load` decode ORT
+# could not fold (a float16 one on the CPU provider, which has no float16 Mul kernel).
+DECODE_OPS = ("DequantizeLinear", "Cast", "Mul", "Sub")
 ACCURACY_KEY = "session.qdq_matmulnbits_accuracy_level"
 MIB = 1024 * 1024
 
@@ -189,9 +191,12 @@ def tensor_bytes(dims: list[int] | tuple[int, ...], data_type: int) -> int:
 
 
 def _decoded_type(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> int:
-    """Element type a decode node produces: Cast's `to`, else DequantizeLinear's scale type."""
+    """Element type a decode node produces: Cast's `to`, Mul's and Sub's input type, else DequantizeLinear's
+    scale type."""
     if node.op_type == "Cast":
         return next(a.i for a in node.attribute if a.name == "to")
+    if node.op_type in ("Mul", "Sub"):
+        return inits[node.input[0]].data_type
     scale = inits.get(node.input[1]) if len(node.input) > 1 else None
     return scale.data_type if scale is not None else onnx.TensorProto.FLOAT
 

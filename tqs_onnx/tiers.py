@@ -398,9 +398,19 @@ def rewrite_nodes(name: str, tier: Tier, scale_rank: int, axes: tuple[int | None
                                             value=onnx.helper.make_tensor("value", onnx.TensorProto.UINT8, [1], [zp]))]
         q, zero_point = unpacked, [f"{name}__zp"]
     scale = s
-    if tier.scale_fmt == "fp16" and orig_type != onnx.TensorProto.FLOAT16:
+    # A float16 weight's `/load` decode computes in float32 and casts the product back: ORT's CPU provider
+    # has no float16 Mul to fold, so a float16 chain ran on every call (4.4x the reference per call). The
+    # values are the same to the bit: q * scale is exact in float32 (an 8-bit integer times an 11-bit
+    # significand) and one rounding to float16 follows, as float16's Mul rounds the exact product.
+    half_at_load = tier.at_load and orig_type == onnx.TensorProto.FLOAT16
+    if tier.scale_fmt == "fp16" and (orig_type != onnx.TensorProto.FLOAT16 or half_at_load):
         scale = f"{name}__scale32"
-        nodes.append(onnx.helper.make_node("Cast", [s], [scale], name=f"{name}/CastScale", to=orig_type))
+        nodes.append(onnx.helper.make_node("Cast", [s], [scale], name=f"{name}/CastScale",
+                                           to=onnx.TensorProto.FLOAT if half_at_load else orig_type))
+    if half_at_load:
+        return nodes + _decode_at_load_nodes(name, tier, q, scale, zp, shape, axes, onnx.TensorProto.FLOAT,
+                                             f"{name}__f32") + [
+            onnx.helper.make_node("Cast", [f"{name}__f32"], [name], name=f"{name}/CastHalf", to=orig_type)]
     if tier.at_load:
         return nodes + _decode_at_load_nodes(name, tier, q, scale, zp, shape, axes, orig_type)
     attrs = {}
@@ -426,10 +436,11 @@ def load_scale_dims(tier: Tier, shape: tuple[int, ...], axes: tuple[int | None, 
 
 
 def _decode_at_load_nodes(name: str, tier: Tier, q: str, scale: str, zero_point: int, shape: tuple[int, ...],
-                          axes: tuple[int | None, int | None], orig_type: int) -> list:
-    """(float(q) - zero_point) * scale with Cast, Sub, Mul (and Expand/Reshape/Slice for blocked scales):
-    the values DequantizeLinear gives, from standard ops that ORT's constant folding evaluates once at
-    load. The model then runs float kernels at FP32 speed and memory; the file keeps the compact form."""
+                          axes: tuple[int | None, int | None], orig_type: int, out: str | None = None) -> list:
+    """`out` (default `name`) = (float(q) - zero_point) * scale with Cast, Sub, Mul (and Expand/Reshape/
+    Slice for blocked scales): the values DequantizeLinear gives, from standard ops that ORT's constant
+    folding evaluates once at load. The model then runs float kernels at FP32 speed and memory; the file
+    keeps the compact form."""
     import onnx
     from onnx import helper
 
@@ -459,7 +470,7 @@ def _decode_at_load_nodes(name: str, tier: Tier, q: str, scale: str, zero_point:
                       helper.make_node("Slice", [scale, f"{name}__s0", f"{name}__s1", f"{name}__sa"],
                                        [f"{name}__sc"], name=f"{name}/CropScale")]
             scale = f"{name}__sc"
-    nodes.append(helper.make_node("Mul", [x, scale], [name], name=f"{name}/Scale"))
+    nodes.append(helper.make_node("Mul", [x, scale], [out or name], name=f"{name}/Scale"))
     return nodes
 
 
