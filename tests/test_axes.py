@@ -64,6 +64,9 @@ def test_the_proposed_spec_pairs_names_first_over_all_outputs():
     (["input", "h", "c"], ["speech_probs", "hn", "cn"], ["speech_probs"]),  # only states fed back
     (["input", "input_surface"], ["output", "output_surface"], ["output", "output_surface"]),
     (["state"], ["state_out"], ["state_out"]),                      # nothing else to follow
+    (["x", "state1", "state2"], ["emb", "state1_out", "state2_out"], ["emb"]),  # a number on a state word
+    (["x", "cache0", "h0"], ["y", "new_cache0", "h1"], ["y"]),
+    (["x", "buf", "mems"], ["enc", "buf_out", "new_mems"], ["enc"]),
 ])
 def test_the_proposed_trajectory_is_the_forecast_not_the_recurrent_state(inputs, outputs, trajectory):
     from tqs_onnx.rollout import propose_spec
@@ -281,6 +284,9 @@ def test_the_proposed_trajectory_is_a_float_output():
     io = ([1, 64], "float32")
     spec = propose_spec({"x": ([1, 8], "float32"), "h": io}, {"label": ([1], "int64"), "hn": io})
     assert spec["trajectory"] == ["hn"]  # not the class label
+    spec = propose_spec({"x": io, "h": io, "step": ([1], "int64")},
+                        {"y": io, "h_out": io, "step_out": ([1], "int64")})
+    assert spec["feedback"]["step_out"] == "step" and spec["trajectory"] == ["y"]  # not the step counter
 
 
 @pytest.mark.parametrize("op, shape, want", [("Conv", (8, 4, 3, 3), (0, 1)), ("ConvTranspose", (4, 8, 3, 3), (1, 0))])

@@ -468,13 +468,15 @@ def _same_shape(a: tuple, b: tuple) -> bool:
 
 
 # Name tokens of recurrent states (after _tokens: hn -> h, cn -> c).
-_STATE_WORDS = {"h", "c", "state", "states", "hidden", "cell", "cache", "caches", "mem", "memory", "carry"}
+_STATE_WORDS = {"h", "c", "hx", "cx", "state", "states", "hidden", "cell", "cache", "caches", "mem", "mems",
+                "memory", "carry", "buf", "buffer", "buffers", "past", "present"}
 
 
 def _tokens(name: str) -> set[str]:
+    """Lower-case words and numbers of a name (state1 -> state, 1; h0 -> h, 0)."""
     import re
 
-    words = set(re.split(r"[^a-z0-9]+", name.lower())) - {"", "in", "out", "input", "output", "next", "new"}
+    words = set(re.findall(r"[a-z]+|[0-9]+", name.lower())) - {"in", "out", "input", "output", "next", "new"}
     return words | {w.rstrip("n") for w in words if len(w) <= 3}  # hn -> h, cn -> c
 
 
@@ -499,9 +501,11 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
     free = {i: v for i, v in inputs.items() if i not in feedback.values()}
     # The trajectory is the forecast, not a recurrent state: the fed-back outputs not named like one
     # (x_next -> x, but not h_next -> h), else the outputs not fed back (a VAD's probability), else all.
-    forecast = [o for o in feedback if not (_tokens(o) | _tokens(feedback[o])) & _STATE_WORDS]
-    others = [o for o in outputs if o not in feedback and "float" in str(outputs[o][1])]  # not a class label
-    trajectory = forecast or others or list(feedback)
+    # Integer outputs (a step counter, a class label) no weight moves smoothly: not proposed.
+    floats = [o for o in outputs if "float" in str(outputs[o][1])]
+    forecast = [o for o in feedback if o in floats and not (_tokens(o) | _tokens(feedback[o])) & _STATE_WORDS]
+    others = [o for o in floats if o not in feedback]
+    trajectory = forecast or others or [o for o in feedback if o in floats] or list(feedback)
     return {"horizon": 10, "feedback": feedback, "trajectory": trajectory,
             "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
             "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: _channel_guess(outputs[o][0]) for o in trajectory}}
