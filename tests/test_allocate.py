@@ -8,7 +8,7 @@ import pytest
 
 from tqs_onnx.allocate import BlockInfo, Problem, allocate_measured, allocate_paper, solve_mckp
 from tqs_onnx.errors import TqsError
-from tqs_onnx.refine import refine
+from tqs_onnx.refine import refine, uniform_assignments
 from tqs_onnx.tiers import Tier, parse_tier, parse_tiers
 
 
@@ -126,6 +126,31 @@ def test_refine_prefers_the_plan_that_diverges_on_fewer_contexts():
     assert r.start == "uniform int2" and r.allocation.assign == uniform_int2
     assert r.joint.diverged == 1 and r.joint.finite_mean == 3.0 and math.isinf(r.joint)
     assert any("diverges on the sweep contexts" in n for n in r.allocation.notes)
+
+
+def test_a_uniform_plan_kept_because_the_knapsacks_gain_was_noise_is_not_said_to_have_won():
+    """The note said 'uniform ... beat the knapsack allocation' where the knapsack's mean was lower but
+    within the margin (a new user's BiLSTM: 1.60042 against 1.60195)."""
+    from tqs_onnx.sweep import JointDivergence
+
+    dmg = {i: {"int8": 1.0, "int4": 2.0} for i in range(2)}
+    p = _problem([0, 0], [1000, 1000], "fp32,int8,int4", target=3.0, damage=dmg)
+    from tqs_onnx.allocate import Allocation
+
+    alloc = Allocation([1, 2], "measured", "mckp", [])  # int8 and int4: a mixed plan within the budget
+    fits = uniform_assignments(p)
+    name, assign = "int8", fits["int8"]
+    assert alloc.assign not in fits.values() and p.fits(alloc.assign)
+
+    def joint(a):
+        if a in fits.values():
+            return JointDivergence(np.array([1.0, 3.0, 0.3]) * (1 if a == assign else 10))
+        return JointDivergence(np.array([0.37, 3.11, 0.32]))
+
+    r = refine(p, alloc, joint, max_rollouts=3)
+    assert r.start == f"uniform {name}"
+    assert not any("beat the knapsack" in n for n in r.allocation.notes)
+    assert any(f"below uniform {name}'s (1.433) by less than 1 standard error(s)" in n for n in r.allocation.notes)
 
 
 def test_joint_check_needs_a_margin_over_uniform_not_noise():
