@@ -329,3 +329,19 @@ def test_integer_contexts_beyond_the_inputs_type_are_refused(tmp_path, capsys):
     ctx["k"][2, 0] = 2 ** 31
     np.savez(paths["contexts"], **ctx)
     one_line_error(capsys, argv, "'k'", "2147483648", "int32")
+
+
+def test_a_reader_that_leaves_the_pipe_gets_no_error_line(monkeypatch, capsys):
+    """`tqs-onnx inspect M | head -3` printed 'error: Broken pipe' and exited 2, the bad-input code."""
+    import sys
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert main(["inspect", "models/lorenz96_mlp.onnx"]) == 141
+    assert "error" not in capsys.readouterr().err

@@ -747,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     except TqsError as exc:
         print(f"tqs-onnx {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`tqs-onnx inspect M | head`): no error, the shell's code
+        _silence_stdout()
+        return 141
     except OSError as exc:  # the file system said no (disk full, permissions): still one line
         print(f"tqs-onnx {args.command}: error: {exc.strerror or exc}"
               f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
@@ -762,6 +765,15 @@ def main(argv: list[str] | None = None) -> int:
                 hint = f"; the finished {what} are kept in {ckpt}: run the same command with --resume to go on"
         print(f"tqs-onnx {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a captured stream)
+        pass
 
 
 if __name__ == "__main__":
