@@ -316,11 +316,14 @@ def test_gptq_damage_measured_by_another_rounding_version_is_not_used(gptq_case,
     args = ["allocate", str(old), "--compression", "2", "-o", str(tmp_path / "p.json"), "--quiet",
             "--verify-model", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts", str(paths["contexts"])]
     assert main(args) == 0  # the default tiers: /gptq left out, and the plan says why
+    assert "warning: the scores' /gptq damage was measured with integers another version rounds (gptq4" \
+        in capsys.readouterr().err  # on stderr too, even with --quiet (a CI job reusing old scores)
     plan = json.loads((tmp_path / "p.json").read_text())
     assert not any("gptq" in t for t in plan["weights"].values())
     assert any("another version rounds (gptq4" in n for n in plan["notes"])
     assert main([*args[:1], str(scores), *args[2:]]) == 0  # this version's scores keep them
     assert not any("another version" in n for n in json.loads((tmp_path / "p.json").read_text())["notes"])
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_gptq_codes_come_only_from_the_sweep_contexts(gptq_case, tmp_path, capsys):

@@ -543,8 +543,7 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
     if not 0 <= fp32_share < 1:
         raise TqsError("--fp32-share must be in [0, 1)")
     tiers = parse_tiers(tiers_text) if tiers_text else default_tiers(scores, objective)
-    swept_gptq = any(parse_tier(t).gptq for t in scores["config"].get("tiers") or ())
-    stale = swept_gptq and scores.get("rounding") != ROUNDING_VERSION  # /gptq damage of other integers
+    stale = stale_rounding(scores) is not None  # /gptq damage of other integers
     if stale and tiers_text and any(t.gptq for t in tiers):
         raise TqsError(f"/gptq tiers: the sweep measured their damage with integers rounded by another version "
                        f"({scores.get('rounding') or 'not recorded'}; now {ROUNDING_VERSION}): re-run the sweep")
@@ -567,6 +566,18 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
         alloc.notes.append(f"/gptq tiers left out ({', '.join(map(str, dropped))}): their integers come from "
                            "rollouts on the sweep contexts (pass --verify-model, --rollout and --contexts)")
     return p, alloc
+
+
+def stale_rounding(scores: dict[str, Any]) -> str | None:
+    """A warning where the sweep measured /gptq tiers with integers another version of the rounding gave
+    (their tiers are then left out: plans from such scores can be far worse than from a fresh sweep),
+    printed even with --quiet; None otherwise."""
+    if not any(parse_tier(t).gptq for t in scores["config"].get("tiers") or ()) \
+            or scores.get("rounding") == ROUNDING_VERSION:
+        return None
+    return (f"the scores' /gptq damage was measured with integers another version rounds "
+            f"({scores.get('rounding') or 'not recorded'}; now {ROUNDING_VERSION}): their /gptq tiers are left "
+            "out; re-run the sweep to use them")
 
 
 def default_tiers(scores: dict[str, Any], objective: str) -> list[Tier]:

@@ -167,6 +167,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
         raise TqsError("--paper-variant exact budgets parameter bits, the joint check (--verify-model) compares "
                        "plans within the file's byte budget: use one or the other")
     gamma_min = sweep_gamma_min(scores, a.gamma_min)
+    _warn_stale_rounding("allocate", scores, a.tiers)
     problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
                               gamma_min, a.decode, gptq=bool(a.verify_model), paper_variant=a.paper_variant)
     refinement = setup = None
@@ -207,6 +208,15 @@ def cmd_allocate(a: argparse.Namespace) -> int:
 
         print(format_plan(plan))
     return 0
+
+
+def _warn_stale_rounding(command: str, scores: dict[str, Any], tiers_text: str | None) -> None:
+    """On stderr even with --quiet: a CI job reusing old scores otherwise ships a worse plan unawares."""
+    from tqs_onnx.allocate import stale_rounding
+
+    warning = stale_rounding(scores)
+    if warning and not tiers_text:  # named /gptq tiers are refused instead
+        print(f"tqs-onnx {command}: warning: {warning}", file=sys.stderr)
 
 
 def cmd_apply(a: argparse.Namespace) -> int:
@@ -385,6 +395,7 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform,
                             decode=a.decode)
     scores = load_scores(a.scores)
+    _warn_stale_rounding("pareto", scores, a.tiers)
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
     sweep_ctx = Contexts.load(a.contexts, spec)
@@ -393,16 +404,19 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     ckpt = frontier_checkpoint(out, loaded, [a.scores, a.contexts, a.eval_contexts], spec, config, device)
     ckpt.check(a.resume)  # before the reference rollouts
-    # The earlier run's models: those its frontier.json lists, and, resuming, those the interrupted run
-    # carried in its checkpoint (it removed that frontier.json before overwriting any model).
-    previous = previous_models(out, loaded) | (carried_models(ckpt.load()) if a.resume else set())
-    run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
-    if not a.resume:  # an earlier frontier here no longer describes the models this run will overwrite
-        run.before_write = lambda: [(out / name).unlink(missing_ok=True) for name in FRONTIER_FILES]
-    doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume,
-                       carry=sorted(previous))
-    json_path, csv_path = write_frontier(out, doc)
-    ckpt.path.unlink(missing_ok=True)
+    try:
+        # The earlier run's models: those its frontier.json lists, and, resuming, those the interrupted run
+        # carried in its checkpoint (it removed that frontier.json before overwriting any model).
+        previous = previous_models(out, loaded) | (carried_models(ckpt.load()) if a.resume else set())
+        run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
+        if not a.resume:  # an earlier frontier here no longer describes the models this run will overwrite
+            run.before_write = lambda: [(out / name).unlink(missing_ok=True) for name in FRONTIER_FILES]
+        doc = run_frontier(run, config, quiet=a.quiet or a.json, checkpoint=ckpt, resume=a.resume,
+                           carry=sorted(previous))
+        json_path, csv_path = write_frontier(out, doc)
+        ckpt.path.unlink(missing_ok=True)
+    finally:
+        ckpt.release()
     stale = remove_stale_models(out, previous, doc,  # an earlier run's models into the same folder
                                 keep=inputs)
     if a.report:
