@@ -345,3 +345,17 @@ def test_a_reader_that_leaves_the_pipe_gets_no_error_line(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", Closed())
     assert main(["inspect", "models/lorenz96_mlp.onnx"]) == 141
     assert "error" not in capsys.readouterr().err
+
+
+def test_a_joint_check_on_other_contexts_than_the_sweeps_says_so(case, tmp_path):
+    """Without /gptq tiers other contexts are allowed (with them: refused), but the plan says the plans
+    were compared on them."""
+    other = tmp_path / "other.npz"
+    np.savez(other, **recurrent_contexts(seed=9))
+    base = ["allocate", str(case["scores"]), "--compression", "3", "--quiet", "--verify-model", str(case["model"]),
+            "--rollout", str(case["spec"])]
+    for ctx, said in ((case["contexts"], False), (other, True)):
+        out = tmp_path / f"p{int(said)}.json"
+        assert main([*base, "--contexts", str(ctx), "-o", str(out)]) == 0
+        notes = json.loads(out.read_text())["notes"]
+        assert any("other contexts or another spec than the sweep's" in n for n in notes) == said
