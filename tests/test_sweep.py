@@ -465,6 +465,26 @@ def test_a_checkpoint_is_created_by_one_run_only(tmp_path):
     assert first.load() == {}
 
 
+def test_a_checkpoint_in_use_is_refused_to_a_second_run_even_with_resume(tmp_path):
+    """A second run told to --resume while the first still wrote lost all its work when the first
+    finished and removed the file (a CI trial): the first run's lock now stops it at once."""
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.sweep import Checkpoint
+
+    first = Checkpoint(tmp_path / "c.jsonl", "f")
+    first.check(False)
+    first.start(False)
+    first.append_row({"id": 0})
+    for resume in (True, False):
+        with pytest.raises(TqsError, match="another run is using this checkpoint now"):
+            Checkpoint(tmp_path / "c.jsonl", "f").check(resume)
+    first.release()  # the first run is over (killed, say): the checkpoint resumes
+    again = Checkpoint(tmp_path / "c.jsonl", "f")
+    again.check(True)
+    assert again.start(True) == {0: {"id": 0}}
+    again.release()
+
+
 def test_checkpoint_rows_damaged_inside_or_mid_file_are_rescored_and_the_rest_kept(tmp_path):
     from tqs_onnx.sweep import Checkpoint
 

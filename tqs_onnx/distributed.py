@@ -304,6 +304,8 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
             fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
         finally:
             pool.close()
+            if ckpt:
+                ckpt.release()
     scores = [done[b] if b in done else fresh[b] for b in info["blocks"]]
     if not quiet:
         extra = unreached_note(scores, spec, [o.name for o in loaded.model.graph.output])

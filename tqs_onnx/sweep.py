@@ -606,12 +606,39 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
 
 class Checkpoint:
     """Append-only JSON lines, fsync'd per row (a block's scores; a frontier point in `pareto`), each
-    keyed by its "id"; the first line fingerprints the run."""
+    keyed by its "id"; the first line fingerprints the run.
+
+    While a run uses it (from `check` or its creation to `release`) it holds an exclusive advisory lock
+    on the file: a second run on the same output, even with --resume, stops at once instead of working
+    until the first run removes the file under it."""
 
     def __init__(self, path: Path, fingerprint: str):
         self.path = path
         self.fingerprint = fingerprint
         self._found: bool | None = None  # whether the file existed when `check` looked
+        self._lock_file: Any = None
+
+    def _lock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): unlocked, as before
+            return
+        if self._lock_file is not None:
+            return
+        f = open(self.path, "rb")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise TqsError(f"{self.path}: another run is using this checkpoint now; wait for it to finish or "
+                           "stop it, then run again with --resume") from None
+        self._lock_file = f
+
+    def release(self) -> None:
+        """Let go of the lock (the run is over, done or not)."""
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def load(self) -> dict[Any, dict]:
         if not self.path.exists():
@@ -642,10 +669,16 @@ class Checkpoint:
         """Refuse, before any work, what `start` would: an existing checkpoint without `resume`, or
         another run's with it."""
         self._found = self.path.exists()  # what start creates exclusively if it was not there
-        if self._found and not resume:
-            raise TqsError(f"{self.path}: a checkpoint exists; pass --resume to continue it or delete it")
-        if resume:
-            self.load()
+        try:
+            if self._found:
+                self._lock()
+            if self._found and not resume:
+                raise TqsError(f"{self.path}: a checkpoint exists; pass --resume to continue it or delete it")
+            if resume:
+                self.load()
+        except BaseException:
+            self.release()
+            raise
 
     def start(self, resume: bool) -> dict[Any, dict]:
         if self._found is None:  # not looked at yet (a caller may look before its set-up: `check`)
@@ -666,6 +699,7 @@ class Checkpoint:
         except FileExistsError:
             raise TqsError(f"{self.path}: another run has just started this checkpoint") from None
         os.close(fd)
+        self._lock()
         self.append_row({"fingerprint": self.fingerprint, "schema_version": SCHEMA_VERSION})
 
     def _truncate_partial_tail(self) -> None:
@@ -773,17 +807,21 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
     tiers = [parse_tier(t) for t in config.tiers]
     # Checked before the set-up, which on a large model takes minutes.
     ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, device.kind), resume, quiet)
-    setup = prepare(loaded, spec, contexts, device, config)
-    done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})
-    scores: list[BlockScore] = []
-    for block in progress(setup.blocks, "sweep", quiet, unit="block"):
-        if block.id in done:
-            scores.append(done[block.id])
-            continue
-        score = score_block(setup, block, config, tiers)
-        scores.append(score)
+    try:
+        setup = prepare(loaded, spec, contexts, device, config)
+        done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})
+        scores: list[BlockScore] = []
+        for block in progress(setup.blocks, "sweep", quiet, unit="block"):
+            if block.id in done:
+                scores.append(done[block.id])
+                continue
+            score = score_block(setup, block, config, tiers)
+            scores.append(score)
+            if ckpt:
+                ckpt.append(score)
+    finally:
         if ckpt:
-            ckpt.append(score)
+            ckpt.release()
     if not quiet:
         extra = unreached_note(scores, spec, [o.name for o in setup.loaded.model.graph.output])
         print_sweep_notes(engine_summary(setup), sweep_notes(setup) + ([extra] if extra else []))
