@@ -1186,3 +1186,25 @@ def test_temporaries_named_like_no_process_and_names_long_in_bytes(base, tmp_pat
     wide = tmp_path / ("\u00e9" * 100 + ".json")  # 205 bytes in 105 characters
     rc, err = run_cli(["allocate", str(base["scores"]), "--compression", "2", "-o", str(wide)], capfd)
     assert rc == 2 and "file name too long (205 bytes)" in err
+
+
+def test_a_write_that_fails_without_a_file_name_is_named_by_its_output(tmp_path, capsys):
+    """A full disk raises from write() with no file name: the one-line error named no file (a CI trial)."""
+    import errno
+
+    from tqs_onnx.util import atomic_write
+
+    def write(p):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as exc:
+        atomic_write(tmp_path / "out.json", write)
+    assert exc.value.filename == str(tmp_path / "out.json") and listing(tmp_path) == {}
+
+
+def test_a_gate_threshold_missed_by_a_hair_prints_digits_that_show_it():
+    from tqs_onnx.gate import _digits
+
+    assert _digits(4.03175, 4.0318) == "4.0317"  # was '4.032x < 4.0318x'
+    assert _digits(4.5, 4.0) == "4.500" and _digits(0.73541, 0.7354, 4, "g") == "0.73541"
+    assert _digits(1.23e-5, 1e-4, 4, "g") == "1.23e-05"

@@ -155,6 +155,16 @@ def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: D
     return check, (trajs[0] if check.status == PASS else None)
 
 
+def _digits(value: float, limit: float, places: int = 3, kind: str = "f") -> str:
+    """`value` formatted `.{places}{kind}`, with more digits where it would print as the limit it
+    differs from (a failing 4.0317x was printed '4.032x < 4.0318x')."""
+    text = f"{value:.{places}{kind}}"
+    while value != limit and places < 12 and (text == f"{limit:.{places}{kind}}" or float(text) == limit):
+        places += 1
+        text = f"{value:.{places}{kind}}"
+    return text
+
+
 def size_checks(ref: LoadedModel, cand: LoadedModel, config: GateConfig) -> list[Check]:
     out = []
     if config.max_size is not None:
@@ -166,7 +176,8 @@ def size_checks(ref: LoadedModel, cand: LoadedModel, config: GateConfig) -> list
         ratio = ref.file_bytes / cand.file_bytes
         ok = ratio >= config.min_compression
         out.append(Check("min_compression", PASS if ok else FAIL,
-                         f"{ratio:.3f}x {'>=' if ok else '<'} {config.min_compression:g}x", ratio, config.min_compression))
+                         f"{_digits(ratio, config.min_compression)}x {'>=' if ok else '<'} {config.min_compression:g}x",
+                         ratio, config.min_compression))
     return out
 
 
@@ -178,13 +189,13 @@ def error_checks(errors: dict[str, dict[str, Any]], config: GateConfig) -> list[
             d, limit = e["degradation_pct"], config.max_degradation_pct
             ok = d <= limit
             out.append(Check(f"degradation[{name}]", PASS if ok else FAIL,
-                             f"{d:+.3f}% {'<=' if ok else '>'} {limit:g}% (MAE vs truth {e['mae_vs_truth']:.4g}, "
+                             f"{'+' if d >= 0 else ''}{_digits(d, limit)}% {'<=' if ok else '>'} {limit:g}% (MAE vs truth {e['mae_vs_truth']:.4g}, "
                              f"FP32 {e['mae_fp32_vs_truth']:.4g})", d, limit))
         if config.max_mae is not None:
             m, limit = e["mae_vs_fp32"], config.max_mae
             ok = m <= limit
             out.append(Check(f"mae[{name}]", PASS if ok else FAIL,
-                             f"MAE vs FP32 {m:.4g} {'<=' if ok else '>'} {limit:g}", m, limit))
+                             f"MAE vs FP32 {_digits(m, limit, 4, 'g')} {'<=' if ok else '>'} {limit:g}", m, limit))
     return out
 
 

@@ -160,6 +160,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write (disk full) names no file: the output it was for
+            exc.filename = str(path)
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
