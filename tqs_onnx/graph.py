@@ -35,7 +35,7 @@ DATA_MOVEMENT = {"Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueez
 DEFAULT_MIN_SIZE = 256
 # Changed whenever the weight table may give a weight other axes, blocks or quantizability (a sweep's
 # checkpoint records it: its rows' tier damage was measured with those axes).
-ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels,cast-axes,float16"
+ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels,cast-axes,float16,concat-axes"
 NONFINITE_REASON = "holds NaN/inf values"
 
 
@@ -462,6 +462,7 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
     names, `scope_constants`) reads other rows on every call, an embedding: it is where the weight is
     used."""
     found, seen, held = [], set(), []
+    stored = {i.name for i in graph.initializer}
     stack = [(g, u) for g, u in _uses_in(graph, name, "", None, names, topo)]
     for _, u in stack:
         u.perm = tuple(range(ndim))
@@ -472,10 +473,15 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
             continue
         seen.add(key)
         held.append(use.node)  # protobuf wraps subgraph nodes anew: a dropped wrapper's id would be reused
-        if use.node.op_type in DATA_MOVEMENT and use.slot == 0 and use.node.output \
+        # A main-graph Concat of initializers only is one weight stored in pieces (a bidirectional RNN's W
+        # per direction, passes/split_directions.py): every piece is followed, with its axes, which a
+        # Concat keeps. A Concat with computed inputs is followed from its first input only, without axes
+        # (following the others would join the Pangu replica's const_h to its patch embedding's block).
+        pieces = use.node.op_type == "Concat" and g is graph and all(i in stored for i in use.node.input)
+        if use.node.op_type in DATA_MOVEMENT and (use.slot == 0 or pieces) and use.node.output \
                 and not _data_lookup(use, constants):
             is_main = g is graph
-            perm = _view_perm(use.node, use.perm)
+            perm = use.perm if pieces else _view_perm(use.node, use.perm)
             for o in use.node.output:
                 if o:
                     for g2, u2 in _uses_in(g, o, use.scope, use.order if not is_main else None,
@@ -530,7 +536,8 @@ def scope_constants(graph: onnx.GraphProto) -> dict[str, set[str]]:
 def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None) -> tuple[int, ...] | None:
     """The stored axis of each axis of `node`'s output, given those of its input (`perm`): through a
     Transpose the axes move, through an op that passes the tensor unchanged they stay, through any
-    other data-movement op (Reshape, Slice, Concat, ...) they are not followed (None)."""
+    other data-movement op (Reshape, Slice, Concat, ...) they are not followed (None; but see
+    `_effective_consumers` for a Concat of initializers)."""
     if perm is None:
         return None
     if node.op_type == "Transpose":

@@ -21,12 +21,13 @@ from tqs_onnx.passes.lift import LiftWeights
 from tqs_onnx.passes.narrow_ints import NarrowIntegerConstants
 from tqs_onnx.passes.opset import ORT_MAX_IR
 from tqs_onnx.passes.sparse import hide_sparse_initializers
+from tqs_onnx.passes.split_directions import SplitDirections
 
 
 LIFT_FLOOR = 16  # smallest Constant-node tensor lifted to an initializer, and smallest tensor deduplicated
 # Names the passes below; changed whenever they may prepare a model differently, so a sweep checkpoint
 # of an earlier version is not resumed on another graph (it is part of the checkpoint's fingerprint).
-PASSES_VERSION = "ir4,inline,sparse,lift-unique,factor,dedup16-scoped,narrow16,raw-half"
+PASSES_VERSION = "ir4,inline,sparse,lift-unique,split-dirs,factor,dedup16-scoped,narrow16,raw-half"
 
 
 @dataclass
@@ -73,6 +74,10 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
     if inlined.modified:
         reports["inline-functions"] = inlined.report
     out = lifted.model
+    # Not a size pass (with --no-factor too): each direction of a bidirectional RNN gets its own scales.
+    split = SplitDirections(size_floor=LIFT_FLOOR, read=detached.array).run(out)
+    if split.modified:
+        reports["split-directions"] = split.report
     if factor:
         result = FactorExpandedTables(inplace=True, read=detached.array).run(out)
         reports["factor-tables"] = {k: v for k, v in result.report.items()}
