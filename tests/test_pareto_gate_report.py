@@ -272,6 +272,12 @@ def test_gate_bad_input_exits_2(demo, tmp_path, capsys):
     assert "no error threshold" in capsys.readouterr().err
     assert _exit_code(_argv_gate(demo, demo["model"], "--max-degradation=-3%")) == 2
     assert _exit_code(_argv_gate(demo, demo["model"], "--max-degradation", "1", "--junit", str(tmp_path))) == 2
+    # bad input with --junit: an error testcase, so CI shows the error rather than no results
+    junit = tmp_path / "bad-input.xml"
+    assert main(_argv_gate(demo, demo["model"], "--junit", str(junit))) == 2
+    root = ET.parse(junit).getroot()
+    assert root.get("errors") == "1" and root.get("tests") == "1"
+    assert "no error threshold" in root.find("testsuite/testcase/error").get("message")
 
 
 def test_percent_means_percent():
@@ -503,7 +509,8 @@ def test_gate_bad_input_leaves_no_earlier_verdict_and_outputs_must_differ(demo, 
     assert junit.exists() and report.exists()
     assert main(_argv_gate(demo, demo["model"], "--max-degradation", "1%", "--junit", str(junit), "-o",
                            str(report), "--contexts", str(tmp_path / "missing.npz"), "--quiet")) == 2
-    assert not junit.exists() and not report.exists()
+    assert not report.exists()  # the earlier verdict is gone; the JUnit file now carries the error
+    assert ET.parse(junit).getroot().get("errors") == "1" and "missing.npz" in junit.read_text()
     assert main(_argv_gate(demo, demo["model"], "--max-degradation", "1%", "--junit", str(junit), "-o",
                            str(junit))) == 2
     assert "must be two files" in capsys.readouterr().err

@@ -440,7 +440,7 @@ def _check_output_dir(path: str | None, names: tuple[str, ...], inputs: tuple[st
 
 
 def cmd_gate(a: argparse.Namespace) -> int:
-    from tqs_onnx.gate import GateConfig, format_gate, junit_xml, run_gate
+    from tqs_onnx.gate import GateConfig, format_gate, junit_error, junit_xml, run_gate
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
     from tqs_onnx.util import atomic_write
@@ -449,10 +449,16 @@ def cmd_gate(a: argparse.Namespace) -> int:
     for old in (a.junit, a.output):  # an earlier run's verdict must not stand for a run that stops on bad input
         if old:
             Path(old).unlink(missing_ok=True)
-    spec = RolloutSpec.load(a.rollout)
-    contexts = Contexts.load(a.contexts, spec)
-    config = GateConfig(a.max_degradation, a.max_mae, a.max_size, a.min_compression)
-    doc = run_gate(a.reference, a.candidate, spec, contexts, resolve_device(a.device), config)
+    try:
+        spec = RolloutSpec.load(a.rollout)
+        contexts = Contexts.load(a.contexts, spec)
+        config = GateConfig(a.max_degradation, a.max_mae, a.max_size, a.min_compression)
+        doc = run_gate(a.reference, a.candidate, spec, contexts, resolve_device(a.device), config)
+    except TqsError as exc:  # exit 2, and CI finds an error where it would find no results
+        if a.junit:
+            message = " ".join(str(exc).split())
+            atomic_write(a.junit, lambda p: p.write_bytes(junit_error(message, a.candidate)))
+        raise
     if a.junit:
         atomic_write(a.junit, lambda p: p.write_bytes(junit_xml(doc)))
     report = json_safe(doc)  # strict JSON for CI tools

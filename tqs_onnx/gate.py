@@ -354,15 +354,30 @@ def _xml_text(text: Any) -> str:
     return _NOT_XML.sub("\ufffd", str(text))
 
 
+def junit_error(message: str, candidate: str) -> bytes:
+    """JUnit XML for a gate stopped by bad input (exit 2): one testcase with an error element, so CI shows
+    the error where it would otherwise find no results at all."""
+    root, suite = _junit_suite(candidate, {"tests": "1", "failures": "0", "errors": "1", "skipped": "0",
+                                           "time": "0.000"})
+    case = ET.SubElement(suite, "testcase", {"classname": "tqs_onnx.gate", "name": "input", "time": "0.000"})
+    ET.SubElement(case, "error", {"message": _xml_text(message), "type": "tqs-bad-input"}).text = _xml_text(message)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _junit_suite(candidate: str, counts: dict[str, str]) -> tuple[ET.Element, ET.Element]:
+    root = ET.Element("testsuites", {"name": "tqs-onnx gate", **counts})
+    return root, ET.SubElement(root, "testsuite", {"name": _xml_text(f"tqs-onnx gate: {Path(candidate).name}"),
+                                                   **counts})
+
+
 def junit_xml(doc: dict[str, Any]) -> bytes:
     """JUnit XML: one testsuite, one testcase per check (failure / skipped elements as CI tools expect)."""
     checks = doc["checks"]
     counts = {"tests": str(len(checks)), "failures": str(sum(c["status"] == FAIL for c in checks)),
               "errors": "0", "skipped": str(sum(c["status"] == SKIP for c in checks)),
               "time": f"{doc['seconds']:.3f}"}
-    root = ET.Element("testsuites", {"name": "tqs-onnx gate", **counts})
-    suite = ET.SubElement(root, "testsuite", {"name": _xml_text(f"tqs-onnx gate: {Path(doc['candidate']).name}"),
-                                              **counts})
+    root, suite = _junit_suite(doc["candidate"], counts)
     props = ET.SubElement(suite, "properties")
     for key in ("reference", "candidate", "reference_bytes", "candidate_bytes", "contexts", "horizon", "device"):
         ET.SubElement(props, "property", {"name": key, "value": _xml_text(doc[key])})
