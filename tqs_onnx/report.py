@@ -501,11 +501,13 @@ def plot_frontier(frontier: dict[str, Any], path: Path) -> None:
                    key=lambda p: p["on_disk_compression"])
     ax.plot([p["on_disk_compression"] for p in front], [_float(p["mae_vs_fp32"]) for p in front], color="grey",
             lw=4, alpha=0.35, zorder=0, label="Pareto front (all points)")
-    for u in frontier["uniform"]:
+    # Labels of neighbouring uniform points (by compression) alternate below and above their point: next
+    # to each other on the log axis (int8 and int8/channel) they were printed over one another.
+    for i, u in enumerate(sorted(frontier["uniform"], key=lambda u: u["on_disk_compression"])):
         ax.scatter(u["on_disk_compression"], _float(u["mae_vs_fp32"]), marker="s", s=45, color="tab:red", zorder=3)
         if math.isfinite(_float(u["mae_vs_fp32"])):
             ax.annotate(_plain(u["tier"]), (u["on_disk_compression"], u["mae_vs_fp32"]), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points")
+                        xytext=(4, -10 if i % 2 == 0 else 6), textcoords="offset points")
     if frontier["uniform"]:
         ax.scatter([], [], marker="s", color="tab:red", label="uniform (one tier)")
     rows = frontier["points"] + frontier["uniform"]
