@@ -287,6 +287,10 @@ def test_the_proposed_trajectory_is_a_float_output():
     spec = propose_spec({"x": io, "h": io, "step": ([1], "int64")},
                         {"y": io, "h_out": io, "step_out": ([1], "int64")})
     assert spec["feedback"]["step_out"] == "step" and spec["trajectory"] == ["y"]  # not the step counter
+    d = ([1, 64], "tensor(double)")  # a float64 model (ORT's type names): the same proposal
+    spec = propose_spec({"x": d, "h": d, "step": ([1], "tensor(int64)")},
+                        {"x_next": d, "h_next": d, "step_next": ([1], "tensor(int64)")})
+    assert spec["trajectory"] == ["x_next"]
 
 
 @pytest.mark.parametrize("op, shape, want", [("Conv", (8, 4, 3, 3), (0, 1)), ("ConvTranspose", (4, 8, 3, 3), (1, 0))])

@@ -198,3 +198,8 @@ def test_a_scalar_cast_per_call_is_not_a_weight_decoded_per_call():
     m = model(nodes, inits, [vec("x", N_IN)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N_OUT])])
     f = graph_figures(m, m)
     assert [e["weight"] for e in f["per_call"]] == ["Wf"]
+    # a Mul of a scalar scale and a stored tensor left unfolded is a weight decoded per call
+    nodes = [helper.make_node("Mul", ["s", "W"], ["Wd"]), helper.make_node("MatMul", ["x", "Wd"], ["y"])]
+    m = model(nodes, [init("s", np.float32(2.0)), init("W", np.ones((N_IN, N_OUT), np.float32))], [vec("x", N_IN)],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N_OUT])])
+    assert [(e["weight"], e["bytes"]) for e in graph_figures(m, m)["per_call"]] == [("Wd", 4 * N_IN * N_OUT)]

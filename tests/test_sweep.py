@@ -485,6 +485,28 @@ def test_a_checkpoint_in_use_is_refused_to_a_second_run_even_with_resume(tmp_pat
     again.release()
 
 
+def test_the_checkpoint_stays_locked_until_the_scores_are_written_and_it_is_removed(tmp_path):
+    """The lock was let go before `sweep` wrote the scores and removed the checkpoint: a second run with
+    --resume could take it in between and then find it gone (a review)."""
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.sweep import Checkpoint
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(3), recurrent_contexts(s=2))
+    spec = RolloutSpec.load(paths["spec"])
+    ckpt = tmp_path / "s.ckpt.jsonl"
+    seen = []
+
+    def finish(doc):
+        with pytest.raises(TqsError, match="another run is using this checkpoint now"):
+            Checkpoint(ckpt, "x").check(True)
+        seen.append(doc["blocks"])
+        ckpt.unlink()
+
+    run_sweep(load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), Device("cpu"),
+              SweepConfig(probes=1, min_size=16, tiers=["int8"]), ckpt, quiet=True, finish=finish)
+    assert seen and not ckpt.exists()
+
+
 def test_checkpoint_rows_damaged_inside_or_mid_file_are_rescored_and_the_rest_kept(tmp_path):
     from tqs_onnx.sweep import Checkpoint
 

@@ -133,14 +133,18 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     loaded = load_model(a.model)
     contexts = Contexts.load(a.contexts, spec)
     t0 = time.perf_counter()
+
+    def finish(doc: dict[str, Any]) -> None:  # with the checkpoint still locked: no other run takes it over
+        _write_json(a.output, doc)
+        ckpt.unlink(missing_ok=True)
+
     if distributed:
         from tqs_onnx.distributed import run_distributed_sweep
         doc = run_distributed_sweep(loaded, spec, contexts, a.device, config, ckpt, a.resume, a.quiet,
-                                    workers=a.workers, address=a.ray_address)
+                                    workers=a.workers, address=a.ray_address, finish=finish)
     else:
-        doc = run_sweep(loaded, spec, contexts, resolve_device(a.device), config, ckpt, a.resume, a.quiet)
-    _write_json(a.output, doc)
-    ckpt.unlink(missing_ok=True)
+        doc = run_sweep(loaded, spec, contexts, resolve_device(a.device), config, ckpt, a.resume, a.quiet,
+                        finish=finish)
     if not a.quiet:
         from tqs_onnx.tables import format_ranking
 

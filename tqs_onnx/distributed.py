@@ -17,7 +17,7 @@ import logging
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -281,8 +281,9 @@ def check_worker_versions(document: dict[str, Any], config: SweepConfig) -> None
 
 def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: str,
                           config: SweepConfig, checkpoint: Path | None = None, resume: bool = False,
-                          quiet: bool = False, workers: int = 2, address: str | None = None) -> dict[str, Any]:
-    """`run_sweep` on `workers` Ray actors: the same checkpoint and the same scores document.
+                          quiet: bool = False, workers: int = 2, address: str | None = None,
+                          finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """`run_sweep` on `workers` Ray actors: the same checkpoint, the same scores document and `finish`.
 
     `device` is a name (cpu, cuda, auto) resolved against the Ray cluster, not this machine."""
     require_ray()
@@ -302,17 +303,26 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
             # to start leaves no checkpoint behind.
             done = resumed_scores(ckpt.start(resume) if ckpt else {}, dict(zip(info["blocks"], info["weights"])))
             fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
-        finally:
-            pool.close()
+        except BaseException:
             if ckpt:
                 ckpt.release()
-    scores = [done[b] if b in done else fresh[b] for b in info["blocks"]]
-    if not quiet:
-        extra = unreached_note(scores, spec, [o.name for o in loaded.model.graph.output])
-        print_sweep_notes(f"{workers} Ray worker(s), each {info['engine']}", info["notes"] + ([extra] if extra else []))
-    doc = _document(info["document"], scores)
-    doc["model"] = {**doc["model"], "path": str(loaded.path)}  # as given here, not the absolute path workers open
-    return doc
+            raise
+        finally:
+            pool.close()
+    try:
+        scores = [done[b] if b in done else fresh[b] for b in info["blocks"]]
+        if not quiet:
+            extra = unreached_note(scores, spec, [o.name for o in loaded.model.graph.output])
+            print_sweep_notes(f"{workers} Ray worker(s), each {info['engine']}",
+                              info["notes"] + ([extra] if extra else []))
+        doc = _document(info["document"], scores)
+        doc["model"] = {**doc["model"], "path": str(loaded.path)}  # as given here, not the path workers open
+        if finish:
+            finish(doc)
+        return doc
+    finally:
+        if ckpt:
+            ckpt.release()
 
 
 def _score_pending(pool: WorkerPool, block_ids: list[int], ckpt: Checkpoint | None,

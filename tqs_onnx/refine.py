@@ -224,7 +224,7 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = MA
     if start != "allocator":
         start_d = next(d for d, label in [*((uniform[n], f"uniform {n}") for n in uniform),
                                           *((d, label) for d, _, label in others)] if label == start)
-        if rank_key(own) < rank_key(start_d):  # lower, but within the margin: kept as noise
+        if start.startswith("uniform") and rank_key(own) < rank_key(start_d):  # lower, within the margin: noise
             notes.append(f"the knapsack allocation's joint divergence on the sweep contexts ({describe(own)}) was "
                          f"below {start}'s ({describe(start_d)}) by less than {margin:g} standard error(s) of "
                          f"the per-context differences: {start} was kept")

@@ -502,7 +502,7 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
     # The trajectory is the forecast, not a recurrent state: the fed-back outputs not named like one
     # (x_next -> x, but not h_next -> h), else the outputs not fed back (a VAD's probability), else all.
     # Integer outputs (a step counter, a class label) no weight moves smoothly: not proposed.
-    floats = [o for o in outputs if "float" in str(outputs[o][1])]
+    floats = [o for o in outputs if any(k in str(outputs[o][1]) for k in ("float", "double"))]
     forecast = [o for o in feedback if o in floats and not (_tokens(o) | _tokens(feedback[o])) & _STATE_WORDS]
     others = [o for o in floats if o not in feedback]
     trajectory = forecast or others or [o for o in feedback if o in floats] or list(feedback)

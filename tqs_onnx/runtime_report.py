@@ -354,12 +354,15 @@ def graph_figures(written: onnx.ModelProto, optimized: onnx.ModelProto) -> dict[
     per_call = []
     for node, inits in _constant_decodes(optimized.graph):
         stored = [inits[i] for i in node.input if i]
-        if math.prod(stored[0].dims) <= 1:
+        # The weight's shape: a DequantizeLinear's or Cast's data, the larger operand of a Mul or Sub.
+        dims = list(max(stored, key=lambda t: math.prod(t.dims)).dims if node.op_type in ("Mul", "Sub")
+                    else stored[0].dims)
+        if math.prod(dims) <= 1:
             continue  # a scalar (ORT's Cast of a float16 zero point for a float32 kernel): no weight
         dtype = _decoded_type(node, inits)
-        numel, chain = _materialized(node.output[0], list(stored[0].dims), users, inits)
+        numel, chain = _materialized(node.output[0], dims, users, inits)
         per_call.append({"weight": node.output[0], "op": node.op_type,
-                         "bytes": tensor_bytes(list(stored[0].dims), dtype),
+                         "bytes": tensor_bytes(dims, dtype),
                          "stored_bytes": sum(tensor_bytes(list(t.dims), t.data_type) for t in stored),
                          "consumers": sorted({u.op_type for u in users.get(node.output[0], [])}),
                          "materialized_bytes": tensor_bytes([numel], dtype), "through": chain})

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -802,8 +802,9 @@ def resumed_scores(rows: dict[int, dict], weights: dict[int, list[str]]) -> dict
 
 def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
               config: SweepConfig, checkpoint: Path | None = None, resume: bool = False,
-              quiet: bool = False) -> dict[str, Any]:
-    """Score every block; return the scores document (also what `sweep -o` writes)."""
+              quiet: bool = False, finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Score every block; return the scores document (also what `sweep -o` writes). `finish(doc)` runs
+    while the checkpoint is still locked (`sweep` writes the scores and removes the checkpoint there)."""
     tiers = [parse_tier(t) for t in config.tiers]
     # Checked before the set-up, which on a large model takes minutes.
     ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, device.kind), resume, quiet)
@@ -819,13 +820,16 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
             scores.append(score)
             if ckpt:
                 ckpt.append(score)
+        if not quiet:
+            extra = unreached_note(scores, spec, [o.name for o in setup.loaded.model.graph.output])
+            print_sweep_notes(engine_summary(setup), sweep_notes(setup) + ([extra] if extra else []))
+        doc = scores_document(setup, spec, config, scores, device)
+        if finish:
+            finish(doc)
+        return doc
     finally:
         if ckpt:
             ckpt.release()
-    if not quiet:
-        extra = unreached_note(scores, spec, [o.name for o in setup.loaded.model.graph.output])
-        print_sweep_notes(engine_summary(setup), sweep_notes(setup) + ([extra] if extra else []))
-    return scores_document(setup, spec, config, scores, device)
 
 
 def unreached_note(scores: list[BlockScore], spec: RolloutSpec, outputs: list[str]) -> str | None:
@@ -850,6 +854,8 @@ def sweep_notes(setup: SweepSetup) -> list[str]:
         notes.append(too_few_rows_note(setup.rounding.too_few_rows))
     if setup.rounding is not None and setup.rounding.nearest:
         name, tiers = next(iter(sorted(setup.rounding.nearest.items())))
+        if setup.dtypes.get(name) == "float16":  # named as the user gave them, without the weight's own scales
+            tiers = [str(replace(parse_tier(t), scale_fmt="fp32", half_weight=False)) for t in tiers]
         more = f"; {len(setup.rounding.nearest) - 1} more weight(s)" if len(setup.rounding.nearest) > 1 else ""
         notes.append(f"{len(setup.rounding.nearest)} weight(s) keep round-to-nearest integers at /gptq tiers "
                      f"('{name}' at {', '.join(tiers)}{more}): GPTQ's rounding fitted on half the sweep contexts "
