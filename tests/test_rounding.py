@@ -571,22 +571,24 @@ def test_a_weight_cast_to_float16_before_its_matmul_gets_statistics_of_float16_a
 
 
 def test_gptq_codes_that_lose_to_nearest_on_held_out_contexts_are_not_kept(gptq_case, capsys):
-    """GPTQ fitted on one half of the contexts must beat rounding to nearest on the other half: rows
-    from other subspaces than the fit's (what a few correlated rollouts give) make it lose, iid rows not."""
+    """GPTQ fitted on all contexts but one must beat rounding to nearest on that one, summed over the
+    contexts: rows from other subspaces than the fit's (what a few correlated rollouts give) make it
+    lose, iid rows not."""
     from tqs_onnx.rounding import _beats_nearest_held_out
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((16, 32)) / 4).astype(np.float32)
     t = parse_tier("int4/channel")
 
-    def moments(xa, xb):
-        return InputMoments(xa.T @ xa + xb.T @ xb, 0, rows=len(xa) + len(xb), odd=xb.T @ xb, halves={0, 1})
+    def moments(contexts):
+        per = {c: x.T @ x for c, x in enumerate(contexts)}
+        return InputMoments(sum(per.values()), 0, rows=sum(len(x) for x in contexts), per_context=per)
 
     mix = rng.standard_normal((16, 16))
-    iid = moments(rng.standard_normal((40, 16)) @ mix, rng.standard_normal((40, 16)) @ mix)
+    iid = moments([rng.standard_normal((20, 16)) @ mix for _ in range(4)])
     assert _beats_nearest_held_out(w, iid, t, 1, None)
     basis = np.linalg.qr(rng.standard_normal((16, 16)))[0]
-    apart = moments(rng.standard_normal((40, 8)) @ basis[:8], rng.standard_normal((40, 8)) @ basis[8:])
+    apart = moments([rng.standard_normal((20, 4)) @ basis[4 * c:4 * c + 4] for c in range(4)])
     assert not _beats_nearest_held_out(w, apart, t, 1, None)
     assert _beats_nearest_held_out(w, InputMoments(apart.h, 0, rows=80), t, 1, None)  # one context: no check
     # in a sweep: W1's (the states x) loses held out, so its /gptq tiers keep nearest's integers, said

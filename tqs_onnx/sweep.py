@@ -858,8 +858,8 @@ def sweep_notes(setup: SweepSetup) -> list[str]:
             tiers = [str(replace(parse_tier(t), scale_fmt="fp32", half_weight=False)) for t in tiers]
         more = f"; {len(setup.rounding.nearest) - 1} more weight(s)" if len(setup.rounding.nearest) > 1 else ""
         notes.append(f"{len(setup.rounding.nearest)} weight(s) keep round-to-nearest integers at /gptq tiers "
-                     f"('{name}' at {', '.join(tiers)}{more}): GPTQ's rounding fitted on half the sweep contexts "
-                     "did worse than rounding to nearest on the other half")
+                     f"('{name}' at {', '.join(tiers)}{more}): GPTQ's rounding fitted on all sweep contexts but "
+                     "one did worse than rounding to nearest on that one, summed over the contexts")
     return notes
 
 
