@@ -406,3 +406,13 @@ def test_check_device_probes_passes_on_the_cpu_and_fails_a_wrong_norm(monkeypatc
     monkeypatch.setattr(cdp.DeviceProbes, "gauss_probe", lambda self, w, offs, norm: real(self, w, offs, 1.01 * norm))
     assert cdp.main(["--device", "cpu"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- check_cuda_paths
+
+def test_check_cuda_paths_passes_on_the_cpu(tmp_path, capsys):
+    import check_cuda_paths as ccp
+
+    assert ccp.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok   ") == 3 and "FAIL" not in out
