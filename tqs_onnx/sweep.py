@@ -275,8 +275,11 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
         # Every /gptq code now, not when a block first needs it: which weights keep nearest's integers
         # (the held-out check) is then known to the sweep's note, however its blocks are resumed or shared
         # among workers.
-        for tier in dict.fromkeys(str(parse_tier(t).base) for t in config.tiers if parse_tier(t).gptq):
-            plan_codes(setup, dict.fromkeys(rounding.moments, tier))
+        gptq_tiers = list(dict.fromkeys(str(parse_tier(t).base) for t in config.tiers if parse_tier(t).gptq))
+        for name, moments in rounding.moments.items():  # weight by weight: each one's folds are freed after it
+            for tier in gptq_tiers:
+                plan_codes(setup, {name: tier})
+            moments.forget_folds()
     if setup.replay is not None:
         check_replay(setup)
     return setup
@@ -907,6 +910,10 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
             "statistics_forward_passes": setup.rounding.forward_passes} if setup.rounding is not None else {}),
         **({"gptq_too_few_rows": {n: list(v) for n, v in sorted(setup.rounding.too_few_rows.items())}}
            if setup.rounding is not None and setup.rounding.too_few_rows else {}),
+        # the damping the held-out check chose per weight and /gptq tier (null: nearest's integers kept)
+        **({"gptq_damping": {n: {t: d for (m, t), d in sorted(setup.rounding.damping.items()) if m == n}
+                             for n in sorted({m for m, _ in setup.rounding.damping})}}
+           if setup.rounding is not None and setup.rounding.damping else {}),
     }
 
 
