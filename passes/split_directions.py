@@ -9,8 +9,10 @@ that outputs NAME, so every reader sees the same tensor: exact by construction, 
 folds the Concat at load. Each direction is then a weight of its own, with its own scales, in the
 block of the op that reads it (graph analysis follows a Concat's axes).
 
-Left alone: graph inputs and outputs, tensors below `size_floor` elements, and weights inside
-subgraphs (If/Loop/Scan bodies).
+Left alone: graph inputs and outputs, tensors whose directions hold fewer than `size_floor` elements
+each (the sweep's default size floor: smaller weights are not quantized, and the split would only add
+a node and a tensor's header, 160 bytes a tensor on a vendor speech enhancer's small GRUs), and
+weights inside subgraphs (If/Loop/Scan bodies).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class SplitDirections:
 
     name = "split-directions"
 
-    def __init__(self, size_floor: int = 16,
+    def __init__(self, size_floor: int = 256,
                  read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> None:
         self.size_floor = size_floor
         self.read = read  # values of a tensor, also of a detached stub (passes/detach.py)
@@ -55,7 +57,7 @@ class SplitDirections:
                 name = node.input[slot] if len(node.input) > slot else ""
                 init = inits.get(name)
                 if init is None or name in keep or name in wanted or len(init.dims) != 3 or init.dims[0] != 2 \
-                        or math.prod(init.dims) < self.size_floor:
+                        or math.prod(init.dims[1:]) < self.size_floor:
                     continue
                 wanted.append(name)
         if not wanted:

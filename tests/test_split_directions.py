@@ -14,12 +14,14 @@ from tqs_onnx.graph import load_model, weight_table
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.rewrite import rewrite_model, save_model
 
-H, IN = 8, 4
+H, IN = 16, 16  # each direction of every W and R holds at least 256 values: split
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-def bidirectional(op: str, direction: str = "bidirectional", reverse_scale: float = 0.1) -> onnx.ModelProto:
+def bidirectional(op: str, direction: str = "bidirectional", reverse_scale: float = 0.1, hidden: int = H,
+                  inputs: int = IN) -> onnx.ModelProto:
     """y = op(x) over one step, both directions; the reverse weights `reverse_scale` times the forward's."""
+    H, IN = hidden, inputs
     d = 2 if direction == "bidirectional" else 1
     r = np.random.default_rng(0)
     g = GATES[op]
@@ -53,8 +55,10 @@ def test_each_direction_is_its_own_weight_and_the_outputs_are_bit_identical(op):
         assert w.shape[0] == 1 and w.consumer_ops == [op] and w.channel_axis == 1 and w.quantizable
 
 
-def test_a_forward_rnn_is_left_alone():
+def test_a_forward_rnn_and_small_directions_are_left_alone():
     assert "split-directions" not in prepare_graph(bidirectional("LSTM", "forward")).reports
+    # 64 values a direction: not quantized at the default size floor, the split would only add bytes
+    assert "split-directions" not in prepare_graph(bidirectional("LSTM", hidden=4, inputs=4)).reports
 
 
 def test_the_reverse_direction_keeps_its_own_scales_when_written(tmp_path):

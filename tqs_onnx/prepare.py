@@ -75,7 +75,7 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
         reports["inline-functions"] = inlined.report
     out = lifted.model
     # Not a size pass (with --no-factor too): each direction of a bidirectional RNN gets its own scales.
-    split = SplitDirections(size_floor=LIFT_FLOOR, read=detached.array).run(out)
+    split = SplitDirections(read=detached.array).run(out)
     if split.modified:
         reports["split-directions"] = split.report
     if factor:
