@@ -359,3 +359,26 @@ def test_a_joint_check_on_other_contexts_than_the_sweeps_says_so(case, tmp_path)
         assert main([*base, "--contexts", str(ctx), "-o", str(out)]) == 0
         notes = json.loads(out.read_text())["notes"]
         assert any("other contexts or another spec than the sweep's" in n for n in notes) == said
+
+
+def test_a_model_with_an_op_onnx_deprecates_is_refused_before_the_sweep(tmp_path, capsys):
+    """GroupNormalization-18 (deprecated): sweep and allocate ran, then apply could write no model onnx.checker
+    accepts, and the opset converter broke the op (a user's UNet). Refused up front; inspect warns."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GroupNormalization", ["c", "s", "b"], ["g"], num_groups=2),
+             helper.make_node("Tanh", ["g"], ["x_next"])]
+    inits = [numpy_helper.from_array(r.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.2, "K"),
+             numpy_helper.from_array(np.ones(2, np.float32), "s"), numpy_helper.from_array(np.zeros(2, np.float32), "b")]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("x", "x_next")]
+    m = helper.make_model(helper.make_graph(nodes, "gn", vi[:1], vi[1:], inits),
+                          opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    ctx = {"x0": r.standard_normal((2, 1, 4, 8, 8)).astype(np.float32)}
+    paths = save_case(tmp_path, m, recurrent_spec(2), ctx)
+    assert main(["inspect", str(paths["model"])]) == 0
+    assert "warning: GroupNormalization-18 deprecated by onnx" in capsys.readouterr().out
+    one_line_error(capsys, ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts",
+                            str(paths["contexts"]), "-o", str(tmp_path / "s.json"), "--min-size", "16", "--quiet"],
+                   "GroupNormalization-18", "re-export")

@@ -336,6 +336,36 @@ def main_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
+def deprecated_ops(model: onnx.ModelProto) -> list[str]:
+    """ONNX ops of the model (any graph) whose schema at the model's opset onnx marks deprecated, as
+    'Op-version' (GroupNormalization-18): onnx.checker refuses them, so no model written from this one
+    passes it, and onnx's version converter may break them (GroupNormalization 18 -> 21 wrote a graph ORT
+    does not load)."""
+    opset = main_opset(model)
+    found = set()
+    for g in iter_graphs(model.graph):
+        for node in g.node:
+            if node.domain not in ("", "ai.onnx") or not opset:
+                continue
+            try:
+                schema = onnx.defs.get_schema(node.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                continue  # an unknown op: ORT's load says so
+            if schema.deprecated:
+                found.add(f"{node.op_type}-{schema.since_version}")
+    return sorted(found)
+
+
+def check_not_deprecated(model: onnx.ModelProto, where: str) -> None:
+    """Refuse, before any work, a model no written copy of which can pass onnx.checker."""
+    found = deprecated_ops(model)
+    if found:
+        raise TqsError(f"{where}: the model uses {', '.join(found)}, which onnx deprecates: onnx.checker refuses "
+                       "it, so no model written from this one would pass, and onnx's opset converter does not "
+                       "convert it faithfully; re-export it at an opset where the op is current (e.g. "
+                       "GroupNormalization-21 at opset 21)")
+
+
 # ---------------------------------------------------------------------------------------- weights
 
 @dataclass

@@ -15,7 +15,7 @@ import onnx
 from tqs_onnx.encoding import ModelEncoding
 from tqs_onnx.errors import TqsError
 from tqs_onnx.util import TEMP_ROOM, check_output_target, read_json, remove_stale_temporaries, temp_prefix, umask
-from tqs_onnx.graph import LoadedModel, tensor_chunks, weight_table
+from tqs_onnx.graph import LoadedModel, check_not_deprecated, tensor_chunks, weight_table
 from tqs_onnx.passes.base import run_passes
 from tqs_onnx.passes.opset import UpgradeOpset
 from tqs_onnx.prepare import prepare_graph
@@ -53,6 +53,7 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     /gptq weights (`rounding.Rounding.codes`); None reads the file the plan names, beside `where`.
     """
     phase_done = after or (lambda phase: None)
+    check_not_deprecated(loaded.model, str(loaded.path))
     prepared = prepare_graph(loaded.model, plan.get("factor", True), keep_detached=True)
     stubs = prepared.stubs
     phase_done("prepare")

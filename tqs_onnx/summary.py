@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
-from tqs_onnx.graph import (DEFAULT_MIN_SIZE, LoadedModel, main_opset, make_blocks, op_histogram, prequantized,
+from tqs_onnx.graph import (DEFAULT_MIN_SIZE, LoadedModel, deprecated_ops, main_opset, make_blocks, op_histogram, prequantized,
                             weight_table)
 from tqs_onnx.prepare import prepare_graph
 from tqs_onnx.rollout import propose_spec
@@ -61,6 +61,8 @@ def inspect_model(loaded: LoadedModel, blocks: str = "auto", min_size: int = DEF
         "block_mode": blocks,
         "proposed_rollout_spec": propose_spec(*sig),
         "lossless": prepared.reports,
+        # ops onnx deprecates at the model's opset (GroupNormalization-18): sweep and apply refuse the model
+        "deprecated_ops": deprecated_ops(model),
         "sparse_initializers": [{"name": sp.values.name, "shape": list(sp.dims), "stored_values": math.prod(sp.values.dims)}
                                 for sp in prepared.model.graph.sparse_initializer],
     }
@@ -80,6 +82,9 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
              + (f"; already quantized: {len(doc['prequantized'])} integer tensor(s) behind DequantizeLinear, "
                 f"{sum(p['size'] for p in doc['prequantized']):,} parameters, kept as they are"
                 if doc.get("prequantized") else ""),
+             *([f"warning: {', '.join(doc['deprecated_ops'])} deprecated by onnx (onnx.checker refuses it): sweep "
+                "and apply refuse this model; re-export it at an opset where the op is current"]
+               if doc.get("deprecated_ops") else []),
              "", f"{'weight':40s} {'shape':18s} {'origin':17s} {'consumers':18s} quantizable "
                  "(integer tiers: fused into MatMulNBits, decoded at load, or per call before a lookup)"]
     for w in doc["weights"][:max_rows]:

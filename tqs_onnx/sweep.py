@@ -22,8 +22,9 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
-from tqs_onnx.graph import (ANALYSIS_VERSION, IDENTITY, Block, LoadedModel, Weight, main_opset, make_blocks, same_model,
-                            cast_to, prequantized, subgraph_refs, tensor_is_finite, weight_table)
+from tqs_onnx.graph import (ANALYSIS_VERSION, IDENTITY, Block, LoadedModel, Weight, cast_to, check_not_deprecated,
+                            main_opset, make_blocks, prequantized, same_model, subgraph_refs, tensor_is_finite,
+                            weight_table)
 from tqs_onnx.passes.detach import HALF_TYPES, detach_initializers
 from tqs_onnx.passes.divergence import AddDivergenceOutputs
 from tqs_onnx.passes.expose_weights import ExposeWeights
@@ -193,6 +194,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
         if contexts.arrays[key].shape[1] < horizon:
             raise TqsError(f"{loaded.path}: horizon {horizon} is longer than per-step array '{key}' "
                            f"({contexts.arrays[key].shape[1]} steps)")
+    check_not_deprecated(loaded.model, str(loaded.path))  # before minutes of work on a model apply must refuse
     prepared = prepare_graph(loaded.model, config.factor)
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
