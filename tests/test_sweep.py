@@ -602,3 +602,26 @@ def test_a_float64_trajectory_is_differenced_in_float64(tmp_path, monkeypatch):
     s = ort.InferenceSession(sqdiff_many_graph([TensorProto.DOUBLE]), providers=["CPUExecutionProvider"])
     a = np.full((4,), 1e4)
     assert s.run(None, {"a0": a + 1e-4, "b0": a})[0][0] == pytest.approx(4e-8, rel=1e-5)
+
+
+def test_weights_on_the_probes_grid_are_probed_on_a_coarser_one(tmp_path):
+    """A weight whose per-tensor int8 grid holds it exactly (a power-of-two scale, a fake-quant export)
+    left a zero residual: scored -inf and dead, so the paper's allocator sent it to int2 (a user's trial).
+    The probe now goes one grid coarser until the weights move."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tiny import model
+
+    r = np.random.default_rng(0)
+    q = r.integers(-127, 128, (16, 16))
+    q[0, 0] = 127
+    w = (q * 2.0 ** -8).astype(np.float32)  # scale max/127 = 2^-8: on the int8 grid exactly
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["x_next"])]
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 16]) for n in ("x", "x_next")]
+    paths = save_case(tmp_path, model(nodes, [numpy_helper.from_array(w, "W")], vi[:1], vi[1:]), recurrent_spec(4),
+                      recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    doc = run_sweep(load_model(paths["model"]), spec, Contexts.load(paths["contexts"], spec), Device("cpu"),
+                    SweepConfig(probes=2, min_size=16, tiers=["int2"]), quiet=True)
+    (b,) = doc["blocks"]
+    assert b["probe_bits"] == 7 and b["norm"] > 0 and not b["dead"] and math.isfinite(b["quant"]["gamma_task"])

@@ -138,6 +138,7 @@ class BlockScore:
     nonfinite: bool = False
     forward_passes: int = 0
     unreached: bool = False  # its other draws skipped; its coarsest tier changed nothing either (score_block)
+    probe_bits: int | None = None  # the quant probe's bits where the sweep's left the weights as they are
 
     @property
     def gamma(self) -> float:
@@ -567,9 +568,18 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
     passes0 = setup.rollout.forward_passes
     ops = setup.ops
     w = {n: setup.source(n) for n in block.weights}
-    quantized = {n: ops.quant_probe(v, config.bits) for n, v in w.items()}
+    bits = config.bits
+    quantized = {n: ops.quant_probe(v, bits) for n, v in w.items()}
     norm = math.sqrt(sum(ops.sqdiff(quantized[n], v) for n, v in w.items()))
-    score = BlockScore(block.id, block.name, block.weights, block.size, norm)
+    # Weights already on the probe's grid (a fake-quant export, or a power-of-two scale) leave no residual:
+    # its norm 0 scored the block -inf and dead, and the paper's allocator sent a sensitive block to its
+    # bottom tier (a user's trial: int2 damage 2,400, ranked last). Probed on the next coarser grid instead.
+    while norm == 0 and bits > 2:
+        bits -= 1
+        quantized = {n: ops.quant_probe(v, bits) for n, v in w.items()}
+        norm = math.sqrt(sum(ops.sqdiff(quantized[n], v) for n, v in w.items()))
+    score = BlockScore(block.id, block.name, block.weights, block.size, norm,
+                       probe_bits=bits if bits != config.bits else None)
     stop = horizon_stop(norm, config.early_stop, config.early_window) if config.early_horizon else None
     quant_zero = None  # the quant probe left every output bit-identical (None: not run)
     if config.probe in ("quant", "both"):
