@@ -3,8 +3,8 @@
 For each named output y the pass adds an input `y::tqs_ref` (zeros as its default, so runs that do not
 feed it still work) and an output `y::tqs_sqdiff` = sum((y - y_ref)^2), float32 (double outputs are
 subtracted in double). A sweep feeds the nominal trajectory's step as the reference and reads one
-scalar per output: one ORT run per step instead of the model's and a divergence graph's (2-11% faster on a 2-core CPU, equal within noise on
-an H100: `tools/bench_sweep.py --compare-divergence`).
+scalar per output: one ORT run per step instead of the model's and a divergence graph's (2-11% faster
+on a 2-core CPU, equal within noise on an H100: `tools/bench_sweep.py --compare-divergence`).
 """
 
 from __future__ import annotations

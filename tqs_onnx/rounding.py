@@ -208,9 +208,10 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
     """H per weight (name -> element type) from the FP32 model's nominal rollouts.
 
     `rollout_factory(model, extra_outputs)` opens a session on `model` and yields, per context and
-    step, (context index, {activation name: host array}); the activations are streamed, never stacked. Where they would
-    hold more than `chunk_bytes` per step (shape inference's estimate from `input_shapes`, the graph
-    inputs' shapes in the contexts), the rollouts are repeated, each returning a share of them."""
+    step, (context index, {activation name: host array}); the activations are streamed, never stacked.
+    Where they would hold more than `chunk_bytes` per step (shape inference's estimate from
+    `input_shapes`, the graph inputs' shapes in the contexts), the rollouts are repeated, each returning
+    a share of them. Each context's H is kept too (`InputMoments.per_context`)."""
     readers = _readers(model, set(weights))
     shapes = infer_value_shapes(model, input_shapes or {}) if readers else {}
     grams, nodes, consts = _gram_nodes(model, readers, weights, shapes)  # X^T X summed in the session
@@ -250,7 +251,7 @@ def input_moments(model: onnx.ModelProto, weights: dict[str, int], rollout_facto
                 m.h += h
                 m.rows += rows
                 if rows:
-                    m.per_context[context] = h.copy() if context not in m.per_context else m.per_context[context] + h
+                    m.per_context[context] = m.per_context[context] + h if context in m.per_context else h.copy()
     return sums
 
 
