@@ -26,8 +26,8 @@ from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
 from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, checked_checkpoint,
-                            document_versions, engine_summary, prepare, print_sweep_notes, resumed_scores,
-                            score_block, scores_document, sweep_notes, unreached_note)
+                            conclude, document_versions, engine_summary, prepare, resumed_scores, score_block,
+                            scores_document, sweep_notes)
 from tqs_onnx.tiers import parse_tier
 from tqs_onnx.util import first_line, progress
 
@@ -311,15 +311,10 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
             pool.close()
     try:
         scores = [done[b] if b in done else fresh[b] for b in info["blocks"]]
-        if not quiet:
-            extra = unreached_note(scores, spec, [o.name for o in loaded.model.graph.output])
-            print_sweep_notes(f"{workers} Ray worker(s), each {info['engine']}",
-                              info["notes"] + ([extra] if extra else []))
         doc = _document(info["document"], scores)
         doc["model"] = {**doc["model"], "path": str(loaded.path)}  # as given here, not the path workers open
-        if finish:
-            finish(doc)
-        return doc
+        return conclude(doc, scores, spec, [o.name for o in loaded.model.graph.output],
+                        f"{workers} Ray worker(s), each {info['engine']}", info["notes"], finish, quiet)
     finally:
         if ckpt:
             ckpt.release()

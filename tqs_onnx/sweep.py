@@ -835,16 +835,24 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
             scores.append(score)
             if ckpt:
                 ckpt.append(score)
-        if not quiet:
-            extra = unreached_note(scores, spec, [o.name for o in setup.loaded.model.graph.output])
-            print_sweep_notes(engine_summary(setup), sweep_notes(setup) + ([extra] if extra else []))
-        doc = scores_document(setup, spec, config, scores, device)
-        if finish:
-            finish(doc)
-        return doc
+        return conclude(scores_document(setup, spec, config, scores, device), scores, spec,
+                        [o.name for o in setup.loaded.model.graph.output], engine_summary(setup), sweep_notes(setup),
+                        finish, quiet)
     finally:
         if ckpt:
             ckpt.release()
+
+
+def conclude(doc: dict[str, Any], scores: list[BlockScore], spec: RolloutSpec, outputs: list[str], engine: str,
+             notes: list[str], finish: Callable[[dict[str, Any]], None] | None, quiet: bool) -> dict[str, Any]:
+    """What a local and a Ray sweep do once every block is scored: print the engine and the notes (with
+    `unreached_note`), then hand the document to `finish`; return it."""
+    if not quiet:
+        extra = unreached_note(scores, spec, outputs)
+        print_sweep_notes(engine, notes + ([extra] if extra else []))
+    if finish:
+        finish(doc)
+    return doc
 
 
 def unreached_note(scores: list[BlockScore], spec: RolloutSpec, outputs: list[str]) -> str | None:
