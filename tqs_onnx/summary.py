@@ -61,6 +61,8 @@ def inspect_model(loaded: LoadedModel, blocks: str = "auto", min_size: int = DEF
         "block_mode": blocks,
         "proposed_rollout_spec": propose_spec(*sig),
         "lossless": prepared.reports,
+        # the graph after them, weights unquantized: what a plan keeping every weight writes (about)
+        "prepared_bytes": prepared.model.ByteSize(),
         # ops onnx deprecates at the model's opset (GroupNormalization-18): sweep and apply refuse the model
         "deprecated_ops": deprecated_ops(model),
         "sparse_initializers": [{"name": sp.values.name, "shape": list(sp.dims), "stored_values": math.prod(sp.values.dims)}
@@ -120,6 +122,12 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
     for sp in doc.get("sparse_initializers", []):
         notes += [f"sparse initializer {sp['name']} {sp['shape']} ({sp['stored_values']:,} values stored): "
                   "kept as stored, not quantized"]
+    passes = doc.get("lossless", {})
+    if doc.get("prepared_bytes") and any(passes.get(k, {}).get(n) for k, n in (
+            ("factor-tables", "tensors"), ("dedup", "tensors_removed"), ("narrow-ints", "narrowed"))):
+        notes += [f"the lossless passes in all, with the nodes they add: {doc['file_bytes']:,} -> "
+                  f"{doc['prepared_bytes']:,} bytes ({doc['file_bytes'] / doc['prepared_bytes']:.2f}x) before any weight "
+                  "is quantized"]
     if notes:
         lines += ([] if fac.get("tensors") else [""]) + notes
     if doc["proposed_rollout_spec"]:
