@@ -115,6 +115,9 @@ def test_eval_runtime_prints_and_returns_the_fields(tmp_path, capsys):
     rt = json.loads((tmp_path / "eval.json").read_text())["runtime"]
     for side in ("reference", "candidate"):
         assert {"session_s", "rss_load_bytes", "rss_peak_call_bytes", "call_ms", "step_ms", "ops", "per_call"} <= set(rt[side])
+        r = rt[side]  # the calls' spread, printed beside the median (a trial: ratios 0.25x-1.29x across runs)
+        assert r["call_ms_min"] <= r["call_ms_p10"] <= r["call_ms"] <= r["call_ms_p90"]
+        assert f"ms per call (p10-p90 {r['call_ms_p10']:.3f}-{r['call_ms_p90']:.3f})" in text
     assert rt["candidate"]["matmulnbits"] == 1 and rt["reference"]["matmulnbits"] == 0
     assert {"call_ms", "step_ms", "rss_load_bytes"} <= set(rt["ratios"])
 

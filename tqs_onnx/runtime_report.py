@@ -473,6 +473,9 @@ def measure(path: str | Path, device: Device, spec: RolloutSpec | None = None, c
         "rss_peak_call_bytes": after.get("VmHWM") if peak_reset else None,
         "rss_after_calls_bytes": after.get("VmRSS"), "peak_reset": peak_reset,
         "call_ms": _ms(call_times), "call_ms_min": round(1000 * min(call_times), 4), "calls": len(call_times),
+        # the spread of the calls: on a busy machine two runs of one model differ by more than the forms do
+        "call_ms_p10": round(1000 * float(np.percentile(call_times, 10)), 4),
+        "call_ms_p90": round(1000 * float(np.percentile(call_times, 90)), 4),
     }
     doc["load_delta_bytes"] = _delta(doc["rss_load_bytes"], doc["rss_base_bytes"])
     doc["peak_call_delta_bytes"] = _delta(doc["rss_peak_call_bytes"], doc["rss_load_bytes"])
@@ -583,9 +586,16 @@ def format_report(doc: dict[str, Any], label: str = "") -> str:
     gpu = f", GPU {_mb(doc.get('gpu_load_bytes'))} after load" if doc.get("gpu_load_bytes") else ""
     lines = [f"{label}session {doc['session_s']:.3f} s, RSS {_mb(doc['rss_load_bytes'])} after load "
              f"(+{_mb(doc['load_delta_bytes'])}), peak {_mb(doc['rss_peak_call_bytes'])} in calls{gpu}; "
-             f"{doc['call_ms']:.3f} ms per call{step} ({doc['device']})",
+             f"{doc['call_ms']:.3f} ms per call{_spread(doc)}{step} ({doc['device']})",
              f"{' ' * len(label)}{graph_summary(doc)}"]
     return "\n".join(lines)
+
+
+def _spread(doc: dict[str, Any]) -> str:
+    """The calls' 10th to 90th percentile, where recorded (documents of earlier versions lack it)."""
+    if "call_ms_p10" not in doc:
+        return ""
+    return f" (p10-p90 {doc['call_ms_p10']:.3f}-{doc['call_ms_p90']:.3f})"
 
 
 def graph_summary(doc: dict[str, Any]) -> str:
