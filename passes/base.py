@@ -21,6 +21,13 @@ class PassResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def prepend_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Put `nodes` (which read only initializers) before the graph's own, so they stay in topological order."""
+    kept = list(nodes) + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 class GraphPass(Protocol):
     name: str
 

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tqs_onnx.graph import value_names
-from tqs_onnx.passes.base import PassResult
+from tqs_onnx.passes.base import PassResult, prepend_nodes
 from tqs_onnx.util import fresh_name
 
 __all__ = ["NarrowIntegerConstants"]
@@ -84,7 +84,5 @@ class NarrowIntegerConstants:
             saved += count * (width - np.dtype(np_type).itemsize)
         if not casts:
             return PassResult(model, False, {"narrowed": 0, "bytes_saved": 0})
-        nodes = casts + list(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes)
+        prepend_nodes(graph, casts)
         return PassResult(model, True, {"narrowed": len(casts), "bytes_saved": saved, "tensors": narrowed})

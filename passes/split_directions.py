@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tqs_onnx.graph import value_names
-from tqs_onnx.passes.base import PassResult
+from tqs_onnx.passes.base import PassResult, prepend_nodes
 from tqs_onnx.util import fresh_name
 
 __all__ = ["SplitDirections"]
@@ -74,7 +74,5 @@ class SplitDirections:
             concats.append(helper.make_node("Concat", parts, [name], axis=0,
                                             name=fresh_name(f"{name}/Concat", node_names)))
         graph.initializer.extend(added)
-        nodes = concats + list(graph.node)
-        del graph.node[:]
-        graph.node.extend(nodes)
+        prepend_nodes(graph, concats)
         return PassResult(model, True, {"split": len(wanted), "tensors": wanted})

@@ -294,30 +294,26 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
         kind = worker_device(device, cluster, workers)
         # Checked before the workers start.
         ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, kind), resume, quiet)
-        resources, threads = worker_resources(workers, kind, cluster)
-        job = WorkerJob(str(loaded.path.resolve()), loaded.sha256, spec.to_dict(), asdict(config), kind, threads)
-        pool = WorkerPool.launch(ray, job, contexts.arrays, workers, resources)
         try:
-            info = pool.wait_started()
-            # Opened once a worker has the model, as run_sweep does after prepare(): a run that fails
-            # to start leaves no checkpoint behind.
-            done = resumed_scores(ckpt.start(resume) if ckpt else {}, dict(zip(info["blocks"], info["weights"])))
-            fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
-        except BaseException:
+            resources, threads = worker_resources(workers, kind, cluster)
+            job = WorkerJob(str(loaded.path.resolve()), loaded.sha256, spec.to_dict(), asdict(config), kind, threads)
+            pool = WorkerPool.launch(ray, job, contexts.arrays, workers, resources)
+            try:
+                info = pool.wait_started()
+                # Opened once a worker has the model, as run_sweep does after prepare(): a run that fails
+                # to start leaves no checkpoint behind.
+                done = resumed_scores(ckpt.start(resume) if ckpt else {}, dict(zip(info["blocks"], info["weights"])))
+                fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
+            finally:
+                pool.close()
+            scores = [done[b] if b in done else fresh[b] for b in info["blocks"]]
+            doc = _document(info["document"], scores)
+            doc["model"] = {**doc["model"], "path": str(loaded.path)}  # as given here, not the path workers open
+            return conclude(doc, scores, spec, [o.name for o in loaded.model.graph.output],
+                            f"{workers} Ray worker(s), each {info['engine']}", info["notes"], finish, quiet)
+        finally:
             if ckpt:
                 ckpt.release()
-            raise
-        finally:
-            pool.close()
-    try:
-        scores = [done[b] if b in done else fresh[b] for b in info["blocks"]]
-        doc = _document(info["document"], scores)
-        doc["model"] = {**doc["model"], "path": str(loaded.path)}  # as given here, not the path workers open
-        return conclude(doc, scores, spec, [o.name for o in loaded.model.graph.output],
-                        f"{workers} Ray worker(s), each {info['engine']}", info["notes"], finish, quiet)
-    finally:
-        if ckpt:
-            ckpt.release()
 
 
 def _score_pending(pool: WorkerPool, block_ids: list[int], ckpt: Checkpoint | None,

@@ -203,6 +203,7 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = MA
     others = [(run(assign), assign, label) for label, assign in papers.items()
               if assign != alloc.assign and assign not in fits.values()]
     best, best_d, start = _start(p, alloc.assign, own, fits, uniform, margin, others)
+    start_d = best_d
     accepted = 0
     improved = True
     while improved and count < max_rollouts:
@@ -222,8 +223,6 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = MA
     if not math.isfinite(best_d):
         notes.append(f"the chosen plan still diverges on the sweep contexts: {describe(best_d)}")
     if start != "allocator":
-        start_d = next(d for d, label in [*((uniform[n], f"uniform {n}") for n in uniform),
-                                          *((d, label) for d, _, label in others)] if label == start)
         if start.startswith("uniform") and rank_key(own) < rank_key(start_d):  # lower, within the margin: noise
             notes.append(f"the knapsack allocation's joint divergence on the sweep contexts ({describe(own)}) was "
                          f"below {start}'s ({describe(start_d)}) by less than {margin:g} standard error(s) of "

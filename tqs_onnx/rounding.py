@@ -428,8 +428,6 @@ class Rounding:
     forward_passes: int = 0  # of the FP32 rollouts that gathered the moments
     # Weights left to round to nearest: fewer statistics rows than inputs (name -> (rows, inputs)).
     too_few_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # Weights whose GPTQ codes lost to round-to-nearest on held-out contexts, and at which tiers
-    nearest: dict[str, list[str]] = field(default_factory=dict)
     # The damping chosen per (weight, tier) by the held-out check (None: nearest's integers)
     damping: dict[tuple[str, str], float | None] = field(default_factory=dict)
 
@@ -443,6 +441,16 @@ class Rounding:
         return cls({n: m for n, m in moments.items() if n not in few}, forward_passes=forward_passes,
                    too_few_rows=few)
 
+    @property
+    def nearest(self) -> dict[str, list[str]]:
+        """Weights whose GPTQ codes lost to round-to-nearest on held-out contexts at every damping, and at
+        which tiers, in the order they were rounded."""
+        out: dict[str, list[str]] = {}
+        for (name, tier), damp in self.damping.items():
+            if damp is None:
+                out.setdefault(name, []).append(tier)
+        return out
+
     def codes_for(self, name: str, w: np.ndarray, tier: Tier, channel_axis: int | None,
                   block_axis: int | None) -> np.ndarray | None:
         """The weight's codes at a /gptq tier, or None where it rounds to nearest (no statistics)."""
@@ -452,7 +460,6 @@ class Rounding:
             damp = self.damping[key] = held_out_damping(w, m, tier, channel_axis, block_axis)
             if damp is None:
                 self.codes[key] = quantize(w, tier, channel_axis, block_axis)[0].astype(np.int8)
-                self.nearest.setdefault(name, []).append(str(tier.base))
             else:
                 self.codes[key] = gptq_codes(w, m, tier, channel_axis, block_axis, damp)
         return self.codes.get(key)

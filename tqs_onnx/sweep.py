@@ -568,12 +568,10 @@ def score_block(setup: SweepSetup, block: Block, config: SweepConfig, tiers: lis
     passes0 = setup.rollout.forward_passes
     ops = setup.ops
     w = {n: setup.source(n) for n in block.weights}
-    bits = config.bits
-    quantized = {n: ops.quant_probe(v, bits) for n, v in w.items()}
-    norm = math.sqrt(sum(ops.sqdiff(quantized[n], v) for n, v in w.items()))
     # Weights already on the probe's grid (a fake-quant export, or a power-of-two scale) leave no residual:
     # its norm 0 scored the block -inf and dead, and the paper's allocator sent a sensitive block to its
     # bottom tier (a user's trial: int2 damage 2,400, ranked last). Probed on the next coarser grid instead.
+    bits, norm = config.bits + 1, 0.0
     while norm == 0 and bits > 2:
         bits -= 1
         quantized = {n: ops.quant_probe(v, bits) for n, v in w.items()}
@@ -875,12 +873,13 @@ def sweep_notes(setup: SweepSetup) -> list[str]:
     notes = list(setup.spec_hints)
     if setup.rounding is not None and setup.rounding.too_few_rows:
         notes.append(too_few_rows_note(setup.rounding.too_few_rows))
-    if setup.rounding is not None and setup.rounding.nearest:
-        name, tiers = next(iter(sorted(setup.rounding.nearest.items())))
+    nearest = setup.rounding.nearest if setup.rounding is not None else {}
+    if nearest:
+        name, tiers = next(iter(sorted(nearest.items())))
         if setup.dtypes.get(name) == "float16":  # named as the user gave them, without the weight's own scales
             tiers = [str(replace(parse_tier(t), scale_fmt="fp32", half_weight=False)) for t in tiers]
-        more = f"; {len(setup.rounding.nearest) - 1} more weight(s)" if len(setup.rounding.nearest) > 1 else ""
-        notes.append(f"{len(setup.rounding.nearest)} weight(s) keep round-to-nearest integers at /gptq tiers "
+        more = f"; {len(nearest) - 1} more weight(s)" if len(nearest) > 1 else ""
+        notes.append(f"{len(nearest)} weight(s) keep round-to-nearest integers at /gptq tiers "
                      f"('{name}' at {', '.join(tiers)}{more}): GPTQ's rounding fitted on all sweep contexts but "
                      "one did worse than rounding to nearest on that one, summed over the contexts")
     return notes
