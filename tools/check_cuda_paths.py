@@ -125,8 +125,6 @@ def bidirectional_lstm(folder: Path, device: str) -> tuple[bool, str]:
 
 
 def float16_load(folder: Path, device: str) -> tuple[bool, str]:
-    import onnxruntime as ort
-
     from tqs_onnx.graph import load_model
     from tqs_onnx.quant import apply_tier
     from tqs_onnx.rewrite import rewrite_model, save_model
@@ -151,7 +149,6 @@ def float16_load(folder: Path, device: str) -> tuple[bool, str]:
         decoded = session.run(["W"], {"x": np.zeros((1, 16), np.float32)})[0]
         expected = apply_tier(w.astype(np.float32), for_weight(parse_tier(tier), "float16"), 1, 0).astype(np.float16)
         results.append((tier, bool(np.array_equal(decoded, expected))))
-    del ort
     return all(ok for _, ok in results), ", ".join(f"{t}: {'equal' if ok else 'DIFFERENT'}" for t, ok in results)
 
 
