@@ -64,9 +64,21 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[GraphPass],
 
 
 def _graphs_by_path(graph: onnx.GraphProto, path: str = "") -> dict[str, onnx.GraphProto]:
+    """Every graph under `graph`, keyed by the path of the nodes that hold it.
+
+    A node is known by its first output's name, which lifting Constants or converting the opset keeps,
+    not by its name or position (unnamed nodes shift when a pass removes or inserts nodes before them,
+    and an If would get another If's value_info).
+    """
     out = {path: graph}
-    for i, node in enumerate(graph.node):
-        key = node.name or f"{node.op_type}_{i}"
+    unnamed: Counter[str] = Counter()
+    for node in graph.node:
+        if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        key = next((o for o in node.output if o), "")
+        if not key:
+            key = f"{node.op_type}#{unnamed[node.op_type]}"
+            unnamed[node.op_type] += 1
         for attr in node.attribute:
             subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for k, g in enumerate(subs):

@@ -42,6 +42,10 @@ class UpgradeOpset:
                            f"(needed by the chosen tiers): {msg}") from None
         sparse.restore(out)
         stubs.attach(out)
+        # The converter returns no local functions: a kept one (prepare_graph inlines the rest) would
+        # be called and undefined. Its body keeps its own opset imports.
+        del out.functions[:]
+        out.functions.extend(model.functions)
         # The converter leaves inferred shapes and re-encoded opset entries behind: keep the input's.
         restore_value_info(model, out)
         restore_opset_imports(model, out, self.min_opset)

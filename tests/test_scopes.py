@@ -271,3 +271,47 @@ def test_weights_renamed_by_lift_can_be_written(tmp_path):
     path, plan = _save(tmp_path, m), tmp_path / "p.json"
     plan.write_text(json.dumps({"kind": "tqs-plan", "model": {}, "weights": {"W": "int8", "W__1": "int8"}}))
     assert main(["apply", str(path), str(plan), "-o", str(tmp_path / "o.onnx"), "--quiet"]) == 0
+
+
+def _typed_branch(name: str, to: int, out: str) -> onnx.GraphProto:
+    """A branch casting x to `to`, with value_info declaring the cast's real type."""
+    nodes = [helper.make_node("Cast", ["x"], ["t"], to=to), helper.make_node("Identity", ["t"], [out])]
+    return helper.make_graph(nodes, name, [], [_vi(out, (16,), to)], value_info=[_vi("t", (16,), to)])
+
+
+def test_subgraph_value_info_stays_with_its_node_when_lifting_shifts_unnamed_nodes():
+    """Two unnamed Ifs after an unnamed Constant: lifting the Constant moves them up one place, and
+    their branches' value_info (float32 and int64 casts) must not trade places (ORT refused that)."""
+    const = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(np.arange(16, dtype=np.float32)))
+    nodes = [const, helper.make_node("Add", ["x", "w"], ["y0"]),
+             helper.make_node("If", ["cond"], ["a"], then_branch=_typed_branch("t1", TP.FLOAT, "a1"),
+                              else_branch=_typed_branch("e1", TP.FLOAT, "a2")),
+             helper.make_node("If", ["cond"], ["b"], then_branch=_typed_branch("t2", TP.INT64, "b1"),
+                              else_branch=_typed_branch("e2", TP.INT64, "b2"))]
+    g = helper.make_graph(nodes, "g", [_vi("x", (16,)), _vi("cond", [], TP.BOOL)],
+                          [_vi("y0", (16,)), _vi("a", (16,)), _vi("b", (16,), TP.INT64)])
+    m = _model(g)
+    feeds = {"x": np.linspace(-3, 3, 16).astype(np.float32), "cond": np.array(True)}
+    prepared = prepare_graph(m).model
+    ifs = {n.output[0]: n for n in prepared.graph.node if n.op_type == "If"}
+    assert [v.type.tensor_type.elem_type for v in ifs["b"].attribute[0].g.value_info] == [TP.INT64]
+    assert _same_bits(_run(m, feeds), _run(prepared, feeds))
+
+
+def test_an_opset_raise_keeps_the_local_functions_it_does_not_inline():
+    """onnx's version converter returns a model without functions; a kept com.microsoft function was
+    then called and undefined."""
+    from tqs_onnx.passes.opset import UpgradeOpset
+    fn = helper.make_function("com.microsoft", "MySum", ["a"], ["b"], [helper.make_node("ReduceSum", ["a"], ["b"])],
+                              opset_imports=[helper.make_opsetid("", 17)])
+    g = helper.make_graph([helper.make_node("MySum", ["x"], ["y"], domain="com.microsoft")], "g",
+                          [_vi("x", (4, 3))], [helper.make_tensor_value_info("y", TP.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                          functions=[fn])
+    m.ir_version = 8
+    prepared = prepare_graph(m).model
+    assert [f.name for f in prepared.functions] == ["MySum"]
+    raised = UpgradeOpset(21).run(prepared).model
+    assert [f.name for f in raised.functions] == ["MySum"]
+    feeds = {"x": np.arange(12, dtype=np.float32).reshape(4, 3)}
+    assert _same_bits(_run(m, feeds), _run(raised, feeds))
