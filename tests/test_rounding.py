@@ -610,3 +610,31 @@ def test_gptq_codes_that_lose_to_nearest_on_held_out_contexts_are_not_kept(gptq_
     assert doc["gptq_damping"]["W1"] == {"int4/channel/gptq": None} and doc["gptq_damping"]["W2"]["int4/channel/gptq"]
     damage = {b["name"]: b["damage"] for b in doc["blocks"]}
     assert damage["l1"]["int4/channel/gptq"] == damage["l1"]["int4/channel"]  # nearest's integers: the plain tier
+
+
+def test_non_finite_statistics_leave_the_weight_to_round_to_nearest():
+    """A NaN or inf in X^T X (an activation, or float32 sums overflowing) rounded most rows to code 0
+    without an error; such a weight now rounds to nearest, and a direct factor() refuses."""
+    from tqs_onnx.rounding import Rounding
+
+    x = np.random.default_rng(0).standard_normal((40, 8))
+    good = InputMoments(x.T @ x, 0, rows=40, per_context={0: x[:20].T @ x[:20], 1: x[20:].T @ x[20:]})
+    h = x.T @ x
+    h[2, 2] = np.inf
+    bad = InputMoments(h, 0, rows=40, per_context={0: h / 2, 1: h / 2})
+    nan_context = InputMoments(x.T @ x, 0, rows=40, per_context={0: np.full((8, 8), np.nan), 1: x.T @ x})
+    r = Rounding.from_moments({"W": good, "V": bad, "U": nan_context})
+    assert set(r.moments) == {"W"} and r.non_finite == ["U", "V"]
+    with pytest.raises(TqsError, match="not finite"):
+        gptq_codes(np.ones((8, 4), np.float32), bad, parse_tier("int4/channel/gptq"), 1, None)
+
+
+def test_a_quiet_contexts_fold_is_summed_not_subtracted_from_a_loud_total():
+    """Leave-one-out folds: H of the other contexts summed. Subtracted from the total, a context 1e6
+    quieter than another came out exactly zero."""
+    rng = np.random.default_rng(1)
+    quiet, loud = rng.standard_normal((30, 4)), 1e6 * rng.standard_normal((30, 4))
+    per = {0: loud.T @ loud, 1: quiet.T @ quiet}
+    folds = InputMoments(per[0] + per[1], 0, rows=60, per_context=per).folds()
+    fitted_without_loud, held = folds[0]
+    assert np.array_equal(held, per[0]) and np.array_equal(fitted_without_loud.h, per[1])

@@ -625,3 +625,32 @@ def test_weights_on_the_probes_grid_are_probed_on_a_coarser_one(tmp_path):
                     SweepConfig(probes=2, min_size=16, tiers=["int2"]), quiet=True)
     (b,) = doc["blocks"]
     assert b["probe_bits"] == 7 and b["norm"] > 0 and not b["dead"] and math.isfinite(b["quant"]["gamma_task"])
+
+
+def test_spec_constants_fill_the_inputs_shape_and_a_spec_without_outputs_is_refused(tmp_path):
+    """A single number fills a fixed-shape input (it raised numpy's reshape error after the spec was
+    accepted); a list of another shape is refused when checked; a spec following no output is refused
+    when read (ORT said 'At least one output should be requested')."""
+    from onnx import TensorProto, helper
+
+    from tiny import model
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.rollout import Rollout
+
+    vi = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [1, 3]) for v in ("x", "k", "x_next")]
+    import onnxruntime as ort
+
+    m = model([helper.make_node("Add", ["x", "k"], ["x_next"])], [], vi[:2], vi[2:])
+    ctx = {"x0": np.zeros((2, 1, 3), np.float32)}
+    spec = RolloutSpec.from_dict({"horizon": 3, "feedback": {"x_next": "x"}, "initial": {"x": "x0"},
+                                  "constants": {"k": 0.5}})
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    io = ({i.name: (tuple(i.shape), i.type) for i in s.get_inputs()}, {o.name: (tuple(o.shape), o.type) for o in s.get_outputs()})
+    spec.check_against(*io, "m")
+    steps = [a["x_next"] for a in Rollout(s, spec, Contexts.from_arrays(ctx, spec), Device("cpu")).trajectory_host(1)]
+    assert np.array_equal(steps[-1], np.full((1, 3), 1.5, np.float32))
+    wrong = RolloutSpec.from_dict({**spec.to_dict(), "constants": {"k": [0.5, 0.5]}})
+    with pytest.raises(TqsError, match=r"constant 'k' has shape \[2\], the input takes \[1, 3\]"):
+        wrong.check_against(*io, "m")
+    with pytest.raises(TqsError, match="follows no output"):
+        RolloutSpec.from_dict({"horizon": 3, "feedback": {}})

@@ -92,6 +92,9 @@ class RolloutSpec:
                 np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError):
                 raise TqsError(f"{where}: constant '{name}' must be a number or a list of numbers, not {value!r}") from None
+        if not raw["feedback"] and not trajectory:
+            raise TqsError(f"{where}: the spec follows no output: give 'feedback' pairs (output -> input) or a "
+                           "'trajectory' list of outputs to compare")
         raw = {**raw, "horizon": horizon, "channel_axis": channel_axis}
         return cls(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()})
 
@@ -133,6 +136,11 @@ class RolloutSpec:
         missing = set(inputs) - set(sources)
         if missing:
             raise TqsError(f"{where}: rollout spec does not say how to feed inputs {sorted(missing)}")
+        for inp, value in self.constants.items():
+            shape, given = inputs[inp][0], np.shape(value)
+            if np.size(value) != 1 and not shapes_compatible(given, shape):
+                raise TqsError(f"{where}: constant '{inp}' has shape {list(given)}, the input takes {list(shape)} "
+                               "(a single number fills any shape)")
         for out, inp in self.feedback.items():
             (s_out, t_out), (s_in, t_in) = outputs[out], inputs[inp]
             if t_out != t_in or not shapes_compatible(s_out, s_in):
@@ -325,8 +333,8 @@ class Rollout:
         for inp, value in self.spec.constants.items():
             shape = self.inputs[inp][0]
             arr = np.asarray(value, dtype=self.input_dtype(inp))
-            if arr.size == 1 and shape:
-                arr = arr.reshape([d if isinstance(d, int) else 1 for d in shape])
+            if arr.size == 1 and shape:  # one number fills the input's shape (1 along a dynamic axis)
+                arr = np.full([d if isinstance(d, int) else 1 for d in shape], arr.item(), arr.dtype)
             feeds[inp] = arr
         return feeds
 

@@ -43,7 +43,7 @@ from tqs_onnx.quant import apply_tier, broadcast_scales, quantize
 from tqs_onnx.tiers import Tier
 from tqs_onnx.util import atomic_write, fresh_name
 
-ROUNDING_VERSION = "gptq8"  # changed whenever the codes may change (a sweep checkpoint records it)
+ROUNDING_VERSION = "gptq9"  # changed whenever the codes may change (a sweep checkpoint records it)
 DAMP = 0.01  # H += DAMP * mean(live diag H) * I: keeps the inverse stable where inputs are nearly collinear
 # Dampings the held-out check chooses among (`held_out_damping`): more damping leans GPTQ towards rounding
 # to nearest (a diagonal H is nearest's), which few rows per input call for.
@@ -83,8 +83,11 @@ class InputMoments:
         """(moments of every context but one, H of that one) for each context; none with fewer than two
         contexts that brought rows. Kept, with their factors, until `forget_folds`."""
         if self._folds is None:
-            self._folds = [] if len(self.per_context) < 2 else \
-                [(InputMoments(self.h - h, self.input_axis), h) for _, h in sorted(self.per_context.items())]
+            # each fold summed from the other contexts, not subtracted from the total: a quiet context
+            # beside loud ones (1e5 apart) subtracted to exactly zero
+            items = sorted(self.per_context.items())
+            self._folds = [] if len(items) < 2 else \
+                [(InputMoments(sum(h for d, h in items if d != c), self.input_axis), held) for c, held in items]
         return self._folds
 
     def forget_folds(self) -> None:
@@ -95,6 +98,9 @@ class InputMoments:
         """(input order, largest diag(H) first; upper Cholesky factor of the reordered H^-1 damped by
         `damp` times the mean of diag(H) over the live inputs), computed once for every tier."""
         if damp not in self._factors:
+            if not np.isfinite(self.h).all():
+                raise TqsError("/gptq: the input moments are not finite (Rounding.from_moments leaves such weights "
+                               "to round to nearest)")
             h = self.h.copy()
             dead = np.diag(h) == 0
             live_mean = float(np.mean(np.diag(h)[~dead])) if (~dead).any() else 1.0
@@ -430,6 +436,8 @@ class Rounding:
     too_few_rows: dict[str, tuple[int, int]] = field(default_factory=dict)
     # The damping chosen per (weight, tier) by the held-out check (None: nearest's integers)
     damping: dict[tuple[str, str], float | None] = field(default_factory=dict)
+    # Weights left to round to nearest: their statistics are not finite (an activation overflowed)
+    non_finite: list[str] = field(default_factory=list)
 
     @classmethod
     def from_moments(cls, moments: dict[str, InputMoments], forward_passes: int = 0) -> "Rounding":
@@ -438,8 +446,12 @@ class Rounding:
         which other inputs do (a GRU's R with 48 rows for 128 inputs: 26x less damage than round-to-
         nearest on the sweep contexts, 4x more on others); such a weight rounds to nearest."""
         few = {n: (m.rows, int(m.h.shape[0])) for n, m in moments.items() if m.rows < m.h.shape[0]}
-        return cls({n: m for n, m in moments.items() if n not in few}, forward_passes=forward_passes,
-                   too_few_rows=few)
+        # a NaN or inf in X^T X (an activation, or float32 sums overflowing in the session) rounded most
+        # rows to code 0 without an error: such a weight rounds to nearest
+        bad = sorted(n for n, m in moments.items() if n not in few and not (
+            np.isfinite(m.h).all() and all(np.isfinite(h).all() for h in m.per_context.values())))
+        return cls({n: m for n, m in moments.items() if n not in few and n not in bad},
+                   forward_passes=forward_passes, too_few_rows=few, non_finite=bad)
 
     @property
     def nearest(self) -> dict[str, list[str]]:

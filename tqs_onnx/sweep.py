@@ -873,6 +873,12 @@ def sweep_notes(setup: SweepSetup) -> list[str]:
     notes = list(setup.spec_hints)
     if setup.rounding is not None and setup.rounding.too_few_rows:
         notes.append(too_few_rows_note(setup.rounding.too_few_rows))
+    if setup.rounding is not None and setup.rounding.non_finite:
+        bad = setup.rounding.non_finite
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        notes.append(f"{len(bad)} weight(s) round to nearest at the /gptq tiers: their input statistics are not "
+                     f"finite ('{bad[0]}'{more}: an activation they multiply is NaN or inf, or X^T X overflows "
+                     "float32)")
     nearest = setup.rounding.nearest if setup.rounding is not None else {}
     if nearest:
         name, tiers = next(iter(sorted(nearest.items())))
@@ -929,6 +935,8 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
             "statistics_forward_passes": setup.rounding.forward_passes} if setup.rounding is not None else {}),
         **({"gptq_too_few_rows": {n: list(v) for n, v in sorted(setup.rounding.too_few_rows.items())}}
            if setup.rounding is not None and setup.rounding.too_few_rows else {}),
+        **({"gptq_non_finite": setup.rounding.non_finite}
+           if setup.rounding is not None and setup.rounding.non_finite else {}),
         # the damping the held-out check chose per weight and /gptq tier (null: nearest's integers kept)
         **({"gptq_damping": {n: {t: d for (m, t), d in sorted(setup.rounding.damping.items()) if m == n}
                              for n in sorted({m for m, _ in setup.rounding.damping})}}
