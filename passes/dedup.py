@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from tqs_onnx.graph import iter_tensors
-from tqs_onnx.passes.base import PassResult, graph_bindings
+from tqs_onnx.graph import iter_graphs, iter_tensors
+from tqs_onnx.passes.base import PassResult, graph_bindings, restore_value_info
 
 __all__ = ["DeduplicateTensors"]
 
@@ -86,7 +86,16 @@ class DeduplicateTensors:
         self._dedup_graph(ir_model.graph, "main", _Scope(), merges)
         if not merges:
             return PassResult(model=model, modified=False, report=_report(merges))
-        return PassResult(model=ir.to_proto(ir_model), modified=True, report=_report(merges))
+        out = ir.to_proto(ir_model)
+        # onnx-ir writes a value_info for every typed value, initializers too (17 entries, 340 bytes on a
+        # small model: the lossless passes made it larger): keep the input's own
+        removed = {m.removed for m in merges}
+        restore_value_info(model, out)
+        for g in iter_graphs(out.graph):
+            kept = [v for v in g.value_info if v.name not in removed]
+            del g.value_info[:]
+            g.value_info.extend(kept)
+        return PassResult(model=out, modified=True, report=_report(merges))
 
     def _dedup_graph(self, graph: ir.Graph, path: str, scope: _Scope, merges: list[_Merge]) -> None:
         """Initializers first (visible to the whole graph), then nodes in order, recursing into subgraphs."""

@@ -39,6 +39,7 @@ class InlineLocalFunctions:
         if not local:
             return PassResult(model, False, {"functions": 0, "call_sites": 0})
         sites = Counter(f"{n.domain}.{n.op_type}" for n in _all_nodes(model) if (n.domain, n.op_type) in local)
+        model = _with_default_attributes(model, local)
         try:
             if kept:
                 # This entry point converts no opset versions; ORT refuses a function whose opset differs
@@ -54,6 +55,26 @@ class InlineLocalFunctions:
         # function is inlined once per call of that function).
         return PassResult(out, True, {"functions": functions, "call_sites": sum(sites.values()),
                                       "called": dict(sorted(sites.items())), "kept": [f"{d}.{n}" for d, n in kept]})
+
+
+def _with_default_attributes(model: onnx.ModelProto, local: set[tuple[str, str]]) -> onnx.ModelProto:
+    """`model` (a copy where anything changes) whose calls of local functions give every attribute
+    the function declares a default for (FunctionProto.attribute_proto) and the call omits.
+
+    onnx's inliner (1.23) ignores the defaults: a body's `alpha=@slope` lost its attribute and the op
+    ran with its own default (LeakyRelu 0.01 for the function's 0.3), a different model, silently; a
+    Constant whose value was such a reference was left without a value."""
+    defaults = {(f.domain, f.name, f.overload): list(f.attribute_proto)
+                for f in model.functions if (f.domain, f.name) in local and len(f.attribute_proto)}
+    if not defaults:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in _all_nodes(out):
+        for default in defaults.get((node.domain, node.op_type, node.overload), ()):
+            if all(a.name != default.name for a in node.attribute):
+                node.attribute.append(default)
+    return out
 
 
 def _all_nodes(model: onnx.ModelProto):

@@ -56,6 +56,21 @@ def test_the_proposed_spec_pairs_names_first_over_all_outputs():
     spec = propose_spec({"h": io, "x": io}, {"y": io, "h_out": io})
     assert spec["feedback"] == {"y": "x", "h_out": "h"}
     assert propose_spec({"s": ([], "?")}, {"s_out": ([], "?")}) is None  # sequences are not fed back
+    # a diagnostic output is not proposed as the next forcing input for its shape alone, where names pair
+    spec = propose_spec({"h": io, "rain": io}, {"discharge": io, "h_next": io})
+    assert spec["feedback"] == {"h_next": "h"} and spec["per_step"] == {"rain": "rain"}
+    assert propose_spec({"rain": io}, {"discharge": io})["feedback"] == {"discharge": "rain"}  # no names pair
+    # a decoder's key/value cache grows along a named axis: present* is fed back to past*, not followed
+    kv = lambda n: ([1, 4, n, 8], "tensor(float)")  # noqa: E731
+    x = ([1, 1, 32], "tensor(float)")
+    spec = propose_spec({"x": x, "past_key": kv("past"), "past_value": kv("past")},
+                        {"x_next": x, "present_key": kv("total"), "present_value": kv("total")})
+    assert spec["feedback"] == {"x_next": "x", "present_key": "past_key", "present_value": "past_value"}
+    assert spec["trajectory"] == ["x_next"]
+    hf = propose_spec({"e": x, "past_key_values.0.key": kv("past"), "past_key_values.0.value": kv("past")},
+                      {"h": x, "present.0.key": kv("total"), "present.0.value": kv("total")})
+    assert hf["feedback"] == {"h": "e", "present.0.key": "past_key_values.0.key",
+                              "present.0.value": "past_key_values.0.value"}
 
 
 @pytest.mark.parametrize("inputs, outputs, trajectory", [
@@ -310,3 +325,44 @@ def test_the_proposed_channel_axis_of_a_grid_is_axis_1():
     spec = propose_spec({"state": grid, "h": seq}, {"next_state": grid, "h_next": seq})
     assert spec["channel_axis"]["next_state"] == 1 and spec["channel_axis"].get("h_next", -1) == -1
     assert propose_spec({"x": seq}, {"x_next": seq})["channel_axis"] == {"x_next": -1}
+
+
+def test_floats_cast_to_integers_and_dequantize_scales_are_kept_exact():
+    """An edge index stored as floats and cast to int64 before a Gather (at int8, 153 of 200 edges
+    pointed at other nodes), and the blocked scales of an INT4 weight a vendor already quantized
+    (they were re-quantized to int8 and ranked the most sensitive block), are not quantizable."""
+    rng = np.random.default_rng(0)
+    edges = rng.integers(0, 50, (2, 200)).astype(np.float32)
+    q = rng.integers(-8, 8, (256, 64)).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, (8, 64)).astype(np.float32)
+    dense = rng.standard_normal((64, 64)).astype(np.float32)
+    h = helper.make_node
+    nodes = [h("Cast", ["E"], ["Ei"], to=TensorProto.INT64), h("Gather", ["x", "Ei"], ["xe"], axis=0),
+             h("ReduceSum", ["xe"], ["s"], keepdims=0),
+             h("DequantizeLinear", ["Q", "S"], ["Wq"], axis=0, block_size=32), h("MatMul", ["y", "Wq"], ["a"]),
+             h("MatMul", ["a", "D"], ["b"])]
+    inits = [numpy_helper.from_array(edges, "E"), numpy_helper.from_array(q, "Q"),
+             numpy_helper.from_array(scales, "S"), numpy_helper.from_array(dense, "D")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [50, 4]),
+                                       helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+                          [helper.make_tensor_value_info("s", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 64])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    table = {w.name: w for w in weight_table(m)}
+    assert not table["E"].quantizable and table["E"].reason.startswith("cast to int64")
+    assert not table["S"].quantizable and table["S"].reason.startswith("scale or zero point of a DequantizeLinear")
+    assert table["D"].quantizable
+
+
+def test_a_table_read_through_a_gather_of_constant_rows_keeps_its_row_axis():
+    """An embedding gathered by constant 1-D node ids, then a MatMul's left operand: one scale per
+    node (row), as the same table read directly gets (it got one per feature, and small nodes' rows
+    rounded to zero at int4). 2-D indices reshape the rows: no axis is carried."""
+    t = np.random.default_rng(0).standard_normal((50, 16)).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    for ids, want in ((np.arange(50)[::-1], (0, 1)), (np.arange(50).reshape(5, 10), (1, 0))):
+        nodes = [helper.make_node("Gather", ["T", "ids"], ["rows"], axis=0), helper.make_node("MatMul", ["rows", "x"], ["y"])]
+        g = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, [16, 4])], [vi("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(t, "T"), numpy_helper.from_array(ids.astype(np.int64), "ids")])
+        (w,) = [x for x in weight_table(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])) if x.name == "T"]
+        assert (w.channel_axis, w.block_axis) == want  # 2-D indices: the default last axis, not the rows

@@ -301,7 +301,7 @@ def test_an_already_quantized_model_is_named_so(tmp_path, capsys):
     m.ir_version = 8
     paths = save_case(tmp_path, m, recurrent_spec(), recurrent_contexts(16))
     assert main(["inspect", str(paths["model"])]) == 0
-    assert "already quantized: 1 integer tensor(s) behind DequantizeLinear, 512 parameters" in capsys.readouterr().out
+    assert "already quantized: 1 integer or float8 tensor(s) behind DequantizeLinear, 512 parameters" in capsys.readouterr().out
     err = one_line_error(capsys, ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts",
                                   str(paths["contexts"]), "-o", str(tmp_path / "s.json")], "already quantized")
     assert "512 parameters" in err
@@ -382,3 +382,29 @@ def test_a_model_with_an_op_onnx_deprecates_is_refused_before_the_sweep(tmp_path
     one_line_error(capsys, ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts",
                             str(paths["contexts"]), "-o", str(tmp_path / "s.json"), "--min-size", "16", "--quiet"],
                    "GroupNormalization-18", "re-export")
+
+
+def test_a_scalar_per_context_for_an_input_of_known_rank_is_refused_before_rolling_out(case, capsys):
+    """A (S,) array for an input [1, 16] passed the shape check (a scalar fitted any shape) and ORT
+    failed at step 1; a short per-step array's error says what it has."""
+    bad = case["dir"] / "scalar.npz"
+    np.savez(bad, x0=np.zeros(3, np.float32))
+    one_line_error(capsys, sweep_argv(case, contexts=bad), "'x0' has per-context shape []", "needs [1, 16]")
+
+
+def test_initializers_listed_as_inputs_are_named_as_the_reason_nothing_is_quantizable(tmp_path, capsys):
+    m = recurrent_mlp()
+    for name in ("W1", "W2"):
+        w = next(i for i in m.graph.initializer if i.name == name)
+        m.graph.input.append(onnx.helper.make_tensor_value_info(name, w.data_type, list(w.dims)))
+    paths = save_case(tmp_path, m, recurrent_spec(), recurrent_contexts())
+    one_line_error(capsys, ["sweep", str(paths["model"]), "--rollout", str(paths["spec"]), "--contexts",
+                            str(paths["contexts"]), "-o", str(tmp_path / "s.json"), "--min-size", "16"],
+                   "2 initializer(s) ('W1') are also listed as graph inputs", "remove_initializer_from_input")
+
+
+def test_long_messages_are_cut_at_a_word_and_say_so():
+    from tqs_onnx.util import first_line
+
+    assert first_line(ValueError("The output OrtValue provided for output 'x'"), 30) == "The output OrtValue provided…"
+    assert first_line(ValueError("short"), 30) == "short"

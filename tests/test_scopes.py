@@ -315,3 +315,71 @@ def test_an_opset_raise_keeps_the_local_functions_it_does_not_inline():
     assert [f.name for f in raised.functions] == ["MySum"]
     feeds = {"x": np.arange(12, dtype=np.float32).reshape(4, 3)}
     assert _same_bits(_run(m, feeds), _run(raised, feeds))
+
+
+def _leaky_function_model() -> onnx.ModelProto:
+    """x_next = x + 0.1 tanh(Act(x W1) W2), Act a local function LeakyRelu(alpha=@slope), slope 0.3 by
+    default and not given by the call."""
+    ops = [helper.make_opsetid("", 18), helper.make_opsetid("custom.fn", 1)]
+    act = helper.make_function("custom.fn", "Act", ["x"], ["y"], [helper.make_node("LeakyRelu", ["x"], ["y"])], ops)
+    ref = onnx.AttributeProto(name="alpha", ref_attr_name="slope", type=onnx.AttributeProto.FLOAT)
+    act.node[0].attribute.append(ref)
+    act.attribute_proto.append(helper.make_attribute("slope", 0.3))
+    w1, w2 = (np.random.default_rng(3).standard_normal((2, 32, 32)) / 6).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m"]), helper.make_node("Act", ["m"], ["a"], domain="custom.fn"),
+             helper.make_node("MatMul", ["a", "W2"], ["m2"]), helper.make_node("Tanh", ["m2"], ["t"]),
+             helper.make_node("Mul", ["t", "dt"], ["d"]), helper.make_node("Add", ["x", "d"], ["x_next"])]
+    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+             numpy_helper.from_array(np.array(0.1, np.float32), "dt")]
+    g = helper.make_graph(nodes, "g", [_vi("x", (1, 32))], [_vi("x_next", (1, 32))], inits)
+    m = helper.make_model(g, opset_imports=ops, functions=[act])
+    m.ir_version = 10
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_inlined_functions_keep_their_attribute_defaults():
+    """onnx's inliner dropped a function's attribute default: the body's LeakyRelu ran with its own
+    alpha 0.01, not the function's 0.3, and every stage worked on another model."""
+    m = _leaky_function_model()
+    prepared = prepare_graph(m).model
+    assert not prepared.functions
+    leaky = [n for n in prepared.graph.node if n.op_type == "LeakyRelu"]
+    assert [helper.get_attribute_value(a) for a in leaky[0].attribute] == [pytest.approx(0.3)]
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)}
+    assert _same_bits(_run(m, feeds), _run(prepared, feeds))
+
+
+def test_a_preparation_that_changes_the_outputs_stops_the_sweep_and_apply(tmp_path, capsys, monkeypatch):
+    """Whatever goes wrong in the passes, sweep and apply compare the prepared graph with the file on
+    synthetic inputs and stop rather than score or write another model."""
+    from tqs_onnx.passes import inline
+
+    monkeypatch.setattr(inline, "_with_default_attributes", lambda model, local: model)  # the inliner's old loss
+    m = _leaky_function_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    (tmp_path / "spec.json").write_text(json.dumps({"horizon": 4, "feedback": {"x_next": "x"}}))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((2, 1, 32)).astype(np.float32))
+    assert main(["sweep", str(path), "--rollout", str(tmp_path / "spec.json"), "--contexts", str(tmp_path / "c.npz"),
+                 "-o", str(tmp_path / "s.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "preparing the graph" in err and "changed what the model computes (output 'x_next'" in err
+    assert not (tmp_path / "s.json").exists()
+    code, out = _apply_empty(tmp_path, m, "a")
+    assert code == 2 and "tqs-onnx bug" in capsys.readouterr().err
+
+
+def test_a_file_at_onnx_default_ir_14_loads_wherever_a_path_is_opened(tmp_path):
+    """onnx >= 1.23 saves IR 14 by default, ORT 1.31 loads 13: sweep and apply lowered it, eval, gate
+    and pareto (which open the files themselves) refused the model."""
+    from tqs_onnx.runtime import make_session, resolve_device
+
+    g = helper.make_graph([helper.make_node("Add", ["x", "A"], ["y"])], "g", [_vi("x")], [_vi("y")],
+                          [numpy_helper.from_array(np.arange(32, dtype=np.float32), "A")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 14
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    session = make_session(str(path), resolve_device("cpu"))
+    assert np.array_equal(session.run(None, {"x": np.ones(32, np.float32)})[0], np.arange(1, 33, dtype=np.float32))

@@ -2,7 +2,7 @@
 
 For each case (A 2-D or 3-D, fixed or symbolic; a MatMul followed by an Add, or a Gemm, with alpha,
 beta or transA set or not; the Add operand / C absent, a vector, a row, a column, a matrix, a
-constant or an input) the script writes
+constant or an input; an activation after it or not) the script writes
 the weight behind a per-channel INT8 DequantizeLinear, lets ORT (CPU) optimize the session, and
 counts it fused when no DequantizeLinear is left. It prints every case and the number of wrong
 predictions. A case whose C does not broadcast against the output is refused by ORT itself
@@ -30,6 +30,10 @@ K, N = 64, 32
 
 
 def build(a_shape: list, c: tuple[str, list] | None, gemm: bool, attrs: dict | None = None) -> onnx.ModelProto:
+    """The case's model; `attrs` are the Gemm's, but for "then": an activation applied to the product
+    (and read by one Neg, as a layer's next op reads it)."""
+    attrs = dict(attrs or {})
+    then = attrs.pop("then", None)
     w = np.random.default_rng(0).standard_normal((K, N)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "W")]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, a_shape)]
@@ -43,7 +47,11 @@ def build(a_shape: list, c: tuple[str, list] | None, gemm: bool, attrs: dict | N
             inputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, shape))
         nodes = ([helper.make_node("Gemm", ["x", "W", "c"], ["z"], **(attrs or {}))] if gemm else
                  [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Add", ["c", "y"], ["z"])])
-    graph = helper.make_graph(nodes, "case", inputs, [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], inits)
+    out = "z"
+    if then:
+        nodes += [helper.make_node(then, ["z"], ["act"]), helper.make_node("Neg", ["act"], ["out"])]
+        out = "out"
+    graph = helper.make_graph(nodes, "case", inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     m.ir_version = 10
     return m
@@ -76,6 +84,13 @@ def cases():
     for attrs in ({"alpha": 0.5}, {"transA": 1}, {"beta": 0.5}, {"alpha": 1.0, "beta": 1.0}):
         for c in (None, ("constant", [N])):
             yield ([K, 4] if attrs.get("transA") else [4, K]), c, True, attrs
+    # An activation after the product: ORT fuses a Gemm with a Relu into FusedGemm, and keeps a Clip
+    # apart, before its DequantizeLinear fusion, which then never happens (nineteenth session).
+    for then in ("Relu", "Clip", "Tanh", "LeakyRelu", "Sigmoid"):
+        for a_shape in ([1, K], [4, K], ["M", K], [1, 1, K]):
+            for gemm in (False, True) if len(a_shape) == 2 else (False,):
+                for c in (None, ("constant", [N]), ("constant", [1, N])):
+                    yield a_shape, c, gemm, {"then": then}
 
 
 def broadcasts(a_shape: list, c: tuple[str, list] | None, gemm: bool, attrs: dict) -> bool:
@@ -102,7 +117,7 @@ def check(cases, fuses=ort_fuses) -> tuple[int, int, int, list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             a_shape, c, gemm, attrs = case
-            op = f"Gemm{attrs or ''}" if gemm else "MatMul+Add"
+            op = ("Gemm" if gemm else "MatMul+Add") + (str(attrs) if attrs else "")
             m = build(a_shape, c, gemm, attrs)
             try:
                 fused = fuses(m, Path(tmp))

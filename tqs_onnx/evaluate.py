@@ -44,7 +44,7 @@ def verify_written(path: Path, device: Device, spec: RolloutSpec | None = None,
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise TqsError(f"{label}: written model fails onnx.checker: {first_line(exc)[:200]}") from None
+        raise TqsError(f"{label}: written model fails onnx.checker: {first_line(exc, 200)}") from None
     session = make_session(str(path), device, label=str(label))
     try:
         outs = _verification_outputs(session, device, spec, contexts, str(label))
@@ -122,11 +122,52 @@ def check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, model_byte
     the unconverted graph. Both run once on the CPU on seeded synthetic inputs; a difference above
     `CONVERSION_TOL` is an error. `attach(m)` gives a skeleton's stubs their data (a copy is attached).
     Returns what the apply report records: checked or not, and why not."""
+    frm, to = main_opset(before), main_opset(after)
+
+    def differs(name: str, detail: str) -> str:
+        return (f"{label}: onnx's version converter changed what the model computes when raising its "
+                f"opset from {frm} to {to}, which the chosen tiers need (output '{name}': {detail}); "
+                f"keep its weights at tiers that need no newer opset, or convert the model with a "
+                f"tool you have checked and sweep it again")
+
+    def fails(why: str) -> str:
+        return (f"{label}: the model converted from opset {frm} to {to} (needed by the chosen tiers) "
+                f"does not run in ONNX Runtime: {why}")
+
+    return {"from": frm, "to": to, **compare_models(before, after, model_bytes, label, differs, fails, attach)}
+
+
+def check_prepared(original: onnx.ModelProto, prepared: onnx.ModelProto, model_bytes: int, label: str | Path,
+                   attach: Callable[[onnx.ModelProto], Any] = lambda m: None) -> dict[str, Any]:
+    """Does the prepared graph (functions inlined, weights lifted, tables factored, duplicates shared:
+    all meant to be exact) compute what the file does? Run as `check_conversion` runs; a difference is
+    this tool's bug, and the sweep and apply stop rather than score or write another model (onnx's
+    inliner dropped function attribute defaults: LeakyRelu's alpha 0.3 became 0.01, silently)."""
+    def differs(name: str, detail: str) -> str:
+        return (f"{label}: preparing the graph (inlining functions, lifting constants, factoring tables, "
+                f"sharing duplicates) changed what the model computes (output '{name}': {detail}); this is a "
+                f"tqs-onnx bug, please report it with the model; --no-factor leaves the tables and duplicates "
+                f"as they are")
+
+    def fails(why: str) -> str:
+        return f"{label}: the prepared graph does not run in ONNX Runtime (a tqs-onnx bug, please report it): {why}"
+
+    return compare_models(original, prepared, model_bytes, label, differs, fails, attach)
+
+
+def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, model_bytes: int, label: str | Path,
+                   differs: Callable[[str, str], str], fails: Callable[[str], str],
+                   attach: Callable[[onnx.ModelProto], Any] = lambda m: None) -> dict[str, Any]:
+    """Run `before` and `after` once each on the CPU on the same seeded synthetic inputs; raise
+    TqsError(differs(output, detail)) where an output moves by more than `CONVERSION_TOL` of its
+    largest magnitude, TqsError(fails(why)) where `after` does not run. Skipped (and said why) for
+    models over `CONVERSION_CHECK_BYTES`, models drawing random numbers, and `before` models ONNX
+    Runtime does not run."""
     from tqs_onnx.graph import iter_graphs
+    from tqs_onnx.passes.opset import ORT_MAX_IR
     from tqs_onnx.runtime import resolve_device
 
-    frm, to = main_opset(before), main_opset(after)
-    record: dict[str, Any] = {"from": frm, "to": to, "checked": False}
+    record: dict[str, Any] = {"checked": False}
     if model_bytes > CONVERSION_CHECK_BYTES:
         return {**record, "why_not": f"model over {CONVERSION_CHECK_BYTES >> 20} MiB"}
     if any(n.op_type in _RANDOM_OPS for g in iter_graphs(before.graph) for n in g.node):
@@ -137,12 +178,14 @@ def check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, model_byte
         full = onnx.ModelProto()
         full.CopyFrom(proto)
         attach(full)
+        if ORT_MAX_IR < full.ir_version <= onnx.IR_VERSION:  # onnx >= 1.23's default IR 14
+            full.ir_version = ORT_MAX_IR
         return make_session(full, cpu, label=str(label))
 
     try:
         original = session_of(before)
     except Exception as exc:
-        return {**record, "why_not": f"ONNX Runtime does not load it ({first_line(exc)[:120]})"}
+        return {**record, "why_not": f"ONNX Runtime does not load it ({first_line(exc, 120)})"}
     # Dynamic dimensions as 7 first: at 1 an image is one pixel, on which opset 9's Upsample and the
     # Resize it became agree; 1 where the model takes nothing else (then the record says so).
     ref = feeds = None
@@ -152,7 +195,7 @@ def check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, model_byte
             ref = _named_outputs(original, feeds)
             break
         except Exception as exc:
-            why = first_line(exc)[:120]
+            why = first_line(exc, 120)
     dynamic = any(not (isinstance(d, int) and d > 0) for i in original.get_inputs() for d in i.shape)
     del original  # one session at a time
     if ref is None:
@@ -162,8 +205,7 @@ def check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, model_byte
     try:
         got_all = _named_outputs(session_of(after), feeds)
     except Exception as exc:
-        raise TqsError(f"{label}: the model converted from opset {frm} to {to} (needed by the chosen tiers) "
-                       f"does not run in ONNX Runtime: {first_line(exc)[:200]}") from None
+        raise TqsError(fails(first_line(exc, 200))) from None
     worst = 0.0
     for name, want in ref.items():
         got = got_all.get(name, [])
@@ -173,10 +215,7 @@ def check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, model_byte
             err, detail = max((_converted_error(a, b) for a, b in zip(got, want)), default=(0.0, ""),
                               key=lambda e: e[0])
         if err > CONVERSION_TOL:
-            raise TqsError(f"{label}: onnx's version converter changed what the model computes when raising its "
-                           f"opset from {frm} to {to}, which the chosen tiers need (output '{name}': {detail}); "
-                           f"keep its weights at tiers that need no newer opset, or convert the model with a "
-                           f"tool you have checked and sweep it again")
+            raise TqsError(differs(name, detail))
         worst = max(worst, err)
     return {**record, "checked": True, "max_rel_err": worst}
 

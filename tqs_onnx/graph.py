@@ -35,7 +35,7 @@ DATA_MOVEMENT = {"Slice", "Concat", "Reshape", "Transpose", "Squeeze", "Unsqueez
 DEFAULT_MIN_SIZE = 256
 # Changed whenever the weight table may give a weight other axes, blocks or quantizability (a sweep's
 # checkpoint records it: its rows' tier damage was measured with those axes).
-ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels,cast-axes,float16,concat-axes"
+ANALYSIS_VERSION = "embedding-rows,einsum-axes,vectors,unique-body-labels,cast-axes,float16,concat-axes,exact-uses,gather-rows"
 NONFINITE_REASON = "holds NaN/inf values"
 
 
@@ -509,9 +509,9 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
         # (following the others would join the Pangu replica's const_h to its patch embedding's block).
         pieces = use.node.op_type == "Concat" and g is graph and all(i in stored for i in use.node.input)
         if use.node.op_type in DATA_MOVEMENT and (use.slot == 0 or pieces) and use.node.output \
-                and not _data_lookup(use, constants):
+                and not _data_lookup(use, constants) and not _exact_use(use):
             is_main = g is graph
-            perm = use.perm if pieces else _view_perm(use.node, use.perm)
+            perm = use.perm if pieces else _view_perm(use.node, use.perm, g)
             for o in use.node.output:
                 if o:
                     for g2, u2 in _uses_in(g, o, use.scope, use.order if not is_main else None,
@@ -522,6 +522,19 @@ def _effective_consumers(name: str, graph: onnx.GraphProto, names: list[str], to
         else:
             found.append(use)
     return found
+
+
+def _exact_use(use: Use) -> str:
+    """Why a use needs the stored values exactly ('' where it does not): a Cast to an integer or bool
+    type reads indices or counts stored as floats (a graph's edge index: at int8, 153 of 200 edges
+    pointed at other nodes), and a (De)QuantizeLinear's scale or zero point belongs to the integers a
+    vendor already quantized (an INT4 weight's blocked scales were re-quantized to int8)."""
+    node = use.node
+    if node.op_type == "Cast" and cast_to(node) not in FLOAT_TYPES:
+        return f"cast to {onnx.TensorProto.DataType.Name(cast_to(node)).lower()} (indices or counts): kept exact"
+    if node.op_type in ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear") and use.slot >= 1:
+        return f"scale or zero point of a {node.op_type} (already quantized): kept as stored"
+    return ""
 
 
 def _data_lookup(use: Use, constants: dict[str, set[str]] | None) -> bool:
@@ -563,13 +576,18 @@ def scope_constants(graph: onnx.GraphProto) -> dict[str, set[str]]:
     return out
 
 
-def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None) -> tuple[int, ...] | None:
+def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None,
+               graph: onnx.GraphProto | None = None) -> tuple[int, ...] | None:
     """The stored axis of each axis of `node`'s output, given those of its input (`perm`): through a
-    Transpose the axes move, through an op that passes the tensor unchanged they stay, through any
-    other data-movement op (Reshape, Slice, Concat, ...) they are not followed (None; but see
-    `_effective_consumers` for a Concat of initializers)."""
+    Transpose the axes move, through an op that passes the tensor unchanged they stay, and through a
+    Gather of constant 1-D indices (rows picked, in any order) too: a gathered row is a table row (an
+    embedding read by constant node ids got a scale per feature, and small nodes' rows rounded to
+    zero). Through any other data-movement op (Reshape, Slice, Concat, ...) they are not followed
+    (None; but see `_effective_consumers` for a Concat of initializers)."""
     if perm is None:
         return None
+    if node.op_type == "Gather" and graph is not None and len(node.input) > 1:
+        return perm if _constant_rank(graph, node.input[1]) == 1 else None
     if node.op_type == "Transpose":
         order = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         order = order or list(range(len(perm)))[::-1]
@@ -577,6 +595,18 @@ def _view_perm(node: onnx.NodeProto, perm: tuple[int, ...] | None) -> tuple[int,
             return None
         return tuple(perm[i] for i in order)
     return perm if _same_tensor(node) or _float_cast(node) else None
+
+
+def _constant_rank(graph: onnx.GraphProto, name: str) -> int | None:
+    """The rank of `name` where `graph` holds it as an initializer or a Constant node's tensor."""
+    for t in graph.initializer:
+        if t.name == name:
+            return len(t.dims)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] == name:
+            value = next((a for a in n.attribute if a.name == "value"), None)
+            return len(value.t.dims) if value is not None else (1 if any(a.name == "value_ints" for a in n.attribute) else None)
+    return None
 
 
 def cast_to(node: onnx.NodeProto) -> int:
@@ -712,7 +742,7 @@ def weight_table(model: onnx.ModelProto, min_size: int = DEFAULT_MIN_SIZE,
             w.scope = scope_of(first.node.name, init.name)
         vector = _is_vector(shape, *((first.node.op_type, first.slot) if eff else ("", 0)))
         w.quantizable, w.reason = _quantizable(w, min_size, inputs, outputs, model, init if check_finite else None,
-                                               vector)
+                                               vector, next((r for r in map(_exact_use, eff) if r), ""))
         weights.append(w)
     weights.sort(key=lambda w: (w.order, w.name))
     return weights
@@ -812,12 +842,16 @@ class _OrtFusion:
             if attrs.get("transB", 0) and b:
                 n = b[0]
             if len(node.input) < 3 or not node.input[2]:
-                return False
+                return self._gemm_activation(node.output[0])
             c = self.shapes(node.input[2])
-            return attrs.get("beta", 1.0) != 1.0 or not (c is not None and len(c) == 1 and _same_dim(c[0], n))
+            return attrs.get("beta", 1.0) != 1.0 or not (c is not None and len(c) == 1 and _same_dim(c[0], n)) \
+                or self._gemm_activation(node.output[0])
+        a = self.shapes(node.input[0])
         add = self._gemm_partner(node, n)
         if add is None:
-            return False
+            # A MatMul read by a Relu or Clip (any rank), or made a Gemm with a vector C (A 2-D) first
+            vector = self._vector_add(node, n) if a is not None and len(a) == 2 else None
+            return self._gemm_activation(vector.output[0] if vector is not None else self._through(node.output[0]))
         other = self._source(add[0].input[1 - add[1]])
         twin = self.producer.get(other)
         if twin is not None and twin is not node and twin.op_type == "MatMul" and \
@@ -838,6 +872,31 @@ class _OrtFusion:
             return None  # no Gemm, or a Gemm with an (N) vector C: fused either way
         fits = (c[0] == 1 and _same_dim(c[1], n)) or (_same_dim(c[0], a[0]) and (c[1] == 1 or _same_dim(c[1], n)))
         return (add, slot) if fits else None
+
+    def _vector_add(self, node: onnx.NodeProto, n: int | str | None) -> onnx.NodeProto | None:
+        """The Add of an (N) vector that MatMulAddFusion would fuse `node` (A 2-D) with into a Gemm
+        whose C is that vector, or None."""
+        value = self._through(node.output[0])
+        readers = self.readers.get(value, [])
+        if len(readers) != 1 or readers[0][0].op_type != "Add" or value in self.outputs or value in self.read_in_bodies:
+            return None
+        add, slot = readers[0]
+        c = self.shapes(add.input[1 - slot])
+        return add if c is not None and len(c) == 1 and _same_dim(c[0], n) else None
+
+    def _gemm_activation(self, value: str) -> bool:
+        """Whether a Gemm's (or a MatMul's) output `value` goes to a Relu ORT fuses it with (FusedGemm),
+        or a Clip, before fusing its DequantizeLinear: then never fused (onnxruntime 1.31, CPU;
+        only where the activation is the product's one reader and has one reader itself, no graph
+        output; tools/check_fusion_prediction.py). Tanh, Sigmoid, LeakyRelu and the rest leave it fused."""
+        readers = self.readers.get(value, [])
+        if len(readers) != 1 or value in self.outputs or value in self.read_in_bodies:
+            return False
+        act = readers[0][0]
+        if act.op_type not in ("Relu", "Clip") or not act.output or act.output[0] in self.outputs \
+                or act.output[0] in self.read_in_bodies:
+            return False
+        return len(self.readers.get(act.output[0], [])) == 1
 
     def _through(self, value: str) -> str:
         """`value` followed forwards, along single readers, through the ops ORT removes (Identity,
@@ -881,9 +940,12 @@ def _is_vector(shape: tuple[int, ...], op: str, slot: int) -> bool:
 
 
 def _quantizable(w: Weight, min_size: int, inputs: set[str], outputs: set[str],
-                 model: onnx.ModelProto, init: onnx.TensorProto | None, vector: bool) -> tuple[bool, str]:
+                 model: onnx.ModelProto, init: onnx.TensorProto | None, vector: bool,
+                 exact: str = "") -> tuple[bool, str]:
     if w.size == 0:
         return False, "empty tensor"
+    if exact:  # _exact_use
+        return False, exact
     if w.size < min_size:
         return False, f"below size floor ({w.size} < {min_size})"
     if vector:  # _is_vector

@@ -602,11 +602,16 @@ def plot_steps(curves: list[tuple[str, list[float], bool]], path: Path) -> None:
         ax.text(0.5, 0.5, f"every error is {NONFINITE}: the rollout diverged", transform=ax.transAxes,
                 ha="center", va="center", color="red")
     ax.set_xlim(0.5, max([len(c) for _, c, _ in curves] + [1]) + 0.5)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole (it drew 2.5, 7.5)
     ax.set_xlabel("rollout step")
     ax.set_ylabel("MAE vs FP32")
     ax.set_title("Error growth over the rollout")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    # beside the axes, not over the curves (the lower-left ones were hidden)
+    ax.legend(fontsize=7, ncol=1 if len(curves) <= 12 else 2, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
     _save(fig, path)
 
 

@@ -212,7 +212,9 @@ class Contexts:
             raise TqsError(f"{where}: no contexts (the arrays' leading axis is 0)")
         for inp, key in spec.per_step.items():
             if arrays[key].ndim < 2 or arrays[key].shape[1] < spec.horizon:
-                raise TqsError(f"{where}: per-step array '{key}' needs shape (S, T>={spec.horizon}, ...)")
+                have = f"shape {list(arrays[key].shape)}" if arrays[key].ndim else "a scalar"
+                raise TqsError(f"{where}: per-step array '{key}' needs shape (S, T>={spec.horizon}, ...), "
+                               f"it has {have}")
         return cls(arrays, count)
 
     def subset(self, index: slice | list[int]) -> "Contexts":
@@ -303,7 +305,8 @@ class Rollout:
         shape, typ = self.inputs[inp]
         if not str(typ).startswith("tensor("):
             raise TqsError(f"{where}: input '{inp}' takes {typ}; a rollout feeds tensors only")
-        if not shapes_compatible(tuple(a.shape), shape):
+        # a scalar fits an input ORT reports as () (a scalar, or of unknown rank), not one of known rank
+        if not shapes_compatible(tuple(a.shape), shape) or (a.ndim == 0 and len(shape) > 0):
             raise TqsError(f"{where}: contexts array '{key}' has per-context shape {list(a.shape)}, "
                            f"input '{inp}' needs {list(shape)}")
         want = ORT_NUMPY_TYPES.get(typ)
@@ -480,6 +483,17 @@ _STATE_WORDS = {"h", "c", "hx", "cx", "state", "states", "hidden", "cell", "cach
                 "memory", "carry", "buf", "buffer", "buffers", "past", "present"}
 
 
+def _kv_pair(out: str, inp: str) -> bool:
+    """A decoder's key/value cache: `present*` fed back to `past*` (present_key -> past_key, Hugging
+    Face's present.0.key -> past_key_values.0.key)."""
+    return "present" in _tokens(out) and "past" in _tokens(inp)
+
+
+def _grows(a: tuple, b: tuple) -> bool:
+    """Equal rank, fixed dims equal, and the others named (a cache growing along its 'past' axis)."""
+    return len(a) == len(b) and all(x == y or (isinstance(x, str) and isinstance(y, str)) for x, y in zip(a, b))
+
+
 def _tokens(name: str) -> set[str]:
     """Lower-case words and numbers of a name (state1 -> state, 1; h0 -> h, 0)."""
     import re
@@ -493,14 +507,26 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
 
     Candidates must agree exactly (a dynamic dim never pairs with a fixed one) and be tensors; the
     pairs sharing most name tokens are made first, over all outputs (h_out -> h and c_out -> c, whatever
-    the outputs' order; state_0_out -> state_0_in), then the rest in order.
+    the outputs' order; state_0_out -> state_0_in), then the rest in order, but for an output and an
+    input named apart where other names pair.
     """
-    pairs = [(len(_tokens(i) & _tokens(out)), -a, -b, out, i)
+    pairs = [(len(_tokens(i) & _tokens(out)) + _kv_pair(out, i), -a, -b, out, i)
              for a, (out, (shape, typ)) in enumerate(outputs.items())
              for b, (i, (s, t)) in enumerate(inputs.items())
-             if t == typ and typ not in (None, "?") and _same_shape(tuple(s), tuple(shape))]
+             if t == typ and typ not in (None, "?") and (_same_shape(tuple(s), tuple(shape)) or
+                                                         _kv_pair(out, i) and _grows(tuple(s), tuple(shape)))]
+    # Where names pair some output with an input, two named apart by words are not paired for their
+    # shape alone (a GNN's 'discharge' diagnostic was proposed as the next 'rain' beside h_next -> h);
+    # names without such a word ('output' -> 'input', y -> x) still pair by shape.
+    named = any(shared for shared, *_ in pairs)
+
+    def worded(name: str) -> bool:
+        return any(len(t) >= 3 and t.isalpha() for t in _tokens(name))
+
     feedback: dict[str, str] = {}
-    for _, _, _, out, i in sorted(pairs, reverse=True):
+    for shared, _, _, out, i in sorted(pairs, reverse=True):
+        if named and not shared and worded(out) and worded(i):
+            continue
         if out not in feedback and i not in feedback.values():
             feedback[out] = i
     if not feedback:
@@ -513,7 +539,8 @@ def propose_spec(inputs: dict[str, tuple], outputs: dict[str, tuple]) -> dict[st
     floats = [o for o in outputs if any(k in str(outputs[o][1]) for k in ("float", "double"))]
     forecast = [o for o in feedback if o in floats and not (_tokens(o) | _tokens(feedback[o])) & _STATE_WORDS]
     others = [o for o in floats if o not in feedback]
-    trajectory = forecast or others or [o for o in feedback if o in floats] or list(feedback)
+    states = [o for o in feedback if o in floats]
+    trajectory = forecast or others or [o for o in states if not _kv_pair(o, feedback[o])] or states or list(feedback)
     return {"horizon": 10, "feedback": feedback, "trajectory": trajectory,
             "initial": {i: i for i in feedback.values()}, "per_step": {i: i for i in free},
             "fixed": {}, "constants": {}, "truth": {}, "channel_axis": {o: _channel_guess(outputs[o][0]) for o in trajectory}}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -198,7 +200,32 @@ def make_session(model: onnx.ModelProto | bytes | str, device: Device, threads: 
         return ort.InferenceSession(model, so, providers=providers)
     except Exception as exc:
         name = label or (str(model) if isinstance(model, (str, os.PathLike)) else "the model")
+        lowered = _lowered_ir(model, str(exc)) if isinstance(model, (str, os.PathLike)) else None
+        if lowered is not None:
+            try:
+                return ort.InferenceSession(lowered, so, providers=providers)
+            except Exception as again:
+                exc = again
         raise TqsError(f"{name}: ONNX Runtime cannot load it: {first_line(exc)}") from None
+
+
+_IR_REFUSED = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+
+
+def _lowered_ir(path: str | os.PathLike, error: str) -> bytes | None:
+    """The file's model with its IR version lowered to the newest ORT loads, where ORT refused only that
+    version and onnx knows it (onnx >= 1.23 writes IR 14 by default, onnxruntime 1.31 loads 13; sweep
+    and apply lower it as they prepare the graph, so eval, gate and pareto do too); None otherwise."""
+    refused = _IR_REFUSED.search(error)
+    if not refused or int(refused.group(1)) > onnx.IR_VERSION:
+        return None
+    from tqs_onnx.graph import load_model
+
+    model = load_model(Path(path)).model  # external data read with its checks (inside the model's folder)
+    model.ir_version = int(refused.group(2))
+    if model.ByteSize() > 1_800_000_000:
+        return None
+    return model.SerializeToString()
 
 
 def io_signature(session) -> tuple[dict[str, tuple], dict[str, tuple]]:

@@ -78,10 +78,12 @@ def format_inspect(doc: dict[str, Any], max_rows: int = 40) -> str:
     lines = [f"{doc['path']}: IR {doc['ir_version']}, opset {doc['opset']}, {doc['file_bytes']:,} bytes",
              "inputs:  " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in doc["inputs"].items()),
              "outputs: " + ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in doc["outputs"].items()),
-             "ops:     " + ", ".join(f"{k} {v}" for k, v in list(doc["op_histogram"].items())[:12]),
+             "ops:     " + ", ".join(f"{k} {v}" for k, v in list(doc["op_histogram"].items())[:12])
+             + (f" (+{len(doc['op_histogram']) - 12} more: {', '.join(list(doc['op_histogram'])[12:])})"
+                if len(doc["op_histogram"]) > 12 else ""),
              f"weights: {len(doc['weights'])} float tensors, {doc['parameters']:,} parameters, "
              f"{doc['quantizable_share']:.1%} quantizable"
-             + (f"; already quantized: {len(doc['prequantized'])} integer tensor(s) behind DequantizeLinear, "
+             + (f"; already quantized: {len(doc['prequantized'])} integer or float8 tensor(s) behind DequantizeLinear, "
                 f"{sum(p['size'] for p in doc['prequantized']):,} parameters, kept as they are"
                 if doc.get("prequantized") else ""),
              *([f"warning: {', '.join(doc['deprecated_ops'])} deprecated by onnx (onnx.checker refuses it): sweep "

@@ -22,6 +22,7 @@ import onnx
 
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
+from tqs_onnx.evaluate import check_prepared
 from tqs_onnx.graph import (ANALYSIS_VERSION, IDENTITY, Block, LoadedModel, Weight, cast_to, check_not_deprecated,
                             main_opset, make_blocks, prequantized, same_model, subgraph_refs, tensor_is_finite,
                             weight_table)
@@ -197,6 +198,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
                            f"({contexts.arrays[key].shape[1]} steps)")
     check_not_deprecated(loaded.model, str(loaded.path))  # before minutes of work on a model apply must refuse
     prepared = prepare_graph(loaded.model, config.factor)
+    check_prepared(loaded.model, prepared.model, loaded.file_bytes, loaded.path)  # no score of another model
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
     if not blocks:
@@ -206,6 +208,12 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
                            f"integer tensor(s) behind DequantizeLinear, {sum(math.prod(s) for s in done.values()):,} "
                            "parameters, kept as they are), and no float weight of at least "
                            f"{config.min_size} elements is left; `tqs-onnx inspect` lists them")
+        listed = [w.name for w in weights if w.reason.startswith("also a graph input")]
+        if listed:
+            raise TqsError(f"{loaded.path}: no quantizable weights: {len(listed)} initializer(s) ('{listed[0]}') are also "
+                           "listed as graph inputs, which makes them values a caller may override, not weights "
+                           "(an export with keep_initializers_as_inputs=True); remove them from the graph inputs "
+                           "(onnxruntime's tools/python/remove_initializer_from_input.py) and sweep that file")
         raise TqsError(f"{loaded.path}: no quantizable weights (float32 or float16, >= {config.min_size} elements; "
                        f"`tqs-onnx inspect` gives each weight's reason)")
     names = [n for b in blocks for n in b.weights]

@@ -52,7 +52,13 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's first line (ORT's messages run to pages, and start with a C++ source location
     and signature, which are dropped), or its type when it has no text."""
     text = str(exc).strip()
-    return _ORT_SOURCE.sub("", text.splitlines()[0])[:limit] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = _ORT_SOURCE.sub("", text.splitlines()[0])
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 1]
+    return (cut[:cut.rfind(" ")] if " " in cut[limit // 2:] else cut) + "…"  # at a word, and says so
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
