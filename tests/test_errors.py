@@ -225,7 +225,10 @@ def test_an_input_of_unknown_rank_is_fed_the_contexts_arrays(tmp_path):
 def test_a_horizon_whose_trajectories_cannot_be_held_is_refused_before_rolling_out(case, capsys):
     spec = case["dir"] / "long.rollout.json"
     spec.write_text(json.dumps({**recurrent_spec(), "horizon": 10 ** 12}))
-    one_line_error(capsys, sweep_argv(case, spec=spec), "steps of the trajectory take", "shorten the horizon")
+    one_line_error(capsys, sweep_argv(case, spec=spec), "more than this machine's memory allows", "a shorter horizon")
+    # given on the command line, the horizon is checked as the rollout starts
+    one_line_error(capsys, [*sweep_argv(case), "--horizon", str(10 ** 12)], "steps of the trajectory, with the contexts",
+                   "shorten the horizon")
 
 
 def test_a_truth_array_holding_nan_is_refused_not_averaged(case, capsys):

@@ -148,6 +148,8 @@ def test_pareto_rerun_into_the_same_folder_deletes_the_earlier_runs_models(demo,
     outside.write_bytes(b"x")
     doc = json.loads((out / "frontier.json").read_text())  # an earlier frontier naming a file outside the folder
     doc["points"].append({**doc["points"][0], "model": "../outside.onnx"})
+    (out / "vendor_keep.onnx").write_bytes(b"a file this tool never writes, listed by a forged frontier")
+    doc["points"].append({**doc["points"][0], "model": "vendor_keep.onnx"})
     (out / "frontier.json").write_text(json.dumps(doc))
     capsys.readouterr()
     assert main([*base, "--targets", "5:6", "--points", "2"]) == 0
@@ -155,7 +157,7 @@ def test_pareto_rerun_into_the_same_folder_deletes_the_earlier_runs_models(demo,
     second = {p["model"] for p in json.loads((out / "frontier.json").read_text())["points"] if p["model"]}
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*.onnx")}
     assert first and not first & second
-    assert on_disk == second | {"mine.onnx"} and outside.exists()
+    assert on_disk == second | {"mine.onnx", "vendor_keep.onnx"} and outside.exists()
 
 
 def test_pareto_rerun_never_deletes_its_input_or_another_models_frontier(demo, tmp_path):

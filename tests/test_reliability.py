@@ -343,6 +343,40 @@ def _set_output(m: onnx.ModelProto, name: str, rename: bool = False) -> onnx.Mod
     return m
 
 
+def _renamed_weight(name: str) -> onnx.ModelProto:
+    m = recurrent_mlp()
+    next(t for t in m.graph.initializer if t.name == "W1").name = name
+    for n in m.graph.node:
+        n.input[:] = [name if i == "W1" else i for i in n.input]
+    return m
+
+
+def _reading(name: str) -> onnx.ModelProto:
+    m = recurrent_mlp()
+    m.graph.node[0].input[0] = name
+    return m
+
+
+def _two_writers() -> onnx.ModelProto:
+    m = recurrent_mlp()
+    m.graph.node.insert(1, helper.make_node("Identity", ["x"], [m.graph.node[0].output[0]]))
+    return m
+
+
+def _npz_declaring(c: Case, key: str, shape: tuple[int, ...]) -> str:
+    """An .npz whose member's header declares `shape` (float32) and holds no data: nothing may read it
+    before checking what it declares."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    path = c.d / "declaring.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{key}.npy", header.getvalue())
+    return str(path)
+
+
 def edited_json(c: Case, key: str, name: str, edit) -> str:
     doc = json.loads(c.base[key].read_text())
     edit(doc)
@@ -381,7 +415,7 @@ case("unknown op", "NoSuchOp")(lambda c: c.sweep(c.save(renamed_last_op("NoSuchO
 case("unknown domain", "com.vendor")(lambda c: c.sweep(c.save(renamed_last_op("Mystery", "com.vendor"))))
 case("future IR version", "ONNX Runtime")(
     lambda c: c.sweep(c.save(_set(recurrent_mlp(), ir_version=99))))
-case("output naming no value", "ONNX Runtime")(
+case("output naming no value", "ghost")(
     lambda c: c.sweep(c.save(_set_output(recurrent_mlp(), "ghost"))))
 case("tensor dims claim more data than it holds", "W1", "bytes")(lambda c: ["inspect", c.save(bomb_model())])
 case("NaN weight", "non-finite", "W2")(
@@ -436,7 +470,7 @@ case("external data symlink to a file outside", "outside the model folder")(
     lambda c: (os.symlink(c.secret, c.d / "w1.bin"), ["inspect", external_w1(c, "w1.bin")])[1])
 case("external data through a symlinked folder", "outside the model folder")(
     lambda c: (os.symlink(c.outside, c.d / "sub"), ["inspect", external_w1(c, "sub/secret.bin")])[1])
-case("external data location is a folder", "missing")(
+case("external data location is a folder", "not a regular file")(
     lambda c: ((c.d / "sub").mkdir(), ["inspect", external_w1(c, "sub")])[1])
 case("external data location with a NUL byte", "W1")(lambda c: ["inspect", external_w1(c, "w1\x00.bin")])
 case("external data offset not a number", "offset")(
@@ -476,7 +510,7 @@ case("spec constant that is not a number", "u")(
 # Contexts.
 case("contexts missing", "no such file")(lambda c: c.sweep(None, None, c.path("nope.npz")))
 case("contexts not an npz", "not a readable .npz")(lambda c: c.sweep(None, None, c.write("c.npz", b"PK\x03\x04junk")))
-case("contexts holding pickled objects", "not a readable .npz")(
+case("contexts holding pickled objects", "holds Python objects (pickled)")(
     lambda c: c.sweep(None, None, c.npz("c.npz", x0=np.array([{"a": 1}] * 3, dtype=object))))
 case("contexts missing an array", "missing array 'x0'")(
     lambda c: c.sweep(None, None, c.npz("c.npz", y0=np.zeros((3, 1, 16), np.float32))))
@@ -556,6 +590,21 @@ case("scores without blocks", "blocks")(
     lambda c: c.allocate(edited_json(c, "scores", "s.json", lambda d: d.pop("blocks"))))
 case("scores with a block naming no weight entry", "W9")(
     lambda c: c.allocate(edited_json(c, "scores", "s.json", lambda d: d["blocks"][0]["weights"].append("W9"))))
+# Hostile inputs (nineteenth session's trial): memory, hangs, log injection.
+case("external data with no length runs to a file far larger than the tensor", "W1", "need")(
+    lambda c: (c.write("w1.bin", w1_bytes() + bytes(1 << 20)), ["inspect", external_w1(c, "w1.bin")])[1])
+case("a name holding terminal escapes and a line break", "control characters")(
+    lambda c: ["inspect", c.save(_renamed_weight("W1\x1b[2J\n::error::injected"))])
+case("two nodes writing one value", "two nodes write the value")(lambda c: ["inspect", c.save(_two_writers())])
+case("a node reading a value nothing defines", "reads 'nowhere'")(
+    lambda c: ["inspect", c.save(_reading("nowhere"))])
+case("spec path is a folder", "not a regular file")(lambda c: c.sweep(None, str(c.d)))
+case("contexts declaring arrays larger than memory", "more than this machine's memory allows")(
+    lambda c: c.sweep(None, None, _npz_declaring(c, "x0", (1 << 40, 1, 16))))
+case("scores with a negative block size", "size must be a positive")(
+    lambda c: c.allocate(edited_json(c, "scores", "s.json", lambda d: d["blocks"][0].update(size=-5))))
+case("plan of a newer schema", "plan schema 999")(
+    lambda c: c.apply(None, edited_json(c, "plan", "p.json", lambda d: d.update(schema_version=999))))
 case("plan not JSON", "not a readable plan JSON")(lambda c: c.apply(None, c.write("p.json", "[1,")))
 case("plan without a model entry", "model")(lambda c: c.apply(None, edited_json(c, "plan", "p.json", lambda d: d.pop("model"))))
 case("plan with malformed weight_info", "weight_info")(

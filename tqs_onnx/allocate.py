@@ -138,7 +138,7 @@ def load_scores(path: str | os.PathLike, sizes: bool = True) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("kind") != "tqs-scores":
         raise TqsError(f"{path}: not a tqs-onnx scores file")
     if doc.get("schema_version") != SCHEMA_VERSION:
-        raise TqsError(f"{path}: scores schema {doc.get('schema_version')} is not {SCHEMA_VERSION}")
+        raise TqsError(f"{path}: scores schema {doc.get('schema_version')!r} is not {SCHEMA_VERSION} (written by another version of tqs-onnx?)")
     _check_scores(doc, path)
     if sizes and doc.get("passes") != PASSES_VERSION:
         raise TqsError(f"{path}: scores of a tqs-onnx whose graph passes differ ({doc.get('passes') or 'not recorded'}; "
@@ -165,8 +165,9 @@ def _check_scores(doc: dict[str, Any], path: Path) -> None:
     if not isinstance(model, dict) or not all(_is_int(model.get(k)) for k in ("file_bytes", "fixed_bytes",
                                                                                "quantizable_bytes")):
         raise bad("'model' needs integer file_bytes, fixed_bytes and quantizable_bytes")
-    if model["file_bytes"] <= 0 or not _is_int(model.get("graph_bytes", 0)):
-        raise bad("'model' needs a positive file_bytes and an integer graph_bytes")
+    if model["file_bytes"] <= 0 or model["fixed_bytes"] < 0 or model["quantizable_bytes"] < 0 \
+            or not _is_int(model.get("graph_bytes", 0)):
+        raise bad("'model' needs a positive file_bytes, fixed and quantizable bytes >= 0 and an integer graph_bytes")
     deltas = model.get("opset_graph_delta") or {}
     if not isinstance(deltas, dict) or not all(str(k).isdecimal() and _is_int(v) for k, v in deltas.items()):
         raise bad("'model.opset_graph_delta' maps opsets to byte counts")
@@ -192,6 +193,8 @@ def _check_scores(doc: dict[str, Any], path: Path) -> None:
         if not isinstance(b, dict) or not _is_int(b.get("id")) or not isinstance(b.get("name"), str) \
                 or not isinstance(b.get("weights"), list) or not b["weights"] or not _is_int(b.get("size")):
             raise bad("every block needs an integer id and size, a name and a list of weights")
+        if b["size"] <= 0:
+            raise bad(f"block {b['id']}: size must be a positive number of parameters, not {b['size']}")
         if b["id"] in seen_ids:
             raise bad(f"block id {b['id']} appears twice")
         seen_ids.add(b["id"])

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from tqs_onnx import SCHEMA_VERSION, __version__
 from tqs_onnx.errors import TqsError
 from tqs_onnx.tiers import DECODES, DEFAULT_SWEEP_TIERS
-from tqs_onnx.util import json_safe
+from tqs_onnx.util import json_safe, printable
 
 
 # ------------------------------------------------------------------------------------ option groups
@@ -131,6 +131,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
                          early_horizon=a.early_horizon, skip_unreached=not a.no_skip_unreached)
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
+    spec.check_names(loaded.model, str(loaded.path))
     contexts = Contexts.load(a.contexts, spec)
     t0 = time.perf_counter()
 
@@ -769,14 +770,14 @@ def main(argv: list[str] | None = None) -> int:
         check_settings()
         return args.func(args)
     except TqsError as exc:
-        print(f"tqs-onnx {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"tqs-onnx {args.command}: error: {printable(' '.join(str(exc).split()))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader left (`tqs-onnx inspect M | head`): no error, the shell's code
         _silence_stdout()
         return 141
     except OSError as exc:  # the file system said no (disk full, permissions): still one line
-        print(f"tqs-onnx {args.command}: error: {exc.strerror or exc}"
-              f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
+        print(printable(f"tqs-onnx {args.command}: error: {exc.strerror or exc}"
+                        f"{f' ({exc.filename})' if exc.filename else ''}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = ""

@@ -157,7 +157,8 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
         if base not in target.parents:
             raise TqsError(f"{path}: {_label(t)} external data '{loc}' resolves outside the model folder")
         if not target.is_file():
-            raise TqsError(f"{path}: external data file '{loc}' for {_label(t)} is missing")
+            what = "is not a regular file" if target.exists() else "is missing"
+            raise TqsError(f"{path}: external data file '{loc}' for {_label(t)} {what}")
         try:
             offset = int(info.get("offset") or 0)
             length = int(info["length"]) if info.get("length") else None
@@ -166,8 +167,15 @@ def _check_external_data(model: onnx.ModelProto, path: Path) -> list[Path]:
         if offset < 0 or (length is not None and length < 0):
             raise TqsError(f"{path}: {_label(t)} external data offset and length must be non-negative "
                            f"integers (offset {info.get('offset')!r}, length {info.get('length')!r})")
-        if offset + (length or 0) > target.stat().st_size:
+        size = target.stat().st_size
+        if offset + (length or 0) > size:
             raise TqsError(f"{path}: external data file '{loc}' is truncated ({_label(t)})")
+        # Before anything reads it: the bytes must be what the dims promise (with no length the data runs
+        # to the end of the file: a 1 KiB weight pointed at a 3 GiB file took 6.4 GB before a check)
+        need, have = _data_bytes(t, path), length if length is not None else size - offset
+        if have != need:
+            raise TqsError(f"{path}: {_label(t)} has {have:,} bytes of external data in '{loc}' but its dims "
+                           f"{list(t.dims)} need {need:,} bytes")
         files.add(target)
     return sorted(files)
 
@@ -179,6 +187,18 @@ _ONE_PER_ELEMENT = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.Tensor
                     onnx.TensorProto.UINT32, onnx.TensorProto.UINT64, onnx.TensorProto.STRING}
 
 
+def _data_bytes(t: onnx.TensorProto, path: Path) -> int:
+    """The bytes of raw data `t`'s dims and type promise."""
+    if any(d < 0 for d in t.dims):
+        raise TqsError(f"{path}: {_label(t)} has negative dims {list(t.dims)}")
+    n = math.prod(t.dims)
+    bits = _PACKED_BITS.get(t.data_type)
+    try:
+        return math.ceil(n * bits / 8) if bits else n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:
+        raise TqsError(f"{path}: {_label(t)} has unknown data type {t.data_type}") from None
+
+
 def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
     """Every tensor holds exactly the data its dims promise (before anything converts it to numpy)."""
     for t in iter_tensors(model):
@@ -188,12 +208,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
             continue
         n = math.prod(t.dims)
         if t.raw_data:
-            bits = _PACKED_BITS.get(t.data_type)
-            try:
-                need = math.ceil(n * bits / 8) if bits else \
-                    n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-            except Exception:
-                raise TqsError(f"{path}: {_label(t)} has unknown data type {t.data_type}") from None
+            need = _data_bytes(t, path)
             if len(t.raw_data) != need:
                 raise TqsError(f"{path}: {_label(t)} holds {len(t.raw_data):,} bytes but its dims "
                                f"{list(t.dims)} need {need:,} bytes (truncated or corrupt)")
@@ -215,6 +230,48 @@ def _check_unique_initializers(model: onnx.ModelProto, path: Path) -> None:
         if init.name in seen:
             raise TqsError(f"{path}: two initializers are named '{init.name}' (the model is invalid ONNX)")
         seen.add(init.name)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_names(model: onnx.ModelProto, path: Path) -> None:
+    """No name with a control character (an escape sequence, a newline), which every report prints: a
+    weight named '...\n::error::...' wrote a command line into a CI log. And one writer per value in
+    each graph (two nodes writing 'y' made the duplicate pass fail with a traceback)."""
+    for g in iter_graphs(model.graph):
+        names = [g.name, *(v.name for v in (*g.input, *g.output, *g.value_info)), *(t.name for t in g.initializer)]
+        written: set[str] = set()
+        for n in g.node:
+            names += [n.name, *n.input, *n.output]
+            for o in n.output:
+                if o and o in written:
+                    raise TqsError(f"{path}: two nodes write the value '{_shown(o)}' in graph '{_shown(g.name)}' "
+                                   "(the model is invalid ONNX)")
+                written.add(o)
+        for name in names:
+            if _CONTROL.search(name):
+                raise TqsError(f"{path}: the name {_shown(name)} holds control characters (escapes, line breaks); "
+                               "rename it")
+
+
+def _check_defined(graph: onnx.GraphProto, path: Path, outer: frozenset[str] = frozenset()) -> None:
+    """Every value a node reads is defined: by its graph (an input, an initializer, a node's output) or
+    an enclosing one (a node reading 'nowhere' went on with onnx-ir's warning and failed later)."""
+    known = outer | {i.name for i in graph.input} | {t.name for t in graph.initializer} \
+        | {t.values.name for t in graph.sparse_initializer} | {o for n in graph.node for o in n.output if o}
+    for n in graph.node:
+        for i in n.input:
+            if i and i not in known:
+                raise TqsError(f"{path}: node '{_shown(n.name or n.op_type)}' reads '{_shown(i)}', which nothing in "
+                               f"graph '{_shown(graph.name)}' defines (the model is invalid ONNX)")
+        for _, sub in node_subgraphs(n):
+            _check_defined(sub, path, frozenset(known))
+
+
+def _shown(name: str) -> str:
+    """A name as printed in an error: control characters escaped."""
+    return repr(name) if _CONTROL.search(name) else name
 
 
 def _check_acyclic(model: onnx.ModelProto, path: Path) -> None:
@@ -297,6 +354,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types
+        if "MaxDepth" in str(exc) or "recursion" in str(exc).lower():
+            raise TqsError(f"{path}: nested more deeply than protobuf reads (subgraphs inside subgraphs, about "
+                           "100 levels); flatten the model's If/Loop nesting") from None
         raise TqsError(f"{path}: not a readable ONNX model, truncated or not ONNX ({type(exc).__name__})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise TqsError(f"{path}: not an ONNX model (no graph)")
@@ -314,6 +374,8 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             raise TqsError(f"{path}: cannot read external data ({exc})") from None
     _check_tensor_sizes(model, path)
     _check_unique_initializers(model, path)
+    _check_names(model, path)
+    _check_defined(model.graph, path)
     _check_acyclic(model, path)
     total = path.stat().st_size + sum(f.stat().st_size for f in data_files)
     own = file_digest(path)

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -313,8 +314,13 @@ def remove_stale_models(out_dir: Path, previous: set[str], doc: dict[str, Any],
     protected = {Path(k).resolve() for k in keep if k}
     root = out_dir.resolve()
     removed = []
+    stem = re.escape(Path(str(doc.get("model", {}).get("path", ""))).name.removesuffix(".onnx"))
+    # only names this command writes (a forged frontier.json listing 'vendor_keep.onnx' had it deleted)
+    ours = re.compile(rf"{stem}\.[0-9]+\.[0-9]{{3}}x\.[A-Za-z0-9_-]+\.onnx|uniform/{stem}\.uniform-[A-Za-z0-9_-]+\.onnx")
     for name in sorted(previous - current):
         path = (out_dir / name).resolve()
+        if not ours.fullmatch(name):
+            continue
         if path.suffix == ".onnx" and root in path.parents and path.is_file() and path not in protected:
             remove_model(path)
             removed.append(name)

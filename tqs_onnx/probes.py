@@ -414,8 +414,9 @@ class DeviceProbes:
     def sqdiff(self, a, b) -> float:
         """sum((a - b)^2); on the CPU provider device memory is host memory, so numpy reads it in place."""
         if self.device.kind == "cpu" and _numpy_types(a, b):
-            d = a.numpy().astype(np.float64) - b.numpy()
-            return float(np.einsum("i,i->", d.ravel(), d.ravel()))
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: the caller checks
+                d = a.numpy().astype(np.float64) - b.numpy()
+                return float(np.einsum("i,i->", d.ravel(), d.ravel()))
         if a.data_type() != "tensor(float)":  # bfloat16 (numpy cannot hold it), float16, integers
             return float(self.sqdiff_many([(a, b)])[0])
         s = self._session("sqdiff", sqdiff_graph)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import onnx
 
+from tqs_onnx import SCHEMA_VERSION
 from tqs_onnx.encoding import ModelEncoding
 from tqs_onnx.errors import TqsError
 from tqs_onnx.util import TEMP_ROOM, check_output_target, read_json, remove_stale_temporaries, temp_prefix, umask
@@ -31,6 +32,9 @@ def load_plan(path: str | os.PathLike) -> dict[str, Any]:
     plan = read_json(path, "plan")
     if not isinstance(plan, dict) or plan.get("kind") != "tqs-plan" or not isinstance(plan.get("weights"), dict):
         raise TqsError(f"{path}: not a tqs-onnx plan")
+    if "schema_version" in plan and plan["schema_version"] != SCHEMA_VERSION:  # a hand-written plan may omit it
+        raise TqsError(f"{path}: plan schema {plan['schema_version']!r} is not {SCHEMA_VERSION} (written by another "
+                       "version of tqs-onnx?)")
     if not isinstance(plan.get("model"), dict):
         raise TqsError(f"{path}: plan has no 'model' entry (which model it was made for)")
     if not all(isinstance(t, str) for t in plan["weights"].values()):

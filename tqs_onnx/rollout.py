@@ -42,10 +42,13 @@ class RolloutSpec:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "RolloutSpec":
         path = Path(path)
+        regular_file(path, "rollout spec")
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as some editors save, is no error
         except OSError as exc:
             raise TqsError(f"{path}: cannot read rollout spec ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise TqsError(f"{path}: rollout spec is not UTF-8 text") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
@@ -112,6 +115,27 @@ class RolloutSpec:
                 for o, i in proposed["feedback"].items()
                 if o not in self.feedback and i in given
                 and any(not t.isdigit() for t in _tokens(o) & _tokens(i))]  # a name, not 'input_2' / 'act_2'
+
+    def check_names(self, model: Any, where: str) -> None:
+        """The inputs and outputs the spec names exist in the ONNX `model` (a ModelProto): checked before
+        the contexts are read (a feedback pair to a missing input was reported as an array missing from
+        the contexts file), and an input that has a default (an initializer of its name) is said so."""
+        graph = model.graph
+        defaults = {t.name for t in graph.initializer}
+        inputs = [i.name for i in graph.input]
+        outputs = [o.name for o in graph.output]
+        for name in [*self.feedback.values(), *self.per_step, *self.fixed, *self.constants]:
+            if name in defaults and name in inputs:
+                raise TqsError(f"{where}: input '{name}' has a default value (an initializer of its name), which ONNX "
+                               "Runtime feeds itself: the rollout cannot feed it; remove that initializer (or the input)")
+            if name not in inputs:
+                free = [i for i in inputs if i not in defaults]
+                raise TqsError(f"{where}: rollout spec names input '{name}' the model does not have "
+                               f"(inputs: {', '.join(free) or 'none'})")
+        for name in [*self.feedback, *self.trajectory, *self.truth, *self.channel_axis]:
+            if name not in outputs:
+                raise TqsError(f"{where}: rollout spec names output '{name}' the model does not have "
+                               f"(outputs: {', '.join(outputs)})")
 
     def check_against(self, inputs: dict[str, tuple], outputs: dict[str, tuple], where: str) -> None:
         """Every model input covered exactly once; named outputs exist; feedback shapes agree."""
@@ -182,27 +206,49 @@ class Contexts:
     @classmethod
     def load(cls, path: str | os.PathLike, spec: RolloutSpec) -> "Contexts":
         path = Path(path)
+        regular_file(path, "contexts file")
+        named = {*spec.initial.values(), *spec.per_step.values(), *spec.fixed.values(), *spec.truth.values()}
+        # Only the arrays the spec names are read, each after its .npy header says what it holds: a 4 MB
+        # file of zeros declaring a 17 GB array it did not need took that much memory before any check.
+        headers = _npz_headers(path)
+        big = sum(h[2] for k, h in headers.items() if k in named and h is not None)
+        # and the fed-back states' trajectories they start (Rollout.check_memory sizes them exactly later)
+        states = sum(headers[k][2] for k in set(spec.initial.values()) if headers.get(k) is not None)
+        budget = int(0.6 * _memory_bytes())
+        if budget and big + states * spec.horizon > budget:
+            worst = max((k for k in headers if k in named and headers[k] is not None), key=lambda k: headers[k][2])
+            raise TqsError(f"{path}: the arrays the rollout spec names hold {big / 2**30:.1f} GiB ('{worst}' "
+                           f"{list(headers[worst][0])} {headers[worst][1]}), and the states' trajectories over "
+                           f"{spec.horizon} steps {states * spec.horizon / 2**30:.1f} GiB more: more than this "
+                           "machine's memory allows; use fewer contexts or a shorter horizon")
+        arrays: dict[str, np.ndarray] = {}
         try:
             with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise TqsError(f"{path}: no such file") from None
+                for k in z.files:
+                    if k not in named:
+                        continue  # an extra member the spec never reads (provenance notes and the like)
+                    if headers.get(k) is None:
+                        raise TqsError(f"{path}: member '{k}' is not a numpy array (.npy)")
+                    if headers[k][1].hasobject:
+                        raise TqsError(f"{path}: member '{k}' holds Python objects (pickled), which are never "
+                                       "loaded; save numeric arrays")
+                    arrays[k] = z[k]
+        except TqsError:
+            raise
         except Exception as exc:
-            raise TqsError(f"{path}: not a readable .npz contexts file ({type(exc).__name__})") from None
-        named = {*spec.initial.values(), *spec.per_step.values(), *spec.fixed.values(), *spec.truth.values()}
-        for key in [k for k, v in arrays.items() if not isinstance(v, np.ndarray)]:  # np.load: bytes for non-.npy
-            if key in named:
-                raise TqsError(f"{path}: member '{key}' is not a numpy array (.npy)")
-            del arrays[key]  # an extra member the spec never reads (provenance notes and the like)
-        return cls.from_arrays(arrays, spec, str(path))
+            raise TqsError(f"{path}: not a readable .npz contexts file ({first_line(exc, 120)})") from None
+        return cls.from_arrays(arrays, spec, str(path), members=list(headers))
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], spec: RolloutSpec, where: str = "contexts") -> "Contexts":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], spec: RolloutSpec, where: str = "contexts",
+                    members: list[str] | None = None) -> "Contexts":
+        """`members`: every name the file holds, read or not (for the message naming a missing one)."""
         needed = [*spec.initial.values(), *spec.per_step.values(), *spec.fixed.values()]
         for key in needed:
             if key not in arrays:
+                has = members if members is not None else list(arrays)
                 raise TqsError(f"{where}: missing array '{key}' named by the rollout spec "
-                               f"(has: {', '.join(arrays) or 'nothing'})")
+                               f"(has: {', '.join(has) or 'nothing'})")
         counts = {arrays[k].shape[0] if arrays[k].ndim else -1 for k in needed}
         if len(counts) != 1 or -1 in counts:
             sizes = ", ".join(f"'{k}' {arrays[k].shape[0] if arrays[k].ndim else 'a scalar'}" for k in dict.fromkeys(needed))
@@ -221,6 +267,51 @@ class Contexts:
         arrays = {k: v[index] if v.ndim else v for k, v in self.arrays.items()}
         n = len(range(self.count)[index]) if isinstance(index, slice) else len(index)
         return Contexts(arrays, n)
+
+
+def regular_file(path: Path, what: str) -> None:
+    """Refuse anything but a regular file before reading it (a FIFO hung the reader for ever, and
+    /dev/zero as a spec grew by a GB a second)."""
+    if not path.exists():
+        raise TqsError(f"{path}: cannot read {what} (no such file)")
+    if not path.is_file():
+        raise TqsError(f"{path}: cannot read {what} (not a regular file: a folder, a FIFO or a device)")
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, int] | None]:
+    """Each member of an .npz: (shape, dtype, bytes) from its .npy header, None for a member that is not
+    .npy; nothing is decompressed past the headers."""
+    import zipfile
+
+    out: dict[str, tuple[tuple[int, ...], np.dtype, int] | None] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if not info.filename.endswith(".npy"):
+                    out[name] = None
+                    continue
+                with zf.open(info) as f:
+                    try:
+                        version = np.lib.format.read_magic(f)
+                        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                            np.lib.format.read_array_header_2_0
+                        shape, _, dtype = read(f)
+                    except Exception:
+                        out[name] = None
+                        continue
+                out[name] = (tuple(shape), dtype, math.prod(shape) * dtype.itemsize)
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise TqsError(f"{path}: not a readable .npz contexts file ({first_line(exc, 120)})") from None
+    return out
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory (0 where unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 class Rollout:
@@ -272,10 +363,11 @@ class Rollout:
         while self._pending:
             self._pending.pop().synchronize_outputs()
 
-    def check_memory(self, horizon: int, share: float = 0.8) -> None:
+    def check_memory(self, horizon: int, share: float = 0.6) -> None:
         """Refuse, before rolling out, trajectories that could not be held: every context's `horizon`
-        steps of the trajectory outputs (sized from the fed-back states, else the outputs' fixed shapes)
-        against this machine's memory."""
+        steps of the trajectory outputs (sized from the fed-back states, else the outputs' fixed shapes),
+        with the contexts themselves, against this machine's memory (67 million contexts of 64 bytes,
+        4 GiB, went on to roll out 17 GiB of trajectories on a 24 GiB machine)."""
         per_step = 0
         back = self.spec.feedback  # output -> the input it is fed back to
         for out in self.spec.trajectory:
@@ -283,14 +375,14 @@ class Rollout:
                 per_step += self.contexts.arrays[self.spec.initial[back[out]]][0].nbytes
             elif self.outputs.get(out) and all(isinstance(d, int) for d in self.outputs[out][0]):
                 per_step += 4 * math.prod(self.outputs[out][0])
-        need = per_step * horizon * self.contexts.count
+        need = per_step * horizon * self.contexts.count + sum(a.nbytes for a in self.contexts.arrays.values())
         try:
             have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (OSError, ValueError, AttributeError):
             return
         if need > share * have:
-            raise TqsError(f"{self.where}: {self.contexts.count} contexts x {horizon} steps of the trajectory "
-                           f"take {need / 2**30:.1f} GiB, more than this machine's memory allows "
+            raise TqsError(f"{self.where}: {self.contexts.count:,} contexts x {horizon} steps of the trajectory, with "
+                           f"the contexts, take {need / 2**30:.1f} GiB, more than this machine's memory allows "
                            f"({have / 2**30:.1f} GiB); shorten the horizon or use fewer contexts")
 
     def _check_contexts(self, where: str) -> None:

@@ -537,6 +537,8 @@ def load_codes(plan: dict[str, Any], plan_path: str | os.PathLike) -> dict[tuple
     path = Path(plan_path).parent / Path(str(entry["file"])).name  # beside the plan, never elsewhere
     if not path.is_file():
         raise TqsError(f"{plan_path}: its /gptq codes file {path} is missing (allocate writes it beside the plan)")
+    if path.resolve().parent != path.parent.resolve():  # a symlink out of the plan's folder
+        raise TqsError(f"{plan_path}: its /gptq codes file {path} resolves outside the plan's folder")
     if hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
         raise TqsError(f"{path}: not the codes file this plan was written with (sha256 differs)")
     try:

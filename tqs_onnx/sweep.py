@@ -260,7 +260,11 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
     for traj in nominal:
         if not all(math.isfinite(ops.sqdiff(v, v)) for step in traj for v in step.values()):
             bad = [i.name for i in prepared.model.graph.initializer if not tensor_is_finite(i)]
-            hint = f"weights holding NaN/inf: {', '.join(bad[:5])}" if bad else "check the contexts"
+            keys = [*spec.initial.values(), *spec.fixed.values(), *spec.per_step.values()]
+            odd = [k for k in dict.fromkeys(keys) if contexts.arrays[k].dtype.kind == "f"
+                   and not np.isfinite(contexts.arrays[k]).all()]
+            hint = (f"weights holding NaN/inf: {', '.join(bad[:5])}" if bad else
+                    f"contexts arrays holding NaN/inf: {', '.join(odd)}" if odd else "check the contexts")
             raise TqsError(f"{loaded.path}: the unperturbed rollout is already non-finite; {hint}")
     replay = None
     # replay_mode also checks the settings: a bad value is the user's error.

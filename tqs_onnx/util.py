@@ -241,3 +241,12 @@ def fresh_name(base: str, taken: set[str]) -> str:
         name = f"{base}_{suffix}"
     taken.add(name)
     return name
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escapes, line breaks) written as \\xNN: an error quoting
+    a name from an untrusted file must not move the cursor or start a new log line."""
+    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
