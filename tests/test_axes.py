@@ -350,7 +350,7 @@ def test_floats_cast_to_integers_and_dequantize_scales_are_kept_exact():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     table = {w.name: w for w in weight_table(m)}
     assert not table["E"].quantizable and table["E"].reason.startswith("cast to int64")
-    assert not table["S"].quantizable and table["S"].reason.startswith("scale or zero point of a DequantizeLinear")
+    assert not table["S"].quantizable and table["S"].reason.startswith("scale, zero point or bias of a DequantizeLinear")
     assert table["D"].quantizable
 
 
@@ -366,3 +366,21 @@ def test_a_table_read_through_a_gather_of_constant_rows_keeps_its_row_axis():
                               [numpy_helper.from_array(t, "T"), numpy_helper.from_array(ids.astype(np.int64), "ids")])
         (w,) = [x for x in weight_table(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])) if x.name == "T"]
         assert (w.channel_axis, w.block_axis) == want  # 2-D indices: the default last axis, not the rows
+
+
+def test_a_cast_to_float8_is_no_index_and_contrib_quantized_scales_are_kept():
+    """Only integer and bool casts mark indices (a float8 cast was kept exact as 'indices or counts');
+    the 2-D scales of ORT's MatMulNBits, a vendor's 4-bit weight, are kept as stored."""
+    w = np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("Cast", ["W"], ["W8"], to=TensorProto.FLOAT8E4M3FN),
+             helper.make_node("Cast", ["W8"], ["Wf"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["x", "Wf"], ["a"]),
+             helper.make_node("MatMulNBits", ["a", "B", "S"], ["y"], domain="com.microsoft", K=16, N=64, bits=4,
+                              block_size=16)]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros((64, 1, 8), np.uint8), "B"),
+             numpy_helper.from_array(np.ones((64, 4), np.float32), "S")]
+    g = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, [1, 16])], [vi("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    table = {x.name: x for x in weight_table(m, min_size=16)}
+    assert table["W"].quantizable
+    assert not table["S"].quantizable and "MatMulNBits (already quantized)" in table["S"].reason

@@ -226,9 +226,9 @@ def test_a_horizon_whose_trajectories_cannot_be_held_is_refused_before_rolling_o
     spec = case["dir"] / "long.rollout.json"
     spec.write_text(json.dumps({**recurrent_spec(), "horizon": 10 ** 12}))
     one_line_error(capsys, sweep_argv(case, spec=spec), "more than this machine's memory allows", "a shorter horizon")
-    # given on the command line, the horizon is checked as the rollout starts
-    one_line_error(capsys, [*sweep_argv(case), "--horizon", str(10 ** 12)], "steps of the trajectory, with the contexts",
-                   "shorten the horizon")
+    # given on the command line, the horizon is the one checked
+    one_line_error(capsys, [*sweep_argv(case), "--horizon", str(10 ** 12)], "over 1000000000000 steps",
+                   "more than this machine's memory allows")
 
 
 def test_a_truth_array_holding_nan_is_refused_not_averaged(case, capsys):
@@ -411,3 +411,19 @@ def test_long_messages_are_cut_at_a_word_and_say_so():
 
     assert first_line(ValueError("The output OrtValue provided for output 'x'"), 30) == "The output OrtValue provided…"
     assert first_line(ValueError("short"), 30) == "short"
+
+
+def test_the_contexts_memory_check_counts_the_horizon_used_and_the_compared_states(tmp_path, monkeypatch):
+    """The early check (before loading) used the spec's horizon, not sweep --horizon, and counted states
+    the rollout never keeps (a decoder's cache, not compared)."""
+    from tqs_onnx import rollout
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.rollout import Contexts, RolloutSpec
+
+    np.savez(tmp_path / "c.npz", x0=np.zeros((4, 1, 1024), np.float32), k0=np.zeros((4, 1, 4096), np.float32))
+    monkeypatch.setattr(rollout, "_memory_bytes", lambda: 1_000_000)  # 600 KB allowed
+    spec = RolloutSpec.from_dict({"horizon": 1000, "feedback": {"x_next": "x", "k_next": "k"}, "trajectory": ["x_next"],
+                                  "initial": {"x": "x0", "k": "k0"}})
+    with pytest.raises(TqsError, match="more than this machine's memory allows"):
+        Contexts.load(tmp_path / "c.npz", spec)  # 16 KB x 1000 steps
+    assert Contexts.load(tmp_path / "c.npz", spec, horizon=3).count == 4  # the cache's 64 KB a step not counted

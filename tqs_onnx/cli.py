@@ -132,7 +132,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
     spec.check_names(loaded.model, str(loaded.path))
-    contexts = Contexts.load(a.contexts, spec)
+    contexts = Contexts.load(a.contexts, spec, a.horizon)
     t0 = time.perf_counter()
 
     def finish(doc: dict[str, Any]) -> None:  # with the checkpoint still locked: no other run takes it over

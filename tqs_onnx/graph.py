@@ -592,11 +592,19 @@ def _exact_use(use: Use) -> str:
     pointed at other nodes), and a (De)QuantizeLinear's scale or zero point belongs to the integers a
     vendor already quantized (an INT4 weight's blocked scales were re-quantized to int8)."""
     node = use.node
-    if node.op_type == "Cast" and cast_to(node) not in FLOAT_TYPES:
+    if node.op_type == "Cast" and cast_to(node) in _INTEGER_TYPES:
         return f"cast to {onnx.TensorProto.DataType.Name(cast_to(node)).lower()} (indices or counts): kept exact"
-    if node.op_type in ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear") and use.slot >= 1:
-        return f"scale or zero point of a {node.op_type} (already quantized): kept as stored"
+    if (node.op_type in ("DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear") or node.op_type.startswith("QLinear")
+            or node.op_type in _QUANTIZED_CONTRIB and node.domain == "com.microsoft" and use.slot >= 2) and use.slot >= 1:
+        return f"scale, zero point or bias of a {node.op_type} (already quantized): kept as stored"
     return ""
+
+
+_INTEGER_TYPES = {getattr(onnx.TensorProto, t) for t in ("INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64",
+                                                         "UINT64", "BOOL", "INT4", "UINT4", "INT2", "UINT2")
+                  if hasattr(onnx.TensorProto, t)}
+# ORT's contrib ops holding weights a vendor quantized (their scales, zero points from input 2 on)
+_QUANTIZED_CONTRIB = {"MatMulNBits", "GatherBlockQuantized", "MatMulBnb4", "MatMulFpQ4"}
 
 
 def _data_lookup(use: Use, constants: dict[str, set[str]] | None) -> bool:

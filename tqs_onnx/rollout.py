@@ -132,6 +132,9 @@ class RolloutSpec:
                 free = [i for i in inputs if i not in defaults]
                 raise TqsError(f"{where}: rollout spec names input '{name}' the model does not have "
                                f"(inputs: {', '.join(free) or 'none'})")
+        self._check_outputs(outputs, where)
+
+    def _check_outputs(self, outputs: list[str] | dict[str, tuple], where: str) -> None:
         for name in [*self.feedback, *self.trajectory, *self.truth, *self.channel_axis]:
             if name not in outputs:
                 raise TqsError(f"{where}: rollout spec names output '{name}' the model does not have "
@@ -143,10 +146,7 @@ class RolloutSpec:
         for name in set(sources) - set(inputs):
             raise TqsError(f"{where}: rollout spec names input '{name}' the model does not have "
                            f"(inputs: {', '.join(inputs)})")
-        for name in [*self.feedback, *self.trajectory, *self.truth, *self.channel_axis]:
-            if name not in outputs:
-                raise TqsError(f"{where}: rollout spec names output '{name}' the model does not have "
-                               f"(outputs: {', '.join(outputs)})")
+        self._check_outputs(outputs, where)
         for name in set(self.initial) - set(self.feedback.values()):
             raise TqsError(f"{where}: rollout spec gives an initial state for '{name}', which is not a fed-back "
                            f"input (feedback inputs: {', '.join(self.feedback.values()) or 'none'})")
@@ -204,7 +204,9 @@ class Contexts:
     count: int
 
     @classmethod
-    def load(cls, path: str | os.PathLike, spec: RolloutSpec) -> "Contexts":
+    def load(cls, path: str | os.PathLike, spec: RolloutSpec, horizon: int | None = None) -> "Contexts":
+        """The arrays the spec names; `horizon`: the steps the rollout will take (the spec's by default),
+        for the memory check."""
         path = Path(path)
         regular_file(path, "contexts file")
         named = {*spec.initial.values(), *spec.per_step.values(), *spec.fixed.values(), *spec.truth.values()}
@@ -212,14 +214,18 @@ class Contexts:
         # file of zeros declaring a 17 GB array it did not need took that much memory before any check.
         headers = _npz_headers(path)
         big = sum(h[2] for k, h in headers.items() if k in named and h is not None)
-        # and the fed-back states' trajectories they start (Rollout.check_memory sizes them exactly later)
-        states = sum(headers[k][2] for k in set(spec.initial.values()) if headers.get(k) is not None)
+        # and the trajectories of the compared states they start (Rollout.check_memory sizes every
+        # compared output exactly later)
+        steps = horizon or spec.horizon
+        compared = {spec.initial[spec.feedback[o]] for o in spec.trajectory
+                    if o in spec.feedback and spec.feedback[o] in spec.initial}
+        states = sum(headers[k][2] for k in compared if headers.get(k) is not None)
         budget = int(0.6 * _memory_bytes())
-        if budget and big + states * spec.horizon > budget:
+        if budget and big + states * steps > budget:
             worst = max((k for k in headers if k in named and headers[k] is not None), key=lambda k: headers[k][2])
             raise TqsError(f"{path}: the arrays the rollout spec names hold {big / 2**30:.1f} GiB ('{worst}' "
                            f"{list(headers[worst][0])} {headers[worst][1]}), and the states' trajectories over "
-                           f"{spec.horizon} steps {states * spec.horizon / 2**30:.1f} GiB more: more than this "
+                           f"{steps} steps {states * steps / 2**30:.1f} GiB more: more than this "
                            "machine's memory allows; use fewer contexts or a shorter horizon")
         arrays: dict[str, np.ndarray] = {}
         try:
@@ -590,7 +596,8 @@ def _tokens(name: str) -> set[str]:
     """Lower-case words and numbers of a name (state1 -> state, 1; h0 -> h, 0)."""
     import re
 
-    words = set(re.findall(r"[a-z]+|[0-9]+", name.lower())) - {"in", "out", "input", "output", "next", "new"}
+    words = set(re.findall(r"[a-z]+|[0-9]+", name.lower())) - {"in", "out", "input", "output", "inputs", "outputs",
+                                                                "next", "new"}
     return words | {w.rstrip("n") for w in words if len(w) <= 3}  # hn -> h, cn -> c
 
 
