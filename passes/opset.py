@@ -17,6 +17,14 @@ ORT_MAX_IR = 13  # the newest IR version onnxruntime 1.31 loads (onnx 1.23 write
 _IR_FOR_OPSET = [(25, 11), (23, 11), (21, 10), (19, 9), (15, 8), (13, 7)]
 
 
+def lower_ir_for_ort(model: onnx.ModelProto) -> None:
+    """Lower, in place, an IR version ONNX Runtime refuses but onnx knows (onnx >= 1.23 writes 14 by
+    default; nothing the tiers write needs more than 10). An IR newer than the installed onnx knows is
+    left for ONNX Runtime to refuse."""
+    if ORT_MAX_IR < model.ir_version <= onnx.IR_VERSION:
+        model.ir_version = ORT_MAX_IR
+
+
 def ir_for_opset(opset: int) -> int:
     return next((ir for op, ir in _IR_FOR_OPSET if opset >= op), 7)
 

@@ -138,12 +138,16 @@ def check_conversion(before: onnx.ModelProto, after: onnx.ModelProto, model_byte
     return {"from": frm, "to": to, **compare_models(before, after, model_bytes, label, differs, fails, attach)}
 
 
-def check_prepared(original: onnx.ModelProto, prepared: onnx.ModelProto, model_bytes: int, label: str | Path,
+def check_prepared(loaded: LoadedModel, prepared: onnx.ModelProto, factor: bool,
                    attach: Callable[[onnx.ModelProto], Any] = lambda m: None) -> dict[str, Any]:
-    """Does the prepared graph (functions inlined, weights lifted, tables factored, duplicates shared:
-    all meant to be exact) compute what the file does? Run as `check_conversion` runs; a difference is
-    this tool's bug, and the sweep and apply stop rather than score or write another model (onnx's
-    inliner dropped function attribute defaults: LeakyRelu's alpha 0.3 became 0.01, silently)."""
+    """Does the graph `prepare_graph(loaded.model, factor)` gave (functions inlined, weights lifted,
+    tables factored, duplicates shared: all meant to be exact) compute what the file does? Run as
+    `check_conversion` runs; a difference is this tool's bug, and the sweep and apply stop rather than
+    score or write another model (onnx's inliner dropped function attribute defaults: LeakyRelu's alpha
+    0.3 became 0.01, silently). Checked once per process for one file and prepared graph (pareto rewrites
+    the same graph at every point)."""
+    label = loaded.path
+
     def differs(name: str, detail: str) -> str:
         return (f"{label}: preparing the graph (inlining functions, lifting constants, factoring tables, "
                 f"sharing duplicates) changed what the model computes (output '{name}': {detail}); this is a "
@@ -153,16 +157,17 @@ def check_prepared(original: onnx.ModelProto, prepared: onnx.ModelProto, model_b
     def fails(why: str) -> str:
         return f"{label}: the prepared graph does not run in ONNX Runtime (a tqs-onnx bug, please report it): {why}"
 
-    if model_bytes > CONVERSION_CHECK_BYTES:
-        return compare_models(original, prepared, model_bytes, label, differs, fails, attach)  # says why not
-    # Once per process for one model and one preparation (pareto rewrites the same graph at every point)
-    key = tuple(hashlib.sha256(m.SerializeToString(deterministic=True)).hexdigest() for m in (original, prepared))
+    # the file, and the prepared graph's nodes (cheap beside its tensors, which follow from the file and
+    # those nodes' passes)
+    nodes = hashlib.sha256(b"".join(n.SerializeToString(deterministic=True) for n in prepared.graph.node))
+    key = (loaded.sha256, factor, nodes.hexdigest())
     if key not in _PREPARED_CHECKED:
-        _PREPARED_CHECKED[key] = compare_models(original, prepared, model_bytes, label, differs, fails, attach)
+        _PREPARED_CHECKED[key] = compare_models(loaded.model, prepared, loaded.file_bytes, label, differs, fails,
+                                                attach)
     return _PREPARED_CHECKED[key]
 
 
-_PREPARED_CHECKED: dict[tuple[str, str], dict[str, Any]] = {}
+_PREPARED_CHECKED: dict[tuple[str, bool, str], dict[str, Any]] = {}
 
 
 def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, model_bytes: int, label: str | Path,
@@ -174,7 +179,7 @@ def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, model_bytes:
     models over `CONVERSION_CHECK_BYTES`, models drawing random numbers, and `before` models ONNX
     Runtime does not run."""
     from tqs_onnx.graph import iter_graphs
-    from tqs_onnx.passes.opset import ORT_MAX_IR
+    from tqs_onnx.passes.opset import lower_ir_for_ort
     from tqs_onnx.runtime import resolve_device
 
     record: dict[str, Any] = {"checked": False}
@@ -189,8 +194,7 @@ def compare_models(before: onnx.ModelProto, after: onnx.ModelProto, model_bytes:
         full = onnx.ModelProto()
         full.CopyFrom(proto)
         attach(full)
-        if ORT_MAX_IR < full.ir_version <= onnx.IR_VERSION:  # onnx >= 1.23's default IR 14
-            full.ir_version = ORT_MAX_IR
+        lower_ir_for_ort(full)
         return make_session(full, cpu, label=str(label))
 
     try:

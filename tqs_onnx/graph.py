@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from tqs_onnx.errors import TqsError
 from tqs_onnx.tiers import FUSED_CONSUMERS
+from tqs_onnx.util import CONTROL_CHARS
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT: 32, onnx.TensorProto.FLOAT16: 16,
                onnx.TensorProto.BFLOAT16: 16, onnx.TensorProto.DOUBLE: 64}
@@ -232,9 +233,6 @@ def _check_unique_initializers(model: onnx.ModelProto, path: Path) -> None:
         seen.add(init.name)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def _check_names(model: onnx.ModelProto, path: Path) -> None:
     """No name with a control character (an escape sequence, a newline), which every report prints: a
     weight named '...\n::error::...' wrote a command line into a CI log. And one writer per value in
@@ -250,7 +248,7 @@ def _check_names(model: onnx.ModelProto, path: Path) -> None:
                                    "(the model is invalid ONNX)")
                 written.add(o)
         for name in names:
-            if _CONTROL.search(name):
+            if CONTROL_CHARS.search(name):
                 raise TqsError(f"{path}: the name {_shown(name)} holds control characters (escapes, line breaks); "
                                "rename it")
 
@@ -271,7 +269,7 @@ def _check_defined(graph: onnx.GraphProto, path: Path, outer: frozenset[str] = f
 
 def _shown(name: str) -> str:
     """A name as printed in an error: control characters escaped."""
-    return repr(name) if _CONTROL.search(name) else name
+    return repr(name) if CONTROL_CHARS.search(name) else name
 
 
 def _check_acyclic(model: onnx.ModelProto, path: Path) -> None:
@@ -929,30 +927,35 @@ class _OrtFusion:
             return self.position[id(node)] > self.position[id(twin)]
         return True
 
-    def _gemm_partner(self, node: onnx.NodeProto, n: int | str | None) -> tuple[onnx.NodeProto, int] | None:
-        """The Add (and the slot it reads the product at) that MatMulAddFusion would fuse `node` with
-        into a Gemm whose C is a matrix, or None."""
+    def _sole_add(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, int, list[int | str | None] | None] | None:
+        """The Add that alone reads `node`'s product (past the ops ORT removes), the slot it reads it at
+        and the dims of its other operand: what MatMulAddFusion may fuse with it into a Gemm; or None."""
         value = self._through(node.output[0])
         readers = self.readers.get(value, [])
         if len(readers) != 1 or readers[0][0].op_type != "Add" or value in self.outputs or value in self.read_in_bodies:
             return None
         add, slot = readers[0]
-        a, c = self.shapes(node.input[0]), self.shapes(add.input[1 - slot])
+        return add, slot, self.shapes(add.input[1 - slot])
+
+    def _gemm_partner(self, node: onnx.NodeProto, n: int | str | None) -> tuple[onnx.NodeProto, int] | None:
+        """The Add (and the slot it reads the product at) that MatMulAddFusion would fuse `node` with
+        into a Gemm whose C is a matrix, or None."""
+        sole = self._sole_add(node)
+        if sole is None:
+            return None
+        add, slot, c = sole
+        a = self.shapes(node.input[0])
         if a is None or c is None or len(a) != 2 or len(c) != 2:
-            return None  # no Gemm, or a Gemm with an (N) vector C: fused either way
+            return None  # no Gemm, or a Gemm with an (N) vector C (`_vector_add`)
         fits = (c[0] == 1 and _same_dim(c[1], n)) or (_same_dim(c[0], a[0]) and (c[1] == 1 or _same_dim(c[1], n)))
         return (add, slot) if fits else None
 
     def _vector_add(self, node: onnx.NodeProto, n: int | str | None) -> onnx.NodeProto | None:
         """The Add of an (N) vector that MatMulAddFusion would fuse `node` (A 2-D) with into a Gemm
         whose C is that vector, or None."""
-        value = self._through(node.output[0])
-        readers = self.readers.get(value, [])
-        if len(readers) != 1 or readers[0][0].op_type != "Add" or value in self.outputs or value in self.read_in_bodies:
-            return None
-        add, slot = readers[0]
-        c = self.shapes(add.input[1 - slot])
-        return add if c is not None and len(c) == 1 and _same_dim(c[0], n) else None
+        sole = self._sole_add(node)
+        c = sole[2] if sole is not None else None
+        return sole[0] if c is not None and len(c) == 1 and _same_dim(c[0], n) else None
 
     def _gemm_activation(self, value: str) -> bool:
         """Whether a Gemm's (or a MatMul's) output `value` goes to a Relu ORT fuses it with (FusedGemm),

@@ -19,7 +19,7 @@ from tqs_onnx.passes.factor_tables import FactorExpandedTables
 from tqs_onnx.passes.inline import InlineLocalFunctions
 from tqs_onnx.passes.lift import LiftWeights
 from tqs_onnx.passes.narrow_ints import NarrowIntegerConstants
-from tqs_onnx.passes.opset import ORT_MAX_IR
+from tqs_onnx.passes.opset import lower_ir_for_ort
 from tqs_onnx.passes.sparse import hide_sparse_initializers
 from tqs_onnx.passes.split_directions import SplitDirections
 
@@ -96,10 +96,8 @@ def prepare_graph(model: onnx.ModelProto, factor: bool = True, keep_detached: bo
             reports["narrow-ints"] = narrowed.report
     sparse.restore(out)
     # A file written by onnx >= 1.23 with its default IR 14 runs in ONNX Runtime once the IR is lowered
-    # (nothing the tiers write needs more than 10; the written model is checked by onnx.checker). An IR
-    # newer than the installed onnx knows is left for ONNX Runtime to refuse.
-    if ORT_MAX_IR < out.ir_version <= onnx.IR_VERSION:
-        out.ir_version = ORT_MAX_IR
+    # (the written model is checked by onnx.checker).
+    lower_ir_for_ort(out)
     for t in iter_tensors(out):  # attached below: _copy_data does the same for them
         raw_half(t)
     origins = lifted.report.get("origins", {})

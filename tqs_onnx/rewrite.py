@@ -58,12 +58,12 @@ def rewrite_model(loaded: LoadedModel, plan: dict[str, Any], where: str = "plan"
     """
     phase_done = after or (lambda phase: None)
     check_not_deprecated(loaded.model, str(loaded.path))
-    prepared = prepare_graph(loaded.model, plan.get("factor", True), keep_detached=True)
+    factor = plan.get("factor", True)
+    prepared = prepare_graph(loaded.model, factor, keep_detached=True)
     stubs = prepared.stubs
     from tqs_onnx.evaluate import check_prepared
 
-    prepared.reports["prepare-check"] = check_prepared(loaded.model, prepared.model, loaded.file_bytes,
-                                                       loaded.path, stubs.attach)
+    prepared.reports["prepare-check"] = check_prepared(loaded, prepared.model, factor, stubs.attach)
     phase_done("prepare")
     tiers, axes, forms = planned_tiers(prepared.model, plan, loaded.path, where, stubs.source)
     phase_done("check-plan")

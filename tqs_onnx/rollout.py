@@ -116,6 +116,12 @@ class RolloutSpec:
                 if o not in self.feedback and i in given
                 and any(not t.isdigit() for t in _tokens(o) & _tokens(i))]  # a name, not 'input_2' / 'act_2'
 
+    def compared_states(self) -> dict[str, str]:
+        """Trajectory outputs that are fed back -> the contexts key of their state's first value: their
+        steps are kept, each the size of that state."""
+        return {o: self.initial[self.feedback[o]] for o in self.trajectory
+                if o in self.feedback and self.feedback[o] in self.initial}
+
     def check_names(self, model: Any, where: str) -> None:
         """The inputs and outputs the spec names exist in the ONNX `model` (a ModelProto): checked before
         the contexts are read (a feedback pair to a missing input was reported as an array missing from
@@ -217,10 +223,8 @@ class Contexts:
         # and the trajectories of the compared states they start (Rollout.check_memory sizes every
         # compared output exactly later)
         steps = horizon or spec.horizon
-        compared = {spec.initial[spec.feedback[o]] for o in spec.trajectory
-                    if o in spec.feedback and spec.feedback[o] in spec.initial}
-        states = sum(headers[k][2] for k in compared if headers.get(k) is not None)
-        budget = int(0.6 * _memory_bytes())
+        states = sum(headers[k][2] for k in set(spec.compared_states().values()) if headers.get(k) is not None)
+        budget = int(MEMORY_SHARE * _memory_bytes())
         if budget and big + states * steps > budget:
             worst = max((k for k in headers if k in named and headers[k] is not None), key=lambda k: headers[k][2])
             raise TqsError(f"{path}: the arrays the rollout spec names hold {big / 2**30:.1f} GiB ('{worst}' "
@@ -312,6 +316,9 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, int] 
     return out
 
 
+MEMORY_SHARE = 0.6  # of this machine's memory the contexts and the kept trajectories may take
+
+
 def _memory_bytes() -> int:
     """This machine's physical memory (0 where unknown)."""
     try:
@@ -369,22 +376,21 @@ class Rollout:
         while self._pending:
             self._pending.pop().synchronize_outputs()
 
-    def check_memory(self, horizon: int, share: float = 0.6) -> None:
+    def check_memory(self, horizon: int, share: float = MEMORY_SHARE) -> None:
         """Refuse, before rolling out, trajectories that could not be held: every context's `horizon`
         steps of the trajectory outputs (sized from the fed-back states, else the outputs' fixed shapes),
         with the contexts themselves, against this machine's memory (67 million contexts of 64 bytes,
         4 GiB, went on to roll out 17 GiB of trajectories on a 24 GiB machine)."""
         per_step = 0
-        back = self.spec.feedback  # output -> the input it is fed back to
+        states = self.spec.compared_states()
         for out in self.spec.trajectory:
-            if back.get(out) in self.spec.initial:
-                per_step += self.contexts.arrays[self.spec.initial[back[out]]][0].nbytes
+            if out in states:
+                per_step += self.contexts.arrays[states[out]][0].nbytes
             elif self.outputs.get(out) and all(isinstance(d, int) for d in self.outputs[out][0]):
                 per_step += 4 * math.prod(self.outputs[out][0])
         need = per_step * horizon * self.contexts.count + sum(a.nbytes for a in self.contexts.arrays.values())
-        try:
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (OSError, ValueError, AttributeError):
+        have = _memory_bytes()
+        if not have:
             return
         if need > share * have:
             raise TqsError(f"{self.where}: {self.contexts.count:,} contexts x {horizon} steps of the trajectory, with "
@@ -594,8 +600,6 @@ def _grows(a: tuple, b: tuple) -> bool:
 
 def _tokens(name: str) -> set[str]:
     """Lower-case words and numbers of a name (state1 -> state, 1; h0 -> h, 0)."""
-    import re
-
     words = set(re.findall(r"[a-z]+|[0-9]+", name.lower())) - {"in", "out", "input", "output", "inputs", "outputs",
                                                                 "next", "new"}
     return words | {w.rstrip("n") for w in words if len(w) <= 3}  # hn -> h, cn -> c

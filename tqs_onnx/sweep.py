@@ -198,7 +198,7 @@ def prepare(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: 
                            f"({contexts.arrays[key].shape[1]} steps)")
     check_not_deprecated(loaded.model, str(loaded.path))  # before minutes of work on a model apply must refuse
     prepared = prepare_graph(loaded.model, config.factor)
-    check_prepared(loaded.model, prepared.model, loaded.file_bytes, loaded.path)  # no score of another model
+    check_prepared(loaded, prepared.model, config.factor)  # no score of another model
     weights = weight_table(prepared.model, config.min_size, prepared.origins)
     blocks = make_blocks(weights, config.blocks)
     if not blocks:

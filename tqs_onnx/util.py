@@ -243,10 +243,10 @@ def fresh_name(base: str, taken: set[str]) -> str:
     return name
 
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: what moves a terminal or a log
 
 
 def printable(text: str) -> str:
     """`text` with control characters (terminal escapes, line breaks) written as \\xNN: an error quoting
     a name from an untrusted file must not move the cursor or start a new log line."""
-    return _CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
