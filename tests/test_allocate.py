@@ -282,8 +282,10 @@ def test_a_challenger_must_beat_the_knapsacks_plan_by_the_margin_too():
     noisy = JointDivergence(np.array([0.2, 0.75, 0.3, 0.7]))  # mean 0.4875: -0.0125 +- 0.14 against own
     clear = JointDivergence(np.full(4, 0.3))
     assert _start(p, [1, 2], own, fits, uniform, 1.0, [(noisy, [2, 1], "paper Alg. 2 (mckp)")])[2] == "allocator"
-    got = _start(p, [1, 2], own, fits, uniform, 1.0, [(noisy, [2, 1], "a"), (clear, [0, 2], "b")])
-    assert got[2] == "b" and got[0] == [0, 2]
+    got = _start(p, [1, 2], own, fits, uniform, 1.0, [(noisy, [2, 1], "a"), (clear, [2, 2], "b")])
+    assert got[2] == "b" and got[0] == [2, 2]
+    # A challenger over the budget is passed over, however well it rolls out.
+    assert _start(p, [1, 2], own, fits, uniform, 1.0, [(clear, [0, 2], "b")])[2] == "allocator"
 
 
 @pytest.mark.parametrize("text, needle", [("int4/block99999999999999999999", "block size must be"),
@@ -297,3 +299,78 @@ def test_tier_names_with_conflicting_or_out_of_range_options_are_refused(text, n
 
     with pytest.raises(TqsError, match=needle):
         parse_tier(text)
+
+
+@pytest.mark.parametrize("solver", ["mckp", "greedy"])
+def test_a_block_held_costly_by_diverged_tiers_makes_the_target_unreachable_not_over_budget(solver):
+    """Every quantized tier of one block diverged (damage inf): it stays fp32. The cheapest allowed
+    plan is over the budget; the greedy solver wrote it anyway (twice the budget) and the knapsack
+    blamed the budget alone."""
+    tiers = parse_tiers("fp32,int8,int4")
+    blocks = [BlockInfo(0, "diverges", ["a"], 1000, 0.0, False, {"int8": math.inf, "int4": math.inf}),
+              BlockInfo(1, "fine", ["b"], 1000, 0.0, False, {"int8": 0.1, "int4": 0.5})]
+    p = Problem(blocks, tiers, [[4000, 1000, 500], [4000, 1000, 500]], fixed_bytes=100, file_bytes=8100, target=4.0)
+    with pytest.raises(TqsError, match=r"not reachable: 1 block\(s\) \(diverges\) diverged .* at most 1\.76x"):
+        allocate_measured(p, solver)
+    p.target = 1.5  # room for the fp32 block: both solvers keep it and fit
+    assign = allocate_measured(p, solver).assign
+    assert assign[0] == 0 and p.fits(assign)
+
+
+def test_greedy_takes_a_tier_of_the_same_cost_and_less_damage():
+    """/gptq tiers store what their plain tier stores: greedy moved only by extra bytes, so it kept
+    the plain tier at the bottom; the knapsack chose /gptq."""
+    tiers = parse_tiers("fp32,int4/channel,int4/channel/gptq")
+    blocks = [BlockInfo(i, f"b{i}", [f"w{i}"], 1000, 1.0, False, {"int4/channel": 5.0, "int4/channel/gptq": 0.5})
+              for i in range(2)]
+    p = Problem(blocks, tiers, [[4000, 600, 600]] * 2, fixed_bytes=0, file_bytes=8000, target=8000 / 1300)
+    for solver in ("greedy", "mckp"):
+        assert allocate_measured(p, solver).assign == [2, 2]
+
+
+def test_refine_moves_to_a_same_cost_tier_and_never_ships_a_plan_over_budget():
+    tiers = parse_tiers("fp32,int4/channel,int4/channel/gptq")
+    blocks = [BlockInfo(i, f"b{i}", [f"w{i}"], 1000, 1.0, False, {"int4/channel": 5.0, "int4/channel/gptq": 0.5})
+              for i in range(2)]
+    p = Problem(blocks, tiers, [[4000, 600, 600]] * 2, fixed_bytes=0, file_bytes=8000, target=8000 / 1300)
+    from tqs_onnx.allocate import Allocation
+    joint = lambda a: float(sum(5.0 if k == 1 else 0.5 if k == 2 else 0.0 for k in a))  # noqa: E731
+    r = refine(p, Allocation([1, 1], "measured", "mckp"), joint, margin=0.0)
+    assert r.allocation.assign == [2, 2]
+    # An allocator plan over the budget (however well it rolls out) never becomes the result.
+    over = refine(p, Allocation([0, 1], "measured", "mckp"), lambda a: 0.0 if a == [0, 1] else 1.0, margin=0.0)
+    assert p.fits(over.allocation.assign) and over.allocation.assign != [0, 1]
+
+
+def test_the_budget_holds_where_the_graph_length_prefix_crosses_a_size_boundary():
+    """Estimating the graph's length prefix at the uncorrected budget and spending the byte it saves
+    pushed the graph back over 2**14 bytes: a plan of exactly the budget was a byte over the limit."""
+    tiers = parse_tiers("fp32,int8")
+    graph, quantizable, fixed = 20_000, 10_000, 50_000  # the graph's prefix 3 bytes, at the limit 2 or 3
+    for b0 in range(6_370, 6_400):  # the graph at the limit: 16,370 to 16,399 bytes, across 2**14
+        p = Problem([BlockInfo(0, "b", ["w"], 1000, 1.0, False, {"int8": 1.0})], tiers, [[quantizable, 0]],
+                    fixed_bytes=fixed, file_bytes=(fixed + b0) * 4, target=4.0, graph_bytes=graph,
+                    quantizable_bytes=quantizable)
+        for cost in range(p.budget - 3, p.budget + 1):
+            p.costs[0][1] = cost
+            assert p.fits([1]), (b0, cost)
+        p.costs[0][1] = p.budget + 1
+        assert not p.fits([1])  # and the budget is the most that fits
+
+
+def test_a_target_given_as_a_plans_own_compression_admits_that_plan():
+    tiers = parse_tiers("fp32,int8")
+    misses = 0
+    for file_bytes in range(10_000, 12_000):
+        planned = file_bytes // 3 + 7
+        p = Problem([BlockInfo(0, "b", ["w"], 10, 1.0, False, {"int8": 1.0})], tiers, [[file_bytes, planned]],
+                    fixed_bytes=0, file_bytes=file_bytes, target=file_bytes / planned)
+        misses += p.limit != planned
+    assert misses == 0
+
+
+def test_an_fp32_share_that_holds_no_block_says_so():
+    p = _problem([3.0, 1.0], [1000, 1000], target=4.0)
+    alloc = allocate_paper(p, "greedy", 0.05, -50.0)
+    assert any("holds no block" in n and "'b0'" in n for n in alloc.notes)
+    assert not allocate_paper(p, "greedy", 0.0, -50.0).notes

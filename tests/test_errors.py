@@ -427,3 +427,24 @@ def test_the_contexts_memory_check_counts_the_horizon_used_and_the_compared_stat
     with pytest.raises(TqsError, match="more than this machine's memory allows"):
         Contexts.load(tmp_path / "c.npz", spec)  # 16 KB x 1000 steps
     assert Contexts.load(tmp_path / "c.npz", spec, horizon=3).count == 4  # the cache's 64 KB a step not counted
+
+
+def test_negative_axes_in_a_scores_file_plan_the_bytes_the_writer_writes(case):
+    """A hand-edited -1 for the channel axis was accepted but sized as if no axis matched (the plan
+    9 bytes over the file); axes are now counted as the writer writes them."""
+    from tqs_onnx.allocate import allocate, load_scores, plan_document
+
+    doc = json.loads(case["scores"].read_text())
+    edited = json.loads(case["scores"].read_text())
+    for w in edited["weights"].values():
+        rank = len(w["shape"])
+        for axis in ("channel_axis", "block_axis"):
+            if w.get(axis) is not None:
+                w[axis] -= rank
+    path = case["dir"] / "neg.json"
+    path.write_text(json.dumps(edited))
+    plans = []
+    for scores in (doc, load_scores(path)):
+        p, alloc = allocate(scores, 2.0, "fp32,int8/channel,int4/block16", objective="paper")
+        plans.append(plan_document(scores, p, alloc)["planned_bytes"])
+    assert plans[0] == plans[1]

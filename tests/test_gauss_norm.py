@@ -97,7 +97,7 @@ def test_a_checkpoint_of_other_probes_is_refused_and_the_scores_name_the_probes(
 
     monkeypatch.setattr(sweep, "PROBES_VERSION", "gauss-expected-norm")
     Checkpoint(ckpt, fingerprint()).start(resume=False)
-    checked_checkpoint(ckpt, fingerprint(), resume=True, quiet=True)  # the same probes: resumable
+    checked_checkpoint(ckpt, fingerprint(), resume=True)  # the same probes: resumable
     monkeypatch.undo()
     with pytest.raises(TqsError, match="belongs to another run"):
         run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)

@@ -158,6 +158,14 @@ class Case:
 
 # ---------------------------------------------------------------------------------- model builders
 
+def _without_probe(c: Case, probe: str) -> dict:
+    doc = json.loads(Path(c.copy("scores")).read_text())
+    for b in doc["blocks"]:
+        b.pop(probe, None)
+    return doc
+
+
+
 def _w1_tensor() -> TensorProto:
     return next(t for t in recurrent_mlp().graph.initializer if t.name == "W1")
 
@@ -666,6 +674,23 @@ case("apply with --rollout but no --contexts", "--contexts")(
 case("allocate --rollout without --verify-model", "--verify-model")(
     lambda c: c.allocate(None, "--rollout", c.copy("spec"), "--contexts", c.copy("contexts")))
 
+# Options that would do nothing in the combination given (they were accepted without a word).
+case("--probes with --probe quant", "--probes", "--probe quant draws none")(
+    lambda c: c.sweep(None, None, None, "--probe", "quant"))
+case("--early-window without --early-stop", "--early-window", "--early-stop TOL")(
+    lambda c: c.sweep(None, None, None, "--early-window", "2"))
+case("--fp32-share with the measured objective", "--fp32-share", "--objective paper")(
+    lambda c: c.allocate(None, "--fp32-share", "0.2"))
+case("--gamma-min with the measured objective, no joint check", "--gamma-min", "--objective paper")(
+    lambda c: c.allocate(None, "--gamma-min", "-3"))
+case("--margin without --verify-model", "--margin", "--verify-model")(lambda c: c.allocate(None, "--margin", "2"))
+case("--max-rollouts without --verify-model", "--max-rollouts", "--verify-model")(
+    lambda c: c.allocate(None, "--max-rollouts", "4"))
+case("paper --probe of a probe not swept", "--probe gauss", "no gauss gamma")(
+    lambda c: c.allocate(c.json("q.json", _without_probe(c, "gauss")), "--objective", "paper", "--probe", "gauss"))
+case("demo --out an existing file", "existing file")(lambda c: ["demo", "--out", c.copy("model"), "--quiet"])
+case("demo --compression 0", "--compression", ">= 1")(lambda c: ["demo", "--out", c.path("d"), "--compression", "0"])
+
 # Specs and contexts the rollout would misread.
 case("fractional horizon in spec", "horizon must be an integer")(
     lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "horizon": 2.7})))
@@ -673,6 +698,8 @@ case("boolean horizon in spec", "horizon must be an integer")(
     lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "horizon": True})))
 case("initial state for an input not fed back", "initial state", "ghost")(
     lambda c: c.sweep(None, c.json("s.json", {**recurrent_spec(), "initial": {"x": "x0", "ghost": "x0"}})))
+case("spec reading no array from the contexts", "reads no array")(
+    lambda c: c.sweep(None, c.json("s.json", {"horizon": 3, "trajectory": ["x_next"], "constants": {"x": 0.5}})))
 case("channel_axis outside the output", "channel_axis")(
     lambda c: ["eval", c.copy("model"), c.copy("model"), "--contexts", c.copy("contexts"),
                "--rollout", c.json("s.json", {**recurrent_spec(), "channel_axis": {"x_next": 7}})])
@@ -1257,3 +1284,38 @@ def test_a_gate_threshold_missed_by_a_hair_prints_digits_that_show_it():
     assert _digits(4.03175, 4.0318) == "4.0317"  # was '4.032x < 4.0318x'
     assert _digits(4.5, 4.0) == "4.500" and _digits(0.73541, 0.7354, 4, "g") == "0.73541"
     assert _digits(1.23e-5, 1e-4, 4, "g") == "1.23e-05"
+
+
+def test_quiet_prints_nothing_json_included_and_a_resume_without_checkpoint_says_so(base, tmp_path, capfd):
+    c = Case(tmp_path, base)
+    for argv in (["eval", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"), "--contexts",
+                  c.copy("contexts"), "--json", "--quiet"],
+                 ["gate", c.copy("model"), c.copy("model"), "--rollout", c.copy("spec"), "--contexts",
+                  c.copy("contexts"), "--max-mae", "1", "--json", "--quiet"]):
+        capfd.readouterr()
+        assert main(argv) == 0
+        out, err = capfd.readouterr()
+        assert out == "" and err == "", argv[0]
+    rc, err = run_cli(c.sweep(None, None, None, "--resume", "--checkpoint", c.path("typo.jsonl")), capfd)
+    assert rc == 0 and "--resume found no checkpoint" in err and "typo.jsonl" in err
+
+
+def test_the_paper_objective_ranks_by_the_swept_probe_and_says_so(base, tmp_path):
+    from tqs_onnx.allocate import allocate
+    from tqs_onnx.errors import TqsError
+
+    c = Case(tmp_path, base)
+    doc = _without_probe(c, "quant")
+    _, alloc = allocate(doc, 2.0, objective="paper")
+    assert any("ranked by the gauss gamma" in n for n in alloc.notes)
+    _, alloc = allocate(json.loads(Path(c.copy("scores")).read_text()), 2.0, objective="paper")
+    assert not any("ranked by" in n for n in alloc.notes)
+    with pytest.raises(TqsError, match="no quant gamma"):
+        allocate(doc, 2.0, objective="paper", probe="quant")
+
+
+def test_a_spec_without_feedback_follows_its_trajectory(base, tmp_path, capfd):
+    c = Case(tmp_path, base)
+    spec = c.json("s.json", {"horizon": 3, "trajectory": ["x_next"], "fixed": {"x": "x0"}})
+    rc, err = run_cli(c.sweep(None, spec), capfd)
+    assert rc == 0, err

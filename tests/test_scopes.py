@@ -350,6 +350,51 @@ def test_inlined_functions_keep_their_attribute_defaults():
     assert _same_bits(_run(m, feeds), _run(prepared, feeds))
 
 
+def _module_function_model() -> onnx.ModelProto:
+    """Dynamo-style module functions: weights passed in, a block calling a linear twice, calls named by
+    module path (the inliner alone names the inlined nodes 'mm__2' and loses the path)."""
+    rng = np.random.default_rng(3)
+    local = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    lin = helper.make_function("local", "Lin", ["x", "w"], ["y"], [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+                               local[:1])
+    blk = helper.make_function("local", "Blk", ["x", "w1", "w2"], ["z"], [
+        helper.make_node("Lin", ["x", "w1"], ["t"], domain="local", name="fc1"), helper.make_node("Tanh", ["t"], ["u"]),
+        helper.make_node("Lin", ["u", "w2"], ["z"], domain="local", name="fc2")], local)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) / 6, f"onnx::W_{i}") for i in range(5)]
+    nodes = [helper.make_node("Blk", ["x", "onnx::W_0", "onnx::W_1"], ["b"], domain="local", name="/enc/layer0"),
+             helper.make_node("Blk", ["b", "onnx::W_2", "onnx::W_3"], ["c"], domain="local", name="/enc/layer1"),
+             helper.make_node("Lin", ["c", "onnx::W_4"], ["y"], domain="local", name="/head")]
+    g = helper.make_graph(nodes, "g", [_vi("x", (1, 32))], [_vi("y", (1, 32))], inits)
+    m = helper.make_model(g, opset_imports=local, functions=[lin, blk])
+    m.ir_version = 10
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_inlined_nodes_are_named_by_their_call_path_and_scope_blocks_follow_modules(monkeypatch):
+    from tqs_onnx.graph import make_blocks, weight_table
+    from tqs_onnx.passes import inline
+
+    m = _module_function_model()
+    prepared = prepare_graph(m).model
+    names = [n.name for n in prepared.graph.node if n.op_type == "MatMul"]
+    assert [n.rsplit("__", 1)[0] for n in names] == ["/enc/layer0/fc1/mm", "/enc/layer0/fc2/mm", "/enc/layer1/fc1/mm",
+                                                     "/enc/layer1/fc2/mm", "/head/mm"]
+    assert not prepared.functions
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 32)).astype(np.float32)}
+    assert _same_bits(_run(m, feeds), _run(prepared, feeds))
+    weights = weight_table(prepared)
+    blocks = make_blocks(weights, "scope:2")
+    assert [(b.name, b.weights) for b in blocks] == [("enc/layer0", ["onnx::W_0", "onnx::W_1"]),
+                                                     ("enc/layer1", ["onnx::W_2", "onnx::W_3"]), ("head", ["onnx::W_4"])]
+    assert [b.name for b in make_blocks(weights, "scope")][:2] == ["enc/layer0/fc1", "enc/layer0/fc2"]
+    # Past the cap on call paths nothing is renamed, and the model is still inlined as before.
+    monkeypatch.setattr(inline, "MAX_NAMED_CALLS", 3)
+    capped = prepare_graph(m).model
+    assert [n.name.rsplit("__", 1)[0] for n in capped.graph.node if n.op_type == "MatMul"] == ["mm"] * 5
+    assert _same_bits(_run(m, feeds), _run(capped, feeds))
+
+
 def test_a_preparation_that_changes_the_outputs_stops_the_sweep_and_apply(tmp_path, capsys, monkeypatch):
     """Whatever goes wrong in the passes, sweep and apply compare the prepared graph with the file on
     synthetic inputs and stop rather than score or write another model."""

@@ -141,3 +141,20 @@ def test_a_weight_whose_overflow_makes_outputs_non_finite_is_refused_by_name(tmp
     rc, _ = _apply(tmp_path, _matmul(tmp_path, w), {"W": "fp16"})
     err = capsys.readouterr().err
     assert rc == 2 and "non-finite outputs: weight 'W'" in err and "Traceback" not in err and "Warning" not in err
+
+
+def test_the_conversion_to_opset_9_that_the_zero_tier_needs_is_sized():
+    """Only the integer tiers' opsets (13 and up) were measured: an opset-7 graph written with `zero`
+    grew by an Upsample's scales input the plan never counted."""
+    from tqs_onnx.passes.opset import UpgradeOpset
+    from tqs_onnx.sweep import opset_deltas
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]),
+             helper.make_node("Upsample", ["a"], ["y"], scales=[1.0, 2.0], mode="nearest")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                          [numpy_helper.from_array(np.ones((4, 4), np.float32), "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 7)])
+    m.ir_version = 4
+    deltas = opset_deltas(m)
+    assert deltas[9] == UpgradeOpset(9).run(m).model.graph.ByteSize() - m.graph.ByteSize() > 0

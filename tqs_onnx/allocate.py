@@ -80,19 +80,30 @@ class Problem:
 
     @property
     def limit(self) -> int:
-        """The most bytes the written file may take."""
-        return int(self.file_bytes / self.target)
+        """The most bytes the written file may take. A target given as some plan's own compression
+        (file_bytes / planned_bytes, a float) admits that plan: the quotient's rounding error (a few
+        ulps) must not floor it a byte below."""
+        return math.floor(self.file_bytes / self.target * (1 + 1e-13))
 
     @property
     def budget(self) -> int:
         """Bytes the blocks may take. A smaller graph may need a shorter length prefix; count the one
         it will have at the limit, so a plan of exactly the limit (e.g. a uniform one) still fits."""
         # The conversion the costliest tier set would need is kept out of the budget (a few bytes, often 0).
-        budget = self.limit - self.fixed_bytes - max([0, *self.opset_deltas.values()])
-        if self.graph_bytes:
-            at_limit = self.graph_bytes - self.quantizable_bytes + budget
-            budget += _varint_len(self.graph_bytes) - _varint_len(max(at_limit, 1))
-        return budget
+        delta = max([0, *self.opset_deltas.values()])
+        room = self.limit - self.fixed_bytes
+        if not self.graph_bytes:
+            return room - delta
+        # The most blocks-plus-conversion bytes X whose file fits: X plus the length prefix of a graph
+        # holding X within room plus today's prefix. X + prefix(X) grows with X and a prefix takes 1
+        # to 10 bytes: start at the most X can be and step down (estimating the prefix at one X and
+        # spending the byte it saves could push the graph back over a 2^(7k) boundary, a file one byte
+        # over).
+        rest = self.graph_bytes - self.quantizable_bytes
+        x = room + _varint_len(self.graph_bytes) - 1
+        while x + _varint_len(max(rest + x, 1)) > room + _varint_len(self.graph_bytes):
+            x -= 1
+        return x - delta
 
     def total_bytes(self, assign: list[int]) -> int:
         """The file the plan writes: fixed part, blocks, and the graph length prefix as it will be."""
@@ -184,6 +195,8 @@ def _check_scores(doc: dict[str, Any], path: Path) -> None:
             a = w.get(axis)
             if a is not None and not (_is_int(a) and -rank <= a < rank):
                 raise bad(f"weight '{name}': {axis} {a!r} is no axis of its shape")
+            if a is not None and a < 0:  # counted as written (the writer's axis attribute is the positive one)
+                w[axis] = a + rank
         if not isinstance(w.get("consumer_ops") or [], list):
             raise bad(f"weight '{name}': consumer_ops is a list")
     if not isinstance(blocks, list) or not blocks:
@@ -387,6 +400,7 @@ def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
     fp32 = next((k for k, t in enumerate(p.tiers) if t.is_identity), None)
     live = sorted((l for l in range(n) if assign[l] is None), key=lambda l: -_finite(p.blocks[l].gamma))
     full = sum(s // (1 if exact else 8) for s in stored)  # bits, or bytes
+    share_note = None
     if fp32 is not None and fp32_share > 0:  # steps 3-4: top-ranked blocks to FP32 up to B*
         b_star = fp32_share * full
         used = 0
@@ -394,6 +408,10 @@ def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
             if used + costs[l][fp32] > b_star:
                 break
             assign[l], used = fp32, used + costs[l][fp32]
+        if not used and live:
+            unit = "parameter bits" if exact else "bytes"
+            share_note = (f"the FP32 share ({fp32_share:g} of {full:,} {unit}) holds no block: the top-ranked "
+                          f"one, '{p.blocks[live[0]].name}', takes {costs[live[0]][fp32]:,} at fp32")
     rest = [l for l in range(n) if assign[l] is None]
     total = math.floor(full / p.target) if exact else p.budget  # step 1: B
     budget = total - sum(costs[l][k] for l, k in enumerate(assign) if k is not None)  # step 6: B'
@@ -413,6 +431,8 @@ def allocate_paper(p: Problem, solver: str, fp32_share: float, gamma_min: float,
         for l, k in zip(rest, picks):
             assign[l] = k
     alloc = Allocation([int(k) for k in assign], "paper", solver)
+    if share_note:
+        alloc.notes.append(share_note)
     if exact:
         alloc.notes.append(f"the paper's Algorithm 2 exactly: budget {total:,} parameter bits ({p.target:g}x of "
                            f"{full:,}); the file is sized in true bytes, scales and fixed parts included")
@@ -464,6 +484,7 @@ def allocate_measured(p: Problem, solver: str) -> Allocation:
         if not any(allowed[-1]):  # every tier diverges: keep the most precise one rather than none
             allowed[-1][max(range(len(p.tiers)), key=lambda k: p.costs[l][k])] = True
         values.append([v if math.isfinite(v) else 0.0 for v in row])
+    _check_allowed_fit(p, allowed)
     if solver == "mckp":
         assign = solve_mckp(values, p.costs, p.budget, allowed)
     else:
@@ -471,19 +492,39 @@ def allocate_measured(p: Problem, solver: str) -> Allocation:
     return Allocation(assign, "measured", solver)
 
 
+def _check_allowed_fit(p: Problem, allowed: list[list[bool]]) -> None:
+    """The cheapest plan of allowed tiers fits the budget, or the target is refused here: a block held
+    at a costly tier (every cheaper one diverged) can put the cheapest plan over a budget that
+    check_feasible, which sees every tier, let through (the greedy solver then wrote a plan twice the
+    budget, the knapsack blamed the budget alone)."""
+    cheapest = [min((k for k, ok in enumerate(row) if ok), key=lambda k: p.costs[l][k]) for l, row in enumerate(allowed)]
+    if p.bytes_of(cheapest) <= p.budget:
+        return
+    held = [b.name for l, b in enumerate(p.blocks) if p.costs[l][cheapest[l]] > min(p.costs[l])]
+    raise TqsError(f"compression {p.target:g}x is not reachable: {len(held)} block(s) ({', '.join(held[:3])}"
+                   f"{', ...' if len(held) > 3 else ''}) diverged at every cheaper tier and stay at a costlier one; "
+                   f"at most {math.floor(p.file_bytes / p.total_bytes(cheapest) * 100) / 100:.2f}x")
+
+
 def _greedy_ratio(values: list[list[float]], costs: list[list[int]], budget: int,
                   allowed: list[list[bool]]) -> list[int]:
-    """Greedy on damage saved per extra byte, starting from each block's cheapest allowed tier."""
-    assign = [min((k for k in range(len(c)) if allowed[l][k]), key=lambda k: c[k]) for l, c in enumerate(costs)]
+    """Greedy on damage saved per extra byte, starting from each block's cheapest allowed tier (of
+    those, the least damaging: a /gptq tier stores what its plain tier stores); a move that costs
+    nothing and saves damage comes first."""
+    assign = [min((k for k in range(len(c)) if allowed[l][k]), key=lambda k: (c[k], values[l][k]))
+              for l, c in enumerate(costs)]
     left = budget - sum(c[k] for c, k in zip(costs, assign))
+    if left < 0:
+        raise TqsError("greedy: the budget is below the cheapest plan")
     while True:
         best, best_ratio = None, 0.0
         for l, c in enumerate(costs):
             for k in range(len(c)):
                 extra = c[k] - c[assign[l]]
                 gain = values[l][assign[l]] - values[l][k]
-                if allowed[l][k] and 0 < extra <= left and gain > 0 and gain / extra > best_ratio:
-                    best, best_ratio = (l, k, extra), gain / extra
+                ratio = gain / extra if extra > 0 else math.inf
+                if allowed[l][k] and 0 <= extra <= left and gain > 0 and ratio > best_ratio:
+                    best, best_ratio = (l, k, extra), ratio
         if best is None:
             return assign
         l, k, extra = best
@@ -532,10 +573,12 @@ def sweep_gamma_min(scores: dict[str, Any], gamma_min: float | None = None) -> f
 
 def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = None,
              objective: str = "measured", solver: str = "mckp", fp32_share: float = 0.0,
-             probe: str = "quant", gamma_min: float | None = None, decode: str = "auto",
+             probe: str | None = None, gamma_min: float | None = None, decode: str = "auto",
              gptq: bool = True, paper_variant: str = "spec") -> tuple[Problem, Allocation]:
     """Build the problem from a scores document and solve it with the chosen objective.
 
+    `probe`: which gamma ranks blocks (the paper objective): None, quant where the sweep ran it, else
+    gauss (a note says so); named, the scores must hold it.
     `decode`: how integer tiers are written per weight (auto, dq or load: tiers.written_form).
     `gptq`: use the swept /gptq tiers by default (their integers come from a sweep setup on the sweep
     contexts: `sweep.plan_codes`); without, they are left out and a note says so."""
@@ -552,6 +595,7 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
                        f"({scores.get('rounding') or 'not recorded'}; now {ROUNDING_VERSION}): re-run the sweep")
     dropped = [] if (gptq and not stale) or tiers_text else [t for t in tiers if t.gptq]
     tiers = [t for t in tiers if t not in dropped]
+    probe, probe_note = _ranking_probe(scores, probe, objective)
     p = build_problem(scores, tiers, target, probe, decode)
     if objective == "measured":
         check_measured(p)
@@ -561,6 +605,8 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
         alloc = allocate_paper(p, solver, fp32_share, sweep_gamma_min(scores, gamma_min), paper_variant)
     else:
         alloc = allocate_measured(p, solver)
+    if probe_note:
+        alloc.notes.append(probe_note)
     if dropped and stale:  # with or without --verify-model: the sweep is what to re-run
         alloc.notes.append(f"/gptq tiers left out ({', '.join(map(str, dropped))}): the sweep measured their "
                            f"damage with integers another version rounds ({scores.get('rounding') or 'not recorded'}; "
@@ -569,6 +615,19 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
         alloc.notes.append(f"/gptq tiers left out ({', '.join(map(str, dropped))}): their integers come from "
                            "rollouts on the sweep contexts (pass --verify-model, --rollout and --contexts)")
     return p, alloc
+
+
+def _ranking_probe(scores: dict[str, Any], probe: str | None, objective: str) -> tuple[str, str | None]:
+    """The probe whose gamma ranks blocks, and a note where the paper objective falls back to the other
+    one. A probe named but not swept is refused (it fell back silently: a plan of the other probe)."""
+    chosen = probe or "quant"
+    if objective != "paper" or all(b.get(chosen) is not None for b in scores["blocks"]):
+        return chosen, None
+    other = "gauss" if chosen == "quant" else "quant"
+    if probe is not None:
+        raise TqsError(f"--probe {probe}: the scores hold no {probe} gamma (the sweep ran --probe {other}); rank "
+                       f"by --probe {other}, or sweep with --probe {probe} or both")
+    return other, f"blocks ranked by the {other} gamma: the sweep ran no {chosen} probe"
 
 
 def stale_rounding(scores: dict[str, Any]) -> str | None:
@@ -585,6 +644,9 @@ def stale_rounding(scores: dict[str, Any]) -> str | None:
 
 def default_tiers(scores: dict[str, Any], objective: str) -> list[Tier]:
     measured = scores["config"].get("tiers") or []
-    if objective == "measured" and measured:
+    if objective == "measured" and not measured:
+        raise TqsError("the sweep measured no tier's damage (--tiers ''): the measured objective needs it; "
+                       "use --objective paper, or re-run the sweep with its default tiers")
+    if objective == "measured":
         return parse_tiers(",".join(["fp32", *measured]))
     return parse_tiers("fp32,bf16,int8,int4,int2")

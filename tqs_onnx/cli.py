@@ -117,6 +117,15 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         raise TqsError(f"--horizon must be >= 1, not {a.horizon}")
     if a.early_horizon and not a.early_stop:
         raise TqsError("--early-horizon cuts rollouts by the early-stop rule: give --early-stop TOL too")
+    if a.early_window is not None and not a.early_stop:
+        raise TqsError("--early-window is the early-stop rule's window: give --early-stop TOL too")
+    if a.probe == "quant":  # options of the Gaussian draws, of which --probe quant makes none
+        given = [f for f, v in (("--probes", a.probes), ("--seed", a.seed)) if v is not None]
+        if a.early_stop and not a.early_horizon:
+            given.append("--early-stop without --early-horizon")
+        if given:
+            raise TqsError(f"{', '.join(given)}: set(s) the Gaussian probes, and --probe quant draws none "
+                           "(use --probe gauss or both)")
     if a.ray_address is not None and not a.ray_address.strip():
         raise TqsError("--ray-address is empty (give host:port, or auto)")
     distributed = a.workers > 1 or a.ray_address is not None
@@ -126,8 +135,9 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         from tqs_onnx.distributed import require_ray
         require_ray()
     tiers = [str(t) for t in parse_tiers(a.tiers) if not t.is_identity] if a.tiers else []
-    config = SweepConfig(a.probe, a.bits, a.probes, a.horizon, a.seed, a.blocks, a.min_size, a.gamma_min, tiers,
-                         factor=not a.no_factor, early_stop=a.early_stop, early_window=a.early_window,
+    config = SweepConfig(a.probe, a.bits, 8 if a.probes is None else a.probes, a.horizon, a.seed or 0, a.blocks,
+                         a.min_size, a.gamma_min, tiers, factor=not a.no_factor, early_stop=a.early_stop,
+                         early_window=3 if a.early_window is None else a.early_window,
                          early_horizon=a.early_horizon, skip_unreached=not a.no_skip_unreached)
     spec = RolloutSpec.load(a.rollout)
     loaded = load_model(a.model)
@@ -155,13 +165,24 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document, sweep_gamma_min
+    from tqs_onnx.refine import MARGIN, MAX_ROLLOUTS
     from tqs_onnx.rounding import remove_stale_codes
     from tqs_onnx.tiers import parse_tier
 
-    if not (a.margin >= 0 and math.isfinite(a.margin)):
+    if a.margin is not None and not (a.margin >= 0 and math.isfinite(a.margin)):
         raise TqsError(f"--margin must be a finite number >= 0, not {a.margin}")
     if (a.rollout or a.contexts) and not a.verify_model:
         raise TqsError("--rollout and --contexts are used only with --verify-model MODEL (the joint check)")
+    unused = [f for f, v in (("--margin", a.margin), ("--max-rollouts", a.max_rollouts)) if v is not None]
+    if unused and not a.verify_model:
+        raise TqsError(f"{' and '.join(unused)}: option(s) of the joint check, which runs with --verify-model MODEL")
+    if a.objective != "paper":
+        unused = [f for f, v in (("--fp32-share", a.fp32_share), ("--probe", a.probe)) if v is not None]
+        if a.gamma_min is not None and not a.verify_model:  # the joint check's paper challengers use it
+            unused.append("--gamma-min")
+        if unused:
+            raise TqsError(f"{' and '.join(unused)}: option(s) of --objective paper (the measured objective "
+                           "ranks blocks by measured damage)")
     scores = load_scores(a.scores)
     # Also the swept model and its data files (its path as the sweep was given it, if found from here).
     _check_output_files(a.output, inputs=(a.scores, a.verify_model, a.rollout, a.contexts,
@@ -173,7 +194,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
                        "plans within the file's byte budget: use one or the other")
     gamma_min = sweep_gamma_min(scores, a.gamma_min)
     _warn_stale_rounding("allocate", scores, a.tiers)
-    problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share, a.probe,
+    margin = MARGIN if a.margin is None else a.margin
+    problem, alloc = allocate(scores, a.compression, a.tiers, a.objective, a.solver, a.fp32_share or 0.0, a.probe,
                               gamma_min, a.decode, gptq=bool(a.verify_model), paper_variant=a.paper_variant)
     refinement = setup = None
     if a.verify_model:
@@ -186,8 +208,8 @@ def cmd_allocate(a: argparse.Namespace) -> int:
             raise TqsError("--verify-model needs --rollout and --contexts (the sweep contexts)")
         spec = RolloutSpec.load(a.rollout)
         refinement, setup = joint_check(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
-                                        resolve_device(a.device), scores, problem, alloc, a.max_rollouts,
-                                        a.margin, gamma_min)
+                                        resolve_device(a.device), scores, problem, alloc,
+                                        MAX_ROLLOUTS if a.max_rollouts is None else a.max_rollouts, margin, gamma_min)
         alloc = refinement.allocation
     plan = plan_document(scores, problem, alloc)
     if refinement is None and a.objective == "measured":
@@ -204,7 +226,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     if refinement is not None:
         from tqs_onnx.joint_check import verification_record
 
-        plan["verification"] = verification_record(refinement, a.margin)
+        plan["verification"] = verification_record(refinement, margin)
     _write_json(a.output, plan)
     if a.output:
         remove_stale_codes(a.output, plan)
@@ -362,9 +384,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
                                             Contexts.load(a.contexts, spec))
     report = json_safe(doc)  # strict JSON for other tools
     _write_json(a.output, report)
+    if a.quiet:  # nothing, --json or not (-o writes the report)
+        return 0
     if a.json:
         print(json.dumps(report, indent=1))
-    elif not a.quiet:
+    else:
         from tqs_onnx.tables import format_eval
 
         print(format_eval(doc))
@@ -378,7 +402,19 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from tqs_onnx.demo import run_demo
 
-    run_demo(Path(a.out), a.compression, a.device, a.quiet)
+    # Refused before the sweep, not after it.
+    if not (math.isfinite(a.compression) and a.compression >= 1):
+        raise TqsError(f"--compression must be a number >= 1 (1: the original file's size), not {a.compression}")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise TqsError(f"{out}: --out is an existing file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TqsError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise TqsError(f"{out}: cannot write in the output folder")
+    run_demo(out, a.compression, a.device, a.quiet)
     return 0
 
 
@@ -391,13 +427,15 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     from tqs_onnx.report import REPORT_FILES, check_report_folder, write_report
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
+    from tqs_onnx.sweep import note_missing_checkpoint
 
     inputs = (a.model, a.scores, a.rollout, a.contexts, a.eval_contexts)
     _check_output_dir(a.output, FRONTIER_FILES + (CHECKPOINT_NAME,), inputs)
     _check_output_dir(a.report, REPORT_FILES, inputs)
     if a.report:
         check_report_folder(Path(a.report))  # before the frontier runs, not after
-    config = FrontierConfig(a.targets, a.points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform,
+    points = 1 if a.targets[0] == a.targets[1] else a.points  # one target: one point, no duplicates to skip
+    config = FrontierConfig(a.targets, points, a.objective, a.tiers, a.max_rollouts, uniform=not a.no_uniform,
                             decode=a.decode)
     scores = load_scores(a.scores)
     _warn_stale_rounding("pareto", scores, a.tiers)
@@ -409,6 +447,7 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     device = resolve_device(a.device)
     ckpt = frontier_checkpoint(out, loaded, [a.scores, a.contexts, a.eval_contexts], spec, config, device)
     ckpt.check(a.resume)  # before the reference rollouts
+    note_missing_checkpoint(ckpt, a.resume, "every target from the start")
     try:
         # The earlier run's models: those its frontier.json lists, and, resuming, those the interrupted run
         # carried in its checkpoint (it removed that frontier.json before overwriting any model).
@@ -426,7 +465,7 @@ def cmd_pareto(a: argparse.Namespace) -> int:
                                 keep=inputs)
     if a.report:
         write_report(a.report, scores, frontier=doc)
-    if a.json:
+    if a.json and not a.quiet:
         print(json.dumps(doc, indent=1))
     elif not a.quiet:
         print(f"{format_frontier(doc)}\nwrote {json_path}, {csv_path}" + (f", {a.report}/index.html" if a.report else "")
@@ -468,7 +507,7 @@ def cmd_gate(a: argparse.Namespace) -> int:
         atomic_write(a.junit, lambda p: p.write_bytes(junit_xml(doc)))
     report = json_safe(doc)  # strict JSON for CI tools
     _write_json(a.output, report)
-    if a.json:
+    if a.json and not a.quiet:
         print(json.dumps(report, indent=1))
     elif not a.quiet:
         print(format_gate(doc))
@@ -494,6 +533,13 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- parser
 
+BLOCKS_HELP = ("grouping of weights into blocks: auto (default: layer, or tensor when the layers form a single "
+               "block) | tensor (one per weight) | layer (weights read by one op, biases with them) | "
+               "scope[:DEPTH] (by exporter name scope, its first DEPTH parts; scope or scope:0: the whole scope) | "
+               "fixed:K (K consecutive weights per block)")
+MIN_SIZE_HELP = ("smallest float tensor (elements) that is quantized (default 256); 1-D tensors (biases, norm "
+                 "scales) never are")
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tqs-onnx", description=(
         "Trajectory-based quantization sensitivity (TQS) for frozen ONNX models: score each block of weights "
@@ -504,9 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("inspect", help="what the model holds: I/O, ops, weights, blocks, a proposed rollout spec")
     s.add_argument("model", help="ONNX file (external data must sit in its folder)")
-    s.add_argument("--blocks", default="auto", help="grouping: auto | tensor | layer | scope[:DEPTH] | fixed:K (default "
-                                                    "auto: layer, or tensor when the layers form a single block)")
-    s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized (default 256)")
+    s.add_argument("--blocks", default="auto", help=BLOCKS_HELP)
+    s.add_argument("--min-size", type=_integer(0), default=256, help=MIN_SIZE_HELP)
     s.add_argument("--no-factor", action="store_true",
                    help="do not run the lossless passes (factor expanded lookup tables, store identical tensors once, store integer constants narrow; exact, on by default) before listing weights; a model with local functions still has its identical tensors stored once (inlining copies them)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -520,9 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probe", default="both", choices=["quant", "gauss", "both"],
                    help="quant: per-tensor b-bit residual; gauss: norm-matched Gaussian draws; both (default)")
     s.add_argument("--bits", type=int, default=8, help="bit-width of the quant probe, 2 to 16 (default 8)")
-    s.add_argument("--probes", type=int, default=8, help="Gaussian draws per block (default 8)")
+    s.add_argument("--probes", type=int, default=None, help="Gaussian draws per block (default 8)")
     s.add_argument("--horizon", type=int, help="rollout steps T_max (default: the spec's horizon)")
-    s.add_argument("--seed", type=_integer(0), default=0, help="seed of the Gaussian probes (default 0)")
+    s.add_argument("--seed", type=_integer(0), default=None, help="seed of the Gaussian probes (default 0)")
     s.add_argument("--early-stop", type=_real(0), default=0.0, metavar="TOL",
                    help="stop drawing Gaussian probes once gamma agrees within TOL (relative) over a sliding "
                         "window (the paper's rule; default 0: off; 0.01 kept rankings at Spearman >= 0.99)")
@@ -531,13 +576,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "left every output bit-identical; by default such a block's other Gaussian draws are "
                         "skipped and its coarsest tier is rolled out once: if that too changes nothing its damage "
                         "is 0 at every tier, else every tier is measured")
-    s.add_argument("--early-window", type=_integer(1), default=3, help="window of the early-stop rule (default 3)")
+    s.add_argument("--early-window", type=_integer(1), default=None,
+                   help="with --early-stop: window of the early-stop rule (default 3)")
     s.add_argument("--early-horizon", action="store_true",
                    help="with --early-stop, also cut each rollout once gamma_task(T) converges; cheaper, but on "
                         "saturating (chaotic) models it reordered blocks (tools/bench_early_stop.py)")
-    s.add_argument("--blocks", default="auto", help="grouping: auto (default: layer, or tensor when the layers form "
-                                                    "a single block) | tensor | layer | scope[:DEPTH] | fixed:K")
-    s.add_argument("--min-size", type=_integer(0), default=256, help="smallest float tensor (elements) that is quantized (default 256)")
+    s.add_argument("--blocks", default="auto", help=BLOCKS_HELP)
+    s.add_argument("--min-size", type=_integer(0), default=256, help=MIN_SIZE_HELP)
     s.add_argument("--gamma-min", type=_real(), default=-50.0,
                    help="blocks with gamma <= this are flagged dead (default -50: a divergence that shrank by "
                         "e^50 per step, i.e. none)")
@@ -552,11 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint after an interruption")
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="score blocks on N Ray workers (one GPU each with --device cuda, else a share of the "
-                        "CPUs); needs tqs-onnx[distributed] (default 1: this process)")
+                        "CPUs); needs tqs-onnx[distributed] (default 1: this process, unless --ray-address)")
     s.add_argument("--ray-address", metavar="ADDR",
                    help="join this Ray cluster (e.g. head:6379, or auto for the one `ray start` runs here; "
-                        "ray:// client addresses need the ray[client] package) instead of starting one here; "
-                        "every node must read MODEL at the same path")
+                        "ray:// client addresses need the ray[client] package) instead of starting one here, "
+                        "with --workers 1 too (one worker there); every node must read MODEL at the same path")
     _device_args(s)
     s.set_defaults(func=cmd_sweep)
 
@@ -567,14 +612,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--objective", default="measured", choices=["measured", "paper"],
                    help="measured (default): knapsack on measured per-tier damage; paper: Algorithm 2 on gamma")
     s.add_argument("--tiers", help="comma list, e.g. fp32,bf16,int8,int4,int2 or int4/channel, int4/block32, "
-                                   "int8/channel/fp16 (default: fp32 + the tiers the sweep measured; its /gptq tiers "
-                                   "only with --verify-model, whose rollouts give their integers)")
-    s.add_argument("--fp32-share", type=float, default=0.0, help="paper objective: share of FP32 bits kept for top blocks (default 0)")
-    s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="mckp: exact multiple-choice knapsack (dynamic programming; pulp/CBC only for very large "
+                                   "int8/channel/fp16 (default, measured objective: fp32 + the tiers the sweep "
+                                   "measured, its /gptq tiers only with --verify-model, whose rollouts give their "
+                                   "integers; paper objective: fp32,bf16,int8,int4,int2)")
+    s.add_argument("--fp32-share", type=float, default=None, help="paper objective: share of FP32 bits kept for top blocks (default 0)")
+    s.add_argument("--solver", default="mckp", choices=["mckp", "greedy"], help="mckp (default): exact multiple-choice knapsack (dynamic programming; pulp/CBC only for very large "
                         "instances), or greedy")
-    s.add_argument("--probe", default="quant", choices=["quant", "gauss"], help="paper objective: which gamma ranks blocks (default quant)")
+    s.add_argument("--probe", default=None, choices=["quant", "gauss"],
+                   help="paper objective: which gamma ranks blocks (default quant, or gauss where the sweep ran "
+                        "only Gaussian probes)")
     s.add_argument("--gamma-min", type=_real(), default=None,
-                   help="paper objective: dead-block threshold on the --probe gamma (default: the sweep's)")
+                   help="paper objective (and the joint check's paper challengers): dead-block threshold on "
+                        "the --probe gamma (default: the sweep's)")
     s.add_argument("--paper-variant", default="spec", choices=["spec", "exact"],
                    help="paper objective: spec (default) budgets the written file's true bytes and ranks on "
                         "gamma - min gamma, as the method spec does, so plans compare with uniform models at "
@@ -582,10 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "C^-1 sum 32 n in parameter bits, tier cost b n, knapsack on gamma 2^-b)")
     s.add_argument("--verify-model", metavar="MODEL",
                    help="check the allocation by joint rollouts against uniform and refine it (needs --rollout/--contexts)")
-    s.add_argument("--max-rollouts", type=_integer(0), default=30,
-                   help="cap on the local search's joint rollouts (default 30); the plan itself, every uniform plan "
-                        "that fits and the paper's plans are always rolled out once each")
-    s.add_argument("--margin", type=float, default=1.0, metavar="SE",
+    s.add_argument("--max-rollouts", type=_integer(0), default=None,
+                   help="with --verify-model: cap on the local search's joint rollouts (default 30); the plan "
+                        "itself, every uniform plan that fits and the paper's plans are always rolled out once each")
+    s.add_argument("--margin", type=float, default=None, metavar="SE",
                    help="with --verify-model: standard errors of the paired per-context differences by which a "
                         "plan must beat the uniform incumbent (default 1; 0: a lower mean suffices; higher: "
                         "uniform unless the gain is clear)")
@@ -625,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     _rollout_args(s)
     s.add_argument("-o", "--output", help="write the JSON report here")
     s.add_argument("--json", action="store_true", help="print JSON")
-    s.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    s.add_argument("--quiet", action="store_true", help="print nothing but errors (--json included)")
     s.add_argument("--runtime", action="store_true",
                    help="also measure both models in ONNX Runtime, each in a fresh process: session time, memory "
                         "after load and peak, latency per call and per rollout step, fused/unfused weights")
@@ -696,7 +745,8 @@ def _frontier_parsers(sub) -> None:
     s.add_argument("scores", help="scores JSON written by `sweep`")
     _rollout_args(s)
     s.add_argument("--targets", type=_as_option(parse_targets), default=(2.0, 32.0), metavar="LOW:HIGH",
-                   help="compression range, spaced geometrically and clamped to what the tiers reach (default 2:32)")
+                   help="compression range, spaced geometrically and clamped to what the tiers reach (default "
+                        "2:32); one number X: that target alone")
     s.add_argument("--points", type=int, default=16, help="number of targets (default 16; duplicates are skipped)")
     s.add_argument("--eval-contexts", metavar="EVAL.npz",
                    help="held-out contexts for the errors (default: the sweep contexts, reported as in-sample)")
@@ -718,7 +768,7 @@ def _frontier_parsers(sub) -> None:
                    help="folder for frontier.json, frontier.csv and the kept models (default ./tqs-frontier)")
     s.add_argument("--report", metavar="DIR", help="also write the HTML report (index.html + PNGs) here")
     s.add_argument("--json", action="store_true", help="print the frontier JSON (no progress bar)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    s.add_argument("--quiet", action="store_true", help="no progress bar, table or JSON")
     _device_args(s)
     s.set_defaults(func=cmd_pareto)
 
@@ -741,7 +791,7 @@ def _frontier_parsers(sub) -> None:
     s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report (one testcase per check)")
     s.add_argument("-o", "--output", metavar="JSON", help="write the JSON result here")
     s.add_argument("--json", action="store_true", help="print JSON instead of the summary")
-    s.add_argument("--quiet", action="store_true", help="print nothing; the exit code tells")
+    s.add_argument("--quiet", action="store_true", help="print nothing (--json included); the exit code tells")
     _device_args(s)
     s.set_defaults(func=cmd_gate)
 

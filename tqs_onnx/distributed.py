@@ -293,7 +293,7 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
         cluster = ray.cluster_resources()
         kind = worker_device(device, cluster, workers)
         # Checked before the workers start.
-        ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, kind), resume, quiet)
+        ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, kind), resume)
         try:
             resources, threads = worker_resources(workers, kind, cluster)
             job = WorkerJob(str(loaded.path.resolve()), loaded.sha256, spec.to_dict(), asdict(config), kind, threads)

@@ -1069,6 +1069,7 @@ def make_blocks(weights: list[Weight], mode: str = "auto") -> list[Block]:
     if not _BLOCK_MODES.match(mode):
         raise TqsError(f"unknown block mode '{mode}' (auto, tensor, layer, scope[:DEPTH], fixed:K)")
     qw = [w for w in weights if w.quantizable]
+    depth = int(mode.split(":")[1]) if mode.startswith("scope:") else 0
     if mode == "tensor":
         groups = [[w] for w in qw]
     elif mode in ("layer", "auto"):
@@ -1076,7 +1077,6 @@ def make_blocks(weights: list[Weight], mode: str = "auto") -> list[Block]:
         if mode == "auto" and len(groups) < AUTO_MIN_BLOCKS and len(qw) > len(groups):
             groups = [[w] for w in qw]
     elif mode.startswith("scope"):
-        depth = int(mode.split(":")[1]) if ":" in mode else 0
         groups = _keyed_groups(qw, lambda w: _scope_key(w, depth))
     else:
         k = int(mode.split(":")[1])
@@ -1084,7 +1084,8 @@ def make_blocks(weights: list[Weight], mode: str = "auto") -> list[Block]:
             raise TqsError("fixed:K needs K >= 1")
         groups = [qw[i:i + k] for i in range(0, len(qw), k)]
     groups.sort(key=lambda g: min(w.order for w in g))
-    names = [_block_name(g) for g in groups]
+    # A scope block is named by its scope ('enc/layer0' at depth 2, not its first weight's name).
+    names = [_scope_key(g[0], depth) if mode.startswith("scope") else _block_name(g) for g in groups]
     counts = Counter(names)
     # Blocks sharing a scope (LSTM W/R/B scored tensor by tensor) are told apart by their first weight.
     names = [n if counts[n] == 1 else f"{n}:{min(g, key=lambda w: w.order).name}" for n, g in zip(names, groups)]

@@ -27,7 +27,7 @@ from tqs_onnx.passes.split_directions import SplitDirections
 LIFT_FLOOR = 16  # smallest Constant-node tensor lifted to an initializer, and smallest tensor deduplicated
 # Names the passes below; changed whenever they may prepare a model differently, so a sweep checkpoint
 # of an earlier version is not resumed on another graph (it is part of the checkpoint's fingerprint).
-PASSES_VERSION = "ir4,inline-defaults,sparse,lift-unique,split-dirs,factor,dedup16-scoped-vi,narrow16,raw-half"
+PASSES_VERSION = "ir4,inline-defaults-sites,sparse,lift-unique,split-dirs,factor,dedup16-scoped-vi,narrow16,raw-half"
 
 
 @dataclass

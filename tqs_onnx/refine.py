@@ -100,7 +100,7 @@ def _moves(p: Problem, assign: list[int]) -> list[tuple[float, list[tuple[int, i
         for up in range(len(p.tiers)):
             extra = p.costs[a][up] - p.costs[a][ka]
             gain = _damage(p, a, ka) - _damage(p, a, up)
-            if extra <= 0 or gain <= 0:
+            if gain <= 0:  # a move at no extra cost (a /gptq tier stores what its plain tier does) counts
                 continue
             if extra <= left:
                 moves.append((gain, [(a, up)]))
@@ -171,6 +171,8 @@ def _start(p: Problem, own_assign: list[int], own: float, fits: dict[str, list[i
     rest.sort(key=lambda c: rank_key(c[0]))
     incumbent = (fits[name], baseline[name], f"uniform {name}")
     for d, assign, label in [(own, list(own_assign), "allocator"), *rest]:
+        if not p.fits(assign):  # no plan over the budget ships, however well it rolls out
+            continue
         if assign == incumbent[0]:
             if label == "allocator":  # the knapsack chose the baseline itself
                 incumbent = (incumbent[0], incumbent[1], label)

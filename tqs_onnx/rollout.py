@@ -23,7 +23,7 @@ class RolloutSpec:
     """How to step a model: feedback pairs, inputs from data, trajectory outputs, horizon."""
 
     horizon: int
-    feedback: dict[str, str]  # output -> input
+    feedback: dict[str, str] = field(default_factory=dict)  # output -> input (none: a trajectory only)
     trajectory: list[str] = field(default_factory=list)
     initial: dict[str, str] = field(default_factory=dict)  # feedback input -> contexts key, (S, *shape)
     per_step: dict[str, str] = field(default_factory=dict)  # input -> key, (S, T, *shape)
@@ -67,8 +67,8 @@ class RolloutSpec:
         unknown = set(raw) - known
         if unknown:
             raise TqsError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        if "horizon" not in raw or "feedback" not in raw:
-            raise TqsError(f"{where}: 'horizon' and 'feedback' are required")
+        if "horizon" not in raw:
+            raise TqsError(f"{where}: 'horizon' is required")
         horizon = _integer(raw["horizon"])
         if horizon is None:
             raise TqsError(f"{where}: horizon must be an integer, not {raw['horizon']!r}")
@@ -95,7 +95,7 @@ class RolloutSpec:
                 np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError):
                 raise TqsError(f"{where}: constant '{name}' must be a number or a list of numbers, not {value!r}") from None
-        if not raw["feedback"] and not trajectory:
+        if not raw.get("feedback") and not trajectory:
             raise TqsError(f"{where}: the spec follows no output: give 'feedback' pairs (output -> input) or a "
                            "'trajectory' list of outputs to compare")
         raw = {**raw, "horizon": horizon, "channel_axis": channel_axis}
@@ -259,6 +259,10 @@ class Contexts:
                 has = members if members is not None else list(arrays)
                 raise TqsError(f"{where}: missing array '{key}' named by the rollout spec "
                                f"(has: {', '.join(has) or 'nothing'})")
+        if not needed:
+            raise TqsError(f"{where}: the rollout spec reads no array from the contexts (every input is fed back "
+                           "or a constant), so there is nothing to count contexts by: read at least one input from it ('initial', "
+                           "'per_step' or 'fixed')")
         counts = {arrays[k].shape[0] if arrays[k].ndim else -1 for k in needed}
         if len(counts) != 1 or -1 in counts:
             sizes = ", ".join(f"'{k}' {arrays[k].shape[0] if arrays[k].ndim else 'a scalar'}" for k in dict.fromkeys(needed))

@@ -37,7 +37,8 @@ from tqs_onnx.quant import apply_tier
 from tqs_onnx.rollout import Contexts, Rollout, RolloutSpec
 from tqs_onnx.rounding import ROUNDING_VERSION, Rounding, input_moments, save_codes
 from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session, setting
-from tqs_onnx.tiers import BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, for_weight, parse_tier
+from tqs_onnx.tiers import (BLOCKED_MIN_OPSET, FLOAT_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, for_weight,
+                          parse_tier)
 from tqs_onnx.util import first_line, progress
 
 EPS = 1e-12
@@ -398,7 +399,7 @@ def opset_deltas(model: onnx.ModelProto) -> dict[int, int]:
     skeleton, _ = detach_initializers(model)  # the converter sees no weight data; the stubs stay as they are
     base = skeleton.graph.ByteSize()
     deltas = {}
-    for opset in sorted({*INT_MIN_OPSET.values(), BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET}):
+    for opset in sorted({*INT_MIN_OPSET.values(), *FLOAT_MIN_OPSET.values(), BLOCKED_MIN_OPSET, FP16_SCALE_MIN_OPSET}):
         if opset > current:
             try:
                 deltas[opset] = UpgradeOpset(opset).run(skeleton).model.graph.ByteSize() - base
@@ -748,16 +749,22 @@ class Checkpoint:
             os.fsync(f.fileno())
 
 
-def checked_checkpoint(path: Path | None, fingerprint: str, resume: bool, quiet: bool) -> Checkpoint | None:
+def checked_checkpoint(path: Path | None, fingerprint: str, resume: bool) -> Checkpoint | None:
     """The sweep's checkpoint at `path` (None: none), checked as `Checkpoint.check` does; a --resume that
     finds none says so."""
     if path is None:
         return None
     ckpt = Checkpoint(path, fingerprint)
     ckpt.check(resume)
-    if resume and not ckpt.path.exists() and not quiet:
-        print(f"note: no checkpoint at {ckpt.path}: scoring every block", file=sys.stderr)
+    note_missing_checkpoint(ckpt, resume, "scoring every block")
     return ckpt
+
+
+def note_missing_checkpoint(ckpt: Checkpoint, resume: bool, fresh: str) -> None:
+    """On stderr, --quiet or not: a --resume that finds no checkpoint (a mistyped path or folder)
+    would otherwise redo all the work without a word."""
+    if resume and not ckpt.path.exists():
+        print(f"note: --resume found no checkpoint at {ckpt.path}: {fresh}", file=sys.stderr)
 
 
 def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, config: SweepConfig,
@@ -832,7 +839,7 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
     while the checkpoint is still locked (`sweep` writes the scores and removes the checkpoint there)."""
     tiers = [parse_tier(t) for t in config.tiers]
     # Checked before the set-up, which on a large model takes minutes.
-    ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, device.kind), resume, quiet)
+    ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, device.kind), resume)
     try:
         setup = prepare(loaded, spec, contexts, device, config)
         done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})

@@ -41,6 +41,9 @@ ZERO = "zero"  # the weight dropped to zeros: no stored data
 # Lowest opset whose DequantizeLinear accepts the storage type (and blocked scales, opset 21).
 INT_MIN_OPSET = {"int8": 13, "int6": 25, "int4": 21, "int2": 25, "int1": 13}
 BLOCKED_MIN_OPSET = 21
+# Float tiers: a Cast from float16 exists since opset 6, from bfloat16 since 13; zeros need 9 (fp32, the
+# identity, is never converted for).
+FLOAT_MIN_OPSET = {"fp32": 6, "fp16": 6, "bf16": 13, "zero": 9}
 FP16_SCALE_MIN_OPSET = 19  # DequantizeLinear takes float16 scales from opset 19
 
 
@@ -108,8 +111,8 @@ class Tier:
 
     @property
     def min_opset(self) -> int:
-        if not self.is_int:  # a Cast from float16 exists since opset 6, from bfloat16 since 13; zeros: 9
-            return 13 if self.fmt == "bf16" else 9 if self.is_zero else 6
+        if not self.is_int:
+            return FLOAT_MIN_OPSET[self.fmt]
         base = INT_MIN_OPSET[self.fmt]
         if self.scale_fmt == "fp16":
             base = max(base, FP16_SCALE_MIN_OPSET)
