@@ -535,3 +535,22 @@ def test_junit_holds_no_character_xml_cannot_carry():
            "reference_bytes": 1, "candidate_bytes": 1, "contexts": 1, "horizon": 1, "device": "cpu"}
     root = ET.fromstring(junit_xml(doc))
     assert root.find("testsuite/testcase/failure") is not None
+
+
+def test_a_fresh_pareto_run_removes_models_an_interrupted_run_listed_nowhere(demo, tmp_path):
+    """Killed, its checkpoint deleted as the refusal says, a new run left the killed run's models (listed
+    only in that checkpoint) beside its own; models named as pareto names this model's go now, any other
+    file stays."""
+    out = tmp_path / "f"
+    (out / "uniform").mkdir(parents=True)
+    stem = demo["model"].name.removesuffix(".onnx")
+    leftovers = [out / f"{stem}.9.125x.measured.onnx", out / "uniform" / f"{stem}.uniform-int1.onnx"]
+    others = [out / "notes.onnx", out / "other.2.000x.measured.onnx"]
+    for p in leftovers + others:
+        shutil.copy(demo["model"], p)
+    assert main(["pareto", str(demo["model"]), str(demo["scores"]), "--rollout", str(demo["spec"]), "--contexts",
+                 str(demo["sweep"]), "--targets", "4", "--no-uniform", "-o", str(out), "--quiet",
+                 "--max-rollouts", "2"]) == 0
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in others)
+    doc = json.loads((out / "frontier.json").read_text())
+    assert len(doc["points"]) == 1 and not any("duplicate" in n for n in doc["notes"])

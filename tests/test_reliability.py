@@ -1319,3 +1319,63 @@ def test_a_spec_without_feedback_follows_its_trajectory(base, tmp_path, capfd):
     spec = c.json("s.json", {"horizon": 3, "trajectory": ["x_next"], "fixed": {"x": "x0"}})
     rc, err = run_cli(c.sweep(None, spec), capfd)
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("fail_at", [0, 1, 2])
+def test_a_model_and_its_data_file_are_never_left_a_mismatched_pair(tmp_path, monkeypatch, fail_at):
+    """apply --external-data renamed the data file, then the model: a run killed between them left the
+    earlier model reading the new weights (ORT loaded it; eval: another model's error, silently), and
+    Ctrl-C there deleted the data file already in place under the earlier model."""
+    from tqs_onnx import rewrite
+
+    out = tmp_path / "q.onnx"
+    rewrite.save_model(recurrent_mlp(n=64, h=64, seed=1), out, True)
+    before = (out.read_bytes(), Path(f"{out}.data").read_bytes())
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == fail_at + 1:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(rewrite.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        rewrite.save_model(recurrent_mlp(n=64, h=64, seed=2), out, True)
+    monkeypatch.undo()
+    # The earlier pair as it was, or no model at all (the data file alone loads nothing): never a mix.
+    if out.exists():
+        assert (out.read_bytes(), Path(f"{out}.data").read_bytes()) == before
+    else:
+        assert fail_at > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_sigterm_stops_a_sweep_with_a_message_and_ctrl_c_after_the_scores_are_written_is_success(
+        base, tmp_path, capfd, monkeypatch):
+    """SIGTERM (a scheduler's stop) ended the sweep silently with 143; Ctrl-C just after the scores were
+    written reported a failure (130) for a finished run."""
+    import tqs_onnx.sweep as sweep_module
+    import tqs_onnx.tables as tables
+
+    real = sweep_module.score_block
+    calls = []
+
+    def terminate_second_block(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sweep_module, "score_block", terminate_second_block)
+    out = tmp_path / "s.json"
+    argv = ["sweep", str(base["model"]), "--rollout", str(base["spec"]), "--contexts", str(base["contexts"]),
+            "-o", str(out), "--min-size", "16", "--probes", "1", "--tiers", "int8"]
+    before = signal.getsignal(signal.SIGTERM)
+    rc, err = run_cli([*argv, "--quiet"], capfd)
+    assert rc == 143 and "terminated (SIGTERM)" in err and "--resume" in err and not out.exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # main() puts the caller's handler back
+    monkeypatch.setattr(sweep_module, "score_block", real)
+    monkeypatch.setattr(tables, "format_ranking", lambda doc: (_ for _ in ()).throw(KeyboardInterrupt))
+    rc, err = run_cli([*argv, "--resume"], capfd)
+    assert rc == 0 and "interrupted after writing" in err and out.exists()

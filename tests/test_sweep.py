@@ -515,7 +515,8 @@ def test_checkpoint_rows_damaged_inside_or_mid_file_are_rescored_and_the_rest_ke
     nested = json.loads(rows[0])
     nested["quant"]["gamma_task"] = None  # a row of the right shape with a value of the wrong type
     ckpt.write_text("\n".join([head, json.dumps(nested), "garbage", *rows[1:]]) + "\n")
-    assert set(Checkpoint(ckpt, json.loads(head)["fingerprint"]).load()) == {json.loads(r)["id"] for r in rows}
+    # The edited row no longer matches its digest: it is left out like the garbage line.
+    assert set(Checkpoint(ckpt, json.loads(head)["fingerprint"]).load()) == {json.loads(r)["id"] for r in rows[1:]}
     resumed = run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)
     strip = lambda d: [{k: v for k, v in x.items() if k not in ("seconds", "forward_passes")} for x in d["blocks"]]
     assert strip(resumed) == strip(full)
@@ -654,3 +655,65 @@ def test_spec_constants_fill_the_inputs_shape_and_a_spec_without_outputs_is_refu
         wrong.check_against(*io, "m")
     with pytest.raises(TqsError, match="follows no output"):
         RolloutSpec.from_dict({"horizon": 3, "feedback": {}})
+
+
+@pytest.mark.parametrize("edit", ["digit", "nan"])
+def test_a_checkpoint_row_changed_after_writing_is_rescored_not_resumed(tmp_path, edit):
+    """A flipped digit in a row's damage (12235.5 -> 62235.5) or a NaN gamma went into the resumed
+    scores silently; rows carry a digest of their figures now."""
+    (model, spec, ctx, config, ckpt), full = _swept_with_checkpoint(tmp_path)
+    head, first, *rows = ckpt.read_text().splitlines()
+    row = json.loads(first)
+    if edit == "digit":
+        tier = next(iter(row["damage"]))
+        row["damage"][tier] = row["damage"][tier] * 5 + 1
+    else:
+        row["quant"]["gamma_task"] = float("nan")
+    ckpt.write_text("\n".join([head, json.dumps(row), *rows]) + "\n")
+    resumed = run_sweep(model, spec, ctx, CPU, config, ckpt, resume=True, quiet=True)
+    strip = lambda d: [{k: v for k, v in x.items() if k not in ("seconds", "forward_passes")} for x in d["blocks"]]
+    assert strip(resumed) == strip(full)
+
+
+def test_the_horizon_rolled_out_not_where_it_was_given_names_a_run_and_the_joint_check_uses_the_sweeps(tmp_path):
+    """A sweep at --horizon 3 and one whose spec says 3 are one run (the checkpoint of one resumed the
+    other was refused, and so was the spec of 3 steps in the joint check); the joint check rolls out
+    the sweep's horizon whatever the spec passed to it says."""
+    from dataclasses import replace
+
+    from tqs_onnx.sweep import _fingerprint, contexts_digest, setup_for_scores
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(horizon=8), recurrent_contexts())
+    spec8 = RolloutSpec.load(paths["spec"])
+    spec3 = replace(spec8, horizon=3, name="relabelled")
+    ctx = Contexts.load(paths["contexts"], spec8)
+    model = load_model(paths["model"])
+    config = SweepConfig(probes=1, min_size=16, tiers=["int8/channel/gptq"])
+    assert _fingerprint(model, spec8, ctx, replace(config, horizon=3), CPU.kind) == \
+        _fingerprint(model, spec3, ctx, config, CPU.kind)
+    assert _fingerprint(model, spec8, ctx, config, CPU.kind) != _fingerprint(model, spec3, ctx, config, CPU.kind)
+    scores = run_sweep(model, spec8, ctx, CPU, replace(config, horizon=3), quiet=True)
+    assert scores["horizon"] == 3 and scores["contexts_sha256"] == contexts_digest(spec3, ctx)
+    assert setup_for_scores(model, spec8, ctx, CPU, scores).horizon == 3
+    assert setup_for_scores(model, spec3, ctx, CPU, scores).horizon == 3
+
+
+def test_a_checkpoint_of_another_run_says_what_differs(tmp_path):
+    """It said 'model, scores, spec, contexts, options, device or the tool's version differ' whatever
+    differed: a user who forgot one flag could not tell which."""
+    from dataclasses import replace
+
+    from tqs_onnx.errors import TqsError
+    from tqs_onnx.sweep import Checkpoint, _fingerprint
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(horizon=8), recurrent_contexts())
+    spec = RolloutSpec.load(paths["spec"])
+    ctx = Contexts.load(paths["contexts"], spec)
+    model = load_model(paths["model"])
+    config = SweepConfig(probes=2, min_size=16, tiers=["int8"])
+    Checkpoint(tmp_path / "c.jsonl", _fingerprint(model, spec, ctx, config, CPU.kind)).start(False)
+    other = _fingerprint(model, spec, ctx, replace(config, seed=3, horizon=5), CPU.kind)
+    with pytest.raises(TqsError, match=r"another run \(options: horizon 8 there, 5 now, seed 0 there, 3 now\)"):
+        Checkpoint(tmp_path / "c.jsonl", other).check(True)
+    with pytest.raises(TqsError, match=r"another run \(device\)"):
+        Checkpoint(tmp_path / "c.jsonl", _fingerprint(model, spec, ctx, config, "cuda")).check(True)

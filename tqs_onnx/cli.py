@@ -9,7 +9,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -145,21 +147,31 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     contexts = Contexts.load(a.contexts, spec, a.horizon)
     t0 = time.perf_counter()
 
+    written = []
+
     def finish(doc: dict[str, Any]) -> None:  # with the checkpoint still locked: no other run takes it over
         _write_json(a.output, doc)
         ckpt.unlink(missing_ok=True)
+        written.append(a.output)
 
-    if distributed:
-        from tqs_onnx.distributed import run_distributed_sweep
-        doc = run_distributed_sweep(loaded, spec, contexts, a.device, config, ckpt, a.resume, a.quiet,
-                                    workers=a.workers, address=a.ray_address, finish=finish)
-    else:
-        doc = run_sweep(loaded, spec, contexts, resolve_device(a.device), config, ckpt, a.resume, a.quiet,
-                        finish=finish)
-    if not a.quiet:
-        from tqs_onnx.tables import format_ranking
+    try:
+        if distributed:
+            from tqs_onnx.distributed import run_distributed_sweep
+            doc = run_distributed_sweep(loaded, spec, contexts, a.device, config, ckpt, a.resume, a.quiet,
+                                        workers=a.workers, address=a.ray_address, finish=finish)
+        else:
+            doc = run_sweep(loaded, spec, contexts, resolve_device(a.device), config, ckpt, a.resume, a.quiet,
+                            finish=finish)
+        if not a.quiet:
+            from tqs_onnx.tables import format_ranking
 
-        print(f"{format_ranking(doc)}\nwall time {time.perf_counter() - t0:.1f} s (not stored: scores stay byte-identical)")
+            print(f"{format_ranking(doc)}\nwall time {time.perf_counter() - t0:.1f} s (not stored: scores stay "
+                  "byte-identical)")
+    except KeyboardInterrupt:
+        if not written:
+            raise
+        # The scores are complete and written: the run did its work (a script must not redo it).
+        print(f"tqs-onnx sweep: interrupted after writing {written[0]}", file=sys.stderr)
     return 0
 
 
@@ -422,7 +434,8 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import load_scores
     from tqs_onnx.graph import load_model
     from tqs_onnx.pareto import (CHECKPOINT_NAME, FRONTIER_FILES, FrontierConfig, format_frontier,
-                                 carried_models, frontier_checkpoint, open_run, previous_models, remove_stale_models,
+                                 carried_models, frontier_checkpoint, named_models, open_run, previous_models,
+                                 remove_stale_models,
                                  run_frontier, write_frontier)
     from tqs_onnx.report import REPORT_FILES, check_report_folder, write_report
     from tqs_onnx.rollout import Contexts, RolloutSpec
@@ -451,7 +464,8 @@ def cmd_pareto(a: argparse.Namespace) -> int:
     try:
         # The earlier run's models: those its frontier.json lists, and, resuming, those the interrupted run
         # carried in its checkpoint (it removed that frontier.json before overwriting any model).
-        previous = previous_models(out, loaded) | (carried_models(ckpt.load()) if a.resume else set())
+        previous = previous_models(out, loaded) | (carried_models(ckpt.load()) if a.resume else set()) \
+            | named_models(out, loaded)
         run = open_run(loaded, scores, spec, sweep_ctx, eval_ctx, device, out)
         if not a.resume:  # an earlier frontier here no longer describes the models this run will overwrite
             run.before_write = lambda: [(out / name).unlink(missing_ok=True) for name in FRONTIER_FILES]
@@ -682,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("demo", help="the whole pipeline on the bundled Lorenz-96 forecaster")
-    s.add_argument("--out", default="tqs-demo-out", help="folder for scores, plans and models (default ./tqs-demo-out)")
+    s.add_argument("-o", "--out", "--output", dest="out", default="tqs-demo-out", metavar="DIR",
+                   help="folder for scores, plans and models (default ./tqs-demo-out)")
     s.add_argument("--compression", type=float, default=4.0, help="target compression (default 4)")
     s.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _device_args(s)
@@ -814,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # while the libraries still load
         print("tqs-onnx: interrupted", file=sys.stderr)
         return 130
+    previous = _catch_sigterm()
     try:
         from tqs_onnx.runtime import check_settings
 
@@ -827,19 +843,46 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except OSError as exc:  # the file system said no (disk full, permissions): still one line
         print(printable(f"tqs-onnx {args.command}: error: {exc.strerror or exc}"
-                        f"{f' ({exc.filename})' if exc.filename else ''}"), file=sys.stderr)
+                        f"{f' ({exc.filename})' if exc.filename else ''}{_resume_hint(args)}"), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        hint = ""
-        if args.command in ("sweep", "pareto"):
-            from tqs_onnx.util import FRONTIER_CHECKPOINT  # light: the interrupt may come while libraries load
+    except KeyboardInterrupt as exc:
+        stopped = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"tqs-onnx {args.command}: {stopped}{_resume_hint(args)}", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
-            ckpt = checkpoint_path(args) if args.command == "sweep" else Path(args.output) / FRONTIER_CHECKPOINT
-            what = "blocks" if args.command == "sweep" else "points"
-            if ckpt.exists():
-                hint = f"; the finished {what} are kept in {ckpt}: run the same command with --resume to go on"
-        print(f"tqs-onnx {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's stop, `timeout`): handled as Ctrl-C is, with its own words and code."""
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler (main thread only); the previous handler, to restore, or None."""
+    def stop(signum, frame):
+        raise _Terminated
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return None
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """Where a stopped sweep or pareto kept its finished work, if it kept any."""
+    if args.command not in ("sweep", "pareto"):
+        return ""
+    from tqs_onnx.util import FRONTIER_CHECKPOINT  # light: the interrupt may come while libraries load
+
+    ckpt = checkpoint_path(args) if args.command == "sweep" else Path(args.output) / FRONTIER_CHECKPOINT
+    what = "blocks" if args.command == "sweep" else "points"
+    try:
+        rows = ckpt.read_bytes().count(b"\n") - 1 if ckpt.is_file() else 0  # the first line is the run's
+    except OSError:
+        rows = 0
+    if rows < 1:
+        return ""
+    return f"; the finished {what} are kept in {ckpt}: run the same command with --resume to go on"
 
 
 def _silence_stdout() -> None:

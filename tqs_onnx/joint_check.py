@@ -12,7 +12,7 @@ from tqs_onnx.graph import LoadedModel
 from tqs_onnx.refine import MARGIN, MAX_ROLLOUTS, Refinement, refine
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device
-from tqs_onnx.sweep import SweepSetup, contexts_digest, joint_divergence, setup_for_scores
+from tqs_onnx.sweep import SweepSetup, contexts_digest, joint_divergence, setup_for_scores, swept_horizon
 
 
 def joint_check(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
@@ -25,7 +25,7 @@ def joint_check(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, devi
     joint = joint_divergence(setup, [b.weights for b in problem.blocks], problem.tiers)
     refinement = refine(problem, alloc, joint, max_rollouts, margin, sweep_gamma_min(scores, gamma_min))
     swept = scores.get("contexts_sha256")  # /gptq sweeps refuse other contexts (setup_for_scores)
-    if swept and swept != contexts_digest(spec, contexts):
+    if swept and swept != contexts_digest(spec, contexts, swept_horizon(scores)):
         refinement.allocation.notes.append(
             "the joint check rolled out other contexts or another spec than the sweep's (sha256 differs): "
             "the plans were compared on those")

@@ -10,7 +10,6 @@ points, so a point costs one allocation, one write and one candidate rollout.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import re
@@ -32,7 +31,8 @@ from tqs_onnx.rewrite import rewrite_model, save_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import Device
 from tqs_onnx.prepare import PASSES_VERSION
-from tqs_onnx.sweep import Checkpoint, SweepSetup, divergence_mode, joint_divergence, plan_codes, setup_for_scores
+from tqs_onnx.sweep import (Checkpoint, Fingerprint, SweepSetup, divergence_mode, joint_divergence, plan_codes,
+                            setup_for_scores, swept_horizon)
 from tqs_onnx.tiers import Tier, parse_tier, parse_tiers
 from tqs_onnx.util import FRONTIER_CHECKPOINT, atomic_write, atomic_write_json, json_safe, progress
 
@@ -314,9 +314,8 @@ def remove_stale_models(out_dir: Path, previous: set[str], doc: dict[str, Any],
     protected = {Path(k).resolve() for k in keep if k}
     root = out_dir.resolve()
     removed = []
-    stem = re.escape(Path(str(doc.get("model", {}).get("path", ""))).name.removesuffix(".onnx"))
     # only names this command writes (a forged frontier.json listing 'vendor_keep.onnx' had it deleted)
-    ours = re.compile(rf"{stem}\.[0-9]+\.[0-9]{{3}}x\.[A-Za-z0-9_-]+\.onnx|uniform/{stem}\.uniform-[A-Za-z0-9_-]+\.onnx")
+    ours = _own_names(Path(str(doc.get("model", {}).get("path", ""))).name.removesuffix(".onnx"))
     for name in sorted(previous - current):
         path = (out_dir / name).resolve()
         if not ours.fullmatch(name):
@@ -325,6 +324,27 @@ def remove_stale_models(out_dir: Path, previous: set[str], doc: dict[str, Any],
             remove_model(path)
             removed.append(name)
     return removed
+
+
+def _own_names(stem: str) -> re.Pattern:
+    """The names pareto gives the models of a model named `stem` (relative to its output folder)."""
+    stem = re.escape(stem)
+    return re.compile(rf"{stem}\.[0-9]+\.[0-9]{{3}}x\.[A-Za-z0-9_-]+\.onnx|uniform/{stem}\.uniform-[A-Za-z0-9_-]+\.onnx")
+
+
+def named_models(out_dir: Path, loaded: LoadedModel) -> set[str]:
+    """Models in out_dir named as pareto names this model's (an interrupted run whose checkpoint was
+    deleted listed them nowhere: a fresh run left them beside its own, easy to ship by mistake); none
+    where out_dir holds another model's frontier."""
+    try:
+        doc = json.loads((out_dir / "frontier.json").read_text())
+    except (OSError, ValueError):
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("model"), dict) and not same_model(doc["model"], loaded):
+        return set()
+    ours = _own_names(loaded.path.name.removesuffix(".onnx"))
+    names = {p.relative_to(out_dir).as_posix() for p in [*out_dir.glob("*.onnx"), *out_dir.glob("uniform/*.onnx")]}
+    return {n for n in names if ours.fullmatch(n)}
 
 
 def remove_model(path: Path) -> None:
@@ -381,6 +401,10 @@ def run_frontier(run: FrontierRun, config: FrontierConfig, quiet: bool = False,
     tiers = frontier_tiers(run.scores, config)
     reachable = reachable_range(run.scores, tiers, config.decode)
     targets, notes = target_grid(config.targets, config.points, reachable)
+    swept = swept_horizon(run.scores)
+    if swept and swept != run.spec.horizon:
+        notes.append(f"the sweep and the joint checks rolled out {swept} steps, the errors here the spec's "
+                     f"{run.spec.horizon}")
     if run.in_sample:
         notes.append("errors measured on the sweep contexts (in-sample); pass --eval-contexts for held-out numbers")
     rows = checkpoint.start(resume) if checkpoint else {}
@@ -429,14 +453,12 @@ def frontier_checkpoint(out_dir: Path, loaded: LoadedModel, inputs: list[str | N
                         config: FrontierConfig, device: Device) -> Checkpoint:
     """The run's checkpoint in out_dir, fingerprinted by the model, the bytes of the other input files
     (scores, contexts), the spec, the options and the device."""
-    h = hashlib.sha256()
-    h.update(loaded.sha256.encode())
-    for path in inputs:
-        h.update((file_digest(Path(path)) if path else "-").encode())
-    h.update(json.dumps(spec.to_dict(), sort_keys=True).encode())
-    h.update(json.dumps(asdict(config), sort_keys=True).encode())
-    h.update(f"{device.kind} {__version__} {PASSES_VERSION} {divergence_mode()}".encode())
-    return Checkpoint(out_dir / CHECKPOINT_NAME, h.hexdigest())
+    names = ("scores", "sweep contexts", "eval contexts")
+    return Checkpoint(out_dir / CHECKPOINT_NAME, Fingerprint({
+        "model": loaded.sha256,
+        **{name: file_digest(Path(path)) if path else "-" for name, path in zip(names, inputs)},
+        "spec": spec.to_dict(), "options": json_safe(asdict(config)),
+        "device and version": f"{device.kind} {__version__} {PASSES_VERSION} {divergence_mode()}"}))
 
 
 def _model_digest(path: Path) -> str:
@@ -484,6 +506,7 @@ def frontier_document(run: FrontierRun, config: FrontierConfig, targets: list[fl
         "objective": config.objective, "requested_targets": list(config.targets),
         "targets": targets, "achievable": list(reachable),
         "eval_contexts": run.eval_contexts.count, "in_sample": run.in_sample, "horizon": run.spec.horizon,
+        "sweep_horizon": swept_horizon(run.scores),
         "blocks": [{"id": b["id"], "name": b["name"], "size": b["size"]} for b in run.scores["blocks"]],
         "points": points, "uniform": baselines, "notes": notes, "seconds": round(seconds, 3),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from collections import Counter
@@ -233,15 +234,47 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
                 os.fsync(fh.fileno())
         if check is not None:
             check(tmp_model)
-        written = []
+        return _replace_pair(files, out, tmpdir)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _replace_pair(files: list[Path], out: Path, tmpdir: Path) -> list[Path]:
+    """Move `files` (a data file first, the model last) over `out` and its data file so that `out` and
+    `out.data` are never a mismatched pair: where a data file is replaced, the earlier model first moves
+    into `tmpdir` (removed with it), so a run killed between the renames leaves no model (and the rerun
+    writes one) rather than the earlier model reading the new weights, which loads and runs silently
+    wrong. Ctrl-C and SIGTERM wait until the renames are done."""
+    written: list[Path] = []
+    aside = None
+    with _signals_deferred():
         try:
+            if len(files) > 1 and out.is_file():
+                os.replace(out, tmpdir / "earlier-model")
+                aside = tmpdir / "earlier-model"
             for f in files:
                 os.replace(f, out.parent / f.name)
                 written.append(out.parent / f.name)
         except BaseException:
-            for f in written:
-                f.unlink(missing_ok=True)
+            if out not in written:  # the new model is not in place: no new file stays without it
+                for f in written:
+                    f.unlink(missing_ok=True)
+                if aside is not None and not written:  # the earlier pair is untouched: put its model back
+                    os.replace(aside, out)
             raise
-        return written
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    return written
+
+
+class _signals_deferred:
+    """Block SIGINT and SIGTERM in this thread for a few renames; a signal that came meanwhile is
+    delivered when they are done (POSIX; elsewhere nothing is blocked)."""
+
+    SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)}
+
+    def __enter__(self):
+        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS) if hasattr(signal, "pthread_sigmask") else None
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        return False

@@ -678,8 +678,10 @@ class Checkpoint:
             raise TqsError(f"{self.path}: checkpoint is empty or damaged (no run fingerprint on its first line); "
                            "delete it to start again")
         if head["fingerprint"] != self.fingerprint:
-            raise TqsError(f"{self.path}: checkpoint belongs to another run (model, scores, spec, contexts, "
-                           "options, device or the tool's version differ); delete it to start again")
+            differ = differing_parts(head.get("parts"), getattr(self.fingerprint, "parts", {}))
+            raise TqsError(f"{self.path}: checkpoint belongs to another run ("
+                           f"{differ or 'the inputs, options, device or the tool version differ'}); "
+                           "delete it to start again")
         done = {}
         for line in lines[1:]:
             try:
@@ -688,6 +690,8 @@ class Checkpoint:
                 continue  # the block in flight when the run was killed, or a damaged line: done again
             if not isinstance(row, dict) or not isinstance(row.get("id"), (int, str)):
                 continue  # not a row of ours: its block is done again, the rows after it still count
+            if row.pop("_sha", None) != _row_digest(row):
+                continue  # changed since it was written (a flipped digit, an edit): done again
             done[row["id"]] = row
         return done
 
@@ -726,7 +730,8 @@ class Checkpoint:
             raise TqsError(f"{self.path}: another run has just started this checkpoint") from None
         os.close(fd)
         self._lock()
-        self.append_row({"fingerprint": self.fingerprint, "schema_version": SCHEMA_VERSION})
+        self.append_row({"fingerprint": str(self.fingerprint), "schema_version": SCHEMA_VERSION,
+                         "parts": getattr(self.fingerprint, "parts", {})})
 
     def _truncate_partial_tail(self) -> None:
         data = self.path.read_bytes()
@@ -744,9 +749,15 @@ class Checkpoint:
             raise TqsError(f"{self.path}: the checkpoint vanished while this run wrote it (did another run on "
                            "the same output finish?)") from None
         with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps({**row, "_sha": _row_digest(row)}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _row_digest(row: dict) -> str:
+    """A checkpoint row's digest (its JSON, keys sorted): a row whose figures changed after it was
+    written (a flipped digit resumed silently into the scores) no longer matches and is redone."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def checked_checkpoint(path: Path | None, fingerprint: str, resume: bool) -> Checkpoint | None:
@@ -767,27 +778,63 @@ def note_missing_checkpoint(ckpt: Checkpoint, resume: bool, fresh: str) -> None:
         print(f"note: --resume found no checkpoint at {ckpt.path}: {fresh}", file=sys.stderr)
 
 
+class Fingerprint(str):
+    """A run's fingerprint (the digest a checkpoint's first line records) and the parts it is made of,
+    which that line records too, so a refused checkpoint can say what differs."""
+
+    parts: dict[str, Any]
+
+    def __new__(cls, parts: dict[str, Any]) -> "Fingerprint":
+        text = json.dumps(parts, sort_keys=True)
+        self = super().__new__(cls, hashlib.sha256(text.encode()).hexdigest())
+        self.parts = json.loads(text)  # as the checkpoint reads it back (tuples as lists)
+        return self
+
+
 def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, config: SweepConfig,
-                 device_kind: str) -> str:
-    h = hashlib.sha256()
-    h.update(loaded.sha256.encode())  # the model file and its external data
-    h.update(device_kind.encode())  # another provider runs other kernels: its scores differ in the digits
-    h.update(json.dumps(asdict(config), sort_keys=True).encode())
-    h.update(divergence_mode().encode())  # the two engines round differently on the CPU (float32 / float64)
+                 device_kind: str) -> Fingerprint:
     # The code's versions the scores document records but the tool's own (whose other releases may
-    # resume): passes, Gaussian draws where drawn, weight rules, how a row's figures are computed.
-    for key, version in document_versions(config).items():
-        if key not in ("tool_version", "rounding"):  # rounding: hashed below, /gptq swept or not
-            h.update(version.encode())
-    h.update(ROUNDING_VERSION.encode())
-    h.update(contexts_digest(spec, contexts).encode())
-    return h.hexdigest()
+    # resume): passes, Gaussian draws where drawn, weight rules, how a row's figures are computed; and
+    # the rounding, /gptq swept or not.
+    versions = [v for k, v in document_versions(config).items() if k not in ("tool_version", "rounding")]
+    return Fingerprint({
+        "model": loaded.sha256,  # the model file and its external data
+        "device": device_kind,  # another provider runs other kernels: its scores differ in the digits
+        # The horizon rolled out, however given (--horizon, or the spec's): the same run either way.
+        "options": {**asdict(config), "horizon": config.horizon or spec.horizon},
+        "engine": divergence_mode(),  # the two engines round differently on the CPU (float32 / float64)
+        "versions": [*versions, ROUNDING_VERSION],
+        "spec and contexts": contexts_digest(spec, contexts, with_horizon=False),  # the horizon: in options
+    })
 
 
-def contexts_digest(spec: RolloutSpec, contexts: Contexts) -> str:
+def differing_parts(recorded: Any, ours: dict[str, Any]) -> str:
+    """What differs between a checkpoint's recorded fingerprint parts and this run's, in words ('' when
+    the checkpoint recorded none)."""
+    if not isinstance(recorded, dict):
+        return ""
+    out = []
+    for key, value in ours.items():
+        theirs = recorded.get(key)
+        if theirs == value:
+            continue
+        if isinstance(value, dict) and isinstance(theirs, dict):
+            keys = sorted(k for k in {*value, *theirs} if value.get(k) != theirs.get(k))
+            out.append(f"{key}: " + ", ".join(f"{k} {theirs.get(k)!r} there, {value.get(k)!r} now" for k in keys[:4]))
+        else:
+            out.append(key)
+    return "; ".join(out)
+
+
+def contexts_digest(spec: RolloutSpec, contexts: Contexts, horizon: int | None = None, *,
+                    with_horizon: bool = True) -> str:
     """sha256 of the rollout spec and the contexts' arrays: which rollouts a sweep measured (computed
-    once per spec and contexts object: a sweep's checkpoint and its scores both ask)."""
-    text = json.dumps(spec.to_dict(), sort_keys=True)
+    once per spec and contexts object: a sweep's checkpoint and its scores both ask). The horizon is
+    the one rolled out (`horizon`, else the spec's: a sweep's --horizon 200 and a spec of 200 steps
+    roll out the same; none without `with_horizon`), and the spec's `name` label is left out."""
+    rolled = {**spec.to_dict(), "horizon": (horizon or spec.horizon) if with_horizon else None}
+    rolled.pop("name", None)
+    text = json.dumps(rolled, sort_keys=True)
     memo = contexts.__dict__.setdefault("_digests", {})
     if text not in memo:
         h = hashlib.sha256()
@@ -807,7 +854,7 @@ def _from_row(row: dict) -> BlockScore | None:
     """The row's block score, or None where the row is not one (edited or damaged by hand)."""
     if any(k in row and not isinstance(row[k], t) for k, t in _ROW_TYPES.items()):
         return None
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)  # noqa: E731
     probes = [row.get(k) for k in ("quant", "gauss") if row.get(k) is not None]
     if not all(isinstance(p, dict) and number(p.get("gamma_task")) for p in probes) \
             or not all(number(v) for v in row.get("damage", {}).values()):
@@ -843,15 +890,15 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
     try:
         setup = prepare(loaded, spec, contexts, device, config)
         done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})
-        scores: list[BlockScore] = []
-        for block in progress(setup.blocks, "sweep", quiet, unit="block"):
-            if block.id in done:
-                scores.append(done[block.id])
-                continue
-            score = score_block(setup, block, config, tiers)
-            scores.append(score)
+        todo = [b for b in setup.blocks if b.id not in done]  # the bar and its time left count these only
+        if len(todo) < len(setup.blocks) and not quiet:
+            print(f"sweep: {len(setup.blocks) - len(todo)} of {len(setup.blocks)} blocks taken from the checkpoint",
+                  file=sys.stderr)
+        for block in progress(todo, "sweep", quiet, unit="block"):
+            done[block.id] = score_block(setup, block, config, tiers)
             if ckpt:
-                ckpt.append(score)
+                ckpt.append(done[block.id])
+        scores = [done[b.id] for b in setup.blocks]
         return conclude(scores_document(setup, spec, config, scores, device), scores, spec,
                         [o.name for o in setup.loaded.model.graph.output], engine_summary(setup), sweep_notes(setup),
                         finish, quiet)
@@ -942,7 +989,7 @@ def scores_document(setup: SweepSetup, spec: RolloutSpec, config: SweepConfig, s
         "model": {**model_summary(setup.loaded, setup.weights, setup.prepared_bytes, setup.graph_bytes),
                   "opset_graph_delta": {str(k): v for k, v in setup.opset_deltas.items()}},
         "rollout": spec.to_dict(), "config": asdict(config), "contexts": setup.rollout.contexts.count,
-        "contexts_sha256": contexts_digest(spec, setup.rollout.contexts),
+        "contexts_sha256": contexts_digest(spec, setup.rollout.contexts, setup.horizon),
         "horizon": setup.horizon, "device": device.kind,
         "weights": {w.name: weight_entry(w) for w in quantizable},
         "blocks": [asdict(s) for s in scores],
@@ -982,6 +1029,12 @@ def model_summary(loaded: LoadedModel, weights: list[Weight], prepared_bytes: in
             "quantizable_parameters": sum(w.size for w in weights if w.quantizable)}
 
 
+def swept_horizon(scores: dict[str, Any]) -> int | None:
+    """The horizon the sweep rolled out (its --horizon or its spec's), where the scores record it."""
+    h = scores.get("horizon")
+    return h if isinstance(h, int) and not isinstance(h, bool) and h > 0 else None
+
+
 def setup_for_scores(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device: Device,
                      scores: dict[str, Any]) -> SweepSetup:
     """A sweep setup whose blocks are those of an earlier sweep (same model, same grouping)."""
@@ -989,10 +1042,11 @@ def setup_for_scores(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts,
         raise TqsError(f"{loaded.path}: not the model these scores were computed on (sha256 differs)")
     swept = scores.get("contexts_sha256")
     if swept and any(parse_tier(t).gptq for t in scores["config"].get("tiers") or []) \
-            and swept != contexts_digest(spec, contexts):
+            and swept != contexts_digest(spec, contexts, swept_horizon(scores)):
         raise TqsError("not the sweep's rollout spec and contexts (sha256 differs): the /gptq tiers' integers "
                        "must come from the rollouts the sweep measured; pass the sweep's --rollout and --contexts")
     raw = {k: v for k, v in scores["config"].items() if k in SweepConfig.__dataclass_fields__}
+    raw["horizon"] = swept_horizon(scores) or raw.get("horizon")  # the sweep's, whatever the spec now says
     return prepare(loaded, spec, contexts, device, SweepConfig(**raw))
 
 

@@ -67,9 +67,16 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        text = path.read_text()
+        if not text.strip():
+            raise TqsError(f"{path}: empty file, not a {what} JSON (a run stopped before writing it?)")
+        return json.loads(text)
     except FileNotFoundError:
         raise TqsError(f"{path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        lines = exc.doc.count("\n") + 1
+        raise TqsError(f"{path}: not a readable {what} JSON: {exc.msg.lower()} (line {exc.lineno} of {lines}, "
+                       f"column {exc.colno})") from None
     except (OSError, ValueError) as exc:
         raise TqsError(f"{path}: not a readable {what} JSON ({type(exc).__name__})") from None
 
