@@ -1379,3 +1379,17 @@ def test_sigterm_stops_a_sweep_with_a_message_and_ctrl_c_after_the_scores_are_wr
     monkeypatch.setattr(tables, "format_ranking", lambda doc: (_ for _ in ()).throw(KeyboardInterrupt))
     rc, err = run_cli([*argv, "--resume"], capfd)
     assert rc == 0 and "interrupted after writing" in err and out.exists()
+
+
+def test_a_slow_set_up_says_what_it_does_and_a_quick_one_prints_nothing(capfd):
+    from tqs_onnx.util import slow_note
+
+    capfd.readouterr()
+    with slow_note("preparing", after=0.05):
+        time.sleep(0.3)
+    with slow_note("quick", after=0.5):
+        pass
+    with slow_note("quiet", quiet=True, after=0.0):
+        time.sleep(0.1)
+    time.sleep(0.6)
+    assert capfd.readouterr().err == "preparing\n"

@@ -179,6 +179,7 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     from tqs_onnx.allocate import allocate, load_scores, plan_document, sweep_gamma_min
     from tqs_onnx.refine import MARGIN, MAX_ROLLOUTS
     from tqs_onnx.rounding import remove_stale_codes
+    from tqs_onnx.util import slow_note
     from tqs_onnx.tiers import parse_tier
 
     if a.margin is not None and not (a.margin >= 0 and math.isfinite(a.margin)):
@@ -219,9 +220,12 @@ def cmd_allocate(a: argparse.Namespace) -> int:
         if not (a.rollout and a.contexts):
             raise TqsError("--verify-model needs --rollout and --contexts (the sweep contexts)")
         spec = RolloutSpec.load(a.rollout)
-        refinement, setup = joint_check(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
-                                        resolve_device(a.device), scores, problem, alloc,
-                                        MAX_ROLLOUTS if a.max_rollouts is None else a.max_rollouts, margin, gamma_min)
+        rollouts = MAX_ROLLOUTS if a.max_rollouts is None else a.max_rollouts
+        with slow_note(f"allocate: joint check: the plan, the uniform plans that fit and the paper's rolled out on "
+                       f"the sweep contexts, then up to {rollouts} more in the local search", a.quiet):
+            refinement, setup = joint_check(load_model(a.verify_model), spec, Contexts.load(a.contexts, spec),
+                                            resolve_device(a.device), scores, problem, alloc, rollouts, margin,
+                                            gamma_min)
         alloc = refinement.allocation
     plan = plan_document(scores, problem, alloc)
     if refinement is None and a.objective == "measured":

@@ -39,7 +39,7 @@ from tqs_onnx.rounding import ROUNDING_VERSION, Rounding, input_moments, save_co
 from tqs_onnx.runtime import Device, cuda_stream, io_signature, make_session, setting
 from tqs_onnx.tiers import (BLOCKED_MIN_OPSET, FLOAT_MIN_OPSET, FP16_SCALE_MIN_OPSET, INT_MIN_OPSET, Tier, for_weight,
                           parse_tier)
-from tqs_onnx.util import first_line, progress
+from tqs_onnx.util import first_line, progress, slow_note
 
 EPS = 1e-12
 
@@ -888,7 +888,9 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
     # Checked before the set-up, which on a large model takes minutes.
     ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, device.kind), resume)
     try:
-        setup = prepare(loaded, spec, contexts, device, config)
+        with slow_note(f"sweep: preparing the graph, the session and the nominal rollouts ({contexts.count} "
+                       f"contexts x {config.horizon or spec.horizon} steps)", quiet):  # minutes on a large model
+            setup = prepare(loaded, spec, contexts, device, config)
         done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})
         todo = [b for b in setup.blocks if b.id not in done]  # the bar and its time left count these only
         if len(todo) < len(setup.blocks) and not quiet:

@@ -14,6 +14,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -220,6 +221,27 @@ def progress(items: Iterable[T], desc: str, quiet: bool = False, **kw) -> Iterab
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, **kw)
+
+
+class slow_note:
+    """`with slow_note(text, quiet):` prints `text` on stderr if the block is still running after
+    `after` seconds (a set-up of minutes says what it does; a quick one, or one that fails at once with
+    a one-line error, prints nothing more)."""
+
+    def __init__(self, text: str, quiet: bool = False, after: float = 5.0):
+        self.timer = None if quiet else threading.Timer(after, lambda: print(text, file=sys.stderr, flush=True))
+        if self.timer:
+            self.timer.daemon = True
+
+    def __enter__(self):
+        if self.timer:
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.timer:
+            self.timer.cancel()
+        return False
 
 
 def _logged(items: Iterable[T], desc: str, total: int | None, unit: str) -> Iterator[T]:
