@@ -190,9 +190,9 @@ def cmd_allocate(a: argparse.Namespace) -> int:
     if unused and not a.verify_model:
         raise TqsError(f"{' and '.join(unused)}: option(s) of the joint check, which runs with --verify-model MODEL")
     if a.objective != "paper":
-        unused = [f for f, v in (("--fp32-share", a.fp32_share), ("--probe", a.probe)) if v is not None]
-        if a.gamma_min is not None and not a.verify_model:  # the joint check's paper challengers use it
-            unused.append("--gamma-min")
+        unused = ["--fp32-share"] if a.fp32_share is not None else []
+        if not a.verify_model:  # the joint check's paper challengers use these
+            unused += [f for f, v in (("--probe", a.probe), ("--gamma-min", a.gamma_min)) if v is not None]
         if unused:
             raise TqsError(f"{' and '.join(unused)}: option(s) of --objective paper (the measured objective "
                            "ranks blocks by measured damage)")
