@@ -554,3 +554,46 @@ def test_a_fresh_pareto_run_removes_models_an_interrupted_run_listed_nowhere(dem
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in others)
     doc = json.loads((out / "frontier.json").read_text())
     assert len(doc["points"]) == 1 and not any("duplicate" in n for n in doc["notes"])
+
+
+def test_gate_fails_a_candidate_whose_unfollowed_output_is_nan(tmp_path, capsys):
+    """A diagnostic output no spec follows, NaN on every call, passed as 'all finite' (a CI trial)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(scale: float) -> onnx.ModelProto:
+        w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32) / 4, "W")
+        s = numpy_helper.from_array(np.array(scale, np.float32), "s")
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["x_next"]),
+                 helper.make_node("ReduceSum", ["x_next"], ["e"], keepdims=0), helper.make_node("Mul", ["e", "s"], ["energy"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, 16]),
+                               helper.make_tensor_value_info("energy", TensorProto.FLOAT, [])], [w, s])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        return m
+
+    onnx.save(model(1000.0), tmp_path / "ref.onnx")
+    onnx.save(model(float("nan")), tmp_path / "cand.onnx")
+    (tmp_path / "spec.json").write_text(json.dumps({"horizon": 5, "feedback": {"x_next": "x"}}))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((3, 1, 16)).astype(np.float32))
+    argv = ["gate", str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), "--rollout", str(tmp_path / "spec.json"),
+            "--contexts", str(tmp_path / "c.npz"), "--max-mae", "1"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "15 non-finite values in the rollout ('energy' 15 from step 1)" in out
+    assert main([*argv[:2], str(tmp_path / "ref.onnx"), *argv[3:]]) == 0
+    assert "every output finite" in capsys.readouterr().out
+
+
+def test_the_frontier_degradation_follows_the_maes_beside_it_and_the_worst_output_is_kept():
+    """Two outputs of different scales: the row said +0.94% (the mean of +3.29% and -1.41%) beside mean
+    MAEs 1.4% better than FP32's; a gate threshold taken from it then failed on the first output."""
+    from tqs_onnx.pareto import error_summary
+
+    outputs = {"x_next": {"mae_vs_fp32": 0.01, "rmse_vs_fp32": 0.02, "mae_vs_truth": 1.03288,
+                          "mae_fp32_vs_truth": 1.0, "degradation_pct": 3.288},
+               "energy": {"mae_vs_fp32": 300.0, "rmse_vs_fp32": 400.0, "mae_vs_truth": 980.62,
+                          "mae_fp32_vs_truth": 994.64, "degradation_pct": -1.41}}
+    row = error_summary(outputs)
+    assert row["degradation_pct"] == pytest.approx(100 * (row["mae_vs_truth"] / row["mae_fp32_vs_truth"] - 1))
+    assert row["degradation_pct"] < 0 and row["worst_degradation_pct"] == pytest.approx(3.288)

@@ -352,16 +352,17 @@ def _step_error(optimized: dict, plain: dict | None) -> float:
 
 
 def rollouts(path_or_session, spec: RolloutSpec, contexts: Contexts, device: Device,
-             horizon: int | None = None, label: str | Path | None = None) -> dict[str, np.ndarray]:
+             horizon: int | None = None, label: str | Path | None = None,
+             watch: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
     """Trajectory outputs stacked as (S, T, *shape) per output. `label` names the model in messages
-    (needed when a session is passed)."""
+    (needed when a session is passed). `watch`: see Rollout.trajectory_host."""
     session = make_session(str(path_or_session), device) if isinstance(path_or_session, (str, Path)) else path_or_session
     where = str(label or path_or_session)
     spec.check_against(*io_signature(session), where)
     rollout = Rollout(session, spec, contexts, device, where)
     rollout.check_memory(horizon or spec.horizon)
     try:
-        trajs = [rollout.trajectory_host(s, horizon=horizon) for s in range(contexts.count)]
+        trajs = [rollout.trajectory_host(s, horizon=horizon, watch=watch) for s in range(contexts.count)]
     except TqsError:
         raise
     except Exception as exc:
@@ -412,7 +413,7 @@ def _per_channel(err: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(err, axis, -1).reshape(-1, err.shape[axis]).mean(axis=0)
 
 
-def _degradation(mae: float, mae_ref: float) -> float:
+def degradation_percent(mae: float, mae_ref: float) -> float:
     """Percent by which the candidate's error against the truth exceeds the reference's; where the
     reference matches the truth exactly (truth made from its own rollout) any error is infinitely worse."""
     if mae_ref:
@@ -443,7 +444,7 @@ def compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], spec: Rollo
             entry.update({"mae_fp32_vs_truth": float(mae_ref), "mae_vs_truth": float(mae_q),
                           "mae_vs_truth_per_channel": _per_channel(np.abs(b - tr), axis).tolist(),
                           "mae_fp32_vs_truth_per_channel": _per_channel(np.abs(a - tr), axis).tolist(),
-                          "degradation_pct": _degradation(mae_q, mae_ref)})
+                          "degradation_pct": degradation_percent(mae_q, mae_ref)})
         out[k] = entry
     return out
 

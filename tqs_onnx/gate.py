@@ -136,23 +136,35 @@ def _signature_diffs(ref: dict[str, tuple], cand: dict[str, tuple]) -> list[tupl
 
 def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: Device,
                   label: str | Path = "candidate") -> tuple[Check, dict | None]:
-    """Roll the candidate out on every context; every trajectory value must be finite."""
+    """Roll the candidate out on every context; every value of every float output must be finite (the
+    trajectory's, and the outputs no spec follows: a shipped diagnostic that is NaN on every call
+    passed as 'all finite' when only the trajectory was looked at)."""
     trajs: list[dict[str, np.ndarray]] = []
+    watch = {o.name: [0, 0] for o in cand_session.get_outputs() if o.type in FLOAT_OUTPUT_TYPES}
 
     def body():
         try:
-            trajs.append(rollouts(cand_session, spec, contexts, device, label=label))
+            trajs.append(rollouts(cand_session, spec, contexts, device, label=label, watch=watch))
         except TqsError as exc:
             return FAIL, f"rollout fails: {exc}", None, None
         except Exception as exc:  # ORT run errors: shape or type problems inside the graph
             return FAIL, f"rollout fails: {first_line(exc, 200)}", None, None
-        bad = sum(int(np.size(v) - np.count_nonzero(np.isfinite(v))) for v in trajs[0].values())
+        for k, v in trajs[0].items():
+            finite = np.isfinite(v).reshape(v.shape[0], v.shape[1], -1).all(axis=2)  # (contexts, steps)
+            if not finite.all():
+                watch[k] = [int(np.size(v) - np.count_nonzero(np.isfinite(v))), int(np.argmin(finite.all(axis=0))) + 1]
+        bad = {k: w for k, w in watch.items() if w[0]}
         if bad:
-            return FAIL, f"{bad:,} non-finite values in the rollout", float(bad), 0.0
-        return PASS, f"{contexts.count} contexts x {spec.horizon} steps, all finite", 0.0, 0.0
+            where = ", ".join(f"'{k}' {n:,} from step {t}" for k, (n, t) in sorted(bad.items(), key=lambda kv: kv[1][1]))
+            return FAIL, f"{sum(n for n, _ in bad.values()):,} non-finite values in the rollout ({where})", \
+                float(sum(n for n, _ in bad.values())), 0.0
+        return PASS, f"{contexts.count} contexts x {spec.horizon} steps, every output finite", 0.0, 0.0
 
     check = _timed("finite", body)
     return check, (trajs[0] if check.status == PASS else None)
+
+
+FLOAT_OUTPUT_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)")
 
 
 def _digits(value: float, limit: float, places: int = 3, kind: str = "f") -> str:
@@ -221,6 +233,8 @@ def deployment_check(ref_path: Path, cand_path: Path, checks: list[Check], spec:
     measured in a fresh process (tqs_onnx.runtime_report), so one gate run says whether it is better to ship."""
     if not any(c.name == "ort_load" and c.status == PASS for c in checks):
         return Check("deployment", SKIP, "not run: ONNX Runtime does not load the candidate"), None
+    if not any(c.name == "io_signature" and c.status == PASS for c in checks):
+        return Check("deployment", SKIP, "not run: the candidate's inputs or outputs differ from the reference's"), None
     result: list[dict] = []
 
     def body():
@@ -247,6 +261,8 @@ def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, co
     """
     t0 = time.perf_counter()
     cand_path = Path(candidate)
+    if cand_path.is_dir():
+        raise TqsError(f"{cand_path}: is a folder; give the candidate model's file")
     if not cand_path.is_file():
         raise TqsError(f"{cand_path}: no such file")
     required_thresholds(spec, contexts, config)
@@ -359,7 +375,7 @@ def junit_error(message: str, candidate: str) -> bytes:
     the error where it would otherwise find no results at all."""
     root, suite = _junit_suite(candidate, {"tests": "1", "failures": "0", "errors": "1", "skipped": "0",
                                            "time": "0.000"})
-    case = ET.SubElement(suite, "testcase", {"classname": "tqs_onnx.gate", "name": "input", "time": "0.000"})
+    case = ET.SubElement(suite, "testcase", {"classname": _classname(candidate), "name": "input", "time": "0.000"})
     ET.SubElement(case, "error", {"message": _xml_text(message), "type": "tqs-bad-input"}).text = _xml_text(message)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
@@ -367,8 +383,13 @@ def junit_error(message: str, candidate: str) -> bytes:
 
 def _junit_suite(candidate: str, counts: dict[str, str]) -> tuple[ET.Element, ET.Element]:
     root = ET.Element("testsuites", {"name": "tqs-onnx gate", **counts})
-    return root, ET.SubElement(root, "testsuite", {"name": _xml_text(f"tqs-onnx gate: {Path(candidate).name}"),
-                                                   **counts})
+    return root, ET.SubElement(root, "testsuite", {"name": _xml_text(f"tqs-onnx gate: {candidate}"), **counts})
+
+
+def _classname(candidate: str) -> str:
+    """The testcases' class: the candidate as the command named it, so CI tools (which key results on
+    class and name) keep apart the gates of a/model.onnx and b/model.onnx run in one job."""
+    return _xml_text(f"tqs_onnx.gate[{candidate}]")
 
 
 def junit_xml(doc: dict[str, Any]) -> bytes:
@@ -382,7 +403,7 @@ def junit_xml(doc: dict[str, Any]) -> bytes:
     for key in ("reference", "candidate", "reference_bytes", "candidate_bytes", "contexts", "horizon", "device"):
         ET.SubElement(props, "property", {"name": key, "value": _xml_text(doc[key])})
     for c in checks:
-        case = ET.SubElement(suite, "testcase", {"classname": "tqs_onnx.gate", "name": _xml_text(c["name"]),
+        case = ET.SubElement(suite, "testcase", {"classname": _classname(doc["candidate"]), "name": _xml_text(c["name"]),
                                                  "time": f"{c['seconds']:.4f}"})
         message = _xml_text(c["message"])
         if c["status"] == FAIL:

@@ -712,7 +712,7 @@ def _finite(v: Any) -> bool:
 def degradation(entry: dict[str, Any], unknown: Any) -> Any:
     """degradation_pct of an eval output or frontier row: a number, inf, NONFINITE, or None where not
     computed. Strict JSON writes inf and NaN alike as null: an infinite one is told by its MAEs (the
-    FP32 model matches the truth exactly, the candidate does not: evaluate._degradation); `unknown`
+    FP32 model matches the truth exactly, the candidate does not: evaluate.degradation_percent); `unknown`
     is what a null with no MAEs to tell by means."""
     if "degradation_pct" not in entry:
         return None

@@ -454,14 +454,16 @@ class Rollout:
         return {inp: self.contexts.arrays[key][s, t].astype(self.input_dtype(inp))
                 for inp, key in self.spec.per_step.items()}
 
-    def steps(self, s: int, weights: dict[str, Any] | None = None,
-              horizon: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield the trajectory outputs (device OrtValues) of steps 1..horizon for context s.
+    def steps(self, s: int, weights: dict[str, Any] | None = None, horizon: int | None = None,
+              extra: tuple[str, ...] = ()) -> Iterator[dict[str, np.ndarray]]:
+        """Yield the trajectory outputs (device OrtValues) of steps 1..horizon for context s, and the
+        `extra` outputs too.
 
         `weights` maps exposed weight inputs to device OrtValues; they stay bound for the rollout.
         """
-        for out in self._run_steps(s, weights, horizon, self.fetch):
-            yield {k: out[k] for k in self.spec.trajectory}
+        keep = [*self.spec.trajectory, *extra]
+        for out in self._run_steps(s, weights, horizon, list(dict.fromkeys([*self.fetch, *extra]))):
+            yield {k: out[k] for k in keep}
 
     def divergences(self, s: int, reference: list[dict[str, Any]], weights: dict[str, Any] | None = None,
                     horizon: int | None = None) -> Iterator[float]:
@@ -565,12 +567,22 @@ class Rollout:
         """Trajectory outputs per step, left on the device."""
         return list(self.steps(s, weights, horizon))
 
-    def trajectory_host(self, s: int, weights: dict[str, Any] | None = None,
-                        horizon: int | None = None) -> list[dict[str, np.ndarray]]:
+    def trajectory_host(self, s: int, weights: dict[str, Any] | None = None, horizon: int | None = None,
+                        watch: dict[str, list[int]] | None = None) -> list[dict[str, np.ndarray]]:
+        """The trajectory outputs of context s on the host, step by step. `watch`: output -> [count of
+        non-finite values, first step (1-based) with one], updated for every other float output of
+        the model (a diagnostic no spec follows is computed all the same and may be NaN)."""
+        extra = tuple(o for o in (watch or {}) if o not in self.spec.trajectory)
         steps = []
-        for step in self.steps(s, weights, horizon):
+        for t, step in enumerate(self.steps(s, weights, horizon, extra), 1):
             self.synchronize()
-            steps.append({k: v.numpy() for k, v in step.items()})
+            host = {k: v.numpy() for k, v in step.items()}
+            for o in extra:
+                bad = int(np.size(host[o]) - np.count_nonzero(np.isfinite(host[o])))
+                if bad:
+                    watch[o][0] += bad
+                    watch[o][1] = watch[o][1] or t
+            steps.append({k: host[k] for k in self.spec.trajectory})
         return steps
 
 

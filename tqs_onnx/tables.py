@@ -42,10 +42,15 @@ def format_eval(doc: dict[str, Any]) -> str:
     for k, e in doc["outputs"].items():
         line = f"  {k}: MAE vs FP32 {e['mae_vs_fp32']:.4g}, RMSE {e['rmse_vs_fp32']:.4g}, finite {e['finite']}"
         if "mae_vs_truth" in e:
-            line += f"; MAE vs truth {e['mae_vs_truth']:.4g} (FP32 {e['mae_fp32_vs_truth']:.4g}, {e['degradation_pct']:+.2f}%)"
+            line += f"; MAE vs truth {e['mae_vs_truth']:.4g} (FP32 {e['mae_fp32_vs_truth']:.4g}, {signed_percent(e['degradation_pct'])})"
         lines.append(line)
         per = e["mae_vs_fp32_per_channel"]
         if len(per) > 1:
             lines.append(f"    per channel MAE vs FP32: min {min(per):.3g}, max {max(per):.3g} over {len(per)} channels")
     lines += [f"  note: {n}" for n in doc.get("notes", [])]
     return "\n".join(lines)
+
+
+def signed_percent(value: float) -> str:
+    """+12.34%; beyond a million percent in powers of ten (+8.6e+22%, not 24 digits)."""
+    return f"{value:+.2f}%" if abs(value) < 1e6 else f"{value:+.2g}%"
