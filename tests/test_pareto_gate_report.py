@@ -597,3 +597,22 @@ def test_the_frontier_degradation_follows_the_maes_beside_it_and_the_worst_outpu
     row = error_summary(outputs)
     assert row["degradation_pct"] == pytest.approx(100 * (row["mae_vs_truth"] / row["mae_fp32_vs_truth"] - 1))
     assert row["degradation_pct"] < 0 and row["worst_degradation_pct"] == pytest.approx(3.288)
+
+
+def test_a_gate_refused_for_a_malformed_option_replaces_its_earlier_verdict(demo, tmp_path, capsys):
+    """A green JUnit of the last build stood beside a job that failed on a malformed option."""
+    junit, report = tmp_path / "g.xml", tmp_path / "g.json"
+    assert main(_argv_gate(demo, demo["model"], "--max-mae", "1", "--junit", str(junit), "-o", str(report),
+                           "--quiet")) == 0
+    assert 'failures="0"' in junit.read_text() and report.exists()
+    assert main(_argv_gate(demo, demo["model"], "--max-mae", "1", "--max-size", "3k", "--junit", str(junit),
+                           "-o", str(report))) == 2
+    root = ET.parse(junit).getroot()
+    assert root.get("errors") == "1" and "--max-size" in root.find(".//error").get("message")
+    assert not report.exists()
+    # An input named as --junit by mistake is never written over.
+    model = tmp_path / "m.onnx"
+    shutil.copy(demo["model"], model)
+    before = model.read_bytes()
+    assert main(_argv_gate(demo, model, "--max-mae", "x", "--junit", str(model))) == 2
+    assert model.read_bytes() == before

@@ -4,6 +4,7 @@ runtime figures that `eval --runtime` and `gate` print beside the error figures.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_deployment_report_in_a_fresh_process(tmp_path):
     spec = RolloutSpec.load(paths["spec"])
     doc = deployment_report(q, "cpu", spec, Contexts.load(paths["contexts"], spec), calls=5, rollouts=2)
     assert doc["session_s"] > 0 and doc["rss_load_bytes"] > doc["rss_base_bytes"] > 0
-    assert doc["rss_peak_call_bytes"] >= doc["rss_base_bytes"] and doc["calls"] == 5
+    assert doc["rss_peak_call_bytes"] >= doc["rss_base_bytes"] and doc["calls"] >= 5  # and 0.3 s at least
     assert doc["call_ms"] > 0 and doc["horizon"] == 3 and doc["step_ms"] == pytest.approx(doc["rollout_ms"] / 3, rel=1e-3)
     assert doc["matmulnbits"] == 1 and [e["weight"] for e in doc["per_call"]] == ["T"]
 
@@ -102,7 +103,7 @@ def test_no_rollouts_times_calls_only(tmp_path):
     paths, q = written(tmp_path, {"W": "int8", "T": "int8"})
     spec = RolloutSpec.load(paths["spec"])
     doc = measure(q, resolve_device("cpu"), spec, Contexts.load(paths["contexts"], spec), calls=3, rollouts=0)
-    assert doc["calls"] == 3 and doc["call_ms"] > 0 and "rollout_ms" not in doc and "step_ms" not in doc
+    assert doc["calls"] >= 3 and doc["call_ms"] > 0 and "rollout_ms" not in doc and "step_ms" not in doc
 
 
 def test_eval_runtime_prints_and_returns_the_fields(tmp_path, capsys):
@@ -111,7 +112,8 @@ def test_eval_runtime_prints_and_returns_the_fields(tmp_path, capsys):
             "--runtime"]
     assert main([*argv, "-o", str(tmp_path / "eval.json")]) == 0
     text = capsys.readouterr().out
-    assert "runtime (each model in a fresh process)" in text and "decoded per call: T (DequantizeLinear -> Add)" in text
+    assert "runtime (each model in a fresh process, 2 round(s) in turn" in text
+    assert "decoded per call: T (DequantizeLinear -> Add)" in text
     rt = json.loads((tmp_path / "eval.json").read_text())["runtime"]
     for side in ("reference", "candidate"):
         assert {"session_s", "rss_load_bytes", "rss_peak_call_bytes", "call_ms", "step_ms", "ops", "per_call"} <= set(rt[side])
@@ -120,6 +122,8 @@ def test_eval_runtime_prints_and_returns_the_fields(tmp_path, capsys):
         assert f"ms per call (p10-p90 {r['call_ms_p10']:.3f}-{r['call_ms_p90']:.3f})" in text
     assert rt["candidate"]["matmulnbits"] == 1 and rt["reference"]["matmulnbits"] == 0
     assert {"call_ms", "step_ms", "rss_load_bytes"} <= set(rt["ratios"])
+    assert rt["rounds"] == 2 and len(rt["candidate"]["call_ms_rounds"]) == 2
+    assert rt["candidate"]["call_ms"] == min(rt["candidate"]["call_ms_rounds"])
 
 
 def test_gate_reports_deployment_without_failing(tmp_path):
@@ -206,3 +210,14 @@ def test_a_scalar_cast_per_call_is_not_a_weight_decoded_per_call():
     m = model(nodes, [init("s", np.float32(2.0)), init("W", np.ones((N_IN, N_OUT), np.float32))], [vec("x", N_IN)],
               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N_OUT])])
     assert [(e["weight"], e["bytes"]) for e in graph_figures(m, m)["per_call"]] == [("Wd", 4 * N_IN * N_OUT)]
+
+
+def test_a_timing_loop_runs_for_its_minimum_time_within_its_budget():
+    """10 calls of 8 us were the gate's whole timing (one model against itself: 0.09x to 2.5x)."""
+    from tqs_onnx.runtime_report import _repeat
+
+    t0 = time.perf_counter()
+    times = _repeat(lambda: None, 3, budget_s=5.0, minimum=1, min_s=0.05)
+    assert time.perf_counter() - t0 >= 0.05 and len(times) > 3
+    slow = _repeat(lambda: time.sleep(0.02), 50, budget_s=0.05, minimum=2, min_s=1.0)
+    assert 2 <= len(slow) < 10  # the budget still stops it

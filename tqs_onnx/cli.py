@@ -829,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except _UsageError as exc:
         print(exc, file=sys.stderr)
+        _gate_usage_error(sys.argv[1:] if argv is None else argv, str(exc))
         return 2
     except KeyboardInterrupt:  # while the libraries still load
         print("tqs-onnx: interrupted", file=sys.stderr)
@@ -856,6 +857,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _gate_usage_error(argv: list[str], message: str) -> None:
+    """A gate refused for a malformed option still replaces its earlier verdict: the --junit file gets
+    the error testcase and the -o report goes (a green JUnit of the last build stood beside a failed
+    job). Only files that are a gate's own output are touched (the option may name an input)."""
+    commands = [a for a in argv if not a.startswith("-")]
+    if not commands or commands[0] != "gate":
+        return
+    paths = {}
+    for flag in ("--junit", "-o", "--output"):
+        for k, a in enumerate(argv):
+            if a == flag and k + 1 < len(argv):
+                paths[flag] = argv[k + 1]
+            elif a.startswith(f"{flag}="):
+                paths[flag] = a.split("=", 1)[1]
+    try:
+        from tqs_onnx.gate import junit_error
+        from tqs_onnx.util import atomic_write
+
+        report = paths.get("-o") or paths.get("--output")
+        if report and Path(report).is_file() and b'"kind": "tqs-gate"' in Path(report).read_bytes()[:4096]:
+            Path(report).unlink()
+        junit = paths.get("--junit")
+        if junit and (not Path(junit).exists() or (Path(junit).is_file()
+                                                    and b"tqs-onnx gate" in Path(junit).read_bytes()[:4096])):
+            candidate = commands[2] if len(commands) > 2 else "candidate"
+            atomic_write(junit, lambda p: p.write_bytes(junit_error(" ".join(message.split()), candidate)))
+    except (OSError, TqsError):
+        pass  # the usage error is what the user reads; this is a courtesy to CI
 
 
 class _Terminated(KeyboardInterrupt):
