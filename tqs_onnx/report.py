@@ -584,13 +584,20 @@ def plot_steps(curves: list[tuple[str, list[float], bool]], path: Path) -> None:
     main_i = base_i = 0
     for label, per_step, baseline in curves:
         # TQS curves in a sequential map (by compression), baselines in distinct dashed colors.
+        # Past ten baselines the colors repeat: the dash pattern changes instead (two of eleven were the
+        # same blue dashes); each TQS curve gets its own marker, so one drawn over another still shows.
         if baseline:
-            color, base_i = plt.get_cmap("tab10")(base_i % 10), base_i + 1
+            color, ls, marker = plt.get_cmap("tab10")(base_i % 10), ("--", "-.", ":")[base_i // 10 % 3], None
+            base_i += 1
         else:
-            color, main_i = plt.get_cmap("viridis")(0.9 * main_i / max(1, n_main - 1)), main_i + 1
+            color = plt.get_cmap("viridis")(0.9 * main_i / max(1, n_main - 1))
+            ls, marker = "-", "os^Dv<>ph*"[main_i % 10]
+            main_i += 1
         finite = [v if math.isfinite(v) else math.nan for v in per_step]
-        ax.plot(range(1, len(per_step) + 1), finite, ls="--" if baseline else "-", lw=1.0 if baseline else 1.8,
-                color=color, marker="o" if sum(math.isfinite(v) for v in finite) == 1 else None, label=_plain(label))
+        single = sum(math.isfinite(v) for v in finite) == 1
+        ax.plot(range(1, len(per_step) + 1), finite, ls=ls, lw=1.0 if baseline else 1.8, color=color,
+                marker="o" if single else marker, markevery=None if single else max(1, len(per_step) // 8),
+                ms=4, label=_plain(label))
         first = first_nonfinite(per_step)
         if first is not None:
             ax.axvline(first, color=color, ls=":", lw=1.5)
