@@ -34,7 +34,9 @@ needs_ray = pytest.mark.skipif(not _have_ray(), reason="ray not installed (pip i
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A Ray of its own: a cluster someone started on this machine must not be joined (ray.init refuses
+    # num_cpus then).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
@@ -229,3 +231,87 @@ def test_a_distributed_sweep_prints_the_notes_of_a_local_one(ray_cluster, case, 
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("note:")] == local
     assert "sweep engine: 2 Ray worker(s), each " in err
+
+
+def test_why_a_worker_died_is_the_error_not_rays_preamble():
+    from tqs_onnx.distributed import _ray_cause
+
+    text = ("The actor died because of an error raised in its creation task, \x1b[36mray::BlockWorker.__init__()"
+            "\x1b[39m (pid=1, actor_id=ab, repr=x)\n  File \"x.py\", line 1, in <module>\n"
+            "ImportError: cannot import name 'prepare' from 'tqs_onnx.sweep'")
+    assert _ray_cause(Exception(text)) == "ImportError: cannot import name 'prepare' from 'tqs_onnx.sweep'"
+    assert _ray_cause(Exception("\x1b[33mworker lost\x1b[0m")) == "worker lost"
+
+
+def test_a_worker_whose_source_files_differ_is_refused():
+    """Two checkouts of one version string compute different scores: the version check passed a
+    cluster started from another folder, whose workers ran its code under the driver's version."""
+    from tqs_onnx.distributed import code_digest
+    from tqs_onnx.sweep import document_versions
+
+    config = SweepConfig()
+    info = {"document": dict(document_versions(config)), "blocks": [0], "weights": [["w"]], "code": "another"}
+
+    class FakeRay:
+        class exceptions:
+            RayActorError = type("RayActorError", (Exception,), {})
+            RayTaskError = type("RayTaskError", (Exception,), {})
+
+        def get(self, ref):
+            return dict(info)
+
+    pool = WorkerPool(FakeRay(), config=config)
+    pool.starting["ref"] = "handle"
+    with pytest.raises(TqsError, match="other tqs-onnx source files than the driver"):
+        pool._take_started("ref")
+    info["code"] = code_digest()
+    pool.starting["ref"] = "handle"
+    pool._take_started("ref")
+    assert pool.idle == ["handle"]
+
+
+@needs_ray
+def test_workers_open_a_symlinked_model_where_the_driver_does(ray_cluster, tmp_path):
+    """Workers opened the symlink's target (Path.resolve), whose folder lacks the external data that
+    sits beside the link: the driver and --workers 1 worked, --workers 2 said the data was missing."""
+    import os
+    import shutil
+
+    import onnx
+
+    paths = save_case(tmp_path, recurrent_mlp(), recurrent_spec(), recurrent_contexts())
+    blobs, links = tmp_path / "blobs", tmp_path / "links"
+    blobs.mkdir()
+    links.mkdir()
+    onnx.save_model(onnx.load(str(paths["model"])), str(blobs / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.onnx.data", size_threshold=0)
+    shutil.move(str(blobs / "m.onnx.data"), str(links / "m.onnx.data"))
+    os.symlink(blobs / "m.onnx", links / "m.onnx")
+    spec = RolloutSpec.load(paths["spec"])
+    config = SweepConfig(probes=1, min_size=16, blocks="tensor", tiers=["int8"])
+    doc = run_distributed_sweep(load_model(links / "m.onnx"), spec, Contexts.load(paths["contexts"], spec), "cpu",
+                                config, workers=2, quiet=True)
+    assert len(doc["blocks"]) >= 2
+
+
+def test_without_an_address_ray_starts_its_own_instead_of_joining_one_running_here(monkeypatch):
+    """ray.init(address=None) joins a cluster already running on the machine (or RAY_ADDRESS's): its
+    workers ran that cluster's code and the sweep hung where its CPUs were taken."""
+    from tqs_onnx import distributed
+
+    calls = []
+
+    class FakeRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kw):
+            calls.append(kw)
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(distributed, "require_ray", lambda: FakeRay())
+    with distributed.ray_session(None):
+        pass
+    assert calls[0]["address"] == "local"

@@ -13,7 +13,12 @@ Ray is optional (`pip install 'tqs-onnx[distributed]'`); this module imports wit
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
+import os
+import re
+import sys
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +34,10 @@ from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _
                             conclude, document_versions, engine_summary, prepare, resumed_scores, score_block,
                             scores_document, sweep_notes)
 from tqs_onnx.tiers import parse_tier
-from tqs_onnx.util import first_line, progress
+from tqs_onnx.util import first_line, progress, slow_note
 
 MAX_LOSSES = 3  # a block that takes down this many workers kills them itself; retrying would not help
+STARTING_NOTE_S = 30.0  # no worker started after this long: say what the cluster has free
 
 
 def require_ray() -> Any:
@@ -53,7 +59,7 @@ class WorkerJob:
     model_sha256: str
     spec: dict[str, Any]
     config: dict[str, Any]
-    device: str  # cpu | cuda
+    device: str  # cpu | cuda | auto (resolved on the worker)
     threads: int = 0  # ORT intra-op threads; 0 is ORT's default
 
 
@@ -81,11 +87,29 @@ class BlockWorker:
         self.blocks = {b.id: b for b in self.setup.blocks}
         skeleton = scores_document(self.setup, spec, self.config, [], device)
         return {"blocks": [b.id for b in self.setup.blocks], "weights": [b.weights for b in self.setup.blocks],
-                "document": skeleton, "engine": engine_summary(self.setup), "notes": sweep_notes(self.setup)}
+                "document": skeleton, "engine": engine_summary(self.setup), "notes": sweep_notes(self.setup),
+                "code": code_digest()}
 
     def score(self, block_id: int) -> dict[str, Any]:
         """One block's checkpoint row."""
         return asdict(score_block(self.setup, self.blocks[block_id], self.config, self.tiers))
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of tqs-onnx's own source files (the package and its passes), as this process imports
+    them: two editable checkouts of one version string compute different scores (a cluster started
+    from another checkout ran its code under the driver's version)."""
+    import tqs_onnx
+    import tqs_onnx.passes
+
+    h = hashlib.sha256()
+    for package in (tqs_onnx, tqs_onnx.passes):
+        root = Path(package.__file__).parent
+        for f in sorted(root.glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ ray and pool
@@ -102,7 +126,9 @@ def ray_session(address: str | None) -> Iterator[Any]:
     if address:
         _check_reachable(address)
     try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, **local)
+        # Without --ray-address a Ray of its own ("local"): address=None joined any cluster already
+        # running here (or RAY_ADDRESS's), whose workers may run other code and whose CPUs may be taken.
+        ray.init(address=address or "local", log_to_driver=False, logging_level=logging.ERROR, **local)
     except Exception as exc:  # Ray raises ConnectionError, ValueError or RuntimeError here
         raise TqsError(f"cannot {'join the Ray cluster at ' + address if address else 'start Ray'}: {first_line(exc)}") from None
     try:
@@ -127,7 +153,8 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def worker_device(name: str, cluster: dict[str, float], workers: int = 1) -> str:
-    """cpu or cuda for every worker; `auto` means cuda when the cluster has a GPU for each worker."""
+    """cpu or cuda for every worker's resources; `auto` means cuda when the cluster has a GPU for each
+    worker (the workers are then told `auto` and use the GPU only where CUDA really works there)."""
     if name == "auto":
         return "cuda" if cluster.get("GPU", 0) >= max(workers, 1) else "cpu"
     if name not in ("cpu", "cuda"):
@@ -164,6 +191,7 @@ class WorkerPool:
     last_loss: str = ""  # why the last worker died, as Ray reported it
     info: dict[str, Any] | None = None  # the first worker's start(): block ids and document skeleton
     config: SweepConfig | None = None  # the driver's: workers must record the versions it would
+    resources: dict[str, float] = field(default_factory=dict)  # what each worker asks Ray for
 
     @classmethod
     def launch(cls, ray: Any, job: WorkerJob, arrays: dict[str, np.ndarray], workers: int,
@@ -171,7 +199,7 @@ class WorkerPool:
         """Start `workers` actors; the contexts go into the object store once, for all of them."""
         actor = ray.remote(BlockWorker).options(max_restarts=0, **resources)
         arrays_ref = ray.put(arrays)
-        pool = cls(ray, config=SweepConfig(**job.config))
+        pool = cls(ray, config=SweepConfig(**job.config), resources=resources)
         for _ in range(workers):
             handle = actor.remote(job, arrays_ref)
             pool.starting[handle.start.remote()] = handle
@@ -181,7 +209,8 @@ class WorkerPool:
         """Block until one worker is ready (the others join while blocks are scored), or every one."""
         while self.info is None or (every and self.starting):
             if not self.starting:
-                raise TqsError(f"every Ray worker died while loading the model{self._why()}")
+                raise TqsError(f"every Ray worker died while starting (importing tqs-onnx, loading the model)"
+                               f"{self._why()}")
             self._take_started(self._next_ready())
         return self.info
 
@@ -218,8 +247,17 @@ class WorkerPool:
             self.running[handle.score.remote(block)] = (handle, block)
 
     def _next_ready(self) -> Any:
-        ready, _ = self.ray.wait([*self.starting, *self.running], num_returns=1)
-        return ready[0]
+        noted = False
+        while True:
+            ready, _ = self.ray.wait([*self.starting, *self.running], num_returns=1, timeout=STARTING_NOTE_S)
+            if ready:
+                return ready[0]
+            if self.started == 0 and not noted:  # Ray waits silently for resources it may never get
+                free = {k: v for k, v in self.ray.available_resources().items() if k in ("CPU", "GPU")}
+                print(f"sweep: no Ray worker has started after {STARTING_NOTE_S:.0f} s; the cluster has free "
+                      f"{free or 'nothing'} (each worker asks for {self.resources}); still waiting",
+                      file=sys.stderr, flush=True)
+                noted = True
 
     def _take_started(self, ref: Any) -> None:
         handle = self.starting.pop(ref)
@@ -228,6 +266,10 @@ class WorkerPool:
             return
         if self.config is not None:
             check_worker_versions(info["document"], self.config)
+        if info.get("code") != code_digest():
+            raise TqsError("a Ray worker runs other tqs-onnx source files than the driver (the same version "
+                           "string, other code: another checkout or a cluster started from another folder); "
+                           "start the cluster with the driver's installation")
         if self.info is None:
             self.info = info
         elif (info["blocks"], info["weights"]) != (self.info["blocks"], self.info["weights"]):
@@ -253,7 +295,7 @@ class WorkerPool:
         try:
             return ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            self.last_loss = first_line(exc, 200)
+            self.last_loss = _ray_cause(exc)
             return _LOST
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, TqsError):
@@ -265,6 +307,16 @@ class WorkerPool:
 
 
 _LOST = object()  # the result of a ref whose worker died
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _ray_cause(exc: BaseException) -> str:
+    """Why a worker died, in one line: the last 'SomethingError: ...' line of Ray's report (its first
+    200 characters were Ray's own preamble, with terminal color codes), else its first line."""
+    text = _ANSI.sub("", str(exc))
+    causes = [line.strip() for line in text.splitlines() if re.match(r"\s*\w+(Error|Exception)\b.*:", line)]
+    return first_line(causes[-1] if causes else text, 300)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -289,17 +341,26 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
     require_ray()
     if workers < 1:
         raise TqsError(f"--workers must be >= 1, not {workers}")
-    with ray_session(address) as ray:
+    if address is None and device == "cuda":  # a Ray of its own runs here: refused before Ray starts
+        resolve_device("cuda")
+    with slow_note(f"sweep: starting Ray and {workers} worker(s)", quiet, after=2.0) as starting, \
+            ray_session(address) as ray:
         cluster = ray.cluster_resources()
         kind = worker_device(device, cluster, workers)
         # Checked before the workers start.
         ckpt = checked_checkpoint(checkpoint, _fingerprint(loaded, spec, contexts, config, kind), resume)
         try:
             resources, threads = worker_resources(workers, kind, cluster)
-            job = WorkerJob(str(loaded.path.resolve()), loaded.sha256, spec.to_dict(), asdict(config), kind, threads)
+            # The path as given, made absolute, not resolved: through a symlink, the external data is the
+            # one beside the link (as the driver read it), not beside its target.
+            # --device auto stays auto on the workers: a GPU in the cluster's resources is no working CUDA
+            # provider (a CPU-only onnxruntime there said '--device cuda: ... not usable' for auto).
+            job = WorkerJob(os.path.abspath(loaded.path), loaded.sha256, spec.to_dict(), asdict(config),
+                            "auto" if device == "auto" else kind, threads)
             pool = WorkerPool.launch(ray, job, contexts.arrays, workers, resources)
             try:
                 info = pool.wait_started()
+                starting.cancel()  # started: the bar takes over
                 # Opened once a worker has the model, as run_sweep does after prepare(): a run that fails
                 # to start leaves no checkpoint behind.
                 done = resumed_scores(ckpt.start(resume) if ckpt else {}, dict(zip(info["blocks"], info["weights"])))

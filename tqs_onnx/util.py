@@ -238,9 +238,13 @@ class slow_note:
             self.timer.start()
         return self
 
-    def __exit__(self, *exc):
+    def cancel(self) -> None:
+        """The work the note is about is done (the block may go on with other work)."""
         if self.timer:
             self.timer.cancel()
+
+    def __exit__(self, *exc):
+        self.cancel()
         return False
 
 
