@@ -616,3 +616,39 @@ def test_a_gate_refused_for_a_malformed_option_replaces_its_earlier_verdict(demo
     before = model.read_bytes()
     assert main(_argv_gate(demo, model, "--max-mae", "x", "--junit", str(model))) == 2
     assert model.read_bytes() == before
+
+
+def test_gate_max_mae_per_output(tmp_path, capsys):
+    """Outputs of other scales (a state near 1, an energy near 1e3) could not be gated on one absolute
+    MAE; OUTPUT=X bounds one output, a bare X the rest."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(seed: int) -> onnx.ModelProto:
+        r = np.random.default_rng(0)
+        w = r.standard_normal((16, 16)).astype(np.float32) / 4
+        w += np.random.default_rng(seed).standard_normal((16, 16)).astype(np.float32) * 1e-2 * seed
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["x_next"]),
+                 helper.make_node("ReduceSum", ["x_next"], ["e"], keepdims=1), helper.make_node("Mul", ["e", "s"], ["energy"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, 16]),
+                               helper.make_tensor_value_info("energy", TensorProto.FLOAT, [1, 1])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(1000, np.float32), "s")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 8
+        return m
+
+    onnx.save(model(0), tmp_path / "ref.onnx")
+    onnx.save(model(1), tmp_path / "cand.onnx")
+    (tmp_path / "spec.json").write_text(json.dumps({"horizon": 4, "feedback": {"x_next": "x"},
+                                                    "trajectory": ["x_next", "energy"]}))
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((3, 1, 16)).astype(np.float32))
+    base = ["gate", str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"), "--rollout", str(tmp_path / "spec.json"),
+            "--contexts", str(tmp_path / "c.npz"), "--quiet", "-o", str(tmp_path / "g.json")]
+    assert main([*base, "--max-mae", "0.5"]) == 1
+    assert json.loads((tmp_path / "g.json").read_text())["failed"] == ["mae[energy]"]
+    assert main([*base, "--max-mae", "0.5", "--max-mae", "energy=500"]) == 0
+    assert main([*base, "--max-mae", "energy=500"]) == 2  # x_next has no threshold left
+    assert "no error threshold applies to output 'x_next'" in capsys.readouterr().err
+    assert main([*base, "--max-mae", "0.5", "--max-mae", "enrgy=500"]) == 2
+    assert "no trajectory output 'enrgy'" in capsys.readouterr().err
+    assert main([*base, "--max-mae", "energy=lots"]) == 2

@@ -502,7 +502,7 @@ def _check_output_dir(path: str | None, names: tuple[str, ...], inputs: tuple[st
 
 
 def cmd_gate(a: argparse.Namespace) -> int:
-    from tqs_onnx.gate import GateConfig, format_gate, junit_error, junit_xml, run_gate
+    from tqs_onnx.gate import GateConfig, format_gate, junit_error, junit_xml, mae_thresholds, run_gate
     from tqs_onnx.rollout import Contexts, RolloutSpec
     from tqs_onnx.runtime import resolve_device
     from tqs_onnx.util import atomic_write
@@ -514,7 +514,7 @@ def cmd_gate(a: argparse.Namespace) -> int:
     try:
         spec = RolloutSpec.load(a.rollout)
         contexts = Contexts.load(a.contexts, spec)
-        config = GateConfig(a.max_degradation, a.max_mae, a.max_size, a.min_compression)
+        config = GateConfig(a.max_degradation, mae_thresholds(a.max_mae), a.max_size, a.min_compression)
         doc = run_gate(a.reference, a.candidate, spec, contexts, resolve_device(a.device), config)
     except TqsError as exc:  # exit 2, and CI finds an error where it would find no results
         if a.junit:
@@ -756,7 +756,7 @@ def _real(low: float | None = None, above: bool = False) -> Callable[[str], floa
 
 def _frontier_parsers(sub) -> None:
     """pareto, gate and report (issue 7)."""
-    from tqs_onnx.gate import parse_percent
+    from tqs_onnx.gate import parse_mae, parse_percent
     from tqs_onnx.pareto import OBJECTIVES, parse_targets
 
     s = sub.add_parser("pareto", help="allocate, apply and evaluate a range of targets from one sweep (the frontier)")
@@ -801,9 +801,10 @@ def _frontier_parsers(sub) -> None:
     s.add_argument("--max-degradation", type=_as_option(parse_percent), metavar="PCT",
                    help="per output, largest allowed 100*(MAE_q - MAE_fp32)/MAE_fp32 against the contexts' ground "
                         "truth, in percent: '1%%' or '1' (so '0.01' is 0.01%%)")
-    s.add_argument("--max-mae", type=_real(0), metavar="X",
+    s.add_argument("--max-mae", type=_as_option(parse_mae), action="append", metavar="[OUTPUT=]X",
                    help="per output, largest allowed rollout MAE against the FP32 model (needed when the contexts "
-                        "carry no truth)")
+                        "carry no truth); OUTPUT=X bounds that output alone (repeat for outputs of other scales), "
+                        "a bare X every output not named")
     s.add_argument("--max-size", type=_integer(1), metavar="BYTES", help="largest allowed size on disk (with external data)")
     s.add_argument("--min-compression", type=_real(0, above=True), metavar="X",
                    help="smallest allowed reference/candidate size ratio")

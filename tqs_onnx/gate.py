@@ -45,9 +45,16 @@ class GateConfig:
     """Thresholds; None means the check is not run."""
 
     max_degradation_pct: float | None = None  # percent, vs ground truth
-    max_mae: float | None = None  # absolute, vs the FP32 rollout
+    # absolute, vs the FP32 rollout: one number for every output, or output -> number ('' for the rest)
+    max_mae: float | dict[str, float] | None = None
     max_size: int | None = None  # bytes on disk (model + external data)
     min_compression: float | None = None  # reference bytes / candidate bytes
+
+    def mae_limit(self, output: str) -> float | None:
+        """The --max-mae bound of `output` (None: none applies)."""
+        if isinstance(self.max_mae, dict):
+            return self.max_mae.get(output, self.max_mae.get(""))
+        return self.max_mae
 
 
 @dataclass
@@ -58,6 +65,23 @@ class Check:
     value: float | None = None
     threshold: float | None = None
     seconds: float = 0.0
+
+
+def parse_mae(text: str) -> tuple[str, float]:
+    """--max-mae X (every output) or OUTPUT=X (that output: outputs of other scales get their own)."""
+    name, sep, number = str(text).rpartition("=")
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (sep and not name):
+        raise TqsError(f"--max-mae takes X or OUTPUT=X with X a finite number >= 0, not '{text}'")
+    return name, value
+
+
+def mae_thresholds(given: list[tuple[str, float]] | None) -> dict[str, float] | None:
+    """Repeated --max-mae options as output -> bound ('' for every output not named)."""
+    return dict(given) if given else None
 
 
 def parse_percent(text: str | float) -> float:
@@ -203,8 +227,9 @@ def error_checks(errors: dict[str, dict[str, Any]], config: GateConfig) -> list[
             out.append(Check(f"degradation[{name}]", PASS if ok else FAIL,
                              f"{'+' if d >= 0 else ''}{_digits(d, limit)}% {'<=' if ok else '>'} {limit:g}% (MAE vs truth {e['mae_vs_truth']:.4g}, "
                              f"FP32 {e['mae_fp32_vs_truth']:.4g})", d, limit))
-        if config.max_mae is not None:
-            m, limit = e["mae_vs_fp32"], config.max_mae
+        limit = config.mae_limit(name)
+        if limit is not None:
+            m = e["mae_vs_fp32"]
             ok = m <= limit
             out.append(Check(f"mae[{name}]", PASS if ok else FAIL,
                              f"MAE vs FP32 {_digits(m, limit, 4, 'g')} {'<=' if ok else '>'} {limit:g}", m, limit))
@@ -213,13 +238,17 @@ def error_checks(errors: dict[str, dict[str, Any]], config: GateConfig) -> list[
 
 def required_thresholds(spec: RolloutSpec, contexts: Contexts, config: GateConfig) -> None:
     """Every trajectory output must get an error check; otherwise the gate would pass vacuously."""
+    unknown = [k for k in (config.max_mae if isinstance(config.max_mae, dict) else {}) if k and k not in spec.trajectory]
+    if unknown:
+        raise TqsError(f"--max-mae {unknown[0]}=...: no trajectory output '{unknown[0]}' (the spec follows "
+                       f"{', '.join(spec.trajectory)})")
     for out in spec.trajectory:
         has_truth = spec.truth.get(out) in contexts.arrays
         if config.max_degradation_pct is not None and not has_truth:
             raise TqsError(f"--max-degradation needs ground truth, and the contexts carry none for output '{out}'"
                            + (f" (no array '{spec.truth[out]}')" if out in spec.truth else "")
                            + "; drop it or add truth to the contexts")
-        if config.max_mae is None and not (has_truth and config.max_degradation_pct is not None):
+        if config.mae_limit(out) is None and not (has_truth and config.max_degradation_pct is not None):
             why = ("--max-degradation is not set" if has_truth
                    else f"the contexts carry no truth array '{spec.truth[out]}' for it" if out in spec.truth
                    else "the contexts carry no ground truth for it")
@@ -322,7 +351,7 @@ def requested_checks(spec: RolloutSpec, truth: dict[str, np.ndarray], config: Ga
     for out in spec.trajectory:
         if config.max_degradation_pct is not None and out in truth:
             names.append(f"degradation[{out}]")
-        if config.max_mae is not None:
+        if config.mae_limit(out) is not None:
             names.append(f"mae[{out}]")
     return names
 
