@@ -503,11 +503,23 @@ def plot_frontier(frontier: dict[str, Any], path: Path) -> None:
             lw=4, alpha=0.35, zorder=0, label="Pareto front (all points)")
     # Labels of neighbouring uniform points (by compression) alternate below and above their point: next
     # to each other on the log axis (int8 and int8/channel) they were printed over one another.
-    for i, u in enumerate(sorted(frontier["uniform"], key=lambda u: u["on_disk_compression"])):
-        ax.scatter(u["on_disk_compression"], _float(u["mae_vs_fp32"]), marker="s", s=45, color="tab:red", zorder=3)
-        if math.isfinite(_float(u["mae_vs_fp32"])):
-            ax.annotate(_plain(u["tier"]), (u["on_disk_compression"], u["mae_vs_fp32"]), fontsize=7,
-                        xytext=(4, -10 if i % 2 == 0 else 6), textcoords="offset points")
+    # Points at one place (int8/channel and its /gptq twin: the same bytes, MAEs a few percent apart)
+    # share one label, their tiers one per line.
+    placed: list[tuple[float, float, list[str]]] = []
+    for u in sorted(frontier["uniform"], key=lambda u: u["on_disk_compression"]):
+        x, y = u["on_disk_compression"], _float(u["mae_vs_fp32"])
+        ax.scatter(x, y, marker="s", s=45, color="tab:red", zorder=3)
+        if not math.isfinite(y):
+            continue
+        near = next((p for p in placed if abs(math.log(x / p[0])) < 0.03 and y > 0 and p[1] > 0
+                     and abs(math.log(y / p[1])) < 0.15), None)
+        if near:
+            near[2].append(u["tier"])
+        else:
+            placed.append((x, y, [u["tier"]]))
+    for i, (x, y, tiers) in enumerate(placed):
+        ax.annotate(_plain("\n".join(tiers)), (x, y), fontsize=7, xytext=(4, -10 if i % 2 == 0 else 6),
+                    textcoords="offset points", va="top" if i % 2 == 0 else "bottom")
     if frontier["uniform"]:
         ax.scatter([], [], marker="s", color="tab:red", label="uniform (one tier)")
     rows = frontier["points"] + frontier["uniform"]
@@ -540,7 +552,9 @@ def _log_axis(ax, which: str, values: list[float], suffix: str = "") -> None:
     axis.set_major_formatter(fmt)
     values = [v for v in values if math.isfinite(v)]
     spread = max(values) / min(values) if values and min(values) > 0 else math.inf
-    axis.set_minor_formatter(fmt if spread < 10 else NullFormatter())
+    # Within two decades the 2 and 5 minor ticks are labelled too: points at 2.3x had no label below 10x.
+    some = FuncFormatter(lambda v, _pos: f"{v:g}{suffix}" if v > 0 and round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else "")
+    axis.set_minor_formatter(fmt if spread < 10 else some if spread < 100 else NullFormatter())
 
 
 def step_curves(frontier: dict[str, Any] | None, eval_doc: dict[str, Any] | None,
