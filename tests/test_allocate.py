@@ -374,3 +374,26 @@ def test_an_fp32_share_that_holds_no_block_says_so():
     alloc = allocate_paper(p, "greedy", 0.05, -50.0)
     assert any("holds no block" in n and "'b0'" in n for n in alloc.notes)
     assert not allocate_paper(p, "greedy", 0.0, -50.0).notes
+
+
+def test_an_allocator_plan_over_budget_is_said_to_be_so_not_to_have_lost_narrowly():
+    from tqs_onnx.allocate import Allocation
+
+    tiers = parse_tiers("fp32,int4/channel,int4/channel/gptq")
+    blocks = [BlockInfo(i, f"b{i}", [f"w{i}"], 1000, 1.0, False, {"int4/channel": 5.0, "int4/channel/gptq": 0.5})
+              for i in range(2)]
+    p = Problem(blocks, tiers, [[4000, 600, 600]] * 2, fixed_bytes=0, file_bytes=8000, target=8000 / 1300)
+    r = refine(p, Allocation([0, 1], "measured", "mckp"), lambda a: 0.0 if a == [0, 1] else 1.0, margin=0.0)
+    assert any("over the limit" in n for n in r.allocation.notes)
+    assert not any("by less than" in n for n in r.allocation.notes)
+
+
+def test_a_fingerprint_survives_a_copy_and_a_pickle():
+    import copy
+    import pickle
+
+    from tqs_onnx.sweep import Fingerprint
+
+    f = Fingerprint({"model": "abc", "options": {"horizon": 3}})
+    for g in (copy.deepcopy(f), pickle.loads(pickle.dumps(f))):
+        assert g == f and g.parts == f.parts

@@ -652,3 +652,35 @@ def test_gate_max_mae_per_output(tmp_path, capsys):
     assert main([*base, "--max-mae", "0.5", "--max-mae", "enrgy=500"]) == 2
     assert "no trajectory output 'enrgy'" in capsys.readouterr().err
     assert main([*base, "--max-mae", "energy=lots"]) == 2
+
+
+def test_gate_names_the_first_non_finite_step_over_every_context(tmp_path, capsys):
+    """An output no spec follows turns NaN at step 3 on context 1 and at step 6 on context 0: the gate
+    said step 6 (context 0's, taken for all)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Add", ["x", "one"], ["x_next"]), helper.make_node("Sub", ["five", "x_next"], ["d"]),
+             helper.make_node("Sqrt", ["d"], ["diag"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                          [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, [1, 1]),
+                           helper.make_tensor_value_info("diag", TensorProto.FLOAT, [1, 1])],
+                          [numpy_helper.from_array(np.array(1, np.float32), "one"),
+                           numpy_helper.from_array(np.array(5.5, np.float32), "five")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "m.onnx")
+    (tmp_path / "spec.json").write_text(json.dumps({"horizon": 8, "feedback": {"x_next": "x"}}))
+    np.savez(tmp_path / "c.npz", x=np.array([[[0.0]], [[3.0]]], np.float32))
+    assert main(["gate", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--rollout", str(tmp_path / "spec.json"),
+                 "--contexts", str(tmp_path / "c.npz"), "--max-mae", "1"]) == 1
+    assert "('diag' 9 from step 3)" in capsys.readouterr().out  # 3 values on context 0, 6 on context 1
+
+
+def test_a_gate_usage_error_names_the_candidate_whatever_the_option_order(demo, tmp_path):
+    junit = tmp_path / "g.xml"
+    cand = tmp_path / "cand.onnx"
+    shutil.copy(demo["model"], cand)
+    assert main(["gate", "--junit", str(junit), str(demo["model"]), str(cand), "--rollout", str(demo["spec"]),
+                 "--contexts", str(demo["eval"]), "--max-mae", "abc"]) == 2
+    case = ET.parse(junit).getroot().find(".//testcase")
+    assert case.get("classname") == f"tqs_onnx.gate[{cand}]"

@@ -1393,3 +1393,57 @@ def test_a_slow_set_up_says_what_it_does_and_a_quick_one_prints_nothing(capfd):
         time.sleep(0.1)
     time.sleep(0.6)
     assert capfd.readouterr().err == "preparing\n"
+
+
+def test_signals_are_held_during_the_renames_even_with_other_threads_running():
+    """A thread's signal mask did not hold SIGINT: numpy's and ORT's threads took it and Python raised
+    KeyboardInterrupt between the model's rename and its record."""
+    import threading
+
+    from tqs_onnx.rewrite import _signals_deferred
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait, daemon=True)
+    worker.start()
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with _signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            steps.append("renames done")
+    stop.set()
+    assert steps == ["renames done"]
+
+
+def test_an_interrupt_right_after_the_models_rename_keeps_the_new_pair(tmp_path, monkeypatch):
+    from tqs_onnx import rewrite
+
+    out = tmp_path / "q.onnx"
+    rewrite.save_model(recurrent_mlp(n=64, h=64, seed=1), out, True)
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if Path(dst) == out and Path(src).parent != out.parent:  # the new model, just renamed into place
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rewrite.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        rewrite.save_model(recurrent_mlp(n=64, h=64, seed=2), out, True)
+    monkeypatch.undo()
+    assert Path(f"{out}.data").exists()  # the new model's data stays with it
+    import onnxruntime
+
+    assert onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()
+
+
+def test_a_probe_the_sweep_never_ran_is_refused_with_the_measured_objective_too(base, tmp_path):
+    """With --verify-model the joint check ranks its paper challengers by --probe: a probe not swept
+    fell back to the other one silently."""
+    from tqs_onnx.allocate import allocate
+    from tqs_onnx.errors import TqsError
+
+    doc = _without_probe(Case(tmp_path, base), "gauss")
+    with pytest.raises(TqsError, match="no gauss gamma"):
+        allocate(doc, 2.0, objective="measured", probe="gauss")
+    allocate(doc, 2.0, objective="measured")  # not named: the measured objective does not rank by it

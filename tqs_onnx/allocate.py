@@ -619,9 +619,10 @@ def allocate(scores: dict[str, Any], target: float, tiers_text: str | None = Non
 
 def _ranking_probe(scores: dict[str, Any], probe: str | None, objective: str) -> tuple[str, str | None]:
     """The probe whose gamma ranks blocks, and a note where the paper objective falls back to the other
-    one. A probe named but not swept is refused (it fell back silently: a plan of the other probe)."""
+    one. A probe named but not swept is refused, whatever the objective (the measured objective's joint
+    check ranks its paper challengers by it): it fell back silently, a plan of the other probe."""
     chosen = probe or "quant"
-    if objective != "paper" or all(b.get(chosen) is not None for b in scores["blocks"]):
+    if all(b.get(chosen) is not None for b in scores["blocks"]) or (objective != "paper" and probe is None):
         return chosen, None
     other = "gauss" if chosen == "quant" else "quant"
     if probe is not None:

@@ -864,7 +864,7 @@ def _gate_usage_error(argv: list[str], message: str) -> None:
     """A gate refused for a malformed option still replaces its earlier verdict: the --junit file gets
     the error testcase and the -o report goes (a green JUnit of the last build stood beside a failed
     job). Only files that are a gate's own output are touched (the option may name an input)."""
-    commands = [a for a in argv if not a.startswith("-")]
+    commands = _positionals(argv)
     if not commands or commands[0] != "gate":
         return
     paths = {}
@@ -888,6 +888,24 @@ def _gate_usage_error(argv: list[str], message: str) -> None:
             atomic_write(junit, lambda p: p.write_bytes(junit_error(" ".join(message.split()), candidate)))
     except (OSError, TqsError):
         pass  # the usage error is what the user reads; this is a courtesy to CI
+
+
+def _positionals(argv: list[str]) -> list[str]:
+    """The command and its positional arguments in a raw argv (option values left out: the gate's
+    error JUnit named the reference after `--junit out.xml ref.onnx cand.onnx`)."""
+    takes_value = set()
+    for action in build_parser()._subparsers._group_actions[0].choices["gate"]._actions:
+        if action.option_strings and action.nargs != 0:
+            takes_value.update(action.option_strings)
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("-"):
+            skip = "=" not in a and a in takes_value
+        else:
+            out.append(a)
+    return out
 
 
 class _Terminated(KeyboardInterrupt):

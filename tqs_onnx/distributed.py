@@ -364,6 +364,9 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
                 # Opened once a worker has the model, as run_sweep does after prepare(): a run that fails
                 # to start leaves no checkpoint behind.
                 done = resumed_scores(ckpt.start(resume) if ckpt else {}, dict(zip(info["blocks"], info["weights"])))
+                if done and not quiet:
+                    print(f"sweep: {len(done)} of {len(info['blocks'])} blocks taken from the checkpoint",
+                          file=sys.stderr)
                 fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
             finally:
                 pool.close()

@@ -224,7 +224,10 @@ def refine(p: Problem, alloc: Allocation, joint: JointFn, max_rollouts: int = MA
                                  f"{count} joint rollouts"]
     if not math.isfinite(best_d):
         notes.append(f"the chosen plan still diverges on the sweep contexts: {describe(best_d)}")
-    if start != "allocator":
+    if not p.fits(alloc.assign):
+        notes.append(f"the allocator's plan ({p.total_bytes(alloc.assign):,} bytes) is over the limit "
+                     f"({p.limit:,}) and was not considered")
+    elif start != "allocator":
         if start.startswith("uniform") and rank_key(own) < rank_key(start_d):  # lower, within the margin: noise
             notes.append(f"the knapsack allocation's joint divergence on the sweep contexts ({describe(own)}) was "
                          f"below {start}'s ({describe(start_d)}) by less than {margin:g} standard error(s) of "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import tempfile
 from pathlib import Path
 from collections import Counter
@@ -245,36 +246,50 @@ def _replace_pair(files: list[Path], out: Path, tmpdir: Path) -> list[Path]:
     into `tmpdir` (removed with it), so a run killed between the renames leaves no model (and the rerun
     writes one) rather than the earlier model reading the new weights, which loads and runs silently
     wrong. Ctrl-C and SIGTERM wait until the renames are done."""
-    written: list[Path] = []
-    aside = None
+    aside = tmpdir / "earlier-model"
     with _signals_deferred():
         try:
             if len(files) > 1 and out.is_file():
-                os.replace(out, tmpdir / "earlier-model")
-                aside = tmpdir / "earlier-model"
+                os.replace(out, aside)
             for f in files:
                 os.replace(f, out.parent / f.name)
-                written.append(out.parent / f.name)
         except BaseException:
-            if out not in written:  # the new model is not in place: no new file stays without it
-                for f in written:
+            # What moved is read from the disk (a file's temporary is gone once renamed), not from
+            # bookkeeping an interrupt could cut between a rename and its record.
+            if files[-1].exists():  # the new model is not in place: no new file stays without it
+                moved = [out.parent / f.name for f in files[:-1] if not f.exists()]
+                for f in moved:
                     f.unlink(missing_ok=True)
-                if aside is not None and not written:  # the earlier pair is untouched: put its model back
+                if aside.exists() and not moved:  # the earlier pair is untouched: put its model back
                     os.replace(aside, out)
             raise
-    return written
+    return [out.parent / f.name for f in files]
 
 
 class _signals_deferred:
-    """Block SIGINT and SIGTERM in this thread for a few renames; a signal that came meanwhile is
-    delivered when they are done (POSIX; elsewhere nothing is blocked)."""
+    """SIGINT and SIGTERM held for a few renames: their Python handlers are swapped for one that notes
+    the signal, and the first noted one is handled when the renames are done. (A thread's signal mask
+    did not hold them: the process's other threads, numpy's and ORT's, took the signal, and Python
+    raised KeyboardInterrupt mid-rename.) Only the main thread can swap handlers; elsewhere nothing
+    is held."""
 
-    SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)}
+    SIGNALS = [getattr(signal, n) for n in ("SIGINT", "SIGTERM") if hasattr(signal, n)]
 
     def __enter__(self):
-        self.old = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS) if hasattr(signal, "pthread_sigmask") else None
+        self.pending: list[int] = []
+        self.old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.old[sig] = signal.signal(sig, lambda s, _frame: self.pending.append(s))
+        return self
 
-    def __exit__(self, *exc):
-        if self.old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+    def __exit__(self, exc_type, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        if self.pending and exc_type is None:
+            sig, handler = self.pending[0], self.old[self.pending[0]]
+            if callable(handler):
+                handler(sig, None)  # KeyboardInterrupt, or the CLI's SIGTERM handler
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
         return False

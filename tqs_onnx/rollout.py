@@ -579,9 +579,9 @@ class Rollout:
             host = {k: v.numpy() for k, v in step.items()}
             for o in extra:
                 bad = int(np.size(host[o]) - np.count_nonzero(np.isfinite(host[o])))
-                if bad:
+                if bad:  # the first step over every context (context 0's was reported for all)
                     watch[o][0] += bad
-                    watch[o][1] = watch[o][1] or t
+                    watch[o][1] = min(watch[o][1], t) if watch[o][1] else t
             steps.append({k: host[k] for k in self.spec.trajectory})
         return steps
 

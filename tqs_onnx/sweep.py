@@ -790,6 +790,9 @@ class Fingerprint(str):
         self.parts = json.loads(text)  # as the checkpoint reads it back (tuples as lists)
         return self
 
+    def __getnewargs__(self) -> tuple[dict[str, Any]]:  # a copy or a pickle is rebuilt from the parts
+        return (self.parts,)
+
 
 def _fingerprint(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, config: SweepConfig,
                  device_kind: str) -> Fingerprint:
