@@ -652,6 +652,8 @@ def test_gate_max_mae_per_output(tmp_path, capsys):
     assert main([*base, "--max-mae", "0.5", "--max-mae", "enrgy=500"]) == 2
     assert "no trajectory output 'enrgy'" in capsys.readouterr().err
     assert main([*base, "--max-mae", "energy=lots"]) == 2
+    assert main([*base, "--max-mae", "0.5", "--max-mae", "energy=500", "--max-mae", "energy=400"]) == 2
+    assert "given twice" in capsys.readouterr().err
 
 
 def test_gate_names_the_first_non_finite_step_over_every_context(tmp_path, capsys):

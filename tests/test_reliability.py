@@ -1447,3 +1447,35 @@ def test_a_probe_the_sweep_never_ran_is_refused_with_the_measured_objective_too(
     with pytest.raises(TqsError, match="no gauss gamma"):
         allocate(doc, 2.0, objective="measured", probe="gauss")
     allocate(doc, 2.0, objective="measured")  # not named: the measured objective does not rank by it
+
+
+def test_a_signal_held_during_the_renames_says_the_model_was_written(tmp_path, monkeypatch):
+    """Ctrl-C during the renames is taken once they are done: the new pair is in place, and the
+    interrupt says so (it read as if the earlier model were still there)."""
+    from tqs_onnx import rewrite
+
+    out = tmp_path / "q.onnx"
+    rewrite.save_model(recurrent_mlp(n=64, h=64, seed=1), out, True)
+    real, sent = os.replace, []
+
+    def replace(src, dst):
+        if not sent:
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+        real(src, dst)
+
+    monkeypatch.setattr(rewrite.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt) as info:
+        rewrite.save_model(recurrent_mlp(n=64, h=64, seed=2), out, True)
+    monkeypatch.undo()
+    assert info.value.written[-1] == out and Path(f"{out}.data").exists()
+
+
+def test_a_single_file_model_written_over_an_external_data_output_removes_its_data_file(tmp_path):
+    from tqs_onnx.rewrite import save_model
+
+    out = tmp_path / "q.onnx"
+    save_model(recurrent_mlp(n=64, h=64), out, True)
+    assert Path(f"{out}.data").exists()
+    save_model(recurrent_mlp(n=64, h=64), out, False)
+    assert out.exists() and not Path(f"{out}.data").exists()

@@ -853,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         stopped = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
-        print(f"tqs-onnx {args.command}: {stopped}{_resume_hint(args)}", file=sys.stderr)
+        written = getattr(exc, "written", None)  # a model's renames finished before the signal was taken
+        done = f" after writing {written[-1]} (complete, checked before it was renamed into place)" if written else ""
+        print(f"tqs-onnx {args.command}: {stopped}{done}{_resume_hint(args)}", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
     finally:
         if previous is not None:

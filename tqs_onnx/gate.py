@@ -80,8 +80,15 @@ def parse_mae(text: str) -> tuple[str, float]:
 
 
 def mae_thresholds(given: list[tuple[str, float]] | None) -> dict[str, float] | None:
-    """Repeated --max-mae options as output -> bound ('' for every output not named)."""
-    return dict(given) if given else None
+    """Repeated --max-mae options as output -> bound ('' for every output not named); one output given
+    two bounds is refused (the last one won silently)."""
+    if not given:
+        return None
+    names = [n for n, _ in given]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise TqsError(f"--max-mae {twice + '=' if twice else ''}X given twice; give each output one bound")
+    return dict(given)
 
 
 def parse_percent(text: str | float) -> float:

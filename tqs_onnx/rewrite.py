@@ -235,7 +235,16 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike, external: bool | 
                 os.fsync(fh.fileno())
         if check is not None:
             check(tmp_model)
-        return _replace_pair(files, out, tmpdir)
+        try:
+            written = _replace_pair(files, out, tmpdir)
+        except KeyboardInterrupt as exc:  # held during the renames, delivered once they were done
+            if not files[-1].exists():
+                exc.written = [out.parent / f.name for f in files]  # type: ignore[attr-defined]
+            raise
+        stale = out.with_name(f"{out.name}.data")
+        if not external and stale.is_file() and stale.resolve() not in kept:
+            stale.unlink()  # an earlier --external-data output's data: the new single file needs none
+        return written
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
