@@ -583,6 +583,9 @@ def test_gate_fails_a_candidate_whose_unfollowed_output_is_nan(tmp_path, capsys)
     assert "15 non-finite values in the rollout ('energy' 15 from step 1)" in out
     assert main([*argv[:2], str(tmp_path / "ref.onnx"), *argv[3:]]) == 0
     assert "every output finite" in capsys.readouterr().out
+    # The candidate against itself: the failure says the reference is non-finite there too.
+    assert main([argv[0], str(tmp_path / "cand.onnx"), *argv[2:]]) == 1
+    assert "the reference's own 'energy' is non-finite too" in capsys.readouterr().out
 
 
 def test_the_frontier_degradation_follows_the_maes_beside_it_and_the_worst_output_is_kept():
@@ -675,7 +678,7 @@ def test_gate_names_the_first_non_finite_step_over_every_context(tmp_path, capsy
     np.savez(tmp_path / "c.npz", x=np.array([[[0.0]], [[3.0]]], np.float32))
     assert main(["gate", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--rollout", str(tmp_path / "spec.json"),
                  "--contexts", str(tmp_path / "c.npz"), "--max-mae", "1"]) == 1
-    assert "('diag' 9 from step 3)" in capsys.readouterr().out  # 3 values on context 0, 6 on context 1
+    assert "('diag' 9 from step 3; the reference's own 'diag' is non-finite too)" in capsys.readouterr().out  # 3 + 6
 
 
 def test_a_gate_usage_error_names_the_candidate_whatever_the_option_order(demo, tmp_path):

@@ -166,7 +166,7 @@ def _signature_diffs(ref: dict[str, tuple], cand: dict[str, tuple]) -> list[tupl
 
 
 def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: Device,
-                  label: str | Path = "candidate") -> tuple[Check, dict | None]:
+                  label: str | Path = "candidate", reference_bad: set[str] = frozenset()) -> tuple[Check, dict | None]:
     """Roll the candidate out on every context; every value of every float output must be finite (the
     trajectory's, and the outputs no spec follows: a shipped diagnostic that is NaN on every call
     passed as 'all finite' when only the trajectory was looked at)."""
@@ -187,6 +187,9 @@ def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: D
         bad = {k: w for k, w in watch.items() if w[0]}
         if bad:
             where = ", ".join(f"'{k}' {n:,} from step {t}" for k, (n, t) in sorted(bad.items(), key=lambda kv: kv[1][1]))
+            shared = sorted(set(bad) & set(reference_bad))
+            if shared:  # the reference's own outputs are checked for the trajectory only (it must be finite)
+                where += f"; the reference's own {', '.join(repr(k) for k in shared)} is non-finite too"
             return FAIL, f"{sum(n for n, _ in bad.values()):,} non-finite values in the rollout ({where})", \
                 float(sum(n for n, _ in bad.values())), 0.0
         return PASS, f"{contexts.count} contexts x {spec.horizon} steps, every output finite", 0.0, 0.0
@@ -304,11 +307,14 @@ def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, co
     required_thresholds(spec, contexts, config)
     ref = load_model(reference)
     ref_session = make_session(str(ref.path), device)
-    reference_traj = rollouts(ref_session, spec, contexts, device, label=ref.path)  # a spec it does not fit: exit 2
+    ref_watch = {o.name: [0, 0] for o in ref_session.get_outputs() if o.type in FLOAT_OUTPUT_TYPES}
+    reference_traj = rollouts(ref_session, spec, contexts, device, label=ref.path,  # a spec it does not fit: exit 2
+                              watch=ref_watch)
+    reference_bad = {k for k, (n, _) in ref_watch.items() if n}
     require_finite_reference(reference_traj, ref.path)  # else the candidate would be blamed for the contexts
     truth = truth_arrays(spec, contexts, reference_traj)
     checks, cand = _candidate_checks(cand_path, ref, ref_session, reference_traj, truth, spec, contexts, device,
-                                     config)
+                                     config, reference_bad)
     runtime = None
     if deployment:
         info, runtime = deployment_check(ref.path, cand_path, checks, spec, contexts, device)
@@ -321,8 +327,10 @@ def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, co
 
 def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj: dict[str, np.ndarray],
                       truth: dict[str, np.ndarray], spec: RolloutSpec, contexts: Contexts, device: Device,
-                      config: GateConfig) -> tuple[list[Check], LoadedModel | None]:
-    """Structural checks first; each later one runs only when what it needs passed."""
+                      config: GateConfig, reference_bad: set[str] = frozenset()
+                      ) -> tuple[list[Check], LoadedModel | None]:
+    """Structural checks first; each later one runs only when what it needs passed. `reference_bad`:
+    the reference's outputs no spec follows that are non-finite too (named in a `finite` failure)."""
     pending = ["ort_load", "io_signature", "finite"]
     checks: list[Check] = []
     structure, cand = check_structure(path)
@@ -338,7 +346,7 @@ def _candidate_checks(path: Path, ref: LoadedModel, ref_session, reference_traj:
         checks.append(signature)
         pending.remove("io_signature")
         if signature.status == PASS:
-            finite, traj = check_rollout(session, spec, contexts, device, label=path)
+            finite, traj = check_rollout(session, spec, contexts, device, label=path, reference_bad=reference_bad)
             checks.append(finite)
             pending.remove("finite")
             if traj is not None:
