@@ -418,12 +418,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from tqs_onnx.demo import run_demo
 
-    # Refused before the sweep, not after it.
-    if not (math.isfinite(a.compression) and a.compression >= 1):
-        raise TqsError(f"--compression must be a number >= 1 (1: the original file's size), not {a.compression}")
+    # Refused before the sweep, not after it (--compression: by its type).
+    _check_output_dir(a.out, (), ())
     out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise TqsError(f"{out}: --out is an existing file; give a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -702,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the whole pipeline on the bundled Lorenz-96 forecaster")
     s.add_argument("-o", "--out", "--output", dest="out", default="tqs-demo-out", metavar="DIR",
                    help="folder for scores, plans and models (default ./tqs-demo-out)")
-    s.add_argument("--compression", type=float, default=4.0, help="target compression (default 4)")
+    s.add_argument("--compression", type=_real(1), default=4.0, help="target compression (default 4)")
     s.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _device_args(s)
     s.set_defaults(func=cmd_demo)

@@ -31,8 +31,8 @@ from tqs_onnx.graph import LoadedModel, load_model
 from tqs_onnx.rollout import Contexts, RolloutSpec
 from tqs_onnx.runtime import resolve_device
 from tqs_onnx.sweep import (BlockScore, Checkpoint, SweepConfig, _fingerprint, _from_row, checked_checkpoint,
-                            conclude, document_versions, engine_summary, prepare, resumed_scores, score_block,
-                            scores_document, sweep_notes)
+                            conclude, document_versions, engine_summary, note_resumed, prepare, resumed_scores,
+                            score_block, scores_document, sweep_notes)
 from tqs_onnx.tiers import parse_tier
 from tqs_onnx.util import first_line, progress, slow_note
 
@@ -364,9 +364,7 @@ def run_distributed_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Cont
                 # Opened once a worker has the model, as run_sweep does after prepare(): a run that fails
                 # to start leaves no checkpoint behind.
                 done = resumed_scores(ckpt.start(resume) if ckpt else {}, dict(zip(info["blocks"], info["weights"])))
-                if done and not quiet:
-                    print(f"sweep: {len(done)} of {len(info['blocks'])} blocks taken from the checkpoint",
-                          file=sys.stderr)
+                note_resumed(len(done), len(info["blocks"]), quiet)
                 fresh = _score_pending(pool, [b for b in info["blocks"] if b not in done], ckpt, quiet)
             finally:
                 pool.close()

@@ -171,7 +171,7 @@ def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: D
     trajectory's, and the outputs no spec follows: a shipped diagnostic that is NaN on every call
     passed as 'all finite' when only the trajectory was looked at)."""
     trajs: list[dict[str, np.ndarray]] = []
-    watch = {o.name: [0, 0] for o in cand_session.get_outputs() if o.type in FLOAT_OUTPUT_TYPES}
+    watch = float_outputs(cand_session)
 
     def body():
         try:
@@ -180,10 +180,6 @@ def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: D
             return FAIL, f"rollout fails: {exc}", None, None
         except Exception as exc:  # ORT run errors: shape or type problems inside the graph
             return FAIL, f"rollout fails: {first_line(exc, 200)}", None, None
-        for k, v in trajs[0].items():
-            finite = np.isfinite(v).reshape(v.shape[0], v.shape[1], -1).all(axis=2)  # (contexts, steps)
-            if not finite.all():
-                watch[k] = [int(np.size(v) - np.count_nonzero(np.isfinite(v))), int(np.argmin(finite.all(axis=0))) + 1]
         bad = {k: w for k, w in watch.items() if w[0]}
         if bad:
             where = ", ".join(f"'{k}' {n:,} from step {t}" for k, (n, t) in sorted(bad.items(), key=lambda kv: kv[1][1]))
@@ -199,6 +195,11 @@ def check_rollout(cand_session, spec: RolloutSpec, contexts: Contexts, device: D
 
 
 FLOAT_OUTPUT_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)")
+
+
+def float_outputs(session) -> dict[str, list[int]]:
+    """A `watch` (evaluate.rollouts) of every float output of `session`: [non-finite values, first step]."""
+    return {o.name: [0, 0] for o in session.get_outputs() if o.type in FLOAT_OUTPUT_TYPES}
 
 
 def _digits(value: float, limit: float, places: int = 3, kind: str = "f") -> str:
@@ -307,7 +308,7 @@ def run_gate(reference: str | Path, candidate: str | Path, spec: RolloutSpec, co
     required_thresholds(spec, contexts, config)
     ref = load_model(reference)
     ref_session = make_session(str(ref.path), device)
-    ref_watch = {o.name: [0, 0] for o in ref_session.get_outputs() if o.type in FLOAT_OUTPUT_TYPES}
+    ref_watch = float_outputs(ref_session)
     reference_traj = rollouts(ref_session, spec, contexts, device, label=ref.path,  # a spec it does not fit: exit 2
                               watch=ref_watch)
     reference_bad = {k for k, (n, _) in ref_watch.items() if n}

@@ -570,14 +570,16 @@ class Rollout:
     def trajectory_host(self, s: int, weights: dict[str, Any] | None = None, horizon: int | None = None,
                         watch: dict[str, list[int]] | None = None) -> list[dict[str, np.ndarray]]:
         """The trajectory outputs of context s on the host, step by step. `watch`: output -> [count of
-        non-finite values, first step (1-based) with one], updated for every other float output of
-        the model (a diagnostic no spec follows is computed all the same and may be NaN)."""
-        extra = tuple(o for o in (watch or {}) if o not in self.spec.trajectory)
+        non-finite values, first step (1-based) with one], updated for every output it names, those the
+        spec follows and the others (a diagnostic no spec follows is computed all the same and may be
+        NaN)."""
+        watch = watch or {}
+        extra = tuple(o for o in watch if o not in self.spec.trajectory)
         steps = []
         for t, step in enumerate(self.steps(s, weights, horizon, extra), 1):
             self.synchronize()
             host = {k: v.numpy() for k, v in step.items()}
-            for o in extra:
+            for o in watch:
                 bad = int(np.size(host[o]) - np.count_nonzero(np.isfinite(host[o])))
                 if bad:  # the first step over every context (context 0's was reported for all)
                     watch[o][0] += bad

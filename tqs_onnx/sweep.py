@@ -778,6 +778,12 @@ def note_missing_checkpoint(ckpt: Checkpoint, resume: bool, fresh: str) -> None:
         print(f"note: --resume found no checkpoint at {ckpt.path}: {fresh}", file=sys.stderr)
 
 
+def note_resumed(taken: int, total: int, quiet: bool) -> None:
+    """How many blocks a resumed sweep (local or Ray) took from its checkpoint, if any."""
+    if taken and not quiet:
+        print(f"sweep: {taken} of {total} blocks taken from the checkpoint", file=sys.stderr)
+
+
 class Fingerprint(str):
     """A run's fingerprint (the digest a checkpoint's first line records) and the parts it is made of,
     which that line records too, so a refused checkpoint can say what differs."""
@@ -896,9 +902,7 @@ def run_sweep(loaded: LoadedModel, spec: RolloutSpec, contexts: Contexts, device
             setup = prepare(loaded, spec, contexts, device, config)
         done = resumed_scores(ckpt.start(resume) if ckpt else {}, {b.id: b.weights for b in setup.blocks})
         todo = [b for b in setup.blocks if b.id not in done]  # the bar and its time left count these only
-        if len(todo) < len(setup.blocks) and not quiet:
-            print(f"sweep: {len(setup.blocks) - len(todo)} of {len(setup.blocks)} blocks taken from the checkpoint",
-                  file=sys.stderr)
+        note_resumed(len(setup.blocks) - len(todo), len(setup.blocks), quiet)
         for block in progress(todo, "sweep", quiet, unit="block"):
             done[block.id] = score_block(setup, block, config, tiers)
             if ckpt:
